@@ -1,0 +1,350 @@
+//! Finding a config by name, reading it, and parsing it into a JSON tree plus
+//! the line of every key (for error messages).
+//!
+//! Search order for a name (VISSL passes `config=pretrain/...` relative to
+//! `configs/config/`; tessera's `configs/` plays that role):
+//!   1. the name as a file path, then the name + `.yaml`;
+//!   2. `<dir>/<name>.yaml` for each search dir (default `./configs`);
+//!   3. the copy of `configs/` embedded in the binary.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use include_dir::{include_dir, Dir};
+use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::{Map, Value};
+
+use super::error::{ConfigError, Origin};
+
+/// `configs/` at build time. Edited files are picked up on rebuild (the macro
+/// expands to `include_bytes!`); a newly added file needs any change to this
+/// crate to be seen.
+static EMBEDDED: Dir<'static> = include_dir!("$CARGO_MANIFEST_DIR/../configs");
+
+pub(crate) const EMBEDDED_PREFIX: &str = "<embedded>/configs";
+
+/// Top-level keys of a Hydra/VISSL file other than `config:`; they are not
+/// part of the config tree and are ignored.
+const HYDRA_TOP_LEVEL_KEYS: &[&str] = &["defaults", "hydra", "VERSION", "node_id", "engine_name", "tessera_open_keys"];
+
+/// One parsed config file: the `config` tree and where each key sits.
+pub(crate) struct Document {
+    /// How the file is named in messages: a path, or `<embedded>/configs/...`.
+    pub label: String,
+    /// The config tree (the value of `config:`, or the whole file), a map.
+    pub tree: Value,
+    /// Line of each key, by dotted path from the top of the file.
+    lines: HashMap<String, u64>,
+    /// `"config."` when the file nests its tree under `config:`.
+    prefix: &'static str,
+}
+
+impl Document {
+    /// Where the key at `path` (relative to the config tree) was written; falls
+    /// back to its closest ancestor with a known line.
+    pub fn origin(&self, path: &[String]) -> Origin {
+        let mut len = path.len();
+        loop {
+            let key = format!("{}{}", self.prefix, path[..len].join("."));
+            if let Some(&line) = self.lines.get(key.trim_end_matches('.')) {
+                return Origin::File { path: self.label.clone(), line: Some(line) };
+            }
+            if len == 0 {
+                return Origin::File { path: self.label.clone(), line: None };
+            }
+            len -= 1;
+        }
+    }
+}
+
+/// The text of the embedded file at `rel` (relative to `configs/`).
+pub(crate) fn embedded_text(rel: &str) -> Option<&'static str> {
+    EMBEDDED.get_file(rel).and_then(|f| f.contents_utf8())
+}
+
+/// Every embedded `.yaml` file, relative to `configs/`, without `.yaml`.
+pub(crate) fn embedded_names() -> Vec<String> {
+    fn walk(dir: &Dir<'static>, out: &mut Vec<String>) {
+        for file in dir.files() {
+            let path = file.path().to_string_lossy().replace('\\', "/");
+            if let Some(stem) = path.strip_suffix(".yaml") {
+                out.push(stem.to_string());
+            }
+        }
+        for sub in dir.dirs() {
+            walk(sub, out);
+        }
+    }
+    let mut out = Vec::new();
+    walk(&EMBEDDED, &mut out);
+    out.sort();
+    out
+}
+
+/// Finds `name` (see the module comment) and returns (label, text).
+pub(crate) fn resolve(name: &str, search_dirs: &[PathBuf]) -> Result<(String, String), ConfigError> {
+    let mut searched = Vec::new();
+    if name.trim().is_empty() {
+        return Err(ConfigError::NotFound {
+            name: name.to_string(),
+            searched,
+            suggestion: None,
+        });
+    }
+    let mut candidates = vec![PathBuf::from(name)];
+    if !name.ends_with(".yaml") {
+        candidates.push(PathBuf::from(format!("{name}.yaml")));
+    }
+    if let Some(found) = first_file(&candidates, &mut searched)? {
+        return Ok(found);
+    }
+    let rel = relative_name(name);
+    let in_dirs: Vec<PathBuf> = search_dirs.iter().map(|d| d.join(&rel)).collect();
+    if let Some(found) = first_file(&in_dirs, &mut searched)? {
+        return Ok(found);
+    }
+    searched.push(format!("{EMBEDDED_PREFIX}/{rel}"));
+    if let Some(text) = embedded_text(&rel) {
+        return Ok((format!("{EMBEDDED_PREFIX}/{rel}"), text.to_string()));
+    }
+    Err(ConfigError::NotFound {
+        name: name.to_string(),
+        searched,
+        suggestion: closest_embedded(&rel),
+    })
+}
+
+/// `pretrain/x`, `./pretrain/x.yaml` -> `pretrain/x.yaml`.
+fn relative_name(name: &str) -> String {
+    let name = name.replace('\\', "/");
+    let name = name.trim_start_matches("./");
+    if name.ends_with(".yaml") {
+        name.to_string()
+    } else {
+        format!("{name}.yaml")
+    }
+}
+
+fn first_file(
+    candidates: &[PathBuf],
+    searched: &mut Vec<String>,
+) -> Result<Option<(String, String)>, ConfigError> {
+    for path in candidates {
+        let label = path.display().to_string();
+        if searched.contains(&label) {
+            continue;
+        }
+        searched.push(label.clone());
+        if path.is_file() {
+            return read(path).map(|text| Some((label, text)));
+        }
+    }
+    Ok(None)
+}
+
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|e| ConfigError::Io {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })
+}
+
+fn closest_embedded(rel: &str) -> Option<String> {
+    let wanted = rel.trim_end_matches(".yaml");
+    let wanted_last = wanted.rsplit('/').next().unwrap_or(wanted);
+    embedded_names()
+        .into_iter()
+        .filter(|n| n != "defaults")
+        .map(|n| {
+            let last = n.rsplit('/').next().unwrap_or(&n).to_string();
+            let score = strsim::normalized_levenshtein(wanted, &n)
+                .max(strsim::normalized_levenshtein(wanted_last, &last) - 0.05);
+            (score, n)
+        })
+        .filter(|(score, _)| *score >= 0.6)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, n)| n)
+}
+
+/// Parses a VISSL-layout file (`# @package _global_`, top-level `config:`) or a
+/// bare tree. An empty file is an empty tree.
+pub(crate) fn parse_document(label: &str, text: &str) -> Result<Document, ConfigError> {
+    let value: Value = serde_saphyr::from_str(text).map_err(|e| yaml_error(label, &e))?;
+    // A second, best-effort pass for key lines; the tree above is authoritative.
+    let lines = match serde_saphyr::from_str::<LineIndex>(text) {
+        Ok(index) => index.0,
+        Err(_) => HashMap::new(),
+    };
+    let layout = |message: String| ConfigError::Layout { file: label.to_string(), message };
+    let (tree, prefix) = match value {
+        Value::Null => (Value::Object(Map::new()), ""),
+        Value::Object(mut top) => match top.remove("config") {
+            Some(config) => {
+                if let Some(extra) = top.keys().find(|k| !HYDRA_TOP_LEVEL_KEYS.contains(&k.as_str())) {
+                    return Err(layout(format!(
+                        "unexpected top-level key `{extra}` next to `config:`; VISSL-layout \
+                         files keep every setting under `config:`"
+                    )));
+                }
+                match config {
+                    Value::Null => (Value::Object(Map::new()), "config."),
+                    Value::Object(m) => (Value::Object(m), "config."),
+                    other => {
+                        return Err(layout(format!(
+                            "`config:` must be a mapping of settings, not {}",
+                            super::schema::describe(&other)
+                        )))
+                    }
+                }
+            }
+            None => (Value::Object(top), ""),
+        },
+        other => {
+            return Err(layout(format!(
+                "a config file must be a mapping (with a top-level `config:` key), not {}",
+                super::schema::describe(&other)
+            )))
+        }
+    };
+    Ok(Document { label: label.to_string(), tree, lines, prefix })
+}
+
+/// Parses one override value, or an inline YAML snippet, reporting errors
+/// against `label`.
+pub(crate) fn parse_yaml_value(label: &str, text: &str) -> Result<Value, ConfigError> {
+    serde_saphyr::from_str(text).map_err(|e| yaml_error(label, &e))
+}
+
+fn yaml_error(label: &str, err: &serde_saphyr::Error) -> ConfigError {
+    let (line, column) = err
+        .location()
+        .map(|l| (l.line(), l.column()))
+        .unwrap_or((0, 0));
+    let rendered = err.render_with_options(serde_saphyr::render_options! {
+        source_name: Some(label),
+    });
+    // serde-saphyr renders "error: line L column C: msg" then a snippet; the
+    // position is already in our prefix, so keep only "msg" and the snippet.
+    let (first, rest) = rendered.split_once('\n').unwrap_or((rendered.as_str(), ""));
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    let first = match first.strip_prefix("line ").and_then(|s| s.split_once(": ")) {
+        Some((_, msg)) => msg,
+        None => first,
+    };
+    let message = if rest.is_empty() { first.to_string() } else { format!("{first}\n{rest}") };
+    ConfigError::Yaml { file: label.to_string(), line, column, message }
+}
+
+/// Dotted path -> line of the key, built by a serde visitor that asks
+/// serde-saphyr for the span of every mapping key.
+struct LineIndex(HashMap<String, u64>);
+
+impl<'de> Deserialize<'de> for LineIndex {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let node = Node::deserialize(d)?;
+        let mut out = HashMap::new();
+        node.flatten("", &mut out);
+        Ok(LineIndex(out))
+    }
+}
+
+enum Node {
+    Leaf,
+    Seq(Vec<Node>),
+    Map(Vec<(String, u64, Node)>),
+}
+
+impl Node {
+    fn flatten(self, prefix: &str, out: &mut HashMap<String, u64>) {
+        let join = |k: &str| if prefix.is_empty() { k.to_string() } else { format!("{prefix}.{k}") };
+        match self {
+            Node::Leaf => {}
+            Node::Seq(items) => {
+                for (i, item) in items.into_iter().enumerate() {
+                    item.flatten(&join(&i.to_string()), out);
+                }
+            }
+            Node::Map(entries) => {
+                for (key, line, value) in entries {
+                    let path = join(&key);
+                    out.entry(path.clone()).or_insert(line);
+                    value.flatten(&path, out);
+                }
+            }
+        }
+    }
+}
+
+/// A mapping key of any scalar type, as the string serde_json would use.
+struct KeyText(String);
+
+impl<'de> Deserialize<'de> for KeyText {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(KeyText(match Value::deserialize(d)? {
+            Value::String(s) => s,
+            other => other.to_string(),
+        }))
+    }
+}
+
+impl<'de> Deserialize<'de> for Node {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct NodeVisitor;
+        impl<'de> Visitor<'de> for NodeVisitor {
+            type Value = Node;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any YAML node")
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Node, E> {
+                Ok(Node::Leaf)
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Node, E> {
+                Ok(Node::Leaf)
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Node, E> {
+                Ok(Node::Leaf)
+            }
+            fn visit_i128<E: de::Error>(self, _: i128) -> Result<Node, E> {
+                Ok(Node::Leaf)
+            }
+            fn visit_u128<E: de::Error>(self, _: u128) -> Result<Node, E> {
+                Ok(Node::Leaf)
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Node, E> {
+                Ok(Node::Leaf)
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<Node, E> {
+                Ok(Node::Leaf)
+            }
+            fn visit_bytes<E: de::Error>(self, _: &[u8]) -> Result<Node, E> {
+                Ok(Node::Leaf)
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Node, E> {
+                Ok(Node::Leaf)
+            }
+            fn visit_none<E: de::Error>(self) -> Result<Node, E> {
+                Ok(Node::Leaf)
+            }
+            fn visit_some<D2: Deserializer<'de>>(self, d: D2) -> Result<Node, D2::Error> {
+                Node::deserialize(d)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Node, A::Error> {
+                let mut items = Vec::new();
+                while let Some(item) = seq.next_element::<Node>()? {
+                    items.push(item);
+                }
+                Ok(Node::Seq(items))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Node, A::Error> {
+                let mut entries = Vec::new();
+                while let Some(key) = map.next_key::<serde_saphyr::Spanned<KeyText>>()? {
+                    let value = map.next_value::<Node>()?;
+                    entries.push((key.value.0, key.referenced.line(), value));
+                }
+                Ok(Node::Map(entries))
+            }
+        }
+        d.deserialize_any(NodeVisitor)
+    }
+}
