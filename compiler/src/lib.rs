@@ -5,3 +5,7 @@ pub mod config;
 pub mod elaborate;
 pub mod ir;
 pub mod syntax;
+pub mod compose;
+pub mod summary;
+
+pub use compose::{compile, CompileError, Compiled};

@@ -17,7 +17,7 @@ use super::merge::{self, deep_merge};
 use super::schema::{self, Lookup, Schema};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Op {
+pub(crate) enum Op {
     Set,
     Add,
     Upsert,

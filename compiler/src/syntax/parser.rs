@@ -67,7 +67,7 @@ fn check_nesting(map: &SourceMap, file: FileId, text: &str) -> Result<(), Diagno
     while i < bytes.len() {
         let c = bytes[i];
         match c {
-            b'/' if bytes.get(i + 1) == Some(&b'/') => {
+            b'#' => {
                 while i < bytes.len() && bytes[i] != b'\n' {
                     i += 1;
                 }
@@ -217,16 +217,16 @@ impl<'a> Builder<'a> {
 
     fn file(&self, root: Pair<Rule>) -> R<File> {
         let mut f = File { imports: Vec::new(), constants: Vec::new(), blocks: Vec::new() };
-        for p in root.into_inner() {
+        for p in root.into_inner().filter(not_kw) {
             match p.as_rule() {
                 Rule::import => {
                     let span = self.span(&p);
-                    let s = p.into_inner().next().expect("grammar: import has a string");
+                    let s = p.into_inner().filter(not_kw).next().expect("grammar: import has a string");
                     f.imports.push((self.string(&s)?, span));
                 }
                 Rule::constant => {
                     let span = self.span(&p);
-                    let mut it = p.into_inner();
+                    let mut it = p.into_inner().filter(not_kw);
                     let name = it.next().expect("grammar: name").as_str().to_string();
                     let value = self.expr(it.next().expect("grammar: value"))?;
                     f.constants.push(Constant { name, value, span });
@@ -241,7 +241,7 @@ impl<'a> Builder<'a> {
 
     fn block_def(&self, p: Pair<Rule>) -> R<BlockDef> {
         let span = self.span(&p);
-        let mut it = p.into_inner();
+        let mut it = p.into_inner().filter(not_kw);
         let kind = match it.next().expect("grammar: kind").as_str() {
             "trunk" => BlockKind::Trunk,
             "head" => BlockKind::Head,
@@ -250,9 +250,9 @@ impl<'a> Builder<'a> {
         };
         let name = it.next().expect("grammar: name").as_str().to_string();
         let mut params = Vec::new();
-        for d in it.next().expect("grammar: params").into_inner() {
+        for d in it.next().expect("grammar: params").into_inner().filter(not_kw) {
             let dspan = self.span(&d);
-            let mut di = d.into_inner();
+            let mut di = d.into_inner().filter(not_kw);
             let pname = di.next().expect("grammar: name").as_str().to_string();
             let ty = self.type_expr(di.next().expect("grammar: type"))?;
             let default = di.next().map(|e| self.expr(e)).transpose()?;
@@ -281,10 +281,10 @@ impl<'a> Builder<'a> {
         let span = self.span(&p);
         let mut dims = Vec::new();
         let mut dtype = None;
-        for d in p.into_inner() {
+        for d in p.into_inner().filter(not_kw) {
             match d.as_rule() {
                 Rule::dim_pat => {
-                    let inner = d.into_inner().next().expect("grammar: dim");
+                    let inner = d.into_inner().filter(not_kw).next().expect("grammar: dim");
                     dims.push(match inner.as_rule() {
                         Rule::ellipsis => DimPattern::Ellipsis(self.span(&inner)),
                         _ => DimPattern::Expr(self.expr(inner)?),
@@ -297,13 +297,13 @@ impl<'a> Builder<'a> {
     }
 
     fn body(&self, p: Pair<Rule>) -> R<Vec<Stmt>> {
-        p.into_inner().map(|s| self.stmt(s)).collect()
+        p.into_inner().filter(not_kw).map(|s| self.stmt(s)).collect()
     }
 
     fn stmt(&self, p: Pair<Rule>) -> R<Stmt> {
         let span = self.span(&p);
         let rule = p.as_rule();
-        let mut it = p.into_inner();
+        let mut it = p.into_inner().filter(not_kw);
         let mut next = || it.next().expect("grammar: statement part");
         let kind = match rule {
             Rule::param_stmt | Rule::buffer_stmt => {
@@ -323,7 +323,7 @@ impl<'a> Builder<'a> {
                 let mut body = None;
                 for rest in it {
                     match rest.as_rule() {
-                        Rule::range_end => end = Some(self.expr(rest.into_inner().next().expect("grammar: end"))?),
+                        Rule::range_end => end = Some(self.expr(rest.into_inner().filter(not_kw).next().expect("grammar: end"))?),
                         _ => body = Some(self.body(rest)?),
                     }
                 }
@@ -368,9 +368,9 @@ impl<'a> Builder<'a> {
     fn expr(&self, p: Pair<Rule>) -> R<Expr> {
         let span = self.span(&p);
         match p.as_rule() {
-            Rule::expr => self.expr(p.into_inner().next().expect("grammar: expr")),
+            Rule::expr => self.expr(p.into_inner().filter(not_kw).next().expect("grammar: expr")),
             Rule::cond_expr => {
-                let mut it = p.into_inner();
+                let mut it = p.into_inner().filter(not_kw);
                 let c = self.expr(it.next().expect("grammar: cond"))?;
                 let a = self.expr(it.next().expect("grammar: then"))?;
                 let b = self.expr(it.next().expect("grammar: else"))?;
@@ -413,33 +413,33 @@ impl<'a> Builder<'a> {
                 let span = join(&lhs.span, &rhs.span);
                 Ok(Expr { kind: ExprKind::Binary(b, Box::new(lhs), Box::new(rhs)), span })
             })
-            .parse(p.into_inner())
+            .parse(p.into_inner().filter(not_kw))
     }
 
     fn postfix_expr(&self, p: Pair<Rule>) -> R<Expr> {
-        let mut it = p.into_inner();
+        let mut it = p.into_inner().filter(not_kw);
         let mut e = self.primary(it.next().expect("grammar: primary"))?;
         for post in it {
             let span = Span { file: self.file, start: e.span.start, end: self.span(&post).end };
             e = match post.as_rule() {
                 Rule::field => {
-                    let name = post.into_inner().next().expect("grammar: field").as_str().to_string();
+                    let name = post.into_inner().filter(not_kw).next().expect("grammar: field").as_str().to_string();
                     Expr { kind: ExprKind::Field(Box::new(e), name), span }
                 }
                 Rule::index => {
-                    let items = post.into_inner().map(|i| self.index_item(i)).collect::<R<_>>()?;
+                    let items = post.into_inner().filter(not_kw).map(|i| self.index_item(i)).collect::<R<_>>()?;
                     Expr { kind: ExprKind::Index(Box::new(e), items), span }
                 }
                 Rule::scope => {
-                    let path = post.into_inner().next().expect("grammar: scope path");
+                    let path = post.into_inner().filter(not_kw).next().expect("grammar: scope path");
                     let mut segs = Vec::new();
-                    for s in path.into_inner() {
+                    for s in path.into_inner().filter(not_kw) {
                         match s.as_rule() {
                             Rule::ident => segs.push(ScopeSeg::Name(s.as_str().to_string())),
                             Rule::scope_field => segs.push(ScopeSeg::Name(
-                                s.into_inner().next().expect("grammar: field").as_str().to_string(),
+                                s.into_inner().filter(not_kw).next().expect("grammar: field").as_str().to_string(),
                             )),
-                            _ => segs.push(ScopeSeg::Index(self.expr(s.into_inner().next().expect("grammar: index"))?)),
+                            _ => segs.push(ScopeSeg::Index(self.expr(s.into_inner().filter(not_kw).next().expect("grammar: index"))?)),
                         }
                     }
                     match e.kind {
@@ -460,7 +460,7 @@ impl<'a> Builder<'a> {
     }
 
     fn index_item(&self, p: Pair<Rule>) -> R<IndexItem> {
-        let inner = p.into_inner().next().expect("grammar: index item");
+        let inner = p.into_inner().filter(not_kw).next().expect("grammar: index item");
         Ok(match inner.as_rule() {
             Rule::ellipsis => IndexItem::Ellipsis,
             Rule::slice => {
@@ -469,7 +469,7 @@ impl<'a> Builder<'a> {
                 let base = inner.as_span().start();
                 let mut lo = None;
                 let mut hi = None;
-                for e in inner.into_inner() {
+                for e in inner.into_inner().filter(not_kw) {
                     if e.as_span().start() - base < colon {
                         lo = Some(self.expr(e)?);
                     } else {
@@ -503,14 +503,14 @@ impl<'a> Builder<'a> {
             Rule::boolean => ExprKind::Bool(p.as_str() == "true"),
             Rule::none => ExprKind::None,
             Rule::ident => ExprKind::Name(p.as_str().to_string()),
-            Rule::paren => return self.expr(p.into_inner().next().expect("grammar: paren")),
-            Rule::list => ExprKind::List(p.into_inner().map(|e| self.expr(e)).collect::<R<_>>()?),
+            Rule::paren => return self.expr(p.into_inner().filter(not_kw).next().expect("grammar: paren")),
+            Rule::list => ExprKind::List(p.into_inner().filter(not_kw).map(|e| self.expr(e)).collect::<R<_>>()?),
             Rule::call => {
-                let mut it = p.into_inner();
+                let mut it = p.into_inner().filter(not_kw);
                 let callee = it.next().expect("grammar: callee").as_str().to_string();
                 let mut args = Vec::new();
                 for a in it {
-                    let parts: Vec<Pair<Rule>> = a.into_inner().collect();
+                    let parts: Vec<Pair<Rule>> = a.into_inner().filter(not_kw).collect();
                     match parts.as_slice() {
                         [name, value] => {
                             args.push(Arg { name: Some(name.as_str().to_string()), value: self.expr(value.clone())? })
@@ -551,4 +551,25 @@ impl<'a> Builder<'a> {
 
 fn join(a: &Span, b: &Span) -> Span {
     Span { file: a.file, start: a.start.min(b.start), end: a.end.max(b.end) }
+}
+
+/// Keyword tokens carry no information for the tree.
+fn not_kw(p: &Pair<Rule>) -> bool {
+    !matches!(
+        p.as_rule(),
+        Rule::kw_import
+            | Rule::kw_let
+            | Rule::kw_param
+            | Rule::kw_buffer
+            | Rule::kw_for
+            | Rule::kw_in
+            | Rule::kw_if
+            | Rule::kw_then
+            | Rule::kw_else
+            | Rule::kw_return
+            | Rule::kw_assert
+            | Rule::kw_expect
+            | Rule::kw_update
+            | Rule::kw_as
+    )
 }
