@@ -175,13 +175,6 @@ fn check_config(cfg: &J, loss: &str) -> R<()> {
                 show(mc.get("total_num_crops"))
             )));
         }
-        if let Some(n) = get(cfg, "LOSS.swav_loss.num_crops").and_then(|v| v.as_u64()) {
-            if n != sum {
-                return Err(CompileError::Config(format!(
-                    "`LOSS.swav_loss.num_crops` is {n} but the ImgPilToMultiCrop transform makes {sum} crops (`total_num_crops`)"
-                )));
-            }
-        }
         if let Some(J::Array(a)) = get(cfg, "LOSS.swav_loss.crops_for_assign") {
             for c in a {
                 if c.as_u64().is_none_or(|c| c >= sum) {
@@ -269,6 +262,10 @@ pub fn compile(prog: &Program, cfg: &J) -> R<Compiled> {
         let (_, keys) = model(&mut el, "data_momentum", "loss.moco_encoder")?;
         el.params_as_buffers = false;
         named.push(("keys".to_string(), keys, prog.block(loss).span));
+    }
+    if loss_name == "swav_loss" {
+        // VISSL infers num_crops from the multi-crop transform (infer_losses_config).
+        named.push(("num_crops".to_string(), Val::int(images_per_sample as i64), prog.block(loss).span));
     }
     set_outputs(&mut el.graph, "output", &output);
     let span = prog.block(loss).span;

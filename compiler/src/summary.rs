@@ -128,7 +128,9 @@ impl Summary {
             let parts: Vec<String> = self.buffers_by_module.iter().map(|(k, v)| format!("{k} {}", group(*v))).collect();
             let _ = writeln!(s, "buffers    {} ({})", group(buffers), parts.join(", "));
         }
-        let _ = writeln!(s, "forward    {:.2} GFLOPs per image", self.forward_gflops_per_image);
+        let g = self.forward_gflops_per_image;
+        let flops = if g >= 0.1 { format!("{g:.2} GFLOPs") } else { format!("{:.3} MFLOPs", g * 1e3) };
+        let _ = writeln!(s, "forward    {flops} per image (matrix products, multiply-add = 2)");
         let _ = writeln!(s, "features   {} (trunk output dim)", self.trunk_output_dim);
         let _ = writeln!(s, "IR         {} nodes", group(self.ir_nodes as u64));
         let ins: Vec<String> = self.inputs.iter().map(|t| format!("{} {} {}", t.name, t.shape, t.dtype)).collect();

@@ -34,8 +34,23 @@ const QUICKSTART: [&str; 7] = [
 
 const VIT_EXAMPLE: &str = "pretrain/vision_transformer/supervised/1gpu_vit_example";
 
-/// A fresh directory under the system temp dir.
-fn temp_dir() -> PathBuf {
+/// A fresh directory under the system temp dir, removed when dropped.
+struct TempDir(PathBuf);
+
+impl std::ops::Deref for TempDir {
+    type Target = PathBuf;
+    fn deref(&self) -> &PathBuf {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn temp_dir() -> TempDir {
     static COUNTER: AtomicUsize = AtomicUsize::new(0);
     let dir = std::env::temp_dir().join(format!(
         "tessera-config-test-{}-{}",
@@ -44,7 +59,7 @@ fn temp_dir() -> PathBuf {
     ));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    dir
+    TempDir(dir)
 }
 
 fn write(dir: &Path, rel: &str, text: &str) -> PathBuf {
@@ -124,10 +139,7 @@ fn vit_configs_keep_vissl_values() {
     let cfg = embedded(VIT_EXAMPLE, &[]).unwrap();
     assert_eq!(get(&cfg, "MODEL.TRUNK.NAME"), "vision_transformer");
     assert_eq!(get(&cfg, "MODEL.HEAD.PARAMS.0.0"), "vision_transformer_head");
-    assert_eq!(
-        get(&cfg, "MODEL.HEAD.PARAMS.0.1"),
-        &json!({"in_plane": 768, "hidden_dim": 3072, "num_classes": 1000})
-    );
+    assert_eq!(get(&cfg, "MODEL.HEAD.PARAMS.0.1"), &json!({"in_plane": 768, "hidden_dim": 3072, "num_classes": 1000}));
     assert_eq!(get(&cfg, "DATA.TRAIN.LABEL_TYPE"), "sample_index");
     assert_eq!(get(&cfg, "DATA.TRAIN.BATCHSIZE_PER_REPLICA"), 128);
     assert_eq!(get(&cfg, "MODEL.TRUNK.VISION_TRANSFORMERS.DROPOUT_RATE"), 0.1);
@@ -289,7 +301,9 @@ fn map_values_merge_into_sections() {
 fn overrides_apply_in_order() {
     let cfg = embedded(VIT_EXAMPLE, &["OPTIMIZER.num_epochs=3", "OPTIMIZER.num_epochs=4"]).unwrap();
     assert_eq!(get(&cfg, "OPTIMIZER.num_epochs"), 4);
-    let cfg = embedded(VIT_EXAMPLE, &["~MODEL.AMP_PARAMS.AMP_ARGS.opt_level", "+MODEL.AMP_PARAMS.AMP_ARGS.opt_level=O0"]).unwrap();
+    let cfg =
+        embedded(VIT_EXAMPLE, &["~MODEL.AMP_PARAMS.AMP_ARGS.opt_level", "+MODEL.AMP_PARAMS.AMP_ARGS.opt_level=O0"])
+            .unwrap();
     assert_eq!(get(&cfg, "MODEL.AMP_PARAMS.AMP_ARGS.opt_level"), "O0");
 }
 
@@ -305,12 +319,12 @@ fn config_group_fragment_is_merged() {
         VIT_EXAMPLE,
         // the value override comes first but is applied after the group, as in Hydra
         &ov(&["config.MODEL.TRUNK.VISION_TRANSFORMERS.HIDDEN_DIM=96", "+config/benchmark/models=tiny_vit"]),
-        &[dir.clone()],
+        std::slice::from_ref(&*dir),
     )
     .unwrap();
     assert_eq!(get(&cfg, "MODEL.TRUNK.VISION_TRANSFORMERS.NUM_LAYERS"), 3);
     assert_eq!(get(&cfg, "MODEL.TRUNK.VISION_TRANSFORMERS.HIDDEN_DIM"), 96);
-    let err = config::load_with(VIT_EXAMPLE, &ov(&["+config/benchmark/models=huge_vit"]), &[dir])
+    let err = config::load_with(VIT_EXAMPLE, &ov(&["+config/benchmark/models=huge_vit"]), std::slice::from_ref(&*dir))
         .unwrap_err()
         .to_string();
     assert!(err.contains("benchmark/models/huge_vit"), "{err}");
@@ -358,9 +372,7 @@ fn unknown_keys_are_all_reported_with_suggestions() {
 
 #[test]
 fn unknown_key_in_override() {
-    let err = embedded(VIT_EXAMPLE, &["config.MODEL.TRUNK.VISION_TRANSFORMER.HIDDEN_DIM=64"])
-        .unwrap_err()
-        .to_string();
+    let err = embedded(VIT_EXAMPLE, &["config.MODEL.TRUNK.VISION_TRANSFORMER.HIDDEN_DIM=64"]).unwrap_err().to_string();
     assert!(err.contains("unknown config key `MODEL.TRUNK.VISION_TRANSFORMER.HIDDEN_DIM`"), "{err}");
     assert!(err.contains("override `config.MODEL.TRUNK.VISION_TRANSFORMER.HIDDEN_DIM=64`"), "{err}");
     assert!(err.contains("did you mean `MODEL.TRUNK.VISION_TRANSFORMERS.HIDDEN_DIM`?"), "{err}");
@@ -384,9 +396,7 @@ fn plus_on_existing_key_is_an_error() {
     assert!(text.contains("`OPTIMIZER.num_epochs` already exists"), "{text}");
     assert!(text.contains("`++OPTIMIZER.num_epochs=...`"), "{text}");
     // setting a key that is absent (though allowed) asks for `+`
-    let err = embedded(VIT_EXAMPLE, &["DATA.TRAIN.COLLATE_FUNCTION_PARAMS.mixup_alpha=0.5"])
-        .unwrap_err()
-        .to_string();
+    let err = embedded(VIT_EXAMPLE, &["DATA.TRAIN.COLLATE_FUNCTION_PARAMS.mixup_alpha=0.5"]).unwrap_err().to_string();
     assert!(err.contains("+DATA.TRAIN.COLLATE_FUNCTION_PARAMS.mixup_alpha="), "{err}");
 }
 
@@ -412,6 +422,8 @@ fn wrong_type_names_key_expected_type_and_origin() {
     assert!(err.contains("expects a list"), "{err}");
     let err = embedded(VIT_EXAMPLE, &["MODEL.TRUNK=convit"]).unwrap_err().to_string();
     assert!(err.contains("`MODEL.TRUNK` expects a map"), "{err}");
+    let err = embedded(VIT_EXAMPLE, &["OPTIMIZER.weight_decay=0.05,0.3"]).unwrap_err().to_string();
+    assert!(err.contains("VISSL sweep"), "{err}");
     let err = embedded(VIT_EXAMPLE, &["OPTIMIZER.num_epochs=null"]).unwrap_err().to_string();
     assert!(err.contains("expects an integer, but got null"), "{err}");
 }
@@ -419,8 +431,9 @@ fn wrong_type_names_key_expected_type_and_origin() {
 #[test]
 fn missing_config_lists_searched_paths() {
     let dir = temp_dir();
-    let err = config::load_with("pretrain/vision_transformer/supervised/1gpu_vit_exampel", &[], &[dir.clone()])
-        .unwrap_err();
+    let err =
+        config::load_with("pretrain/vision_transformer/supervised/1gpu_vit_exampel", &[], std::slice::from_ref(&*dir))
+            .unwrap_err();
     assert!(matches!(err, ConfigError::NotFound { .. }));
     let text = err.to_string();
     assert!(text.contains("config `pretrain/vision_transformer/supervised/1gpu_vit_exampel` not found"), "{text}");
@@ -466,10 +479,26 @@ fn layout_errors() {
 #[test]
 fn bad_overrides_are_errors_not_panics() {
     for bad in [
-        "", "=", "+", "~", "++", "=3", "OPTIMIZER.num_epochs", "a..b=1", ".a=1", "config=x",
-        "config/x=", "~config/x", "OPTIMIZER.num_epochs=[1", "MODEL.HEAD.PARAMS.7.1=3",
-        "~MODEL.HEAD.PARAMS.9", "+MODEL.HEAD.PARAMS.5=[mlp, {}]", "~OPTIMIZER.nope",
-        "OPTIMIZER.num_epochs.x=1", "+OPTIMIZER.num_epochs.x=1", "MODEL.HEAD.PARAMS.x=1",
+        "",
+        "=",
+        "+",
+        "~",
+        "++",
+        "=3",
+        "OPTIMIZER.num_epochs",
+        "a..b=1",
+        ".a=1",
+        "config=x",
+        "config/x=",
+        "~config/x",
+        "OPTIMIZER.num_epochs=[1",
+        "MODEL.HEAD.PARAMS.7.1=3",
+        "~MODEL.HEAD.PARAMS.9",
+        "+MODEL.HEAD.PARAMS.5=[mlp, {}]",
+        "~OPTIMIZER.nope",
+        "OPTIMIZER.num_epochs.x=1",
+        "+OPTIMIZER.num_epochs.x=1",
+        "MODEL.HEAD.PARAMS.x=1",
     ] {
         let result = embedded(VIT_EXAMPLE, &[bad]);
         assert!(result.is_err(), "`{bad}` was accepted");
@@ -497,7 +526,7 @@ fn file_paths_search_dirs_and_bare_trees() {
     assert_eq!(config::load_with(path.to_str().unwrap(), &[], &[]).unwrap().tree(), config::defaults());
     // a search dir wins over the embedded copy
     write(&dir, "quickstart/vit_tiny.yaml", "config:\n  SEED_VALUE: 42\n");
-    let cfg = config::load_with("quickstart/vit_tiny", &[], &[dir.clone()]).unwrap();
+    let cfg = config::load_with("quickstart/vit_tiny", &[], std::slice::from_ref(&*dir)).unwrap();
     assert_eq!(get(&cfg, "SEED_VALUE"), 42);
     assert!(cfg.source().starts_with(dir.to_str().unwrap()), "{}", cfg.source());
 }
@@ -511,7 +540,8 @@ fn to_yaml_round_trips() {
         assert_eq!(yaml, cfg.to_yaml(), "{name}: not deterministic");
         assert!(yaml.starts_with("# @package _global_\nconfig:\n"), "{name}");
         let path = write(&dir, &format!("{}.yaml", name.replace('/', "_")), &yaml);
-        let back = config::load_with(path.to_str().unwrap(), &[], &[]).unwrap_or_else(|e| panic!("{name}: {e}\n{yaml}"));
+        let back =
+            config::load_with(path.to_str().unwrap(), &[], &[]).unwrap_or_else(|e| panic!("{name}: {e}\n{yaml}"));
         assert_eq!(back.tree(), cfg.tree(), "{name}");
     }
     // awkward values survive too
@@ -532,11 +562,16 @@ fn to_yaml_round_trips() {
 #[test]
 fn to_yaml_looks_like_vissl() {
     let yaml = embedded(VIT_EXAMPLE, &[]).unwrap().to_yaml();
-    assert!(yaml.contains("\n      PARAMS: [[vision_transformer_head, {in_plane: 768, hidden_dim: 3072, num_classes: 1000}]]\n"), "{yaml}");
+    assert!(
+        yaml.contains(
+            "\n      PARAMS: [[vision_transformer_head, {in_plane: 768, hidden_dim: 3072, num_classes: 1000}]]\n"
+        ),
+        "{yaml}"
+    );
     assert!(yaml.contains("\n        - name: ColorJitter\n          brightness: 0.4\n"), "{yaml}");
     assert!(yaml.contains("\n          mean: [0.485, 0.456, 0.406]\n"), "{yaml}");
     assert!(yaml.contains("\n        LAYER_NORM_EPS: 1.0e-6\n"), "{yaml}");
-    assert!(yaml.contains("\n        EXPERIMENT_LOG_DIR: null\n"), "{yaml}");
+    assert!(yaml.contains("\n      EXPERIMENT_LOG_DIR: null\n"), "{yaml}");
 }
 
 #[test]
@@ -568,7 +603,17 @@ mod fuzz {
             let dir = temp_dir();
             let path = write(&dir, "fuzz.yaml", &text);
             let _ = config::load_with(path.to_str().unwrap(), &[], &[]);
-            let _ = std::fs::remove_dir_all(dir);
         }
     }
+}
+
+#[test]
+fn deep_nesting_is_an_error_not_a_stack_overflow() {
+    let dir = temp_dir();
+    let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    let path = write(&dir, "deep.yaml", &format!("config:\n  DATA:\n    TRAIN:\n      TRANSFORMS: {deep}\n"));
+    let err = load_err(&path, &[]);
+    assert!(err.contains("YAML syntax error"), "{}", &err[..200.min(err.len())]);
+    let override_text = format!("++SLURM.ADDITIONAL_PARAMETERS.x={deep}");
+    assert!(config::load_with(VIT_EXAMPLE, &[override_text], &[]).is_err());
 }

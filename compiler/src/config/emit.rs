@@ -80,10 +80,7 @@ fn flow(value: &Value) -> String {
         Value::Array(items) => format!("[{}]", items.iter().map(flow).collect::<Vec<_>>().join(", ")),
         Value::Object(map) => format!(
             "{{{}}}",
-            map.iter()
-                .map(|(k, v)| format!("{}: {}", string(k), flow(v)))
-                .collect::<Vec<_>>()
-                .join(", ")
+            map.iter().map(|(k, v)| format!("{}: {}", string(k), flow(v))).collect::<Vec<_>>().join(", ")
         ),
     }
 }
@@ -113,8 +110,7 @@ fn string(s: &str) -> String {
     let safe_chars = !s.is_empty()
         && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '/' | '-'))
         && !s.starts_with(['-', '.']);
-    let reads_back = safe_chars
-        && matches!(serde_saphyr::from_str::<Value>(s), Ok(Value::String(ref t)) if t == s);
+    let reads_back = safe_chars && matches!(serde_saphyr::from_str::<Value>(s), Ok(Value::String(ref t)) if t == s);
     if reads_back {
         s.to_string()
     } else {
@@ -148,7 +144,8 @@ mod tests {
 
     #[test]
     fn layout() {
-        let tree = json!({"A": {"L": [1, 2], "T": [{"name": "x", "p": 0.5}], "E": {}}, "H": [["mlp", {"dims": [8, 2]}]]});
+        let tree =
+            json!({"A": {"L": [1, 2], "T": [{"name": "x", "p": 0.5}], "E": {}}, "H": [["mlp", {"dims": [8, 2]}]]});
         let yaml = to_yaml(&tree);
         let expected = "# @package _global_\nconfig:\n  A:\n    L: [1, 2]\n    T:\n      - name: x\n        p: 0.5\n    E: {}\n  H: [[mlp, {dims: [8, 2]}]]\n";
         assert_eq!(yaml, expected);

@@ -26,23 +26,14 @@ impl fmt::Display for Origin {
 pub enum ConfigError {
     /// The config name matched no file on disk and no embedded config.
     #[error("config `{name}` not found; searched:\n{}{}", bullet_list(searched), hint(suggestion))]
-    NotFound {
-        name: String,
-        searched: Vec<String>,
-        suggestion: Option<String>,
-    },
+    NotFound { name: String, searched: Vec<String>, suggestion: Option<String> },
 
     #[error("cannot read config file {path}: {message}")]
     Io { path: String, message: String },
 
     /// `message` is serde-saphyr's text, which already shows the offending line.
     #[error("{file}:{line}:{column}: YAML syntax error: {message}")]
-    Yaml {
-        file: String,
-        line: u64,
-        column: u64,
-        message: String,
-    },
+    Yaml { file: String, line: u64, column: u64, message: String },
 
     /// The document (or its `config:` entry) is not a mapping, or has a
     /// top-level key other than `config:` and Hydra's own keys.
@@ -51,20 +42,11 @@ pub enum ConfigError {
 
     /// A key that `configs/defaults.yaml` does not declare.
     #[error("unknown config key `{key}` ({origin}){}", did_you_mean(suggestion))]
-    UnknownKey {
-        key: String,
-        origin: Origin,
-        suggestion: Option<String>,
-    },
+    UnknownKey { key: String, origin: Origin, suggestion: Option<String> },
 
     /// A value whose type differs from the type of the default.
     #[error("config key `{key}` expects {expected}, but got {found} ({origin})")]
-    WrongType {
-        key: String,
-        expected: String,
-        found: String,
-        origin: Origin,
-    },
+    WrongType { key: String, expected: String, found: String, origin: Origin },
 
     /// `+KEY=VALUE` where KEY already exists (Hydra's rule for `+`).
     #[error(
@@ -108,18 +90,9 @@ fn hint(suggestion: &Option<String>) -> String {
 }
 
 fn bullet_list(items: &[String]) -> String {
-    items
-        .iter()
-        .map(|s| format!("  - {s}"))
-        .collect::<Vec<_>>()
-        .join("\n")
+    items.iter().map(|s| format!("  - {s}")).collect::<Vec<_>>().join("\n")
 }
 
 fn numbered(errors: &[ConfigError]) -> String {
-    errors
-        .iter()
-        .enumerate()
-        .map(|(i, e)| format!("  {}. {e}", i + 1))
-        .collect::<Vec<_>>()
-        .join("\n")
+    errors.iter().enumerate().map(|(i, e)| format!("  {}. {e}", i + 1)).collect::<Vec<_>>().join("\n")
 }

@@ -86,11 +86,7 @@ pub(crate) fn embedded_names() -> Vec<String> {
 pub(crate) fn resolve(name: &str, search_dirs: &[PathBuf]) -> Result<(String, String), ConfigError> {
     let mut searched = Vec::new();
     if name.trim().is_empty() {
-        return Err(ConfigError::NotFound {
-            name: name.to_string(),
-            searched,
-            suggestion: None,
-        });
+        return Err(ConfigError::NotFound { name: name.to_string(), searched, suggestion: None });
     }
     let mut candidates = vec![PathBuf::from(name)];
     if !name.ends_with(".yaml") {
@@ -108,11 +104,7 @@ pub(crate) fn resolve(name: &str, search_dirs: &[PathBuf]) -> Result<(String, St
     if let Some(text) = embedded_text(&rel) {
         return Ok((format!("{EMBEDDED_PREFIX}/{rel}"), text.to_string()));
     }
-    Err(ConfigError::NotFound {
-        name: name.to_string(),
-        searched,
-        suggestion: closest_embedded(&rel),
-    })
+    Err(ConfigError::NotFound { name: name.to_string(), searched, suggestion: closest_embedded(&rel) })
 }
 
 /// `pretrain/x`, `./pretrain/x.yaml` -> `pretrain/x.yaml`.
@@ -126,10 +118,7 @@ fn relative_name(name: &str) -> String {
     }
 }
 
-fn first_file(
-    candidates: &[PathBuf],
-    searched: &mut Vec<String>,
-) -> Result<Option<(String, String)>, ConfigError> {
+fn first_file(candidates: &[PathBuf], searched: &mut Vec<String>) -> Result<Option<(String, String)>, ConfigError> {
     for path in candidates {
         let label = path.display().to_string();
         if searched.contains(&label) {
@@ -144,10 +133,8 @@ fn first_file(
 }
 
 fn read(path: &Path) -> Result<String, ConfigError> {
-    std::fs::read_to_string(path).map_err(|e| ConfigError::Io {
-        path: path.display().to_string(),
-        message: e.to_string(),
-    })
+    std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::Io { path: path.display().to_string(), message: e.to_string() })
 }
 
 fn closest_embedded(rel: &str) -> Option<String> {
@@ -217,10 +204,7 @@ pub(crate) fn parse_yaml_value(label: &str, text: &str) -> Result<Value, ConfigE
 }
 
 fn yaml_error(label: &str, err: &serde_saphyr::Error) -> ConfigError {
-    let (line, column) = err
-        .location()
-        .map(|l| (l.line(), l.column()))
-        .unwrap_or((0, 0));
+    let (line, column) = err.location().map(|l| (l.line(), l.column())).unwrap_or((0, 0));
     let rendered = err.render_with_options(serde_saphyr::render_options! {
         source_name: Some(label),
     });

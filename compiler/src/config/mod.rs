@@ -98,10 +98,7 @@ pub fn load_with(name: &str, overrides: &[String], search_dirs: &[PathBuf]) -> R
     let mut tree = schema.tree.clone();
     merge::deep_merge(&mut tree, doc.tree);
 
-    let parsed = overrides
-        .iter()
-        .map(|o| overrides::parse(o))
-        .collect::<Result<Vec<_>, _>>()?;
+    let parsed = overrides.iter().map(|o| overrides::parse(o)).collect::<Result<Vec<_>, _>>()?;
     for ov in &parsed {
         if let overrides::Override::Fragment { text, file } = ov {
             overrides::apply_fragment(&mut tree, schema, text, file, search_dirs)?;
@@ -116,10 +113,7 @@ pub fn load_with(name: &str, overrides: &[String], search_dirs: &[PathBuf]) -> R
 /// Every embedded config except defaults.yaml, sorted, without `.yaml`
 /// (e.g. `pretrain/vision_transformer/supervised/1gpu_vit_example`).
 pub fn embedded_config_names() -> Vec<String> {
-    load::embedded_names()
-        .into_iter()
-        .filter(|n| n != "defaults")
-        .collect()
+    load::embedded_names().into_iter().filter(|n| n != "defaults").collect()
 }
 
 /// The embedded defaults (the `config` subtree of configs/defaults.yaml).

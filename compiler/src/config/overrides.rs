@@ -32,7 +32,10 @@ pub(crate) enum Override<'a> {
         raw: Option<&'a str>,
     },
     /// `+config/<group>=<name>`: a config-group file merged at the root.
-    Fragment { text: &'a str, file: String },
+    Fragment {
+        text: &'a str,
+        file: String,
+    },
 }
 
 pub(crate) fn parse(text: &str) -> Result<Override<'_>, ConfigError> {
@@ -89,11 +92,9 @@ pub(crate) fn apply_fragment(
     search_dirs: &[PathBuf],
 ) -> Result<(), ConfigError> {
     let (label, contents) = load::resolve(file, search_dirs).map_err(|e| match e {
-        ConfigError::NotFound { searched, suggestion, .. } => ConfigError::NotFound {
-            name: format!("{file} (from override `{text}`)"),
-            searched,
-            suggestion,
-        },
+        ConfigError::NotFound { searched, suggestion, .. } => {
+            ConfigError::NotFound { name: format!("{file} (from override `{text}`)"), searched, suggestion }
+        }
         other => other,
     })?;
     let doc = load::parse_document(&label, &contents)?;
@@ -133,23 +134,34 @@ pub(crate) fn apply_value(tree: &mut Value, schema: &Schema, ov: &Override<'_>) 
         if let Some(raw) = raw {
             let expected = parse_value(text, raw, default)?;
             if *current != expected {
-                return Err(bad(format!("`{key}` is {}, not {}", schema::describe(current), schema::describe(&expected))));
+                return Err(bad(format!(
+                    "`{key}` is {}, not {}",
+                    schema::describe(current),
+                    schema::describe(&expected)
+                )));
             }
         }
         return remove(tree, path).map_err(bad);
     }
 
     match (op, exists) {
-        (Op::Set, false) => {
-            return Err(bad(format!("`{key}` is not in the config; to add it write `+{key}=...`")))
-        }
+        (Op::Set, false) => return Err(bad(missing(tree, path))),
         (Op::Add, true) => return Err(ConfigError::KeyExists { key, origin }),
         _ => {}
     }
-    let value = parse_value(text, raw.unwrap_or(""), default)?;
+    let raw = raw.unwrap_or("");
+    let value = parse_value(text, raw, default)?;
     let mut errors = Vec::new();
     schema.check(&mut path.clone(), &value, &|_| origin.clone(), &mut errors);
     if let Some(err) = ConfigError::collect(errors) {
+        // VISSL expands `a=1,2` into a sweep of runs; say so rather than only
+        // "expects a number, got string".
+        if raw.contains(',') && !raw.trim_start().starts_with(['[', '{', '"', '\'']) {
+            return Err(bad(
+                "comma-separated values are a VISSL sweep, which tessera does not expand; run once per value"
+                    .to_string(),
+            ));
+        }
         return Err(err);
     }
     match merge::get_mut(tree, path) {
@@ -187,6 +199,23 @@ fn parse_value(text: &str, raw: &str, default: Option<&Value>) -> Result<Value, 
     })
 }
 
+/// Why `path` cannot be set: the first segment that is not there.
+fn missing(tree: &Value, path: &[String]) -> String {
+    let key = path.join(".");
+    for i in 0..path.len() {
+        let here = path[..i].join(".");
+        match merge::get(tree, &path[..i]) {
+            Some(Value::Array(items)) if merge::get(tree, &path[..=i]).is_none() => {
+                return format!("`{here}` has {} element(s), so `{key}` does not exist", items.len())
+            }
+            Some(Value::Object(_)) | Some(Value::Array(_)) => {}
+            Some(other) => return format!("`{here}` is {}, which has no keys", schema::describe(other)),
+            None => break,
+        }
+    }
+    format!("`{key}` is not in the config; to add it write `+{key}=...`")
+}
+
 /// Adds `value` at `path`, creating missing maps on the way (Hydra's `+a.b.c`).
 /// A list index equal to the list's length appends.
 fn insert(tree: &mut Value, path: &[String], value: Value) -> Result<(), String> {
@@ -204,11 +233,7 @@ fn insert(tree: &mut Value, path: &[String], value: Value) -> Result<(), String>
                     .ok_or_else(|| format!("`{}` has no element {segment} (length {len})", path[..i].join(".")))?
             }
             other => {
-                return Err(format!(
-                    "`{}` is {}, which has no keys",
-                    path[..i].join("."),
-                    schema::describe(other)
-                ))
+                return Err(format!("`{}` is {}, which has no keys", path[..i].join("."), schema::describe(other)))
             }
         };
     }
@@ -222,7 +247,7 @@ fn insert(tree: &mut Value, path: &[String], value: Value) -> Result<(), String>
             Ok(())
         }
         Value::Array(items) => Err(format!(
-            "`{}` has {} elements; `+` can only append at index {}",
+            "`{}` has {} element(s); `+` can only append at index {}",
             parents.join("."),
             items.len(),
             items.len()

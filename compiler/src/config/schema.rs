@@ -8,6 +8,7 @@
 //!   - bool, integer, string, list, map must match; a float default accepts
 //!     integers too ("number"); null is accepted where the default is a
 //!     string, list, `{}` or null (VISSL files write `EXPERIMENT_LOG_DIR:`).
+//!
 //! VISSL itself checks nothing (its AttrDict takes any key), which is how a
 //! typo silently falls back to a default there.
 
@@ -127,11 +128,7 @@ impl Schema {
 
     /// The unknown-key error for `path[..=i]`, with the closest known key.
     pub fn unknown(&self, path: &[String], i: usize, origin: Origin) -> ConfigError {
-        ConfigError::UnknownKey {
-            key: path.join("."),
-            origin,
-            suggestion: self.suggest(path, i),
-        }
+        ConfigError::UnknownKey { key: path.join("."), origin, suggestion: self.suggest(path, i) }
     }
 
     /// The closest declared key to `path`, whose segment `i` is unknown:
@@ -166,13 +163,12 @@ impl Schema {
             .iter()
             .filter(|k| {
                 k.len() >= tail.len()
-                    && k[k.len() - tail.len()..]
-                        .iter()
-                        .zip(&tail)
-                        .all(|(a, b)| a.to_lowercase() == *b)
+                    && k[k.len() - tail.len()..].iter().zip(&tail).all(|(a, b)| a.to_lowercase() == *b)
             })
             .map(|k| k.join("."))
-            .max_by(|a, b| strsim::normalized_levenshtein(&wanted, a).total_cmp(&strsim::normalized_levenshtein(&wanted, b)));
+            .max_by(|a, b| {
+                strsim::normalized_levenshtein(&wanted, a).total_cmp(&strsim::normalized_levenshtein(&wanted, b))
+            });
         if by_tail.is_some() {
             return by_tail;
         }

@@ -1,0 +1,261 @@
+//! End-to-end checks of `tessera compile`: parameter counts and FLOPs against
+//! independently computed figures, the error text of every bad-input case,
+//! and insta snapshots of the IR of each tiny reference model and of the
+//! summary of every shipped config.
+
+use std::process::Command;
+use tessera_compiler::config;
+use tessera_compiler::elaborate::Program;
+use tessera_compiler::summary::{summarize, Summary};
+
+fn program() -> Program {
+    Program::load(&[]).expect("embedded models parse")
+}
+
+fn compile(name: &str, overrides: &[&str]) -> Result<Summary, String> {
+    let ov: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+    let cfg = config::load(name, &ov).map_err(|e| e.to_string())?;
+    let c = tessera_compiler::compile(&program(), cfg.tree()).map_err(|e| e.to_string())?;
+    Ok(summarize(cfg.name(), &c))
+}
+
+fn err(name: &str, overrides: &[&str]) -> String {
+    match compile(name, overrides) {
+        Ok(_) => panic!("{name} {overrides:?} should not compile"),
+        Err(e) => e,
+    }
+}
+
+const DEIT: &str = "pretrain/vision_transformer/supervised/16gpu_deit_b_example";
+const VIT_L: &[&str] = &[
+    "MODEL.TRUNK.VISION_TRANSFORMERS.QKV_BIAS=true",
+    "MODEL.TRUNK.VISION_TRANSFORMERS.NUM_LAYERS=24",
+    "MODEL.TRUNK.VISION_TRANSFORMERS.HIDDEN_DIM=1024",
+    "MODEL.TRUNK.VISION_TRANSFORMERS.NUM_HEADS=16",
+    "MODEL.TRUNK.VISION_TRANSFORMERS.MLP_DIM=4096",
+    "MODEL.HEAD.PARAMS=[[mlp, {dims: [1024, 1000]}]]",
+];
+
+#[test]
+fn vit_b16_in_timm_layout_has_timms_parameter_count() {
+    // timm vit_base_patch16_224: qkv bias, one Linear head 768 -> 1000.
+    let s = compile(DEIT, &["MODEL.TRUNK.VISION_TRANSFORMERS.QKV_BIAS=true"]).unwrap();
+    assert_eq!(s.params_total, 86_567_656);
+    assert_eq!(s.params_by_module["trunk"], 86_567_656 - 769_000);
+    assert_eq!(s.params_by_module["heads.0"], 769_000);
+}
+
+#[test]
+fn vit_l16_in_timm_layout_has_timms_parameter_count() {
+    assert_eq!(compile(DEIT, VIT_L).unwrap().params_total, 304_326_632);
+}
+
+#[test]
+fn vit_example_as_shipped() {
+    let s = compile("pretrain/vision_transformer/supervised/1gpu_vit_example", &[]).unwrap();
+    assert_eq!(s.params_total, 91_206_376);
+    assert_eq!(s.params_trainable, 91_206_376);
+    assert_eq!(s.trunk_output_dim, 768);
+}
+
+#[test]
+fn convit_b_plus_parameter_count() {
+    let s = compile("pretrain/vision_transformer/supervised/16gpu_convit_b", &[]).unwrap();
+    assert_eq!(s.params_by_module["trunk"], 152_114_176);
+    assert_eq!(s.params_total, 153_139_176);
+}
+
+#[test]
+fn vit_b16_forward_flops() {
+    let s = compile(DEIT, &[]).unwrap();
+    // 35.1 GFLOPs per image at 224 (a multiply-add counts 2), within 1 %.
+    assert!((s.forward_gflops_per_image - 35.1).abs() / 35.1 < 0.01, "{}", s.forward_gflops_per_image);
+}
+
+#[test]
+fn every_config_compiles_and_its_summary_is_stable() {
+    let names = config::embedded_config_names();
+    assert!(names.len() >= 13 + 6, "{names:?}");
+    for name in names {
+        let s = compile(&name, &[]).unwrap_or_else(|e| panic!("{name}:\n{e}"));
+        let file = name.replace('/', "__");
+        insta::assert_snapshot!(format!("summary__{file}"), s.to_text());
+    }
+}
+
+#[test]
+fn tiny_models_ir_snapshots() {
+    let cases: &[(&str, &[&str])] = &[
+        ("quickstart/vit_tiny", &[]),
+        ("quickstart/deit_tiny", &[]),
+        ("quickstart/convit_tiny", &[]),
+        ("quickstart/vit_example_head", &[]),
+        ("quickstart/moco_vit_tiny", &[]),
+        ("quickstart/simclr_vit_tiny", &[]),
+        ("quickstart/swav_vit_tiny", &[]),
+    ];
+    let prog = program();
+    for (name, ov) in cases {
+        let ov: Vec<String> = ov.iter().map(|s| s.to_string()).collect();
+        let cfg = config::load(name, &ov).unwrap();
+        let c = tessera_compiler::compile(&prog, cfg.tree()).unwrap();
+        c.graph.verify().unwrap();
+        insta::assert_snapshot!(format!("ir__{}", name.replace('/', "__")), c.graph.to_text());
+    }
+}
+
+#[test]
+fn eval_mlp_head_ir() {
+    let cfg = config::load("quickstart/vit_tiny", &["MODEL.HEAD.PARAMS=[[eval_mlp, {in_channels: 64, dims: [64, 10]}]]".into()])
+        .unwrap();
+    let c = tessera_compiler::compile(&program(), cfg.tree()).unwrap();
+    let names: Vec<&str> = c.graph.params().into_iter().map(|(_, n, _)| n).filter(|n| n.starts_with("heads")).collect();
+    assert_eq!(names, ["heads.0.channel_bn.weight", "heads.0.channel_bn.bias", "heads.0.clf.clf.0.weight", "heads.0.clf.clf.0.bias"]);
+}
+
+#[test]
+fn state_dict_names_follow_vissl() {
+    let cfg = config::load("quickstart/swav_vit_tiny", &[]).unwrap();
+    let c = tessera_compiler::compile(&program(), cfg.tree()).unwrap();
+    let params: Vec<&str> = c.graph.params().into_iter().map(|(_, n, _)| n).collect();
+    for want in [
+        "trunk.patch_embed.proj.weight",
+        "trunk.cls_token",
+        "trunk.pos_embed",
+        "trunk.blocks.1.attn.qkv.weight",
+        "trunk.blocks.1.mlp.fc2.bias",
+        "trunk.norm.weight",
+        "heads.0.projection_head.0.weight",
+        "heads.0.projection_head.1.weight",
+        "heads.0.projection_head.3.weight",
+        "heads.0.prototypes0.weight",
+    ] {
+        assert!(params.contains(&want), "{want} missing from {params:?}");
+    }
+}
+
+// ---- bad input: each error names what is wrong and where ----
+
+#[test]
+fn head_input_not_matching_trunk_output() {
+    let e = err(
+        "pretrain/vision_transformer/supervised/1gpu_vit_example",
+        &["MODEL.HEAD.PARAMS=[[vision_transformer_head, {in_plane: 1024, hidden_dim: 3072, num_classes: 1000}]]"],
+    );
+    assert!(e.contains("must be `in_plane` = 1024 (config `MODEL.HEAD.PARAMS.0.1.in_plane`); it is 768"), "{e}");
+    assert!(e.contains("heads.0"), "{e}");
+}
+
+#[test]
+fn mlp_head_dims0_not_matching_trunk_output() {
+    let e = err(DEIT, &["MODEL.HEAD.PARAMS=[[mlp, {dims: [1024, 1000]}]]"]);
+    assert!(e.contains("`dims[0]` = 1024 (config `MODEL.HEAD.PARAMS.0.1.dims.0`); it is 768"), "{e}");
+}
+
+#[test]
+fn consecutive_head_dims_must_chain() {
+    let e = err(DEIT, &["MODEL.HEAD.PARAMS=[[[mlp, {dims: [768, 512]}], [mlp, {dims: [256, 10]}]]]"]);
+    assert!(e.contains("MODEL.HEAD.PARAMS.0.1.1.dims.0"), "{e}");
+    assert!(e.contains("it is 512"), "{e}");
+}
+
+#[test]
+fn loss_embedding_dim_must_match_head_output() {
+    let e = err("pretrain/vision_transformer/moco/vit_b16", &["LOSS.moco_loss.embedding_dim=256"]);
+    assert!(e.contains("`embedding_dim` = 256 (config `LOSS.moco_loss.embedding_dim`); it is 128"), "{e}");
+}
+
+#[test]
+fn hidden_dim_must_divide_by_heads() {
+    let e = err(DEIT, &["MODEL.TRUNK.VISION_TRANSFORMERS.HIDDEN_DIM=770"]);
+    assert!(e.contains("HIDDEN_DIM must be divisible by NUM_HEADS"), "{e}");
+    assert!(e.contains("hidden_dim = 770 (config `MODEL.TRUNK.VISION_TRANSFORMERS.HIDDEN_DIM`)"), "{e}");
+    assert!(e.contains("num_heads = 12 (config `MODEL.TRUNK.VISION_TRANSFORMERS.NUM_HEADS`)"), "{e}");
+}
+
+#[test]
+fn image_size_must_divide_by_patch_size() {
+    let e = err(DEIT, &["MODEL.TRUNK.VISION_TRANSFORMERS.PATCH_SIZE=15"]);
+    assert!(e.contains("IMAGE_SIZE must be divisible by PATCH_SIZE"), "{e}");
+    assert!(e.contains("patch_size = 15 (config `MODEL.TRUNK.VISION_TRANSFORMERS.PATCH_SIZE`)"), "{e}");
+}
+
+#[test]
+fn gpsa_layers_not_above_layers() {
+    let e = err("pretrain/vision_transformer/supervised/16gpu_convit_b", &["MODEL.TRUNK.CONVIT.N_GPSA_LAYERS=13"]);
+    assert!(e.contains("N_GPSA_LAYERS must not exceed NUM_LAYERS"), "{e}");
+    assert!(e.contains("n_gpsa_layers = 13 (config `MODEL.TRUNK.CONVIT.N_GPSA_LAYERS`)"), "{e}");
+}
+
+#[test]
+fn swav_crops_against_multicrop() {
+    let e = err("pretrain/vision_transformer/swav/deit_b_2nodes", &["LOSS.swav_loss.crops_for_assign=[0, 2]"]);
+    assert!(e.contains("`LOSS.swav_loss.crops_for_assign` names crop 2"), "{e}");
+}
+
+#[test]
+fn cutmixup_needs_even_batches() {
+    let e = err(DEIT, &["DATA.TRAIN.BATCHSIZE_PER_REPLICA=33"]);
+    assert!(e.contains("`DATA.TRAIN.BATCHSIZE_PER_REPLICA` is 33"), "{e}");
+    assert!(e.contains("even batch"), "{e}");
+}
+
+#[test]
+fn unknown_head_names_the_known_ones() {
+    let e = err(DEIT, &["MODEL.HEAD.PARAMS=[[mpl, {dims: [768, 10]}]]"]);
+    assert!(e.contains("did you mean `mlp`?"), "{e}");
+}
+
+#[test]
+fn unknown_head_argument() {
+    let e = err(DEIT, &["MODEL.HEAD.PARAMS=[[mlp, {dimz: [768, 10]}]]"]);
+    assert!(e.contains("head `mlp` has no argument `dimz`; did you mean `dims`?"), "{e}");
+}
+
+// ---- the CLI ----
+
+fn tessera(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tessera")).args(args).output().expect("run tessera");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+#[test]
+fn cli_json_summary_has_the_documented_keys() {
+    let (ok, out, err) = tessera(&["compile", &format!("config={DEIT}"), "--emit", "summary", "--format", "json"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    for k in ["params_total", "params_trainable", "params_by_module", "forward_gflops_per_image", "ir_nodes", "trunk_output_dim"] {
+        assert!(v.get(k).is_some(), "missing {k}");
+    }
+    assert_eq!(v["params_by_module"]["heads.0"], 769_000);
+}
+
+#[test]
+fn cli_misspelled_key_fails_with_did_you_mean() {
+    let (ok, _, err) =
+        tessera(&["compile", &format!("config={DEIT}"), "config.MODEL.TRUNK.VISION_TRANSFORMERS.HIDEN_DIM=768"]);
+    assert!(!ok);
+    assert!(err.contains("HIDEN_DIM"), "{err}");
+    assert!(err.contains("MODEL.TRUNK.VISION_TRANSFORMERS.HIDDEN_DIM"), "{err}");
+}
+
+#[test]
+fn cli_bad_head_fails() {
+    let (ok, _, err) = tessera(&[
+        "compile",
+        "config=pretrain/vision_transformer/supervised/1gpu_vit_example",
+        "MODEL.HEAD.PARAMS=[[vision_transformer_head, {in_plane: 1024, num_classes: 10}]]",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("in_plane"), "{err}");
+}
+
+#[test]
+fn cli_emits_ir_and_dot() {
+    let (ok, ir, e) = tessera(&["compile", "config=quickstart/vit_tiny", "--emit", "ir"]);
+    assert!(ok, "{e}");
+    assert!(ir.contains("= linear(") && ir.contains("@trunk.blocks.0.attn.qkv.weight"), "{ir}");
+    let (ok, dot, e) = tessera(&["compile", "config=quickstart/vit_tiny", "--emit", "dot"]);
+    assert!(ok, "{e}");
+    assert!(dot.starts_with("digraph"), "{dot}");
+}
