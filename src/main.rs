@@ -10,7 +10,11 @@ use tessera_compiler::elaborate::Program;
 use tessera_compiler::summary::summarize;
 
 #[derive(Parser)]
-#[command(name = "tessera", version, about = "Compile and train vision transformers from VISSL-style experiment configs")]
+#[command(
+    name = "tessera",
+    version,
+    about = "Compile and train vision transformers from VISSL-style experiment configs"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -123,7 +127,9 @@ fn run(cli: Cli) -> Result<()> {
             let cfg = config::load(&name, &overrides).map_err(|e| anyhow::anyhow!("{e}"))?;
             write_out(&None, &cfg.to_yaml())
         }
-        Command::Config { command: ConfigCommand::List } => write_out(&None, &config::embedded_config_names().join("\n")),
+        Command::Config { command: ConfigCommand::List } => {
+            write_out(&None, &config::embedded_config_names().join("\n"))
+        }
     }
 }
 

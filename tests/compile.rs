@@ -106,11 +106,17 @@ fn tiny_models_ir_snapshots() {
 
 #[test]
 fn eval_mlp_head_ir() {
-    let cfg = config::load("quickstart/vit_tiny", &["MODEL.HEAD.PARAMS=[[eval_mlp, {in_channels: 64, dims: [64, 10]}]]".into()])
-        .unwrap();
+    let cfg = config::load(
+        "quickstart/vit_tiny",
+        &["MODEL.HEAD.PARAMS=[[eval_mlp, {in_channels: 64, dims: [64, 10]}]]".into()],
+    )
+    .unwrap();
     let c = tessera_compiler::compile(&program(), cfg.tree()).unwrap();
     let names: Vec<&str> = c.graph.params().into_iter().map(|(_, n, _)| n).filter(|n| n.starts_with("heads")).collect();
-    assert_eq!(names, ["heads.0.channel_bn.weight", "heads.0.channel_bn.bias", "heads.0.clf.clf.0.weight", "heads.0.clf.clf.0.bias"]);
+    assert_eq!(
+        names,
+        ["heads.0.channel_bn.weight", "heads.0.channel_bn.bias", "heads.0.clf.clf.0.weight", "heads.0.clf.clf.0.bias"]
+    );
 }
 
 #[test]
@@ -224,7 +230,14 @@ fn cli_json_summary_has_the_documented_keys() {
     let (ok, out, err) = tessera(&["compile", &format!("config={DEIT}"), "--emit", "summary", "--format", "json"]);
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    for k in ["params_total", "params_trainable", "params_by_module", "forward_gflops_per_image", "ir_nodes", "trunk_output_dim"] {
+    for k in [
+        "params_total",
+        "params_trainable",
+        "params_by_module",
+        "forward_gflops_per_image",
+        "ir_nodes",
+        "trunk_output_dim",
+    ] {
         assert!(v.get(k).is_some(), "missing {k}");
     }
     assert_eq!(v["params_by_module"]["heads.0"], 769_000);

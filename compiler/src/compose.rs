@@ -77,7 +77,9 @@ fn get_str(cfg: &J, key: &str) -> R<String> {
 fn get_u64(cfg: &J, key: &str) -> R<u64> {
     match get(cfg, key).and_then(|v| v.as_u64()) {
         Some(n) => Ok(n),
-        None => Err(CompileError::Config(format!("`{key}` must be a non-negative integer, got {}", show(get(cfg, key))))),
+        None => {
+            Err(CompileError::Config(format!("`{key}` must be a non-negative integer, got {}", show(get(cfg, key)))))
+        }
     }
 }
 
@@ -106,7 +108,8 @@ pub fn head_specs(cfg: &J) -> R<Vec<Vec<HeadSpec>>> {
         let k = format!("{key}.{i}");
         match e {
             J::Array(items) if items.first().is_some_and(|f| f.is_array()) => {
-                let chain = items.iter().enumerate().map(|(j, it)| one(it, format!("{k}.{j}"))).collect::<R<Vec<_>>>()?;
+                let chain =
+                    items.iter().enumerate().map(|(j, it)| one(it, format!("{k}.{j}"))).collect::<R<Vec<_>>>()?;
                 out.push(chain);
             }
             _ => out.push(vec![one(e, k)?]),
@@ -125,10 +128,9 @@ fn crop_groups(cfg: &J, image_size: u64) -> R<Vec<(u64, u64)>> {
     let find = |name: &str| transforms.iter().find(|t| t.get("name").and_then(|n| n.as_str()) == Some(name)).cloned();
     if let Some(mc) = find("ImgPilToMultiCrop") {
         let list = |k: &str| -> R<Vec<u64>> {
-            mc.get(k)
-                .and_then(|v| v.as_array())
-                .map(|a| a.iter().filter_map(|x| x.as_u64()).collect())
-                .ok_or_else(|| CompileError::Config(format!("ImgPilToMultiCrop in DATA.TRAIN.TRANSFORMS needs a list `{k}`")))
+            mc.get(k).and_then(|v| v.as_array()).map(|a| a.iter().filter_map(|x| x.as_u64()).collect()).ok_or_else(
+                || CompileError::Config(format!("ImgPilToMultiCrop in DATA.TRAIN.TRANSFORMS needs a list `{k}`")),
+            )
         };
         let (nums, sizes) = (list("num_crops")?, list("size_crops")?);
         if nums.len() != sizes.len() {
@@ -162,13 +164,15 @@ fn check_config(cfg: &J, loss: &str) -> R<()> {
     }
     if loss == "swav_loss" {
         let transforms = get(cfg, "DATA.TRAIN.TRANSFORMS").and_then(|t| t.as_array()).cloned().unwrap_or_default();
-        let Some(mc) = transforms.iter().find(|t| t.get("name").and_then(|n| n.as_str()) == Some("ImgPilToMultiCrop")) else {
+        let Some(mc) = transforms.iter().find(|t| t.get("name").and_then(|n| n.as_str()) == Some("ImgPilToMultiCrop"))
+        else {
             return Err(CompileError::Config(
                 "`LOSS.name: swav_loss` needs an ImgPilToMultiCrop transform in `DATA.TRAIN.TRANSFORMS`".to_string(),
             ));
         };
         let total = mc.get("total_num_crops").and_then(|v| v.as_u64());
-        let sum: u64 = mc.get("num_crops").and_then(|v| v.as_array()).map_or(0, |a| a.iter().filter_map(|x| x.as_u64()).sum());
+        let sum: u64 =
+            mc.get("num_crops").and_then(|v| v.as_array()).map_or(0, |a| a.iter().filter_map(|x| x.as_u64()).sum());
         if total != Some(sum) {
             return Err(CompileError::Config(format!(
                 "ImgPilToMultiCrop: `total_num_crops` is {} but `num_crops` adds up to {sum}",
@@ -235,12 +239,16 @@ pub fn compile(prog: &Program, cfg: &J) -> R<Compiled> {
         let feat = if feats.len() == 1 {
             feats.pop().expect("one feature")
         } else {
-            let ts: Vec<ValueId> = feats.iter().filter_map(|f| if let V::Tensor(t) = f.v { Some(t) } else { None }).collect();
+            let ts: Vec<ValueId> =
+                feats.iter().filter_map(|f| if let V::Tensor(t) = f.v { Some(t) } else { None }).collect();
             let env = crate::elaborate::Env { vars: Default::default(), file: trunk.file, scope: join(scope, "trunk") };
             el.op(&env, crate::ir::Op::Concat { axis: 0 }, &ts, prog.block(trunk).span)?
         };
         let V::Tensor(trunk_out) = feat.v else {
-            return Err(CompileError::Config(format!("trunk `{trunk_name}` must return one tensor, got {}", feat.type_name())));
+            return Err(CompileError::Config(format!(
+                "trunk `{trunk_name}` must return one tensor, got {}",
+                feat.type_name()
+            )));
         };
         let mut x = feat;
         for (i, chain) in heads.iter().enumerate() {
@@ -272,7 +280,9 @@ pub fn compile(prog: &Program, cfg: &J) -> R<Compiled> {
     let l = el.call_block(loss, vec![(output, span)], named, "loss".to_string(), None)?;
     match l.v {
         V::Tensor(t) => el.graph.set_output("loss", t),
-        _ => return Err(CompileError::Config(format!("loss `{loss_name}` must return a tensor, got {}", l.type_name()))),
+        _ => {
+            return Err(CompileError::Config(format!("loss `{loss_name}` must return a tensor, got {}", l.type_name())))
+        }
     }
     el.graph.verify().map_err(|e| CompileError::Config(format!("internal error, the IR does not verify: {e}")))?;
     let composition = Composition { trunk: trunk_name, heads, loss: loss_name, images_per_sample, trunk_output };

@@ -1,11 +1,11 @@
 //! tessera's compiler: parse -> elaborate -> graph IR (-> autodiff -> passes -> plan).
 //! It never depends on the runtime crate.
 
+pub mod compose;
 pub mod config;
 pub mod elaborate;
 pub mod ir;
-pub mod syntax;
-pub mod compose;
 pub mod summary;
+pub mod syntax;
 
 pub use compose::{compile, CompileError, Compiled};

@@ -85,7 +85,12 @@ pub fn summarize(config_name: &str, c: &Compiled) -> Summary {
     Summary {
         config: config_name.to_string(),
         trunk: c.composition.trunk.clone(),
-        heads: c.composition.heads.iter().map(|ch| ch.iter().map(|h| h.name.as_str()).collect::<Vec<_>>().join(" -> ")).collect(),
+        heads: c
+            .composition
+            .heads
+            .iter()
+            .map(|ch| ch.iter().map(|h| h.name.as_str()).collect::<Vec<_>>().join(" -> "))
+            .collect(),
         loss: c.composition.loss.clone(),
         params_total: total,
         params_trainable: trainable,
@@ -116,13 +121,19 @@ impl Summary {
     pub fn to_text(&self) -> String {
         let mut s = String::new();
         let _ = writeln!(s, "config     {}", self.config);
-        let _ = writeln!(s, "trunk      {}  ({} params)", self.trunk, group(self.params_by_module.get("trunk").copied().unwrap_or(0)));
+        let _ = writeln!(
+            s,
+            "trunk      {}  ({} params)",
+            self.trunk,
+            group(self.params_by_module.get("trunk").copied().unwrap_or(0))
+        );
         for (i, h) in self.heads.iter().enumerate() {
             let n = self.params_by_module.get(&format!("heads.{i}")).copied().unwrap_or(0);
             let _ = writeln!(s, "heads.{i}    {h}  ({} params)", group(n));
         }
         let _ = writeln!(s, "loss       {}", self.loss);
-        let _ = writeln!(s, "params     {} total, {} trainable", group(self.params_total), group(self.params_trainable));
+        let _ =
+            writeln!(s, "params     {} total, {} trainable", group(self.params_total), group(self.params_trainable));
         let buffers: u64 = self.buffers_by_module.values().sum();
         if buffers > 0 {
             let parts: Vec<String> = self.buffers_by_module.iter().map(|(k, v)| format!("{k} {}", group(*v))).collect();

@@ -9,7 +9,8 @@ use crate::syntax::Span;
 use std::rc::Rc;
 
 pub fn binary(el: &mut Elab, env: &mut Env, op: BinOp, l: Val, r: Val, span: Span) -> R<Val> {
-    let bad = |el: &Elab| el.err(span, format!("cannot apply `{}` to {} and {}", op.symbol(), l.type_name(), r.type_name()));
+    let bad =
+        |el: &Elab| el.err(span, format!("cannot apply `{}` to {} and {}", op.symbol(), l.type_name(), r.type_name()));
     let b = |x: bool| Ok(Val::new(V::Bool(x)));
     match (&l.v, &r.v) {
         (V::None, _) | (_, V::None) if matches!(op, BinOp::Eq | BinOp::Ne) => {
@@ -51,8 +52,9 @@ pub fn binary(el: &mut Elab, env: &mut Env, op: BinOp, l: Val, r: Val, span: Spa
                 BinOp::Ne => return b(x != y),
                 _ => return Err(bad(el)),
             };
-            res.map(Val::from_dim)
-                .ok_or_else(|| el.err(span, format!("`{x} {} {y}` is not a dimension this compiler can represent", op.symbol())))
+            res.map(Val::from_dim).ok_or_else(|| {
+                el.err(span, format!("`{x} {} {y}` is not a dimension this compiler can represent", op.symbol()))
+            })
         }
         (V::Str(x), V::Str(y)) => match op {
             BinOp::Eq => b(x == y),
@@ -115,7 +117,8 @@ fn int_op(el: &Elab, op: BinOp, x: i64, y: i64, span: Span) -> R<Val> {
                 return Err(el.err(span, "division by zero"));
             }
             let q = x.checked_div_euclid(y).ok_or_else(ovf)?;
-            let (q, m) = if y < 0 && x.rem_euclid(y) != 0 { (q + 1, x.rem_euclid(y) + y) } else { (q, x.rem_euclid(y)) };
+            let (q, m) =
+                if y < 0 && x.rem_euclid(y) != 0 { (q + 1, x.rem_euclid(y) + y) } else { (q, x.rem_euclid(y)) };
             Ok(Val::int(if op == BinOp::FloorDiv { q } else { m }))
         }
         BinOp::Pow => {
@@ -180,4 +183,3 @@ fn tensor(el: &mut Elab, env: &mut Env, op: BinOp, l: &Val, r: &Val, span: Span)
         _ => Err(bad(el)),
     }
 }
-

@@ -7,12 +7,64 @@ use crate::ir::{BinaryOp, DType, Dim, Init, Op, ReduceOp, Shape, TensorType, Una
 use crate::syntax::Span;
 
 pub const NAMES: &[&str] = &[
-    "input", "fill", "linear", "matmul", "conv2d", "attention", "layer_norm", "batch_norm", "cross_entropy", "gelu",
-    "relu", "tanh", "sigmoid", "exp", "log", "sqrt", "recip", "square", "softmax", "log_softmax", "l2_normalize",
-    "dropout", "drop_path", "cast", "sum", "mean", "max", "min", "reshape", "permute", "transpose", "flatten", "concat",
-    "slice", "expand", "stop_gradient", "all_gather", "all_reduce", "queue_push", "queue_advance", "maximum",
-    "minimum", "len", "str", "shape", "dim", "rank", "int", "float", "abs", "as_list", "trunc_normal", "normal",
-    "constant", "kaiming_uniform", "uniform", "convit_local", "relative_positions_2d",
+    "input",
+    "fill",
+    "linear",
+    "matmul",
+    "conv2d",
+    "attention",
+    "layer_norm",
+    "batch_norm",
+    "cross_entropy",
+    "gelu",
+    "relu",
+    "tanh",
+    "sigmoid",
+    "exp",
+    "log",
+    "sqrt",
+    "recip",
+    "square",
+    "softmax",
+    "log_softmax",
+    "l2_normalize",
+    "dropout",
+    "drop_path",
+    "cast",
+    "sum",
+    "mean",
+    "max",
+    "min",
+    "reshape",
+    "permute",
+    "transpose",
+    "flatten",
+    "concat",
+    "slice",
+    "expand",
+    "stop_gradient",
+    "all_gather",
+    "all_reduce",
+    "queue_push",
+    "queue_advance",
+    "maximum",
+    "minimum",
+    "len",
+    "str",
+    "shape",
+    "dim",
+    "rank",
+    "int",
+    "float",
+    "abs",
+    "as_list",
+    "trunc_normal",
+    "normal",
+    "constant",
+    "kaiming_uniform",
+    "uniform",
+    "convit_local",
+    "relative_positions_2d",
 ];
 
 /// Names usable without a call: init specs without arguments and dtypes.
@@ -67,7 +119,9 @@ impl Args {
     }
     fn f64(&mut self, el: &Elab, i: usize, name: &str, default: Option<f64>) -> R<f64> {
         match self.take(i, name) {
-            Some((v, s)) => v.as_f64().ok_or_else(|| el.err(s, format!("`{name}` must be a number, got {}", v.describe()))),
+            Some((v, s)) => {
+                v.as_f64().ok_or_else(|| el.err(s, format!("`{name}` must be a number, got {}", v.describe())))
+            }
             None => default.ok_or_else(|| el.err(self.span, format!("`{}` needs argument `{name}`", self.func))),
         }
     }
@@ -82,7 +136,9 @@ impl Args {
         match self.take(i, name) {
             Some((Val { v: V::Str(x), .. }, _)) => Ok(x.to_string()),
             Some((v, s)) => Err(el.err(s, format!("`{name}` must be a string, got {}", v.describe()))),
-            None => default.map(str::to_string).ok_or_else(|| el.err(self.span, format!("`{}` needs argument `{name}`", self.func))),
+            None => default
+                .map(str::to_string)
+                .ok_or_else(|| el.err(self.span, format!("`{}` needs argument `{name}`", self.func))),
         }
     }
     fn dtype(&mut self, el: &Elab, i: usize, default: DType) -> R<DType> {
@@ -102,7 +158,9 @@ impl Args {
             .iter()
             .map(|it| match it.v {
                 V::Int(-1) => Ok(None),
-                _ => it.as_dim().map(Some).ok_or_else(|| el.err(s, format!("`{name}` has a bad dim {}", it.describe()))),
+                _ => {
+                    it.as_dim().map(Some).ok_or_else(|| el.err(s, format!("`{name}` has a bad dim {}", it.describe())))
+                }
             })
             .collect()
     }
@@ -242,7 +300,9 @@ fn dispatch(el: &mut Elab, env: &mut Env, name: &str, a: &mut Args, span: Span) 
         }
         "float" => {
             let (v, s) = a.req(el, 0, "x")?;
-            v.as_f64().map(|f| Val::new(V::Float(f))).ok_or_else(|| el.err(s, format!("`float` needs a number, got {}", v.describe())))
+            v.as_f64()
+                .map(|f| Val::new(V::Float(f)))
+                .ok_or_else(|| el.err(s, format!("`float` needs a number, got {}", v.describe())))
         }
         "abs" => {
             let (v, s) = a.req(el, 0, "x")?;
@@ -254,10 +314,13 @@ fn dispatch(el: &mut Elab, env: &mut Env, name: &str, a: &mut Args, span: Span) 
         }
         "str" => {
             let (v, _) = a.req(el, 0, "x")?;
-            Ok(Val::new(V::Str(std::rc::Rc::from(match &v.v {
-                V::Str(s) => s.to_string(),
-                _ => v.to_string(),
-            }.as_str()))))
+            Ok(Val::new(V::Str(std::rc::Rc::from(
+                match &v.v {
+                    V::Str(s) => s.to_string(),
+                    _ => v.to_string(),
+                }
+                .as_str(),
+            ))))
         }
         "as_list" => {
             let (v, _) = a.req(el, 0, "x")?;
@@ -306,10 +369,7 @@ fn is_tensor_call(a: &Args) -> bool {
 }
 
 fn shape_arg(el: &Elab, dims: Vec<Option<Dim>>, span: Span) -> R<Shape> {
-    dims.into_iter()
-        .map(|d| d.ok_or_else(|| el.err(span, "-1 is not allowed here")))
-        .collect::<R<Vec<_>>>()
-        .map(Shape)
+    dims.into_iter().map(|d| d.ok_or_else(|| el.err(span, "-1 is not allowed here"))).collect::<R<Vec<_>>>().map(Shape)
 }
 
 fn tensor_op(el: &mut Elab, env: &mut Env, name: &str, a: &mut Args, span: Span) -> R<Val> {
@@ -580,4 +640,3 @@ fn infer_reshape(el: &Elab, x: ValueId, dims: Vec<Option<Dim>>, span: Span) -> R
     })?;
     Ok(Shape(dims.into_iter().map(|d| d.unwrap_or(missing)).collect()))
 }
-

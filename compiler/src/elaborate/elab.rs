@@ -48,7 +48,16 @@ pub struct Elab<'a> {
 
 impl<'a> Elab<'a> {
     pub fn new(prog: &'a Program, cfg: &'a serde_json::Value) -> Self {
-        Elab { prog, cfg, graph: Graph::new(), declared: HashMap::new(), share_state: false, params_as_buffers: false, stack: Vec::new(), fuel: FUEL }
+        Elab {
+            prog,
+            cfg,
+            graph: Graph::new(),
+            declared: HashMap::new(),
+            share_state: false,
+            params_as_buffers: false,
+            stack: Vec::new(),
+            fuel: FUEL,
+        }
     }
 
     /// An error at `span`, with the block call stack as notes.
@@ -90,7 +99,10 @@ impl<'a> Elab<'a> {
         let span = site.unwrap_or(def.span);
         self.burn(span)?;
         if self.stack.len() >= MAX_CALL_DEPTH {
-            return Err(self.err(span, format!("blocks nested more than {MAX_CALL_DEPTH} deep (does `{}` call itself?)", def.name)));
+            return Err(self.err(
+                span,
+                format!("blocks nested more than {MAX_CALL_DEPTH} deep (does `{}` call itself?)", def.name),
+            ));
         }
         self.stack.push((def.name.clone(), site, scope.clone()));
         let result = self.run_block(r, pos, named, scope, span);
@@ -109,12 +121,10 @@ impl<'a> Elab<'a> {
         let def: &BlockDef = self.prog.block(r);
         let mut env = Env { vars: HashMap::new(), file: r.file, scope };
         if pos.len() > def.params.len() {
-            return Err(self.err(pos[def.params.len()].1, format!(
-                "`{}` takes {} arguments but {} were given",
-                def.name,
-                def.params.len(),
-                pos.len()
-            )));
+            return Err(self.err(
+                pos[def.params.len()].1,
+                format!("`{}` takes {} arguments but {} were given", def.name, def.params.len(), pos.len()),
+            ));
         }
         let mut given: Vec<Option<(Val, Span)>> = vec![None; def.params.len()];
         for (i, p) in pos.into_iter().enumerate() {
@@ -123,7 +133,9 @@ impl<'a> Elab<'a> {
         for (name, v, s) in named {
             let Some(i) = def.params.iter().position(|p| p.name == name) else {
                 let names: Vec<&str> = def.params.iter().map(|p| p.name.as_str()).collect();
-                return Err(self.err(s, format!("`{}` has no parameter `{name}`{}", def.name, did_you_mean(&name, &names))));
+                return Err(
+                    self.err(s, format!("`{}` has no parameter `{name}`{}", def.name, did_you_mean(&name, &names)))
+                );
             };
             if given[i].is_some() {
                 return Err(self.err(s, format!("argument `{name}` given twice")));
@@ -213,11 +225,14 @@ impl<'a> Elab<'a> {
         let fixed = pat.dims.len() - ell;
         let rank = ty.shape.rank();
         if (ell == 0 && rank != fixed) || rank < fixed {
-            return Err(self.err(pat.span, format!(
-                "`{what}` has shape {} (rank {rank}), but the pattern expects rank {}{fixed}",
-                ty.shape,
-                if ell > 0 { "at least " } else { "" }
-            )));
+            return Err(self.err(
+                pat.span,
+                format!(
+                    "`{what}` has shape {} (rank {rank}), but the pattern expects rank {}{fixed}",
+                    ty.shape,
+                    if ell > 0 { "at least " } else { "" }
+                ),
+            ));
         }
         let mut axis = 0;
         for d in &pat.dims {
@@ -238,11 +253,14 @@ impl<'a> Elab<'a> {
                     };
                     if wd != actual {
                         let src = source_text(self, e.span);
-                        return Err(self.err(e.span, format!(
-                            "`{what}` has shape {}, but dim {axis} must be `{src}` = {}; it is {actual}",
-                            ty.shape,
-                            want.describe()
-                        )));
+                        return Err(self.err(
+                            e.span,
+                            format!(
+                                "`{what}` has shape {}, but dim {axis} must be `{src}` = {}; it is {actual}",
+                                ty.shape,
+                                want.describe()
+                            ),
+                        ));
                     }
                     axis += 1;
                 }
@@ -271,7 +289,13 @@ impl<'a> Elab<'a> {
                 };
                 let initv = self.eval(env, init)?;
                 let V::Init(init) = initv.v else {
-                    return Err(self.err(init.span, format!("expected an init spec such as `zeros` or `trunc_normal(0.02)`, got {}", initv.type_name())));
+                    return Err(self.err(
+                        init.span,
+                        format!(
+                            "expected an init spec such as `zeros` or `trunc_normal(0.02)`, got {}",
+                            initv.type_name()
+                        ),
+                    ));
                 };
                 let full = join_key(&env.scope, name);
                 if let Some(prev) = self.declared.get(&full) {
@@ -367,11 +391,14 @@ impl<'a> Elab<'a> {
                 let bname = bname.clone();
                 let v = self.eval_tensor(env, value)?;
                 if self.graph.ty(v) != self.graph.ty(buf) {
-                    return Err(self.err(value.span, format!(
-                        "new value of `{bname}` has type {}, the buffer has {}",
-                        self.graph.ty(v),
-                        self.graph.ty(buf)
-                    )));
+                    return Err(self.err(
+                        value.span,
+                        format!(
+                            "new value of `{bname}` has type {}, the buffer has {}",
+                            self.graph.ty(v),
+                            self.graph.ty(buf)
+                        ),
+                    ));
                 }
                 self.graph.add_state_update(&bname, v);
                 Ok(Flow::Normal)
@@ -389,7 +416,8 @@ impl<'a> Elab<'a> {
                         }
                         Ok(Flow::Normal)
                     }
-                    _ => Err(self.err(value.span, format!("cannot unpack {} into {} names", describe_len(&v), targets.len()))),
+                    _ => Err(self
+                        .err(value.span, format!("cannot unpack {} into {} names", describe_len(&v), targets.len()))),
                 }
             }
         }
@@ -406,10 +434,10 @@ impl<'a> Elab<'a> {
                     match v.v {
                         V::Int(i) if i > 0 => dims.push(Dim::Const(i as u64)),
                         _ => {
-                            return Err(self.err(e.span, format!(
-                                "a parameter or buffer dimension must be a positive int, got {}",
-                                v.describe()
-                            )))
+                            return Err(self.err(
+                                e.span,
+                                format!("a parameter or buffer dimension must be a positive int, got {}", v.describe()),
+                            ))
                         }
                     }
                 }
@@ -473,7 +501,10 @@ impl<'a> Elab<'a> {
                     }
                     (UnOp::Neg, V::Float(f)) => Ok(Val::new(V::Float(-f))),
                     (UnOp::Neg, V::Tensor(t)) => self.op(env, Op::Unary(UnaryOp::Neg), &[*t], e.span),
-                    _ => Err(self.err(e.span, format!("cannot apply `{}` to {}", if *op == UnOp::Neg { "-" } else { "not" }, v.type_name()))),
+                    _ => Err(self.err(
+                        e.span,
+                        format!("cannot apply `{}` to {}", if *op == UnOp::Neg { "-" } else { "not" }, v.type_name()),
+                    )),
                 }
             }
             ExprKind::Binary(op, a, b) => self.binary(env, *op, a, b, e.span),
@@ -481,7 +512,10 @@ impl<'a> Elab<'a> {
                 let v = self.eval(env, base)?;
                 match &v.v {
                     V::Cfg(path) => self.config_value(&join_key(path, name), e.span),
-                    _ => Err(self.err(e.span, format!("{} has no field `{name}` (only config sections do)", v.type_name()))),
+                    _ => {
+                        Err(self
+                            .err(e.span, format!("{} has no field `{name}` (only config sections do)", v.type_name())))
+                    }
                 }
             }
             ExprKind::Index(base, items) => {
@@ -591,10 +625,10 @@ impl<'a> Elab<'a> {
                             Val { v: V::Int(i), .. } if i >= 0 => i.to_string(),
                             Val { v: V::Str(s), .. } if !s.is_empty() && !s.contains('.') => s.to_string(),
                             v => {
-                                return Err(self.err(e.span, format!(
-                                    "a scope index must be a non-negative int or a name, got {}",
-                                    v.describe()
-                                )))
+                                return Err(self.err(
+                                    e.span,
+                                    format!("a scope index must be a non-negative int or a name, got {}", v.describe()),
+                                ))
                             }
                         },
                     };

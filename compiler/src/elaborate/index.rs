@@ -61,7 +61,8 @@ pub fn tensor_index(el: &mut Elab, env: &mut Env, t: ValueId, items: &[IndexItem
 }
 
 fn const_dim(el: &Elab, d: Dim, e: &Expr) -> R<u64> {
-    d.as_const().ok_or_else(|| el.err(e.span, "an int index into the batch dimension is not allowed (the batch is symbolic)"))
+    d.as_const()
+        .ok_or_else(|| el.err(e.span, "an int index into the batch dimension is not allowed (the batch is symbolic)"))
 }
 
 /// A slice bound: an int (negative counts from the end) or a batch dim.

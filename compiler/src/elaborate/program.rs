@@ -67,12 +67,15 @@ impl Program {
                 if let Some(prev) = p.registry.insert((kind_key(b.kind), b.name.clone()), r) {
                     let first = p.block(prev);
                     let (l, _) = p.map.file(prev.file).line_col(first.span.start as usize);
-                    return Err(p.map.diagnostic(name_span(b), format!(
-                        "{} `{}` is defined twice (first in {}:{l})",
-                        b.kind.keyword(),
-                        b.name,
-                        p.map.file(prev.file).name
-                    )));
+                    return Err(p.map.diagnostic(
+                        name_span(b),
+                        format!(
+                            "{} `{}` is defined twice (first in {}:{l})",
+                            b.kind.keyword(),
+                            b.name,
+                            p.map.file(prev.file).name
+                        ),
+                    ));
                 }
             }
         }
@@ -86,11 +89,10 @@ impl Program {
                 let r = BlockRef { file, index: j };
                 if let Some(prev) = ns.insert(b.name.clone(), r) {
                     if prev != r {
-                        return Err(self.map.diagnostic(name_span(b), format!(
-                            "`{}` is already defined in {}",
-                            b.name,
-                            self.map.file(prev.file).name
-                        )));
+                        return Err(self.map.diagnostic(
+                            name_span(b),
+                            format!("`{}` is already defined in {}", b.name, self.map.file(prev.file).name),
+                        ));
                     }
                 }
             }
@@ -101,7 +103,9 @@ impl Program {
         for (path, span) in &self.files[id.0 as usize].imports {
             let target = resolve_import(here, path);
             let Some(fid) = self.map.find(&target) else {
-                return Err(self.map.diagnostic(*span, format!("cannot find imported file `{path}` (looked for `{target}`)")));
+                return Err(self
+                    .map
+                    .diagnostic(*span, format!("cannot find imported file `{path}` (looked for `{target}`)")));
             };
             add(fid, &mut ns)?;
         }

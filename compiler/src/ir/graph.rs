@@ -101,7 +101,8 @@ impl Graph {
             }
         }
         let tys: Vec<&TensorType> = operands.iter().map(|&v| &self.g[v].ty).collect();
-        let ty = infer(&op, &tys).map_err(|message| IrError::Shape { op: op.name(), scope: scope.to_string(), message })?;
+        let ty =
+            infer(&op, &tys).map_err(|message| IrError::Shape { op: op.name(), scope: scope.to_string(), message })?;
         let id = self.push(op, ty, scope);
         for (i, &v) in operands.iter().enumerate() {
             self.g.add_edge(v, id, Operand { index: i as u32 });

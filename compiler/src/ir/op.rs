@@ -41,13 +41,24 @@ pub enum ReduceOp {
 pub enum Op {
     // ---- leaves ----
     /// A graph input (a batch of images, targets, ...). Type fixed at creation.
-    Input { name: String },
+    Input {
+        name: String,
+    },
     /// A trainable (or frozen, `trainable == false`) parameter, by its state-dict name.
-    Param { name: String, init: Init, trainable: bool },
+    Param {
+        name: String,
+        init: Init,
+        trainable: bool,
+    },
     /// A non-trainable buffer (queues, relative indices, BN running stats).
-    Buffer { name: String, init: Init },
+    Buffer {
+        name: String,
+        init: Init,
+    },
     /// A constant tensor filled with `value`; its type is given at creation.
-    Fill { value: f64 },
+    Fill {
+        value: f64,
+    },
 
     // ---- first-class compound ops (fusion and backends need them whole) ----
     /// `(x [..., I], w [O, I], b? [O]) -> [..., O]`: x w^T + b.
@@ -55,65 +66,122 @@ pub enum Op {
     /// `(a [..., M, K], b [..., K, N]) -> [..., M, N]`, batch dims broadcast.
     Matmul,
     /// `(x [N, C, H, W], w [O, C, kh, kw], b? [O]) -> [N, O, H', W']`.
-    Conv2d { stride: [u64; 2], padding: [u64; 2] },
+    Conv2d {
+        stride: [u64; 2],
+        padding: [u64; 2],
+    },
     /// Scaled dot-product attention: `(q [.., H, Nq, d], k [.., H, Nk, d], v [.., H, Nk, dv])
     /// -> [.., H, Nq, dv]`, softmax((q k^T) * scale) with dropout on the probabilities.
-    Attention { scale: f64, dropout: f64 },
+    Attention {
+        scale: f64,
+        dropout: f64,
+    },
     /// `(x [..., D], w [D], b [D]) -> [..., D]`, normalised over the last axis.
-    LayerNorm { eps: f64 },
+    LayerNorm {
+        eps: f64,
+    },
     /// `(x [N, C] | [N, C, H, W], w [C], b [C], running_mean [C], running_var [C]) -> x's shape`.
-    BatchNorm { eps: f64, momentum: f64 },
+    BatchNorm {
+        eps: f64,
+        momentum: f64,
+    },
     /// `(logits [N, K], target [N] i64 | [N, K] float) -> []`, mean over N.
     /// Soft targets: -mean_n sum_k t log_softmax(x); hard targets with smoothing s:
     /// t = s/K + (1-s) onehot (reference 4.4).
-    CrossEntropy { label_smoothing: f64 },
+    CrossEntropy {
+        label_smoothing: f64,
+    },
 
     // ---- elementwise ----
     Unary(UnaryOp),
     /// Numpy-style broadcasting over trailing dims.
     Binary(BinaryOp),
     /// `x * factor`.
-    Scale { factor: f64 },
+    Scale {
+        factor: f64,
+    },
     /// `x + value`.
-    AddScalar { value: f64 },
+    AddScalar {
+        value: f64,
+    },
     /// `x ^ exponent`.
-    PowScalar { exponent: f64 },
-    Softmax { axis: usize },
-    LogSoftmax { axis: usize },
+    PowScalar {
+        exponent: f64,
+    },
+    Softmax {
+        axis: usize,
+    },
+    LogSoftmax {
+        axis: usize,
+    },
     /// x / max(||x||_2, eps) along `axis` (F.normalize).
-    L2Normalize { axis: usize, eps: f64 },
+    L2Normalize {
+        axis: usize,
+        eps: f64,
+    },
     /// Inverted dropout with drop probability `p` (train mode only).
-    Dropout { p: f64 },
+    Dropout {
+        p: f64,
+    },
     /// Stochastic depth: per-sample (axis 0) Bernoulli(1-p) mask, scaled by 1/(1-p) (reference 1.5).
-    DropPath { p: f64 },
-    Cast { dtype: DType },
+    DropPath {
+        p: f64,
+    },
+    Cast {
+        dtype: DType,
+    },
 
     // ---- reductions ----
-    Reduce { op: ReduceOp, axes: Vec<usize>, keepdim: bool },
+    Reduce {
+        op: ReduceOp,
+        axes: Vec<usize>,
+        keepdim: bool,
+    },
 
     // ---- layout ----
-    Reshape { shape: Shape },
-    Permute { perm: Vec<usize> },
+    Reshape {
+        shape: Shape,
+    },
+    Permute {
+        perm: Vec<usize>,
+    },
     /// All operands concatenated along `axis`.
-    Concat { axis: usize },
+    Concat {
+        axis: usize,
+    },
     /// Elements `start..end` of `axis`.
-    Slice { axis: usize, start: Dim, end: Dim },
+    Slice {
+        axis: usize,
+        start: Dim,
+        end: Dim,
+    },
     /// Broadcast to `shape` (numpy rules: size-1 dims and new leading dims).
-    Expand { shape: Shape },
+    Expand {
+        shape: Shape,
+    },
 
     // ---- autodiff, state, collectives ----
     /// Identity forward, zero gradient.
     StopGradient,
     /// Concatenate every rank's tensor along axis 0 (`world` ranks). With gradient:
     /// backward all-reduces and keeps this rank's slice (VISSL's GatherLayer, reference 4.3).
-    AllGather { world: u64 },
+    AllGather {
+        world: u64,
+    },
     /// Element-wise reduction over `world` ranks; no gradient flows through it.
-    AllReduce { op: ReduceOp, world: u64 },
+    AllReduce {
+        op: ReduceOp,
+        world: u64,
+    },
     /// `(queue [E, K], ptr [] i64, keys [N, E]) -> [E, K]`: keys of all ranks written
     /// into columns ptr..ptr+N*world (MoCo's enqueue, reference 4.1).
-    QueuePush { world: u64 },
+    QueuePush {
+        world: u64,
+    },
     /// `(ptr [] i64, keys [N, E], queue [E, K]) -> [] i64`: (ptr + N*world) mod K.
-    QueueAdvance { world: u64 },
+    QueueAdvance {
+        world: u64,
+    },
 }
 
 impl Op {

@@ -36,9 +36,7 @@ impl Dim {
     pub fn mul(self, other: Dim) -> Option<Dim> {
         match (self, other) {
             (Dim::Const(a), Dim::Const(b)) => a.checked_mul(b).map(Dim::Const),
-            (Dim::Batch(k), Dim::Const(n)) | (Dim::Const(n), Dim::Batch(k)) => {
-                k.checked_mul(n).map(Dim::Batch)
-            }
+            (Dim::Batch(k), Dim::Const(n)) | (Dim::Const(n), Dim::Batch(k)) => k.checked_mul(n).map(Dim::Batch),
             (Dim::Batch(_), Dim::Batch(_)) => None,
         }
     }
@@ -192,25 +190,43 @@ pub enum Init {
     Ones,
     Constant(f64),
     /// N(0, std^2) truncated at the absolute bounds [a, b] (timm's trunc_normal_).
-    TruncNormal { std: f64, a: f64, b: f64 },
+    TruncNormal {
+        std: f64,
+        a: f64,
+        b: f64,
+    },
     /// N(0, std^2).
-    Normal { std: f64 },
+    Normal {
+        std: f64,
+    },
     /// trunc-normal with std = sqrt(1 / fan_in), fan_in = the last dim (VISSL's vision_transformer_head pre_logits).
     LecunNormal,
     /// PyTorch's default Linear/Conv init: kaiming-uniform with negative slope `a`
     /// (sqrt(5)), i.e. U(+-1/sqrt(fan_in)) for weights; `fan_in` is the product of
     /// all dims but the first. For biases, `fan_in` is given explicitly.
-    KaimingUniform { a: f64, fan_in: Option<u64> },
+    KaimingUniform {
+        a: f64,
+        fan_in: Option<u64>,
+    },
     /// U(low, high).
-    Uniform { low: f64, high: f64 },
+    Uniform {
+        low: f64,
+        high: f64,
+    },
     /// The identity matrix (ConViT's `v.weight` under local init).
     Identity,
     /// ConViT's local init of `pos_proj.weight` [H, 3 * locality_dim] (reference 2.2):
     /// head h = h1 + k*h2 attends to offset (h1-c, h2-c), scaled by `strength`.
-    ConvitLocal { strength: f64, locality_dim: u64 },
+    ConvitLocal {
+        strength: f64,
+        locality_dim: u64,
+    },
     /// ConViT's relative-position buffer [1, N, N, 3 * locality_dim] for an S x S grid:
     /// dx, dy, dx^2+dy^2, each repeated `locality_dim` times (reference 2.2).
-    RelativePositions2d { grid: u64, locality_dim: u64 },
+    RelativePositions2d {
+        grid: u64,
+        locality_dim: u64,
+    },
     /// Standard normal, then each column L2-normalised (MoCo's queue, reference 4.1).
     NormalColumnsNormalized,
 }

@@ -99,21 +99,50 @@ pub struct Stmt {
 #[derive(Debug, Clone, PartialEq)]
 pub enum StmtKind {
     /// `param name: [dims] = init`
-    Param { name: String, ty: TensorPattern, init: Expr },
+    Param {
+        name: String,
+        ty: TensorPattern,
+        init: Expr,
+    },
     /// `buffer name: [dims] = init`
-    Buffer { name: String, ty: TensorPattern, init: Expr },
+    Buffer {
+        name: String,
+        ty: TensorPattern,
+        init: Expr,
+    },
     /// `for var in start..end { }` (end given) or `for var in list { }`.
-    For { var: String, start: Expr, end: Option<Expr>, body: Vec<Stmt> },
+    For {
+        var: String,
+        start: Expr,
+        end: Option<Expr>,
+        body: Vec<Stmt>,
+    },
     /// `if cond { } else { }`
-    If { cond: Expr, then: Vec<Stmt>, otherwise: Vec<Stmt> },
+    If {
+        cond: Expr,
+        then: Vec<Stmt>,
+        otherwise: Vec<Stmt>,
+    },
     Return(Vec<Expr>),
-    Assert { cond: Expr, message: Option<String> },
+    Assert {
+        cond: Expr,
+        message: Option<String>,
+    },
     /// `expect x: [B, N, D]`: check a value against a pattern, binding new dim names.
-    Expect { value: Expr, pattern: TensorPattern },
+    Expect {
+        value: Expr,
+        pattern: TensorPattern,
+    },
     /// `update buf = value`: the buffer's new value after the step.
-    Update { name: String, value: Expr },
+    Update {
+        name: String,
+        value: Expr,
+    },
     /// `a, b = value`
-    Assign { targets: Vec<String>, value: Expr },
+    Assign {
+        targets: Vec<String>,
+        value: Expr,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -206,5 +235,9 @@ pub enum ExprKind {
     Field(Box<Expr>, String),
     Index(Box<Expr>, Vec<IndexItem>),
     /// `name(args) [as scope]`
-    Call { callee: String, args: Vec<Arg>, scope: Option<Vec<ScopeSeg>> },
+    Call {
+        callee: String,
+        args: Vec<Arg>,
+        scope: Option<Vec<ScopeSeg>>,
+    },
 }

@@ -92,7 +92,10 @@ fn check_nesting(map: &SourceMap, file: FileId, text: &str) -> Result<(), Diagno
             // A '-' after an operator or opening bracket is a prefix minus.
             let is_prefix = c == b'-' && b"(,[=+-*/%@<>!:".contains(&prev_significant);
             let word = if c.is_ascii_alphabetic() {
-                let end = bytes[i..].iter().position(|b| !(b.is_ascii_alphanumeric() || *b == b'_')).map_or(bytes.len(), |p| i + p);
+                let end = bytes[i..]
+                    .iter()
+                    .position(|b| !(b.is_ascii_alphanumeric() || *b == b'_'))
+                    .map_or(bytes.len(), |p| i + p);
                 &text[i..end]
             } else {
                 ""
@@ -165,7 +168,9 @@ fn rule_name(r: Rule) -> Option<&'static str> {
         Rule::ident => "a name",
         Rule::keyword => "a keyword",
         Rule::param_list | Rule::param_decl => "a parameter",
-        Rule::scalar_type | Rule::tensor_type => "a type (`int`, `float`, `bool`, `str`, `init`, `list`, `any` or `[dims]`)",
+        Rule::scalar_type | Rule::tensor_type => {
+            "a type (`int`, `float`, `bool`, `str`, `init`, `list`, `any` or `[dims]`)"
+        }
         Rule::dim_pat => "a dimension",
         Rule::dtype => "a dtype",
         Rule::body => "`{`",
@@ -323,7 +328,9 @@ impl<'a> Builder<'a> {
                 let mut body = None;
                 for rest in it {
                     match rest.as_rule() {
-                        Rule::range_end => end = Some(self.expr(rest.into_inner().filter(not_kw).next().expect("grammar: end"))?),
+                        Rule::range_end => {
+                            end = Some(self.expr(rest.into_inner().filter(not_kw).next().expect("grammar: end"))?)
+                        }
                         _ => body = Some(self.body(rest)?),
                     }
                 }
@@ -439,7 +446,9 @@ impl<'a> Builder<'a> {
                             Rule::scope_field => segs.push(ScopeSeg::Name(
                                 s.into_inner().filter(not_kw).next().expect("grammar: field").as_str().to_string(),
                             )),
-                            _ => segs.push(ScopeSeg::Index(self.expr(s.into_inner().filter(not_kw).next().expect("grammar: index"))?)),
+                            _ => segs.push(ScopeSeg::Index(
+                                self.expr(s.into_inner().filter(not_kw).next().expect("grammar: index"))?,
+                            )),
                         }
                     }
                     match e.kind {

@@ -26,8 +26,7 @@ pub struct SourceFile {
 impl SourceFile {
     pub fn new(name: impl Into<String>, text: impl Into<String>) -> Self {
         let text = text.into();
-        let line_starts =
-            std::iter::once(0).chain(text.match_indices('\n').map(|(i, _)| i + 1)).collect();
+        let line_starts = std::iter::once(0).chain(text.match_indices('\n').map(|(i, _)| i + 1)).collect();
         SourceFile { name: name.into(), text, line_starts }
     }
 
@@ -128,7 +127,11 @@ impl fmt::Display for Diagnostic {
         let line = self.source_line.replace('\t', " ");
         writeln!(f, "{num} | {line}")?;
         let lead: String = " ".repeat(self.col.saturating_sub(1));
-        write!(f, "{pad} | {lead}{}", "^".repeat(self.width.min(line.chars().count().saturating_sub(self.col - 1).max(1))))?;
+        write!(
+            f,
+            "{pad} | {lead}{}",
+            "^".repeat(self.width.min(line.chars().count().saturating_sub(self.col - 1).max(1)))
+        )?;
         for note in &self.notes {
             write!(f, "\n{pad} = {note}")?;
         }
