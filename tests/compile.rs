@@ -272,3 +272,64 @@ fn cli_emits_ir_and_dot() {
     assert!(ok, "{e}");
     assert!(dot.starts_with("digraph"), "{dot}");
 }
+
+// ---- optimizer parameter groups (VISSL's rules, reference 6.2) ----
+
+fn groups(name: &str, overrides: &[&str]) -> Vec<tessera_compiler::param_groups::ParamGroup> {
+    let ov: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+    let cfg = config::load(name, &ov).unwrap();
+    tessera_compiler::compile(&program(), cfg.tree()).unwrap().param_groups
+}
+
+fn group_of<'a>(gs: &'a [tessera_compiler::param_groups::ParamGroup], param: &str) -> &'a str {
+    gs.iter().find(|g| g.params.iter().any(|p| p == param)).map(|g| g.name.as_str()).unwrap_or("none")
+}
+
+#[test]
+fn vit_tokens_are_not_decayed_under_either_spelling() {
+    // The DeiT config lists [pos_embedding, class_token]; ViT names them pos_embed / cls_token.
+    let gs = groups(DEIT, &[]);
+    assert_eq!(group_of(&gs, "trunk.pos_embed"), "remaining_unregularized");
+    assert_eq!(group_of(&gs, "trunk.cls_token"), "remaining_unregularized");
+    let gs = groups(DEIT, &["OPTIMIZER.non_regularized_parameters=[pos_embed, cls_token]"]);
+    assert_eq!(group_of(&gs, "trunk.pos_embed"), "remaining_unregularized");
+    let gs = groups(DEIT, &["OPTIMIZER.non_regularized_parameters=[]"]);
+    assert_eq!(group_of(&gs, "trunk.pos_embed"), "remaining_regularized");
+}
+
+#[test]
+fn vissl_weight_decay_rules() {
+    let gs = groups(DEIT, &[]);
+    assert_eq!(group_of(&gs, "trunk.blocks.0.attn.qkv.weight"), "trunk_regularized");
+    // Biases are decayed by default (regularize_bias: True), norms never (regularize_bn: False).
+    assert_eq!(group_of(&gs, "trunk.blocks.0.mlp.fc1.bias"), "trunk_regularized");
+    assert_eq!(group_of(&gs, "trunk.blocks.0.norm1.weight"), "trunk_unregularized");
+    assert_eq!(group_of(&gs, "trunk.patch_embed.proj.weight"), "trunk_regularized");
+    assert_eq!(group_of(&gs, "heads.0.clf.0.weight"), "head_regularized");
+    let wd: Vec<(String, f64)> = gs.iter().map(|g| (g.name.clone(), g.weight_decay)).collect();
+    assert_eq!(wd[0], ("trunk_regularized".to_string(), 0.05));
+    assert_eq!(wd[1], ("trunk_unregularized".to_string(), 0.0));
+    let gs = groups(DEIT, &["OPTIMIZER.regularize_bias=false", "OPTIMIZER.regularize_bn=true"]);
+    assert_eq!(group_of(&gs, "trunk.blocks.0.mlp.fc1.bias"), "trunk_unregularized");
+    assert_eq!(group_of(&gs, "heads.0.clf.0.bias"), "head_unregularized");
+    assert_eq!(group_of(&gs, "trunk.blocks.0.norm1.weight"), "trunk_regularized");
+    assert_eq!(group_of(&gs, "trunk.blocks.0.norm1.bias"), "trunk_unregularized");
+    // ConViT's gating parameter is decayed (reference 6.2).
+    let gs = groups("pretrain/vision_transformer/supervised/16gpu_convit_b", &[]);
+    assert_eq!(group_of(&gs, "trunk.blocks.0.attn.alpha"), "remaining_regularized");
+    assert_eq!(group_of(&gs, "trunk.pos_embedding"), "remaining_unregularized");
+}
+
+#[test]
+fn non_trainable_params_are_frozen_and_typos_rejected() {
+    let gs = groups(DEIT, &["MODEL.NON_TRAINABLE_PARAMS=[trunk.cls_token, module.trunk.pos_embed]"]);
+    assert_eq!(group_of(&gs, "trunk.cls_token"), "none");
+    assert_eq!(group_of(&gs, "trunk.pos_embed"), "none");
+    let s = compile(DEIT, &["MODEL.NON_TRAINABLE_PARAMS=[trunk.cls_token]"]).unwrap();
+    assert_eq!(s.params_total - s.params_trainable, 768);
+    let e = err(DEIT, &["MODEL.NON_TRAINABLE_PARAMS=[trunk.cls_tokn]"]);
+    assert!(
+        e.contains("names `trunk.cls_tokn`, which is not a parameter of this model; did you mean `trunk.cls_token`?"),
+        "{e}"
+    );
+}

@@ -4,7 +4,8 @@
 //! the MoCo momentum encoder).
 
 use crate::elaborate::{did_you_mean, from_json, BlockRef, Elab, Program, Val, V};
-use crate::ir::{DType, Dim, Graph, Shape, ValueId};
+use crate::ir::{DType, Dim, Graph, Op, Shape, ValueId};
+use crate::param_groups::{param_groups, ParamGroup};
 use crate::syntax::ast::BlockKind;
 use crate::syntax::Diagnostic;
 use serde_json::Value as J;
@@ -61,6 +62,8 @@ pub struct Composition {
 pub struct Compiled {
     pub graph: Graph,
     pub composition: Composition,
+    /// Optimizer parameter groups with their weight decay (reference 6.2).
+    pub param_groups: Vec<ParamGroup>,
 }
 
 fn get<'a>(cfg: &'a J, key: &str) -> Option<&'a J> {
@@ -284,9 +287,37 @@ pub fn compile(prog: &Program, cfg: &J) -> R<Compiled> {
             return Err(CompileError::Config(format!("loss `{loss_name}` must return a tensor, got {}", l.type_name())))
         }
     }
+    freeze(&mut el.graph, cfg)?;
     el.graph.verify().map_err(|e| CompileError::Config(format!("internal error, the IR does not verify: {e}")))?;
     let composition = Composition { trunk: trunk_name, heads, loss: loss_name, images_per_sample, trunk_output };
-    Ok(Compiled { graph: el.graph, composition })
+    let param_groups = param_groups(&el.graph, cfg);
+    Ok(Compiled { graph: el.graph, composition, param_groups })
+}
+
+/// `MODEL.NON_TRAINABLE_PARAMS`: exact parameter names (DDP's `module.` prefix
+/// allowed) that get `requires_grad=False`. An unknown name is an error, so a
+/// typo cannot silently train a parameter meant to stay fixed.
+fn freeze(g: &mut Graph, cfg: &J) -> R<()> {
+    let key = "MODEL.NON_TRAINABLE_PARAMS";
+    let names: Vec<String> = match get(cfg, key) {
+        Some(J::Array(a)) => a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect(),
+        _ => return Ok(()),
+    };
+    for name in names {
+        let plain = name.strip_prefix("module.").unwrap_or(&name);
+        let Some(v) = g.state(plain) else {
+            let all: Vec<String> = g.params().into_iter().map(|(_, n, _)| n.to_string()).collect();
+            let all: Vec<&str> = all.iter().map(|s| s.as_str()).collect();
+            return Err(CompileError::Config(format!(
+                "`{key}` names `{name}`, which is not a parameter of this model{}",
+                did_you_mean(plain, &all)
+            )));
+        };
+        if let Op::Param { trainable, .. } = &mut g.node_mut(v).op {
+            *trainable = false;
+        }
+    }
+    Ok(())
 }
 
 fn join(a: &str, b: &str) -> String {

@@ -5,6 +5,7 @@ pub mod compose;
 pub mod config;
 pub mod elaborate;
 pub mod ir;
+pub mod param_groups;
 pub mod summary;
 pub mod syntax;
 

@@ -15,6 +15,14 @@ pub struct TensorInfo {
 }
 
 #[derive(Debug, Clone, Serialize)]
+pub struct GroupInfo {
+    pub name: String,
+    pub weight_decay: f64,
+    pub tensors: usize,
+    pub elements: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
 pub struct Summary {
     pub config: String,
     pub trunk: String,
@@ -32,6 +40,8 @@ pub struct Summary {
     pub trunk_output_dim: u64,
     pub inputs: Vec<TensorInfo>,
     pub outputs: Vec<TensorInfo>,
+    /// Optimizer parameter groups (VISSL's weight-decay rules).
+    pub param_groups: Vec<GroupInfo>,
 }
 
 /// `trunk`, `heads.N` or `loss`: the top-level module of a state-dict name.
@@ -101,6 +111,21 @@ pub fn summarize(config_name: &str, c: &Compiled) -> Summary {
         trunk_output_dim: c.composition.trunk_output.last().and_then(|d| d.as_const()).unwrap_or(0),
         inputs: g.inputs().into_iter().map(|(v, n)| info(n, v)).collect(),
         outputs: g.outputs().iter().map(|(n, v)| info(n, *v)).collect(),
+        param_groups: c
+            .param_groups
+            .iter()
+            .map(|pg| GroupInfo {
+                name: pg.name.clone(),
+                weight_decay: pg.weight_decay,
+                tensors: pg.params.len(),
+                elements: pg
+                    .params
+                    .iter()
+                    .filter_map(|n| g.state(n))
+                    .map(|v| g.ty(v).shape.const_numel().unwrap_or(0))
+                    .sum(),
+            })
+            .collect(),
     }
 }
 
@@ -148,6 +173,16 @@ impl Summary {
         let _ = writeln!(s, "inputs     {}", ins.join(", "));
         let outs: Vec<String> = self.outputs.iter().map(|t| format!("{} {} {}", t.name, t.shape, t.dtype)).collect();
         let _ = writeln!(s, "outputs    {}", outs.join(", "));
+        for pg in &self.param_groups {
+            let _ = writeln!(
+                s,
+                "group      {:<24} wd {:<8} {} tensors, {} params",
+                pg.name,
+                pg.weight_decay,
+                pg.tensors,
+                group(pg.elements)
+            );
+        }
         s
     }
 }
