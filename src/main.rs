@@ -77,6 +77,11 @@ fn split_args(args: &[String]) -> Result<(String, Vec<String>)> {
     let mut name = None;
     let mut overrides = Vec::new();
     for a in args {
+        // VISSL's launcher-level keys select the node and engine; they are not
+        // part of the config tree.
+        if a.starts_with("node_id=") || a.starts_with("engine_name=") {
+            continue;
+        }
         match a.strip_prefix("config=") {
             Some(n) if name.is_none() => name = Some(n.to_string()),
             _ => overrides.push(a.clone()),
@@ -117,7 +122,8 @@ fn run(cli: Cli) -> Result<()> {
             let text = match (emit, format) {
                 (Emit::Summary, Format::Text) => summarize(cfg.name(), &compiled).to_text(),
                 (Emit::Summary, Format::Json) => serde_json::to_string_pretty(&summarize(cfg.name(), &compiled))?,
-                (Emit::Ir, _) => compiled.graph.to_text(),
+                (Emit::Ir, Format::Text) => compiled.graph.to_text(),
+                (Emit::Ir, Format::Json) => serde_json::to_string_pretty(&compiled.graph)?,
                 (Emit::Dot, _) => compiled.graph.to_dot(),
             };
             write_out(&output, &text)

@@ -320,16 +320,22 @@ impl<'a> Elab<'a> {
                 Ok(Flow::Normal)
             }
             StmtKind::For { var, start, end, body } => {
-                let items: Vec<Val> = match end {
+                // Ranges are walked lazily: `0..10**9` burns fuel, not memory.
+                let (range, list) = match end {
                     Some(end) => {
                         let a = self.eval_int(env, start)?;
                         let b = self.eval_int(env, end)?;
-                        (a..b.max(a)).map(Val::int).collect()
+                        (Some(a..b.max(a)), None)
                     }
                     None => match self.eval(env, start)?.v {
-                        V::List(l) => l.as_ref().clone(),
+                        V::List(l) => (None, Some(l)),
                         _ => return Err(self.err(start.span, "`for x in` needs a list or a range `a..b`")),
                     },
+                };
+                let items: Box<dyn Iterator<Item = Val>> = match (range, list) {
+                    (Some(r), _) => Box::new(r.map(Val::int)),
+                    (None, Some(l)) => Box::new((0..l.len()).map(move |i| l[i].clone())),
+                    (None, None) => Box::new(std::iter::empty()),
                 };
                 for it in items {
                     self.burn(stmt.span)?;
