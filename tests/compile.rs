@@ -112,6 +112,7 @@ fn eval_mlp_head_ir() {
     )
     .unwrap();
     let c = tessera_compiler::compile(&program(), cfg.tree()).unwrap();
+    insta::assert_snapshot!("ir__eval_mlp_head", c.graph.to_text());
     let names: Vec<&str> = c.graph.params().into_iter().map(|(_, n, _)| n).filter(|n| n.starts_with("heads")).collect();
     assert_eq!(
         names,
@@ -331,5 +332,24 @@ fn non_trainable_params_are_frozen_and_typos_rejected() {
     assert!(
         e.contains("names `trunk.cls_tokn`, which is not a parameter of this model; did you mean `trunk.cls_token`?"),
         "{e}"
+    );
+}
+
+#[test]
+fn several_heads_run_in_sequence_on_one_trunk_feature() {
+    // VISSL's heads_forward: one trunk feature and several heads -> each head
+    // consumes the previous head's output (reference 3.1).
+    let s = compile(DEIT, &["MODEL.HEAD.PARAMS=[[mlp, {dims: [768, 512]}], [mlp, {dims: [512, 10]}]]"]).unwrap();
+    assert_eq!(s.params_by_module["heads.0"], 768 * 512 + 512);
+    assert_eq!(s.params_by_module["heads.1"], 512 * 10 + 10);
+    assert_eq!(s.outputs[0].shape, "[B,10]");
+    // A chained entry is one head whose modules are numbered heads.0.0, heads.0.1.
+    let cfg = config::load(DEIT, &["MODEL.HEAD.PARAMS=[[[mlp, {dims: [768, 512]}], [mlp, {dims: [512, 10]}]]]".into()])
+        .unwrap();
+    let c = tessera_compiler::compile(&program(), cfg.tree()).unwrap();
+    let names: Vec<&str> = c.graph.params().into_iter().map(|(_, n, _)| n).filter(|n| n.starts_with("heads")).collect();
+    assert_eq!(
+        names,
+        ["heads.0.0.clf.0.weight", "heads.0.0.clf.0.bias", "heads.0.1.clf.0.weight", "heads.0.1.clf.0.bias"]
     );
 }
