@@ -6,6 +6,7 @@ pub mod config;
 pub mod elaborate;
 pub mod ir;
 pub mod param_groups;
+pub mod plan;
 pub mod summary;
 pub mod syntax;
 

@@ -420,7 +420,8 @@ fn tensor_op(el: &mut Elab, env: &mut Env, name: &str, a: &mut Args, span: Span)
             let v = a.tensor(el, 2, "v")?;
             let scale = a.f64(el, 3, "scale", None)?;
             let dropout = a.f64(el, 4, "dropout", Some(0.0))?;
-            return el.op(env, Op::Attention { scale, dropout }, &[q, k, v], span);
+            let key = el.random_key();
+            return el.op(env, Op::Attention { scale, dropout, key }, &[q, k, v], span);
         }
         "layer_norm" => {
             let x = a.tensor(el, 0, "x")?;
@@ -476,7 +477,8 @@ fn tensor_op(el: &mut Elab, env: &mut Env, name: &str, a: &mut Args, span: Span)
             if p == 0.0 {
                 return Ok(Val::new(V::Tensor(x)));
             }
-            let op = if name == "dropout" { Op::Dropout { p } } else { Op::DropPath { p } };
+            let key = el.random_key();
+            let op = if name == "dropout" { Op::Dropout { p, key } } else { Op::DropPath { p, key } };
             return el.op(env, op, &[x], span);
         }
         "cast" => {

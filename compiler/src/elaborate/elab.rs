@@ -44,6 +44,8 @@ pub struct Elab<'a> {
     /// Call stack, for the notes of an error: (block, call site, scope).
     stack: Vec<(String, Option<Span>, String)>,
     fuel: u64,
+    /// The next random-stream key (one per dropout, drop-path and attention op).
+    next_key: u32,
 }
 
 impl<'a> Elab<'a> {
@@ -57,7 +59,14 @@ impl<'a> Elab<'a> {
             params_as_buffers: false,
             stack: Vec::new(),
             fuel: FUEL,
+            next_key: 0,
         }
+    }
+
+    /// A fresh key for an op that draws random numbers.
+    pub fn random_key(&mut self) -> u32 {
+        self.next_key += 1;
+        self.next_key
     }
 
     /// An error at `span`, with the block call stack as notes.

@@ -88,7 +88,7 @@ mod tests {
             op(g, Op::Reshape { shape: shape(&[b, c(12), c(197), c(64)]) }, &[s])
         };
         let (q, k, v) = (head(&mut g, 0), head(&mut g, 1), head(&mut g, 2));
-        let attn = op(&mut g, Op::Attention { scale: 0.125, dropout: 0.0 }, &[q, k, v]);
+        let attn = op(&mut g, Op::Attention { scale: 0.125, dropout: 0.0, key: 0 }, &[q, k, v]);
         let attn = op(&mut g, Op::Permute { perm: vec![0, 2, 1, 3] }, &[attn]);
         let attn = op(&mut g, Op::Reshape { shape: shape(&[b, c(197), c(768)]) }, &[attn]);
         let proj_w = param(&mut g, "proj", &[768, 768]);
@@ -145,7 +145,7 @@ mod tests {
         let q = g.add_input("q", Shape(vec![Dim::B, Dim::Const(2), Dim::Const(7), Dim::Const(8)]), DType::F32).unwrap();
         let k = g.add_input("k", Shape(vec![Dim::B, Dim::Const(2), Dim::Const(9), Dim::Const(8)]), DType::F32).unwrap();
         let v = g.add_input("v", Shape(vec![Dim::B, Dim::Const(2), Dim::Const(9), Dim::Const(3)]), DType::F32).unwrap();
-        let at = g.add_op(Op::Attention { scale: 1.0, dropout: 0.0 }, &[q, k, v], "").unwrap();
+        let at = g.add_op(Op::Attention { scale: 1.0, dropout: 0.0, key: 0 }, &[q, k, v], "").unwrap();
         assert_eq!(node_flops(&g, at, 1), 2 * 2 * 7 * 9 * 8 + 2 * 2 * 7 * 9 * 3);
         assert_eq!(total_flops(&g, 1), 2 * 4 * 5 * 6 + 2 * 2 * 7 * 9 * (8 + 3));
     }

@@ -31,11 +31,11 @@ pub(crate) fn infer(op: &Op, x: &[&TensorType]) -> Rule {
             check_axis(*axis, &t.shape)?;
             Ok(t)
         }
-        Op::Dropout { p } => {
+        Op::Dropout { p, .. } => {
             probability("p", *p)?;
             float_unary(x)
         }
-        Op::DropPath { p } => {
+        Op::DropPath { p, .. } => {
             probability("p", *p)?;
             let t = float_unary(x)?;
             if t.shape.rank() == 0 {
@@ -68,13 +68,24 @@ pub(crate) fn infer(op: &Op, x: &[&TensorType]) -> Rule {
         }
         Op::QueuePush { world } => queue_push(x, *world),
         Op::QueueAdvance { world } => queue_advance(x, *world),
+        Op::GeluGrad
+        | Op::Normalize { .. }
+        | Op::NormalizeGrad { .. }
+        | Op::BatchStandardize { .. }
+        | Op::BatchStandardizeGrad { .. }
+        | Op::RunningStat { .. }
+        | Op::CrossEntropyGrad { .. }
+        | Op::Conv2dGradInput { .. }
+        | Op::Conv2dGradWeight { .. }
+        | Op::Pad { .. }
+        | Op::AllGatherGrad { .. } => super::infer_grad::infer_grad(op, x),
     }
 }
 
 // ---- operand checks ----
 
 /// Exactly `N` operands, returned by position.
-fn exactly<'a, const N: usize>(x: &[&'a TensorType], roles: [&str; N]) -> Result<[&'a TensorType; N], String> {
+pub(super) fn exactly<'a, const N: usize>(x: &[&'a TensorType], roles: [&str; N]) -> Result<[&'a TensorType; N], String> {
     let noun = if N == 1 { "operand" } else { "operands" };
     <[&TensorType; N]>::try_from(x).map_err(|_| format!("expects {N} {noun} ({}), got {}", roles.join(", "), x.len()))
 }
@@ -90,7 +101,7 @@ fn with_optional_bias<'a>(
     }
 }
 
-fn float(role: &str, t: &TensorType) -> Result<(), String> {
+pub(super) fn float(role: &str, t: &TensorType) -> Result<(), String> {
     if t.dtype.is_float() {
         Ok(())
     } else {
@@ -100,7 +111,7 @@ fn float(role: &str, t: &TensorType) -> Result<(), String> {
 
 /// Every operand is float and has the first operand's dtype; mixed precision
 /// is explicit in the IR (a `cast`), never implied by an op.
-fn floats_alike(named: &[(&str, &TensorType)]) -> Result<(), String> {
+pub(super) fn floats_alike(named: &[(&str, &TensorType)]) -> Result<(), String> {
     let (first_role, first) = named[0];
     for &(role, t) in named {
         float(role, t)?;
@@ -111,13 +122,13 @@ fn floats_alike(named: &[(&str, &TensorType)]) -> Result<(), String> {
     Ok(())
 }
 
-fn float_unary(x: &[&TensorType]) -> Rule {
+pub(super) fn float_unary(x: &[&TensorType]) -> Rule {
     let [t] = exactly(x, ["input"])?;
     float("input", t)?;
     Ok(t.clone())
 }
 
-fn check_axis(axis: usize, s: &Shape) -> Result<(), String> {
+pub(super) fn check_axis(axis: usize, s: &Shape) -> Result<(), String> {
     if axis < s.rank() {
         Ok(())
     } else {
@@ -133,7 +144,7 @@ fn probability(what: &str, p: f64) -> Result<(), String> {
     }
 }
 
-fn check_world(world: u64) -> Result<(), String> {
+pub(super) fn check_world(world: u64) -> Result<(), String> {
     if world == 0 {
         return Err("world size must be at least 1".into());
     }
@@ -141,7 +152,7 @@ fn check_world(world: u64) -> Result<(), String> {
 }
 
 /// `[d]` with `d` as given, for biases and norm parameters.
-fn vector_of(role: &str, t: &TensorType, d: Dim, meaning: &str) -> Result<(), String> {
+pub(super) fn vector_of(role: &str, t: &TensorType, d: Dim, meaning: &str) -> Result<(), String> {
     if t.shape.dims() != [d] {
         return Err(format!("{role} must be [{meaning}] = [{d}], got {}", t.shape));
     }
@@ -239,7 +250,7 @@ fn matmul(x: &[&TensorType]) -> Rule {
     Ok(TensorType::new(Shape(out), a.dtype))
 }
 
-fn conv2d(x: &[&TensorType], stride: [u64; 2], padding: [u64; 2]) -> Rule {
+pub(super) fn conv2d(x: &[&TensorType], stride: [u64; 2], padding: [u64; 2]) -> Rule {
     let (i, w, b) = with_optional_bias(x)?;
     let mut named = vec![("input", i), ("weight", w)];
     named.extend(b.map(|b| ("bias", b)));
@@ -336,7 +347,7 @@ fn batch_norm(x: &[&TensorType]) -> Rule {
     Ok(i.clone())
 }
 
-fn cross_entropy(x: &[&TensorType], label_smoothing: f64) -> Rule {
+pub(super) fn cross_entropy(x: &[&TensorType], label_smoothing: f64) -> Rule {
     let [logits, target] = exactly(x, ["logits", "target"])?;
     if !(0.0..=1.0).contains(&label_smoothing) {
         return Err(format!("label_smoothing = {label_smoothing} must be in [0, 1]"));
@@ -639,7 +650,7 @@ mod tests {
 
     #[test]
     fn attention() {
-        let op = || Op::Attention { scale: 0.125, dropout: 0.0 };
+        let op = || Op::Attention { scale: 0.125, dropout: 0.0, key: 0 };
         assert_eq!(ok(op(), &[f("B,12,197,64"), f("B,12,50,64"), f("B,12,50,32")]), "[B,12,197,32] f32");
         assert_eq!(
             err(op(), &[f("B,12,197,64"), f("B,12,197,32"), f("B,12,197,64")]),
@@ -658,7 +669,7 @@ mod tests {
             "q must be [..., heads, tokens, head_dim] (rank >= 3), got [197,64]"
         );
         assert_eq!(err(op(), &[f("B,1,2,3")]), "expects 3 operands (q, k, v), got 1");
-        let p1 = Op::Attention { scale: 1.0, dropout: 1.0 };
+        let p1 = Op::Attention { scale: 1.0, dropout: 1.0, key: 0 };
         assert_eq!(err(p1, &[f("B,1,2,3"), f("B,1,2,3"), f("B,1,2,3")]), "dropout = 1 must be in [0, 1)");
     }
 
@@ -719,11 +730,11 @@ mod tests {
             assert_eq!(err(op, &[typed("B", DType::I64)]), "input must be a float tensor, got [B] i64");
         }
         assert_eq!(err(Op::Unary(UnaryOp::Exp), &[f("B"), f("B")]), "expects 1 operand (input), got 2");
-        assert_eq!(ok(Op::Dropout { p: 0.1 }, &[f("B,197,768")]), "[B,197,768] f32");
-        assert_eq!(err(Op::Dropout { p: -0.1 }, &[f("B")]), "p = -0.1 must be in [0, 1)");
-        assert_eq!(ok(Op::DropPath { p: 0.1 }, &[f("B,197,768")]), "[B,197,768] f32");
+        assert_eq!(ok(Op::Dropout { p: 0.1, key: 0 }, &[f("B,197,768")]), "[B,197,768] f32");
+        assert_eq!(err(Op::Dropout { p: -0.1, key: 0 }, &[f("B")]), "p = -0.1 must be in [0, 1)");
+        assert_eq!(ok(Op::DropPath { p: 0.1, key: 0 }, &[f("B,197,768")]), "[B,197,768] f32");
         assert_eq!(
-            err(Op::DropPath { p: 0.1 }, &[f("")]),
+            err(Op::DropPath { p: 0.1, key: 0 }, &[f("")]),
             "input must have a sample axis (rank >= 1), got a scalar []"
         );
         assert_eq!(ok(Op::Cast { dtype: DType::BF16 }, &[f("B,3")]), "[B,3] bf16");

@@ -8,6 +8,7 @@
 
 mod graph;
 mod infer;
+mod infer_grad;
 mod op;
 mod types;
 

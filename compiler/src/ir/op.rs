@@ -17,6 +17,8 @@ pub enum UnaryOp {
     Sqrt,
     Recip,
     Square,
+    /// 1 where x > 0, else 0 (ReLU's derivative).
+    Heaviside,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
@@ -72,9 +74,12 @@ pub enum Op {
     },
     /// Scaled dot-product attention: `(q [.., H, Nq, d], k [.., H, Nk, d], v [.., H, Nk, dv])
     /// -> [.., H, Nq, dv]`, softmax((q k^T) * scale) with dropout on the probabilities.
+    /// `key` names the op's random stream (dropout masks), so the backward
+    /// pass and every backend draw the same mask.
     Attention {
         scale: f64,
         dropout: f64,
+        key: u32,
     },
     /// `(x [..., D], w [D], b [D]) -> [..., D]`, normalised over the last axis.
     LayerNorm {
@@ -122,10 +127,12 @@ pub enum Op {
     /// Inverted dropout with drop probability `p` (train mode only).
     Dropout {
         p: f64,
+        key: u32,
     },
     /// Stochastic depth: per-sample (axis 0) Bernoulli(1-p) mask, scaled by 1/(1-p) (reference 1.5).
     DropPath {
         p: f64,
+        key: u32,
     },
     Cast {
         dtype: DType,
@@ -182,6 +189,33 @@ pub enum Op {
     QueueAdvance {
         world: u64,
     },
+
+    // ---- gradient ops (made by autodiff; each is the backward of one forward op) ----
+    /// `(x, dy) -> dx`: dy * GELU'(x), exact erf GELU.
+    GeluGrad,
+    /// `(x [..., D]) -> [..., D]`: (x - mean) / sqrt(var + eps) over the last axis.
+    Normalize { eps: f64 },
+    /// `(g [..., D], x [..., D]) -> dx`: backward of `Normalize` for the upstream
+    /// gradient g (LayerNorm's dy * weight).
+    NormalizeGrad { eps: f64 },
+    /// `(x [N, C, ...]) -> x's shape`: batch standardisation over all axes but 1.
+    BatchStandardize { eps: f64 },
+    /// `(g, x) -> dx`: backward of `BatchStandardize`.
+    BatchStandardizeGrad { eps: f64 },
+    /// `(running [C], x [N, C, ...]) -> [C]`: (1-m) running + m * batch mean
+    /// (`unbiased_var`: the unbiased batch variance instead), as PyTorch's BatchNorm.
+    RunningStat { momentum: f64, unbiased_var: bool },
+    /// `(logits [N, K], target, dloss []) -> [N, K]`: (softmax - t) / N * dloss.
+    CrossEntropyGrad { label_smoothing: f64 },
+    /// `(dy [N, O, H', W'], w [O, C, kh, kw]) -> [N, C, H, W]`.
+    Conv2dGradInput { stride: [u64; 2], padding: [u64; 2], input_hw: [u64; 2] },
+    /// `(dy [N, O, H', W'], x [N, C, H, W]) -> [O, C, kh, kw]`.
+    Conv2dGradWeight { stride: [u64; 2], padding: [u64; 2], kernel: [u64; 2] },
+    /// Zero padding of `axis`: `before` zeros, the input, `after` zeros (slice's backward).
+    Pad { axis: usize, before: Dim, after: Dim },
+    /// `(dy [W*N, ...]) -> [N, ...]`: sum over ranks, then this rank's rows
+    /// (all_gather's backward, VISSL's GatherLayer).
+    AllGatherGrad { world: u64 },
 }
 
 impl Op {
@@ -210,6 +244,7 @@ impl Op {
                 UnaryOp::Sqrt => "sqrt",
                 UnaryOp::Recip => "recip",
                 UnaryOp::Square => "square",
+                UnaryOp::Heaviside => "heaviside",
             },
             Op::Binary(b) => match b {
                 BinaryOp::Add => "add",
@@ -243,6 +278,17 @@ impl Op {
             Op::AllReduce { .. } => "all_reduce",
             Op::QueuePush { .. } => "queue_push",
             Op::QueueAdvance { .. } => "queue_advance",
+            Op::GeluGrad => "gelu_grad",
+            Op::Normalize { .. } => "normalize",
+            Op::NormalizeGrad { .. } => "normalize_grad",
+            Op::BatchStandardize { .. } => "batch_standardize",
+            Op::BatchStandardizeGrad { .. } => "batch_standardize_grad",
+            Op::RunningStat { .. } => "running_stat",
+            Op::CrossEntropyGrad { .. } => "cross_entropy_grad",
+            Op::Conv2dGradInput { .. } => "conv2d_grad_input",
+            Op::Conv2dGradWeight { .. } => "conv2d_grad_weight",
+            Op::Pad { .. } => "pad",
+            Op::AllGatherGrad { .. } => "all_gather_grad",
         }
     }
 

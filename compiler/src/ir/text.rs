@@ -80,7 +80,9 @@ fn attributes(op: &Op) -> Vec<(&'static str, String)> {
     };
     match op {
         Op::Conv2d { stride, padding } => vec![("stride", list(stride)), ("padding", list(padding))],
-        Op::Attention { scale, dropout } => vec![("scale", scale.to_string()), ("dropout", dropout.to_string())],
+        Op::Attention { scale, dropout, key } => {
+            vec![("scale", scale.to_string()), ("dropout", dropout.to_string()), ("key", key.to_string())]
+        }
         Op::LayerNorm { eps } => vec![("eps", eps.to_string())],
         Op::BatchNorm { eps, momentum } => vec![("eps", eps.to_string()), ("momentum", momentum.to_string())],
         Op::CrossEntropy { label_smoothing } => vec![("label_smoothing", label_smoothing.to_string())],
@@ -89,7 +91,26 @@ fn attributes(op: &Op) -> Vec<(&'static str, String)> {
         Op::PowScalar { exponent } => vec![("exponent", exponent.to_string())],
         Op::Softmax { axis } | Op::LogSoftmax { axis } => vec![("axis", axis.to_string())],
         Op::L2Normalize { axis, eps } => vec![("axis", axis.to_string()), ("eps", eps.to_string())],
-        Op::Dropout { p } | Op::DropPath { p } => vec![("p", p.to_string())],
+        Op::Dropout { p, key } | Op::DropPath { p, key } => vec![("p", p.to_string()), ("key", key.to_string())],
+        Op::Normalize { eps }
+        | Op::NormalizeGrad { eps }
+        | Op::BatchStandardize { eps }
+        | Op::BatchStandardizeGrad { eps } => vec![("eps", eps.to_string())],
+        Op::RunningStat { momentum, unbiased_var } => {
+            vec![("momentum", momentum.to_string()), ("unbiased_var", unbiased_var.to_string())]
+        }
+        Op::CrossEntropyGrad { label_smoothing } => vec![("label_smoothing", label_smoothing.to_string())],
+        Op::Conv2dGradInput { stride, padding, input_hw } => {
+            vec![("stride", list(stride)), ("padding", list(padding)), ("input_hw", list(input_hw))]
+        }
+        Op::Conv2dGradWeight { stride, padding, kernel } => {
+            vec![("stride", list(stride)), ("padding", list(padding)), ("kernel", list(kernel))]
+        }
+        Op::Pad { axis, before, after } => {
+            vec![("axis", axis.to_string()), ("before", before.to_string()), ("after", after.to_string())]
+        }
+        Op::AllGatherGrad { world } => vec![("world", world.to_string())],
+        Op::GeluGrad => vec![],
         Op::Cast { dtype } => vec![("dtype", dtype.to_string())],
         Op::Reduce { axes, keepdim, .. } => vec![("axes", list(axes)), ("keepdim", keepdim.to_string())],
         Op::Reshape { shape } | Op::Expand { shape } => vec![("shape", shape.to_string())],
@@ -252,7 +273,7 @@ state @loss.queue <- %9
         let ops = [
             Op::Softmax { axis: 1 },
             Op::L2Normalize { axis: 1, eps: 1e-12 },
-            Op::Dropout { p: 0.25 },
+            Op::Dropout { p: 0.25, key: 0 },
             Op::Cast { dtype: DType::BF16 },
             Op::Slice { axis: 0, start: Dim::Const(0), end: Dim::B },
             Op::AllReduce { op: crate::ir::ReduceOp::Sum, world: 2 },

@@ -1,0 +1,135 @@
+//! Shape rules of the gradient ops that autodiff emits (see `op.rs`).
+
+use super::infer::{check_axis, check_world, conv2d, cross_entropy, exactly, float, floats_alike, float_unary};
+use super::op::Op;
+use super::types::{Dim, Shape, TensorType};
+
+type Rule = Result<TensorType, String>;
+
+pub(super) fn infer_grad(op: &Op, x: &[&TensorType]) -> Rule {
+    match op {
+        Op::GeluGrad => same_pair(x, ["x", "dy"]),
+        Op::Normalize { .. } => {
+            let t = float_unary(x)?;
+            if t.shape.rank() == 0 {
+                return Err("input must have a feature axis, got a scalar []".into());
+            }
+            Ok(t)
+        }
+        Op::NormalizeGrad { .. } | Op::BatchStandardizeGrad { .. } => same_pair(x, ["g", "x"]),
+        Op::BatchStandardize { .. } => {
+            let t = float_unary(x)?;
+            if t.shape.rank() < 2 {
+                return Err(format!("input must be [N, C, ...], got {}", t.shape));
+            }
+            Ok(t)
+        }
+        Op::RunningStat { .. } => {
+            let [r, t] = exactly(x, ["running", "x"])?;
+            floats_alike(&[("running", r), ("x", t)])?;
+            if t.shape.rank() < 2 || r.shape.dims() != [t.shape.0[1]] {
+                return Err(format!("running stat must be [C] for x [N, C, ...], got {} and {}", r.shape, t.shape));
+            }
+            Ok(r.clone())
+        }
+        Op::CrossEntropyGrad { label_smoothing } => {
+            let [logits, target, g] = exactly(x, ["logits", "target", "dloss"])?;
+            cross_entropy(&[logits, target], *label_smoothing)?;
+            float("dloss", g)?;
+            if g.shape.rank() != 0 {
+                return Err(format!("dloss must be a scalar [], got {}", g.shape));
+            }
+            Ok(logits.clone())
+        }
+        Op::Conv2dGradInput { stride, padding, input_hw } => {
+            let [dy, w] = exactly(x, ["dy", "weight"])?;
+            let [n, ..] = *dy.shape.dims() else { return Err(format!("dy must be [N, O, H', W'], got {}", dy.shape)) };
+            let [_, c, ..] = *w.shape.dims() else { return Err(format!("weight must be [O, C, kh, kw], got {}", w.shape)) };
+            let input = TensorType::new(
+                Shape(vec![n, c, Dim::Const(input_hw[0]), Dim::Const(input_hw[1])]),
+                dy.dtype,
+            );
+            check_conv_pair(&input, w, dy, *stride, *padding)?;
+            Ok(input)
+        }
+        Op::Conv2dGradWeight { stride, padding, kernel } => {
+            let [dy, input] = exactly(x, ["dy", "x"])?;
+            let ([_, o, ..], [_, c, ..]) = (dy.shape.dims(), input.shape.dims()) else {
+                return Err(format!("dy and x must be 4-d, got {} and {}", dy.shape, input.shape));
+            };
+            let w = TensorType::new(Shape(vec![*o, *c, Dim::Const(kernel[0]), Dim::Const(kernel[1])]), dy.dtype);
+            check_conv_pair(input, &w, dy, *stride, *padding)?;
+            Ok(w)
+        }
+        Op::Pad { axis, before, after } => {
+            let t = float_unary(x)?;
+            check_axis(*axis, &t.shape)?;
+            let mut dims = t.shape.0.clone();
+            let grown = dims[*axis].add(*before).and_then(|d| d.add(*after));
+            dims[*axis] = grown.ok_or_else(|| format!("cannot pad {} by {before} + {after}", dims[*axis]))?;
+            Ok(TensorType::new(Shape(dims), t.dtype))
+        }
+        Op::AllGatherGrad { world } => {
+            check_world(*world)?;
+            let t = float_unary(x)?;
+            let Some(&first) = t.shape.0.first() else { return Err("dy must have a batch axis".into()) };
+            let mut dims = t.shape.0.clone();
+            dims[0] = first.div(Dim::Const(*world)).ok_or_else(|| format!("dim 0 ({first}) is not divisible by world {world}"))?;
+            Ok(TensorType::new(Shape(dims), t.dtype))
+        }
+        other => Err(format!("{} is not a gradient op", other.name())),
+    }
+}
+
+/// Two float operands of one shape; the result has that shape.
+fn same_pair(x: &[&TensorType], roles: [&str; 2]) -> Rule {
+    let [a, b] = exactly(x, roles)?;
+    floats_alike(&[(roles[0], a), (roles[1], b)])?;
+    if a.shape != b.shape {
+        return Err(format!("{} {} and {} {} must have the same shape", roles[0], a.shape, roles[1], b.shape));
+    }
+    Ok(a.clone())
+}
+
+/// The forward conv of (input, weight) must produce dy's shape.
+fn check_conv_pair(input: &TensorType, w: &TensorType, dy: &TensorType, stride: [u64; 2], padding: [u64; 2]) -> Result<(), String> {
+    let out = conv2d(&[input, w], stride, padding)?;
+    if out.shape != dy.shape {
+        return Err(format!("dy {} does not match the forward conv output {}", dy.shape, out.shape));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ir::types::DType;
+
+    fn t(dims: &[Dim]) -> TensorType {
+        TensorType::new(Shape(dims.to_vec()), DType::F32)
+    }
+
+    #[test]
+    fn conv_grads_invert_the_forward_shapes() {
+        let (b, c) = (Dim::B, Dim::Const);
+        let dy = t(&[b, c(8), c(4), c(4)]);
+        let w = t(&[c(8), c(3), c(2), c(2)]);
+        let x = t(&[b, c(3), c(8), c(8)]);
+        let gi = Op::Conv2dGradInput { stride: [2, 2], padding: [0, 0], input_hw: [8, 8] };
+        assert_eq!(infer_grad(&gi, &[&dy, &w]).unwrap(), x);
+        let gw = Op::Conv2dGradWeight { stride: [2, 2], padding: [0, 0], kernel: [2, 2] };
+        assert_eq!(infer_grad(&gw, &[&dy, &x]).unwrap(), w);
+        let bad = Op::Conv2dGradInput { stride: [1, 1], padding: [0, 0], input_hw: [8, 8] };
+        assert!(infer_grad(&bad, &[&dy, &w]).unwrap_err().contains("does not match the forward conv output"));
+    }
+
+    #[test]
+    fn pad_and_all_gather_grad() {
+        let (b, c) = (Dim::B, Dim::Const);
+        let pad = Op::Pad { axis: 1, before: c(1), after: c(0) };
+        assert_eq!(infer_grad(&pad, &[&t(&[b, c(16), c(8)])]).unwrap(), t(&[b, c(17), c(8)]));
+        let g = Op::AllGatherGrad { world: 4 };
+        assert_eq!(infer_grad(&g, &[&t(&[Dim::Batch(8), c(8)])]).unwrap(), t(&[Dim::Batch(2), c(8)]));
+        assert!(infer_grad(&g, &[&t(&[c(6), c(8)])]).unwrap_err().contains("not divisible by world 4"));
+    }
+}

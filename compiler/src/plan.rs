@@ -1,0 +1,196 @@
+//! Plans: the only thing the runtime reads from the compiler. A plan is a
+//! static, serde-serialisable program for one batch size: values with fixed
+//! shapes, kernels in execution order, and the tables of parameters,
+//! gradients, optimizer state and buffers.
+//!
+//! Invariants: every shape is concrete (no symbolic batch); kernels appear in
+//! an order where each input is produced before it is read; a value is
+//! written by at most one kernel; `state_updates` name values whose type is
+//! the state's type. Kernel ops are the IR's `Op` with every `Dim` fixed.
+
+use crate::ir::{DType, Dim, Graph, Init, Op, Shape, ValueId};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+
+/// Bumped whenever the plan format changes incompatibly.
+pub const PLAN_VERSION: u32 = 1;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Source {
+    /// Fed by the caller each run (images, targets, lr, ...).
+    Input { name: String },
+    /// A parameter; `trainable == false` for frozen ones.
+    Param { name: String, init: Init, trainable: bool },
+    /// Non-trainable state: buffers and optimizer state.
+    Buffer { name: String, init: Init },
+    /// A constant.
+    Fill { value: f64 },
+    /// Produced by the kernel of this index.
+    Kernel(usize),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Value {
+    pub shape: Vec<u64>,
+    pub dtype: DType,
+    pub source: Source,
+}
+
+impl Value {
+    pub fn numel(&self) -> u64 {
+        self.shape.iter().product()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Kernel {
+    pub op: Op,
+    pub inputs: Vec<usize>,
+    pub output: usize,
+    /// Module path, for profiles and errors.
+    pub scope: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    pub version: u32,
+    pub batch: u64,
+    /// Dropout and drop-path active, BatchNorm on batch statistics.
+    pub training: bool,
+    pub values: Vec<Value>,
+    pub kernels: Vec<Kernel>,
+    /// Named results: `loss`, `output`, `grad.<param>` ...
+    pub outputs: Vec<(String, usize)>,
+    /// After a run, the state (parameter or buffer) `name` takes this value.
+    pub state_updates: Vec<(String, usize)>,
+}
+
+/// Replaces symbolic batch dims by `k * batch`.
+fn fix_dim(d: Dim, batch: u64) -> Dim {
+    Dim::Const(d.eval(batch))
+}
+
+fn fix_shape(s: &Shape, batch: u64) -> Shape {
+    Shape(s.0.iter().map(|&d| fix_dim(d, batch)).collect())
+}
+
+/// The op with every batch-dependent attribute fixed.
+pub fn fix_op(op: &Op, batch: u64) -> Op {
+    match op {
+        Op::Reshape { shape } => Op::Reshape { shape: fix_shape(shape, batch) },
+        Op::Expand { shape } => Op::Expand { shape: fix_shape(shape, batch) },
+        Op::Slice { axis, start, end } => {
+            Op::Slice { axis: *axis, start: fix_dim(*start, batch), end: fix_dim(*end, batch) }
+        }
+        Op::Pad { axis, before, after } => {
+            Op::Pad { axis: *axis, before: fix_dim(*before, batch), after: fix_dim(*after, batch) }
+        }
+        other => other.clone(),
+    }
+}
+
+impl Plan {
+    /// Lowers `g` for batch size `batch` (per replica). Kernels follow a
+    /// topological order of the graph (creation order where it is one).
+    pub fn lower(g: &Graph, batch: u64, training: bool) -> Result<Plan, String> {
+        if batch == 0 {
+            return Err("the batch size must be at least 1".into());
+        }
+        let order = petgraph::algo::toposort(g.petgraph(), None)
+            .map_err(|c| format!("the graph has a cycle through node {}", c.node_id().index()))?;
+        let mut index: HashMap<ValueId, usize> = HashMap::new();
+        let mut values = Vec::with_capacity(order.len());
+        let mut kernels = Vec::new();
+        for v in order {
+            let node = g.node(v);
+            let shape: Vec<u64> = node.ty.shape.0.iter().map(|d| d.eval(batch)).collect();
+            let source = match &node.op {
+                Op::Input { name } => Source::Input { name: name.clone() },
+                Op::Param { name, init, trainable } => {
+                    Source::Param { name: name.clone(), init: init.clone(), trainable: *trainable }
+                }
+                Op::Buffer { name, init } => Source::Buffer { name: name.clone(), init: init.clone() },
+                Op::Fill { value } => Source::Fill { value: *value },
+                op => {
+                    let inputs = g.operands(v).iter().map(|o| index[o]).collect();
+                    kernels.push(Kernel {
+                        op: fix_op(op, batch),
+                        inputs,
+                        output: values.len(),
+                        scope: node.scope.clone(),
+                    });
+                    Source::Kernel(kernels.len() - 1)
+                }
+            };
+            index.insert(v, values.len());
+            values.push(Value { shape, dtype: node.ty.dtype, source });
+        }
+        let outputs = g.outputs().iter().map(|(n, v)| (n.clone(), index[v])).collect();
+        let state_updates = g.state_updates().iter().map(|(n, v)| (n.clone(), index[v])).collect();
+        Ok(Plan { version: PLAN_VERSION, batch, training, values, kernels, outputs, state_updates })
+    }
+
+    /// Index of the value that holds state `name` (a parameter or buffer).
+    pub fn state(&self, name: &str) -> Option<usize> {
+        self.values.iter().position(|v| match &v.source {
+            Source::Param { name: n, .. } | Source::Buffer { name: n, .. } => n == name,
+            _ => false,
+        })
+    }
+
+    pub fn input(&self, name: &str) -> Option<usize> {
+        self.values.iter().position(|v| matches!(&v.source, Source::Input { name: n } if n == name))
+    }
+
+    pub fn output(&self, name: &str) -> Option<usize> {
+        self.outputs.iter().find(|(n, _)| n == name).map(|(_, v)| *v)
+    }
+
+    /// Trainable parameters, as (name, value index), in plan order.
+    pub fn params(&self) -> Vec<(&str, usize)> {
+        self.values
+            .iter()
+            .enumerate()
+            .filter_map(|(i, v)| match &v.source {
+                Source::Param { name, .. } => Some((name.as_str(), i)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Checks the invariants of the module docs; the runtime calls it on load.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.version != PLAN_VERSION {
+            return Err(format!("plan version {} is not supported (this build reads {PLAN_VERSION})", self.version));
+        }
+        let mut written = vec![false; self.values.len()];
+        for (i, v) in self.values.iter().enumerate() {
+            if !matches!(v.source, Source::Kernel(_)) {
+                written[i] = true;
+            }
+        }
+        for (k, kernel) in self.kernels.iter().enumerate() {
+            for &i in &kernel.inputs {
+                if !written.get(i).copied().unwrap_or(false) {
+                    return Err(format!("kernel {k} ({}) reads value {i} before it is written", kernel.op.name()));
+                }
+            }
+            match self.values.get(kernel.output).map(|v| &v.source) {
+                Some(Source::Kernel(j)) if *j == k => written[kernel.output] = true,
+                _ => return Err(format!("kernel {k} ({}) writes value {} it does not own", kernel.op.name(), kernel.output)),
+            }
+        }
+        for (name, v) in self.outputs.iter().chain(&self.state_updates) {
+            if *v >= self.values.len() {
+                return Err(format!("`{name}` names value {v}, which does not exist"));
+            }
+        }
+        for (name, v) in &self.state_updates {
+            let s = self.state(name).ok_or_else(|| format!("state update of unknown state `{name}`"))?;
+            if self.values[s].shape != self.values[*v].shape || self.values[s].dtype != self.values[*v].dtype {
+                return Err(format!("state update of `{name}` has the wrong type"));
+            }
+        }
+        Ok(())
+    }
+}
