@@ -1,6 +1,7 @@
 //! tessera's compiler: parse -> elaborate -> graph IR (-> autodiff -> passes -> plan).
 //! It never depends on the runtime crate.
 
+pub mod autodiff;
 pub mod compose;
 pub mod config;
 pub mod elaborate;

@@ -85,6 +85,7 @@ pub fn fix_op(op: &Op, batch: u64) -> Op {
         Op::Pad { axis, before, after } => {
             Op::Pad { axis: *axis, before: fix_dim(*before, batch), after: fix_dim(*after, batch) }
         }
+        Op::DivCount { count } => Op::DivCount { count: fix_dim(*count, batch) },
         other => other.clone(),
     }
 }
@@ -177,7 +178,13 @@ impl Plan {
             }
             match self.values.get(kernel.output).map(|v| &v.source) {
                 Some(Source::Kernel(j)) if *j == k => written[kernel.output] = true,
-                _ => return Err(format!("kernel {k} ({}) writes value {} it does not own", kernel.op.name(), kernel.output)),
+                _ => {
+                    return Err(format!(
+                        "kernel {k} ({}) writes value {} it does not own",
+                        kernel.op.name(),
+                        kernel.output
+                    ))
+                }
             }
         }
         for (name, v) in self.outputs.iter().chain(&self.state_updates) {

@@ -78,14 +78,18 @@ pub(crate) fn infer(op: &Op, x: &[&TensorType]) -> Rule {
         | Op::Conv2dGradInput { .. }
         | Op::Conv2dGradWeight { .. }
         | Op::Pad { .. }
-        | Op::AllGatherGrad { .. } => super::infer_grad::infer_grad(op, x),
+        | Op::AllGatherGrad { .. }
+        | Op::DivCount { .. } => super::infer_grad::infer_grad(op, x),
     }
 }
 
 // ---- operand checks ----
 
 /// Exactly `N` operands, returned by position.
-pub(super) fn exactly<'a, const N: usize>(x: &[&'a TensorType], roles: [&str; N]) -> Result<[&'a TensorType; N], String> {
+pub(super) fn exactly<'a, const N: usize>(
+    x: &[&'a TensorType],
+    roles: [&str; N],
+) -> Result<[&'a TensorType; N], String> {
     let noun = if N == 1 { "operand" } else { "operands" };
     <[&TensorType; N]>::try_from(x).map_err(|_| format!("expects {N} {noun} ({}), got {}", roles.join(", "), x.len()))
 }

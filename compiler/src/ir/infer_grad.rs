@@ -1,6 +1,6 @@
 //! Shape rules of the gradient ops that autodiff emits (see `op.rs`).
 
-use super::infer::{check_axis, check_world, conv2d, cross_entropy, exactly, float, floats_alike, float_unary};
+use super::infer::{check_axis, check_world, conv2d, cross_entropy, exactly, float, float_unary, floats_alike};
 use super::op::Op;
 use super::types::{Dim, Shape, TensorType};
 
@@ -44,11 +44,10 @@ pub(super) fn infer_grad(op: &Op, x: &[&TensorType]) -> Rule {
         Op::Conv2dGradInput { stride, padding, input_hw } => {
             let [dy, w] = exactly(x, ["dy", "weight"])?;
             let [n, ..] = *dy.shape.dims() else { return Err(format!("dy must be [N, O, H', W'], got {}", dy.shape)) };
-            let [_, c, ..] = *w.shape.dims() else { return Err(format!("weight must be [O, C, kh, kw], got {}", w.shape)) };
-            let input = TensorType::new(
-                Shape(vec![n, c, Dim::Const(input_hw[0]), Dim::Const(input_hw[1])]),
-                dy.dtype,
-            );
+            let [_, c, ..] = *w.shape.dims() else {
+                return Err(format!("weight must be [O, C, kh, kw], got {}", w.shape));
+            };
+            let input = TensorType::new(Shape(vec![n, c, Dim::Const(input_hw[0]), Dim::Const(input_hw[1])]), dy.dtype);
             check_conv_pair(&input, w, dy, *stride, *padding)?;
             Ok(input)
         }
@@ -74,8 +73,16 @@ pub(super) fn infer_grad(op: &Op, x: &[&TensorType]) -> Rule {
             let t = float_unary(x)?;
             let Some(&first) = t.shape.0.first() else { return Err("dy must have a batch axis".into()) };
             let mut dims = t.shape.0.clone();
-            dims[0] = first.div(Dim::Const(*world)).ok_or_else(|| format!("dim 0 ({first}) is not divisible by world {world}"))?;
+            dims[0] = first
+                .div(Dim::Const(*world))
+                .ok_or_else(|| format!("dim 0 ({first}) is not divisible by world {world}"))?;
             Ok(TensorType::new(Shape(dims), t.dtype))
+        }
+        Op::DivCount { count } => {
+            if *count == Dim::Const(0) {
+                return Err("count must not be 0".into());
+            }
+            float_unary(x)
         }
         other => Err(format!("{} is not a gradient op", other.name())),
     }
@@ -92,7 +99,13 @@ fn same_pair(x: &[&TensorType], roles: [&str; 2]) -> Rule {
 }
 
 /// The forward conv of (input, weight) must produce dy's shape.
-fn check_conv_pair(input: &TensorType, w: &TensorType, dy: &TensorType, stride: [u64; 2], padding: [u64; 2]) -> Result<(), String> {
+fn check_conv_pair(
+    input: &TensorType,
+    w: &TensorType,
+    dy: &TensorType,
+    stride: [u64; 2],
+    padding: [u64; 2],
+) -> Result<(), String> {
     let out = conv2d(&[input, w], stride, padding)?;
     if out.shape != dy.shape {
         return Err(format!("dy {} does not match the forward conv output {}", dy.shape, out.shape));

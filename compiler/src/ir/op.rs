@@ -194,28 +194,59 @@ pub enum Op {
     /// `(x, dy) -> dx`: dy * GELU'(x), exact erf GELU.
     GeluGrad,
     /// `(x [..., D]) -> [..., D]`: (x - mean) / sqrt(var + eps) over the last axis.
-    Normalize { eps: f64 },
+    Normalize {
+        eps: f64,
+    },
     /// `(g [..., D], x [..., D]) -> dx`: backward of `Normalize` for the upstream
     /// gradient g (LayerNorm's dy * weight).
-    NormalizeGrad { eps: f64 },
+    NormalizeGrad {
+        eps: f64,
+    },
     /// `(x [N, C, ...]) -> x's shape`: batch standardisation over all axes but 1.
-    BatchStandardize { eps: f64 },
+    BatchStandardize {
+        eps: f64,
+    },
     /// `(g, x) -> dx`: backward of `BatchStandardize`.
-    BatchStandardizeGrad { eps: f64 },
+    BatchStandardizeGrad {
+        eps: f64,
+    },
     /// `(running [C], x [N, C, ...]) -> [C]`: (1-m) running + m * batch mean
     /// (`unbiased_var`: the unbiased batch variance instead), as PyTorch's BatchNorm.
-    RunningStat { momentum: f64, unbiased_var: bool },
+    RunningStat {
+        momentum: f64,
+        unbiased_var: bool,
+    },
     /// `(logits [N, K], target, dloss []) -> [N, K]`: (softmax - t) / N * dloss.
-    CrossEntropyGrad { label_smoothing: f64 },
+    CrossEntropyGrad {
+        label_smoothing: f64,
+    },
     /// `(dy [N, O, H', W'], w [O, C, kh, kw]) -> [N, C, H, W]`.
-    Conv2dGradInput { stride: [u64; 2], padding: [u64; 2], input_hw: [u64; 2] },
+    Conv2dGradInput {
+        stride: [u64; 2],
+        padding: [u64; 2],
+        input_hw: [u64; 2],
+    },
     /// `(dy [N, O, H', W'], x [N, C, H, W]) -> [O, C, kh, kw]`.
-    Conv2dGradWeight { stride: [u64; 2], padding: [u64; 2], kernel: [u64; 2] },
+    Conv2dGradWeight {
+        stride: [u64; 2],
+        padding: [u64; 2],
+        kernel: [u64; 2],
+    },
     /// Zero padding of `axis`: `before` zeros, the input, `after` zeros (slice's backward).
-    Pad { axis: usize, before: Dim, after: Dim },
+    Pad {
+        axis: usize,
+        before: Dim,
+        after: Dim,
+    },
     /// `(dy [W*N, ...]) -> [N, ...]`: sum over ranks, then this rank's rows
     /// (all_gather's backward, VISSL's GatherLayer).
-    AllGatherGrad { world: u64 },
+    AllGatherGrad {
+        world: u64,
+    },
+    /// `x / count`: a mean's backward, where the count may depend on the batch.
+    DivCount {
+        count: Dim,
+    },
 }
 
 impl Op {
@@ -289,6 +320,7 @@ impl Op {
             Op::Conv2dGradWeight { .. } => "conv2d_grad_weight",
             Op::Pad { .. } => "pad",
             Op::AllGatherGrad { .. } => "all_gather_grad",
+            Op::DivCount { .. } => "div_count",
         }
     }
 

@@ -110,6 +110,7 @@ fn attributes(op: &Op) -> Vec<(&'static str, String)> {
             vec![("axis", axis.to_string()), ("before", before.to_string()), ("after", after.to_string())]
         }
         Op::AllGatherGrad { world } => vec![("world", world.to_string())],
+        Op::DivCount { count } => vec![("count", count.to_string())],
         Op::GeluGrad => vec![],
         Op::Cast { dtype } => vec![("dtype", dtype.to_string())],
         Op::Reduce { axes, keepdim, .. } => vec![("axes", list(axes)), ("keepdim", keepdim.to_string())],

@@ -86,7 +86,7 @@ fn check_outputs(g: &Graph) -> Result<(), IrError> {
     Ok(())
 }
 
-/// Each update names an existing buffer, at most once, with exactly its type.
+/// Each update names an existing parameter or buffer, at most once, with exactly its type.
 fn check_state_updates(g: &Graph, states: &HashMap<&str, ValueId>) -> Result<(), IrError> {
     for (i, (buffer, v)) in g.state_updates().iter().enumerate() {
         if g.state_updates()[..i].iter().any(|(b, _)| b == buffer) {
@@ -96,15 +96,12 @@ fn check_state_updates(g: &Graph, states: &HashMap<&str, ValueId>) -> Result<(),
             return Err(IrError::Invalid(format!("state update of @{buffer} refers to removed node {}", v.index())));
         }
         let target = match states.get(buffer.as_str()) {
-            Some(&b) if matches!(g.node(b).op, Op::Buffer { .. }) => b,
-            Some(_) => {
-                return Err(IrError::Invalid(format!(
-                    "state update targets @{buffer}, which is a parameter, not a buffer"
-                )))
-            }
+            // Buffers take new values (queues, running stats); parameters take the
+            // optimizer's update.
+            Some(&b) => b,
             None => {
                 return Err(IrError::Invalid(format!(
-                    "state update targets @{buffer}, which is not a buffer of this graph"
+                    "state update targets @{buffer}, which is not a parameter or buffer of this graph"
                 )))
             }
         };
@@ -233,11 +230,17 @@ mod tests {
     fn bad_state_updates() {
         let (mut g, ids) = valid();
         g.add_state_update("loss.missing", ids.pushed);
-        assert_eq!(message(&g), "invalid IR: state update targets @loss.missing, which is not a buffer of this graph");
+        assert_eq!(
+            message(&g),
+            "invalid IR: state update targets @loss.missing, which is not a parameter or buffer of this graph"
+        );
 
         let (mut g, ids) = valid();
         g.add_state_update("head.weight", ids.pushed);
-        assert_eq!(message(&g), "invalid IR: state update targets @head.weight, which is a parameter, not a buffer");
+        assert_eq!(
+            message(&g),
+            "invalid IR: state update of @head.weight has type [4,32] f32 but the buffer is [4,8] f32"
+        );
 
         let (mut g, ids) = valid();
         g.state_updates.clear();

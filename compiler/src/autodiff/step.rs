@@ -1,0 +1,247 @@
+//! The training step: backward, global-norm gradient clipping and the
+//! optimizer update as graph ops. Learning rate, weight decay and Adam's bias
+//! corrections are runtime scalars (graph inputs) so schedules need no
+//! recompilation:
+//! - `optim.lr.<group>`, `optim.weight_decay.<group>` per parameter group,
+//! - `optim.bias_correction1`, `optim.bias_correction2` (AdamW: 1 - beta^t).
+
+use super::backward;
+use super::rules::Builder;
+use crate::ir::{BinaryOp, DType, Graph, Init, IrError, Op, ReduceOp, Shape, TensorType, UnaryOp, ValueId};
+use crate::param_groups::ParamGroup;
+use serde_json::Value as J;
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Optimizer {
+    /// torch.optim.AdamW (reference 6.1): decoupled decay times the current lr.
+    AdamW { beta1: f64, beta2: f64, eps: f64 },
+    /// torch.optim.SGD with momentum (dampening 0) and optional Nesterov; the
+    /// weight decay is added to the gradient.
+    Sgd { momentum: f64, nesterov: bool },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepOptions {
+    pub optimizer: Optimizer,
+    /// `MODEL.GRAD_CLIP`: max L2 norm of all gradients together.
+    pub clip_max_norm: Option<f64>,
+}
+
+impl StepOptions {
+    /// From the experiment config (`OPTIMIZER.*`, `MODEL.GRAD_CLIP.*`).
+    pub fn from_config(cfg: &J) -> Result<StepOptions, String> {
+        let get = |k: &str| crate::elaborate::json_get(cfg, k);
+        let f = |k: &str, d: f64| get(k).and_then(|v| v.as_f64()).unwrap_or(d);
+        let name = get("OPTIMIZER.name").and_then(|v| v.as_str()).unwrap_or("adamw");
+        let optimizer = match name {
+            "adamw" => {
+                let betas: Vec<f64> = get("OPTIMIZER.betas")
+                    .and_then(|v| v.as_array())
+                    .map(|a| a.iter().filter_map(|x| x.as_f64()).collect())
+                    .unwrap_or_default();
+                let (beta1, beta2) = match betas.as_slice() {
+                    [a, b] => (*a, *b),
+                    [] => (0.9, 0.999),
+                    _ => return Err(format!("`OPTIMIZER.betas` must be two numbers, got {betas:?}")),
+                };
+                // ClassyVision's AdamW eps; VISSL sets none (reference 6.1).
+                Optimizer::AdamW { beta1, beta2, eps: 1e-8 }
+            }
+            "sgd" => Optimizer::Sgd {
+                momentum: f("OPTIMIZER.momentum", 0.0),
+                nesterov: get("OPTIMIZER.nesterov").and_then(|v| v.as_bool()).unwrap_or(false),
+            },
+            other => return Err(format!("`OPTIMIZER.name` is `{other}`; tessera supports adamw and sgd")),
+        };
+        let clip = get("MODEL.GRAD_CLIP.USE_GRAD_CLIP").and_then(|v| v.as_bool()).unwrap_or(false);
+        let clip_max_norm = if clip {
+            let norm_type = f("MODEL.GRAD_CLIP.NORM_TYPE", 2.0);
+            if norm_type != 2.0 {
+                return Err(format!("`MODEL.GRAD_CLIP.NORM_TYPE` is {norm_type}; only the L2 norm (2) is supported"));
+            }
+            Some(f("MODEL.GRAD_CLIP.MAX_NORM", 1.0))
+        } else {
+            None
+        };
+        Ok(StepOptions { optimizer, clip_max_norm })
+    }
+}
+
+fn scalar_input(g: &mut Graph, name: &str) -> Result<ValueId, IrError> {
+    g.add_input(name, Shape::scalar(), DType::F32)
+}
+
+/// Turns the forward graph `g` (with an output named `loss`) into the
+/// training step. Gradients are also graph outputs `grad.<param>` (after
+/// clipping), for checks against other frameworks.
+pub fn training_step(mut g: Graph, groups: &[ParamGroup], opts: &StepOptions) -> Result<Graph, IrError> {
+    let loss = g
+        .outputs()
+        .iter()
+        .find(|(n, _)| n == "loss")
+        .map(|(_, v)| *v)
+        .ok_or_else(|| IrError::Invalid("the forward graph has no `loss` output".into()))?;
+    batch_norm_updates(&mut g)?;
+    let mut grads = backward(&mut g, loss)?;
+    if let Some(max_norm) = opts.clip_max_norm {
+        clip(&mut g, &mut grads, max_norm)?;
+    }
+    for (name, d) in &grads {
+        g.set_output(&format!("grad.{name}"), *d);
+    }
+    let bc = match opts.optimizer {
+        Optimizer::AdamW { .. } => {
+            Some((scalar_input(&mut g, "optim.bias_correction1")?, scalar_input(&mut g, "optim.bias_correction2")?))
+        }
+        Optimizer::Sgd { .. } => None,
+    };
+    for group in groups {
+        let lr = scalar_input(&mut g, &format!("optim.lr.{}", group.name))?;
+        let wd = scalar_input(&mut g, &format!("optim.weight_decay.{}", group.name))?;
+        for pname in &group.params {
+            // A parameter the loss does not reach has no gradient: no update,
+            // as PyTorch skips parameters whose grad is None.
+            let Some(&(_, grad)) = grads.iter().find(|(n, _)| n == pname).map(|x| x) else { continue };
+            let p = g.state(pname).ok_or_else(|| IrError::Invalid(format!("no parameter `{pname}`")))?;
+            let ty = g.ty(p).clone();
+            let mut b = Builder { g: &mut g, scope: format!("optim.{pname}") };
+            match (&opts.optimizer, bc) {
+                (Optimizer::AdamW { beta1, beta2, eps }, Some((bc1, bc2))) => {
+                    adamw(&mut b, pname, p, grad, &ty, lr, wd, bc1, bc2, *beta1, *beta2, *eps)?
+                }
+                (Optimizer::Sgd { momentum, nesterov }, _) => {
+                    sgd(&mut b, pname, p, grad, &ty, lr, wd, *momentum, *nesterov)?
+                }
+                _ => unreachable!("bias corrections exist for AdamW"),
+            }
+        }
+    }
+    g.verify()?;
+    Ok(g)
+}
+
+/// PyTorch's BatchNorm in training mode also updates its running statistics.
+fn batch_norm_updates(g: &mut Graph) -> Result<(), IrError> {
+    for v in g.node_ids() {
+        let Op::BatchNorm { momentum, .. } = g.node(v).op else { continue };
+        let xs = g.operands(v);
+        let scope = g.node(v).scope.clone();
+        for (i, unbiased_var) in [(3, false), (4, true)] {
+            let Op::Buffer { name, .. } = g.node(xs[i]).op.clone() else { continue };
+            let new = g.add_op(Op::RunningStat { momentum, unbiased_var }, &[xs[i], xs[0]], &scope)?;
+            g.add_state_update(&name, new);
+        }
+    }
+    Ok(())
+}
+
+/// torch.nn.utils.clip_grad_norm_ over all gradients as one vector
+/// (reference 6.4): g *= min(1, max_norm / (||g|| + 1e-6)).
+fn clip(g: &mut Graph, grads: &mut [(String, ValueId)], max_norm: f64) -> Result<(), IrError> {
+    let mut b = Builder { g, scope: "optim.clip".into() };
+    let mut total = None;
+    for (_, d) in grads.iter() {
+        let sq = b.op(Op::Unary(UnaryOp::Square), &[*d])?;
+        let r = b.g.ty(sq).shape.rank();
+        let s = b.op(Op::Reduce { op: ReduceOp::Sum, axes: (0..r).collect(), keepdim: false }, &[sq])?;
+        total = Some(match total {
+            None => s,
+            Some(t) => b.bin(BinaryOp::Add, t, s)?,
+        });
+    }
+    let Some(total) = total else { return Ok(()) };
+    let norm = b.op(Op::Unary(UnaryOp::Sqrt), &[total])?;
+    let shifted = b.op(Op::AddScalar { value: 1e-6 }, &[norm])?;
+    let inv = b.op(Op::Unary(UnaryOp::Recip), &[shifted])?;
+    let coef = b.scale(inv, max_norm)?;
+    let one = b.g.add_fill(1.0, TensorType::f32(Shape::scalar()), "optim.clip");
+    let coef = b.bin(BinaryOp::Min, coef, one)?;
+    for (_, d) in grads.iter_mut() {
+        *d = b.bin(BinaryOp::Mul, *d, coef)?;
+    }
+    Ok(())
+}
+
+fn state_buffer(b: &mut Builder, name: &str, ty: &TensorType) -> Result<ValueId, IrError> {
+    b.g.add_buffer(name, ty.clone(), Init::Zeros, &b.scope.clone())
+}
+
+/// torch.optim.AdamW.step for one parameter (reference 6.1).
+#[allow(clippy::too_many_arguments)]
+fn adamw(
+    b: &mut Builder,
+    pname: &str,
+    p: ValueId,
+    grad: ValueId,
+    ty: &TensorType,
+    lr: ValueId,
+    wd: ValueId,
+    bc1: ValueId,
+    bc2: ValueId,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+) -> Result<(), IrError> {
+    let m = state_buffer(b, &format!("optim.exp_avg.{pname}"), ty)?;
+    let v = state_buffer(b, &format!("optim.exp_avg_sq.{pname}"), ty)?;
+    // p <- p * (1 - lr * wd)
+    let lr_wd = b.bin(BinaryOp::Mul, lr, wd)?;
+    let neg = b.op(Op::Unary(UnaryOp::Neg), &[lr_wd])?;
+    let keep = b.op(Op::AddScalar { value: 1.0 }, &[neg])?;
+    let decayed = b.bin(BinaryOp::Mul, p, keep)?;
+    // m <- beta1 m + (1 - beta1) g ; v <- beta2 v + (1 - beta2) g^2
+    let m1 = b.scale(m, beta1)?;
+    let g1 = b.scale(grad, 1.0 - beta1)?;
+    let m_new = b.bin(BinaryOp::Add, m1, g1)?;
+    let v1 = b.scale(v, beta2)?;
+    let g2 = b.op(Op::Unary(UnaryOp::Square), &[grad])?;
+    let g2 = b.scale(g2, 1.0 - beta2)?;
+    let v_new = b.bin(BinaryOp::Add, v1, g2)?;
+    // p <- p - (lr / bc1) * m / (sqrt(v) / sqrt(bc2) + eps)
+    let sqrt_bc2 = b.op(Op::Unary(UnaryOp::Sqrt), &[bc2])?;
+    let sv = b.op(Op::Unary(UnaryOp::Sqrt), &[v_new])?;
+    let denom = b.bin(BinaryOp::Div, sv, sqrt_bc2)?;
+    let denom = b.op(Op::AddScalar { value: eps }, &[denom])?;
+    let step_size = b.bin(BinaryOp::Div, lr, bc1)?;
+    let ratio = b.bin(BinaryOp::Div, m_new, denom)?;
+    let delta = b.bin(BinaryOp::Mul, ratio, step_size)?;
+    let p_new = b.bin(BinaryOp::Sub, decayed, delta)?;
+    b.g.add_state_update(pname, p_new);
+    b.g.add_state_update(&format!("optim.exp_avg.{pname}"), m_new);
+    b.g.add_state_update(&format!("optim.exp_avg_sq.{pname}"), v_new);
+    Ok(())
+}
+
+/// torch.optim.SGD.step for one parameter (dampening 0).
+#[allow(clippy::too_many_arguments)]
+fn sgd(
+    b: &mut Builder,
+    pname: &str,
+    p: ValueId,
+    grad: ValueId,
+    ty: &TensorType,
+    lr: ValueId,
+    wd: ValueId,
+    momentum: f64,
+    nesterov: bool,
+) -> Result<(), IrError> {
+    let wp = b.bin(BinaryOp::Mul, p, wd)?;
+    let mut d = b.bin(BinaryOp::Add, grad, wp)?;
+    if momentum != 0.0 {
+        // A zero buffer gives PyTorch's first step (buf = d) exactly.
+        let buf = state_buffer(b, &format!("optim.momentum_buffer.{pname}"), ty)?;
+        let mb = b.scale(buf, momentum)?;
+        let buf_new = b.bin(BinaryOp::Add, mb, d)?;
+        b.g.add_state_update(&format!("optim.momentum_buffer.{pname}"), buf_new);
+        d = if nesterov {
+            let mbn = b.scale(buf_new, momentum)?;
+            b.bin(BinaryOp::Add, d, mbn)?
+        } else {
+            buf_new
+        };
+    }
+    let step = b.bin(BinaryOp::Mul, d, lr)?;
+    let p_new = b.bin(BinaryOp::Sub, p, step)?;
+    b.g.add_state_update(pname, p_new);
+    Ok(())
+}
