@@ -40,6 +40,14 @@ enum Command {
         /// Extra directory of `.tsr` model files (overrides embedded ones by path).
         #[arg(long)]
         models: Vec<PathBuf>,
+        /// Batch size per replica of an emitted plan (default: DATA.TRAIN.BATCHSIZE_PER_REPLICA).
+        #[arg(long)]
+        batch: Option<u64>,
+    },
+    /// Compiled plans.
+    Plan {
+        #[command(subcommand)]
+        command: PlanCommand,
     },
     /// Experiment configs.
     Config {
@@ -59,11 +67,19 @@ enum ConfigCommand {
     List,
 }
 
+#[derive(Subcommand)]
+enum PlanCommand {
+    /// Summarise a plan written by `tessera compile --emit plan`.
+    Show { file: PathBuf },
+}
+
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
 enum Emit {
     Summary,
     Ir,
     Dot,
+    /// The training-step plan (JSON), for `tessera plan show` and the runtime.
+    Plan,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
@@ -114,7 +130,7 @@ fn write_out(path: &Option<PathBuf>, text: &str) -> Result<()> {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Compile { args, emit, format, output, models } => {
+        Command::Compile { args, emit, format, output, models, batch } => {
             let (name, overrides) = split_args(&args)?;
             let cfg = config::load(&name, &overrides).map_err(|e| anyhow::anyhow!("{e}"))?;
             let prog = Program::load(&models).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -125,6 +141,15 @@ fn run(cli: Cli) -> Result<()> {
                 (Emit::Ir, Format::Text) => compiled.graph.to_text(),
                 (Emit::Ir, Format::Json) => serde_json::to_string_pretty(&compiled.graph)?,
                 (Emit::Dot, _) => compiled.graph.to_dot(),
+                (Emit::Plan, _) => {
+                    let batch = match batch {
+                        Some(b) => b,
+                        None => cfg.get("DATA.TRAIN.BATCHSIZE_PER_REPLICA").and_then(|v| v.as_u64()).unwrap_or(1),
+                    };
+                    let (plan, _) = tessera_compiler::pipeline::training_plan(&prog, cfg.tree(), batch)
+                        .map_err(|e| anyhow::anyhow!("{e}"))?;
+                    serde_json::to_string(&plan)?
+                }
             };
             write_out(&output, &text)
         }
@@ -132,6 +157,13 @@ fn run(cli: Cli) -> Result<()> {
             let (name, overrides) = split_args(&args)?;
             let cfg = config::load(&name, &overrides).map_err(|e| anyhow::anyhow!("{e}"))?;
             write_out(&None, &cfg.to_yaml())
+        }
+        Command::Plan { command: PlanCommand::Show { file } } => {
+            let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let plan: tessera_compiler::plan::Plan =
+                serde_json::from_str(&text).with_context(|| format!("{} is not a tessera plan", file.display()))?;
+            plan.validate().map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            write_out(&None, &plan.summary())
         }
         Command::Config { command: ConfigCommand::List } => {
             write_out(&None, &config::embedded_config_names().join("\n"))

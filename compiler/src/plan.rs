@@ -97,8 +97,14 @@ impl Plan {
         if batch == 0 {
             return Err("the batch size must be at least 1".into());
         }
-        let order = petgraph::algo::toposort(g.petgraph(), None)
-            .map_err(|c| format!("the graph has a cycle through node {}", c.node_id().index()))?;
+        // Creation order reads like the source (forward, then backward, then the
+        // update); fall back to any topological order if a pass broke it.
+        let mut order = g.node_ids();
+        let pos: HashMap<ValueId, usize> = order.iter().enumerate().map(|(i, v)| (*v, i)).collect();
+        if order.iter().enumerate().any(|(i, v)| g.operands(*v).iter().any(|o| pos[o] >= i)) {
+            order = petgraph::algo::toposort(g.petgraph(), None)
+                .map_err(|c| format!("the graph has a cycle through node {}", c.node_id().index()))?;
+        }
         let mut index: HashMap<ValueId, usize> = HashMap::new();
         let mut values = Vec::with_capacity(order.len());
         let mut kernels = Vec::new();
@@ -199,5 +205,67 @@ impl Plan {
             }
         }
         Ok(())
+    }
+}
+
+impl Plan {
+    /// A person-readable summary: what `tessera plan show` prints.
+    pub fn summary(&self) -> String {
+        use std::collections::BTreeMap;
+        use std::fmt::Write;
+        let mut by_op: BTreeMap<&str, usize> = BTreeMap::new();
+        for k in &self.kernels {
+            *by_op.entry(k.op.name()).or_insert(0) += 1;
+        }
+        let (mut params, mut trainable, mut state, mut temps) = (0u64, 0u64, 0u64, 0u64);
+        let mut inputs = Vec::new();
+        for v in &self.values {
+            let bytes = v.numel() * v.dtype.size_bytes();
+            match &v.source {
+                Source::Param { trainable: t, .. } => {
+                    params += v.numel();
+                    if *t {
+                        trainable += v.numel();
+                    }
+                }
+                Source::Buffer { .. } => state += bytes,
+                Source::Input { name } => inputs.push(format!("{name} {:?} {}", v.shape, v.dtype)),
+                Source::Kernel(_) => temps += bytes,
+                Source::Fill { .. } => {}
+            }
+        }
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "plan v{}  batch {}  {}",
+            self.version,
+            self.batch,
+            if self.training { "training" } else { "eval" }
+        );
+        let _ = writeln!(s, "kernels    {}", self.kernels.len());
+        let mut ops: Vec<(&str, usize)> = by_op.into_iter().collect();
+        ops.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+        for (op, n) in ops {
+            let _ = writeln!(s, "  {n:>6}  {op}");
+        }
+        let _ = writeln!(s, "params     {params} elements ({trainable} trainable)");
+        let _ = writeln!(s, "state      {:.1} MiB of buffers and optimizer state", state as f64 / 1048576.0);
+        let _ = writeln!(
+            s,
+            "temporary  {:.1} MiB if nothing were reused (memory planning comes later)",
+            temps as f64 / 1048576.0
+        );
+        let _ = writeln!(s, "inputs     {}", inputs.join(", "));
+        let outs: Vec<&str> =
+            self.outputs.iter().map(|(n, _)| n.as_str()).filter(|n| !n.starts_with("grad.")).collect();
+        let grads = self.outputs.len() - outs.len();
+        let _ = writeln!(
+            s,
+            "outputs    {}{}",
+            outs.join(", "),
+            if grads > 0 { format!(" and {grads} gradients") } else { String::new() }
+        );
+        let _ = writeln!(s, "updates    {} states", self.state_updates.len());
+        s
     }
 }

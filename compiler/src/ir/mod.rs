@@ -12,6 +12,7 @@ mod infer_grad;
 mod op;
 mod types;
 
+pub mod dce;
 pub mod dot;
 pub mod flops;
 pub mod text;

@@ -1,0 +1,45 @@
+//! The compiler's entry points from an experiment config to plans: the
+//! training step, and the eval-mode forward (optionally with loss and
+//! gradients, for checking a port against another framework).
+
+use crate::autodiff::{backward, training_step, StepOptions};
+use crate::compose::{compile, CompileError, Compiled};
+use crate::elaborate::Program;
+use crate::plan::Plan;
+use serde_json::Value as J;
+
+fn internal(e: impl std::fmt::Display) -> CompileError {
+    CompileError::Config(e.to_string())
+}
+
+/// The training step (forward, loss, backward, clipping, optimizer update)
+/// of the experiment, lowered for `batch` samples per replica.
+pub fn training_plan(prog: &Program, cfg: &J, batch: u64) -> Result<(Plan, Compiled), CompileError> {
+    let c = compile(prog, cfg)?;
+    let opts = StepOptions::from_config(cfg).map_err(CompileError::Config)?;
+    let step = training_step(c.graph.clone(), &c.param_groups, &opts).map_err(internal)?;
+    let plan = Plan::lower(&step, batch, true).map_err(CompileError::Config)?;
+    Ok((plan, c))
+}
+
+/// The eval-mode forward of trunk and heads (outputs `output`, `output.0`,
+/// ...). With `with_grads`, also the loss and `grad.<param>` of every
+/// trainable parameter, still in eval mode (no dropout, BatchNorm on running
+/// statistics) and without any update.
+pub fn inference_plan(prog: &Program, cfg: &J, batch: u64, with_grads: bool) -> Result<(Plan, Compiled), CompileError> {
+    let c = compile(prog, cfg)?;
+    let mut g = c.graph.clone();
+    if with_grads {
+        let loss = g.outputs().iter().find(|(n, _)| n == "loss").map(|(_, v)| *v);
+        let loss = loss.ok_or_else(|| internal("the model has no loss output"))?;
+        for (name, d) in backward(&mut g, loss).map_err(internal)? {
+            g.set_output(&format!("grad.{name}"), d);
+        }
+        g.prune(|n| n.starts_with("output") || n == "loss" || n.starts_with("grad."), false);
+    } else {
+        g.prune(|n| n.starts_with("output"), false);
+    }
+    g.verify().map_err(internal)?;
+    let plan = Plan::lower(&g, batch, false).map_err(CompileError::Config)?;
+    Ok((plan, c))
+}
