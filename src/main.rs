@@ -8,6 +8,9 @@ use std::process::ExitCode;
 use tessera_compiler::config;
 use tessera_compiler::elaborate::Program;
 use tessera_compiler::summary::summarize;
+use tessera_runtime::weights::WeightsFormat;
+
+mod infer;
 
 #[derive(Parser)]
 #[command(
@@ -43,6 +46,28 @@ enum Command {
         /// Batch size per replica of an emitted plan (default: DATA.TRAIN.BATCHSIZE_PER_REPLICA).
         #[arg(long)]
         batch: Option<u64>,
+    },
+    /// Run the eval-mode forward of a config's model on a batch from a file, with
+    /// given weights; with `--target`, also the loss and every parameter's
+    /// gradient. Checks a port against PyTorch.
+    Infer {
+        #[arg(required = true, value_name = "config=NAME [OVERRIDES]")]
+        args: Vec<String>,
+        /// Weights (safetensors) in tessera's (VISSL's) or timm's names.
+        #[arg(long)]
+        weights: PathBuf,
+        /// Names used by the weights file; detected when not given.
+        #[arg(long, value_enum)]
+        weights_format: Option<WeightsFormatArg>,
+        /// safetensors file with the tensor `input` [B, 3, H, W] f32.
+        #[arg(long)]
+        input: PathBuf,
+        /// safetensors file with the tensor `target` (int64 class indices [B]).
+        #[arg(long)]
+        target: Option<PathBuf>,
+        /// Where to write `logits` (`logits.0`, ... for several outputs), `loss`, `grad.<name>`.
+        #[arg(long)]
+        output: PathBuf,
     },
     /// Compiled plans.
     Plan {
@@ -80,6 +105,12 @@ enum Emit {
     Dot,
     /// The training-step plan (JSON), for `tessera plan show` and the runtime.
     Plan,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum WeightsFormatArg {
+    Tessera,
+    Timm,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
@@ -157,6 +188,14 @@ fn run(cli: Cli) -> Result<()> {
             let (name, overrides) = split_args(&args)?;
             let cfg = config::load(&name, &overrides).map_err(|e| anyhow::anyhow!("{e}"))?;
             write_out(&None, &cfg.to_yaml())
+        }
+        Command::Infer { args, weights, weights_format, input, target, output } => {
+            let (name, mut overrides) = split_args(&args)?;
+            let format = weights_format.map(|f| match f {
+                WeightsFormatArg::Tessera => WeightsFormat::Tessera,
+                WeightsFormatArg::Timm => WeightsFormat::Timm,
+            });
+            infer::run(&name, &mut overrides, &weights, format, &input, target.as_deref(), &output)
         }
         Command::Plan { command: PlanCommand::Show { file } } => {
             let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;

@@ -1,5 +1,8 @@
 //! tessera's runtime: it reads plans (never the compiler's IR) and executes
-//! them on a backend. So far it holds the counter-based random generator that
-//! every backend draws masks from.
+//! them on a backend. It holds the counter-based random generator that every
+//! backend draws masks from (`philox`) and the CPU backend (`cpu`), the
+//! reference executor with a kernel for every op.
 
+pub mod cpu;
 pub mod philox;
+pub mod weights;

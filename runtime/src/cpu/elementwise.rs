@@ -1,0 +1,192 @@
+//! Elementwise kernels: unary functions, broadcasting binary ops, scalar
+//! affine ops, casts and GELU's gradient.
+
+use super::broadcast::{broadcast_shape, zip};
+use super::error::{invalid, KernelError};
+use super::kernel::{f32_of, operands, PAR_CHUNK, PAR_MIN};
+use super::special::{erf, normal_pdf};
+use super::tensor::{show_shape, stored_as_f32, Data, Tensor};
+use rayon::prelude::*;
+use std::f64::consts::FRAC_1_SQRT_2;
+use tessera_compiler::ir::{BinaryOp, DType, UnaryOp};
+
+/// `f` applied to every element, in parallel for large inputs.
+pub fn map_f32(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
+    let mut out = vec![0.0; x.len()];
+    let body = |(o, x): (&mut [f32], &[f32])| o.iter_mut().zip(x).for_each(|(o, &x)| *o = f(x));
+    if x.len() >= PAR_MIN {
+        out.par_chunks_mut(PAR_CHUNK).zip(x.par_chunks(PAR_CHUNK)).for_each(body);
+    } else {
+        body((&mut out, x));
+    }
+    out
+}
+
+/// Same-shape `f(a, b)`, in parallel for large inputs.
+pub fn zip_f32(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
+    zip(a, &[a.len()], b, &[b.len()], &[a.len()], f)
+}
+
+/// Exact GELU, x Phi(x) with Phi the normal CDF via erf (reference 1.5).
+#[inline]
+pub fn gelu(x: f32) -> f32 {
+    let x = x as f64;
+    (0.5 * x * (1.0 + erf(x * FRAC_1_SQRT_2))) as f32
+}
+
+/// d GELU / dx = Phi(x) + x phi(x).
+#[inline]
+pub fn gelu_derivative(x: f32) -> f32 {
+    let x = x as f64;
+    (0.5 * (1.0 + erf(x * FRAC_1_SQRT_2)) + x * normal_pdf(x)) as f32
+}
+
+/// The logistic function, without overflow for large |x|.
+#[inline]
+fn sigmoid(x: f32) -> f32 {
+    if x >= 0.0 {
+        1.0 / (1.0 + (-x).exp())
+    } else {
+        let e = x.exp();
+        e / (1.0 + e)
+    }
+}
+
+pub fn unary(x: &[&Tensor], op: UnaryOp) -> Result<Tensor, KernelError> {
+    let [t] = operands(x, ["input"])?;
+    let data = f32_of(t, "input")?;
+    let out = match op {
+        UnaryOp::Gelu => map_f32(data, gelu),
+        UnaryOp::Relu => map_f32(data, |v| if v > 0.0 { v } else { 0.0 }),
+        UnaryOp::Tanh => map_f32(data, f32::tanh),
+        UnaryOp::Sigmoid => map_f32(data, sigmoid),
+        UnaryOp::Exp => map_f32(data, f32::exp),
+        UnaryOp::Log => map_f32(data, f32::ln),
+        UnaryOp::Neg => map_f32(data, |v| -v),
+        UnaryOp::Sqrt => map_f32(data, f32::sqrt),
+        UnaryOp::Recip => map_f32(data, |v| 1.0 / v),
+        UnaryOp::Square => map_f32(data, |v| v * v),
+        UnaryOp::Heaviside => map_f32(data, |v| if v > 0.0 { 1.0 } else { 0.0 }),
+    };
+    Ok(Tensor::f32(t.shape.clone(), out))
+}
+
+/// `GeluGrad (x, dy) -> dy * GELU'(x)`.
+pub fn gelu_grad(x: &[&Tensor]) -> Result<Tensor, KernelError> {
+    let [xt, dy] = operands(x, ["x", "dy"])?;
+    same_shape(xt, dy, "x", "dy")?;
+    let out = zip_f32(f32_of(xt, "x")?, f32_of(dy, "dy")?, |x, g| g * gelu_derivative(x));
+    Ok(Tensor::f32(xt.shape.clone(), out))
+}
+
+pub(crate) fn same_shape(a: &Tensor, b: &Tensor, ra: &str, rb: &str) -> Result<(), KernelError> {
+    if a.shape != b.shape {
+        return Err(invalid(format!(
+            "{ra} {} and {rb} {} must have the same shape",
+            show_shape(&a.shape),
+            show_shape(&b.shape)
+        )));
+    }
+    Ok(())
+}
+
+/// Numpy-broadcasting binary op on two f32 or two i64 tensors.
+pub fn binary(x: &[&Tensor], op: BinaryOp) -> Result<Tensor, KernelError> {
+    let [a, b] = operands(x, ["lhs", "rhs"])?;
+    let shape = broadcast_shape(&a.shape, &b.shape).ok_or_else(|| {
+        invalid(format!("lhs {} and rhs {} do not broadcast", show_shape(&a.shape), show_shape(&b.shape)))
+    })?;
+    let data = match (&a.data, &b.data) {
+        (Data::F32(u), Data::F32(v)) => Data::F32(match op {
+            BinaryOp::Add => zip(u, &a.shape, v, &b.shape, &shape, |x, y| x + y),
+            BinaryOp::Sub => zip(u, &a.shape, v, &b.shape, &shape, |x, y| x - y),
+            BinaryOp::Mul => zip(u, &a.shape, v, &b.shape, &shape, |x, y| x * y),
+            BinaryOp::Div => zip(u, &a.shape, v, &b.shape, &shape, |x, y| x / y),
+            // torch.maximum / minimum propagate NaN.
+            BinaryOp::Max => zip(u, &a.shape, v, &b.shape, &shape, |x, y| if x.is_nan() || x > y { x } else { y }),
+            BinaryOp::Min => zip(u, &a.shape, v, &b.shape, &shape, |x, y| if x.is_nan() || x < y { x } else { y }),
+        }),
+        (Data::I64(u), Data::I64(v)) => Data::I64(match op {
+            BinaryOp::Add => zip(u, &a.shape, v, &b.shape, &shape, i64::wrapping_add),
+            BinaryOp::Sub => zip(u, &a.shape, v, &b.shape, &shape, i64::wrapping_sub),
+            BinaryOp::Mul => zip(u, &a.shape, v, &b.shape, &shape, i64::wrapping_mul),
+            BinaryOp::Div => {
+                if v.contains(&0) {
+                    return Err(invalid("integer division by zero"));
+                }
+                // Floor division, as torch's `//` on integers.
+                zip(u, &a.shape, v, &b.shape, &shape, |x, y| {
+                    let q = x.wrapping_div(y);
+                    if x.wrapping_rem(y) != 0 && ((x < 0) != (y < 0)) {
+                        q - 1
+                    } else {
+                        q
+                    }
+                })
+            }
+            BinaryOp::Max => zip(u, &a.shape, v, &b.shape, &shape, i64::max),
+            BinaryOp::Min => zip(u, &a.shape, v, &b.shape, &shape, i64::min),
+        }),
+        _ => {
+            return Err(invalid(format!(
+                "lhs {} and rhs {} have different dtypes",
+                a.describe(),
+                b.describe()
+            )))
+        }
+    };
+    Ok(Tensor { shape, data })
+}
+
+/// `Scale`, `AddScalar`, `PowScalar`: one f32 map each.
+pub fn scale(x: &[&Tensor], factor: f64) -> Result<Tensor, KernelError> {
+    let [t] = operands(x, ["input"])?;
+    let f = factor as f32;
+    Ok(Tensor::f32(t.shape.clone(), map_f32(f32_of(t, "input")?, |v| v * f)))
+}
+
+/// `DivCount { count }`: x / count (a mean's backward).
+pub fn div_scalar(x: &[&Tensor], divisor: f64) -> Result<Tensor, KernelError> {
+    let [t] = operands(x, ["input"])?;
+    let d = divisor as f32;
+    Ok(Tensor::f32(t.shape.clone(), map_f32(f32_of(t, "input")?, |v| v / d)))
+}
+
+pub fn add_scalar(x: &[&Tensor], value: f64) -> Result<Tensor, KernelError> {
+    let [t] = operands(x, ["input"])?;
+    let c = value as f32;
+    Ok(Tensor::f32(t.shape.clone(), map_f32(f32_of(t, "input")?, |v| v + c)))
+}
+
+pub fn pow_scalar(x: &[&Tensor], exponent: f64) -> Result<Tensor, KernelError> {
+    let [t] = operands(x, ["input"])?;
+    let d = f32_of(t, "input")?;
+    let out = match exponent {
+        1.0 => d.to_vec(),
+        2.0 => map_f32(d, |v| v * v),
+        0.5 => map_f32(d, f32::sqrt),
+        -1.0 => map_f32(d, |v| 1.0 / v),
+        e if e == e.trunc() && e.abs() < 64.0 => {
+            let n = e as i32;
+            map_f32(d, |v| v.powi(n))
+        }
+        e => {
+            let e = e as f32;
+            map_f32(d, |v| v.powf(e))
+        }
+    };
+    Ok(Tensor::f32(t.shape.clone(), out))
+}
+
+/// `Cast`: f32 <-> i64 with Rust's `as` (truncation toward zero, saturating);
+/// between float dtypes a copy, since bf16/f16 are held as f32 on the CPU.
+pub fn cast(x: &[&Tensor], dtype: DType) -> Result<Tensor, KernelError> {
+    let [t] = operands(x, ["input"])?;
+    let data = match (&t.data, stored_as_f32(dtype)) {
+        (Data::F32(v), true) => Data::F32(v.clone()),
+        (Data::F32(v), false) => Data::I64(v.iter().map(|&x| x as i64).collect()),
+        (Data::I64(v), true) => Data::F32(v.iter().map(|&x| x as f32).collect()),
+        (Data::I64(v), false) => Data::I64(v.clone()),
+    };
+    Ok(Tensor { shape: t.shape.clone(), data })
+}

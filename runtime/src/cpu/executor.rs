@@ -1,0 +1,294 @@
+//! The CPU executor: holds a plan's state (parameters and buffers), runs its
+//! kernels in order, returns its outputs and applies its state updates.
+//!
+//! Memory stays bounded by freeing every intermediate right after its last
+//! reader has run (last uses are computed once, in `new`); values named as
+//! outputs or state updates live until the end of the run. Ops that pass
+//! their operand through (reshape, stop_gradient, eval-mode dropout, ...)
+//! move a dying operand instead of copying it.
+
+use super::error::RuntimeError;
+use super::init::init_tensor;
+use super::kernel::Ctx;
+use super::layout::reshaped;
+use super::tensor::{describe_type, Tensor};
+use super::{passes_data_through, run_kernel, KernelError};
+use std::collections::{BTreeMap, HashMap};
+use tessera_compiler::ir::Op;
+use tessera_compiler::plan::{Plan, Source};
+
+pub struct CpuExecutor {
+    plan: Plan,
+    seed: u64,
+    step: u64,
+    /// Fixed shapes of every value.
+    shapes: Vec<Vec<usize>>,
+    /// The current tensor of every parameter and buffer, by value index.
+    states: Vec<Option<Tensor>>,
+    state_index: HashMap<String, usize>,
+    /// The kernel that reads a value last (`None`: no kernel reads it).
+    last_use: Vec<Option<usize>>,
+    /// How many outputs and state updates name a value.
+    kept: Vec<usize>,
+}
+
+/// A value during a run: borrowed (inputs, state), owned (kernel results and
+/// fills), or not (yet, or any more) available.
+enum Slot<'a> {
+    Empty,
+    Borrowed(&'a Tensor),
+    Owned(Tensor),
+}
+
+impl Slot<'_> {
+    fn get(&self) -> Option<&Tensor> {
+        match self {
+            Slot::Empty => None,
+            Slot::Borrowed(t) => Some(t),
+            Slot::Owned(t) => Some(t),
+        }
+    }
+}
+
+impl CpuExecutor {
+    /// Validates `plan` and initialises every parameter and buffer from its
+    /// `Init` rule with random streams keyed by `seed` (see `init`).
+    pub fn new(plan: Plan, seed: u64) -> Result<Self, RuntimeError> {
+        plan.validate().map_err(RuntimeError::InvalidPlan)?;
+        let shapes: Vec<Vec<usize>> =
+            plan.values.iter().map(|v| v.shape.iter().map(|&d| d as usize).collect()).collect();
+        let mut states = vec![None; plan.values.len()];
+        let mut state_index = HashMap::new();
+        let mut input_names = HashMap::new();
+        for (i, v) in plan.values.iter().enumerate() {
+            match &v.source {
+                Source::Param { name, init, .. } | Source::Buffer { name, init } => {
+                    if state_index.insert(name.clone(), i).is_some() {
+                        return Err(RuntimeError::InvalidPlan(format!("state `{name}` is declared twice")));
+                    }
+                    let t = init_tensor(name, init, &shapes[i], v.dtype, seed).map_err(|message| RuntimeError::Init {
+                        name: name.clone(),
+                        init: init.to_string(),
+                        message,
+                    })?;
+                    states[i] = Some(t);
+                }
+                Source::Input { name } => {
+                    if input_names.insert(name.clone(), i).is_some() {
+                        return Err(RuntimeError::InvalidPlan(format!("input `{name}` is declared twice")));
+                    }
+                }
+                Source::Fill { .. } | Source::Kernel(_) => {}
+            }
+        }
+        let mut last_use = vec![None; plan.values.len()];
+        for (k, kernel) in plan.kernels.iter().enumerate() {
+            if kernel.op.is_leaf() {
+                return Err(RuntimeError::InvalidPlan(format!("kernel {k} is a leaf op ({})", kernel.op.name())));
+            }
+            for &i in &kernel.inputs {
+                last_use[i] = Some(k);
+            }
+        }
+        let mut kept = vec![0; plan.values.len()];
+        for (_, v) in plan.outputs.iter().chain(&plan.state_updates) {
+            kept[*v] += 1;
+        }
+        Ok(CpuExecutor { plan, seed, step: 0, shapes, states, state_index, last_use, kept })
+    }
+
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// The training step: the `step` of every random stream of the next run.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    pub fn set_step(&mut self, s: u64) {
+        self.step = s;
+    }
+
+    /// Names of every parameter and buffer, in plan order.
+    pub fn state_names(&self) -> Vec<String> {
+        let mut named: Vec<(&usize, &String)> = self.state_index.iter().map(|(n, i)| (i, n)).collect();
+        named.sort();
+        named.into_iter().map(|(_, n)| n.clone()).collect()
+    }
+
+    pub fn state(&self, name: &str) -> Option<&Tensor> {
+        self.state_index.get(name).and_then(|&i| self.states[i].as_ref())
+    }
+
+    /// Replaces a parameter or buffer (loading weights); its type must match the plan's.
+    pub fn set_state(&mut self, name: &str, t: Tensor) -> Result<(), RuntimeError> {
+        let &i = self.state_index.get(name).ok_or_else(|| RuntimeError::UnknownState { name: name.to_string() })?;
+        let dtype = self.plan.values[i].dtype;
+        if !t.has_type(&self.shapes[i], dtype) {
+            return Err(RuntimeError::TypeMismatch {
+                what: format!("state `{name}`"),
+                expected: describe_type(&self.shapes[i], dtype),
+                got: t.describe(),
+            });
+        }
+        self.states[i] = Some(t);
+        Ok(())
+    }
+
+    fn input_names(&self) -> String {
+        let names: Vec<String> = self
+            .plan
+            .values
+            .iter()
+            .filter_map(|v| match &v.source {
+                Source::Input { name } => Some(format!("`{name}` {}", describe_type(&v.shape.iter().map(|&d| d as usize).collect::<Vec<_>>(), v.dtype))),
+                _ => None,
+            })
+            .collect();
+        if names.is_empty() {
+            "none".into()
+        } else {
+            names.join(", ")
+        }
+    }
+
+    /// Runs every kernel in order with the named inputs (every plan input
+    /// must be given, with its type), returns all plan outputs by name, then
+    /// applies the plan's state updates and increments the step. On error
+    /// nothing changes: no state is updated and the step stays.
+    pub fn run(&mut self, inputs: &[(&str, Tensor)]) -> Result<BTreeMap<String, Tensor>, RuntimeError> {
+        let plan = &self.plan;
+        let mut given: HashMap<&str, &Tensor> = HashMap::new();
+        for (name, t) in inputs {
+            if given.insert(name, t).is_some() {
+                return Err(RuntimeError::DuplicateInput { name: name.to_string() });
+            }
+        }
+        let mut slots: Vec<Slot> = Vec::with_capacity(plan.values.len());
+        let mut used = 0;
+        for (i, v) in plan.values.iter().enumerate() {
+            slots.push(match &v.source {
+                Source::Input { name } => {
+                    let t = given.get(name.as_str()).ok_or_else(|| RuntimeError::MissingInput {
+                        name: name.clone(),
+                        expected: self.input_names(),
+                    })?;
+                    if !t.has_type(&self.shapes[i], v.dtype) {
+                        return Err(RuntimeError::TypeMismatch {
+                            what: format!("input `{name}`"),
+                            expected: describe_type(&self.shapes[i], v.dtype),
+                            got: t.describe(),
+                        });
+                    }
+                    used += 1;
+                    Slot::Borrowed(t)
+                }
+                Source::Param { .. } | Source::Buffer { .. } => {
+                    Slot::Borrowed(self.states[i].as_ref().expect("every state is initialised in new"))
+                }
+                Source::Fill { .. } | Source::Kernel(_) => Slot::Empty,
+            });
+        }
+        if used != given.len() {
+            let known = |n: &str| plan.input(n).is_some();
+            let unknown = given.keys().find(|n| !known(n)).expect("some given input is not a plan input");
+            return Err(RuntimeError::UnknownInput { name: unknown.to_string(), expected: self.input_names() });
+        }
+        let ctx = Ctx { training: plan.training, seed: self.seed, step: self.step };
+        for (k, kernel) in plan.kernels.iter().enumerate() {
+            let fail = |source: KernelError| RuntimeError::Kernel {
+                index: k,
+                op: kernel.op.name(),
+                scope: kernel.scope.clone(),
+                source,
+            };
+            for &i in &kernel.inputs {
+                if let (Slot::Empty, Source::Fill { value }) = (&slots[i], &plan.values[i].source) {
+                    slots[i] = Slot::Owned(Tensor::full(self.shapes[i].clone(), plan.values[i].dtype, *value));
+                }
+            }
+            let out_index = kernel.output;
+            let result = match self.movable_operand(k, &kernel.op, &ctx, &slots) {
+                Some(i) => {
+                    let Slot::Owned(t) = std::mem::replace(&mut slots[i], Slot::Empty) else {
+                        unreachable!("movable_operand only picks owned slots")
+                    };
+                    match kernel.op {
+                        Op::Reshape { .. } => reshaped(t, &self.shapes[out_index]).map_err(fail)?,
+                        _ => t,
+                    }
+                }
+                None => {
+                    let mut x = Vec::with_capacity(kernel.inputs.len());
+                    for &i in &kernel.inputs {
+                        x.push(slots[i].get().ok_or_else(|| {
+                            fail(KernelError::Invalid(format!("operand value {i} is not available")))
+                        })?);
+                    }
+                    run_kernel(&kernel.op, &x, &ctx).map_err(fail)?
+                }
+            };
+            let (shape, dtype) = (&self.shapes[out_index], plan.values[out_index].dtype);
+            if !result.has_type(shape, dtype) {
+                return Err(fail(KernelError::Invalid(format!(
+                    "produced {}, but the plan says {}",
+                    result.describe(),
+                    describe_type(shape, dtype)
+                ))));
+            }
+            if self.last_use[out_index].is_some() || self.kept[out_index] > 0 {
+                slots[out_index] = Slot::Owned(result);
+            }
+            for &i in &kernel.inputs {
+                if self.last_use[i] == Some(k) && self.kept[i] == 0 {
+                    slots[i] = Slot::Empty;
+                }
+            }
+        }
+        // Outputs and updates: the last reference takes an owned value, the others clone.
+        let mut remaining = self.kept.clone();
+        let mut take = |v: usize, slots: &mut Vec<Slot>| -> Tensor {
+            remaining[v] -= 1;
+            match &slots[v] {
+                Slot::Owned(_) if remaining[v] == 0 => match std::mem::replace(&mut slots[v], Slot::Empty) {
+                    Slot::Owned(t) => t,
+                    _ => unreachable!("matched owned above"),
+                },
+                Slot::Owned(t) => t.clone(),
+                Slot::Borrowed(t) => (*t).clone(),
+                Slot::Empty => match &plan.values[v].source {
+                    Source::Fill { value } => Tensor::full(self.shapes[v].clone(), plan.values[v].dtype, *value),
+                    _ => unreachable!("kept values are never freed"),
+                },
+            }
+        };
+        let mut outputs = BTreeMap::new();
+        for (name, v) in &plan.outputs {
+            outputs.insert(name.clone(), take(*v, &mut slots));
+        }
+        let mut updates = Vec::with_capacity(plan.state_updates.len());
+        for (name, v) in &plan.state_updates {
+            updates.push((self.state_index[name], take(*v, &mut slots)));
+        }
+        drop(slots);
+        for (i, t) in updates {
+            self.states[i] = Some(t);
+        }
+        self.step += 1;
+        Ok(outputs)
+    }
+
+    /// The operand kernel `k` may move into its result: only for ops that
+    /// pass data through, and only an owned value that dies here.
+    fn movable_operand(&self, k: usize, op: &Op, ctx: &Ctx, slots: &[Slot]) -> Option<usize> {
+        let kernel = &self.plan.kernels[k];
+        let &[i] = &kernel.inputs[..] else { return None };
+        let dying = self.last_use[i] == Some(k) && self.kept[i] == 0;
+        (passes_data_through(op, ctx) && dying && matches!(slots[i], Slot::Owned(_))).then_some(i)
+    }
+}

@@ -1,0 +1,162 @@
+//! Layout kernels, for f32 and i64 alike: reshape, permute, concat, slice,
+//! expand (broadcast) and zero padding.
+
+use super::broadcast::{broadcast_strides, coalesce, expand as broadcast_to};
+use super::error::{invalid, KernelError};
+use super::kernel::{check_axis, operands, split_at_axis, PAR_MIN};
+use super::tensor::{show_shape, Data, Tensor};
+use rayon::prelude::*;
+
+/// Runs a generic body on the tensor's data, rebuilding the same variant.
+macro_rules! per_dtype {
+    ($data:expr, $v:ident => $body:expr) => {
+        match $data {
+            Data::F32($v) => Data::F32($body),
+            Data::I64($v) => Data::I64($body),
+        }
+    };
+}
+
+/// `Reshape { shape }`: same data, new shape (element counts must agree).
+pub fn reshape(x: &[&Tensor], shape: &[usize]) -> Result<Tensor, KernelError> {
+    let [t] = operands(x, ["input"])?;
+    reshaped(t.clone(), shape)
+}
+
+/// Reshape by value (the executor moves a dying input here instead of copying).
+pub fn reshaped(t: Tensor, shape: &[usize]) -> Result<Tensor, KernelError> {
+    if shape.iter().product::<usize>() != t.numel() {
+        return Err(invalid(format!("cannot reshape {} to {}", show_shape(&t.shape), show_shape(shape))));
+    }
+    Ok(Tensor { shape: shape.to_vec(), data: t.data })
+}
+
+/// Output `i` reads input `perm[i]`: strided gather, rows of the last output dim.
+fn permute_data<T: Copy + Send + Sync + Default>(x: &[T], shape: &[usize], perm: &[usize]) -> Vec<T> {
+    let mut in_strides = vec![0; shape.len()];
+    let mut s = 1;
+    for d in (0..shape.len()).rev() {
+        in_strides[d] = s;
+        s *= shape[d];
+    }
+    let out_shape: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
+    let read: Vec<usize> = perm.iter().map(|&p| in_strides[p]).collect();
+    let (dims, st) = coalesce(&out_shape, &[&read]);
+    let st = &st[0];
+    let (last, inner) = (dims.len() - 1, *dims.last().expect("rank >= 1"));
+    let mut out = vec![T::default(); x.len()];
+    if x.is_empty() {
+        return out;
+    }
+    let row = |r: usize, o: &mut [T]| {
+        let (mut idx, mut base) = (r, 0);
+        for d in (0..last).rev() {
+            base += (idx % dims[d]) * st[d];
+            idx /= dims[d];
+        }
+        let step = st[last];
+        o.iter_mut().enumerate().for_each(|(j, v)| *v = x[base + j * step]);
+    };
+    if x.len() >= PAR_MIN {
+        out.par_chunks_mut(inner).enumerate().for_each(|(r, o)| row(r, o));
+    } else {
+        out.chunks_mut(inner).enumerate().for_each(|(r, o)| row(r, o));
+    }
+    out
+}
+
+/// `Permute { perm }`: output dim i is input dim perm[i].
+pub fn permute(x: &[&Tensor], perm: &[usize]) -> Result<Tensor, KernelError> {
+    let [t] = operands(x, ["input"])?;
+    let r = t.rank();
+    let mut seen = vec![false; r];
+    if perm.len() != r || !perm.iter().all(|&p| p < r && !std::mem::replace(&mut seen[p], true)) {
+        return Err(invalid(format!("perm {perm:?} is not a permutation of the axes of {}", show_shape(&t.shape))));
+    }
+    let shape = perm.iter().map(|&p| t.shape[p]).collect();
+    let data = per_dtype!(&t.data, v => permute_data(v, &t.shape, perm));
+    Ok(Tensor { shape, data })
+}
+
+/// `Concat { axis }`: operands in order along `axis`.
+pub fn concat(x: &[&Tensor], axis: usize) -> Result<Tensor, KernelError> {
+    let first = x.first().ok_or_else(|| invalid("expects at least 1 operand, got 0"))?;
+    check_axis(axis, first)?;
+    for (i, t) in x.iter().enumerate() {
+        let same = t.rank() == first.rank()
+            && (0..t.rank()).all(|d| d == axis || t.shape[d] == first.shape[d])
+            && t.data.kind() == first.data.kind();
+        if !same {
+            return Err(invalid(format!(
+                "operand {i} {} does not match operand 0 {} outside axis {axis}",
+                t.describe(),
+                first.describe()
+            )));
+        }
+    }
+    let (outer, _, inner) = split_at_axis(&first.shape, axis);
+    let mut shape = first.shape.clone();
+    shape[axis] = x.iter().map(|t| t.shape[axis]).sum();
+    fn gather<T: Copy>(parts: &[&[T]], lens: &[usize], outer: usize) -> Vec<T> {
+        let mut out = Vec::with_capacity(lens.iter().sum::<usize>() * outer);
+        for o in 0..outer {
+            for (p, &len) in parts.iter().zip(lens) {
+                out.extend_from_slice(&p[o * len..(o + 1) * len]);
+            }
+        }
+        out
+    }
+    let lens: Vec<usize> = x.iter().map(|t| t.shape[axis] * inner).collect();
+    let data = match &first.data {
+        Data::F32(_) => Data::F32(gather(&x.iter().map(|t| t.as_f32().expect("kinds checked")).collect::<Vec<_>>(), &lens, outer)),
+        Data::I64(_) => Data::I64(gather(&x.iter().map(|t| t.as_i64().expect("kinds checked")).collect::<Vec<_>>(), &lens, outer)),
+    };
+    Ok(Tensor { shape, data })
+}
+
+/// `Slice { axis, start, end }`: elements start..end of `axis`.
+pub fn slice(x: &[&Tensor], axis: usize, start: usize, end: usize) -> Result<Tensor, KernelError> {
+    let [t] = operands(x, ["input"])?;
+    check_axis(axis, t)?;
+    let (outer, n, inner) = split_at_axis(&t.shape, axis);
+    if start > end || end > n {
+        return Err(invalid(format!("slice {start}..{end} of axis {axis} is not within 0..{n} for input {}", show_shape(&t.shape))));
+    }
+    let mut shape = t.shape.clone();
+    shape[axis] = end - start;
+    let data = per_dtype!(&t.data, v => (0..outer).flat_map(|o| v[(o * n + start) * inner..(o * n + end) * inner].iter().copied()).collect());
+    Ok(Tensor { shape, data })
+}
+
+/// `Pad { axis, before, after }`: zeros around the input along `axis`.
+pub fn pad(x: &[&Tensor], axis: usize, before: usize, after: usize) -> Result<Tensor, KernelError> {
+    let [t] = operands(x, ["input"])?;
+    check_axis(axis, t)?;
+    let (outer, n, inner) = split_at_axis(&t.shape, axis);
+    let mut shape = t.shape.clone();
+    shape[axis] = before + n + after;
+    fn fill<T: Copy + Default>(v: &[T], outer: usize, n: usize, inner: usize, before: usize, after: usize) -> Vec<T> {
+        let mut out = Vec::with_capacity(outer * (before + n + after) * inner);
+        for o in 0..outer {
+            out.extend(std::iter::repeat_n(T::default(), before * inner));
+            out.extend_from_slice(&v[o * n * inner..(o + 1) * n * inner]);
+            out.extend(std::iter::repeat_n(T::default(), after * inner));
+        }
+        out
+    }
+    let data = per_dtype!(&t.data, v => fill(v, outer, n, inner, before, after));
+    Ok(Tensor { shape, data })
+}
+
+/// `Expand { shape }`: numpy broadcast to `shape`.
+pub fn expand(x: &[&Tensor], shape: &[usize]) -> Result<Tensor, KernelError> {
+    let [t] = operands(x, ["input"])?;
+    let (r, n) = (t.rank(), shape.len());
+    let ok = r <= n && t.shape.iter().zip(&shape[n - r..]).all(|(&s, &d)| s == d || s == 1);
+    if !ok {
+        return Err(invalid(format!("cannot expand {} to {}", show_shape(&t.shape), show_shape(shape))));
+    }
+    debug_assert_eq!(broadcast_strides(&t.shape, shape).len(), n);
+    let data = per_dtype!(&t.data, v => broadcast_to(v, &t.shape, shape));
+    Ok(Tensor { shape: shape.to_vec(), data })
+}

@@ -1,0 +1,114 @@
+//! The CPU backend: the reference executor for compiled plans, with one
+//! kernel per IR op (f32 compute, rayon threads, matrix products on `gemm`).
+//!
+//! Module map: `executor` runs a plan (state, inputs, buffer lifetimes);
+//! `dispatch` (below) maps each `Op` to its kernel; one module per family of
+//! kernels (`matmul`, `conv`, `attention`, `elementwise`, `reduce`, `norm`,
+//! `softmax`, `loss`, `layout`, `random`, `collective`, `state`); `init`
+//! draws initial parameters; `special` holds erf and the normal quantile.
+//!
+//! Invariants: kernels are pure functions of their operands and the run
+//! context (mode, seed, step), never of execution order; every random draw
+//! comes from Philox keyed by (seed, step, op key, element); the executor
+//! checks each kernel's result against the plan's type, so a kernel bug
+//! surfaces as an error naming the kernel, not as a wrong shape downstream.
+
+mod attention;
+mod broadcast;
+mod collective;
+mod conv;
+mod elementwise;
+mod error;
+mod executor;
+pub mod init;
+mod kernel;
+mod layout;
+mod loss;
+mod matmul;
+mod norm;
+mod random;
+mod reduce;
+mod softmax;
+pub mod special;
+mod state;
+mod tensor;
+
+pub use error::{KernelError, RuntimeError};
+pub use executor::CpuExecutor;
+pub use kernel::Ctx;
+pub use tensor::{describe_type, show_shape, Data, Tensor};
+
+use tessera_compiler::ir::{Dim, Op};
+
+/// A fixed dim of a plan's op (the plan has no symbolic batch left).
+fn fixed(d: Dim) -> Result<usize, KernelError> {
+    d.as_const()
+        .map(|v| v as usize)
+        .ok_or_else(|| error::invalid(format!("dim {d} is not fixed (plans have no symbolic batch)")))
+}
+
+fn fixed_shape(s: &tessera_compiler::ir::Shape) -> Result<Vec<usize>, KernelError> {
+    s.dims().iter().map(|&d| fixed(d)).collect()
+}
+
+/// Runs the kernel of `op` on `x`. This is the one place that maps ops to
+/// kernels; operand order follows each op's definition in the IR.
+pub fn run_kernel(op: &Op, x: &[&Tensor], ctx: &Ctx) -> Result<Tensor, KernelError> {
+    match op {
+        Op::Input { .. } | Op::Param { .. } | Op::Buffer { .. } | Op::Fill { .. } => {
+            Err(error::invalid(format!("{} is a leaf, not a kernel", op.name())))
+        }
+        Op::Linear => matmul::linear(x),
+        Op::Matmul => matmul::matmul(x),
+        Op::Conv2d { stride, padding } => conv::conv2d(x, *stride, *padding),
+        Op::Attention { scale, dropout, key } => attention::attention(x, *scale, *dropout, *key, ctx),
+        Op::LayerNorm { eps } => norm::layer_norm(x, *eps),
+        Op::BatchNorm { eps, .. } => norm::batch_norm(x, *eps, ctx.training),
+        Op::CrossEntropy { label_smoothing } => loss::cross_entropy(x, *label_smoothing),
+        Op::Unary(u) => elementwise::unary(x, *u),
+        Op::Binary(b) => elementwise::binary(x, *b),
+        Op::Scale { factor } => elementwise::scale(x, *factor),
+        Op::AddScalar { value } => elementwise::add_scalar(x, *value),
+        Op::PowScalar { exponent } => elementwise::pow_scalar(x, *exponent),
+        Op::Softmax { axis } => softmax::softmax(x, *axis),
+        Op::LogSoftmax { axis } => softmax::log_softmax(x, *axis),
+        Op::L2Normalize { axis, eps } => softmax::l2_normalize(x, *axis, *eps),
+        Op::Dropout { p, key } => random::dropout(x, *p, *key, ctx),
+        Op::DropPath { p, key } => random::drop_path(x, *p, *key, ctx),
+        Op::Cast { dtype } => elementwise::cast(x, *dtype),
+        Op::Reduce { op, axes, keepdim } => reduce::reduce(x, *op, axes, *keepdim),
+        Op::Reshape { shape } => layout::reshape(x, &fixed_shape(shape)?),
+        Op::Permute { perm } => layout::permute(x, perm),
+        Op::Concat { axis } => layout::concat(x, *axis),
+        Op::Slice { axis, start, end } => layout::slice(x, *axis, fixed(*start)?, fixed(*end)?),
+        Op::Expand { shape } => layout::expand(x, &fixed_shape(shape)?),
+        Op::StopGradient => kernel::operands(x, ["input"]).map(|[t]| t.clone()),
+        Op::AllGather { world } => collective::identity_on_one_rank(x, "all_gather", *world),
+        Op::AllReduce { world, .. } => collective::identity_on_one_rank(x, "all_reduce", *world),
+        Op::AllGatherGrad { world } => collective::identity_on_one_rank(x, "all_gather_grad", *world),
+        Op::QueuePush { world } => state::queue_push(x, *world),
+        Op::QueueAdvance { world } => state::queue_advance(x, *world),
+        Op::GeluGrad => elementwise::gelu_grad(x),
+        Op::Normalize { eps } => norm::normalize(x, *eps),
+        Op::NormalizeGrad { eps } => norm::normalize_grad(x, *eps),
+        Op::BatchStandardize { eps } => norm::batch_standardize(x, *eps),
+        Op::BatchStandardizeGrad { eps } => norm::batch_standardize_grad(x, *eps),
+        Op::RunningStat { momentum, unbiased_var } => state::running_stat(x, *momentum, *unbiased_var),
+        Op::CrossEntropyGrad { label_smoothing } => loss::cross_entropy_grad(x, *label_smoothing),
+        Op::Conv2dGradInput { stride, padding, input_hw } => conv::conv2d_grad_input(x, *stride, *padding, *input_hw),
+        Op::Conv2dGradWeight { stride, padding, kernel } => conv::conv2d_grad_weight(x, *stride, *padding, *kernel),
+        Op::Pad { axis, before, after } => layout::pad(x, *axis, fixed(*before)?, fixed(*after)?),
+        Op::DivCount { count } => elementwise::div_scalar(x, fixed(*count)? as f64),
+    }
+}
+
+/// Whether `op`'s output is its first operand's data unchanged (possibly
+/// reshaped): the executor then moves a dying operand instead of copying.
+fn passes_data_through(op: &Op, ctx: &Ctx) -> bool {
+    match op {
+        Op::Reshape { .. } | Op::StopGradient => true,
+        Op::AllGather { world } | Op::AllReduce { world, .. } | Op::AllGatherGrad { world } => *world == 1,
+        Op::Dropout { p, .. } | Op::DropPath { p, .. } => !ctx.training || *p == 0.0,
+        _ => false,
+    }
+}

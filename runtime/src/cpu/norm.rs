@@ -1,0 +1,211 @@
+//! Normalisation: layer norm and `Normalize` over the last axis, batch norm
+//! and `BatchStandardize` over all axes but 1, and their gradients. Variances
+//! are biased (divide by the count), statistics accumulate in f64.
+//!
+//! Gradient of standardisation for an upstream gradient g, with
+//! xhat = (x - mean) / sigma and means over the normalised elements:
+//! dx = (g - mean(g) - xhat * mean(g * xhat)) / sigma.
+
+use super::elementwise::same_shape;
+use super::error::{invalid, KernelError};
+use super::kernel::{expect_shape, f32_of, operands, PAR_MIN};
+use super::tensor::{show_shape, Tensor};
+use rayon::prelude::*;
+
+/// Biased mean and variance of `values` (two passes).
+fn mean_var<'a>(values: impl Iterator<Item = &'a [f32]> + Clone, count: usize) -> (f64, f64) {
+    let inv = 1.0 / count.max(1) as f64;
+    let mean = values.clone().flatten().map(|&v| v as f64).sum::<f64>() * inv;
+    let var = values.flatten().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() * inv;
+    (mean, var)
+}
+
+/// `(mean(g), mean(g * xhat))` for one normalised group.
+fn grad_means<'a>(
+    g: impl Iterator<Item = &'a [f32]>,
+    x: impl Iterator<Item = &'a [f32]>,
+    mean: f64,
+    inv_sigma: f64,
+    count: usize,
+) -> (f64, f64) {
+    let (mut sg, mut sgx) = (0.0f64, 0.0f64);
+    for (gs, xs) in g.zip(x) {
+        for (&gv, &xv) in gs.iter().zip(xs) {
+            sg += gv as f64;
+            sgx += gv as f64 * (xv as f64 - mean) * inv_sigma;
+        }
+    }
+    let inv = 1.0 / count.max(1) as f64;
+    (sg * inv, sgx * inv)
+}
+
+/// Calls `f(r, row)` for every row `r` of length `d` of `out`, in parallel when large.
+fn for_rows(out: &mut [f32], d: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    if d == 0 {
+        return;
+    }
+    if out.len() >= PAR_MIN {
+        out.par_chunks_mut(d).enumerate().for_each(|(r, row)| f(r, row));
+    } else {
+        out.chunks_mut(d).enumerate().for_each(|(r, row)| f(r, row));
+    }
+}
+
+fn last_dim(t: &Tensor) -> Result<usize, KernelError> {
+    t.shape.last().copied().ok_or_else(|| invalid("input must have a feature axis, got a scalar []"))
+}
+
+/// `LayerNorm (x [..., D], w [D], b [D])`: (x - mean) / sqrt(var + eps) * w + b.
+pub fn layer_norm(x: &[&Tensor], eps: f64) -> Result<Tensor, KernelError> {
+    let [xt, wt, bt] = operands(x, ["input", "weight", "bias"])?;
+    let d = last_dim(xt)?;
+    expect_shape(wt, "weight", &[d])?;
+    expect_shape(bt, "bias", &[d])?;
+    let (w, b) = (f32_of(wt, "weight")?, f32_of(bt, "bias")?);
+    let mut out = vec![0.0f32; xt.numel()];
+    let xd = f32_of(xt, "input")?;
+    for_rows(&mut out, d, |r, row| {
+        let xs = &xd[r * d..][..d];
+        let (mean, var) = mean_var(std::iter::once(xs), d);
+        let inv = 1.0 / (var + eps).sqrt();
+        for (((o, &x), &w), &b) in row.iter_mut().zip(xs).zip(w).zip(b) {
+            *o = ((x as f64 - mean) * inv) as f32 * w + b;
+        }
+    });
+    Ok(Tensor::f32(xt.shape.clone(), out))
+}
+
+/// `Normalize (x [..., D])`: layer norm without the affine part.
+pub fn normalize(x: &[&Tensor], eps: f64) -> Result<Tensor, KernelError> {
+    let [xt] = operands(x, ["input"])?;
+    let d = last_dim(xt)?;
+    let mut out = vec![0.0f32; xt.numel()];
+    let xd = f32_of(xt, "input")?;
+    for_rows(&mut out, d, |r, row| {
+        let xs = &xd[r * d..][..d];
+        let (mean, var) = mean_var(std::iter::once(xs), d);
+        let inv = 1.0 / (var + eps).sqrt();
+        row.iter_mut().zip(xs).for_each(|(o, &x)| *o = ((x as f64 - mean) * inv) as f32);
+    });
+    Ok(Tensor::f32(xt.shape.clone(), out))
+}
+
+/// `NormalizeGrad (g [..., D], x [..., D]) -> dx`.
+pub fn normalize_grad(x: &[&Tensor], eps: f64) -> Result<Tensor, KernelError> {
+    let [gt, xt] = operands(x, ["g", "x"])?;
+    same_shape(gt, xt, "g", "x")?;
+    let d = last_dim(xt)?;
+    let mut out = vec![0.0f32; xt.numel()];
+    let (gd, xd) = (f32_of(gt, "g")?, f32_of(xt, "x")?);
+    for_rows(&mut out, d, |r, row| {
+        let (g, xs) = (&gd[r * d..][..d], &xd[r * d..][..d]);
+        let (mean, var) = mean_var(std::iter::once(xs), d);
+        let inv = 1.0 / (var + eps).sqrt();
+        let (mg, mgx) = grad_means(std::iter::once(g), std::iter::once(xs), mean, inv, d);
+        for ((o, &gv), &xv) in row.iter_mut().zip(g).zip(xs) {
+            let xhat = (xv as f64 - mean) * inv;
+            *o = ((gv as f64 - mg - xhat * mgx) * inv) as f32;
+        }
+    });
+    Ok(Tensor::f32(xt.shape.clone(), out))
+}
+
+/// `[N, C, S...]` viewed as (N, C, S) with S the product of the trailing dims.
+fn ncs(t: &Tensor) -> Result<(usize, usize, usize), KernelError> {
+    if t.rank() < 2 {
+        return Err(invalid(format!("input must be [N, C, ...], got {}", show_shape(&t.shape))));
+    }
+    Ok((t.shape[0], t.shape[1], t.shape[2..].iter().product()))
+}
+
+/// The `S` elements of sample `n`, channel `c`, for every n.
+fn channel(x: &[f32], (n, c_count, s): (usize, usize, usize), c: usize) -> impl Iterator<Item = &[f32]> + Clone {
+    (0..n).map(move |i| &x[(i * c_count + c) * s..][..s])
+}
+
+/// Per-channel biased (mean, var) over N and the trailing dims.
+fn channel_stats(x: &[f32], dims: (usize, usize, usize)) -> Vec<(f64, f64)> {
+    let count = dims.0 * dims.2;
+    (0..dims.1).into_par_iter().map(|c| mean_var(channel(x, dims, c), count)).collect()
+}
+
+/// Writes `f(c, x)` for every element, in parallel over samples.
+fn per_channel_map(x: &[f32], (n, c, s): (usize, usize, usize), f: impl Fn(usize, usize, f32) -> f32 + Sync) -> Vec<f32> {
+    let mut out = vec![0.0f32; x.len()];
+    if c * s == 0 {
+        return out;
+    }
+    out.par_chunks_mut(c * s).enumerate().for_each(|(i, sample)| {
+        for (ch, block) in sample.chunks_mut(s).enumerate() {
+            let base = (i * c + ch) * s;
+            block.iter_mut().enumerate().for_each(|(j, o)| *o = f(ch, base + j, x[base + j]));
+        }
+    });
+    debug_assert_eq!(out.len(), n * c * s);
+    out
+}
+
+/// `BatchNorm (x [N, C, ...], w, b, running_mean, running_var)`: batch
+/// statistics in training, running statistics in eval.
+pub fn batch_norm(x: &[&Tensor], eps: f64, training: bool) -> Result<Tensor, KernelError> {
+    let [xt, wt, bt, rmt, rvt] = operands(x, ["input", "weight", "bias", "running_mean", "running_var"])?;
+    let dims = ncs(xt)?;
+    let c = dims.1;
+    for (t, role) in [(wt, "weight"), (bt, "bias"), (rmt, "running_mean"), (rvt, "running_var")] {
+        expect_shape(t, role, &[c])?;
+    }
+    let xd = f32_of(xt, "input")?;
+    let (w, b) = (f32_of(wt, "weight")?, f32_of(bt, "bias")?);
+    let stats: Vec<(f64, f64)> = if training {
+        channel_stats(xd, dims)
+    } else {
+        let (rm, rv) = (f32_of(rmt, "running_mean")?, f32_of(rvt, "running_var")?);
+        rm.iter().zip(rv).map(|(&m, &v)| (m as f64, v as f64)).collect()
+    };
+    // Per channel: y = x * scale + shift.
+    let affine: Vec<(f64, f64)> = stats
+        .iter()
+        .zip(w.iter().zip(b))
+        .map(|(&(m, v), (&w, &b))| {
+            let scale = w as f64 / (v + eps).sqrt();
+            (scale, b as f64 - m * scale)
+        })
+        .collect();
+    let out = per_channel_map(xd, dims, |ch, _, v| (v as f64 * affine[ch].0 + affine[ch].1) as f32);
+    Ok(Tensor::f32(xt.shape.clone(), out))
+}
+
+/// `BatchStandardize (x [N, C, ...])`: standardised per channel with batch statistics.
+pub fn batch_standardize(x: &[&Tensor], eps: f64) -> Result<Tensor, KernelError> {
+    let [xt] = operands(x, ["input"])?;
+    let dims = ncs(xt)?;
+    let xd = f32_of(xt, "input")?;
+    let stats: Vec<(f64, f64)> = channel_stats(xd, dims).into_iter().map(|(m, v)| (m, 1.0 / (v + eps).sqrt())).collect();
+    let out = per_channel_map(xd, dims, |ch, _, v| ((v as f64 - stats[ch].0) * stats[ch].1) as f32);
+    Ok(Tensor::f32(xt.shape.clone(), out))
+}
+
+/// `BatchStandardizeGrad (g, x) -> dx`.
+pub fn batch_standardize_grad(x: &[&Tensor], eps: f64) -> Result<Tensor, KernelError> {
+    let [gt, xt] = operands(x, ["g", "x"])?;
+    same_shape(gt, xt, "g", "x")?;
+    let dims = ncs(xt)?;
+    let (gd, xd) = (f32_of(gt, "g")?, f32_of(xt, "x")?);
+    let count = dims.0 * dims.2;
+    // (mean, 1/sigma, mean(g), mean(g * xhat)) per channel.
+    let per: Vec<(f64, f64, f64, f64)> = (0..dims.1)
+        .into_par_iter()
+        .map(|c| {
+            let (mean, var) = mean_var(channel(xd, dims, c), count);
+            let inv = 1.0 / (var + eps).sqrt();
+            let (mg, mgx) = grad_means(channel(gd, dims, c), channel(xd, dims, c), mean, inv, count);
+            (mean, inv, mg, mgx)
+        })
+        .collect();
+    let out = per_channel_map(xd, dims, |ch, i, v| {
+        let (mean, inv, mg, mgx) = per[ch];
+        let xhat = (v as f64 - mean) * inv;
+        ((gd[i] as f64 - mg - xhat * mgx) * inv) as f32
+    });
+    Ok(Tensor::f32(xt.shape.clone(), out))
+}

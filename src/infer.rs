@@ -1,0 +1,116 @@
+//! `tessera infer`: the eval-mode forward (and, with targets, the loss and
+//! the gradients) of a config's model on a batch read from a file, with
+//! weights in tessera's or timm's names. This is how a port is checked
+//! against PyTorch: same weights, same input, compare the files.
+
+use anyhow::{anyhow, bail, Context, Result};
+use std::collections::BTreeMap;
+use std::path::Path;
+use tessera_compiler::config;
+use tessera_compiler::elaborate::Program;
+use tessera_compiler::pipeline::inference_plan;
+use tessera_runtime::cpu::{CpuExecutor, Data, Tensor};
+use tessera_runtime::weights::{
+    detect_format, export, match_weights_with, model_tensors, read_safetensors, write_safetensors, MatchOptions,
+    NamedTensor, WeightsFormat,
+};
+
+/// The one tensor called `name` in a safetensors file.
+fn read_one(path: &Path, name: &str) -> Result<NamedTensor> {
+    let tensors = read_safetensors(path)?;
+    let names: Vec<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
+    let joined = names.join(", ");
+    tensors
+        .into_iter()
+        .find(|t| t.name == name)
+        .ok_or_else(|| anyhow!("{} has no tensor `{name}` (it has: {joined})", path.display()))
+}
+
+pub fn run(
+    name: &str,
+    overrides: &mut Vec<String>,
+    weights: &Path,
+    format: Option<WeightsFormat>,
+    input: &Path,
+    target: Option<&Path>,
+    output: &Path,
+) -> Result<()> {
+    // Targets given here are class indices: the loss takes them as such, not
+    // as the soft targets a cutmixup collator would make during training.
+    if target.is_some() {
+        overrides.push("DATA.TRAIN.COLLATE_FUNCTION=default_collate".into());
+    }
+    let cfg = config::load(name, overrides).map_err(|e| anyhow!("{e}"))?;
+    let x = read_one(input, "input")?;
+    if x.shape.len() != 4 || x.shape[1] != 3 {
+        bail!("{}: `input` must be [B, 3, H, W], got {:?}", input.display(), x.shape);
+    }
+    let batch = x.shape[0] as u64;
+    let prog = Program::load(&[]).map_err(|e| anyhow!("{e}"))?;
+    let (plan, _) = inference_plan(&prog, cfg.tree(), batch, target.is_some()).map_err(|e| anyhow!("{e}"))?;
+    let expected = model_tensors(&plan);
+
+    let file = read_safetensors(weights)?;
+    let names: Vec<&str> = file.iter().map(|t| t.name.as_str()).collect();
+    let format = format.unwrap_or_else(|| detect_format(&names));
+    let matched = match_weights_with(&expected, file, format, MatchOptions::default())
+        .with_context(|| format!("loading {}", weights.display()))?;
+    let mut ex = CpuExecutor::new(plan, 0).map_err(|e| anyhow!("{e}"))?;
+    for t in matched.tensors {
+        let current = ex.state(&t.name).ok_or_else(|| anyhow!("the model has no tensor `{}`", t.name))?;
+        // Integer buffers (BatchNorm's num_batches_tracked) come back from files as f32.
+        let value = match current.data {
+            Data::I64(_) => Tensor::i64(t.shape.clone(), t.data.iter().map(|&v| v as i64).collect()),
+            Data::F32(_) => Tensor::f32(t.shape.clone(), t.data),
+        };
+        ex.set_state(&t.name, value).map_err(|e| anyhow!("{e}"))?;
+    }
+
+    let mut inputs = vec![("data", Tensor::f32(x.shape.clone(), x.data))];
+    if let Some(tp) = target {
+        let t = read_one(tp, "target")?;
+        if t.shape != [x.shape[0]] {
+            bail!("{}: `target` must be [{}] class indices, got {:?}", tp.display(), x.shape[0], t.shape);
+        }
+        inputs.push(("target", Tensor::i64(t.shape, t.data.iter().map(|&v| v as i64).collect())));
+    }
+    let wanted: Vec<String> = ex.plan().values.iter().filter_map(|v| match &v.source {
+        tessera_compiler::plan::Source::Input { name } => Some(name.clone()),
+        _ => None,
+    }).collect();
+    for w in &wanted {
+        if !inputs.iter().any(|(n, _)| n == w) {
+            bail!("the model of `{name}` needs an input `{w}` that `tessera infer` cannot provide (its loss is not a classification loss)");
+        }
+    }
+    let out = ex.run(&inputs).map_err(|e| anyhow!("{e}"))?;
+
+    let mut results = Vec::new();
+    let mut grads = Vec::new();
+    for (k, t) in out {
+        let shape = t.shape.clone();
+        let data = t.into_f32().ok_or_else(|| anyhow!("output `{k}` is not a float tensor"))?;
+        if let Some(rest) = k.strip_prefix("output") {
+            results.push(NamedTensor::new(format!("logits{rest}"), shape, data));
+        } else if let Some(p) = k.strip_prefix("grad.") {
+            grads.push(NamedTensor::new(p.to_string(), shape, data));
+        } else {
+            results.push(NamedTensor::new(k, shape, data));
+        }
+    }
+    // Gradients carry the names (and layouts) of the weights file.
+    for g in export(&grads, format) {
+        results.push(NamedTensor::new(format!("grad.{}", g.name), g.shape, g.data));
+    }
+    let mut meta = BTreeMap::new();
+    meta.insert("tessera.config".to_string(), cfg.name().to_string());
+    meta.insert("tessera.weights_format".to_string(), format.to_string());
+    write_safetensors(output, &results, &meta)?;
+    eprintln!(
+        "tessera infer: wrote {} tensors to {} ({} weights in {format} names)",
+        results.len(),
+        output.display(),
+        expected.len()
+    );
+    Ok(())
+}
