@@ -74,10 +74,15 @@ pub fn run(
         }
         inputs.push(("target", Tensor::i64(t.shape, t.data.iter().map(|&v| v as i64).collect())));
     }
-    let wanted: Vec<String> = ex.plan().values.iter().filter_map(|v| match &v.source {
-        tessera_compiler::plan::Source::Input { name } => Some(name.clone()),
-        _ => None,
-    }).collect();
+    let wanted: Vec<String> = ex
+        .plan()
+        .values
+        .iter()
+        .filter_map(|v| match &v.source {
+            tessera_compiler::plan::Source::Input { name } => Some(name.clone()),
+            _ => None,
+        })
+        .collect();
     for w in &wanted {
         if !inputs.iter().any(|(n, _)| n == w) {
             bail!("the model of `{name}` needs an input `{w}` that `tessera infer` cannot provide (its loss is not a classification loss)");

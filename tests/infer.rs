@@ -1,0 +1,169 @@
+//! `tessera infer` end to end: weights written in timm's names (and in
+//! tessera's) load by name, and the logits, loss and gradients it writes equal
+//! those of the same model run directly; bad weights fail with a clear list.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+use tessera_compiler::{config, elaborate::Program, pipeline::inference_plan};
+use tessera_runtime::cpu::{CpuExecutor, Tensor};
+use tessera_runtime::philox::Stream;
+use tessera_runtime::weights::{
+    export, model_tensors, read_safetensors, write_safetensors, NamedTensor, WeightsFormat,
+};
+
+const B: usize = 2;
+
+fn random(n: usize, seed: u64) -> Vec<f32> {
+    let s = Stream::new(seed, 0, 0);
+    (0..n as u64).map(|i| s.uniform_at(i) * 2.0 - 1.0).collect()
+}
+
+/// Runs the model directly with seed-`seed` initial weights; returns the
+/// weights (tessera names) and the outputs.
+fn direct(name: &str, seed: u64, x: &Tensor, target: &Tensor) -> (Vec<NamedTensor>, BTreeMap<String, Tensor>) {
+    let cfg = config::load(name, &["DATA.TRAIN.COLLATE_FUNCTION=default_collate".into()]).unwrap();
+    let prog = Program::load(&[]).unwrap();
+    let (plan, _) = inference_plan(&prog, cfg.tree(), B as u64, true).unwrap();
+    let names = model_tensors(&plan);
+    let mut ex = CpuExecutor::new(plan, seed).unwrap();
+    let weights = names
+        .iter()
+        .filter_map(|(n, shape)| {
+            let t = ex.state(n)?;
+            let data = t
+                .as_f32()
+                .map(|d| d.to_vec())
+                .unwrap_or_else(|| t.as_i64().unwrap().iter().map(|&v| v as f32).collect());
+            Some(NamedTensor::new(n, shape.clone(), data))
+        })
+        .collect();
+    let out = ex.run(&[("data", x.clone()), ("target", target.clone())]).unwrap();
+    (weights, out)
+}
+
+fn tessera(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tessera")).args(args).output().expect("run tessera");
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn check(config_name: &str, format: WeightsFormat, dir: &Path) {
+    let x = Tensor::f32(vec![B, 3, 32, 32], random(B * 3 * 32 * 32, 3));
+    let target = Tensor::i64(vec![B], vec![3, 7]);
+    let (weights, want) = direct(config_name, 11, &x, &target);
+    let file = export(&weights, format);
+    let tag = format!("{}-{format}", config_name.replace('/', "_"));
+    let (w, xin, tin, y) = (
+        dir.join(format!("{tag}-w.safetensors")),
+        dir.join(format!("{tag}-x.safetensors")),
+        dir.join(format!("{tag}-t.safetensors")),
+        dir.join(format!("{tag}-y.safetensors")),
+    );
+    write_safetensors(&w, &file, &BTreeMap::new()).unwrap();
+    write_safetensors(
+        &xin,
+        &[NamedTensor::new("input", x.shape.clone(), x.as_f32().unwrap().to_vec())],
+        &BTreeMap::new(),
+    )
+    .unwrap();
+    write_safetensors(&tin, &[NamedTensor::new("target", vec![B], vec![3.0, 7.0])], &BTreeMap::new()).unwrap();
+    let (ok, err) = tessera(&[
+        "infer",
+        &format!("config={config_name}"),
+        "--weights",
+        w.to_str().unwrap(),
+        "--input",
+        xin.to_str().unwrap(),
+        "--target",
+        tin.to_str().unwrap(),
+        "--output",
+        y.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let got: BTreeMap<String, NamedTensor> =
+        read_safetensors(&y).unwrap().into_iter().map(|t| (t.name.clone(), t)).collect();
+    assert_eq!(got["logits"].data, want["output"].as_f32().unwrap(), "{config_name}: logits");
+    assert_eq!(got["loss"].data, want["loss"].as_f32().unwrap(), "{config_name}: loss");
+    // Every gradient, named as in the weights file.
+    let grads: Vec<NamedTensor> = want
+        .iter()
+        .filter_map(|(k, t)| {
+            k.strip_prefix("grad.")
+                .map(|n| NamedTensor::new(n.to_string(), t.shape.clone(), t.as_f32().unwrap().to_vec()))
+        })
+        .collect();
+    let grads = export(&grads, format);
+    assert!(!grads.is_empty());
+    for g in grads {
+        let key = format!("grad.{}", g.name);
+        let have = got
+            .get(&key)
+            .unwrap_or_else(|| panic!("{config_name}: {key} missing; have {:?}", got.keys().collect::<Vec<_>>()));
+        assert_eq!(have.data, g.data, "{config_name}: {key}");
+    }
+}
+
+#[test]
+fn infer_with_timm_and_tessera_weights() {
+    let dir = std::env::temp_dir().join(format!("tessera-infer-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    check("quickstart/vit_tiny", WeightsFormat::Timm, &dir);
+    check("quickstart/vit_tiny", WeightsFormat::Tessera, &dir);
+    check("quickstart/convit_tiny", WeightsFormat::Timm, &dir);
+    // timm names really are timm's.
+    let names: Vec<String> = read_safetensors(&dir.join("quickstart_convit_tiny-timm-w.safetensors"))
+        .unwrap()
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    for want in [
+        "cls_token",
+        "pos_embed",
+        "blocks.0.attn.qk.weight",
+        "blocks.0.attn.gating_param",
+        "blocks.2.attn.qkv.weight",
+        "head.weight",
+    ] {
+        assert!(names.iter().any(|n| n == want), "{want} not in {names:?}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn infer_reports_weights_that_do_not_fit() {
+    let dir = std::env::temp_dir().join(format!("tessera-infer-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let x = Tensor::f32(vec![B, 3, 32, 32], random(B * 3 * 32 * 32, 3));
+    let (mut weights, _) = direct("quickstart/vit_tiny", 1, &x, &Tensor::i64(vec![B], vec![0, 1]));
+    let i = weights.iter().position(|t| t.name == "trunk.blocks.0.mlp.fc1.weight").unwrap();
+    weights[i] = NamedTensor::new(weights[i].name.clone(), vec![64, 64], vec![0.0; 64 * 64]);
+    weights.push(NamedTensor::new("trunk.extra", vec![3], vec![0.0; 3]));
+    weights.retain(|t| t.name != "trunk.norm.bias");
+    let w = dir.join("w.safetensors");
+    write_safetensors(&w, &weights, &BTreeMap::new()).unwrap();
+    let xin = dir.join("x.safetensors");
+    write_safetensors(
+        &xin,
+        &[NamedTensor::new("input", x.shape.clone(), x.as_f32().unwrap().to_vec())],
+        &BTreeMap::new(),
+    )
+    .unwrap();
+    let (ok, err) = tessera(&[
+        "infer",
+        "config=quickstart/vit_tiny",
+        "--weights",
+        w.to_str().unwrap(),
+        "--input",
+        xin.to_str().unwrap(),
+        "--output",
+        dir.join("y.safetensors").to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains("trunk.blocks.0.mlp.fc1.weight") && err.contains("[64, 64]") && err.contains("[128, 64]"),
+        "{err}"
+    );
+    assert!(err.contains("trunk.extra"), "{err}");
+    assert!(err.contains("trunk.norm.bias"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
