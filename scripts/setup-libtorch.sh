@@ -5,11 +5,14 @@
 #     eval "$(./scripts/setup-libtorch.sh)"
 #     cargo test --release --features torch-oracle --test torch_oracle
 #
+# (In a `set -e` script, assign first: `env="$(...)"; eval "$env"`, since a
+# failure inside `eval "$(...)"` does not stop the script; see scripts/test.sh.)
+#
 # PyPI is the only source of libtorch we can reach, and its torch wheel is the
 # CUDA build. libtorch_cpu.so from that wheel needs only two CUDA libraries
 # (libcudart, libcupti); we install those two wheels with --no-deps instead of
 # the several GB of CUDA packages torch declares, and lay out a LIBTORCH
-# directory the way torch-sys expects it (see docs: crates.md section 8):
+# directory the way torch-sys 0.26 (build.rs) expects it:
 #
 #     $ROOT/site/               pip --target: torch, nvidia-cuda-runtime/-cupti
 #     $ROOT/libtorch/include -> ../site/torch/include
@@ -20,7 +23,7 @@
 #     $ROOT/stamp               written last; its presence means "done"
 #
 # ROOT is ${TESSERA_CACHE:-$HOME/.cache/tessera}/libtorch-<version>. The
-# download is about 530 MB once; about 560 MB stay on disk. A second run only
+# download is about 530 MB once; about 550 MB stay on disk. A second run only
 # reads the stamp. Progress goes to stderr; stdout carries only the exports.
 # Needs: python3 with pip (TESSERA_PYTHON overrides the interpreter), network
 # access to PyPI, gcc, binutils (readelf, nm), Linux on x86_64 or aarch64.
@@ -88,7 +91,8 @@ esac
 PY="${TESSERA_PYTHON:-python3}"
 command -v "$PY" >/dev/null 2>&1 ||
     die "$PY not found: installing libtorch needs Python 3.10+ with pip (Debian: apt-get install python3 python3-pip; or set TESSERA_PYTHON)"
-"$PY" -m pip --version >/dev/null 2>&1 ||
+pip_version="$("$PY" -m pip --version 2>/dev/null)" || pip_version=""
+[[ $pip_version == "pip "* ]] ||
     die "pip is missing for $PY: install it (Debian: apt-get install python3-pip, or $PY -m ensurepip) or set TESSERA_PYTHON"
 for tool in gcc readelf nm; do
     command -v "$tool" >/dev/null 2>&1 || die "$tool not found (Debian: apt-get install gcc binutils)"

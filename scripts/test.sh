@@ -1,6 +1,13 @@
 #!/usr/bin/env bash
-# The test command of the README: installs what the tests need (a Rust
-# toolchain is expected; nothing else yet), builds, and runs every test.
+# The test command of the README: installs what the tests need, builds, and
+# runs every test.
+#
+# Besides a Rust toolchain (cargo) it needs python3 with pip, gcc and access
+# to PyPI on the first run: scripts/setup-libtorch.sh installs libtorch 2.13.0
+# (a ~530 MB download, ~550 MB under ${TESSERA_CACHE:-~/.cache/tessera}, once;
+# later runs reuse it) as the numerical oracle of the parity tests, which are
+# built with `--features torch-oracle`. If libtorch cannot be installed this
+# script fails: the parity tests are never skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v cargo >/dev/null 2>&1; then
@@ -10,5 +17,39 @@ fi
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 # Snapshots must match exactly in CI (insta fails on a mismatch when CI=true).
 export INSTA_UPDATE="${INSTA_UPDATE:-no}"
+
+# libtorch first, so that a missing network fails in seconds, not after the
+# build. (An assignment, not `eval "$(...)"`, so that set -e sees a failure.)
+libtorch_env="$(./scripts/setup-libtorch.sh)" || {
+    echo "test.sh: libtorch setup failed (see above); the torch-oracle parity tests cannot run" >&2
+    exit 1
+}
+
+# The default build and tests: no libtorch involved. A failure here still lets
+# the parity tests below run (and report); the script fails at the end.
 cargo build --locked --release --bins
-cargo test --locked --release --workspace
+status=0
+cargo test --locked --release --workspace || status=$?
+
+# Every test file of the root package that needs the oracle: those mentioning
+# the `torch-oracle` feature (tests/NAME.rs or tests/NAME/main.rs).
+oracle_tests=()
+for f in tests/*.rs tests/*/main.rs; do
+    [ -f "$f" ] && grep -q 'torch-oracle' "$f" || continue
+    case "$f" in
+    */main.rs) name="$(basename "$(dirname "$f")")" ;;
+    *) name="$(basename "$f" .rs)" ;;
+    esac
+    oracle_tests+=(--test "$name")
+done
+if [ ${#oracle_tests[@]} -eq 0 ]; then
+    echo "test.sh: no test file uses the torch-oracle feature (expected tests/torch_oracle.rs)" >&2
+    exit 1
+fi
+eval "$libtorch_env"
+echo "test.sh: libtorch parity tests (LIBTORCH=$LIBTORCH): ${oracle_tests[*]}" >&2
+cargo test --locked --release --features torch-oracle "${oracle_tests[@]}" || status=$?
+if [ "$status" -ne 0 ]; then
+    echo "test.sh: FAILED (see above)" >&2
+fi
+exit "$status"

@@ -16,7 +16,10 @@ pub fn attention(x: &[&Tensor], scale: f64, dropout: f64, key: u32, ctx: &Ctx) -
     let [qt, kt, vt] = operands(x, ["q", "k", "v"])?;
     let (qd, kd, vd) = (f32_of(qt, "q")?, f32_of(kt, "k")?, f32_of(vt, "v")?);
     let r = qt.rank();
-    let lead_ok = r >= 3 && kt.rank() == r && vt.rank() == r && qt.shape[..r - 2] == kt.shape[..r - 2]
+    let lead_ok = r >= 3
+        && kt.rank() == r
+        && vt.rank() == r
+        && qt.shape[..r - 2] == kt.shape[..r - 2]
         && qt.shape[..r - 2] == vt.shape[..r - 2];
     if !lead_ok || kt.shape[r - 1] != qt.shape[r - 1] || vt.shape[r - 2] != kt.shape[r - 2] {
         return Err(invalid(format!(

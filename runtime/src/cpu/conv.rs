@@ -47,7 +47,11 @@ impl Geometry {
             return Err(invalid(format!("stride {stride:?} must be positive")));
         }
         if h + 2 * ph < kh || w + 2 * pw < kw || kh == 0 || kw == 0 {
-            return Err(invalid(format!("kernel {kh}x{kw} does not fit the padded input {}x{}", h + 2 * ph, w + 2 * pw)));
+            return Err(invalid(format!(
+                "kernel {kh}x{kw} does not fit the padded input {}x{}",
+                h + 2 * ph,
+                w + 2 * pw
+            )));
         }
         let (oh, ow) = ((h + 2 * ph - kh) / sh + 1, (w + 2 * pw - kw) / sw + 1);
         Ok(Geometry { n, c, h, w, o: out_channels, kh, kw, sh, sw, ph, pw, oh, ow })

@@ -4,7 +4,7 @@
 use super::broadcast::{broadcast_shape, zip};
 use super::error::{invalid, KernelError};
 use super::kernel::{f32_of, operands, PAR_CHUNK, PAR_MIN};
-use super::special::{erf, normal_pdf};
+use super::special::ErfTable;
 use super::tensor::{show_shape, stored_as_f32, Data, Tensor};
 use rayon::prelude::*;
 use std::f64::consts::FRAC_1_SQRT_2;
@@ -28,18 +28,23 @@ pub fn zip_f32(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<
 }
 
 /// Exact GELU, x Phi(x) with Phi the normal CDF via erf (reference 1.5).
-#[inline]
-pub fn gelu(x: f32) -> f32 {
+#[inline(always)]
+fn gelu_with(table: ErfTable, x: f32) -> f32 {
     let x = x as f64;
-    (0.5 * x * (1.0 + erf(x * FRAC_1_SQRT_2))) as f32
+    (0.5 * x * (1.0 + table.erf(x * FRAC_1_SQRT_2))) as f32
 }
 
 /// d GELU / dx = Phi(x) + x phi(x).
-#[inline]
-pub fn gelu_derivative(x: f32) -> f32 {
+#[inline(always)]
+fn gelu_derivative_with(table: ErfTable, x: f32) -> f32 {
     let x = x as f64;
-    (0.5 * (1.0 + erf(x * FRAC_1_SQRT_2)) + x * normal_pdf(x)) as f32
+    // erf and e^{-z^2} at z = x / sqrt 2: Phi(x) and sqrt(2 pi) phi(x).
+    let (erf, gauss) = table.erf_and_gauss(x * FRAC_1_SQRT_2);
+    (0.5 * (1.0 + erf) + x * gauss * FRAC_1_SQRT_2PI) as f32
 }
+
+/// 1 / sqrt(2 pi).
+const FRAC_1_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
 
 /// The logistic function, without overflow for large |x|.
 #[inline]
@@ -56,7 +61,10 @@ pub fn unary(x: &[&Tensor], op: UnaryOp) -> Result<Tensor, KernelError> {
     let [t] = operands(x, ["input"])?;
     let data = f32_of(t, "input")?;
     let out = match op {
-        UnaryOp::Gelu => map_f32(data, gelu),
+        UnaryOp::Gelu => {
+            let table = ErfTable::get();
+            map_f32(data, |v| gelu_with(table, v))
+        }
         UnaryOp::Relu => map_f32(data, |v| if v > 0.0 { v } else { 0.0 }),
         UnaryOp::Tanh => map_f32(data, f32::tanh),
         UnaryOp::Sigmoid => map_f32(data, sigmoid),
@@ -75,7 +83,8 @@ pub fn unary(x: &[&Tensor], op: UnaryOp) -> Result<Tensor, KernelError> {
 pub fn gelu_grad(x: &[&Tensor]) -> Result<Tensor, KernelError> {
     let [xt, dy] = operands(x, ["x", "dy"])?;
     same_shape(xt, dy, "x", "dy")?;
-    let out = zip_f32(f32_of(xt, "x")?, f32_of(dy, "dy")?, |x, g| g * gelu_derivative(x));
+    let table = ErfTable::get();
+    let out = zip_f32(f32_of(xt, "x")?, f32_of(dy, "dy")?, |x, g| g * gelu_derivative_with(table, x));
     Ok(Tensor::f32(xt.shape.clone(), out))
 }
 
@@ -127,13 +136,7 @@ pub fn binary(x: &[&Tensor], op: BinaryOp) -> Result<Tensor, KernelError> {
             BinaryOp::Max => zip(u, &a.shape, v, &b.shape, &shape, i64::max),
             BinaryOp::Min => zip(u, &a.shape, v, &b.shape, &shape, i64::min),
         }),
-        _ => {
-            return Err(invalid(format!(
-                "lhs {} and rhs {} have different dtypes",
-                a.describe(),
-                b.describe()
-            )))
-        }
+        _ => return Err(invalid(format!("lhs {} and rhs {} have different dtypes", a.describe(), b.describe()))),
     };
     Ok(Tensor { shape, data })
 }

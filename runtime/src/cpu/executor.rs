@@ -66,10 +66,8 @@ impl CpuExecutor {
                     if state_index.insert(name.clone(), i).is_some() {
                         return Err(RuntimeError::InvalidPlan(format!("state `{name}` is declared twice")));
                     }
-                    let t = init_tensor(name, init, &shapes[i], v.dtype, seed).map_err(|message| RuntimeError::Init {
-                        name: name.clone(),
-                        init: init.to_string(),
-                        message,
+                    let t = init_tensor(name, init, &shapes[i], v.dtype, seed).map_err(|message| {
+                        RuntimeError::Init { name: name.clone(), init: init.to_string(), message }
                     })?;
                     states[i] = Some(t);
                 }
@@ -146,7 +144,10 @@ impl CpuExecutor {
             .values
             .iter()
             .filter_map(|v| match &v.source {
-                Source::Input { name } => Some(format!("`{name}` {}", describe_type(&v.shape.iter().map(|&d| d as usize).collect::<Vec<_>>(), v.dtype))),
+                Source::Input { name } => Some(format!(
+                    "`{name}` {}",
+                    describe_type(&v.shape.iter().map(|&d| d as usize).collect::<Vec<_>>(), v.dtype)
+                )),
                 _ => None,
             })
             .collect();

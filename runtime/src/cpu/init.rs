@@ -33,7 +33,7 @@ fn standard_normal(s: &Stream, i: u64) -> f64 {
     let j = i & !1;
     let r = (-2.0 * uniform(s, j).ln()).sqrt();
     let theta = 2.0 * PI * uniform(s, j + 1);
-    if i % 2 == 0 {
+    if i & 1 == 0 {
         r * theta.cos()
     } else {
         r * theta.sin()
@@ -53,7 +53,8 @@ struct TruncNormal {
 
 impl TruncNormal {
     fn new(std: f64, a: f64, b: f64) -> Result<Self, String> {
-        if !(std > 0.0) || !(a < b) {
+        let valid = std > 0.0 && a < b; // false for NaNs too
+        if !valid {
             return Err(format!("needs std > 0 and a < b, got std {std}, a {a}, b {b}"));
         }
         Ok(TruncNormal { std, a, b, lo: normal_cdf_precise(a / std), hi: normal_cdf_precise(b / std) })

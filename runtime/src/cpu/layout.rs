@@ -48,6 +48,10 @@ fn permute_data<T: Copy + Send + Sync + Default>(x: &[T], shape: &[usize], perm:
     if x.is_empty() {
         return out;
     }
+    if last >= 1 && st[last - 1] == 1 && st[last] != 1 {
+        transpose_innermost(x, &dims, st, &mut out);
+        return out;
+    }
     let row = |r: usize, o: &mut [T]| {
         let (mut idx, mut base) = (r, 0);
         for d in (0..last).rev() {
@@ -63,6 +67,49 @@ fn permute_data<T: Copy + Send + Sync + Default>(x: &[T], shape: &[usize], perm:
         out.chunks_mut(inner).enumerate().for_each(|(r, o)| row(r, o));
     }
     out
+}
+
+/// Side of the square tiles of a blocked transpose.
+const TILE: usize = 32;
+
+/// The permutations whose two innermost output dims (after merging) are a
+/// transpose: the input's contiguous dim becomes the second-to-last. A
+/// plain strided gather would read one cache line per element; tiles of
+/// 32 x 32 reuse each line 32 times (`x.T`, `[B,H,N,d] -> [B,H,d,N]`).
+fn transpose_innermost<T: Copy + Send + Sync>(x: &[T], dims: &[usize], st: &[usize], out: &mut [T]) {
+    let last = dims.len() - 1;
+    let (a_len, b_len, b_stride) = (dims[last - 1], dims[last], st[last]);
+    let (outer_dims, outer_st) = (&dims[..last - 1], &st[..last - 1]);
+    // Output rows a0.. of one block: out(a, b) = x[base + a + b * b_stride].
+    let rows = |base: usize, a0: usize, dst: &mut [T]| {
+        let n_rows = dst.len() / b_len;
+        for b0 in (0..b_len).step_by(TILE) {
+            let b1 = (b0 + TILE).min(b_len);
+            for r in 0..n_rows {
+                let src = base + a0 + r;
+                for (k, o) in dst[r * b_len + b0..r * b_len + b1].iter_mut().enumerate() {
+                    *o = x[src + (b0 + k) * b_stride];
+                }
+            }
+        }
+    };
+    let block = |o: usize, blk: &mut [T]| {
+        let (mut idx, mut base) = (o, 0);
+        for d in (0..outer_dims.len()).rev() {
+            base += (idx % outer_dims[d]) * outer_st[d];
+            idx /= outer_dims[d];
+        }
+        if blk.len() >= PAR_MIN {
+            blk.par_chunks_mut(TILE * b_len).enumerate().for_each(|(t, dst)| rows(base, t * TILE, dst));
+        } else {
+            blk.chunks_mut(TILE * b_len).enumerate().for_each(|(t, dst)| rows(base, t * TILE, dst));
+        }
+    };
+    if out.len() >= PAR_MIN {
+        out.par_chunks_mut(a_len * b_len).enumerate().for_each(|(o, blk)| block(o, blk));
+    } else {
+        out.chunks_mut(a_len * b_len).enumerate().for_each(|(o, blk)| block(o, blk));
+    }
 }
 
 /// `Permute { perm }`: output dim i is input dim perm[i].
@@ -108,8 +155,12 @@ pub fn concat(x: &[&Tensor], axis: usize) -> Result<Tensor, KernelError> {
     }
     let lens: Vec<usize> = x.iter().map(|t| t.shape[axis] * inner).collect();
     let data = match &first.data {
-        Data::F32(_) => Data::F32(gather(&x.iter().map(|t| t.as_f32().expect("kinds checked")).collect::<Vec<_>>(), &lens, outer)),
-        Data::I64(_) => Data::I64(gather(&x.iter().map(|t| t.as_i64().expect("kinds checked")).collect::<Vec<_>>(), &lens, outer)),
+        Data::F32(_) => {
+            Data::F32(gather(&x.iter().map(|t| t.as_f32().expect("kinds checked")).collect::<Vec<_>>(), &lens, outer))
+        }
+        Data::I64(_) => {
+            Data::I64(gather(&x.iter().map(|t| t.as_i64().expect("kinds checked")).collect::<Vec<_>>(), &lens, outer))
+        }
     };
     Ok(Tensor { shape, data })
 }
@@ -120,7 +171,10 @@ pub fn slice(x: &[&Tensor], axis: usize, start: usize, end: usize) -> Result<Ten
     check_axis(axis, t)?;
     let (outer, n, inner) = split_at_axis(&t.shape, axis);
     if start > end || end > n {
-        return Err(invalid(format!("slice {start}..{end} of axis {axis} is not within 0..{n} for input {}", show_shape(&t.shape))));
+        return Err(invalid(format!(
+            "slice {start}..{end} of axis {axis} is not within 0..{n} for input {}",
+            show_shape(&t.shape)
+        )));
     }
     let mut shape = t.shape.clone();
     shape[axis] = end - start;

@@ -59,7 +59,15 @@ pub fn parallelism(m: usize, n: usize, k: usize) -> Parallelism {
 /// If the inner dimensions differ or a view reaches outside its slice
 /// (kernels check their operands' shapes before calling this).
 #[allow(clippy::too_many_arguments)]
-pub fn gemm_into(dst: &mut [f32], dst_rs: usize, dst_cs: usize, lhs: Mat, rhs: Mat, accumulate: bool, par: Parallelism) {
+pub fn gemm_into(
+    dst: &mut [f32],
+    dst_rs: usize,
+    dst_cs: usize,
+    lhs: Mat,
+    rhs: Mat,
+    accumulate: bool,
+    par: Parallelism,
+) {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
     assert_eq!(rhs.rows, k, "gemm: inner dimensions differ");
     assert!(Mat::fits(m, n, dst_rs, dst_cs, dst.len()), "gemm: dst view out of bounds");
@@ -118,10 +126,7 @@ pub fn linear(x: &[&Tensor]) -> Result<Tensor, KernelError> {
         return Err(invalid(format!("weight must be [out, in], got {}", show_shape(&wt.shape))));
     };
     if xt.shape.last() != Some(&i) {
-        return Err(invalid(format!(
-            "input {} does not end in weight's in_features {i}",
-            show_shape(&xt.shape)
-        )));
+        return Err(invalid(format!("input {} does not end in weight's in_features {i}", show_shape(&xt.shape))));
     }
     let m: usize = xt.shape[..xt.rank() - 1].iter().product();
     let mut out = vec![0.0f32; m * o];
@@ -155,11 +160,7 @@ pub fn matmul(x: &[&Tensor]) -> Result<Tensor, KernelError> {
     let (a_batch, b_batch) = (&at.shape[..ra - 2], &bt.shape[..rb - 2]);
     let batch_shape = broadcast_shape(a_batch, b_batch);
     let Some(batch_shape) = batch_shape.filter(|_| k == k2) else {
-        return Err(invalid(format!(
-            "cannot multiply a {} by b {}",
-            show_shape(&at.shape),
-            show_shape(&bt.shape)
-        )));
+        return Err(invalid(format!("cannot multiply a {} by b {}", show_shape(&at.shape), show_shape(&bt.shape))));
     };
     let batch: usize = batch_shape.iter().product();
     let mut shape = batch_shape.clone();
@@ -197,4 +198,37 @@ pub fn matmul(x: &[&Tensor]) -> Result<Tensor, KernelError> {
         out.chunks_mut(m * n).enumerate().for_each(|(bi, dst)| one(bi, dst, par));
     }
     Ok(Tensor::f32(shape, out))
+}
+
+#[cfg(test)]
+mod timing_tmp {
+    use super::*;
+    #[test]
+    fn tmp_gemm_timing() {
+        let (m, k, n) = (1576, 768, 3072);
+        let x: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| (i % 5) as f32 * 0.1).collect();
+        let mut out = vec![0.0f32; m * n];
+        for par in [Parallelism::None, Parallelism::Rayon(0)] {
+            let mut best = f64::INFINITY;
+            for _ in 0..5 {
+                let t = std::time::Instant::now();
+                gemm_into(&mut out, n, 1, Mat::rows(&x, m, k), Mat::transposed(&w, k, n), false, par);
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            println!("{par:?}: {:.1} ms {:.0} GFLOP/s", best * 1e3, 2.0 * (m * n * k) as f64 / best / 1e9);
+            let wt: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();
+            let mut best = f64::INFINITY;
+            for _ in 0..5 {
+                let t = std::time::Instant::now();
+                gemm_into(&mut out, n, 1, Mat::rows(&x, m, k), Mat::rows(&wt, k, n), false, par);
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            println!(
+                "{par:?} row-major rhs: {:.1} ms {:.0} GFLOP/s",
+                best * 1e3,
+                2.0 * (m * n * k) as f64 / best / 1e9
+            );
+        }
+    }
 }

@@ -112,3 +112,57 @@ fn passes_data_through(op: &Op, ctx: &Ctx) -> bool {
         _ => false,
     }
 }
+
+#[cfg(test)]
+mod timing_tmp2 {
+    use super::*;
+    use tessera_compiler::ir::*;
+    fn t(shape: &[usize]) -> Tensor {
+        let n: usize = shape.iter().product();
+        Tensor::f32(shape.to_vec(), (0..n).map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5).collect())
+    }
+    fn time(name: &str, op: Op, x: &[&Tensor]) {
+        let ctx = Ctx { training: true, seed: 0, step: 0 };
+        run_kernel(&op, x, &ctx).unwrap();
+        let mut best = f64::INFINITY;
+        for _ in 0..3 {
+            let s = std::time::Instant::now();
+            run_kernel(&op, x, &ctx).unwrap();
+            best = best.min(s.elapsed().as_secs_f64());
+        }
+        println!("{name:40} {:8.2} ms", best * 1e3);
+    }
+    #[test]
+    fn tmp_kernel_timing() {
+        let x = t(&[8, 197, 768]);
+        let h = t(&[8, 197, 3072]);
+        let w = t(&[768]);
+        let qkv = t(&[8, 197, 3, 12, 64]);
+        let q = t(&[8, 12, 197, 64]);
+        let img = t(&[8, 3, 224, 224]);
+        let pw = t(&[768, 3, 16, 16]);
+        let dy = t(&[8, 768, 14, 14]);
+        time("layer_norm [8,197,768]", Op::LayerNorm { eps: 1e-6 }, &[&x, &w, &w]);
+        time("normalize_grad [8,197,768]", Op::NormalizeGrad { eps: 1e-6 }, &[&x, &x]);
+        time("gelu [8,197,3072]", Op::Unary(UnaryOp::Gelu), &[&h]);
+        time("gelu_grad [8,197,3072]", Op::GeluGrad, &[&h, &h]);
+        time("add [8,197,768]+[768]", Op::Binary(BinaryOp::Add), &[&x, &w]);
+        time("mul same", Op::Binary(BinaryOp::Mul), &[&x, &x]);
+        time("dropout [8,197,3072]", Op::Dropout { p: 0.1, key: 1 }, &[&h]);
+        time("permute qkv", Op::Permute { perm: vec![2, 0, 3, 1, 4] }, &[&qkv]);
+        time("attention 8x12x197x64", Op::Attention { scale: 0.125, dropout: 0.0, key: 0 }, &[&q, &q, &q]);
+        time("attention dropout", Op::Attention { scale: 0.125, dropout: 0.1, key: 0 }, &[&q, &q, &q]);
+        time("matmul q k^T batched", Op::Matmul, &[&q, &t(&[8, 12, 64, 197])]);
+        time("softmax [8,12,197,197]", Op::Softmax { axis: 3 }, &[&t(&[8, 12, 197, 197])]);
+        time("sum bias grad [1576,3072] axis0", Op::Reduce { op: ReduceOp::Sum, axes: vec![0, 1], keepdim: false }, &[&h]);
+        time("mean tokens axis1", Op::Reduce { op: ReduceOp::Mean, axes: vec![1], keepdim: false }, &[&x]);
+        time("patch conv", Op::Conv2d { stride: [16, 16], padding: [0, 0] }, &[&img, &pw]);
+        time("patch conv grad weight", Op::Conv2dGradWeight { stride: [16, 16], padding: [0, 0], kernel: [16, 16] }, &[&dy, &img]);
+        time("patch conv grad input", Op::Conv2dGradInput { stride: [16, 16], padding: [0, 0], input_hw: [224, 224] }, &[&dy, &pw]);
+        time("linear qkv", Op::Linear, &[&x, &t(&[2304, 768])]);
+        time("transpose [1576,3072]", Op::Permute { perm: vec![1, 0] }, &[&t(&[1576, 3072])]);
+        time("transpose [96,197,197] last two", Op::Permute { perm: vec![0, 2, 1] }, &[&t(&[96, 197, 197])]);
+        time("transpose [96,197,64] last two", Op::Permute { perm: vec![0, 2, 1] }, &[&t(&[96, 197, 64])]);
+        time("concat cls", Op::Concat { axis: 1 }, &[&t(&[8, 1, 768]), &t(&[8, 196, 768])]);
+    }
+}

@@ -130,7 +130,11 @@ fn channel_stats(x: &[f32], dims: (usize, usize, usize)) -> Vec<(f64, f64)> {
 }
 
 /// Writes `f(c, x)` for every element, in parallel over samples.
-fn per_channel_map(x: &[f32], (n, c, s): (usize, usize, usize), f: impl Fn(usize, usize, f32) -> f32 + Sync) -> Vec<f32> {
+fn per_channel_map(
+    x: &[f32],
+    (n, c, s): (usize, usize, usize),
+    f: impl Fn(usize, usize, f32) -> f32 + Sync,
+) -> Vec<f32> {
     let mut out = vec![0.0f32; x.len()];
     if c * s == 0 {
         return out;
@@ -180,7 +184,8 @@ pub fn batch_standardize(x: &[&Tensor], eps: f64) -> Result<Tensor, KernelError>
     let [xt] = operands(x, ["input"])?;
     let dims = ncs(xt)?;
     let xd = f32_of(xt, "input")?;
-    let stats: Vec<(f64, f64)> = channel_stats(xd, dims).into_iter().map(|(m, v)| (m, 1.0 / (v + eps).sqrt())).collect();
+    let stats: Vec<(f64, f64)> =
+        channel_stats(xd, dims).into_iter().map(|(m, v)| (m, 1.0 / (v + eps).sqrt())).collect();
     let out = per_channel_map(xd, dims, |ch, _, v| ((v as f64 - stats[ch].0) * stats[ch].1) as f32);
     Ok(Tensor::f32(xt.shape.clone(), out))
 }

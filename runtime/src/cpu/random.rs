@@ -7,20 +7,34 @@
 use super::error::KernelError;
 use super::kernel::{f32_of, operands, Ctx, PAR_CHUNK, PAR_MIN};
 use super::tensor::Tensor;
-use crate::philox::Stream;
+use crate::philox::{philox4x32_10, Stream};
 use rayon::prelude::*;
 
 /// A Bernoulli(1-p) keep mask with the inverted-dropout scale 1/(1-p).
+///
+/// `apply` draws a whole Philox block (four elements) per call of the
+/// bijection, reproducing `Stream::keep_at` word for word (a test below
+/// holds the two together), which is four times cheaper than per element.
 #[derive(Clone, Copy, Debug)]
 pub struct DropMask {
     stream: Stream,
+    key: [u32; 2],
+    step: u64,
+    op: u32,
     keep: f32,
     scale: f32,
 }
 
 impl DropMask {
     pub fn new(seed: u64, step: u64, key: u32, p: f64) -> Self {
-        DropMask { stream: Stream::new(seed, step, key), keep: (1.0 - p) as f32, scale: (1.0 / (1.0 - p)) as f32 }
+        DropMask {
+            stream: Stream::new(seed, step, key),
+            key: [seed as u32, (seed >> 32) as u32],
+            step,
+            op: key,
+            keep: (1.0 - p) as f32,
+            scale: (1.0 / (1.0 - p)) as f32,
+        }
     }
 
     /// The factor element `index` is multiplied by: 1/(1-p) if kept, else 0.
@@ -33,10 +47,34 @@ impl DropMask {
         }
     }
 
+    /// The four 32-bit draws of counter block `block` (`Stream::u32_at`'s layout).
+    #[inline]
+    fn block(&self, block: u64) -> [u32; 4] {
+        let ctr = [block as u32, (block >> 32) as u32 ^ self.op, self.step as u32, (self.step >> 32) as u32];
+        philox4x32_10(ctr, self.key)
+    }
+
+    #[inline]
+    fn factor_of_word(&self, word: u32) -> f32 {
+        // `Stream::uniform_at` then `keep_at`, on a word already drawn.
+        if ((word >> 8) as f32 * (1.0 / (1u32 << 24) as f32)) < self.keep {
+            self.scale
+        } else {
+            0.0
+        }
+    }
+
     /// Multiplies `values`, which start at flat index `first`, by the mask.
     pub fn apply(&self, values: &mut [f32], first: u64) {
-        for (i, v) in values.iter_mut().enumerate() {
-            *v *= self.factor(first + i as u64);
+        let mut i = 0;
+        while i < values.len() {
+            let index = first + i as u64;
+            let words = self.block(index / 4);
+            for &w in &words[(index % 4) as usize..] {
+                let Some(v) = values.get_mut(i) else { break };
+                *v *= self.factor_of_word(w);
+                i += 1;
+            }
         }
     }
 }
@@ -50,9 +88,7 @@ pub fn dropout(x: &[&Tensor], p: f64, key: u32, ctx: &Ctx) -> Result<Tensor, Ker
     };
     let mut out = data.to_vec();
     if out.len() >= PAR_MIN {
-        out.par_chunks_mut(PAR_CHUNK)
-            .enumerate()
-            .for_each(|(c, chunk)| mask.apply(chunk, (c * PAR_CHUNK) as u64));
+        out.par_chunks_mut(PAR_CHUNK).enumerate().for_each(|(c, chunk)| mask.apply(chunk, (c * PAR_CHUNK) as u64));
     } else {
         mask.apply(&mut out, 0);
     }
@@ -79,4 +115,22 @@ pub fn drop_path(x: &[&Tensor], p: f64, key: u32, ctx: &Ctx) -> Result<Tensor, K
         });
     }
     Ok(Tensor::f32(t.shape.clone(), out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_draws_match_the_stream_element_by_element() {
+        for (seed, step, key, first) in [(0, 0, 0, 0u64), (0x1234_5678_9abc, 7, 3, 1), (5, u64::MAX - 1, 9, 1 << 33)] {
+            let mask = DropMask::new(seed, step, key, 0.4);
+            let mut values = vec![1.0f32; 1001];
+            mask.apply(&mut values, first);
+            for (i, &v) in values.iter().enumerate() {
+                assert_eq!(v, mask.factor(first + i as u64), "element {i} of seed {seed} step {step} key {key}");
+            }
+            assert!(values.iter().any(|&v| v == 0.0) && values.iter().any(|&v| v > 1.0));
+        }
+    }
 }

@@ -73,7 +73,8 @@ impl Reduction {
                 }
             };
             if n_out / len > 1 {
-                let body = |(o, acc): (usize, &mut [A])| fold_rows(acc, offset(o, outer_sizes, outer_strides), 0..n_red);
+                let body =
+                    |(o, acc): (usize, &mut [A])| fold_rows(acc, offset(o, outer_sizes, outer_strides), 0..n_red);
                 if x.len() >= PAR_MIN {
                     out.par_chunks_mut(len).enumerate().for_each(body);
                 } else {
@@ -144,7 +145,9 @@ pub fn reduce(x: &[&Tensor], op: ReduceOp, axes: &[usize], keepdim: bool) -> Res
         }
         (Data::F32(v), ReduceOp::Mean) => {
             let inv = 1.0 / count as f64;
-            Data::F32(r.run(v, 0.0f64, |a, x| a + x as f64, |a, b| a + b).into_iter().map(|s| (s * inv) as f32).collect())
+            Data::F32(
+                r.run(v, 0.0f64, |a, x| a + x as f64, |a, b| a + b).into_iter().map(|s| (s * inv) as f32).collect(),
+            )
         }
         (Data::F32(v), ReduceOp::Max) => {
             // NaN propagates, as in torch.amax.

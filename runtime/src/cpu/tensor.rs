@@ -92,7 +92,8 @@ impl Tensor {
     /// Every element `value` (cast with `as` for i64).
     pub fn full(shape: Vec<usize>, dtype: DType, value: f64) -> Tensor {
         let n = shape.iter().product();
-        let data = if stored_as_f32(dtype) { Data::F32(vec![value as f32; n]) } else { Data::I64(vec![value as i64; n]) };
+        let data =
+            if stored_as_f32(dtype) { Data::F32(vec![value as f32; n]) } else { Data::I64(vec![value as i64; n]) };
         Tensor { shape, data }
     }
 
@@ -133,8 +134,11 @@ impl Tensor {
     }
 
     /// Whether this tensor can hold a value of the plan type (`shape`, `dtype`).
+    /// (The data length is checked too, since the fields are public.)
     pub fn has_type(&self, shape: &[usize], dtype: DType) -> bool {
-        self.shape == shape && matches!(&self.data, Data::F32(_)) == stored_as_f32(dtype)
+        self.shape == shape
+            && self.data.len() == shape.iter().product::<usize>()
+            && matches!(&self.data, Data::F32(_)) == stored_as_f32(dtype)
     }
 
     /// `[2,3] f32`, for messages.
