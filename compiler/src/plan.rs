@@ -63,6 +63,22 @@ pub struct Plan {
     pub outputs: Vec<(String, usize)>,
     /// After a run, the state (parameter or buffer) `name` takes this value.
     pub state_updates: Vec<(String, usize)>,
+    /// Where each kind of state lives, by name (value indices).
+    pub tables: Tables,
+}
+
+/// The parameter, gradient, optimizer-state and buffer tables: what a
+/// checkpoint saves, what a data-parallel all-reduce sums, what an optimizer
+/// kernel walks.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Tables {
+    pub params: Vec<(String, usize)>,
+    /// The gradient of each trainable parameter (after clipping), by parameter name.
+    pub grads: Vec<(String, usize)>,
+    /// Optimizer state (`optim.*` buffers: Adam moments, momentum buffers).
+    pub optimizer_state: Vec<(String, usize)>,
+    /// Every other buffer (running statistics, queues, momentum-encoder weights).
+    pub buffers: Vec<(String, usize)>,
 }
 
 /// Replaces symbolic batch dims by `k * batch`.
@@ -132,9 +148,22 @@ impl Plan {
             index.insert(v, values.len());
             values.push(Value { shape, dtype: node.ty.dtype, source });
         }
-        let outputs = g.outputs().iter().map(|(n, v)| (n.clone(), index[v])).collect();
+        let outputs: Vec<(String, usize)> = g.outputs().iter().map(|(n, v)| (n.clone(), index[v])).collect();
         let state_updates = g.state_updates().iter().map(|(n, v)| (n.clone(), index[v])).collect();
-        Ok(Plan { version: PLAN_VERSION, batch, training, values, kernels, outputs, state_updates })
+        let mut tables = Tables::default();
+        for (i, v) in values.iter().enumerate() {
+            match &v.source {
+                Source::Param { name, .. } => tables.params.push((name.clone(), i)),
+                Source::Buffer { name, .. } if name.starts_with("optim.") => {
+                    tables.optimizer_state.push((name.clone(), i))
+                }
+                Source::Buffer { name, .. } => tables.buffers.push((name.clone(), i)),
+                _ => {}
+            }
+        }
+        tables.grads =
+            outputs.iter().filter_map(|(n, v)| n.strip_prefix("grad.").map(|p| (p.to_string(), *v))).collect();
+        Ok(Plan { version: PLAN_VERSION, batch, training, values, kernels, outputs, state_updates, tables })
     }
 
     /// Index of the value that holds state `name` (a parameter or buffer).
@@ -198,6 +227,17 @@ impl Plan {
                 return Err(format!("`{name}` names value {v}, which does not exist"));
             }
         }
+        let t = &self.tables;
+        for (name, v) in t.params.iter().chain(&t.optimizer_state).chain(&t.buffers) {
+            if self.state(name) != Some(*v) {
+                return Err(format!("the state table names `{name}` at value {v}, which does not hold it"));
+            }
+        }
+        for (name, v) in &t.grads {
+            if self.state(name).map(|p| &self.values[p].shape) != self.values.get(*v).map(|g| &g.shape) {
+                return Err(format!("the gradient table entry of `{name}` does not have its parameter's shape"));
+            }
+        }
         for (name, v) in &self.state_updates {
             let s = self.state(name).ok_or_else(|| format!("state update of unknown state `{name}`"))?;
             if self.values[s].shape != self.values[*v].shape || self.values[s].dtype != self.values[*v].dtype {
@@ -248,7 +288,18 @@ impl Plan {
         for (op, n) in ops {
             let _ = writeln!(s, "  {n:>6}  {op}");
         }
-        let _ = writeln!(s, "params     {params} elements ({trainable} trainable)");
+        let _ = writeln!(
+            s,
+            "params     {params} elements ({trainable} trainable) in {} tensors, {} gradients",
+            self.tables.params.len(),
+            self.tables.grads.len()
+        );
+        let _ = writeln!(
+            s,
+            "tables     {} optimizer-state tensors, {} buffers",
+            self.tables.optimizer_state.len(),
+            self.tables.buffers.len()
+        );
         let _ = writeln!(s, "state      {:.1} MiB of buffers and optimizer state", state as f64 / 1048576.0);
         let _ = writeln!(
             s,

@@ -290,7 +290,7 @@ state @loss.queue <- %9
             [
                 "%1 = softmax(%0) {axis=1} : [B,4] f32",
                 "%2 = l2_normalize(%0) {axis=1, eps=0.000000000001} : [B,4] f32",
-                "%3 = dropout(%0) {p=0.25} : [B,4] f32",
+                "%3 = dropout(%0) {p=0.25, key=0} : [B,4] f32",
                 "%4 = cast(%0) {dtype=bf16} : [B,4] bf16",
                 "%5 = slice(%0) {axis=0, start=0, end=B} : [B,4] f32",
                 "%6 = all_reduce(%0) {op=sum, world=2} : [B,4] f32",
