@@ -139,7 +139,7 @@ fn compare_model(config_name: &str, overrides: &[&str], targets: Targets, pertur
     loss.backward();
 
     let mut o = Outcome { compared: vec![], problems: vec![] };
-    let mut check = |what: String, a: &Tensor, e: &TT, o: &mut Outcome| {
+    let check = |what: String, a: &Tensor, e: &TT, o: &mut Outcome| {
         let shape: Vec<i64> = a.shape.iter().map(|&d| d as i64).collect();
         if shape != e.size() {
             o.problems.push(format!("{what}: shape: tessera {:?}, libtorch {:?}", a.shape, e.size()));

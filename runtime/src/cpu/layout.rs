@@ -48,7 +48,7 @@ fn permute_data<T: Copy + Send + Sync + Default>(x: &[T], shape: &[usize], perm:
     if x.is_empty() {
         return out;
     }
-    if last >= 1 && st[last - 1] == 1 && st[last] != 1 {
+    if last >= 1 && st[last - 1] == 1 && st[last] != 1 && dims[last - 1] * dims[last] >= TILED_MIN {
         transpose_innermost(x, &dims, st, &mut out);
         return out;
     }
@@ -71,11 +71,15 @@ fn permute_data<T: Copy + Send + Sync + Default>(x: &[T], shape: &[usize], perm:
 
 /// Side of the square tiles of a blocked transpose.
 const TILE: usize = 32;
+/// Transposed blocks from this many elements (1 MiB of f32, about an L2
+/// cache) are tiled; smaller ones stay cached and the plain gather is faster.
+const TILED_MIN: usize = 1 << 18;
 
 /// The permutations whose two innermost output dims (after merging) are a
-/// transpose: the input's contiguous dim becomes the second-to-last. A
-/// plain strided gather would read one cache line per element; tiles of
-/// 32 x 32 reuse each line 32 times (`x.T`, `[B,H,N,d] -> [B,H,d,N]`).
+/// large transpose: the input's contiguous dim becomes the second-to-last
+/// (`x.T` of a weight-gradient operand, `[M, O] -> [O, M]`). A strided gather
+/// would fetch one cache line per element from memory; 32 x 32 tiles read
+/// contiguous runs and keep the written lines in L1.
 fn transpose_innermost<T: Copy + Send + Sync>(x: &[T], dims: &[usize], st: &[usize], out: &mut [T]) {
     let last = dims.len() - 1;
     let (a_len, b_len, b_stride) = (dims[last - 1], dims[last], st[last]);
@@ -84,11 +88,10 @@ fn transpose_innermost<T: Copy + Send + Sync>(x: &[T], dims: &[usize], st: &[usi
     let rows = |base: usize, a0: usize, dst: &mut [T]| {
         let n_rows = dst.len() / b_len;
         for b0 in (0..b_len).step_by(TILE) {
-            let b1 = (b0 + TILE).min(b_len);
-            for r in 0..n_rows {
-                let src = base + a0 + r;
-                for (k, o) in dst[r * b_len + b0..r * b_len + b1].iter_mut().enumerate() {
-                    *o = x[src + (b0 + k) * b_stride];
+            for b in b0..(b0 + TILE).min(b_len) {
+                let src = &x[base + a0 + b * b_stride..][..n_rows];
+                for (r, &v) in src.iter().enumerate() {
+                    dst[r * b_len + b] = v;
                 }
             }
         }

@@ -199,36 +199,3 @@ pub fn matmul(x: &[&Tensor]) -> Result<Tensor, KernelError> {
     }
     Ok(Tensor::f32(shape, out))
 }
-
-#[cfg(test)]
-mod timing_tmp {
-    use super::*;
-    #[test]
-    fn tmp_gemm_timing() {
-        let (m, k, n) = (1576, 768, 3072);
-        let x: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
-        let w: Vec<f32> = (0..n * k).map(|i| (i % 5) as f32 * 0.1).collect();
-        let mut out = vec![0.0f32; m * n];
-        for par in [Parallelism::None, Parallelism::Rayon(0)] {
-            let mut best = f64::INFINITY;
-            for _ in 0..5 {
-                let t = std::time::Instant::now();
-                gemm_into(&mut out, n, 1, Mat::rows(&x, m, k), Mat::transposed(&w, k, n), false, par);
-                best = best.min(t.elapsed().as_secs_f64());
-            }
-            println!("{par:?}: {:.1} ms {:.0} GFLOP/s", best * 1e3, 2.0 * (m * n * k) as f64 / best / 1e9);
-            let wt: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();
-            let mut best = f64::INFINITY;
-            for _ in 0..5 {
-                let t = std::time::Instant::now();
-                gemm_into(&mut out, n, 1, Mat::rows(&x, m, k), Mat::rows(&wt, k, n), false, par);
-                best = best.min(t.elapsed().as_secs_f64());
-            }
-            println!(
-                "{par:?} row-major rhs: {:.1} ms {:.0} GFLOP/s",
-                best * 1e3,
-                2.0 * (m * n * k) as f64 / best / 1e9
-            );
-        }
-    }
-}
