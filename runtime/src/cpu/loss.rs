@@ -82,8 +82,11 @@ pub fn cross_entropy_grad(x: &[&Tensor], smoothing: f64) -> Result<Tensor, Kerne
     if k > 0 {
         out.par_chunks_mut(k).enumerate().for_each(|(i, row)| {
             softmax_row(row);
+            // d/dx of -sum_j t_j log softmax(x)_j is softmax(x) * sum_j t_j - t: soft
+            // targets need not sum to 1 (hard and smoothed ones do).
+            let mass: f64 = (0..k).map(|j| target_at(&t, i, j, k, smoothing)).sum();
             for (j, v) in row.iter_mut().enumerate() {
-                *v = ((*v as f64 - target_at(&t, i, j, k, smoothing)) * factor) as f32;
+                *v = ((*v as f64 * mass - target_at(&t, i, j, k, smoothing)) * factor) as f32;
             }
         });
     }
