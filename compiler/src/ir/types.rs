@@ -199,7 +199,8 @@ pub enum Init {
     Normal {
         std: f64,
     },
-    /// trunc-normal with std = sqrt(1 / fan_in), fan_in = the last dim (VISSL's vision_transformer_head pre_logits).
+    /// trunc-normal with std = sqrt(1 / fan_in), fan_in = the product of all dims but
+    /// the first (in_features of a Linear), bounds +-2 (VISSL's vision_transformer_head pre_logits).
     LecunNormal,
     /// PyTorch's default Linear/Conv init: kaiming-uniform with negative slope `a`
     /// (sqrt(5)), i.e. U(+-1/sqrt(fan_in)) for weights; `fan_in` is the product of
