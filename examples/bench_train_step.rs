@@ -7,8 +7,8 @@
 //!     eval "$(./scripts/setup-libtorch.sh)" && cargo run --release --features torch-oracle --example bench_train_step
 //!
 //! Options (environment): `BENCH_THREADS` (default 2: libtorch's intra-op
-//! threads and rayon's pool), `BENCH_WARMUP` (default 3 steps each),
-//! `BENCH_REPS` (default 7 timed repetitions each), `BENCH_STEPS` (default 5
+//! threads and rayon's pool), `BENCH_WARMUP` (default 5 steps each),
+//! `BENCH_REPS` (default 9 timed repetitions each), `BENCH_STEPS` (default 5
 //! steps per repetition), `BENCH_PROFILE=0` to skip the per-kernel profile.
 //!
 //! Model: ViT on 32x32 images, patch 4 (64 tokens + class token), width 96,
@@ -35,6 +35,7 @@ use tch::Tensor as TT;
 use tessera_compiler::autodiff::{Optimizer, StepOptions};
 use tessera_compiler::config;
 use tessera_compiler::elaborate::Program;
+use tessera_compiler::ir::Op;
 use tessera_compiler::pipeline::training_plan;
 use tessera_compiler::plan::Source;
 use tessera_runtime::cpu::{run_kernel, CpuExecutor, Ctx, Tensor};
@@ -62,7 +63,7 @@ fn main() {
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     tch::set_num_threads(threads as i32);
     tch::manual_seed(0);
-    let (warmup, reps, steps) = (env_usize("BENCH_WARMUP", 3), env_usize("BENCH_REPS", 7), env_usize("BENCH_STEPS", 5));
+    let (warmup, reps, steps) = (env_usize("BENCH_WARMUP", 5), env_usize("BENCH_REPS", 9), env_usize("BENCH_STEPS", 5));
 
     let overrides: Vec<String> = [
         "MODEL.TRUNK.VISION_TRANSFORMERS.IMAGE_SIZE=32",
@@ -112,7 +113,7 @@ fn main() {
     let mut opt = nn::AdamW { beta1, beta2, wd: 0.05, eps, amsgrad: false }.build(&vs, LR).unwrap();
 
     let mut tessera_t = 0i32;
-    let mut tessera_inputs = |t: i32| -> Vec<(String, Tensor)> {
+    let tessera_inputs = |t: i32| -> Vec<(String, Tensor)> {
         let scalar = |v: f64| Tensor::f32(vec![], vec![v as f32]);
         let mut v: Vec<(String, Tensor)> = vec![
             ("data".into(), Tensor::f32(vec![BATCH, 3, img, img], data.clone())),
@@ -216,7 +217,14 @@ fn main() {
     let given: HashMap<&str, &Tensor> = owned.iter().map(|(n, t)| (n.as_str(), t)).collect();
     let loss_value = plan.outputs.iter().find(|(n, _)| n == "loss").map(|(_, v)| *v).expect("a loss");
     let loss_kernel = plan.kernels.iter().position(|k| k.output == loss_value).expect("a loss kernel");
+    let mut last_use = vec![None; plan.values.len()];
+    for (i, k) in plan.kernels.iter().enumerate() {
+        for &j in &k.inputs {
+            last_use[j] = Some(i);
+        }
+    }
     let mut by_op: HashMap<String, (f64, usize)> = HashMap::new();
+    let mut by_shape: HashMap<String, (f64, usize, f64)> = HashMap::new();
     let mut by_phase = [0f64; 3];
     let mut total = 0.0;
     for rep in 0..prof_steps {
@@ -234,14 +242,45 @@ fn main() {
             .collect();
         let ctx = Ctx { training: plan.training, seed: ex.seed(), step: 1000 + rep };
         for (i, k) in plan.kernels.iter().enumerate() {
-            let xs: Vec<&Tensor> = k.inputs.iter().map(|&j| vals[j].as_ref().expect("operand computed")).collect();
+            // As the executor: a reshape of a kernel result read for the last
+            // time moves it; every other kernel runs on its operands.
+            let movable = matches!(k.op, Op::Reshape { .. } | Op::StopGradient)
+                && last_use[k.inputs[0]] == Some(i)
+                && matches!(plan.values[k.inputs[0]].source, Source::Kernel(_));
             let s = Instant::now();
-            let y = run_kernel(&k.op, &xs, &ctx).unwrap_or_else(|e| panic!("kernel {i} {}: {e}", k.op.name()));
+            let y = if movable {
+                let mut t = vals[k.inputs[0]].take().expect("operand computed");
+                t.shape = plan.values[k.output].shape.iter().map(|&d| d as usize).collect();
+                t
+            } else {
+                let xs: Vec<&Tensor> = k.inputs.iter().map(|&j| vals[j].as_ref().expect("operand computed")).collect();
+                run_kernel(&k.op, &xs, &ctx).unwrap_or_else(|e| panic!("kernel {i} {}: {e}", k.op.name()))
+            };
             let dt = s.elapsed().as_secs_f64();
             vals[k.output] = Some(y);
+            // Free what no later kernel reads.
+            for &j in &k.inputs {
+                if last_use[j] == Some(i) {
+                    vals[j] = None;
+                }
+            }
             let e = by_op.entry(k.op.name().to_string()).or_default();
             e.0 += dt;
             e.1 += 1;
+            let shapes: Vec<String> = k.inputs.iter().map(|&j| format!("{:?}", plan.values[j].shape)).collect();
+            let key = format!("{} {}", k.op.name(), shapes.join(" "));
+            let flops = match k.op {
+                // 2 * (output elements) * (contracted length)
+                Op::Matmul | Op::Linear => {
+                    let a = &plan.values[k.inputs[0]].shape;
+                    2.0 * plan.values[k.output].numel() as f64 * *a.last().unwrap() as f64
+                }
+                _ => 0.0,
+            };
+            let e = by_shape.entry(key).or_default();
+            e.0 += dt;
+            e.1 += 1;
+            e.2 += flops;
             let phase = if k.scope.starts_with("optim") {
                 2
             } else if i <= loss_kernel {
@@ -271,5 +310,12 @@ fn main() {
             100.0 * t / total,
             n / prof_steps as usize
         );
+    }
+    let mut shapes: Vec<(String, (f64, usize, f64))> = by_shape.into_iter().collect();
+    shapes.sort_by(|a, b| b.1 .0.partial_cmp(&a.1 .0).unwrap());
+    println!("tessera kernels by operand shapes (top 30), time per step:");
+    for (key, (t, n, flops)) in shapes.iter().take(30) {
+        let rate = if *flops > 0.0 { format!("  {:.1} GFLOP/s", flops / t / 1e9) } else { String::new() };
+        println!("  {:>7.2} ms {:>5.1}%  x{:<3} {key}{rate}", ms(*t), 100.0 * t / total, n / prof_steps as usize);
     }
 }

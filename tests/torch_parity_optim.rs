@@ -38,9 +38,9 @@
 //! Run: `eval "$(./scripts/setup-libtorch.sh)" && cargo test --release --features torch-oracle --test torch_parity_optim -- --nocapture`
 #![cfg(feature = "torch-oracle")]
 
-mod oracle;
 #[path = "oracle/models.rs"]
 mod models;
+mod oracle;
 
 use models::{labels, normal_values, ModelSpec, Params};
 use oracle::{check_close, tensor_from, to_vec};
@@ -330,11 +330,14 @@ fn run_optimizer(opt: Opt, tessera_lr_factor: f64) -> Vec<String> {
             failures.push(format!("step {t}: loss tessera {lt}, libtorch {lx}"));
         }
         let norm = clip_grad_norm(&eager.params, MAX_NORM);
-        assert!(norm > 2.0 * MAX_NORM, "step {t}: gradient norm {norm} must exceed max_norm {MAX_NORM} to test clipping");
+        assert!(
+            norm > 2.0 * MAX_NORM,
+            "step {t}: gradient norm {norm} must exceed max_norm {MAX_NORM} to test clipping"
+        );
         let mut worst_grad = (0.0, String::new());
         for name in &trainable {
             let r = rel_err(out[&format!("grad.{name}")].as_f32().unwrap(), &to_vec(&eager.params.get(name).grad()));
-            if !(r <= 1e-4) {
+            if r.is_nan() || r > 1e-4 {
                 failures.push(format!("step {t}: clipped grad.{name}: max |diff| / max |torch| {r:.3e} > 1e-4"));
             }
             if r > worst_grad.0 {
@@ -348,12 +351,16 @@ fn run_optimizer(opt: Opt, tessera_lr_factor: f64) -> Vec<String> {
         let mut surrogate = TT::from(0f32);
         for name in &trainable {
             let g = to_tt(&out[&format!("grad.{name}")]);
-            surrogate = surrogate + (same.params.get(name) * g).sum(tch::Kind::Float);
+            surrogate = &surrogate + (same.params.get(name) * g).sum(tch::Kind::Float);
         }
         surrogate.backward();
         for name in &trainable {
             let g = to_vec(&same.params.get(name).grad());
-            assert_eq!(g, out[&format!("grad.{name}")].as_f32().unwrap(), "the surrogate gives tessera's gradient exactly");
+            assert_eq!(
+                g,
+                out[&format!("grad.{name}")].as_f32().unwrap(),
+                "the surrogate gives tessera's gradient exactly"
+            );
         }
         same.step(opt, lr, t);
 
@@ -387,7 +394,14 @@ fn run_optimizer(opt: Opt, tessera_lr_factor: f64) -> Vec<String> {
              parameters, same gradients: worst max|diff|/max|update| {:.2e} ({})\n  \
              parameters, eager: worst max|diff|/max|update| {:.2e} ({})\n  \
              moments, same gradients: worst max|diff|/max|torch| {:.2e} ({})",
-            worst_grad.0, worst_grad.1, worst_same.0, worst_same.1, worst_eager.0, worst_eager.1, worst_moment.0, worst_moment.1
+            worst_grad.0,
+            worst_grad.1,
+            worst_same.0,
+            worst_same.1,
+            worst_eager.0,
+            worst_eager.1,
+            worst_moment.0,
+            worst_moment.1
         );
     }
     failures

@@ -308,7 +308,14 @@ fn block(s: &VitSpec, conv: Option<&ConvitSpec>, p: &Params, x: &Tensor, name: &
 /// Patch embedding: Conv2d(kernel = stride = P), flattened row-major to `[B, N, D]`.
 fn patch_embed(s: &VitSpec, p: &Params, x: &Tensor) -> Tensor {
     let ps = s.patch_size as i64;
-    let y = x.conv2d(p.get("trunk.patch_embed.proj.weight"), Some(p.get("trunk.patch_embed.proj.bias")), [ps, ps], [0, 0], [1, 1], 1);
+    let y = x.conv2d(
+        p.get("trunk.patch_embed.proj.weight"),
+        Some(p.get("trunk.patch_embed.proj.bias")),
+        [ps, ps],
+        [0, 0],
+        [1, 1],
+        1,
+    );
     y.flatten(2, -1).transpose(1, 2)
 }
 
@@ -327,7 +334,7 @@ pub fn trunk(spec: &ModelSpec, p: &Params, x: &Tensor) -> Tensor {
             if s.class_token {
                 t = prepend(p.get("trunk.cls_token"), &t);
             }
-            t = t + p.get("trunk.pos_embed");
+            t = &t + p.get("trunk.pos_embed");
             for i in 0..s.layers {
                 t = block(s, None, p, &t, &format!("trunk.blocks.{i}"), ["fc1", "fc2"]);
             }
@@ -341,7 +348,7 @@ pub fn trunk(spec: &ModelSpec, p: &Params, x: &Tensor) -> Tensor {
         Trunk::Convit(c) => {
             // Reference 2.3: pos_embedding on patches only; the class token
             // joins before block N_GPSA (or before the first block).
-            t = t + p.get("trunk.pos_embedding");
+            t = &t + p.get("trunk.pos_embedding");
             for i in 0..s.layers {
                 if (i == 0 && c.class_token_in_local_layers) || (i == c.n_gpsa && !c.class_token_in_local_layers) {
                     t = prepend(p.get("trunk.class_token"), &t);
@@ -406,10 +413,13 @@ pub fn loss(spec: &ModelSpec, logits: &Tensor, target: &Tensor) -> Tensor {
         x = &x / x.norm_scalaropt_dim(2.0, [1], true).clamp_min(1e-12);
     }
     if l.temperature != 1.0 {
-        x = x / l.temperature;
+        // Not `/=`: that would divide the caller's logits in place.
+        x = &x / l.temperature;
     }
     if target.dim() == 2 {
-        -(target * x.log_softmax(1, Kind::Float)).sum_dim_intlist([1i64].as_slice(), false, Kind::Float).mean(Kind::Float)
+        -(target * x.log_softmax(1, Kind::Float))
+            .sum_dim_intlist([1i64].as_slice(), false, Kind::Float)
+            .mean(Kind::Float)
     } else {
         x.cross_entropy_loss::<Tensor>(target, None, tch::Reduction::Mean, l.ignore_index, l.label_smoothing)
     }
