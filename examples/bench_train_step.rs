@@ -271,7 +271,7 @@ fn main() {
             let key = format!("{} {}", k.op.name(), shapes.join(" "));
             let flops = match k.op {
                 // 2 * (output elements) * (contracted length)
-                Op::Matmul | Op::Linear => {
+                Op::matmul() | Op::Linear => {
                     let a = &plan.values[k.inputs[0]].shape;
                     2.0 * plan.values[k.output].numel() as f64 * *a.last().unwrap() as f64
                 }

@@ -127,7 +127,25 @@ fn gradients_match_finite_differences() {
         Case {
             name: "matmul broadcast",
             params: vec![(vec![-1, 2, 3, 4], normal()), (vec![4, 5], normal())],
-            build: |g, p| op(g, Op::Matmul, p),
+            build: |g, p| op(g, Op::matmul(), p),
+            training: true,
+        },
+        Case {
+            name: "matmul a^T",
+            params: vec![(vec![-1, 4, 3], normal()), (vec![4, 5], normal())],
+            build: |g, p| op(g, Op::Matmul { transpose_a: true, transpose_b: false }, p),
+            training: true,
+        },
+        Case {
+            name: "matmul b^T",
+            params: vec![(vec![-1, 3, 4], normal()), (vec![5, 4], normal())],
+            build: |g, p| op(g, Op::Matmul { transpose_a: false, transpose_b: true }, p),
+            training: true,
+        },
+        Case {
+            name: "matmul a^T b^T",
+            params: vec![(vec![-1, 2, 4, 3], normal()), (vec![-1, 2, 5, 4], normal())],
+            build: |g, p| op(g, Op::Matmul { transpose_a: true, transpose_b: true }, p),
             training: true,
         },
         Case {

@@ -314,7 +314,7 @@ fn matmul_matches_naive_loops_with_broadcast_batches() {
     for (sa, sb) in cases {
         let (a, b) = (rand(sa, 6), rand(sb, 7));
         let (shape, want) = matmul_ref(&a, &b);
-        let y = run_op(Op::Matmul, &[&a, &b]);
+        let y = run_op(Op::matmul(), &[&a, &b]);
         assert_eq!(y.shape, shape, "{sa:?} @ {sb:?}");
         assert_close(&y, &want, 1e-5);
     }

@@ -38,14 +38,6 @@ impl Builder<'_> {
         }
         self.op(Op::Reshape { shape }, &[x])
     }
-    /// Swaps the last two axes.
-    fn transpose(&mut self, x: ValueId) -> R<ValueId> {
-        let r = self.shape(x).rank();
-        let mut perm: Vec<usize> = (0..r).collect();
-        perm.swap(r - 2, r - 1);
-        self.op(Op::Permute { perm }, &[x])
-    }
-
     /// Sums a broadcast gradient back to `target` (numpy broadcasting in reverse).
     pub fn sum_to(&mut self, grad: ValueId, target: &Shape) -> R<ValueId> {
         let gs = self.shape(grad);
@@ -102,10 +94,9 @@ pub(super) fn grads(b: &mut Builder, v: ValueId, xs: &[ValueId], dy: ValueId) ->
         }
         Op::Linear => {
             // y = x W^T + b: dx = dy W, dW = dy^T x (rows flattened), db = sum of dy rows.
-            let dx = b.op(Op::Matmul, &[dy, xs[1]])?;
+            let dx = b.op(Op::matmul(), &[dy, xs[1]])?;
             let (dy2, x2) = (b.rows(dy)?, b.rows(xs[0])?);
-            let dyt = b.transpose(dy2)?;
-            let dw = b.op(Op::Matmul, &[dyt, x2])?;
+            let dw = b.op(Op::Matmul { transpose_a: true, transpose_b: false }, &[dy2, x2])?;
             let mut out = vec![Some(dx), Some(dw)];
             if xs.len() == 3 {
                 let r = b.shape(dy).rank();
@@ -113,11 +104,20 @@ pub(super) fn grads(b: &mut Builder, v: ValueId, xs: &[ValueId], dy: ValueId) ->
             }
             out
         }
-        Op::Matmul => {
-            let bt = b.transpose(xs[1])?;
-            let da = b.op(Op::Matmul, &[dy, bt])?;
-            let at = b.transpose(xs[0])?;
-            let db = b.op(Op::Matmul, &[at, dy])?;
+        Op::Matmul { transpose_a: ta, transpose_b: tb } => {
+            // C = A' B' with A' = A^T if ta, B' = B^T if tb: dA' = dC B'^T, dB' = A'^T dC,
+            // and a transposed operand takes the transpose of its gradient. Transposes
+            // are flags on the products, never copies.
+            let da = if ta {
+                b.op(Op::Matmul { transpose_a: tb, transpose_b: true }, &[xs[1], dy])?
+            } else {
+                b.op(Op::Matmul { transpose_a: false, transpose_b: !tb }, &[dy, xs[1]])?
+            };
+            let db = if tb {
+                b.op(Op::Matmul { transpose_a: true, transpose_b: ta }, &[dy, xs[0]])?
+            } else {
+                b.op(Op::Matmul { transpose_a: !ta, transpose_b: false }, &[xs[0], dy])?
+            };
             let (sa, sb) = (shape_of(b, 0), shape_of(b, 1));
             vec![Some(b.sum_to(da, &sa)?), Some(b.sum_to(db, &sb)?)]
         }
@@ -321,16 +321,14 @@ fn unary(b: &mut Builder, u: UnaryOp, y: ValueId, x: ValueId, dy: ValueId) -> R<
 /// key redraws the forward's mask.
 fn attention(b: &mut Builder, xs: &[ValueId], d_out: ValueId, scale: f64, p: f64, key: u32) -> R<Vec<Option<ValueId>>> {
     let (q, k, v) = (xs[0], xs[1], xs[2]);
-    let kt = b.transpose(k)?;
-    let s = b.op(Op::Matmul, &[q, kt])?;
+    let nt = |ta, tb| Op::Matmul { transpose_a: ta, transpose_b: tb };
+    let s = b.op(nt(false, true), &[q, k])?;
     let s = b.scale(s, scale)?;
     let r = b.g.ty(s).shape.rank();
     let probs = b.op(Op::Softmax { axis: r - 1 }, &[s])?;
     let dropped = if p > 0.0 { b.op(Op::Dropout { p, key }, &[probs])? } else { probs };
-    let dt = b.transpose(dropped)?;
-    let dv = b.op(Op::Matmul, &[dt, d_out])?;
-    let vt = b.transpose(v)?;
-    let d_dropped = b.op(Op::Matmul, &[d_out, vt])?;
+    let dv = b.op(nt(true, false), &[dropped, d_out])?;
+    let d_dropped = b.op(nt(false, true), &[d_out, v])?;
     let d_probs = if p > 0.0 { b.op(Op::Dropout { p, key }, &[d_dropped])? } else { d_dropped };
     // Softmax backward: dS = P * (dP - sum(dP * P)).
     let pp = b.bin(BinaryOp::Mul, d_probs, probs)?;
@@ -338,9 +336,8 @@ fn attention(b: &mut Builder, xs: &[ValueId], d_out: ValueId, scale: f64, p: f64
     let diff = b.bin(BinaryOp::Sub, d_probs, rs)?;
     let ds = b.bin(BinaryOp::Mul, probs, diff)?;
     let ds = b.scale(ds, scale)?;
-    let dq = b.op(Op::Matmul, &[ds, k])?;
-    let dst = b.transpose(ds)?;
-    let dk = b.op(Op::Matmul, &[dst, q])?;
+    let dq = b.op(Op::matmul(), &[ds, k])?;
+    let dk = b.op(nt(true, false), &[ds, q])?;
     let (sq, sk, sv) = (b.g.ty(q).shape.clone(), b.g.ty(k).shape.clone(), b.g.ty(v).shape.clone());
     Ok(vec![Some(b.sum_to(dq, &sq)?), Some(b.sum_to(dk, &sk)?), Some(b.sum_to(dv, &sv)?)])
 }

@@ -145,7 +145,7 @@ fn tensor(el: &mut Elab, env: &mut Env, op: BinOp, l: &Val, r: &Val, span: Span)
     let bad = |el: &Elab| el.err(span, msg.clone());
     match (&l.v, &r.v) {
         (V::Tensor(a), V::Tensor(b)) => match op {
-            BinOp::MatMul => el.op(env, Op::Matmul, &[*a, *b], span),
+            BinOp::MatMul => el.op(env, Op::matmul(), &[*a, *b], span),
             _ => {
                 let bop = tensor_binop(op).ok_or_else(|| bad(el))?;
                 el.op(env, Op::Binary(bop), &[*a, *b], span)

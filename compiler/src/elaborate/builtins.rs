@@ -412,7 +412,7 @@ fn tensor_op(el: &mut Elab, env: &mut Env, name: &str, a: &mut Args, span: Span)
         "matmul" => {
             let x = a.tensor(el, 0, "a")?;
             let y = a.tensor(el, 1, "b")?;
-            return el.op(env, Op::Matmul, &[x, y], span);
+            return el.op(env, Op::matmul(), &[x, y], span);
         }
         "attention" => {
             let q = a.tensor(el, 0, "q")?;

@@ -28,8 +28,9 @@ pub fn node_flops(g: &Graph, v: ValueId, batch: u64) -> u64 {
             let w = operand(1); // [O, I]
             2 * out.iter().product::<u64>() * w[1]
         }
-        Op::Matmul => {
-            let k = *operand(0).last().expect("matmul operands have rank >= 2");
+        Op::Matmul { transpose_a, .. } => {
+            let a = operand(0);
+            let k = if transpose_a { a[a.len() - 2] } else { *a.last().expect("matmul operands have rank >= 2") };
             2 * out.iter().product::<u64>() * k
         }
         Op::Conv2d { .. } => {
@@ -139,7 +140,7 @@ mod tests {
         let mut g = Graph::new();
         let a = g.add_input("a", Shape(vec![Dim::B, Dim::Const(4), Dim::Const(5)]), DType::F32).unwrap();
         let b = g.add_input("b", Shape::consts(&[5, 6]), DType::F32).unwrap();
-        let m = g.add_op(Op::Matmul, &[a, b], "").unwrap();
+        let m = g.add_op(Op::matmul(), &[a, b], "").unwrap();
         assert_eq!(node_flops(&g, m, 3), 2 * 3 * 4 * 5 * 6);
 
         let q = g.add_input("q", Shape(vec![Dim::B, Dim::Const(2), Dim::Const(7), Dim::Const(8)]), DType::F32).unwrap();

@@ -15,7 +15,7 @@ pub(crate) fn infer(op: &Op, x: &[&TensorType]) -> Rule {
             Err(format!("{} is a leaf and has no shape rule", op.name()))
         }
         Op::Linear => linear(x),
-        Op::Matmul => matmul(x),
+        Op::Matmul { transpose_a, transpose_b } => matmul(x, *transpose_a, *transpose_b),
         Op::Conv2d { stride, padding } => conv2d(x, *stride, *padding),
         Op::Attention { dropout, .. } => {
             probability("dropout", *dropout)?;
@@ -233,7 +233,7 @@ fn linear(x: &[&TensorType]) -> Rule {
     Ok(TensorType::new(out, i.dtype))
 }
 
-fn matmul(x: &[&TensorType]) -> Rule {
+fn matmul(x: &[&TensorType], ta: bool, tb: bool) -> Rule {
     let [a, b] = exactly(x, ["a", "b"])?;
     floats_alike(&[("a", a), ("b", b)])?;
     for (role, t) in [("a", a), ("b", b)] {
@@ -242,8 +242,14 @@ fn matmul(x: &[&TensorType]) -> Rule {
         }
     }
     let (ra, rb) = (a.shape.rank(), b.shape.rank());
-    let (m, k) = (a.shape.0[ra - 2], a.shape.0[ra - 1]);
-    let (k2, n) = (b.shape.0[rb - 2], b.shape.0[rb - 1]);
+    let (mut m, mut k) = (a.shape.0[ra - 2], a.shape.0[ra - 1]);
+    if ta {
+        std::mem::swap(&mut m, &mut k);
+    }
+    let (mut k2, mut n) = (b.shape.0[rb - 2], b.shape.0[rb - 1]);
+    if tb {
+        std::mem::swap(&mut k2, &mut n);
+    }
     if k != k2 {
         return Err(format!("a's last dim {k} does not match b's row dim {k2} (a {}, b {})", a.shape, b.shape));
     }
@@ -614,18 +620,18 @@ mod tests {
 
     #[test]
     fn matmul_broadcasts_batch_dims() {
-        assert_eq!(ok(Op::Matmul, &[f("B,12,197,64"), f("B,12,64,197")]), "[B,12,197,197] f32");
-        assert_eq!(ok(Op::Matmul, &[f("B,1,5,3"), f("7,3,2")]), "[B,7,5,2] f32");
-        assert_eq!(ok(Op::Matmul, &[f("2B,64"), f("64,65536")]), "[2B,65536] f32");
+        assert_eq!(ok(Op::matmul(), &[f("B,12,197,64"), f("B,12,64,197")]), "[B,12,197,197] f32");
+        assert_eq!(ok(Op::matmul(), &[f("B,1,5,3"), f("7,3,2")]), "[B,7,5,2] f32");
+        assert_eq!(ok(Op::matmul(), &[f("2B,64"), f("64,65536")]), "[2B,65536] f32");
         assert_eq!(
-            err(Op::Matmul, &[f("B,4,3"), f("2,5")]),
+            err(Op::matmul(), &[f("B,4,3"), f("2,5")]),
             "a's last dim 3 does not match b's row dim 2 (a [B,4,3], b [2,5])"
         );
         assert_eq!(
-            err(Op::Matmul, &[f("2,4,3"), f("5,3,2")]),
+            err(Op::matmul(), &[f("2,4,3"), f("5,3,2")]),
             "batch dims of a [2,4,3] and b [5,3,2] do not broadcast: dims 2 and 5 at axis -1 differ and neither is 1"
         );
-        assert_eq!(err(Op::Matmul, &[f("3"), f("3,2")]), "a must have rank >= 2 ([..., rows, cols]), got [3]");
+        assert_eq!(err(Op::matmul(), &[f("3"), f("3,2")]), "a must have rank >= 2 ([..., rows, cols]), got [3]");
     }
 
     #[test]

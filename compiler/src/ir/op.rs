@@ -65,8 +65,10 @@ pub enum Op {
     // ---- first-class compound ops (fusion and backends need them whole) ----
     /// `(x [..., I], w [O, I], b? [O]) -> [..., O]`: x w^T + b.
     Linear,
-    /// `(a [..., M, K], b [..., K, N]) -> [..., M, N]`, batch dims broadcast.
-    Matmul,
+    /// `(a [..., M, K], b [..., K, N]) -> [..., M, N]`, batch dims broadcast;
+    /// `transpose_a` / `transpose_b` read a as [..., K, M] / b as [..., N, K]
+    /// (a transposed view, no copy: the backward of every product needs one).
+    Matmul { transpose_a: bool, transpose_b: bool },
     /// `(x [N, C, H, W], w [O, C, kh, kw], b? [O]) -> [N, O, H', W']`.
     Conv2d {
         stride: [u64; 2],
@@ -250,6 +252,11 @@ pub enum Op {
 }
 
 impl Op {
+    /// A plain matrix product, `a @ b`.
+    pub fn matmul() -> Op {
+        Op::Matmul { transpose_a: false, transpose_b: false }
+    }
+
     /// The op's name in the text form (`linear`, `layer_norm`, `add`, ...).
     pub fn name(&self) -> &'static str {
         match self {
@@ -258,7 +265,7 @@ impl Op {
             Op::Buffer { .. } => "buffer",
             Op::Fill { .. } => "fill",
             Op::Linear => "linear",
-            Op::Matmul => "matmul",
+            Op::Matmul { .. } => "matmul",
             Op::Conv2d { .. } => "conv2d",
             Op::Attention { .. } => "attention",
             Op::LayerNorm { .. } => "layer_norm",

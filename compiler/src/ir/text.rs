@@ -125,7 +125,17 @@ fn attributes(op: &Op) -> Vec<(&'static str, String)> {
         }
         Op::AllReduce { op, world } => vec![("op", reduce_name(op).to_string()), ("world", world.to_string())],
         Op::Input { .. } | Op::Param { .. } | Op::Buffer { .. } | Op::Fill { .. } => vec![],
-        Op::Linear | Op::Matmul | Op::Unary(_) | Op::Binary(_) | Op::StopGradient => vec![],
+        Op::Matmul { transpose_a, transpose_b } => {
+            let mut v = vec![];
+            if *transpose_a {
+                v.push(("transpose_a", "true".to_string()));
+            }
+            if *transpose_b {
+                v.push(("transpose_b", "true".to_string()));
+            }
+            v
+        }
+        Op::Linear | Op::Unary(_) | Op::Binary(_) | Op::StopGradient => vec![],
     }
 }
 

@@ -144,7 +144,16 @@ pub fn linear(x: &[&Tensor]) -> Result<Tensor, KernelError> {
 }
 
 /// `Matmul (a [..., M, K], b [..., K, N]) -> [..., M, N]` with broadcast batch dims.
-pub fn matmul(x: &[&Tensor]) -> Result<Tensor, KernelError> {
+/// A `rows x cols` view of `data`, read transposed when `t`.
+fn view(data: &[f32], rows: usize, cols: usize, t: bool) -> Mat<'_> {
+    if t {
+        Mat::transposed(data, rows, cols)
+    } else {
+        Mat::rows(data, rows, cols)
+    }
+}
+
+pub fn matmul(x: &[&Tensor], ta: bool, tb: bool) -> Result<Tensor, KernelError> {
     let [at, bt] = operands(x, ["a", "b"])?;
     let (ad, bd) = (f32_of(at, "a")?, f32_of(bt, "b")?);
     let (ra, rb) = (at.rank(), bt.rank());
@@ -155,8 +164,12 @@ pub fn matmul(x: &[&Tensor]) -> Result<Tensor, KernelError> {
             show_shape(&bt.shape)
         )));
     }
-    let (m, k) = (at.shape[ra - 2], at.shape[ra - 1]);
-    let (k2, n) = (bt.shape[rb - 2], bt.shape[rb - 1]);
+    // Stored shapes; a transposed operand is read through swapped strides.
+    let (ar, ac) = (at.shape[ra - 2], at.shape[ra - 1]);
+    let (br, bc) = (bt.shape[rb - 2], bt.shape[rb - 1]);
+    let (m, k) = if ta { (ac, ar) } else { (ar, ac) };
+    let (k2, n) = if tb { (bc, br) } else { (br, bc) };
+
     let (a_batch, b_batch) = (&at.shape[..ra - 2], &bt.shape[..rb - 2]);
     let batch_shape = broadcast_shape(a_batch, b_batch);
     let Some(batch_shape) = batch_shape.filter(|_| k == k2) else {
@@ -166,10 +179,10 @@ pub fn matmul(x: &[&Tensor]) -> Result<Tensor, KernelError> {
     let mut shape = batch_shape.clone();
     shape.extend([m, n]);
     let mut out = vec![0.0f32; batch * m * n];
-    if b_batch.iter().product::<usize>() == 1 && a_batch == &batch_shape[..] {
+    if !ta && b_batch.iter().product::<usize>() == 1 && a_batch == &batch_shape[..] {
         // b is shared by every batch entry: one [batch*M, K] @ [K, N] product.
         let rows = batch * m;
-        gemm_into(&mut out, n, 1, Mat::rows(ad, rows, k), Mat::rows(bd, k, n), false, parallelism(rows, n, k));
+        gemm_into(&mut out, n, 1, Mat::rows(ad, rows, k), view(bd, k, n, tb), false, parallelism(rows, n, k));
         return Ok(Tensor::f32(shape, out));
     }
     let sa = broadcast_strides(a_batch, &batch_shape);
@@ -186,7 +199,7 @@ pub fn matmul(x: &[&Tensor]) -> Result<Tensor, KernelError> {
     };
     let one = |bi: usize, dst: &mut [f32], par: Parallelism| {
         let (oa, ob) = offsets(bi);
-        gemm_into(dst, n, 1, Mat::rows(&ad[oa..], m, k), Mat::rows(&bd[ob..], k, n), false, par);
+        gemm_into(dst, n, 1, view(&ad[oa..], m, k, ta), view(&bd[ob..], k, n, tb), false, par);
     };
     if m * n == 0 {
         return Ok(Tensor::f32(shape, out));
