@@ -66,7 +66,7 @@ fn run_case(case: &Case) {
         (0..probe_len).map(|i| s.uniform_at(i) * 2.0 - 1.0).collect(),
     );
     let mut ex = CpuExecutor::new(plan, 5).unwrap();
-    let mut loss_at = |ex: &mut CpuExecutor| -> (f64, Vec<(String, Vec<f32>)>) {
+    let loss_at = |ex: &mut CpuExecutor| -> (f64, Vec<(String, Vec<f32>)>) {
         ex.set_step(0);
         let out = ex.run(&[("probe", probe_t.clone())]).unwrap();
         let l = out["loss"].as_f32().unwrap()[0] as f64;
@@ -87,7 +87,7 @@ fn run_case(case: &Case) {
             })
             .collect();
         let h = 1e-2f32;
-        let mut eval = |sign: f32, ex: &mut CpuExecutor| {
+        let eval = |sign: f32, ex: &mut CpuExecutor| {
             for ((n, t), d) in base.iter().zip(&ds) {
                 let v: Vec<f32> = t.as_f32().unwrap().iter().zip(d).map(|(x, d)| x + sign * h * d).collect();
                 ex.set_state(n, Tensor::f32(t.shape.clone(), v)).unwrap();
@@ -128,6 +128,31 @@ fn gradients_match_finite_differences() {
             name: "matmul broadcast",
             params: vec![(vec![-1, 2, 3, 4], normal()), (vec![4, 5], normal())],
             build: |g, p| op(g, Op::matmul(), p),
+            training: true,
+        },
+        Case {
+            name: "slices that tile their input (concat backward)",
+            params: vec![(vec![-1, 5, 2], normal())],
+            build: |g, p| {
+                let a = op(g, Op::Slice { axis: 1, start: Dim::Const(0), end: Dim::Const(2) }, p);
+                let b = op(g, Op::Slice { axis: 1, start: Dim::Const(2), end: Dim::Const(5) }, p);
+                let a2 = op(g, Op::Scale { factor: 2.0 }, &[a]);
+                let b2 = unary(g, UnaryOp::Square, b);
+                op(g, Op::Concat { axis: 1 }, &[b2, a2])
+            },
+            training: true,
+        },
+        Case {
+            name: "a slice and a direct use (pad backward)",
+            params: vec![(vec![-1, 5], normal())],
+            build: |g, p| {
+                let a = op(g, Op::Slice { axis: 1, start: Dim::Const(1), end: Dim::Const(3) }, p);
+                let a2 = op(g, Op::Concat { axis: 1 }, &[a, a, a]);
+                let x = op(g, Op::Slice { axis: 1, start: Dim::Const(0), end: Dim::Const(5) }, &[p[0]]);
+                let b = op(g, Op::Concat { axis: 1 }, &[x, p[0]]);
+                let c = op(g, Op::Slice { axis: 1, start: Dim::Const(0), end: Dim::Const(6) }, &[b]);
+                op(g, Op::Binary(BinaryOp::Mul), &[c, a2])
+            },
             training: true,
         },
         Case {

@@ -12,7 +12,7 @@ mod step;
 
 pub use step::{training_step, Optimizer, StepOptions};
 
-use crate::ir::{BinaryOp, Graph, IrError, Op, ValueId};
+use crate::ir::{BinaryOp, Dim, Graph, IrError, Op, ValueId};
 use rules::Builder;
 use std::collections::HashMap;
 
@@ -37,15 +37,26 @@ pub fn backward(g: &mut Graph, loss: ValueId) -> Result<Vec<(String, ValueId)>, 
         };
         needs.insert(v, flows);
     }
+    let mut parts: HashMap<ValueId, Vec<Part>> = HashMap::new();
     let mut grad: HashMap<ValueId, ValueId> = HashMap::new();
     let seed = g.add_fill(1.0, g.ty(loss).clone(), "loss");
-    grad.insert(loss, seed);
+    parts.insert(loss, vec![Part::Full(seed)]);
     for &v in order.iter().rev() {
-        let Some(&dy) = grad.get(&v) else { continue };
+        let Some(ps) = parts.remove(&v) else { continue };
+        let dy = gather(g, v, ps)?;
+        grad.insert(v, dy);
         if !needs[&v] || g.node(v).op.is_leaf() {
             continue;
         }
         let xs = g.operands(v);
+        // A slice's gradient waits for its siblings: slices that tile their input
+        // become one concat instead of zero-padded pieces added together.
+        if let Op::Slice { axis, start, end } = g.node(v).op {
+            if needs[&xs[0]] {
+                parts.entry(xs[0]).or_default().push(Part::Slice { axis, start, end, dy });
+            }
+            continue;
+        }
         let scope = g.node(v).scope.clone();
         let mut b = Builder { g, scope };
         let dxs = rules::grads(&mut b, v, &xs, dy).map_err(|e| match e {
@@ -53,23 +64,89 @@ pub fn backward(g: &mut Graph, loss: ValueId) -> Result<Vec<(String, ValueId)>, 
             e => e,
         })?;
         for (x, dx) in xs.iter().zip(dxs) {
-            let Some(dx) = dx else { continue };
-            if !needs[x] {
-                continue;
+            if let Some(dx) = dx.filter(|_| needs[x]) {
+                parts.entry(*x).or_default().push(Part::Full(dx));
             }
-            let acc = match grad.get(x) {
-                Some(&prev) => {
-                    let scope = g.node(*x).scope.clone();
-                    g.add_op(Op::Binary(BinaryOp::Add), &[prev, dx], &scope)?
-                }
-                None => dx,
-            };
-            grad.insert(*x, acc);
         }
     }
-    Ok(g.params()
+    Ok(g
+        .params()
         .into_iter()
         .filter(|(_, _, trainable)| *trainable)
         .filter_map(|(v, name, _)| grad.get(&v).map(|&d| (name.to_string(), d)))
         .collect())
+}
+
+/// One contribution to a value's gradient.
+enum Part {
+    Full(ValueId),
+    /// The gradient of `x[start..end]` along `axis`.
+    Slice { axis: usize, start: Dim, end: Dim, dy: ValueId },
+}
+
+/// Sums the contributions to the gradient of `x`. Slices along one axis that
+/// tile it exactly are concatenated (the backward of a qkv split is one copy,
+/// not three zero-padded tensors added); any other mix is padded and added.
+fn gather(g: &mut Graph, x: ValueId, mut ps: Vec<Part>) -> Result<ValueId, IrError> {
+    let scope = g.node(x).scope.clone();
+    let full_dim = |g: &Graph, axis: usize| g.ty(x).shape.0[axis];
+    let tiles = ps.len() > 1
+        && match &ps[0] {
+            Part::Slice { axis, .. } => {
+                let axis = *axis;
+                let mut pieces: Vec<(Dim, Dim)> = Vec::new();
+                for p in &ps {
+                    match p {
+                        Part::Slice { axis: a, start, end, .. } if *a == axis => pieces.push((*start, *end)),
+                        _ => return gather_added(g, x, ps, &scope),
+                    }
+                }
+                pieces.sort();
+                let mut at = Dim::Const(0);
+                let covered = pieces.iter().all(|(s, e)| {
+                    let ok = *s == at;
+                    at = *e;
+                    ok
+                });
+                covered && at == full_dim(g, axis)
+            }
+            Part::Full(_) => false,
+        };
+    if tiles {
+        ps.sort_by_key(|p| match p {
+            Part::Slice { start, .. } => *start,
+            Part::Full(_) => Dim::Const(0),
+        });
+        let axis = match ps[0] {
+            Part::Slice { axis, .. } => axis,
+            Part::Full(_) => 0,
+        };
+        let pieces: Vec<ValueId> = ps
+            .iter()
+            .map(|p| match p {
+                Part::Slice { dy, .. } | Part::Full(dy) => *dy,
+            })
+            .collect();
+        return g.add_op(Op::Concat { axis }, &pieces, &scope);
+    }
+    gather_added(g, x, ps, &scope)
+}
+
+fn gather_added(g: &mut Graph, x: ValueId, ps: Vec<Part>, scope: &str) -> Result<ValueId, IrError> {
+    let mut total: Option<ValueId> = None;
+    for p in ps {
+        let d = match p {
+            Part::Full(d) => d,
+            Part::Slice { axis, start, end, dy } => {
+                let full = g.ty(x).shape.0[axis];
+                let after = full.sub(end).ok_or_else(|| IrError::Invalid("slice end past its dim".into()))?;
+                g.add_op(Op::Pad { axis, before: start, after }, &[dy], scope)?
+            }
+        };
+        total = Some(match total {
+            None => d,
+            Some(t) => g.add_op(Op::Binary(BinaryOp::Add), &[t, d], scope)?,
+        });
+    }
+    total.ok_or_else(|| IrError::Invalid("a gradient with no contribution".into()))
 }
