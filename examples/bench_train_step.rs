@@ -271,9 +271,14 @@ fn main() {
             let key = format!("{} {}", k.op.name(), shapes.join(" "));
             let flops = match k.op {
                 // 2 * (output elements) * (contracted length)
-                Op::matmul() | Op::Linear => {
+                Op::Matmul { .. } | Op::Linear => {
+                    // The contracted dim: a's last, or its second to last when read transposed.
                     let a = &plan.values[k.inputs[0]].shape;
-                    2.0 * plan.values[k.output].numel() as f64 * *a.last().unwrap() as f64
+                    let inner = match k.op {
+                        Op::Matmul { transpose_a: true, .. } => a[a.len() - 2],
+                        _ => *a.last().unwrap(),
+                    };
+                    2.0 * plan.values[k.output].numel() as f64 * inner as f64
                 }
                 _ => 0.0,
             };

@@ -329,6 +329,24 @@ fn compound_ops_match_libtorch() {
             |p, _| p[0].matmul(&p[1]),
         ),
         Case::new(
+            "matmul a^T (weight-gradient form)",
+            vec![n(&[7, 3]), n(&[7, 5])],
+            |g, p, _| op(g, Op::Matmul { transpose_a: true, transpose_b: false }, p),
+            |p, _| p[0].transpose(0, 1).matmul(&p[1]),
+        ),
+        Case::new(
+            "matmul b^T batched (attention-score form)",
+            vec![n(&[2, 3, 4, 6]), n(&[2, 3, 5, 6])],
+            |g, p, _| op(g, Op::Matmul { transpose_a: false, transpose_b: true }, p),
+            |p, _| p[0].matmul(&p[1].transpose(-2, -1)),
+        ),
+        Case::new(
+            "matmul a^T b^T broadcast",
+            vec![n(&[2, 1, 4, 3]), n(&[3, 5, 4])],
+            |g, p, _| op(g, Op::Matmul { transpose_a: true, transpose_b: true }, p),
+            |p, _| p[0].transpose(-2, -1).matmul(&p[1].transpose(-2, -1)),
+        ),
+        Case::new(
             "conv2d stride 2 pad 1",
             vec![n(&[2, 3, 7, 7]), n(&[4, 3, 3, 3]), n(&[4])],
             |g, p, _| op(g, Op::Conv2d { stride: [2, 2], padding: [1, 1] }, p),
