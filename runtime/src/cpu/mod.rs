@@ -20,6 +20,7 @@ mod conv;
 mod elementwise;
 mod error;
 mod executor;
+pub mod fast_math;
 pub mod init;
 mod kernel;
 mod layout;
