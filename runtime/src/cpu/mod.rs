@@ -20,7 +20,6 @@ mod conv;
 mod elementwise;
 mod error;
 mod executor;
-pub mod fast_math;
 pub mod init;
 mod kernel;
 mod layout;
