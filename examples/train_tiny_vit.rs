@@ -23,7 +23,8 @@ pub fn train(steps: usize, verbose: bool) -> Vec<f32> {
     // One fixed batch of random images and labels: the model must memorise it.
     let s = Stream::new(1, 0, 0);
     let pixels = (batch * 3 * 32 * 32) as usize;
-    let data = Tensor::f32(vec![batch as usize, 3, 32, 32], (0..pixels as u64).map(|i| s.uniform_at(i) * 2.0 - 1.0).collect());
+    let data =
+        Tensor::f32(vec![batch as usize, 3, 32, 32], (0..pixels as u64).map(|i| s.uniform_at(i) * 2.0 - 1.0).collect());
     let target = Tensor::i64(vec![batch as usize], (0..batch).map(|i| (s.u32_at(1 << 20 | i) % 10) as i64).collect());
     let scalar = |v: f64| Tensor::f32(vec![], vec![v as f32]);
 

@@ -309,7 +309,12 @@ fn compound_ops_match_libtorch() {
             |g, p, _| op(g, Op::Linear, p),
             |p, _| p[0].linear::<TT>(&p[1], None),
         ),
-        Case::new("matmul 2d", vec![n(&[3, 4]), n(&[4, 5])], |g, p, _| op(g, Op::matmul(), p), |p, _| p[0].matmul(&p[1])),
+        Case::new(
+            "matmul 2d",
+            vec![n(&[3, 4]), n(&[4, 5])],
+            |g, p, _| op(g, Op::matmul(), p),
+            |p, _| p[0].matmul(&p[1]),
+        ),
         Case::new(
             "matmul batch x 2d",
             vec![n(&[2, 3, 4]), n(&[4, 5])],

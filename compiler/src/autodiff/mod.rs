@@ -69,8 +69,7 @@ pub fn backward(g: &mut Graph, loss: ValueId) -> Result<Vec<(String, ValueId)>, 
             }
         }
     }
-    Ok(g
-        .params()
+    Ok(g.params()
         .into_iter()
         .filter(|(_, _, trainable)| *trainable)
         .filter_map(|(v, name, _)| grad.get(&v).map(|&d| (name.to_string(), d)))
@@ -81,7 +80,12 @@ pub fn backward(g: &mut Graph, loss: ValueId) -> Result<Vec<(String, ValueId)>, 
 enum Part {
     Full(ValueId),
     /// The gradient of `x[start..end]` along `axis`.
-    Slice { axis: usize, start: Dim, end: Dim, dy: ValueId },
+    Slice {
+        axis: usize,
+        start: Dim,
+        end: Dim,
+        dy: ValueId,
+    },
 }
 
 /// Sums the contributions to the gradient of `x`. Slices along one axis that

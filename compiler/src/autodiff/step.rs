@@ -101,17 +101,16 @@ pub fn training_step(mut g: Graph, groups: &[ParamGroup], opts: &StepOptions) ->
         for pname in &group.params {
             // A parameter the loss does not reach has no gradient: no update,
             // as PyTorch skips parameters whose grad is None.
-            let Some(&(_, grad)) = grads.iter().find(|(n, _)| n == pname).map(|x| x) else { continue };
+            let Some(&(_, grad)) = grads.iter().find(|(n, _)| n == pname) else { continue };
             let p = g.state(pname).ok_or_else(|| IrError::Invalid(format!("no parameter `{pname}`")))?;
             let ty = g.ty(p).clone();
             let mut b = Builder { g: &mut g, scope: format!("optim.{pname}") };
+            let u = Update { name: pname, p, grad, ty, lr, wd };
             match (&opts.optimizer, bc) {
                 (Optimizer::AdamW { beta1, beta2, eps }, Some((bc1, bc2))) => {
-                    adamw(&mut b, pname, p, grad, &ty, lr, wd, bc1, bc2, *beta1, *beta2, *eps)?
+                    adamw(&mut b, &u, bc1, bc2, *beta1, *beta2, *eps)?
                 }
-                (Optimizer::Sgd { momentum, nesterov }, _) => {
-                    sgd(&mut b, pname, p, grad, &ty, lr, wd, *momentum, *nesterov)?
-                }
+                (Optimizer::Sgd { momentum, nesterov }, _) => sgd(&mut b, &u, *momentum, *nesterov)?,
                 _ => unreachable!("bias corrections exist for AdamW"),
             }
         }
@@ -166,22 +165,27 @@ fn state_buffer(b: &mut Builder, name: &str, ty: &TensorType) -> Result<ValueId,
     b.g.add_buffer(name, ty.clone(), Init::Zeros, &b.scope.clone())
 }
 
-/// torch.optim.AdamW.step for one parameter (reference 6.1).
-#[allow(clippy::too_many_arguments)]
-fn adamw(
-    b: &mut Builder,
-    pname: &str,
+/// One parameter's update: its value, gradient and the step's scalars.
+struct Update<'a> {
+    name: &'a str,
     p: ValueId,
     grad: ValueId,
-    ty: &TensorType,
+    ty: TensorType,
     lr: ValueId,
     wd: ValueId,
+}
+
+/// torch.optim.AdamW.step for one parameter (reference 6.1).
+fn adamw(
+    b: &mut Builder,
+    u: &Update,
     bc1: ValueId,
     bc2: ValueId,
     beta1: f64,
     beta2: f64,
     eps: f64,
 ) -> Result<(), IrError> {
+    let Update { name: pname, p, grad, ref ty, lr, wd } = *u;
     let m = state_buffer(b, &format!("optim.exp_avg.{pname}"), ty)?;
     let v = state_buffer(b, &format!("optim.exp_avg_sq.{pname}"), ty)?;
     // p <- p * (1 - lr * wd)
@@ -213,18 +217,8 @@ fn adamw(
 }
 
 /// torch.optim.SGD.step for one parameter (dampening 0).
-#[allow(clippy::too_many_arguments)]
-fn sgd(
-    b: &mut Builder,
-    pname: &str,
-    p: ValueId,
-    grad: ValueId,
-    ty: &TensorType,
-    lr: ValueId,
-    wd: ValueId,
-    momentum: f64,
-    nesterov: bool,
-) -> Result<(), IrError> {
+fn sgd(b: &mut Builder, u: &Update, momentum: f64, nesterov: bool) -> Result<(), IrError> {
+    let Update { name: pname, p, grad, ref ty, lr, wd } = *u;
     let wp = b.bin(BinaryOp::Mul, p, wd)?;
     let mut d = b.bin(BinaryOp::Add, grad, wp)?;
     if momentum != 0.0 {

@@ -68,7 +68,10 @@ pub enum Op {
     /// `(a [..., M, K], b [..., K, N]) -> [..., M, N]`, batch dims broadcast;
     /// `transpose_a` / `transpose_b` read a as [..., K, M] / b as [..., N, K]
     /// (a transposed view, no copy: the backward of every product needs one).
-    Matmul { transpose_a: bool, transpose_b: bool },
+    Matmul {
+        transpose_a: bool,
+        transpose_b: bool,
+    },
     /// `(x [N, C, H, W], w [O, C, kh, kw], b? [O]) -> [N, O, H', W']`.
     Conv2d {
         stride: [u64; 2],
