@@ -353,3 +353,32 @@ fn several_heads_run_in_sequence_on_one_trunk_feature() {
         ["heads.0.0.clf.0.weight", "heads.0.0.clf.0.bias", "heads.0.1.clf.0.weight", "heads.0.1.clf.0.bias"]
     );
 }
+
+#[test]
+fn cli_emits_a_plan_and_shows_it() {
+    let dir = std::env::temp_dir().join(format!("tessera-plan-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let plan = dir.join("step.plan");
+    let (ok, _, e) = tessera(&[
+        "compile",
+        "config=quickstart/vit_tiny",
+        "--emit",
+        "plan",
+        "--batch",
+        "4",
+        "-o",
+        plan.to_str().unwrap(),
+    ]);
+    assert!(ok, "{e}");
+    let (ok, out, e) = tessera(&["plan", "show", plan.to_str().unwrap()]);
+    assert!(ok, "{e}");
+    assert!(out.starts_with("plan v1  batch 4  training"), "{out}");
+    // 30 trainable tensors in the tiny ViT, each with a gradient and an update.
+    assert!(out.contains("in 30 tensors, 30 gradients"), "{out}");
+    assert!(out.contains("conv2d_grad_weight") && out.contains("cross_entropy_grad"), "{out}");
+    std::fs::write(&plan, "{\"version\": 99}").unwrap();
+    let (ok, _, e) = tessera(&["plan", "show", plan.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(e.contains("step.plan is not a tessera plan"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
+}
