@@ -83,6 +83,17 @@ fn rows_per_task(row_len: usize) -> usize {
     (PAR_CHUNK / row_len.max(1)).max(1)
 }
 
+/// Runs `fill_rows(first_row, chunk)` over `out` in rows of `len`: split
+/// across the pool for large outputs, in one call otherwise.
+fn by_rows<U: Send>(out: &mut [U], len: usize, fill_rows: impl Fn(usize, &mut [U]) + Sync) {
+    if out.len() >= PAR_MIN {
+        let rows = rows_per_task(len);
+        out.par_chunks_mut(rows * len).enumerate().for_each(|(c, chunk)| fill_rows(c * rows, chunk));
+    } else if !out.is_empty() {
+        fill_rows(0, out);
+    }
+}
+
 /// `out[i] = f(a[i'], b[i''])` with `a`, `b` broadcast to `out_shape`.
 pub fn zip<T, U, F>(a: &[T], a_shape: &[usize], b: &[T], b_shape: &[usize], out_shape: &[usize], f: F) -> Vec<U>
 where
@@ -121,12 +132,7 @@ where
             }
         }
     };
-    if numel >= PAR_MIN {
-        let rows = rows_per_task(len);
-        out.par_chunks_mut(rows * len).enumerate().for_each(|(c, chunk)| fill_rows(c * rows, chunk));
-    } else if numel > 0 {
-        fill_rows(0, &mut out);
-    }
+    by_rows(&mut out, len, fill_rows);
     out
 }
 
@@ -149,12 +155,7 @@ pub fn expand<T: Copy + Send + Sync + Default>(a: &[T], a_shape: &[usize], out_s
             }
         }
     };
-    if numel >= PAR_MIN {
-        let rows = rows_per_task(len);
-        out.par_chunks_mut(rows * len).enumerate().for_each(|(c, chunk)| fill_rows(c * rows, chunk));
-    } else if numel > 0 {
-        fill_rows(0, &mut out);
-    }
+    by_rows(&mut out, len, fill_rows);
     out
 }
 

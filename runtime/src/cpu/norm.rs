@@ -62,30 +62,29 @@ pub fn layer_norm(x: &[&Tensor], eps: f64) -> Result<Tensor, KernelError> {
     expect_shape(wt, "weight", &[d])?;
     expect_shape(bt, "bias", &[d])?;
     let (w, b) = (f32_of(wt, "weight")?, f32_of(bt, "bias")?);
-    let mut out = vec![0.0f32; xt.numel()];
-    let xd = f32_of(xt, "input")?;
-    for_rows(&mut out, d, |r, row| {
-        let xs = &xd[r * d..][..d];
-        let (mean, var) = mean_var(std::iter::once(xs), d);
-        let inv = 1.0 / (var + eps).sqrt();
-        for (((o, &x), &w), &b) in row.iter_mut().zip(xs).zip(w).zip(b) {
-            *o = ((x as f64 - mean) * inv) as f32 * w + b;
-        }
-    });
-    Ok(Tensor::f32(xt.shape.clone(), out))
+    standardize_rows(xt, d, eps, Some((w, b)))
 }
 
 /// `Normalize (x [..., D])`: layer norm without the affine part.
 pub fn normalize(x: &[&Tensor], eps: f64) -> Result<Tensor, KernelError> {
     let [xt] = operands(x, ["input"])?;
     let d = last_dim(xt)?;
-    let mut out = vec![0.0f32; xt.numel()];
+    standardize_rows(xt, d, eps, None)
+}
+
+/// (x - mean) / sqrt(var + eps) over each row of `d` values (biased
+/// variance), times w plus b when an affine pair is given.
+fn standardize_rows(xt: &Tensor, d: usize, eps: f64, affine: Option<(&[f32], &[f32])>) -> Result<Tensor, KernelError> {
     let xd = f32_of(xt, "input")?;
+    let mut out = vec![0.0f32; xt.numel()];
     for_rows(&mut out, d, |r, row| {
         let xs = &xd[r * d..][..d];
         let (mean, var) = mean_var(std::iter::once(xs), d);
         let inv = 1.0 / (var + eps).sqrt();
         row.iter_mut().zip(xs).for_each(|(o, &x)| *o = ((x as f64 - mean) * inv) as f32);
+        if let Some((w, b)) = affine {
+            row.iter_mut().zip(w).zip(b).for_each(|((o, &w), &b)| *o = *o * w + b);
+        }
     });
     Ok(Tensor::f32(xt.shape.clone(), out))
 }
