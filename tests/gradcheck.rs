@@ -192,6 +192,12 @@ fn gradients_match_finite_differences() {
             training: true,
         },
         Case {
+            name: "self-attention (stacked gradient kernel)",
+            params: vec![(vec![-1, 2, 5, 3], normal()), (vec![-1, 2, 5, 3], normal()), (vec![-1, 2, 5, 3], normal())],
+            build: |g, p| op(g, Op::Attention { scale: 0.6, dropout: 0.0, key: 3 }, p),
+            training: true,
+        },
+        Case {
             name: "attention+dropout",
             params: vec![(vec![-1, 2, 4, 3], normal()), (vec![-1, 2, 4, 3], normal()), (vec![-1, 2, 4, 3], normal())],
             build: |g, p| op(g, Op::Attention { scale: 0.5, dropout: 0.3, key: 2 }, p),

@@ -17,7 +17,10 @@ fn internal(e: impl std::fmt::Display) -> CompileError {
 pub fn training_plan(prog: &Program, cfg: &J, batch: u64) -> Result<(Plan, Compiled), CompileError> {
     let c = compile(prog, cfg)?;
     let opts = StepOptions::from_config(cfg).map_err(CompileError::Config)?;
-    let step = training_step(c.graph.clone(), &c.param_groups, &opts).map_err(internal)?;
+    let mut step = training_step(c.graph.clone(), &c.param_groups, &opts).map_err(internal)?;
+    // Autodiff leaves ops that no output reads (e.g. the slices of a stacked
+    // attention gradient that `gather` bypassed).
+    step.prune(|_| true, true);
     let plan = Plan::lower(&step, batch, true).map_err(CompileError::Config)?;
     Ok((plan, c))
 }

@@ -125,6 +125,9 @@ fn gather(g: &mut Graph, x: ValueId, mut ps: Vec<Part>) -> Result<ValueId, IrErr
             Part::Slice { axis, .. } => axis,
             Part::Full(_) => 0,
         };
+        if let Some(whole) = restacked(g, x, &ps) {
+            return Ok(whole);
+        }
         let pieces: Vec<ValueId> = ps
             .iter()
             .map(|p| match p {
@@ -134,6 +137,28 @@ fn gather(g: &mut Graph, x: ValueId, mut ps: Vec<Part>) -> Result<ValueId, IrErr
         return g.add_op(Op::Concat { axis }, &pieces, &scope);
     }
     gather_added(g, x, ps, &scope)
+}
+
+/// When every piece's gradient is, through reshapes only, the same slice of
+/// one tensor `s` of `x`'s type (the stacked dq, dk, dv of `AttentionGrad`
+/// for a split qkv), the concatenation is `s` itself: no copy.
+fn restacked(g: &Graph, x: ValueId, ps: &[Part]) -> Option<ValueId> {
+    let mut whole = None;
+    for p in ps {
+        let Part::Slice { axis, start, end, dy } = *p else { return None };
+        let mut v = dy;
+        while let Op::Reshape { .. } = g.node(v).op {
+            v = g.operands(v)[0];
+        }
+        let Op::Slice { axis: a, start: s, end: e } = g.node(v).op else { return None };
+        let source = g.operands(v)[0];
+        let same = a == axis && s == start && e == end && g.ty(v) == g.ty(dy) && g.ty(source) == g.ty(x);
+        if !same || whole.is_some_and(|w| w != source) {
+            return None;
+        }
+        whole = Some(source);
+    }
+    whole
 }
 
 fn gather_added(g: &mut Graph, x: ValueId, ps: Vec<Part>, scope: &str) -> Result<ValueId, IrError> {

@@ -321,6 +321,18 @@ fn unary(b: &mut Builder, u: UnaryOp, y: ValueId, x: ValueId, dy: ValueId) -> R<
 /// key redraws the forward's mask.
 fn attention(b: &mut Builder, xs: &[ValueId], d_out: ValueId, scale: f64, p: f64, key: u32) -> R<Vec<Option<ValueId>>> {
     let (q, k, v) = (xs[0], xs[1], xs[2]);
+    let sq = b.shape(q);
+    if b.shape(k) == sq && b.shape(v) == sq {
+        // Self-attention: one kernel per head for all three gradients,
+        // stacked (a split qkv's gradient is then the stack itself, see `gather`).
+        let stacked = b.op(Op::AttentionGrad { scale, dropout: p, key }, &[q, k, v, d_out])?;
+        let mut out = Vec::with_capacity(3);
+        for i in 0..3 {
+            let part = b.op(Op::Slice { axis: 0, start: Dim::Const(i), end: Dim::Const(i + 1) }, &[stacked])?;
+            out.push(Some(b.reshape(part, sq.clone())?));
+        }
+        return Ok(out);
+    }
     let nt = |ta, tb| Op::Matmul { transpose_a: ta, transpose_b: tb };
     let s = b.op(nt(false, true), &[q, k])?;
     let s = b.scale(s, scale)?;

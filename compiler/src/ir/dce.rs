@@ -3,13 +3,14 @@
 //! the model outputs.
 
 use super::graph::Graph;
-use super::ValueId;
+use super::{Op, ValueId};
 use std::collections::HashSet;
 
 impl Graph {
-    /// Keeps the outputs whose name satisfies `keep` (and every state update
-    /// when `keep_state`), and removes every node that none of them needs.
-    /// Parameters that nothing reads any more are removed too.
+    /// Keeps the outputs whose name satisfies `keep` (and, when `keep_state`,
+    /// every state update and every input: a training step's interface stays
+    /// whole), and removes every node that none of them needs. Parameters
+    /// that nothing reads any more are removed too.
     pub fn prune(&mut self, keep: impl Fn(&str) -> bool, keep_state: bool) {
         self.outputs.retain(|(n, _)| keep(n));
         if !keep_state {
@@ -25,6 +26,7 @@ impl Graph {
                     stack.push(v);
                 }
             }
+            stack.extend(self.node_ids().into_iter().filter(|&v| matches!(self.node(v).op, Op::Input { .. })));
         }
         while let Some(v) = stack.pop() {
             if live.insert(v) {

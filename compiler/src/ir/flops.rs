@@ -44,6 +44,13 @@ pub fn node_flops(g: &Graph, v: ValueId, batch: u64) -> u64 {
             let (nq, nk, d, dv) = (q[r - 2], k[r - 2], q[r - 1], out[r - 1]);
             2 * heads_and_batch * nq * nk * d + 2 * heads_and_batch * nq * nk * dv
         }
+        Op::AttentionGrad { .. } => {
+            // Scores again, then dv, dP, dq and dk: five products of the forward's size.
+            let q = operand(0);
+            let r = q.len();
+            let heads_and_batch: u64 = q[..r - 2].iter().product();
+            5 * 2 * heads_and_batch * q[r - 2] * q[r - 2] * q[r - 1]
+        }
         _ => 0,
     }
 }

@@ -69,6 +69,7 @@ pub(crate) fn infer(op: &Op, x: &[&TensorType]) -> Rule {
         Op::QueuePush { world } => queue_push(x, *world),
         Op::QueueAdvance { world } => queue_advance(x, *world),
         Op::GeluGrad
+        | Op::AttentionGrad { .. }
         | Op::Normalize { .. }
         | Op::NormalizeGrad { .. }
         | Op::BatchStandardize { .. }
@@ -302,7 +303,7 @@ pub(super) fn conv2d(x: &[&TensorType], stride: [u64; 2], padding: [u64; 2]) -> 
     Ok(TensorType::new(Shape(vec![n, o, oh, ow]), i.dtype))
 }
 
-fn attention(x: &[&TensorType]) -> Rule {
+pub(super) fn attention(x: &[&TensorType]) -> Rule {
     let [q, k, v] = exactly(x, ["q", "k", "v"])?;
     floats_alike(&[("q", q), ("k", k), ("v", v)])?;
     for (role, t) in [("q", q), ("k", k), ("v", v)] {

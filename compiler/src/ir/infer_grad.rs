@@ -1,6 +1,8 @@
 //! Shape rules of the gradient ops that autodiff emits (see `op.rs`).
 
-use super::infer::{check_axis, check_world, conv2d, cross_entropy, exactly, float, float_unary, floats_alike};
+use super::infer::{
+    attention, check_axis, check_world, conv2d, cross_entropy, exactly, float, float_unary, floats_alike,
+};
 use super::op::Op;
 use super::types::{Dim, Shape, TensorType};
 
@@ -9,6 +11,25 @@ type Rule = Result<TensorType, String>;
 pub(super) fn infer_grad(op: &Op, x: &[&TensorType]) -> Rule {
     match op {
         Op::GeluGrad => same_pair(x, ["x", "dy"]),
+        Op::AttentionGrad { dropout, .. } => {
+            let [q, k, v, dy] = exactly(x, ["q", "k", "v", "dy"])?;
+            if !(0.0..1.0).contains(dropout) {
+                return Err(format!("dropout must be in [0, 1), got {dropout}"));
+            }
+            let out = attention(&[q, k, v])?;
+            if k.shape != q.shape || v.shape != q.shape {
+                return Err(format!(
+                    "q, k and v must have one shape to stack their gradients (q {}, k {}, v {})",
+                    q.shape, k.shape, v.shape
+                ));
+            }
+            if dy.shape != out.shape || dy.dtype != out.dtype {
+                return Err(format!("dy must be {} like the attention output, got {}", out, dy));
+            }
+            let mut dims = vec![Dim::Const(3)];
+            dims.extend_from_slice(q.shape.dims());
+            Ok(TensorType::new(Shape(dims), q.dtype))
+        }
         Op::Normalize { .. } => {
             let t = float_unary(x)?;
             if t.shape.rank() == 0 {

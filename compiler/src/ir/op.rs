@@ -198,6 +198,16 @@ pub enum Op {
     // ---- gradient ops (made by autodiff; each is the backward of one forward op) ----
     /// `(x, dy) -> dx`: dy * GELU'(x), exact erf GELU.
     GeluGrad,
+    /// `(q, k, v, dy) -> [3, .., H, N, d]`: the backward of `Attention` for
+    /// self-attention (q, k and v of one shape), `dq`, `dk` and `dv` stacked
+    /// on a new leading axis. The probabilities are recomputed per head
+    /// (nothing N x N is kept from the forward pass); `key` redraws its mask.
+    /// Stacked, they are the gradient of a packed qkv tensor as it is.
+    AttentionGrad {
+        scale: f64,
+        dropout: f64,
+        key: u32,
+    },
     /// `(x [..., D]) -> [..., D]`: (x - mean) / sqrt(var + eps) over the last axis.
     Normalize {
         eps: f64,
@@ -320,6 +330,7 @@ impl Op {
             Op::QueuePush { .. } => "queue_push",
             Op::QueueAdvance { .. } => "queue_advance",
             Op::GeluGrad => "gelu_grad",
+            Op::AttentionGrad { .. } => "attention_grad",
             Op::Normalize { .. } => "normalize",
             Op::NormalizeGrad { .. } => "normalize_grad",
             Op::BatchStandardize { .. } => "batch_standardize",

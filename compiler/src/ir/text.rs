@@ -80,7 +80,7 @@ fn attributes(op: &Op) -> Vec<(&'static str, String)> {
     };
     match op {
         Op::Conv2d { stride, padding } => vec![("stride", list(stride)), ("padding", list(padding))],
-        Op::Attention { scale, dropout, key } => {
+        Op::Attention { scale, dropout, key } | Op::AttentionGrad { scale, dropout, key } => {
             vec![("scale", scale.to_string()), ("dropout", dropout.to_string()), ("key", key.to_string())]
         }
         Op::LayerNorm { eps } => vec![("eps", eps.to_string())],

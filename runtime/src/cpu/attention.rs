@@ -7,10 +7,28 @@
 use super::error::{invalid, KernelError};
 use super::kernel::{f32_of, operands, Ctx};
 use super::matmul::{gemm_into, parallelism, Mat};
+use super::simd::{sum2_f64, vectorized};
 use super::softmax::softmax_row;
 use super::tensor::{show_shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
+
+/// `probs = softmax(q k^T * scale)` over each row (`q` is `nq x d`, `k`
+/// row-major `nk x d`), into `probs` resized to `nq x nk`.
+fn probabilities(probs: &mut Vec<f32>, q: Mat, k: &[f32], nk: usize, scale: f32, par: Parallelism) {
+    let (nq, d) = (q.rows, q.cols);
+    probs.resize(nq * nk, 0.0);
+    gemm_into(probs, nk, 1, q, Mat::transposed(k, d, nk), false, par);
+    vectorized(
+        #[inline(always)]
+        || {
+            for row in probs.chunks_mut(nk.max(1)) {
+                row.iter_mut().for_each(|s| *s *= scale);
+                softmax_row(row);
+            }
+        },
+    );
+}
 
 pub fn attention(x: &[&Tensor], scale: f64, dropout: f64, key: u32, ctx: &Ctx) -> Result<Tensor, KernelError> {
     let [qt, kt, vt] = operands(x, ["q", "k", "v"])?;
@@ -40,14 +58,11 @@ pub fn attention(x: &[&Tensor], scale: f64, dropout: f64, key: u32, ctx: &Ctx) -
         return Ok(Tensor::f32(shape, out));
     }
     let one_head = |bh: usize, dst: &mut [f32], scores: &mut Vec<f32>, par: Parallelism| {
-        scores.resize(nq * nk, 0.0);
         let q = Mat::rows(&qd[bh * nq * d..], nq, d);
-        let k_t = Mat::transposed(&kd[bh * nk * d..], d, nk);
-        gemm_into(scores, nk, 1, q, k_t, false, par);
-        for (i, row) in scores.chunks_mut(nk.max(1)).enumerate() {
-            row.iter_mut().for_each(|s| *s *= scale);
-            softmax_row(row);
-            if let Some(m) = &mask {
+        let k = &kd[bh * nk * d..][..nk * d];
+        probabilities(scores, q, k, nk, scale, par);
+        if let Some(m) = &mask {
+            for (i, row) in scores.chunks_mut(nk.max(1)).enumerate() {
                 m.apply(row, ((bh * nq + i) * nk) as u64);
             }
         }
@@ -60,6 +75,88 @@ pub fn attention(x: &[&Tensor], scale: f64, dropout: f64, key: u32, ctx: &Ctx) -
     } else {
         let par = parallelism(nq, nk, d.max(dv));
         one_head(0, &mut out, &mut Vec::new(), par);
+    }
+    Ok(Tensor::f32(shape, out))
+}
+
+/// `AttentionGrad (q, k, v, dy) -> [3, .., H, N, d]`: dq, dk, dv stacked, per
+/// (batch, head) with P recomputed. With P the probabilities, P~ the dropped
+/// ones (mask m scaled by 1/(1-p)) and dy the output gradient:
+/// dv = P~^T dy; dP = m * (dy v^T); dS = P * (dP - rowsum(dP * P)) * scale;
+/// dq = dS k; dk = dS^T q.
+pub fn attention_grad(x: &[&Tensor], scale: f64, dropout: f64, key: u32, ctx: &Ctx) -> Result<Tensor, KernelError> {
+    let [qt, kt, vt, gt] = operands(x, ["q", "k", "v", "dy"])?;
+    let r = qt.rank();
+    if r < 3 || kt.shape != qt.shape || vt.shape != qt.shape || gt.shape != qt.shape {
+        return Err(invalid(format!(
+            "q {}, k {}, v {} and dy {} must share one shape [.., H, N, d]",
+            show_shape(&qt.shape),
+            show_shape(&kt.shape),
+            show_shape(&vt.shape),
+            show_shape(&gt.shape)
+        )));
+    }
+    let (qd, kd, vd, gd) = (f32_of(qt, "q")?, f32_of(kt, "k")?, f32_of(vt, "v")?, f32_of(gt, "dy")?);
+    let (n, d) = (qt.shape[r - 2], qt.shape[r - 1]);
+    let heads: usize = qt.shape[..r - 2].iter().product();
+    let mask = ctx.drop_mask(dropout, key)?;
+    let scale = scale as f32;
+    let mut shape = vec![3];
+    shape.extend_from_slice(&qt.shape);
+    let per = heads * n * d;
+    let mut out = vec![0.0f32; 3 * per];
+    if per == 0 {
+        return Ok(Tensor::f32(shape, out));
+    }
+    let (dq, rest) = out.split_at_mut(per);
+    let (dk, dv) = rest.split_at_mut(per);
+    // Scratch per task: P, P~ (with dropout) and dP / dS.
+    type Scratch = (Vec<f32>, Vec<f32>, Vec<f32>);
+    let one_head = |bh: usize, (dq, dk, dv): (&mut [f32], &mut [f32], &mut [f32]), sc: &mut Scratch, par| {
+        let (p, p_dropped, ds) = sc;
+        let span = bh * n * d..(bh + 1) * n * d;
+        let (q, k, v, g) = (&qd[span.clone()], &kd[span.clone()], &vd[span.clone()], &gd[span]);
+        probabilities(p, Mat::rows(q, n, d), k, n, scale, par);
+        let probs_used: &[f32] = match &mask {
+            Some(m) => {
+                p_dropped.clear();
+                p_dropped.extend_from_slice(p);
+                for (i, row) in p_dropped.chunks_mut(n).enumerate() {
+                    m.apply(row, ((bh * n + i) * n) as u64);
+                }
+                p_dropped
+            }
+            None => p,
+        };
+        gemm_into(dv, d, 1, Mat::transposed(probs_used, n, n), Mat::rows(g, n, d), false, par);
+        ds.resize(n * n, 0.0);
+        gemm_into(ds, n, 1, Mat::rows(g, n, d), Mat::transposed(v, d, n), false, par);
+        if let Some(m) = &mask {
+            for (i, row) in ds.chunks_mut(n).enumerate() {
+                m.apply(row, ((bh * n + i) * n) as u64);
+            }
+        }
+        vectorized(
+            #[inline(always)]
+            || {
+                for (dp, p) in ds.chunks_mut(n).zip(p.chunks(n)) {
+                    let rs = sum2_f64(dp, p, |a, b| a * b) as f32;
+                    dp.iter_mut().zip(p).for_each(|(x, &p)| *x = p * (*x - rs) * scale);
+                }
+            },
+        );
+        gemm_into(dq, d, 1, Mat::rows(ds, n, n), Mat::rows(k, n, d), false, par);
+        gemm_into(dk, d, 1, Mat::transposed(ds, n, n), Mat::rows(q, n, d), false, par);
+    };
+    let nd = n * d;
+    if heads > 1 {
+        dq.par_chunks_mut(nd)
+            .zip(dk.par_chunks_mut(nd))
+            .zip(dv.par_chunks_mut(nd))
+            .enumerate()
+            .for_each_init(Scratch::default, |sc, (bh, ((a, b), c))| one_head(bh, (a, b, c), sc, Parallelism::None));
+    } else {
+        one_head(0, (dq, dk, dv), &mut Scratch::default(), parallelism(n, n, d));
     }
     Ok(Tensor::f32(shape, out))
 }

@@ -4,6 +4,7 @@
 //! common cases (`[B,N,D] + [D]`, same shapes) run as a few long rows.
 
 use super::kernel::{PAR_CHUNK, PAR_MIN};
+use super::simd::vectorized;
 use rayon::prelude::*;
 
 /// The numpy broadcast of two shapes, or `None` when they are incompatible.
@@ -105,9 +106,14 @@ where
     if a_shape == b_shape {
         let mut out = vec![U::default(); numel];
         let body = |(o, (x, y)): (&mut [U], (&[T], &[T]))| {
-            for ((o, &x), &y) in o.iter_mut().zip(x).zip(y) {
-                *o = f(x, y);
-            }
+            vectorized(
+                #[inline(always)]
+                || {
+                    for ((o, &x), &y) in o.iter_mut().zip(x).zip(y) {
+                        *o = f(x, y);
+                    }
+                },
+            )
         };
         if numel >= PAR_MIN {
             out.par_chunks_mut(PAR_CHUNK).zip(a.par_chunks(PAR_CHUNK).zip(b.par_chunks(PAR_CHUNK))).for_each(body);
@@ -124,13 +130,32 @@ where
     let (ia, ib) = (sa[dims.len() - 1], sb[dims.len() - 1]);
     let mut out = vec![U::default(); numel];
     let fill_rows = |first_row: usize, chunk: &mut [U]| {
-        for (r, o) in chunk.chunks_mut(len).enumerate() {
-            let row = first_row + r;
-            let (oa, ob) = (row_offset(row, &dims, sa), row_offset(row, &dims, sb));
-            for (i, o) in o.iter_mut().enumerate() {
-                *o = f(a[oa + i * ia], b[ob + i * ib]);
-            }
-        }
+        vectorized(
+            #[inline(always)]
+            || {
+                for (r, o) in chunk.chunks_mut(len).enumerate() {
+                    let row = first_row + r;
+                    let (oa, ob) = (row_offset(row, &dims, sa), row_offset(row, &dims, sb));
+                    // Contiguous and stretched operands get loops the compiler vectorises.
+                    match (ia, ib) {
+                        (1, 1) => o
+                            .iter_mut()
+                            .zip(&a[oa..oa + len])
+                            .zip(&b[ob..ob + len])
+                            .for_each(|((o, &x), &y)| *o = f(x, y)),
+                        (1, 0) => {
+                            let y = b[ob];
+                            o.iter_mut().zip(&a[oa..oa + len]).for_each(|(o, &x)| *o = f(x, y))
+                        }
+                        (0, 1) => {
+                            let x = a[oa];
+                            o.iter_mut().zip(&b[ob..ob + len]).for_each(|(o, &y)| *o = f(x, y))
+                        }
+                        _ => o.iter_mut().enumerate().for_each(|(i, o)| *o = f(a[oa + i * ia], b[ob + i * ib])),
+                    }
+                }
+            },
+        )
     };
     by_rows(&mut out, len, fill_rows);
     out

@@ -3,17 +3,26 @@
 
 use super::broadcast::{broadcast_shape, zip};
 use super::error::{invalid, KernelError};
+use super::fast_math::{gelu_f32, gelu_grad_f32};
 use super::kernel::{f32_of, operands, PAR_CHUNK, PAR_MIN};
-use super::special::ErfTable;
+use super::simd::vectorized;
 use super::tensor::{show_shape, stored_as_f32, Data, Tensor};
 use rayon::prelude::*;
-use std::f64::consts::FRAC_1_SQRT_2;
 use tessera_compiler::ir::{BinaryOp, DType, UnaryOp};
 
 /// `f` applied to every element, in parallel for large inputs.
 pub fn map_f32(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
     let mut out = vec![0.0; x.len()];
-    let body = |(o, x): (&mut [f32], &[f32])| o.iter_mut().zip(x).for_each(|(o, &x)| *o = f(x));
+    let body = |(o, x): (&mut [f32], &[f32])| {
+        vectorized(
+            #[inline(always)]
+            || {
+                for (o, &x) in o.iter_mut().zip(x) {
+                    *o = f(x);
+                }
+            },
+        )
+    };
     if x.len() >= PAR_MIN {
         out.par_chunks_mut(PAR_CHUNK).zip(x.par_chunks(PAR_CHUNK)).for_each(body);
     } else {
@@ -26,25 +35,6 @@ pub fn map_f32(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
 pub fn zip_f32(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
     zip(a, &[a.len()], b, &[b.len()], &[a.len()], f)
 }
-
-/// Exact GELU, x Phi(x) with Phi the normal CDF via erf (reference 1.5).
-#[inline(always)]
-fn gelu_with(table: ErfTable, x: f32) -> f32 {
-    let x = x as f64;
-    (0.5 * x * (1.0 + table.erf(x * FRAC_1_SQRT_2))) as f32
-}
-
-/// d GELU / dx = Phi(x) + x phi(x).
-#[inline(always)]
-fn gelu_derivative_with(table: ErfTable, x: f32) -> f32 {
-    let x = x as f64;
-    // erf and e^{-z^2} at z = x / sqrt 2: Phi(x) and sqrt(2 pi) phi(x).
-    let (erf, gauss) = table.erf_and_gauss(x * FRAC_1_SQRT_2);
-    (0.5 * (1.0 + erf) + x * gauss * FRAC_1_SQRT_2PI) as f32
-}
-
-/// 1 / sqrt(2 pi).
-const FRAC_1_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
 
 /// The logistic function, without overflow for large |x|.
 #[inline]
@@ -61,10 +51,7 @@ pub fn unary(x: &[&Tensor], op: UnaryOp) -> Result<Tensor, KernelError> {
     let [t] = operands(x, ["input"])?;
     let data = f32_of(t, "input")?;
     let out = match op {
-        UnaryOp::Gelu => {
-            let table = ErfTable::get();
-            map_f32(data, |v| gelu_with(table, v))
-        }
+        UnaryOp::Gelu => map_f32(data, gelu_f32),
         UnaryOp::Relu => map_f32(data, |v| if v > 0.0 { v } else { 0.0 }),
         UnaryOp::Tanh => map_f32(data, f32::tanh),
         UnaryOp::Sigmoid => map_f32(data, sigmoid),
@@ -83,8 +70,12 @@ pub fn unary(x: &[&Tensor], op: UnaryOp) -> Result<Tensor, KernelError> {
 pub fn gelu_grad(x: &[&Tensor]) -> Result<Tensor, KernelError> {
     let [xt, dy] = operands(x, ["x", "dy"])?;
     same_shape(xt, dy, "x", "dy")?;
-    let table = ErfTable::get();
-    let out = zip_f32(f32_of(xt, "x")?, f32_of(dy, "dy")?, |x, g| g * gelu_derivative_with(table, x));
+    let out = zip_f32(
+        f32_of(xt, "x")?,
+        f32_of(dy, "dy")?,
+        #[inline(always)]
+        |x, g| g * gelu_grad_f32(x),
+    );
     Ok(Tensor::f32(xt.shape.clone(), out))
 }
 

@@ -3,7 +3,7 @@
 
 use super::broadcast::{broadcast_strides, coalesce, expand as broadcast_to};
 use super::error::{invalid, KernelError};
-use super::kernel::{check_axis, operands, split_at_axis, PAR_MIN};
+use super::kernel::{check_axis, operands, split_at_axis, PAR_CHUNK, PAR_MIN};
 use super::tensor::{show_shape, Data, Tensor};
 use rayon::prelude::*;
 
@@ -52,19 +52,39 @@ fn permute_data<T: Copy + Send + Sync + Default>(x: &[T], shape: &[usize], perm:
         transpose_innermost(x, &dims, st, &mut out);
         return out;
     }
-    let row = |r: usize, o: &mut [T]| {
-        let (mut idx, mut base) = (r, 0);
+    // Rows of `inner` outputs; a task takes whole rows, about PAR_CHUNK elements.
+    let rows_per_task = (PAR_CHUNK / inner.max(1)).max(1);
+    let task = |first_row: usize, chunk: &mut [T]| {
+        // The input offset of each row, advanced like an odometer over the outer dims.
+        let mut idx = vec![0usize; last];
+        let mut rem = first_row;
         for d in (0..last).rev() {
-            base += (idx % dims[d]) * st[d];
-            idx /= dims[d];
+            idx[d] = rem % dims[d];
+            rem /= dims[d];
         }
+        let mut base: usize = (0..last).map(|d| idx[d] * st[d]).sum();
         let step = st[last];
-        o.iter_mut().enumerate().for_each(|(j, v)| *v = x[base + j * step]);
+        for o in chunk.chunks_mut(inner) {
+            if step == 1 {
+                o.copy_from_slice(&x[base..base + inner]);
+            } else {
+                o.iter_mut().enumerate().for_each(|(j, v)| *v = x[base + j * step]);
+            }
+            for d in (0..last).rev() {
+                idx[d] += 1;
+                base += st[d];
+                if idx[d] < dims[d] {
+                    break;
+                }
+                base -= dims[d] * st[d];
+                idx[d] = 0;
+            }
+        }
     };
     if x.len() >= PAR_MIN {
-        out.par_chunks_mut(inner).enumerate().for_each(|(r, o)| row(r, o));
+        out.par_chunks_mut(rows_per_task * inner).enumerate().for_each(|(c, o)| task(c * rows_per_task, o));
     } else {
-        out.chunks_mut(inner).enumerate().for_each(|(r, o)| row(r, o));
+        task(0, &mut out);
     }
     out
 }
@@ -181,7 +201,13 @@ pub fn slice(x: &[&Tensor], axis: usize, start: usize, end: usize) -> Result<Ten
     }
     let mut shape = t.shape.clone();
     shape[axis] = end - start;
-    let data = per_dtype!(&t.data, v => (0..outer).flat_map(|o| v[(o * n + start) * inner..(o * n + end) * inner].iter().copied()).collect());
+    let data = per_dtype!(&t.data, v => {
+        let mut out = Vec::with_capacity(outer * (end - start) * inner);
+        for o in 0..outer {
+            out.extend_from_slice(&v[(o * n + start) * inner..(o * n + end) * inner]);
+        }
+        out
+    });
     Ok(Tensor { shape, data })
 }
 

@@ -20,6 +20,7 @@ mod conv;
 mod elementwise;
 mod error;
 mod executor;
+pub mod fast_math;
 pub mod init;
 mod kernel;
 mod layout;
@@ -28,6 +29,7 @@ mod matmul;
 mod norm;
 mod random;
 mod reduce;
+pub mod simd;
 mod softmax;
 pub mod special;
 mod state;
@@ -89,6 +91,7 @@ pub fn run_kernel(op: &Op, x: &[&Tensor], ctx: &Ctx) -> Result<Tensor, KernelErr
         Op::QueuePush { world } => state::queue_push(x, *world),
         Op::QueueAdvance { world } => state::queue_advance(x, *world),
         Op::GeluGrad => elementwise::gelu_grad(x),
+        Op::AttentionGrad { scale, dropout, key } => attention::attention_grad(x, *scale, *dropout, *key, ctx),
         Op::Normalize { eps } => norm::normalize(x, *eps),
         Op::NormalizeGrad { eps } => norm::normalize_grad(x, *eps),
         Op::BatchStandardize { eps } => norm::batch_standardize(x, *eps),

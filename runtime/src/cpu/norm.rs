@@ -9,6 +9,7 @@
 use super::elementwise::same_shape;
 use super::error::{invalid, KernelError};
 use super::kernel::{expect_shape, f32_of, operands, PAR_MIN};
+use super::simd::{sum2_f64, sum_f64, sum_map_f64, vectorized};
 use super::tensor::{show_shape, Tensor};
 use rayon::prelude::*;
 
@@ -72,19 +73,37 @@ pub fn normalize(x: &[&Tensor], eps: f64) -> Result<Tensor, KernelError> {
     standardize_rows(xt, d, eps, None)
 }
 
+/// Biased (mean, variance) of one row, accumulated in f64 lanes.
+#[inline(always)]
+fn row_mean_var(xs: &[f32]) -> (f64, f64) {
+    let inv = 1.0 / xs.len().max(1) as f64;
+    let mean = sum_f64(xs) * inv;
+    (mean, sum_map_f64(xs, |v| (v - mean) * (v - mean)) * inv)
+}
+
 /// (x - mean) / sqrt(var + eps) over each row of `d` values (biased
 /// variance), times w plus b when an affine pair is given.
 fn standardize_rows(xt: &Tensor, d: usize, eps: f64, affine: Option<(&[f32], &[f32])>) -> Result<Tensor, KernelError> {
     let xd = f32_of(xt, "input")?;
     let mut out = vec![0.0f32; xt.numel()];
     for_rows(&mut out, d, |r, row| {
-        let xs = &xd[r * d..][..d];
-        let (mean, var) = mean_var(std::iter::once(xs), d);
-        let inv = 1.0 / (var + eps).sqrt();
-        row.iter_mut().zip(xs).for_each(|(o, &x)| *o = ((x as f64 - mean) * inv) as f32);
-        if let Some((w, b)) = affine {
-            row.iter_mut().zip(w).zip(b).for_each(|((o, &w), &b)| *o = *o * w + b);
-        }
+        vectorized(
+            #[inline(always)]
+            || {
+                let xs = &xd[r * d..][..d];
+                let (mean, var) = row_mean_var(xs);
+                let inv = 1.0 / (var + eps).sqrt();
+                let (m, s) = (mean as f32, inv as f32);
+                match affine {
+                    Some((w, b)) => row
+                        .iter_mut()
+                        .zip(xs)
+                        .zip(w.iter().zip(b))
+                        .for_each(|((o, &x), (&w, &b))| *o = (x - m) * s * w + b),
+                    None => row.iter_mut().zip(xs).for_each(|(o, &x)| *o = (x - m) * s),
+                }
+            },
+        )
     });
     Ok(Tensor::f32(xt.shape.clone(), out))
 }
@@ -97,14 +116,21 @@ pub fn normalize_grad(x: &[&Tensor], eps: f64) -> Result<Tensor, KernelError> {
     let mut out = vec![0.0f32; xt.numel()];
     let (gd, xd) = (f32_of(gt, "g")?, f32_of(xt, "x")?);
     for_rows(&mut out, d, |r, row| {
-        let (g, xs) = (&gd[r * d..][..d], &xd[r * d..][..d]);
-        let (mean, var) = mean_var(std::iter::once(xs), d);
-        let inv = 1.0 / (var + eps).sqrt();
-        let (mg, mgx) = grad_means(std::iter::once(g), std::iter::once(xs), mean, inv, d);
-        for ((o, &gv), &xv) in row.iter_mut().zip(g).zip(xs) {
-            let xhat = (xv as f64 - mean) * inv;
-            *o = ((gv as f64 - mg - xhat * mgx) * inv) as f32;
-        }
+        vectorized(
+            #[inline(always)]
+            || {
+                let (g, xs) = (&gd[r * d..][..d], &xd[r * d..][..d]);
+                let (mean, var) = row_mean_var(xs);
+                let inv = 1.0 / (var + eps).sqrt();
+                let n = 1.0 / d as f64;
+                let mg = sum_f64(g) * n;
+                let mgx = sum2_f64(g, xs, |g, x| g * (x - mean)) * inv * n;
+                let (m, s, mg, mgx) = (mean as f32, inv as f32, mg as f32, mgx as f32);
+                for ((o, &gv), &xv) in row.iter_mut().zip(g).zip(xs) {
+                    *o = (gv - mg - (xv - m) * s * mgx) * s;
+                }
+            },
+        )
     });
     Ok(Tensor::f32(xt.shape.clone(), out))
 }

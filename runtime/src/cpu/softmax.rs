@@ -3,24 +3,24 @@
 //! contiguous rows, any other axis gathers each lane into a scratch row.
 
 use super::error::KernelError;
+use super::fast_math::exp_f32;
 use super::kernel::{check_axis, f32_of, operands, split_at_axis, PAR_MIN};
+use super::simd::{max_f32, sum_f64, vectorized};
 use super::tensor::Tensor;
 use rayon::prelude::*;
 
-/// In place: `row = softmax(row)`, numerically stable (the row max is subtracted).
+/// In place: `row = softmax(row)`, numerically stable (the row max is
+/// subtracted). Inlined so that it vectorises inside callers' `vectorized`.
+#[inline(always)]
 pub fn softmax_row(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let max = max_f32(row);
     if max == f32::NEG_INFINITY {
         // Every entry is -inf: no probability mass to spread; torch gives NaN.
         row.fill(f32::NAN);
         return;
     }
-    let mut sum = 0.0f64;
-    for v in row.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v as f64;
-    }
-    let inv = (1.0 / sum) as f32;
+    row.iter_mut().for_each(|v| *v = exp_f32(*v - max));
+    let inv = (1.0 / sum_f64(row)) as f32;
     row.iter_mut().for_each(|v| *v *= inv);
 }
 
@@ -83,7 +83,15 @@ pub fn along_axis(x: &[f32], shape: &[usize], axis: usize, f: impl Fn(&mut [f32]
 pub fn softmax(x: &[&Tensor], axis: usize) -> Result<Tensor, KernelError> {
     let [t] = operands(x, ["input"])?;
     check_axis(axis, t)?;
-    Ok(Tensor::f32(t.shape.clone(), along_axis(f32_of(t, "input")?, &t.shape, axis, softmax_row)))
+    Ok(Tensor::f32(
+        t.shape.clone(),
+        along_axis(f32_of(t, "input")?, &t.shape, axis, |row| {
+            vectorized(
+                #[inline(always)]
+                || softmax_row(row),
+            )
+        }),
+    ))
 }
 
 pub fn log_softmax(x: &[&Tensor], axis: usize) -> Result<Tensor, KernelError> {

@@ -8,7 +8,6 @@
 //! 2/sqrt(pi) e^{-x^2} at the nodes (absolute error below 2e-9).
 
 use std::f64::consts::{FRAC_1_SQRT_2, PI, SQRT_2};
-use std::sync::OnceLock;
 
 const TWO_OVER_SQRT_PI: f64 = std::f64::consts::FRAC_2_SQRT_PI;
 
@@ -61,92 +60,6 @@ pub fn erfc_precise(x: f64) -> f64 {
     }
 }
 
-/// Table nodes per unit of x and the end of the table; erfc(6) = 2e-17, so
-/// erf is +-1 to double precision beyond it.
-const NODES_PER_UNIT: f64 = 64.0;
-const TABLE_END: f64 = 6.0;
-/// Table entries: 6 * 64 + 1 intervals, padded to a power of two.
-const TABLE_LEN: usize = 512;
-
-/// erf and the Gaussian e^{-x^2} on [0, 6] as one cubic each per interval
-/// [i/64, (i+1)/64]: the Hermite interpolants of the functions and their
-/// exact derivatives at the two ends, stored as polynomial coefficients in
-/// t = 64 x - i. Fetch it once per slice with `ErfTable::get`; evaluation
-/// has no branches and no calls.
-#[derive(Clone, Copy)]
-pub struct ErfTable(&'static [[f64; 8]; TABLE_LEN]);
-
-/// The cubic in t on [0, 1] matching values (f0, f1) and slopes (d0, d1) per unit t.
-fn hermite(f0: f64, d0: f64, f1: f64, d1: f64) -> [f64; 4] {
-    [f0, d0, 3.0 * (f1 - f0) - 2.0 * d0 - d1, 2.0 * (f0 - f1) + d0 + d1]
-}
-
-impl ErfTable {
-    pub fn get() -> ErfTable {
-        static TABLE: OnceLock<Box<[[f64; 8]; TABLE_LEN]>> = OnceLock::new();
-        ErfTable(TABLE.get_or_init(|| {
-            let n = (TABLE_END * NODES_PER_UNIT) as usize;
-            let h = 1.0 / NODES_PER_UNIT;
-            // (erf, h erf', gauss, h gauss') at node i.
-            let node = |i: usize| {
-                let x = i as f64 * h;
-                let g = (-x * x).exp();
-                (erf_precise(x), h * TWO_OVER_SQRT_PI * g, g, -h * 2.0 * x * g)
-            };
-            // From x = 6 on (the clamped end, and padding up to TABLE_LEN so
-            // that indexing needs no bounds check): erf = 1 and e^{-x^2} = 0
-            // (2e-16 at 6, but exactly 0 keeps x phi(x) at 0 for huge x).
-            (0..TABLE_LEN)
-                .map(|i| {
-                    if i >= n {
-                        return [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0];
-                    }
-                    let ((e0, de0, g0, dg0), (e1, de1, g1, dg1)) = (node(i), node(i + 1));
-                    let [a0, a1, a2, a3] = hermite(e0, de0, e1, de1);
-                    let [b0, b1, b2, b3] = hermite(g0, dg0, g1, dg1);
-                    [a0, a1, a2, a3, b0, b1, b2, b3]
-                })
-                .collect::<Vec<_>>()
-                .try_into()
-                .expect("TABLE_LEN entries")
-        }))
-    }
-
-    /// (erf(x), e^{-x^2}) for finite x; beyond |x| = 6 they are (+-1, ~0).
-    #[inline(always)]
-    pub fn erf_and_gauss(self, x: f64) -> (f64, f64) {
-        // In [0, 384] for every x: `min` maps NaN and +-inf to TABLE_END.
-        let s = x.abs().min(TABLE_END) * NODES_PER_UNIT;
-        // SAFETY: s is finite and in [0, 384], so it fits a u32 (this skips
-        // the saturating conversion, a measurable cost in GELU).
-        let i = unsafe { s.to_int_unchecked::<u32>() } as usize;
-        let t = s - i as f64;
-        let [a0, a1, a2, a3, b0, b1, b2, b3] = self.0[i & (TABLE_LEN - 1)];
-        let erf = (a0 + t * (a1 + t * (a2 + t * a3))).copysign(x);
-        (erf, b0 + t * (b1 + t * (b2 + t * b3)))
-    }
-
-    #[inline(always)]
-    pub fn erf(self, x: f64) -> f64 {
-        self.erf_and_gauss(x).0
-    }
-}
-
-/// Fast erf(x): cubic Hermite interpolation between table nodes.
-#[inline]
-pub fn erf(x: f64) -> f64 {
-    if x.is_nan() {
-        return f64::NAN;
-    }
-    ErfTable::get().erf(x)
-}
-
-/// Standard normal CDF Phi(x) = (1 + erf(x / sqrt 2)) / 2 (fast).
-#[inline]
-pub fn normal_cdf(x: f64) -> f64 {
-    0.5 * (1.0 + erf(x * FRAC_1_SQRT_2))
-}
-
 /// Standard normal density phi(x).
 #[inline]
 pub fn normal_pdf(x: f64) -> f64 {
@@ -188,7 +101,7 @@ pub fn normal_quantile(p: f64) -> f64 {
     if (0.02..=0.98).contains(&p) {
         let mut x = SQRT_2 * erfinv_rough(2.0 * p - 1.0);
         for _ in 0..3 {
-            x -= (normal_cdf(x) - p) / normal_pdf(x);
+            x -= (normal_cdf_precise(x) - p) / normal_pdf(x);
         }
         return x;
     }
@@ -229,32 +142,6 @@ mod tests {
         assert!((erfc_precise(6.0) / 2.1519736712498916e-17 - 1.0).abs() < 1e-13);
         // The two branches meet at 3.
         assert!((erf_series(3.0) - (1.0 - erfc_continued_fraction(3.0))).abs() < 1e-15);
-    }
-
-    #[test]
-    fn fast_erf_is_within_2e_9_everywhere() {
-        let mut worst = 0.0f64;
-        for i in -80_000..=80_000 {
-            let x = i as f64 * 1e-4 + 0.3e-5;
-            worst = worst.max((erf(x) - erf_precise(x)).abs());
-        }
-        assert!(worst < 2e-9, "worst error {worst}");
-        assert_eq!(erf(7.0), 1.0);
-        assert_eq!(erf(-7.0), -1.0);
-        assert!(erf(f64::NAN).is_nan());
-    }
-
-    #[test]
-    fn tabled_gaussian_is_within_2e_9_everywhere() {
-        let table = ErfTable::get();
-        let mut worst = 0.0f64;
-        for i in -80_000..=80_000 {
-            let x = i as f64 * 1e-4 + 0.3e-5;
-            worst = worst.max((table.erf_and_gauss(x).1 - (-x * x).exp()).abs());
-        }
-        assert!(worst < 2e-9, "worst error {worst}");
-        assert_eq!(table.erf_and_gauss(1e30), (1.0, 0.0));
-        assert_eq!(table.erf_and_gauss(-1e30), (-1.0, 0.0));
     }
 
     #[test]
