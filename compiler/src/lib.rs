@@ -7,6 +7,7 @@ pub mod config;
 pub mod elaborate;
 pub mod ir;
 pub mod param_groups;
+pub mod passes;
 pub mod pipeline;
 pub mod plan;
 pub mod summary;

@@ -5,8 +5,23 @@
 use crate::autodiff::{backward, training_step, StepOptions};
 use crate::compose::{compile, CompileError, Compiled};
 use crate::elaborate::Program;
+use crate::ir::Graph;
+use crate::passes;
 use crate::plan::Plan;
 use serde_json::Value as J;
+
+/// Which passes run, and a look at the graph after each.
+pub struct PassChoice<'a> {
+    pub passes: Vec<&'a str>,
+    /// Called with each pass's name and the graph after it (`--emit ir-after`).
+    pub after: Box<dyn FnMut(&str, &Graph) + 'a>,
+}
+
+impl Default for PassChoice<'_> {
+    fn default() -> Self {
+        PassChoice { passes: passes::DEFAULT.to_vec(), after: Box::new(|_, _| {}) }
+    }
+}
 
 fn internal(e: impl std::fmt::Display) -> CompileError {
     CompileError::Config(e.to_string())
@@ -15,14 +30,22 @@ fn internal(e: impl std::fmt::Display) -> CompileError {
 /// The training step (forward, loss, backward, clipping, optimizer update)
 /// of the experiment, lowered for `batch` samples per replica.
 pub fn training_plan(prog: &Program, cfg: &J, batch: u64) -> Result<(Plan, Compiled), CompileError> {
+    training_plan_with(prog, cfg, batch, PassChoice::default()).map(|(p, c, _)| (p, c))
+}
+
+/// `training_plan` with a choice of passes; also returns each pass's report.
+pub fn training_plan_with(
+    prog: &Program,
+    cfg: &J,
+    batch: u64,
+    mut choice: PassChoice,
+) -> Result<(Plan, Compiled, Vec<passes::Report>), CompileError> {
     let c = compile(prog, cfg)?;
     let opts = StepOptions::from_config(cfg).map_err(CompileError::Config)?;
     let mut step = training_step(c.graph.clone(), &c.param_groups, &opts).map_err(internal)?;
-    // Autodiff leaves ops that no output reads (e.g. the slices of a stacked
-    // attention gradient that `gather` bypassed).
-    step.prune(|_| true, true);
+    let reports = passes::run(&mut step, &choice.passes, false, &mut choice.after).map_err(internal)?;
     let plan = Plan::lower(&step, batch, true).map_err(CompileError::Config)?;
-    Ok((plan, c))
+    Ok((plan, c, reports))
 }
 
 /// The eval-mode forward of trunk and heads (outputs `output`, `output.0`,
@@ -42,6 +65,7 @@ pub fn inference_plan(prog: &Program, cfg: &J, batch: u64, with_grads: bool) -> 
     } else {
         g.prune(|n| n.starts_with("output"), false);
     }
+    passes::run(&mut g, passes::DEFAULT, false, |_, _| {}).map_err(internal)?;
     g.verify().map_err(internal)?;
     let plan = Plan::lower(&g, batch, false).map_err(CompileError::Config)?;
     Ok((plan, c))

@@ -113,14 +113,7 @@ impl Plan {
         if batch == 0 {
             return Err("the batch size must be at least 1".into());
         }
-        // Creation order reads like the source (forward, then backward, then the
-        // update); fall back to any topological order if a pass broke it.
-        let mut order = g.node_ids();
-        let pos: HashMap<ValueId, usize> = order.iter().enumerate().map(|(i, v)| (*v, i)).collect();
-        if order.iter().enumerate().any(|(i, v)| g.operands(*v).iter().any(|o| pos[o] >= i)) {
-            order = petgraph::algo::toposort(g.petgraph(), None)
-                .map_err(|c| format!("the graph has a cycle through node {}", c.node_id().index()))?;
-        }
+        let order = g.topo_order().map_err(|e| e.to_string())?;
         let mut index: HashMap<ValueId, usize> = HashMap::new();
         let mut values = Vec::with_capacity(order.len());
         let mut kernels = Vec::new();

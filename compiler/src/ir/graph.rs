@@ -209,6 +209,43 @@ impl Graph {
         self.g.node_indices().find(|&v| pred(&self.g[v].op))
     }
 
+    /// A copy of `node` (from another graph) reading `operands` of this one:
+    /// leaves keep their op and type; other ops are checked by their shape
+    /// rule again, which must give the same type (for passes that rebuild).
+    pub fn add_node_like(&mut self, node: &Node, operands: &[ValueId]) -> Result<ValueId, IrError> {
+        if node.op.is_leaf() {
+            return Ok(self.push(node.op.clone(), node.ty.clone(), &node.scope));
+        }
+        let v = self.add_op(node.op.clone(), operands, &node.scope)?;
+        if self.g[v].ty != node.ty {
+            return Err(IrError::Invalid(format!(
+                "{} in `{}` was {} but its operands now give {}",
+                node.op.name(),
+                node.scope,
+                node.ty,
+                self.g[v].ty
+            )));
+        }
+        Ok(v)
+    }
+
+    /// A topological order: creation order when it is one (it reads like the
+    /// source: forward, backward, update), else petgraph's.
+    pub fn topo_order(&self) -> Result<Vec<ValueId>, IrError> {
+        let order = self.node_ids();
+        let mut seen = std::collections::HashSet::with_capacity(order.len());
+        let creation_ok = order.iter().all(|&v| {
+            let ok = self.g.neighbors_directed(v, Direction::Incoming).all(|o| seen.contains(&o));
+            seen.insert(v);
+            ok
+        });
+        if creation_ok {
+            return Ok(order);
+        }
+        petgraph::algo::toposort(&self.g, None)
+            .map_err(|c| IrError::Invalid(format!("the graph has a cycle through node {}", c.node_id().index())))
+    }
+
     /// Removes a node and its edges (for passes).
     pub fn remove_node(&mut self, v: ValueId) -> Option<Node> {
         self.g.remove_node(v)

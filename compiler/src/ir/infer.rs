@@ -68,6 +68,7 @@ pub(crate) fn infer(op: &Op, x: &[&TensorType]) -> Rule {
         }
         Op::QueuePush { world } => queue_push(x, *world),
         Op::QueueAdvance { world } => queue_advance(x, *world),
+        Op::Fused { body } => super::fused::infer_fused(body, x),
         Op::GeluGrad
         | Op::AttentionGrad { .. }
         | Op::Normalize { .. }

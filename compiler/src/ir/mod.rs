@@ -15,6 +15,7 @@ mod types;
 pub mod dce;
 pub mod dot;
 pub mod flops;
+pub mod fused;
 pub mod text;
 pub mod verify;
 

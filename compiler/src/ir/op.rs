@@ -262,6 +262,13 @@ pub enum Op {
     DivCount {
         count: Dim,
     },
+
+    // ---- fused ops (made by compiler passes) ----
+    /// Elementwise ops run as one kernel, one pass over memory: `body` is a
+    /// register program over the operands (see `fused.rs`).
+    Fused {
+        body: Vec<super::fused::Instr>,
+    },
 }
 
 impl Op {
@@ -331,6 +338,7 @@ impl Op {
             Op::QueueAdvance { .. } => "queue_advance",
             Op::GeluGrad => "gelu_grad",
             Op::AttentionGrad { .. } => "attention_grad",
+            Op::Fused { .. } => "fused",
             Op::Normalize { .. } => "normalize",
             Op::NormalizeGrad { .. } => "normalize_grad",
             Op::BatchStandardize { .. } => "batch_standardize",

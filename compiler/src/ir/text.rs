@@ -112,6 +112,7 @@ fn attributes(op: &Op) -> Vec<(&'static str, String)> {
         Op::AllGatherGrad { world } => vec![("world", world.to_string())],
         Op::DivCount { count } => vec![("count", count.to_string())],
         Op::GeluGrad => vec![],
+        Op::Fused { body } => vec![("body", format!("[{}]", super::fused::body_text(body)))],
         Op::Cast { dtype } => vec![("dtype", dtype.to_string())],
         Op::Reduce { axes, keepdim, .. } => vec![("axes", list(axes)), ("keepdim", keepdim.to_string())],
         Op::Reshape { shape } | Op::Expand { shape } => vec![("shape", shape.to_string())],

@@ -31,11 +31,6 @@ pub fn map_f32(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
     out
 }
 
-/// Same-shape `f(a, b)`, in parallel for large inputs.
-pub fn zip_f32(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
-    zip(a, &[a.len()], b, &[b.len()], &[a.len()], f)
-}
-
 /// The logistic function, without overflow for large |x|.
 #[inline]
 fn sigmoid(x: f32) -> f32 {
@@ -47,22 +42,122 @@ fn sigmoid(x: f32) -> f32 {
     }
 }
 
+/// `out[i] = f(x[i])`; a plain loop, so it vectorises inside `vectorized`.
+#[inline(always)]
+fn each(x: &[f32], out: &mut [f32], f: impl Fn(f32) -> f32) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = f(v);
+    }
+}
+
+/// `out[i] = u(x[i])`: the one definition of each unary op on a slice, for
+/// the unary kernel and for fused kernels.
+#[inline(always)]
+pub(super) fn unary_into(u: UnaryOp, x: &[f32], out: &mut [f32]) {
+    match u {
+        UnaryOp::Gelu => each(x, out, gelu_f32),
+        UnaryOp::Relu => each(x, out, |v| if v > 0.0 { v } else { 0.0 }),
+        UnaryOp::Tanh => each(x, out, f32::tanh),
+        UnaryOp::Sigmoid => each(x, out, sigmoid),
+        UnaryOp::Exp => each(x, out, f32::exp),
+        UnaryOp::Log => each(x, out, f32::ln),
+        UnaryOp::Neg => each(x, out, |v| -v),
+        UnaryOp::Sqrt => each(x, out, f32::sqrt),
+        UnaryOp::Recip => each(x, out, |v| 1.0 / v),
+        UnaryOp::Square => each(x, out, |v| v * v),
+        UnaryOp::Heaviside => each(x, out, |v| if v > 0.0 { 1.0 } else { 0.0 }),
+    }
+}
+
+/// torch.maximum / minimum: NaN propagates.
+#[inline(always)]
+pub(super) fn max_nan(x: f32, y: f32) -> f32 {
+    if x.is_nan() || x > y {
+        x
+    } else {
+        y
+    }
+}
+
+#[inline(always)]
+pub(super) fn min_nan(x: f32, y: f32) -> f32 {
+    if x.is_nan() || x < y {
+        x
+    } else {
+        y
+    }
+}
+
+/// `out[i] = x[i] op y[i]` on same-length slices (fused kernels).
+#[inline(always)]
+pub(super) fn binary_into(op: BinaryOp, x: &[f32], y: &[f32], out: &mut [f32]) {
+    #[inline(always)]
+    fn each2(x: &[f32], y: &[f32], out: &mut [f32], f: impl Fn(f32, f32) -> f32) {
+        for ((o, &a), &b) in out.iter_mut().zip(x).zip(y) {
+            *o = f(a, b);
+        }
+    }
+    match op {
+        BinaryOp::Add => each2(x, y, out, |a, b| a + b),
+        BinaryOp::Sub => each2(x, y, out, |a, b| a - b),
+        BinaryOp::Mul => each2(x, y, out, |a, b| a * b),
+        BinaryOp::Div => each2(x, y, out, |a, b| a / b),
+        BinaryOp::Max => each2(x, y, out, max_nan),
+        BinaryOp::Min => each2(x, y, out, min_nan),
+    }
+}
+
+/// `out[i] = x[i] ^ e`, with exact forms for the common exponents.
+#[inline(always)]
+pub(super) fn pow_into(e: f64, x: &[f32], out: &mut [f32]) {
+    match e {
+        1.0 => out.copy_from_slice(x),
+        2.0 => each(x, out, |v| v * v),
+        0.5 => each(x, out, f32::sqrt),
+        -1.0 => each(x, out, |v| 1.0 / v),
+        e if e == e.trunc() && e.abs() < 64.0 => {
+            let n = e as i32;
+            each(x, out, |v| v.powi(n))
+        }
+        e => {
+            let e = e as f32;
+            each(x, out, |v| v.powf(e))
+        }
+    }
+}
+
+/// `out[i] = dy[i] * GELU'(x[i])`.
+#[inline(always)]
+pub(super) fn gelu_grad_into(x: &[f32], dy: &[f32], out: &mut [f32]) {
+    for ((o, &x), &g) in out.iter_mut().zip(x).zip(dy) {
+        *o = g * gelu_grad_f32(x);
+    }
+}
+
+/// `f(x, out)` over parallel chunks of a fresh output, each chunk vectorised.
+fn chunked(x: &[f32], f: impl Fn(&[f32], &mut [f32]) + Sync) -> Vec<f32> {
+    let mut out = vec![0.0; x.len()];
+    let body = |(o, x): (&mut [f32], &[f32])| {
+        vectorized(
+            #[inline(always)]
+            || f(x, o),
+        )
+    };
+    if x.len() >= PAR_MIN {
+        out.par_chunks_mut(PAR_CHUNK).zip(x.par_chunks(PAR_CHUNK)).for_each(body);
+    } else {
+        body((&mut out, x));
+    }
+    out
+}
+
 pub fn unary(x: &[&Tensor], op: UnaryOp) -> Result<Tensor, KernelError> {
     let [t] = operands(x, ["input"])?;
-    let data = f32_of(t, "input")?;
-    let out = match op {
-        UnaryOp::Gelu => map_f32(data, gelu_f32),
-        UnaryOp::Relu => map_f32(data, |v| if v > 0.0 { v } else { 0.0 }),
-        UnaryOp::Tanh => map_f32(data, f32::tanh),
-        UnaryOp::Sigmoid => map_f32(data, sigmoid),
-        UnaryOp::Exp => map_f32(data, f32::exp),
-        UnaryOp::Log => map_f32(data, f32::ln),
-        UnaryOp::Neg => map_f32(data, |v| -v),
-        UnaryOp::Sqrt => map_f32(data, f32::sqrt),
-        UnaryOp::Recip => map_f32(data, |v| 1.0 / v),
-        UnaryOp::Square => map_f32(data, |v| v * v),
-        UnaryOp::Heaviside => map_f32(data, |v| if v > 0.0 { 1.0 } else { 0.0 }),
-    };
+    let out = chunked(
+        f32_of(t, "input")?,
+        #[inline(always)]
+        |x, o| unary_into(op, x, o),
+    );
     Ok(Tensor::f32(t.shape.clone(), out))
 }
 
@@ -70,12 +165,19 @@ pub fn unary(x: &[&Tensor], op: UnaryOp) -> Result<Tensor, KernelError> {
 pub fn gelu_grad(x: &[&Tensor]) -> Result<Tensor, KernelError> {
     let [xt, dy] = operands(x, ["x", "dy"])?;
     same_shape(xt, dy, "x", "dy")?;
-    let out = zip_f32(
-        f32_of(xt, "x")?,
-        f32_of(dy, "dy")?,
-        #[inline(always)]
-        |x, g| g * gelu_grad_f32(x),
-    );
+    let (xd, gd) = (f32_of(xt, "x")?, f32_of(dy, "dy")?);
+    let mut out = vec![0.0; xd.len()];
+    let body = |(o, (x, g)): (&mut [f32], (&[f32], &[f32]))| {
+        vectorized(
+            #[inline(always)]
+            || gelu_grad_into(x, g, o),
+        )
+    };
+    if xd.len() >= PAR_MIN {
+        out.par_chunks_mut(PAR_CHUNK).zip(xd.par_chunks(PAR_CHUNK).zip(gd.par_chunks(PAR_CHUNK))).for_each(body);
+    } else {
+        body((&mut out, (xd, gd)));
+    }
     Ok(Tensor::f32(xt.shape.clone(), out))
 }
 
@@ -103,8 +205,8 @@ pub fn binary(x: &[&Tensor], op: BinaryOp) -> Result<Tensor, KernelError> {
             BinaryOp::Mul => zip(u, &a.shape, v, &b.shape, &shape, |x, y| x * y),
             BinaryOp::Div => zip(u, &a.shape, v, &b.shape, &shape, |x, y| x / y),
             // torch.maximum / minimum propagate NaN.
-            BinaryOp::Max => zip(u, &a.shape, v, &b.shape, &shape, |x, y| if x.is_nan() || x > y { x } else { y }),
-            BinaryOp::Min => zip(u, &a.shape, v, &b.shape, &shape, |x, y| if x.is_nan() || x < y { x } else { y }),
+            BinaryOp::Max => zip(u, &a.shape, v, &b.shape, &shape, max_nan),
+            BinaryOp::Min => zip(u, &a.shape, v, &b.shape, &shape, min_nan),
         }),
         (Data::I64(u), Data::I64(v)) => Data::I64(match op {
             BinaryOp::Add => zip(u, &a.shape, v, &b.shape, &shape, i64::wrapping_add),
@@ -154,21 +256,11 @@ pub fn add_scalar(x: &[&Tensor], value: f64) -> Result<Tensor, KernelError> {
 
 pub fn pow_scalar(x: &[&Tensor], exponent: f64) -> Result<Tensor, KernelError> {
     let [t] = operands(x, ["input"])?;
-    let d = f32_of(t, "input")?;
-    let out = match exponent {
-        1.0 => d.to_vec(),
-        2.0 => map_f32(d, |v| v * v),
-        0.5 => map_f32(d, f32::sqrt),
-        -1.0 => map_f32(d, |v| 1.0 / v),
-        e if e == e.trunc() && e.abs() < 64.0 => {
-            let n = e as i32;
-            map_f32(d, |v| v.powi(n))
-        }
-        e => {
-            let e = e as f32;
-            map_f32(d, |v| v.powf(e))
-        }
-    };
+    let out = chunked(
+        f32_of(t, "input")?,
+        #[inline(always)]
+        |x, o| pow_into(exponent, x, o),
+    );
     Ok(Tensor::f32(t.shape.clone(), out))
 }
 

@@ -21,6 +21,7 @@ mod elementwise;
 mod error;
 mod executor;
 pub mod fast_math;
+mod fused;
 pub mod init;
 mod kernel;
 mod layout;
@@ -91,6 +92,7 @@ pub fn run_kernel(op: &Op, x: &[&Tensor], ctx: &Ctx) -> Result<Tensor, KernelErr
         Op::QueuePush { world } => state::queue_push(x, *world),
         Op::QueueAdvance { world } => state::queue_advance(x, *world),
         Op::GeluGrad => elementwise::gelu_grad(x),
+        Op::Fused { body } => fused::fused(x, body, ctx),
         Op::AttentionGrad { scale, dropout, key } => attention::attention_grad(x, *scale, *dropout, *key, ctx),
         Op::Normalize { eps } => norm::normalize(x, *eps),
         Op::NormalizeGrad { eps } => norm::normalize_grad(x, *eps),

@@ -1,0 +1,119 @@
+//! The body of a `Fused` op: elementwise ops as a small register program.
+//! Instruction `i` defines register `i`; its operands name earlier registers.
+//! The fused op's result is the last register, evaluated at every element of
+//! the output with operands broadcast to the output shape (elementwise ops
+//! commute with broadcasting, so a register may hold a smaller shape's values
+//! evaluated at the output's positions).
+
+use super::infer::infer;
+use super::op::{BinaryOp, Op, UnaryOp};
+use super::types::TensorType;
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
+pub enum Instr {
+    /// The fused op's operand `i`.
+    Operand(u32),
+    Unary(UnaryOp, u32),
+    Binary(BinaryOp, u32, u32),
+    Scale(f64, u32),
+    AddScalar(f64, u32),
+    PowScalar(f64, u32),
+    /// `(x, dy)`: dy * GELU'(x).
+    GeluGrad(u32, u32),
+    /// Dropout of a register of the output's full shape (its mask is indexed
+    /// by the flat output index, as the unfused op's).
+    Dropout {
+        p: f64,
+        key: u32,
+        x: u32,
+    },
+}
+
+impl Instr {
+    /// The unfused op this instruction stands for (`None` for operands).
+    pub fn op(&self) -> Option<Op> {
+        Some(match *self {
+            Instr::Operand(_) => return None,
+            Instr::Unary(u, _) => Op::Unary(u),
+            Instr::Binary(b, _, _) => Op::Binary(b),
+            Instr::Scale(factor, _) => Op::Scale { factor },
+            Instr::AddScalar(value, _) => Op::AddScalar { value },
+            Instr::PowScalar(exponent, _) => Op::PowScalar { exponent },
+            Instr::GeluGrad(..) => Op::GeluGrad,
+            Instr::Dropout { p, key, .. } => Op::Dropout { p, key },
+        })
+    }
+
+    /// The registers it reads.
+    pub fn args(&self) -> Vec<u32> {
+        match *self {
+            Instr::Operand(_) => vec![],
+            Instr::Unary(_, a)
+            | Instr::Scale(_, a)
+            | Instr::AddScalar(_, a)
+            | Instr::PowScalar(_, a)
+            | Instr::Dropout { x: a, .. } => vec![a],
+            Instr::Binary(_, a, b) | Instr::GeluGrad(a, b) => vec![a, b],
+        }
+    }
+}
+
+/// The result type of `body` over operands of types `x`, checking each
+/// instruction with its unfused op's shape rule.
+pub(super) fn infer_fused(body: &[Instr], x: &[&TensorType]) -> Result<TensorType, String> {
+    if body.is_empty() {
+        return Err("a fused op needs at least one instruction".into());
+    }
+    let mut regs: Vec<TensorType> = Vec::with_capacity(body.len());
+    for (i, instr) in body.iter().enumerate() {
+        let ty = match instr {
+            Instr::Operand(k) => (*x
+                .get(*k as usize)
+                .ok_or_else(|| format!("instruction {i} reads operand {k}, but the op has {} operand(s)", x.len()))?)
+            .clone(),
+            _ => {
+                let args = instr.args();
+                if let Some(a) = args.iter().find(|&&a| a as usize >= i) {
+                    return Err(format!("instruction {i} reads register {a}, which is not defined before it"));
+                }
+                let tys: Vec<&TensorType> = args.iter().map(|&a| &regs[a as usize]).collect();
+                let op = instr.op().expect("only operands have no op");
+                infer(&op, &tys).map_err(|m| format!("instruction {i} ({}): {m}", op.name()))?
+            }
+        };
+        if !ty.dtype.is_float() {
+            return Err(format!("instruction {i} is {ty}; fused ops compute on floats only"));
+        }
+        regs.push(ty);
+    }
+    let out = regs.last().expect("non-empty").clone();
+    for (i, instr) in body.iter().enumerate() {
+        if matches!(instr, Instr::Dropout { .. }) && regs[i].shape != out.shape {
+            return Err(format!("dropout at instruction {i} is {}, not the output's shape {}", regs[i], out.shape));
+        }
+    }
+    Ok(out)
+}
+
+/// One line per register, e.g. `r2 = scale 0.9 (r0)`.
+pub fn body_text(body: &[Instr]) -> String {
+    let mut parts = Vec::with_capacity(body.len());
+    for (i, instr) in body.iter().enumerate() {
+        let rhs = match instr {
+            Instr::Operand(k) => format!("%{k}"),
+            _ => {
+                let op = instr.op().expect("only operands have no op");
+                let attr = match *instr {
+                    Instr::Scale(v, _) | Instr::AddScalar(v, _) | Instr::PowScalar(v, _) => format!(" {v}"),
+                    Instr::Dropout { p, key, .. } => format!(" p={p} key={key}"),
+                    _ => String::new(),
+                };
+                let args: Vec<String> = instr.args().iter().map(|a| format!("r{a}")).collect();
+                format!("{}{attr}({})", op.name(), args.join(", "))
+            }
+        };
+        parts.push(format!("r{i}={rhs}"));
+    }
+    parts.join("; ")
+}

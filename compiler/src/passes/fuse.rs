@@ -1,0 +1,183 @@
+//! Elementwise fusion. Rule `elementwise-chain`: an elementwise op joins the
+//! fused kernel of its consumers when every consumer is in that kernel and no
+//! output or state update names it (so the value never needs to exist in
+//! memory). Why: each unfused op reads and writes its whole tensor; fused,
+//! the chain runs per block of elements in registers (residual adds, scaling,
+//! dropout, GELU's gradient, AdamW's per-parameter arithmetic).
+//!
+//! Clusters grow from their last op (the root) backwards; a producer is only
+//! considered after all its later users are decided (a max-heap on position),
+//! so "every consumer is in the cluster" is final when it is checked.
+
+use super::{rebuild, Step};
+use crate::ir::fused::Instr;
+use crate::ir::{Graph, IrError, Op, ValueId};
+use std::collections::{BinaryHeap, HashMap, HashSet};
+
+/// Ops a fused kernel can evaluate per element.
+fn elementwise(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Unary(_)
+            | Op::Binary(_)
+            | Op::Scale { .. }
+            | Op::AddScalar { .. }
+            | Op::PowScalar { .. }
+            | Op::GeluGrad
+            | Op::Dropout { .. }
+    )
+}
+
+fn candidate(g: &Graph, v: ValueId) -> bool {
+    elementwise(&g.node(v).op) && g.ty(v).dtype.is_float() && g.operands(v).iter().all(|&o| g.ty(o).dtype.is_float())
+}
+
+/// The clusters of `g` (members in topological order), roots last.
+fn clusters(g: &Graph, order: &[ValueId]) -> Vec<Vec<ValueId>> {
+    let pos: HashMap<ValueId, usize> = order.iter().enumerate().map(|(i, &v)| (v, i)).collect();
+    let pinned: HashSet<ValueId> = g.outputs().iter().chain(g.state_updates()).map(|(_, v)| *v).collect();
+    let mut cluster_of: HashMap<ValueId, usize> = HashMap::new();
+    let mut out = Vec::new();
+    for &root in order.iter().rev() {
+        if cluster_of.contains_key(&root) || !candidate(g, root) {
+            continue;
+        }
+        let id = out.len();
+        cluster_of.insert(root, id);
+        let mut members = vec![root];
+        let mut heap: BinaryHeap<(usize, ValueId)> = g.operands(root).iter().map(|&o| (pos[&o], o)).collect();
+        while let Some((_, o)) = heap.pop() {
+            if cluster_of.contains_key(&o) || pinned.contains(&o) || !candidate(g, o) {
+                continue;
+            }
+            // Dropout masks are indexed by the flat index of the op's own shape.
+            if matches!(g.node(o).op, Op::Dropout { .. }) && g.ty(o).shape != g.ty(root).shape {
+                continue;
+            }
+            if g.users(o).iter().all(|u| cluster_of.get(u) == Some(&id)) {
+                cluster_of.insert(o, id);
+                members.push(o);
+                heap.extend(g.operands(o).iter().map(|&x| (pos[&x], x)));
+            }
+        }
+        members.sort_by_key(|v| pos[v]);
+        out.push(members);
+    }
+    out
+}
+
+/// The register program of one cluster and its external operands (old ids).
+fn body(g: &Graph, members: &[ValueId]) -> (Vec<Instr>, Vec<ValueId>) {
+    let inside: HashSet<ValueId> = members.iter().copied().collect();
+    let mut externals: Vec<ValueId> = Vec::new();
+    for &m in members {
+        for o in g.operands(m) {
+            if !inside.contains(&o) && !externals.contains(&o) {
+                externals.push(o);
+            }
+        }
+    }
+    let mut body: Vec<Instr> = (0..externals.len() as u32).map(Instr::Operand).collect();
+    let mut reg: HashMap<ValueId, u32> = externals.iter().enumerate().map(|(i, &v)| (v, i as u32)).collect();
+    for &m in members {
+        let a: Vec<u32> = g.operands(m).iter().map(|o| reg[o]).collect();
+        let instr = match g.node(m).op {
+            Op::Unary(u) => Instr::Unary(u, a[0]),
+            Op::Binary(b) => Instr::Binary(b, a[0], a[1]),
+            Op::Scale { factor } => Instr::Scale(factor, a[0]),
+            Op::AddScalar { value } => Instr::AddScalar(value, a[0]),
+            Op::PowScalar { exponent } => Instr::PowScalar(exponent, a[0]),
+            Op::GeluGrad => Instr::GeluGrad(a[0], a[1]),
+            Op::Dropout { p, key } => Instr::Dropout { p, key, x: a[0] },
+            ref op => unreachable!("{} is not elementwise", op.name()),
+        };
+        reg.insert(m, body.len() as u32);
+        body.push(instr);
+    }
+    (body, externals)
+}
+
+pub(super) fn run(g: &mut Graph) -> Result<String, IrError> {
+    let order = g.topo_order()?;
+    let found: Vec<Vec<ValueId>> = clusters(g, &order).into_iter().filter(|c| c.len() >= 2).collect();
+    let mut root_of: HashMap<ValueId, usize> = HashMap::new();
+    let mut member: HashSet<ValueId> = HashSet::new();
+    for (i, c) in found.iter().enumerate() {
+        root_of.insert(*c.last().expect("clusters are non-empty"), i);
+        member.extend(c.iter().copied());
+    }
+    let fused_ops: usize = found.iter().map(|c| c.len()).sum();
+    *g = rebuild(g, |old, v, new, map| {
+        if let Some(&i) = root_of.get(&v) {
+            let (body, externals) = body(old, &found[i]);
+            let operands: Vec<ValueId> = externals.iter().map(|o| map[o]).collect();
+            let node = old.node(v);
+            let nv = new.add_op(Op::Fused { body }, &operands, &node.scope)?;
+            if new.ty(nv) != &node.ty {
+                return Err(IrError::Invalid(format!(
+                    "fusing into `{}` changed its type from {} to {}",
+                    node.scope,
+                    node.ty,
+                    new.ty(nv)
+                )));
+            }
+            return Ok(Step::Use(nv));
+        }
+        if member.contains(&v) {
+            return Ok(Step::Skip);
+        }
+        Ok(Step::Copy)
+    })?;
+    Ok(format!("fused {fused_ops} elementwise ops into {} kernels", found.len()))
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::ir::fused::Instr;
+    use crate::ir::{BinaryOp, DType, Graph, Op, Shape, UnaryOp};
+
+    /// y = gelu(x) * 2 + x, with `x + 1` also an output (so it stays).
+    #[test]
+    fn chains_fuse_and_shared_or_named_values_stay() {
+        let mut g = Graph::new();
+        let x = g.add_input("x", Shape::consts(&[2, 3]), DType::F32).unwrap();
+        let b = g.add_input("b", Shape::consts(&[3]), DType::F32).unwrap();
+        let ge = g.add_op(Op::Unary(UnaryOp::Gelu), &[x], "m").unwrap();
+        let s = g.add_op(Op::Scale { factor: 2.0 }, &[ge], "m").unwrap();
+        let y = g.add_op(Op::Binary(BinaryOp::Add), &[s, b], "m").unwrap();
+        let named = g.add_op(Op::AddScalar { value: 1.0 }, &[x], "m").unwrap();
+        let z = g.add_op(Op::Binary(BinaryOp::Mul), &[y, named], "m").unwrap();
+        g.set_output("z", z);
+        g.set_output("named", named);
+        assert_eq!(super::run(&mut g).unwrap(), "fused 4 elementwise ops into 1 kernels");
+        g.verify().unwrap();
+        let z = g.outputs()[0].1;
+        let Op::Fused { body } = &g.node(z).op else { panic!("z is not fused: {}", g.node(z).op.name()) };
+        assert_eq!(
+            body,
+            &vec![
+                Instr::Operand(0),
+                Instr::Operand(1),
+                Instr::Operand(2),
+                Instr::Unary(UnaryOp::Gelu, 0),
+                Instr::Scale(2.0, 3),
+                Instr::Binary(BinaryOp::Add, 4, 1),
+                Instr::Binary(BinaryOp::Mul, 5, 2),
+            ]
+        );
+        // Operands: x, b, and the named value (its own add_scalar node).
+        let ops: Vec<&str> = g.operands(z).iter().map(|&o| g.node(o).op.name()).collect();
+        assert_eq!(ops, ["input", "input", "add_scalar"]);
+    }
+
+    #[test]
+    fn a_value_read_outside_the_chain_is_not_fused() {
+        let mut g = Graph::new();
+        let x = g.add_input("x", Shape::consts(&[4]), DType::F32).unwrap();
+        let e = g.add_op(Op::Unary(UnaryOp::Exp), &[x], "").unwrap();
+        let r = g.add_op(Op::Reduce { op: crate::ir::ReduceOp::Sum, axes: vec![0], keepdim: true }, &[e], "").unwrap();
+        let y = g.add_op(Op::Binary(BinaryOp::Div), &[e, r], "").unwrap();
+        g.set_output("y", y);
+        assert_eq!(super::run(&mut g).unwrap(), "fused 0 elementwise ops into 0 kernels");
+    }
+}

@@ -1,0 +1,142 @@
+//! Graph -> graph passes between autodiff and lowering. Each pass returns a
+//! one-line report; `run` verifies the graph after every pass in debug builds
+//! and tests (and whenever asked), so a broken pass fails at that pass.
+//!
+//! Order (`DEFAULT`): dead code, then common subexpressions, then constant
+//! folding (each exposes work for the next), dead code again, then fusion.
+
+mod cse;
+mod fold;
+mod fuse;
+
+use crate::ir::{Graph, IrError, ValueId};
+use std::collections::HashMap;
+
+/// A named pass with the reason it exists.
+pub struct Pass {
+    pub name: &'static str,
+    pub why: &'static str,
+    run: fn(&mut Graph) -> Result<String, IrError>,
+}
+
+/// Every pass, in the default order.
+pub const PASSES: &[Pass] = &[
+    Pass { name: "dce", why: "drop values no output, state update or input needs (autodiff leaves some)", run: dce },
+    Pass { name: "cse", why: "compute each distinct (op, operands) once", run: cse::run },
+    Pass { name: "fold", why: "evaluate elementwise ops on constants at compile time", run: fold::run },
+    Pass {
+        name: "fuse-elementwise",
+        why: "chains of elementwise ops as one kernel: one pass over memory, no temporaries",
+        run: fuse::run,
+    },
+];
+
+/// The default pipeline: DCE again after folding (folded fills leave their
+/// constant operands unread), then fusion.
+pub const DEFAULT: &[&str] = &["dce", "cse", "fold", "dce", "fuse-elementwise"];
+
+/// The names of every pass.
+pub fn default_passes() -> Vec<&'static str> {
+    PASSES.iter().map(|p| p.name).collect()
+}
+
+/// What one pass did.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Report {
+    pub pass: &'static str,
+    pub nodes_before: usize,
+    pub nodes_after: usize,
+    pub detail: String,
+}
+
+/// Looks a pass up by name; the error lists the known ones.
+pub fn find(name: &str) -> Result<&'static Pass, String> {
+    PASSES
+        .iter()
+        .find(|p| p.name == name)
+        .ok_or_else(|| format!("unknown pass `{name}`; the passes are: {}", default_passes().join(", ")))
+}
+
+/// Runs the named passes in order. The verifier runs after each pass when
+/// `verify_each` or in debug builds; `after` sees the graph after each pass.
+pub fn run(
+    g: &mut Graph,
+    names: &[&str],
+    verify_each: bool,
+    mut after: impl FnMut(&str, &Graph),
+) -> Result<Vec<Report>, IrError> {
+    let mut reports = Vec::with_capacity(names.len());
+    for name in names {
+        let pass = find(name).map_err(IrError::Invalid)?;
+        let nodes_before = g.node_count();
+        let detail = (pass.run)(g)?;
+        if verify_each || cfg!(debug_assertions) {
+            g.verify().map_err(|e| IrError::Invalid(format!("after pass `{}`: {e}", pass.name)))?;
+        }
+        after(pass.name, g);
+        reports.push(Report { pass: pass.name, nodes_before, nodes_after: g.node_count(), detail });
+    }
+    Ok(reports)
+}
+
+fn dce(g: &mut Graph) -> Result<String, IrError> {
+    let before = g.node_count();
+    g.prune(|_| true, true);
+    Ok(format!("removed {} nodes", before - g.node_count()))
+}
+
+/// What a rebuilding pass does with one node of the old graph.
+pub(crate) enum Step {
+    /// Copy it (operands mapped).
+    Copy,
+    /// It is now this node of the new graph.
+    Use(ValueId),
+    /// It has no counterpart (no one may read it in the new graph).
+    Skip,
+}
+
+/// Rebuilds `g` in topological order, node by node as `step` says; outputs
+/// and state updates follow their values. `step` gets the old graph, the
+/// node, the new graph and the old -> new map so far.
+pub(crate) fn rebuild(
+    g: &Graph,
+    mut step: impl FnMut(&Graph, ValueId, &mut Graph, &HashMap<ValueId, ValueId>) -> Result<Step, IrError>,
+) -> Result<Graph, IrError> {
+    let mut out = Graph::new();
+    let mut map: HashMap<ValueId, ValueId> = HashMap::with_capacity(g.node_count());
+    for v in g.topo_order()? {
+        match step(g, v, &mut out, &map)? {
+            Step::Copy => {
+                let operands = mapped(g, v, &map)?;
+                let nv = out.add_node_like(g.node(v), &operands)?;
+                map.insert(v, nv);
+            }
+            Step::Use(nv) => {
+                map.insert(v, nv);
+            }
+            Step::Skip => {}
+        }
+    }
+    let lookup = |v: &ValueId, what: &str| {
+        map.get(v).copied().ok_or_else(|| IrError::Invalid(format!("{what} lost its value in a rebuild")))
+    };
+    for (name, v) in g.outputs() {
+        out.set_output(name, lookup(v, name)?);
+    }
+    for (name, v) in g.state_updates() {
+        out.add_state_update(name, lookup(v, name)?);
+    }
+    Ok(out)
+}
+
+/// The new ids of `v`'s operands.
+pub(crate) fn mapped(g: &Graph, v: ValueId, map: &HashMap<ValueId, ValueId>) -> Result<Vec<ValueId>, IrError> {
+    g.operands(v)
+        .iter()
+        .map(|o| {
+            map.get(o).copied().ok_or_else(|| {
+                IrError::Invalid(format!("{} reads a value that was skipped in a rebuild", g.node(v).op.name()))
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,164 @@
+//! `Fused { body }`: a register program of elementwise ops (see the
+//! compiler's `ir/fused.rs`) run block by block. A block of `BLOCK` output
+//! elements is evaluated instruction by instruction into scratch registers
+//! that stay in L1; only operands are read from memory and only the result
+//! is written, which is the point of fusing. Each instruction uses the same
+//! slice function as its unfused kernel, so fused and unfused plans agree.
+
+use super::broadcast::{broadcast_shape, broadcast_strides, coalesce};
+use super::elementwise::{binary_into, gelu_grad_into, pow_into, unary_into};
+use super::error::{invalid, KernelError};
+use super::kernel::{f32_of, Ctx, PAR_CHUNK, PAR_MIN};
+use super::random::DropMask;
+use super::simd::vectorized;
+use super::tensor::{show_shape, Tensor};
+use rayon::prelude::*;
+use tessera_compiler::ir::fused::Instr;
+
+/// Elements per block: 16 registers of 512 f32 are 32 KiB.
+const BLOCK: usize = 512;
+
+/// How an operand is read at output positions.
+enum Src<'a> {
+    /// Same shape as the output: a slice, no copy.
+    Contiguous(&'a [f32]),
+    /// One element.
+    Splat(f32),
+    /// Broadcast: merged dims of the output and this operand's strides.
+    Strided { data: &'a [f32], dims: Vec<usize>, strides: Vec<usize> },
+}
+
+impl Src<'_> {
+    /// Writes the operand's values at output positions `start..start + out.len()`.
+    #[inline(always)]
+    fn load(&self, start: usize, out: &mut [f32]) {
+        match self {
+            Src::Contiguous(d) => out.copy_from_slice(&d[start..start + out.len()]),
+            Src::Splat(v) => out.fill(*v),
+            Src::Strided { data, dims, strides } => {
+                for (e, o) in out.iter_mut().enumerate() {
+                    let (mut flat, mut off) = (start + e, 0);
+                    for d in (0..dims.len()).rev() {
+                        off += (flat % dims[d]) * strides[d];
+                        flat /= dims[d];
+                    }
+                    *o = data[off];
+                }
+            }
+        }
+    }
+}
+
+pub fn fused(x: &[&Tensor], body: &[Instr], ctx: &Ctx) -> Result<Tensor, KernelError> {
+    let mut shape: Vec<usize> = Vec::new();
+    for t in x {
+        shape = broadcast_shape(&shape, &t.shape).ok_or_else(|| {
+            invalid(format!("operand {} does not broadcast with {}", show_shape(&t.shape), show_shape(&shape)))
+        })?;
+    }
+    let numel: usize = shape.iter().product();
+    let mut srcs = Vec::with_capacity(x.len());
+    for (k, t) in x.iter().enumerate() {
+        let d = f32_of(t, &format!("operand {k}"))?;
+        srcs.push(if t.shape == shape {
+            Src::Contiguous(d)
+        } else if d.len() == 1 {
+            Src::Splat(d[0])
+        } else {
+            let (dims, st) = coalesce(&shape, &[&broadcast_strides(&t.shape, &shape)]);
+            Src::Strided { data: d, dims, strides: st.into_iter().next().expect("one operand") }
+        });
+    }
+    let mut masks: Vec<Option<DropMask>> = Vec::with_capacity(body.len());
+    for (i, instr) in body.iter().enumerate() {
+        let reads_ok = instr.args().iter().all(|&a| (a as usize) < i);
+        let operand_ok = !matches!(instr, Instr::Operand(k) if *k as usize >= x.len());
+        if !reads_ok || !operand_ok {
+            return Err(invalid(format!(
+                "instruction {i} ({instr:?}) reads a register or operand that does not exist"
+            )));
+        }
+        masks.push(match instr {
+            Instr::Dropout { p, key, .. } => ctx.drop_mask(*p, *key)?,
+            _ => None,
+        });
+    }
+    if body.is_empty() {
+        return Err(invalid("a fused op needs at least one instruction"));
+    }
+    let mut out = vec![0.0f32; numel];
+    let program = Program { body, srcs: &srcs, masks: &masks };
+    let task = |first: usize, chunk: &mut [f32], scratch: &mut Vec<f32>| {
+        scratch.resize(body.len() * BLOCK, 0.0);
+        vectorized(
+            #[inline(always)]
+            || {
+                for (b, block) in chunk.chunks_mut(BLOCK).enumerate() {
+                    program.block(first + b * BLOCK, block, scratch);
+                }
+            },
+        )
+    };
+    if numel >= PAR_MIN {
+        out.par_chunks_mut(PAR_CHUNK)
+            .enumerate()
+            .for_each_init(Vec::new, |scratch, (c, chunk)| task(c * PAR_CHUNK, chunk, scratch));
+    } else {
+        task(0, &mut out, &mut Vec::new());
+    }
+    Ok(Tensor::f32(shape, out))
+}
+
+struct Program<'a> {
+    body: &'a [Instr],
+    srcs: &'a [Src<'a>],
+    masks: &'a [Option<DropMask>],
+}
+
+impl Program<'_> {
+    /// Evaluates output elements `start..start + out.len()` into `out`.
+    #[inline(always)]
+    fn block(&self, start: usize, out: &mut [f32], scratch: &mut [f32]) {
+        let len = out.len();
+        let last = self.body.len() - 1;
+        for (j, instr) in self.body.iter().enumerate() {
+            let (done, rest) = scratch.split_at_mut(j * BLOCK);
+            // Register r: a same-shape operand is read in place, others from scratch.
+            let reg = |r: u32| -> &[f32] {
+                match self.body[r as usize] {
+                    Instr::Operand(k) => match &self.srcs[k as usize] {
+                        Src::Contiguous(d) => &d[start..start + len],
+                        _ => &done[r as usize * BLOCK..][..len],
+                    },
+                    _ => &done[r as usize * BLOCK..][..len],
+                }
+            };
+            let dst: &mut [f32] = if j == last { &mut *out } else { &mut rest[..len] };
+            match *instr {
+                Instr::Operand(k) => {
+                    if j == last || !matches!(self.srcs[k as usize], Src::Contiguous(_)) {
+                        self.srcs[k as usize].load(start, dst);
+                    }
+                }
+                Instr::Unary(u, a) => unary_into(u, reg(a), dst),
+                Instr::Binary(b, x, y) => binary_into(b, reg(x), reg(y), dst),
+                Instr::Scale(f, a) => {
+                    let f = f as f32;
+                    dst.iter_mut().zip(reg(a)).for_each(|(o, &v)| *o = v * f);
+                }
+                Instr::AddScalar(c, a) => {
+                    let c = c as f32;
+                    dst.iter_mut().zip(reg(a)).for_each(|(o, &v)| *o = v + c);
+                }
+                Instr::PowScalar(e, a) => pow_into(e, reg(a), dst),
+                Instr::GeluGrad(x, g) => gelu_grad_into(reg(x), reg(g), dst),
+                Instr::Dropout { x, .. } => {
+                    dst.copy_from_slice(reg(x));
+                    if let Some(m) = &self.masks[j] {
+                        m.apply(dst, start as u64);
+                    }
+                }
+            }
+        }
+    }
+}
