@@ -17,6 +17,9 @@ fi
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 # Snapshots must match exactly in CI (insta fails on a mismatch when CI=true).
 export INSTA_UPDATE="${INSTA_UPDATE:-no}"
+# Reused kernel buffers are filled with NaN first, so a kernel that leaves an
+# element unwritten fails the numeric tests instead of passing on stale data.
+export TESSERA_POOL_POISON=1
 
 # libtorch first, so that a missing network fails in seconds, not after the
 # build. (An assignment, not `eval "$(...)"`, so that set -e sees a failure.)

@@ -7,6 +7,7 @@
 use super::error::{invalid, KernelError};
 use super::kernel::{f32_of, operands, Ctx};
 use super::matmul::{gemm_into, parallelism, Mat};
+use super::pool;
 use super::simd::{sum2_f64, vectorized};
 use super::softmax::softmax_row;
 use super::tensor::{show_shape, Tensor};
@@ -53,7 +54,7 @@ pub fn attention(x: &[&Tensor], scale: f64, dropout: f64, key: u32, ctx: &Ctx) -
     let scale = scale as f32;
     let mut shape = qt.shape.clone();
     shape[r - 1] = dv;
-    let mut out = vec![0.0f32; heads * nq * dv];
+    let mut out = pool::buffer(heads * nq * dv);
     if nq * dv == 0 {
         return Ok(Tensor::f32(shape, out));
     }
@@ -104,7 +105,7 @@ pub fn attention_grad(x: &[&Tensor], scale: f64, dropout: f64, key: u32, ctx: &C
     let mut shape = vec![3];
     shape.extend_from_slice(&qt.shape);
     let per = heads * n * d;
-    let mut out = vec![0.0f32; 3 * per];
+    let mut out = pool::buffer(3 * per);
     if per == 0 {
         return Ok(Tensor::f32(shape, out));
     }

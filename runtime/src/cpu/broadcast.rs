@@ -4,6 +4,7 @@
 //! common cases (`[B,N,D] + [D]`, same shapes) run as a few long rows.
 
 use super::kernel::{PAR_CHUNK, PAR_MIN};
+use super::pool::Elem;
 use super::simd::vectorized;
 use rayon::prelude::*;
 
@@ -99,12 +100,12 @@ fn by_rows<U: Send>(out: &mut [U], len: usize, fill_rows: impl Fn(usize, &mut [U
 pub fn zip<T, U, F>(a: &[T], a_shape: &[usize], b: &[T], b_shape: &[usize], out_shape: &[usize], f: F) -> Vec<U>
 where
     T: Copy + Sync,
-    U: Copy + Send + Sync + Default,
+    U: Elem,
     F: Fn(T, T) -> U + Sync,
 {
     let numel: usize = out_shape.iter().product();
     if a_shape == b_shape {
-        let mut out = vec![U::default(); numel];
+        let mut out = U::buffer(numel);
         let body = |(o, (x, y)): (&mut [U], (&[T], &[T]))| {
             vectorized(
                 #[inline(always)]
@@ -128,7 +129,7 @@ where
     let (sa, sb) = (&st[0], &st[1]);
     let len = *dims.last().expect("rank >= 1");
     let (ia, ib) = (sa[dims.len() - 1], sb[dims.len() - 1]);
-    let mut out = vec![U::default(); numel];
+    let mut out = U::buffer(numel);
     let fill_rows = |first_row: usize, chunk: &mut [U]| {
         vectorized(
             #[inline(always)]
@@ -162,14 +163,14 @@ where
 }
 
 /// `a` broadcast (copied) to `out_shape`.
-pub fn expand<T: Copy + Send + Sync + Default>(a: &[T], a_shape: &[usize], out_shape: &[usize]) -> Vec<T> {
+pub fn expand<T: Elem>(a: &[T], a_shape: &[usize], out_shape: &[usize]) -> Vec<T> {
     let numel: usize = out_shape.iter().product();
     let sa = broadcast_strides(a_shape, out_shape);
     let (dims, st) = coalesce(out_shape, &[&sa]);
     let sa = &st[0];
     let len = *dims.last().expect("rank >= 1");
     let ia = sa[dims.len() - 1];
-    let mut out = vec![T::default(); numel];
+    let mut out = T::buffer(numel);
     let fill_rows = |first_row: usize, chunk: &mut [T]| {
         for (r, o) in chunk.chunks_mut(len).enumerate() {
             let oa = row_offset(first_row + r, &dims, sa);

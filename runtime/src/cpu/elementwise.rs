@@ -5,14 +5,15 @@ use super::broadcast::{broadcast_shape, zip};
 use super::error::{invalid, KernelError};
 use super::fast_math::{gelu_f32, gelu_grad_f32};
 use super::kernel::{f32_of, operands, PAR_CHUNK, PAR_MIN};
-use super::simd::vectorized;
+use super::pool;
+use super::simd::{has_fma, vectorized};
 use super::tensor::{show_shape, stored_as_f32, Data, Tensor};
 use rayon::prelude::*;
 use tessera_compiler::ir::{BinaryOp, DType, UnaryOp};
 
 /// `f` applied to every element, in parallel for large inputs.
 pub fn map_f32(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
-    let mut out = vec![0.0; x.len()];
+    let mut out = pool::buffer(x.len());
     let body = |(o, x): (&mut [f32], &[f32])| {
         vectorized(
             #[inline(always)]
@@ -55,7 +56,8 @@ fn each(x: &[f32], out: &mut [f32], f: impl Fn(f32) -> f32) {
 #[inline(always)]
 pub(super) fn unary_into(u: UnaryOp, x: &[f32], out: &mut [f32]) {
     match u {
-        UnaryOp::Gelu => each(x, out, gelu_f32),
+        UnaryOp::Gelu if has_fma() => each(x, out, gelu_f32::<true>),
+        UnaryOp::Gelu => each(x, out, gelu_f32::<false>),
         UnaryOp::Relu => each(x, out, |v| if v > 0.0 { v } else { 0.0 }),
         UnaryOp::Tanh => each(x, out, f32::tanh),
         UnaryOp::Sigmoid => each(x, out, sigmoid),
@@ -129,14 +131,22 @@ pub(super) fn pow_into(e: f64, x: &[f32], out: &mut [f32]) {
 /// `out[i] = dy[i] * GELU'(x[i])`.
 #[inline(always)]
 pub(super) fn gelu_grad_into(x: &[f32], dy: &[f32], out: &mut [f32]) {
-    for ((o, &x), &g) in out.iter_mut().zip(x).zip(dy) {
-        *o = g * gelu_grad_f32(x);
+    #[inline(always)]
+    fn with<const FMA: bool>(x: &[f32], dy: &[f32], out: &mut [f32]) {
+        for ((o, &x), &g) in out.iter_mut().zip(x).zip(dy) {
+            *o = g * gelu_grad_f32::<FMA>(x);
+        }
+    }
+    if has_fma() {
+        with::<true>(x, dy, out)
+    } else {
+        with::<false>(x, dy, out)
     }
 }
 
 /// `f(x, out)` over parallel chunks of a fresh output, each chunk vectorised.
 fn chunked(x: &[f32], f: impl Fn(&[f32], &mut [f32]) + Sync) -> Vec<f32> {
-    let mut out = vec![0.0; x.len()];
+    let mut out = pool::buffer(x.len());
     let body = |(o, x): (&mut [f32], &[f32])| {
         vectorized(
             #[inline(always)]
@@ -166,7 +176,7 @@ pub fn gelu_grad(x: &[&Tensor]) -> Result<Tensor, KernelError> {
     let [xt, dy] = operands(x, ["x", "dy"])?;
     same_shape(xt, dy, "x", "dy")?;
     let (xd, gd) = (f32_of(xt, "x")?, f32_of(dy, "dy")?);
-    let mut out = vec![0.0; xd.len()];
+    let mut out = pool::buffer(xd.len());
     let body = |(o, (x, g)): (&mut [f32], (&[f32], &[f32]))| {
         vectorized(
             #[inline(always)]

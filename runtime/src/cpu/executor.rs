@@ -3,7 +3,8 @@
 //!
 //! Memory stays bounded by freeing every intermediate right after its last
 //! reader has run (last uses are computed once, in `new`); values named as
-//! outputs or state updates live until the end of the run. Ops that pass
+//! outputs or state updates live until the end of the run. Freed storage
+//! goes back to `pool` for the next kernels and steps. Ops that pass
 //! their operand through (reshape, stop_gradient, eval-mode dropout, ...)
 //! move a dying operand instead of copying it.
 
@@ -11,6 +12,7 @@ use super::error::RuntimeError;
 use super::init::init_tensor;
 use super::kernel::Ctx;
 use super::layout::reshaped;
+use super::pool;
 use super::tensor::{describe_type, Tensor};
 use super::{passes_data_through, run_kernel, KernelError};
 use std::collections::{BTreeMap, HashMap};
@@ -247,7 +249,9 @@ impl CpuExecutor {
             }
             for &i in &kernel.inputs {
                 if self.last_use[i] == Some(k) && self.kept[i] == 0 {
-                    slots[i] = Slot::Empty;
+                    if let Slot::Owned(t) = std::mem::replace(&mut slots[i], Slot::Empty) {
+                        pool::recycle(t);
+                    }
                 }
             }
         }
@@ -278,7 +282,9 @@ impl CpuExecutor {
         }
         drop(slots);
         for (i, t) in updates {
-            self.states[i] = Some(t);
+            if let Some(old) = self.states[i].replace(t) {
+                pool::recycle(old);
+            }
         }
         self.step += 1;
         Ok(outputs)

@@ -9,6 +9,7 @@ use super::broadcast::{broadcast_shape, broadcast_strides, coalesce};
 use super::elementwise::{binary_into, gelu_grad_into, pow_into, unary_into};
 use super::error::{invalid, KernelError};
 use super::kernel::{f32_of, Ctx, PAR_CHUNK, PAR_MIN};
+use super::pool;
 use super::random::DropMask;
 use super::simd::vectorized;
 use super::tensor::{show_shape, Tensor};
@@ -86,7 +87,7 @@ pub fn fused(x: &[&Tensor], body: &[Instr], ctx: &Ctx) -> Result<Tensor, KernelE
     if body.is_empty() {
         return Err(invalid("a fused op needs at least one instruction"));
     }
-    let mut out = vec![0.0f32; numel];
+    let mut out = pool::buffer(numel);
     let program = Program { body, srcs: &srcs, masks: &masks };
     let task = |first: usize, chunk: &mut [f32], scratch: &mut Vec<f32>| {
         scratch.resize(body.len() * BLOCK, 0.0);

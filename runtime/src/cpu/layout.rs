@@ -4,6 +4,7 @@
 use super::broadcast::{broadcast_strides, coalesce, expand as broadcast_to};
 use super::error::{invalid, KernelError};
 use super::kernel::{check_axis, operands, split_at_axis, PAR_CHUNK, PAR_MIN};
+use super::pool::Elem;
 use super::tensor::{show_shape, Data, Tensor};
 use rayon::prelude::*;
 
@@ -32,7 +33,7 @@ pub fn reshaped(t: Tensor, shape: &[usize]) -> Result<Tensor, KernelError> {
 }
 
 /// Output `i` reads input `perm[i]`: strided gather, rows of the last output dim.
-fn permute_data<T: Copy + Send + Sync + Default>(x: &[T], shape: &[usize], perm: &[usize]) -> Vec<T> {
+fn permute_data<T: Elem>(x: &[T], shape: &[usize], perm: &[usize]) -> Vec<T> {
     let mut in_strides = vec![0; shape.len()];
     let mut s = 1;
     for d in (0..shape.len()).rev() {
@@ -44,7 +45,7 @@ fn permute_data<T: Copy + Send + Sync + Default>(x: &[T], shape: &[usize], perm:
     let (dims, st) = coalesce(&out_shape, &[&read]);
     let st = &st[0];
     let (last, inner) = (dims.len() - 1, *dims.last().expect("rank >= 1"));
-    let mut out = vec![T::default(); x.len()];
+    let mut out = T::buffer(x.len());
     if x.is_empty() {
         return out;
     }
@@ -202,9 +203,10 @@ pub fn slice(x: &[&Tensor], axis: usize, start: usize, end: usize) -> Result<Ten
     let mut shape = t.shape.clone();
     shape[axis] = end - start;
     let data = per_dtype!(&t.data, v => {
-        let mut out = Vec::with_capacity(outer * (end - start) * inner);
-        for o in 0..outer {
-            out.extend_from_slice(&v[(o * n + start) * inner..(o * n + end) * inner]);
+        let len = (end - start) * inner;
+        let mut out = Elem::buffer(outer * len);
+        for (o, dst) in out.chunks_mut(len.max(1)).enumerate().take(outer) {
+            dst.copy_from_slice(&v[(o * n + start) * inner..(o * n + end) * inner]);
         }
         out
     });

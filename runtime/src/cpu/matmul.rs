@@ -9,6 +9,7 @@
 use super::broadcast::{broadcast_shape, broadcast_strides};
 use super::error::{invalid, KernelError};
 use super::kernel::{f32_of, operands};
+use super::pool;
 use super::tensor::{show_shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -129,7 +130,7 @@ pub fn linear(x: &[&Tensor]) -> Result<Tensor, KernelError> {
         return Err(invalid(format!("input {} does not end in weight's in_features {i}", show_shape(&xt.shape))));
     }
     let m: usize = xt.shape[..xt.rank() - 1].iter().product();
-    let mut out = vec![0.0f32; m * o];
+    let mut out = pool::buffer(m * o);
     if let Some(bt) = bt {
         let bd = f32_of(bt, "bias")?;
         if bt.shape != [o] {
@@ -178,7 +179,7 @@ pub fn matmul(x: &[&Tensor], ta: bool, tb: bool) -> Result<Tensor, KernelError> 
     let batch: usize = batch_shape.iter().product();
     let mut shape = batch_shape.clone();
     shape.extend([m, n]);
-    let mut out = vec![0.0f32; batch * m * n];
+    let mut out = pool::buffer(batch * m * n);
     if !ta && b_batch.iter().product::<usize>() == 1 && a_batch == &batch_shape[..] {
         // b is shared by every batch entry: one [batch*M, K] @ [K, N] product.
         let rows = batch * m;

@@ -28,6 +28,7 @@ mod layout;
 mod loss;
 mod matmul;
 mod norm;
+pub mod pool;
 mod random;
 mod reduce;
 pub mod simd;

@@ -9,6 +9,7 @@
 use super::elementwise::same_shape;
 use super::error::{invalid, KernelError};
 use super::kernel::{expect_shape, f32_of, operands, PAR_MIN};
+use super::pool;
 use super::simd::{sum2_f64, sum_f64, sum_map_f64, vectorized};
 use super::tensor::{show_shape, Tensor};
 use rayon::prelude::*;
@@ -85,7 +86,7 @@ fn row_mean_var(xs: &[f32]) -> (f64, f64) {
 /// variance), times w plus b when an affine pair is given.
 fn standardize_rows(xt: &Tensor, d: usize, eps: f64, affine: Option<(&[f32], &[f32])>) -> Result<Tensor, KernelError> {
     let xd = f32_of(xt, "input")?;
-    let mut out = vec![0.0f32; xt.numel()];
+    let mut out = pool::buffer(xt.numel());
     for_rows(&mut out, d, |r, row| {
         vectorized(
             #[inline(always)]
@@ -113,7 +114,7 @@ pub fn normalize_grad(x: &[&Tensor], eps: f64) -> Result<Tensor, KernelError> {
     let [gt, xt] = operands(x, ["g", "x"])?;
     same_shape(gt, xt, "g", "x")?;
     let d = last_dim(xt)?;
-    let mut out = vec![0.0f32; xt.numel()];
+    let mut out = pool::buffer(xt.numel());
     let (gd, xd) = (f32_of(gt, "g")?, f32_of(xt, "x")?);
     for_rows(&mut out, d, |r, row| {
         vectorized(
@@ -160,7 +161,7 @@ fn per_channel_map(
     (n, c, s): (usize, usize, usize),
     f: impl Fn(usize, usize, f32) -> f32 + Sync,
 ) -> Vec<f32> {
-    let mut out = vec![0.0f32; x.len()];
+    let mut out = pool::buffer(x.len());
     if c * s == 0 {
         return out;
     }

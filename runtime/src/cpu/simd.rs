@@ -84,6 +84,13 @@ unsafe fn run_v3<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// Whether `vectorized` code runs with fused multiply-add (AVX2 + FMA or
+/// better), so `fast_math`'s `FMA = true` forms are fast there.
+#[inline(always)]
+pub fn has_fma() -> bool {
+    level() != Level::Base
+}
+
 /// Runs `f` compiled for the best available vector level (see the module doc).
 #[inline(always)]
 pub fn vectorized<R>(f: impl FnOnce() -> R) -> R {

@@ -5,7 +5,8 @@
 use super::error::KernelError;
 use super::fast_math::exp_f32;
 use super::kernel::{check_axis, f32_of, operands, split_at_axis, PAR_MIN};
-use super::simd::{max_f32, sum_f64, vectorized};
+use super::pool;
+use super::simd::{has_fma, max_f32, sum_f64, vectorized};
 use super::tensor::Tensor;
 use rayon::prelude::*;
 
@@ -19,7 +20,11 @@ pub fn softmax_row(row: &mut [f32]) {
         row.fill(f32::NAN);
         return;
     }
-    row.iter_mut().for_each(|v| *v = exp_f32(*v - max));
+    if has_fma() {
+        row.iter_mut().for_each(|v| *v = exp_f32::<true>(*v - max));
+    } else {
+        row.iter_mut().for_each(|v| *v = exp_f32::<false>(*v - max));
+    }
     let inv = (1.0 / sum_f64(row)) as f32;
     row.iter_mut().for_each(|v| *v *= inv);
 }
@@ -47,7 +52,8 @@ pub fn l2_normalize_row(row: &mut [f32], eps: f64) {
 /// Applies `f` to every lane along `axis`, in parallel over outer blocks or rows.
 pub fn along_axis(x: &[f32], shape: &[usize], axis: usize, f: impl Fn(&mut [f32]) + Sync) -> Vec<f32> {
     let (outer, n, inner) = split_at_axis(shape, axis);
-    let mut out = x.to_vec();
+    let mut out = pool::buffer(x.len());
+    out.copy_from_slice(x);
     if out.is_empty() || n == 0 {
         return out;
     }
