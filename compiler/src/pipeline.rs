@@ -10,11 +10,13 @@ use crate::passes;
 use crate::plan::Plan;
 use serde_json::Value as J;
 
+/// Called with each pass's name and the graph after it (`--emit ir-after`).
+pub type AfterPass<'a> = Box<dyn FnMut(&str, &Graph) + 'a>;
+
 /// Which passes run, and a look at the graph after each.
 pub struct PassChoice<'a> {
     pub passes: Vec<&'a str>,
-    /// Called with each pass's name and the graph after it (`--emit ir-after`).
-    pub after: Box<dyn FnMut(&str, &Graph) + 'a>,
+    pub after: AfterPass<'a>,
 }
 
 impl Default for PassChoice<'_> {

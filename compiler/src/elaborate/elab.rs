@@ -757,11 +757,7 @@ fn interpolate(msg: &str, env: &Env) -> String {
 fn names_in(e: &Expr) -> Vec<String> {
     fn walk(e: &Expr, out: &mut Vec<String>) {
         match &e.kind {
-            ExprKind::Name(n) => {
-                if !out.contains(n) {
-                    out.push(n.clone())
-                }
-            }
+            ExprKind::Name(n) if !out.contains(n) => out.push(n.clone()),
             ExprKind::List(xs) => xs.iter().for_each(|x| walk(x, out)),
             ExprKind::Unary(_, x) | ExprKind::Field(x, _) => walk(x, out),
             ExprKind::Binary(_, a, b) => {

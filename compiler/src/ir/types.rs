@@ -33,6 +33,7 @@ impl Dim {
 
     /// `self * n`. Returns `None` when both sides are batch-dependent
     /// (that would be `B^2`, which no model here needs).
+    #[allow(clippy::should_implement_trait)] // partial (Option), unlike the operator traits
     pub fn mul(self, other: Dim) -> Option<Dim> {
         match (self, other) {
             (Dim::Const(a), Dim::Const(b)) => a.checked_mul(b).map(Dim::Const),
@@ -42,6 +43,7 @@ impl Dim {
     }
 
     /// Exact division; `None` when it does not divide.
+    #[allow(clippy::should_implement_trait)] // partial (Option), unlike the operator traits
     pub fn div(self, other: Dim) -> Option<Dim> {
         match (self, other) {
             (_, Dim::Const(0)) => None,
@@ -52,6 +54,7 @@ impl Dim {
         }
     }
 
+    #[allow(clippy::should_implement_trait)] // partial (Option), unlike the operator traits
     pub fn add(self, other: Dim) -> Option<Dim> {
         match (self, other) {
             (Dim::Const(a), Dim::Const(b)) => a.checked_add(b).map(Dim::Const),
@@ -61,6 +64,7 @@ impl Dim {
         }
     }
 
+    #[allow(clippy::should_implement_trait)] // partial (Option), unlike the operator traits
     pub fn sub(self, other: Dim) -> Option<Dim> {
         match (self, other) {
             (Dim::Const(a), Dim::Const(b)) => a.checked_sub(b).map(Dim::Const),

@@ -226,7 +226,7 @@ impl<'a> Builder<'a> {
             match p.as_rule() {
                 Rule::import => {
                     let span = self.span(&p);
-                    let s = p.into_inner().filter(not_kw).next().expect("grammar: import has a string");
+                    let s = p.into_inner().find(not_kw).expect("grammar: import has a string");
                     f.imports.push((self.string(&s)?, span));
                 }
                 Rule::constant => {
@@ -289,7 +289,7 @@ impl<'a> Builder<'a> {
         for d in p.into_inner().filter(not_kw) {
             match d.as_rule() {
                 Rule::dim_pat => {
-                    let inner = d.into_inner().filter(not_kw).next().expect("grammar: dim");
+                    let inner = d.into_inner().find(not_kw).expect("grammar: dim");
                     dims.push(match inner.as_rule() {
                         Rule::ellipsis => DimPattern::Ellipsis(self.span(&inner)),
                         _ => DimPattern::Expr(self.expr(inner)?),
@@ -329,7 +329,7 @@ impl<'a> Builder<'a> {
                 for rest in it {
                     match rest.as_rule() {
                         Rule::range_end => {
-                            end = Some(self.expr(rest.into_inner().filter(not_kw).next().expect("grammar: end"))?)
+                            end = Some(self.expr(rest.into_inner().find(not_kw).expect("grammar: end"))?)
                         }
                         _ => body = Some(self.body(rest)?),
                     }
@@ -375,7 +375,7 @@ impl<'a> Builder<'a> {
     fn expr(&self, p: Pair<Rule>) -> R<Expr> {
         let span = self.span(&p);
         match p.as_rule() {
-            Rule::expr => self.expr(p.into_inner().filter(not_kw).next().expect("grammar: expr")),
+            Rule::expr => self.expr(p.into_inner().find(not_kw).expect("grammar: expr")),
             Rule::cond_expr => {
                 let mut it = p.into_inner().filter(not_kw);
                 let c = self.expr(it.next().expect("grammar: cond"))?;
@@ -430,7 +430,7 @@ impl<'a> Builder<'a> {
             let span = Span { file: self.file, start: e.span.start, end: self.span(&post).end };
             e = match post.as_rule() {
                 Rule::field => {
-                    let name = post.into_inner().filter(not_kw).next().expect("grammar: field").as_str().to_string();
+                    let name = post.into_inner().find(not_kw).expect("grammar: field").as_str().to_string();
                     Expr { kind: ExprKind::Field(Box::new(e), name), span }
                 }
                 Rule::index => {
@@ -438,16 +438,16 @@ impl<'a> Builder<'a> {
                     Expr { kind: ExprKind::Index(Box::new(e), items), span }
                 }
                 Rule::scope => {
-                    let path = post.into_inner().filter(not_kw).next().expect("grammar: scope path");
+                    let path = post.into_inner().find(not_kw).expect("grammar: scope path");
                     let mut segs = Vec::new();
                     for s in path.into_inner().filter(not_kw) {
                         match s.as_rule() {
                             Rule::ident => segs.push(ScopeSeg::Name(s.as_str().to_string())),
                             Rule::scope_field => segs.push(ScopeSeg::Name(
-                                s.into_inner().filter(not_kw).next().expect("grammar: field").as_str().to_string(),
+                                s.into_inner().find(not_kw).expect("grammar: field").as_str().to_string(),
                             )),
                             _ => segs.push(ScopeSeg::Index(
-                                self.expr(s.into_inner().filter(not_kw).next().expect("grammar: index"))?,
+                                self.expr(s.into_inner().find(not_kw).expect("grammar: index"))?,
                             )),
                         }
                     }
@@ -469,7 +469,7 @@ impl<'a> Builder<'a> {
     }
 
     fn index_item(&self, p: Pair<Rule>) -> R<IndexItem> {
-        let inner = p.into_inner().filter(not_kw).next().expect("grammar: index item");
+        let inner = p.into_inner().find(not_kw).expect("grammar: index item");
         Ok(match inner.as_rule() {
             Rule::ellipsis => IndexItem::Ellipsis,
             Rule::slice => {
@@ -512,7 +512,7 @@ impl<'a> Builder<'a> {
             Rule::boolean => ExprKind::Bool(p.as_str() == "true"),
             Rule::none => ExprKind::None,
             Rule::ident => ExprKind::Name(p.as_str().to_string()),
-            Rule::paren => return self.expr(p.into_inner().filter(not_kw).next().expect("grammar: paren")),
+            Rule::paren => return self.expr(p.into_inner().find(not_kw).expect("grammar: paren")),
             Rule::list => ExprKind::List(p.into_inner().filter(not_kw).map(|e| self.expr(e)).collect::<R<_>>()?),
             Rule::call => {
                 let mut it = p.into_inner().filter(not_kw);
