@@ -38,7 +38,7 @@ use tessera_compiler::elaborate::Program;
 use tessera_compiler::ir::Op;
 use tessera_compiler::pipeline::training_plan;
 use tessera_compiler::plan::Source;
-use tessera_runtime::cpu::{run_kernel, CpuExecutor, Ctx, Tensor};
+use tessera_runtime::cpu::{pool, run_kernel, CpuExecutor, Ctx, Tensor};
 
 const BATCH: usize = 64;
 const LR: f64 = 1e-3;
@@ -258,10 +258,12 @@ fn main() {
             };
             let dt = s.elapsed().as_secs_f64();
             vals[k.output] = Some(y);
-            // Free what no later kernel reads.
+            // Free what no later kernel reads, into the buffer pool as the executor does.
             for &j in &k.inputs {
                 if last_use[j] == Some(i) {
-                    vals[j] = None;
+                    if let Some(t) = vals[j].take() {
+                        pool::recycle(t);
+                    }
                 }
             }
             let e = by_op.entry(k.op.name().to_string()).or_default();
