@@ -31,9 +31,18 @@ enum Command {
         /// `A.B=v`, `config.A.B=v`, `+A.B=v`, `++A.B=v`, `~A.B`.
         #[arg(required = true, value_name = "config=NAME [OVERRIDES]")]
         args: Vec<String>,
-        /// What to print.
-        #[arg(long, value_enum, default_value_t = Emit::Summary)]
+        /// What to print: `summary`, `ir` (the model's forward graph), `dot`,
+        /// `plan` (the training-step plan, JSON), `kernels` (its kernel list),
+        /// or `ir-after=PASS` (the training-step graph after that pass).
+        #[arg(long, default_value = "summary", value_parser = parse_emit)]
         emit: Emit,
+        /// The compiler passes to run on the training step, comma-separated, in
+        /// order (`none` for none); default: the full pipeline. See `--print-passes`.
+        #[arg(long, value_delimiter = ',')]
+        passes: Option<Vec<String>>,
+        /// Print the passes run on the training step (name, what each did, why).
+        #[arg(long)]
+        print_passes: bool,
         /// Output format of the summary.
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
@@ -98,13 +107,36 @@ enum PlanCommand {
     Show { file: PathBuf },
 }
 
-#[derive(Clone, Copy, ValueEnum, PartialEq)]
+#[derive(Clone, PartialEq)]
 enum Emit {
     Summary,
     Ir,
     Dot,
     /// The training-step plan (JSON), for `tessera plan show` and the runtime.
     Plan,
+    /// The training step's kernels, one per line.
+    Kernels,
+    /// The training-step graph after the named pass.
+    IrAfter(String),
+}
+
+fn parse_emit(s: &str) -> Result<Emit, String> {
+    Ok(match s {
+        "summary" => Emit::Summary,
+        "ir" => Emit::Ir,
+        "dot" => Emit::Dot,
+        "plan" => Emit::Plan,
+        "kernels" => Emit::Kernels,
+        _ => match s.strip_prefix("ir-after=") {
+            Some(pass) => {
+                tessera_compiler::passes::find(pass)?;
+                Emit::IrAfter(pass.to_string())
+            }
+            None => {
+                return Err(format!("`{s}` is not one of: summary, ir, dot, plan, kernels, ir-after=PASS"));
+            }
+        },
+    })
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
@@ -161,26 +193,82 @@ fn write_out(path: &Option<PathBuf>, text: &str) -> Result<()> {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Compile { args, emit, format, output, models, batch } => {
+        Command::Compile { args, emit, passes, print_passes, format, output, models, batch } => {
             let (name, overrides) = split_args(&args)?;
             let cfg = config::load(&name, &overrides).map_err(|e| anyhow::anyhow!("{e}"))?;
             let prog = Program::load(&models).map_err(|e| anyhow::anyhow!("{e}"))?;
             let compiled = tessera_compiler::compile(&prog, cfg.tree()).map_err(|e| anyhow::anyhow!("{e}"))?;
-            let text = match (emit, format) {
+            let batch = match batch {
+                Some(b) => b,
+                None => cfg.get("DATA.TRAIN.BATCHSIZE_PER_REPLICA").and_then(|v| v.as_u64()).unwrap_or(1),
+            };
+            let pass_names: Vec<String> = match passes {
+                Some(p) if p.len() == 1 && p[0] == "none" => vec![],
+                Some(p) => p,
+                None => tessera_compiler::passes::DEFAULT.iter().map(|s| s.to_string()).collect(),
+            };
+            for p in &pass_names {
+                tessera_compiler::passes::find(p).map_err(|e| anyhow::anyhow!("--passes: {e}"))?;
+            }
+            let step =
+                || -> Result<(tessera_compiler::plan::Plan, Vec<tessera_compiler::passes::Report>, Option<String>)> {
+                    let mut ir_after = None;
+                    let wanted = match &emit {
+                        Emit::IrAfter(p) => {
+                            if !pass_names.contains(p) {
+                                bail!(
+                                    "--emit ir-after={p}: `{p}` is not among the passes run ({})",
+                                    pass_names.join(", ")
+                                );
+                            }
+                            Some(p.clone())
+                        }
+                        _ => None,
+                    };
+                    let choice = tessera_compiler::pipeline::PassChoice {
+                        passes: pass_names.iter().map(|s| s.as_str()).collect(),
+                        after: Box::new(|name: &str, g: &tessera_compiler::ir::Graph| {
+                            if wanted.as_deref() == Some(name) {
+                                ir_after = Some(g.to_text());
+                            }
+                        }),
+                    };
+                    let (plan, _, reports) =
+                        tessera_compiler::pipeline::training_plan_with(&prog, cfg.tree(), batch, choice)
+                            .map_err(|e| anyhow::anyhow!("{e}"))?;
+                    Ok((plan, reports, ir_after))
+                };
+            if print_passes {
+                let (plan, reports, _) = step()?;
+                let text = match format {
+                    Format::Json => serde_json::to_string_pretty(&serde_json::json!({
+                        "passes": reports,
+                        "kernels": plan.kernels.len(),
+                    }))?,
+                    Format::Text => {
+                        let mut s = String::new();
+                        for r in &reports {
+                            let why = tessera_compiler::passes::find(r.pass).map(|p| p.why).unwrap_or_default();
+                            s += &format!(
+                                "{:<18} {:>6} -> {:<6} nodes  {}\n{:<18} why: {why}\n",
+                                r.pass, r.nodes_before, r.nodes_after, r.detail, ""
+                            );
+                        }
+                        s += &format!("{} kernels in the training step (batch {batch})", plan.kernels.len());
+                        s
+                    }
+                };
+                return write_out(&output, &text);
+            }
+            let text = match (emit.clone(), format) {
                 (Emit::Summary, Format::Text) => summarize(cfg.name(), &compiled).to_text(),
                 (Emit::Summary, Format::Json) => serde_json::to_string_pretty(&summarize(cfg.name(), &compiled))?,
                 (Emit::Ir, Format::Text) => compiled.graph.to_text(),
                 (Emit::Ir, Format::Json) => serde_json::to_string_pretty(&compiled.graph)?,
                 (Emit::Dot, _) => compiled.graph.to_dot(),
-                (Emit::Plan, _) => {
-                    let batch = match batch {
-                        Some(b) => b,
-                        None => cfg.get("DATA.TRAIN.BATCHSIZE_PER_REPLICA").and_then(|v| v.as_u64()).unwrap_or(1),
-                    };
-                    let (plan, _) = tessera_compiler::pipeline::training_plan(&prog, cfg.tree(), batch)
-                        .map_err(|e| anyhow::anyhow!("{e}"))?;
-                    serde_json::to_string(&plan)?
-                }
+                (Emit::Plan, _) => serde_json::to_string(&step()?.0)?,
+                (Emit::Kernels, _) => step()?.0.kernel_listing(),
+                (Emit::IrAfter(_), _) => step()?.2.expect("the pass ran, so its IR was captured"),
             };
             write_out(&output, &text)
         }

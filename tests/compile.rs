@@ -382,3 +382,43 @@ fn cli_emits_a_plan_and_shows_it() {
     assert!(e.contains("step.plan is not a tessera plan"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn cli_lists_and_chooses_passes_and_dumps_the_ir_after_one() {
+    let cfg = "config=quickstart/vit_tiny";
+    let (ok, out, e) = tessera(&["compile", cfg, "--print-passes"]);
+    assert!(ok, "{e}");
+    for pass in ["dce", "cse", "fold", "fuse-elementwise"] {
+        assert!(out.lines().any(|l| l.starts_with(pass)), "{pass} missing from:\n{out}");
+    }
+    assert!(out.contains("why: chains of elementwise ops as one kernel"), "{out}");
+    let (ok, json, e) = tessera(&["compile", cfg, "--print-passes", "--format", "json"]);
+    assert!(ok, "{e}");
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let fused_kernels = v["kernels"].as_u64().unwrap();
+    let (ok, json, e) = tessera(&["compile", cfg, "--print-passes", "--format", "json", "--passes", "none"]);
+    assert!(ok, "{e}");
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert!(v["kernels"].as_u64().unwrap() > 2 * fused_kernels, "{json}");
+    assert_eq!(v["passes"].as_array().unwrap().len(), 0);
+
+    let (ok, ir, e) = tessera(&["compile", cfg, "--emit", "ir-after=fuse-elementwise"]);
+    assert!(ok, "{e}");
+    assert!(ir.contains("= fused(") && ir.contains("state @trunk.blocks.0.mlp.fc1.weight <- "), "{ir}");
+    let (ok, ir, e) = tessera(&["compile", cfg, "--passes", "dce,cse", "--emit", "ir-after=dce"]);
+    assert!(ok, "{e}");
+    assert!(!ir.contains("= fused("));
+    let (ok, listing, e) = tessera(&["compile", cfg, "--emit", "kernels", "--batch", "2"]);
+    assert!(ok, "{e}");
+    assert!(listing.starts_with("k0 = conv2d(\"data\", @trunk.patch_embed.proj.weight"), "{listing}");
+
+    let (ok, _, e) = tessera(&["compile", cfg, "--passes", "dce,fusion"]);
+    assert!(!ok);
+    assert!(e.contains("unknown pass `fusion`; the passes are: dce, cse, fold, fuse-elementwise"), "{e}");
+    let (ok, _, e) = tessera(&["compile", cfg, "--passes", "dce", "--emit", "ir-after=cse"]);
+    assert!(!ok);
+    assert!(e.contains("`cse` is not among the passes run (dce)"), "{e}");
+    let (ok, _, e) = tessera(&["compile", cfg, "--emit", "ir-after"]);
+    assert!(!ok);
+    assert!(e.contains("summary, ir, dot, plan, kernels, ir-after=PASS"), "{e}");
+}

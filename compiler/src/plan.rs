@@ -243,6 +243,45 @@ impl Plan {
 
 impl Plan {
     /// A person-readable summary: what `tessera plan show` prints.
+    /// One line per kernel, in execution order: `k7 = gelu(k6) : [4,65,384] f32  # scope`.
+    /// Operands are kernel results (`kN`), parameters and buffers (`@name`),
+    /// inputs (`"name"`) and fills (`fill(v)`). Snapshot tests diff this.
+    pub fn kernel_listing(&self) -> String {
+        use std::fmt::Write;
+        let name = |v: usize| match &self.values[v].source {
+            Source::Kernel(k) => format!("k{k}"),
+            Source::Param { name, .. } | Source::Buffer { name, .. } => format!("@{name}"),
+            Source::Input { name } => format!("{name:?}"),
+            Source::Fill { value } => format!("fill({value})"),
+        };
+        let mut s = String::new();
+        for (i, k) in self.kernels.iter().enumerate() {
+            let args: Vec<String> = k.inputs.iter().map(|&v| name(v)).collect();
+            let out = &self.values[k.output];
+            let dims: Vec<String> = out.shape.iter().map(|d| d.to_string()).collect();
+            let _ = write!(
+                s,
+                "k{i} = {}({}){} : [{}] {}",
+                k.op.name(),
+                args.join(", "),
+                crate::ir::text::attribute_text(&k.op),
+                dims.join(","),
+                out.dtype
+            );
+            if !k.scope.is_empty() {
+                let _ = write!(s, "  # {}", k.scope);
+            }
+            s.push('\n');
+        }
+        for (n, v) in &self.outputs {
+            let _ = writeln!(s, "output {n:?} = {}", name(*v));
+        }
+        for (n, v) in &self.state_updates {
+            let _ = writeln!(s, "state @{n} <- {}", name(*v));
+        }
+        s
+    }
+
     pub fn summary(&self) -> String {
         use std::collections::BTreeMap;
         use std::fmt::Write;

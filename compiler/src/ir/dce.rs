@@ -8,9 +8,11 @@ use std::collections::HashSet;
 
 impl Graph {
     /// Keeps the outputs whose name satisfies `keep` (and, when `keep_state`,
-    /// every state update and every input: a training step's interface stays
-    /// whole), and removes every node that none of them needs. Parameters
-    /// that nothing reads any more are removed too.
+    /// every state update, parameter, buffer and input: a training step's
+    /// interface and state dict stay whole, e.g. BatchNorm's
+    /// `num_batches_tracked`, which nothing reads), and removes every node
+    /// that none of them needs. Without `keep_state`, parameters that nothing
+    /// reads any more are removed too.
     pub fn prune(&mut self, keep: impl Fn(&str) -> bool, keep_state: bool) {
         self.outputs.retain(|(n, _)| keep(n));
         if !keep_state {
@@ -26,7 +28,11 @@ impl Graph {
                     stack.push(v);
                 }
             }
-            stack.extend(self.node_ids().into_iter().filter(|&v| matches!(self.node(v).op, Op::Input { .. })));
+            stack.extend(
+                self.node_ids()
+                    .into_iter()
+                    .filter(|&v| matches!(self.node(v).op, Op::Input { .. } | Op::Param { .. } | Op::Buffer { .. })),
+            );
         }
         while let Some(v) = stack.pop() {
             if live.insert(v) {

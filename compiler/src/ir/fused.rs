@@ -28,6 +28,13 @@ pub enum Instr {
         key: u32,
         x: u32,
     },
+    /// Drop path of a register of the output's full shape (one draw per
+    /// index along axis 0, as the unfused op's).
+    DropPath {
+        p: f64,
+        key: u32,
+        x: u32,
+    },
 }
 
 impl Instr {
@@ -42,7 +49,13 @@ impl Instr {
             Instr::PowScalar(exponent, _) => Op::PowScalar { exponent },
             Instr::GeluGrad(..) => Op::GeluGrad,
             Instr::Dropout { p, key, .. } => Op::Dropout { p, key },
+            Instr::DropPath { p, key, .. } => Op::DropPath { p, key },
         })
+    }
+
+    /// Whether its value depends on the element's position (random masks).
+    pub fn random(&self) -> bool {
+        matches!(self, Instr::Dropout { .. } | Instr::DropPath { .. })
     }
 
     /// The registers it reads.
@@ -53,7 +66,8 @@ impl Instr {
             | Instr::Scale(_, a)
             | Instr::AddScalar(_, a)
             | Instr::PowScalar(_, a)
-            | Instr::Dropout { x: a, .. } => vec![a],
+            | Instr::Dropout { x: a, .. }
+            | Instr::DropPath { x: a, .. } => vec![a],
             Instr::Binary(_, a, b) | Instr::GeluGrad(a, b) => vec![a, b],
         }
     }
@@ -89,8 +103,13 @@ pub(super) fn infer_fused(body: &[Instr], x: &[&TensorType]) -> Result<TensorTyp
     }
     let out = regs.last().expect("non-empty").clone();
     for (i, instr) in body.iter().enumerate() {
-        if matches!(instr, Instr::Dropout { .. }) && regs[i].shape != out.shape {
-            return Err(format!("dropout at instruction {i} is {}, not the output's shape {}", regs[i], out.shape));
+        if instr.random() && regs[i].shape != out.shape {
+            return Err(format!(
+                "{} at instruction {i} is {}, not the output's shape {}",
+                instr.op().map(|o| o.name()).unwrap_or_default(),
+                regs[i],
+                out.shape
+            ));
         }
     }
     Ok(out)
@@ -106,7 +125,7 @@ pub fn body_text(body: &[Instr]) -> String {
                 let op = instr.op().expect("only operands have no op");
                 let attr = match *instr {
                     Instr::Scale(v, _) | Instr::AddScalar(v, _) | Instr::PowScalar(v, _) => format!(" {v}"),
-                    Instr::Dropout { p, key, .. } => format!(" p={p} key={key}"),
+                    Instr::Dropout { p, key, .. } | Instr::DropPath { p, key, .. } => format!(" p={p} key={key}"),
                     _ => String::new(),
                 };
                 let args: Vec<String> = instr.args().iter().map(|a| format!("r{a}")).collect();

@@ -72,6 +72,16 @@ fn list<T: std::fmt::Display>(xs: &[T]) -> String {
 }
 
 /// An op's attributes in their fixed print order; empty for ops without any.
+/// `{k=v, ...}` of an op's attributes, or "" when it has none (as in the text form).
+pub fn attribute_text(op: &Op) -> String {
+    let attrs: Vec<String> = attributes(op).into_iter().map(|(k, v)| format!("{k}={v}")).collect();
+    if attrs.is_empty() {
+        String::new()
+    } else {
+        format!(" {{{}}}", attrs.join(", "))
+    }
+}
+
 fn attributes(op: &Op) -> Vec<(&'static str, String)> {
     let reduce_name = |r: &ReduceOp| match r {
         ReduceOp::Sum => "sum",

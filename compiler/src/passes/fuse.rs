@@ -25,6 +25,7 @@ fn elementwise(op: &Op) -> bool {
             | Op::PowScalar { .. }
             | Op::GeluGrad
             | Op::Dropout { .. }
+            | Op::DropPath { .. }
     )
 }
 
@@ -50,8 +51,8 @@ fn clusters(g: &Graph, order: &[ValueId]) -> Vec<Vec<ValueId>> {
             if cluster_of.contains_key(&o) || pinned.contains(&o) || !candidate(g, o) {
                 continue;
             }
-            // Dropout masks are indexed by the flat index of the op's own shape.
-            if matches!(g.node(o).op, Op::Dropout { .. }) && g.ty(o).shape != g.ty(root).shape {
+            // Random masks are indexed by positions in the op's own shape.
+            if matches!(g.node(o).op, Op::Dropout { .. } | Op::DropPath { .. }) && g.ty(o).shape != g.ty(root).shape {
                 continue;
             }
             if g.users(o).iter().all(|u| cluster_of.get(u) == Some(&id)) {
@@ -89,6 +90,7 @@ fn body(g: &Graph, members: &[ValueId]) -> (Vec<Instr>, Vec<ValueId>) {
             Op::PowScalar { exponent } => Instr::PowScalar(exponent, a[0]),
             Op::GeluGrad => Instr::GeluGrad(a[0], a[1]),
             Op::Dropout { p, key } => Instr::Dropout { p, key, x: a[0] },
+            Op::DropPath { p, key } => Instr::DropPath { p, key, x: a[0] },
             ref op => unreachable!("{} is not elementwise", op.name()),
         };
         reg.insert(m, body.len() as u32);

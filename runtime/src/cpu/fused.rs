@@ -80,7 +80,7 @@ pub fn fused(x: &[&Tensor], body: &[Instr], ctx: &Ctx) -> Result<Tensor, KernelE
             )));
         }
         masks.push(match instr {
-            Instr::Dropout { p, key, .. } => ctx.drop_mask(*p, *key)?,
+            Instr::Dropout { p, key, .. } | Instr::DropPath { p, key, .. } => ctx.drop_mask(*p, *key)?,
             _ => None,
         });
     }
@@ -88,7 +88,12 @@ pub fn fused(x: &[&Tensor], body: &[Instr], ctx: &Ctx) -> Result<Tensor, KernelE
         return Err(invalid("a fused op needs at least one instruction"));
     }
     let mut out = pool::buffer(numel);
-    let program = Program { body, srcs: &srcs, masks: &masks };
+    // Elements per sample (index along axis 0), for drop path.
+    let per_sample = shape.iter().skip(1).product::<usize>().max(1);
+    if body.iter().any(|i| matches!(i, Instr::DropPath { .. })) && shape.is_empty() {
+        return Err(invalid("drop_path needs a sample axis, got a scalar []"));
+    }
+    let program = Program { body, srcs: &srcs, masks: &masks, per_sample };
     let task = |first: usize, chunk: &mut [f32], scratch: &mut Vec<f32>| {
         scratch.resize(body.len() * BLOCK, 0.0);
         vectorized(
@@ -114,6 +119,7 @@ struct Program<'a> {
     body: &'a [Instr],
     srcs: &'a [Src<'a>],
     masks: &'a [Option<DropMask>],
+    per_sample: usize,
 }
 
 impl Program<'_> {
@@ -157,6 +163,20 @@ impl Program<'_> {
                     dst.copy_from_slice(reg(x));
                     if let Some(m) = &self.masks[j] {
                         m.apply(dst, start as u64);
+                    }
+                }
+                Instr::DropPath { x, .. } => {
+                    dst.copy_from_slice(reg(x));
+                    if let Some(m) = &self.masks[j] {
+                        // One factor per sample; a block may span several samples.
+                        let mut e = 0;
+                        while e < len {
+                            let sample = (start + e) / self.per_sample;
+                            let end = ((sample + 1) * self.per_sample - start).min(len);
+                            let f = m.factor(sample as u64);
+                            dst[e..end].iter_mut().for_each(|v| *v *= f);
+                            e = end;
+                        }
                     }
                 }
             }

@@ -1,0 +1,138 @@
+//! Compiler passes on the training step of every tiny reference model: the
+//! kernel list after all passes (snapshots, so a fusion regression shows as a
+//! diff), the verifier after each pass, and fused against unfused plans on
+//! the CPU (same losses and updated parameters, dropout and drop path on).
+
+use std::collections::BTreeMap;
+use tessera_compiler::config;
+use tessera_compiler::elaborate::Program;
+use tessera_compiler::passes;
+use tessera_compiler::pipeline::{training_plan_with, PassChoice};
+use tessera_compiler::plan::{Plan, Source};
+use tessera_compiler::{autodiff, compile};
+use tessera_runtime::cpu::{CpuExecutor, Tensor};
+
+const MODELS: [&str; 7] = [
+    "quickstart/vit_tiny",
+    "quickstart/deit_tiny",
+    "quickstart/convit_tiny",
+    "quickstart/moco_vit_tiny",
+    "quickstart/simclr_vit_tiny",
+    "quickstart/swav_vit_tiny",
+    "quickstart/vit_example_head",
+];
+
+fn plan(name: &str, overrides: &[&str], pass_names: &[&str]) -> Plan {
+    let ov: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+    let cfg = config::load(name, &ov).unwrap();
+    let prog = Program::load(&[]).unwrap();
+    let choice = PassChoice { passes: pass_names.to_vec(), after: Box::new(|_, _| {}) };
+    let (plan, _, _) = training_plan_with(&prog, cfg.tree(), 2, choice).unwrap_or_else(|e| panic!("{name}: {e}"));
+    plan
+}
+
+#[test]
+fn kernel_lists_of_the_reference_models() {
+    for name in MODELS {
+        let fused = plan(name, &[], passes::DEFAULT);
+        let unfused = plan(name, &[], &[]);
+        let text = format!(
+            "# {name}, training step, batch 2: {} kernels after {} ({} with no passes)\n{}",
+            fused.kernels.len(),
+            passes::DEFAULT.join(", "),
+            unfused.kernels.len(),
+            fused.kernel_listing()
+        );
+        assert!(fused.kernels.len() * 2 < unfused.kernels.len(), "{name}: fusion should at least halve the kernels");
+        insta::assert_snapshot!(format!("kernels__{}", name.replace('/', "__")), text);
+    }
+}
+
+#[test]
+fn the_verifier_passes_after_every_pass() {
+    let prog = Program::load(&[]).unwrap();
+    for name in MODELS {
+        let cfg = config::load(name, &[]).unwrap();
+        let c = compile(&prog, cfg.tree()).unwrap();
+        let opts = autodiff::StepOptions::from_config(cfg.tree()).unwrap();
+        let mut g = autodiff::training_step(c.graph, &c.param_groups, &opts).unwrap();
+        let mut seen = Vec::new();
+        let reports = passes::run(&mut g, passes::DEFAULT, true, |p, g| {
+            g.verify().unwrap_or_else(|e| panic!("{name}: after {p}: {e}"));
+            seen.push(p.to_string());
+        })
+        .unwrap();
+        assert_eq!(seen, passes::DEFAULT);
+        assert!(reports.iter().all(|r| r.nodes_after <= r.nodes_before), "{name}: no pass adds nodes");
+    }
+}
+
+/// Deterministic inputs for a plan: data in [-1, 1), class 0/1 targets,
+/// uniform soft targets, and the optimizer's scalars for AdamW step `t`.
+fn inputs(plan: &Plan, t: i32) -> Vec<(String, Tensor)> {
+    let mut out = Vec::new();
+    for v in &plan.values {
+        let Source::Input { name } = &v.source else { continue };
+        let shape: Vec<usize> = v.shape.iter().map(|&d| d as usize).collect();
+        let n: usize = shape.iter().product();
+        let t = match name.as_str() {
+            "optim.bias_correction1" => Tensor::f32(shape, vec![1.0 - 0.9f32.powi(t)]),
+            "optim.bias_correction2" => Tensor::f32(shape, vec![1.0 - 0.999f32.powi(t)]),
+            s if s.starts_with("optim.lr.") => Tensor::f32(shape, vec![1e-3]),
+            s if s.starts_with("optim.weight_decay.") => Tensor::f32(shape, vec![0.05]),
+            _ if !v.dtype.is_float() => Tensor::i64(shape, (0..n as i64).map(|i| i % 2).collect()),
+            "target" => {
+                let k = *shape.last().unwrap();
+                Tensor::f32(shape, vec![1.0 / k as f32; n])
+            }
+            _ => {
+                let salt = name.len() as u64;
+                let vals = (0..n as u64).map(|i| ((i * 2_654_435_761 + salt * 97) % 1000) as f32 / 500.0 - 1.0);
+                Tensor::f32(shape, vals.collect())
+            }
+        };
+        out.push((name.clone(), t));
+    }
+    out
+}
+
+/// Losses of three steps and every state after them.
+fn train(plan: Plan) -> (Vec<f32>, BTreeMap<String, Tensor>) {
+    let mut ex = CpuExecutor::new(plan, 7).unwrap();
+    let mut losses = Vec::new();
+    for t in 1..=3 {
+        let owned = inputs(ex.plan(), t);
+        let given: Vec<(&str, Tensor)> = owned.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+        let out = ex.run(&given).unwrap_or_else(|e| panic!("{e}"));
+        losses.push(out["loss"].as_f32().unwrap()[0]);
+    }
+    let states = ex.state_names().into_iter().map(|n| (n.clone(), ex.state(&n).unwrap().clone())).collect();
+    (losses, states)
+}
+
+#[test]
+fn fused_and_unfused_training_steps_agree() {
+    let noisy = [
+        "MODEL.TRUNK.VISION_TRANSFORMERS.DROPOUT_RATE=0.1",
+        "MODEL.TRUNK.VISION_TRANSFORMERS.ATTENTION_DROPOUT_RATE=0.1",
+        "MODEL.TRUNK.VISION_TRANSFORMERS.DROP_PATH_RATE=0.3",
+    ];
+    let mut cases: Vec<(&str, &[&str])> = MODELS.iter().map(|m| (*m, &[][..])).collect();
+    cases.push(("quickstart/vit_tiny", &noisy));
+    for (name, overrides) in cases {
+        let fused = plan(name, overrides, passes::DEFAULT);
+        assert!(fused.kernels.iter().any(|k| k.op.name() == "fused"), "{name}: nothing was fused");
+        let (lf, sf) = train(fused);
+        let (lu, su) = train(plan(name, overrides, &[]));
+        for (a, b) in lf.iter().zip(&lu) {
+            assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{name} {overrides:?}: losses {lf:?} vs {lu:?}");
+        }
+        assert_eq!(sf.keys().collect::<Vec<_>>(), su.keys().collect::<Vec<_>>(), "{name}: same state");
+        for (k, a) in &sf {
+            let (a, b) = (a.as_f32(), su[k].as_f32());
+            let (Some(a), Some(b)) = (a, b) else { continue };
+            let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs() / y.abs().max(1e-2)).fold(0.0f32, f32::max);
+            assert!(worst < 1e-4, "{name} {overrides:?}: state {k} differs by {worst} (relative)");
+        }
+    }
+}
