@@ -11,6 +11,7 @@ use tessera_compiler::summary::summarize;
 use tessera_runtime::weights::WeightsFormat;
 
 mod infer;
+mod memory_report;
 
 #[derive(Parser)]
 #[command(
@@ -78,10 +79,38 @@ enum Command {
         #[arg(long)]
         output: PathBuf,
     },
-    /// Compiled plans.
+    /// Plan a config's training step and report its memory
+    /// (`tessera plan config=NAME --memory`), or summarise a plan file
+    /// (`tessera plan show FILE`).
+    #[command(args_conflicts_with_subcommands = true)]
     Plan {
         #[command(subcommand)]
-        command: PlanCommand,
+        command: Option<PlanCommand>,
+        #[arg(value_name = "config=NAME [OVERRIDES]")]
+        args: Vec<String>,
+        /// Report the planned peak memory and its parts.
+        #[arg(long)]
+        memory: bool,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+        /// Draw the arena's buffer timeline (kernels across, offsets up) to this SVG file.
+        #[arg(long, value_name = "FILE.svg")]
+        memory_plot: Option<PathBuf>,
+        /// Find the largest DATA.TRAIN.BATCHSIZE_PER_REPLICA whose peak fits `--device-memory`.
+        #[arg(long)]
+        max_batch: bool,
+        /// Device memory for `--max-batch`: bytes, or with a unit (80GiB, 80GB, 512MiB).
+        #[arg(long)]
+        device_memory: Option<String>,
+        /// Batch size per replica (default: DATA.TRAIN.BATCHSIZE_PER_REPLICA).
+        #[arg(long)]
+        batch: Option<u64>,
+        /// Passes to run (comma-separated, `none` for none; default: all).
+        #[arg(long, value_delimiter = ',')]
+        passes: Option<Vec<String>>,
+        /// Extra directory of `.tsr` model files.
+        #[arg(long)]
+        models: Vec<PathBuf>,
     },
     /// Experiment configs.
     Config {
@@ -151,6 +180,43 @@ enum Format {
     Json,
 }
 
+/// The passes of `--passes` (all by default, none for `none`), checked.
+fn chosen_passes(passes: Option<Vec<String>>) -> Result<Vec<String>> {
+    let names: Vec<String> = match passes {
+        Some(p) if p.len() == 1 && p[0] == "none" => vec![],
+        Some(p) => p,
+        None => tessera_compiler::passes::DEFAULT.iter().map(|s| s.to_string()).collect(),
+    };
+    for p in &names {
+        tessera_compiler::passes::find(p).map_err(|e| anyhow::anyhow!("--passes: {e}"))?;
+    }
+    Ok(names)
+}
+
+/// `80GiB`, `80GB`, `512MiB`, `1e9`, `123456`: a byte count.
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let v: f64 = num.trim().parse().map_err(|_| format!("`{s}` is not a size (e.g. 80GiB, 40GB, 512MiB)"))?;
+    let scale = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kib" => 1024.0,
+        "mib" => 1024f64.powi(2),
+        "gib" => 1024f64.powi(3),
+        "tib" => 1024f64.powi(4),
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "tb" => 1e12,
+        other => return Err(format!("unknown unit `{other}` in `{s}` (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)")),
+    };
+    if !(v > 0.0 && v.is_finite()) {
+        return Err(format!("`{s}` must be a positive size"));
+    }
+    Ok((v * scale) as u64)
+}
+
 /// Splits `config=NAME` from the overrides.
 fn split_args(args: &[String]) -> Result<(String, Vec<String>)> {
     let mut name = None;
@@ -202,14 +268,7 @@ fn run(cli: Cli) -> Result<()> {
                 Some(b) => b,
                 None => cfg.get("DATA.TRAIN.BATCHSIZE_PER_REPLICA").and_then(|v| v.as_u64()).unwrap_or(1),
             };
-            let pass_names: Vec<String> = match passes {
-                Some(p) if p.len() == 1 && p[0] == "none" => vec![],
-                Some(p) => p,
-                None => tessera_compiler::passes::DEFAULT.iter().map(|s| s.to_string()).collect(),
-            };
-            for p in &pass_names {
-                tessera_compiler::passes::find(p).map_err(|e| anyhow::anyhow!("--passes: {e}"))?;
-            }
+            let pass_names = chosen_passes(passes)?;
             let step =
                 || -> Result<(tessera_compiler::plan::Plan, Vec<tessera_compiler::passes::Report>, Option<String>)> {
                     let mut ir_after = None;
@@ -285,7 +344,57 @@ fn run(cli: Cli) -> Result<()> {
             });
             infer::run(&name, &mut overrides, &weights, format, &input, target.as_deref(), &output)
         }
-        Command::Plan { command: PlanCommand::Show { file } } => {
+        Command::Plan {
+            command: None,
+            args,
+            memory,
+            format,
+            memory_plot,
+            max_batch,
+            device_memory,
+            batch,
+            passes,
+            models,
+        } => {
+            if args.is_empty() {
+                bail!("give `config=NAME [OVERRIDES]` to plan a training step, or `tessera plan show FILE`");
+            }
+            if !memory && memory_plot.is_none() && !max_batch {
+                bail!("nothing to report: add --memory, --memory-plot FILE.svg or --max-batch --device-memory SIZE");
+            }
+            let (name, overrides) = split_args(&args)?;
+            let cfg = config::load(&name, &overrides).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let prog = Program::load(&models).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let batch = match batch {
+                Some(b) => b,
+                None => cfg.get("DATA.TRAIN.BATCHSIZE_PER_REPLICA").and_then(|v| v.as_u64()).unwrap_or(1),
+            };
+            let pass_names = chosen_passes(passes)?;
+            let choice = tessera_compiler::pipeline::PassChoice {
+                passes: pass_names.iter().map(|s| s.as_str()).collect(),
+                after: Box::new(|_: &str, _: &tessera_compiler::ir::Graph| {}),
+            };
+            let (step, _, _) = tessera_compiler::pipeline::training_graph(&prog, cfg.tree(), choice)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let device = match &device_memory {
+                Some(s) => Some(parse_bytes(s).map_err(|e| anyhow::anyhow!("--device-memory: {e}"))?),
+                None if max_batch => bail!("--max-batch needs --device-memory SIZE (e.g. 80GiB)"),
+                None => None,
+            };
+            let report = memory_report::report(&step, cfg.name(), batch, max_batch.then_some(device).flatten())?;
+            if let Some(path) = &memory_plot {
+                write_out(&Some(path.clone()), &report.svg)?;
+            }
+            if memory || max_batch {
+                let text = match format {
+                    Format::Json => serde_json::to_string_pretty(&report.json)?,
+                    Format::Text => report.text.clone(),
+                };
+                write_out(&None, &text)?;
+            }
+            Ok(())
+        }
+        Command::Plan { command: Some(PlanCommand::Show { file }), .. } => {
             let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
             let plan: tessera_compiler::plan::Plan =
                 serde_json::from_str(&text).with_context(|| format!("{} is not a tessera plan", file.display()))?;

@@ -6,6 +6,7 @@ pub mod compose;
 pub mod config;
 pub mod elaborate;
 pub mod ir;
+pub mod memory;
 pub mod param_groups;
 pub mod passes;
 pub mod pipeline;

@@ -40,14 +40,32 @@ pub fn training_plan_with(
     prog: &Program,
     cfg: &J,
     batch: u64,
-    mut choice: PassChoice,
+    choice: PassChoice,
 ) -> Result<(Plan, Compiled, Vec<passes::Report>), CompileError> {
+    let (step, c, reports) = training_graph(prog, cfg, choice)?;
+    let plan = lower_training(&step, batch)?;
+    Ok((plan, c, reports))
+}
+
+/// The training-step graph after the chosen passes, still symbolic in the
+/// batch (lower it once per batch size with `lower_training`).
+pub fn training_graph(
+    prog: &Program,
+    cfg: &J,
+    mut choice: PassChoice,
+) -> Result<(Graph, Compiled, Vec<passes::Report>), CompileError> {
     let c = compile(prog, cfg)?;
     let opts = StepOptions::from_config(cfg).map_err(CompileError::Config)?;
     let mut step = training_step(c.graph.clone(), &c.param_groups, &opts).map_err(internal)?;
     let reports = passes::run(&mut step, &choice.passes, false, &mut choice.after).map_err(internal)?;
-    let plan = Plan::lower(&step, batch, true).map_err(CompileError::Config)?;
-    Ok((plan, c, reports))
+    Ok((step, c, reports))
+}
+
+/// Lowers a training-step graph for `batch` and plans its memory.
+pub fn lower_training(step: &Graph, batch: u64) -> Result<Plan, CompileError> {
+    let mut plan = Plan::lower(step, batch, true).map_err(CompileError::Config)?;
+    plan.memory = Some(crate::memory::plan_memory(&plan));
+    Ok(plan)
 }
 
 /// The eval-mode forward of trunk and heads (outputs `output`, `output.0`,

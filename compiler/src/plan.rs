@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
 /// Bumped whenever the plan format changes incompatibly.
-pub const PLAN_VERSION: u32 = 1;
+pub const PLAN_VERSION: u32 = 2;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Source {
@@ -65,6 +65,10 @@ pub struct Plan {
     pub state_updates: Vec<(String, usize)>,
     /// Where each kind of state lives, by name (value indices).
     pub tables: Tables,
+    /// Regions, arena offsets and the peak (training plans; see `memory`).
+    /// A backend with its own allocator (the CPU one) may ignore it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<crate::memory::MemoryPlan>,
 }
 
 /// The parameter, gradient, optimizer-state and buffer tables: what a
@@ -156,7 +160,17 @@ impl Plan {
         }
         tables.grads =
             outputs.iter().filter_map(|(n, v)| n.strip_prefix("grad.").map(|p| (p.to_string(), *v))).collect();
-        Ok(Plan { version: PLAN_VERSION, batch, training, values, kernels, outputs, state_updates, tables })
+        Ok(Plan {
+            version: PLAN_VERSION,
+            batch,
+            training,
+            values,
+            kernels,
+            outputs,
+            state_updates,
+            tables,
+            memory: None,
+        })
     }
 
     /// Index of the value that holds state `name` (a parameter or buffer).
@@ -191,6 +205,16 @@ impl Plan {
     pub fn validate(&self) -> Result<(), String> {
         if self.version != PLAN_VERSION {
             return Err(format!("plan version {} is not supported (this build reads {PLAN_VERSION})", self.version));
+        }
+        if let Some(m) = &self.memory {
+            if m.placements.len() != self.values.len() {
+                return Err(format!(
+                    "the memory plan places {} values, the plan has {}",
+                    m.placements.len(),
+                    self.values.len()
+                ));
+            }
+            m.check().map_err(|e| format!("memory plan: {e}"))?;
         }
         let mut written = vec![false; self.values.len()];
         for (i, v) in self.values.iter().enumerate() {
