@@ -475,6 +475,53 @@ impl MemoryPlan {
     }
 }
 
+impl MemoryPlan {
+    /// Runs `plan` on paper against this memory plan: every arena cell
+    /// (ALIGN bytes) records which value's contents it holds; each kernel
+    /// checks that its arena operands still hold their contents, then writes
+    /// its result (a reshape's result is its operand's contents). A plan
+    /// where a buffer is overwritten while still needed fails here.
+    pub fn simulate(&self, plan: &Plan) -> Result<(), String> {
+        const EMPTY: usize = usize::MAX;
+        let cells = (self.arena_bytes / ALIGN) as usize;
+        let mut held = vec![EMPTY; cells];
+        let mut content: Vec<usize> = (0..plan.values.len()).collect();
+        let span = |p: &Placement| {
+            let a = (p.offset / ALIGN) as usize;
+            a..a + (p.bytes.div_ceil(ALIGN) as usize).max(1)
+        };
+        let mut materialised = vec![false; plan.values.len()];
+        for (k, kernel) in plan.kernels.iter().enumerate() {
+            for &i in &kernel.inputs {
+                let p = &self.placements[i];
+                if p.region != Region::Arena || p.bytes == 0 {
+                    continue;
+                }
+                if matches!(plan.values[i].source, Source::Fill { .. }) && !materialised[i] {
+                    materialised[i] = true;
+                    span(p).for_each(|c| held[c] = content[i]);
+                }
+                if let Some(c) = span(p).find(|&c| held[c] != content[i]) {
+                    return Err(format!(
+                        "kernel {k} ({}) reads value {i}, but arena cell {c} holds {}",
+                        kernel.op.name(),
+                        if held[c] == EMPTY { "nothing".to_string() } else { format!("value {}", held[c]) }
+                    ));
+                }
+            }
+            let out = kernel.output;
+            if matches!(kernel.op, Op::Reshape { .. } | Op::StopGradient) {
+                content[out] = content[kernel.inputs[0]];
+            }
+            let p = &self.placements[out];
+            if p.region == Region::Arena && p.bytes > 0 {
+                span(p).for_each(|c| held[c] = content[out]);
+            }
+        }
+        Ok(())
+    }
+}
+
 /// `1.50 GiB`, `12.0 MiB`, `512 B`.
 pub fn human_bytes(b: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
