@@ -180,12 +180,13 @@ enum Format {
     Json,
 }
 
-/// The passes of `--passes` (all by default, none for `none`), checked.
-fn chosen_passes(passes: Option<Vec<String>>) -> Result<Vec<String>> {
+/// The passes of `--passes` (by default the config's pipeline, with the
+/// precision pass when it uses AMP; none for `none`), checked.
+fn chosen_passes(passes: Option<Vec<String>>, amp: bool) -> Result<Vec<String>> {
     let names: Vec<String> = match passes {
         Some(p) if p.len() == 1 && p[0] == "none" => vec![],
         Some(p) => p,
-        None => tessera_compiler::passes::DEFAULT.iter().map(|s| s.to_string()).collect(),
+        None => tessera_compiler::passes::default_for(amp).iter().map(|s| s.to_string()).collect(),
     };
     for p in &names {
         tessera_compiler::passes::find(p).map_err(|e| anyhow::anyhow!("--passes: {e}"))?;
@@ -268,7 +269,7 @@ fn run(cli: Cli) -> Result<()> {
                 Some(b) => b,
                 None => cfg.get("DATA.TRAIN.BATCHSIZE_PER_REPLICA").and_then(|v| v.as_u64()).unwrap_or(1),
             };
-            let pass_names = chosen_passes(passes)?;
+            let pass_names = chosen_passes(passes, tessera_compiler::pipeline::uses_amp(cfg.tree()))?;
             let step =
                 || -> Result<(tessera_compiler::plan::Plan, Vec<tessera_compiler::passes::Report>, Option<String>)> {
                     let mut ir_after = None;
@@ -369,7 +370,7 @@ fn run(cli: Cli) -> Result<()> {
                 Some(b) => b,
                 None => cfg.get("DATA.TRAIN.BATCHSIZE_PER_REPLICA").and_then(|v| v.as_u64()).unwrap_or(1),
             };
-            let pass_names = chosen_passes(passes)?;
+            let pass_names = chosen_passes(passes, tessera_compiler::pipeline::uses_amp(cfg.tree()))?;
             let choice = tessera_compiler::pipeline::PassChoice {
                 passes: pass_names.iter().map(|s| s.as_str()).collect(),
                 after: Box::new(|_: &str, _: &tessera_compiler::ir::Graph| {}),

@@ -117,11 +117,18 @@ fn fused_and_unfused_training_steps_agree() {
         "MODEL.TRUNK.VISION_TRANSFORMERS.ATTENTION_DROPOUT_RATE=0.1",
         "MODEL.TRUNK.VISION_TRANSFORMERS.DROP_PATH_RATE=0.3",
     ];
+    let amp = ["MODEL.AMP_PARAMS.USE_AMP=true"];
     let mut cases: Vec<(&str, &[&str])> = MODELS.iter().map(|m| (*m, &[][..])).collect();
     cases.push(("quickstart/vit_tiny", &noisy));
+    cases.push(("quickstart/deit_tiny", &amp));
+    cases.push(("quickstart/convit_tiny", &amp));
     for (name, overrides) in cases {
-        let fused = plan(name, overrides, passes::DEFAULT);
+        let fused = plan(name, overrides, &passes::default_for(overrides == amp));
         assert!(fused.kernels.iter().any(|k| k.op.name() == "fused"), "{name}: nothing was fused");
+        if overrides == amp {
+            let bf16 = fused.values.iter().filter(|v| v.dtype == tessera_compiler::ir::DType::BF16).count();
+            assert!(bf16 > 10, "{name}: AMP made only {bf16} bf16 values");
+        }
         let (lf, sf) = train(fused);
         let (lu, su) = train(plan(name, overrides, &[]));
         for (a, b) in lf.iter().zip(&lu) {

@@ -25,6 +25,19 @@ impl Default for PassChoice<'_> {
     }
 }
 
+impl PassChoice<'_> {
+    /// The default pipeline for an experiment config (mixed precision when
+    /// MODEL.AMP_PARAMS.USE_AMP).
+    pub fn for_config(cfg: &J) -> Self {
+        PassChoice { passes: passes::default_for(uses_amp(cfg)), after: Box::new(|_, _| {}) }
+    }
+}
+
+/// MODEL.AMP_PARAMS.USE_AMP.
+pub fn uses_amp(cfg: &J) -> bool {
+    crate::elaborate::json_get(cfg, "MODEL.AMP_PARAMS.USE_AMP").and_then(|v| v.as_bool()).unwrap_or(false)
+}
+
 fn internal(e: impl std::fmt::Display) -> CompileError {
     CompileError::Config(e.to_string())
 }
@@ -32,7 +45,7 @@ fn internal(e: impl std::fmt::Display) -> CompileError {
 /// The training step (forward, loss, backward, clipping, optimizer update)
 /// of the experiment, lowered for `batch` samples per replica.
 pub fn training_plan(prog: &Program, cfg: &J, batch: u64) -> Result<(Plan, Compiled), CompileError> {
-    training_plan_with(prog, cfg, batch, PassChoice::default()).map(|(p, c, _)| (p, c))
+    training_plan_with(prog, cfg, batch, PassChoice::for_config(cfg)).map(|(p, c, _)| (p, c))
 }
 
 /// `training_plan` with a choice of passes; also returns each pass's report.

@@ -21,6 +21,8 @@ pub enum Instr {
     PowScalar(f64, u32),
     /// `(x, dy)`: dy * GELU'(x).
     GeluGrad(u32, u32),
+    /// A float-to-float cast (the storage dtype of mixed precision).
+    Cast(super::types::DType, u32),
     /// Dropout of a register of the output's full shape (its mask is indexed
     /// by the flat output index, as the unfused op's).
     Dropout {
@@ -48,6 +50,7 @@ impl Instr {
             Instr::AddScalar(value, _) => Op::AddScalar { value },
             Instr::PowScalar(exponent, _) => Op::PowScalar { exponent },
             Instr::GeluGrad(..) => Op::GeluGrad,
+            Instr::Cast(dtype, _) => Op::Cast { dtype },
             Instr::Dropout { p, key, .. } => Op::Dropout { p, key },
             Instr::DropPath { p, key, .. } => Op::DropPath { p, key },
         })
@@ -66,6 +69,7 @@ impl Instr {
             | Instr::Scale(_, a)
             | Instr::AddScalar(_, a)
             | Instr::PowScalar(_, a)
+            | Instr::Cast(_, a)
             | Instr::Dropout { x: a, .. }
             | Instr::DropPath { x: a, .. } => vec![a],
             Instr::Binary(_, a, b) | Instr::GeluGrad(a, b) => vec![a, b],
@@ -125,6 +129,7 @@ pub fn body_text(body: &[Instr]) -> String {
                 let op = instr.op().expect("only operands have no op");
                 let attr = match *instr {
                     Instr::Scale(v, _) | Instr::AddScalar(v, _) | Instr::PowScalar(v, _) => format!(" {v}"),
+                    Instr::Cast(d, _) => format!(" {d}"),
                     Instr::Dropout { p, key, .. } | Instr::DropPath { p, key, .. } => format!(" p={p} key={key}"),
                     _ => String::new(),
                 };

@@ -26,6 +26,7 @@ fn elementwise(op: &Op) -> bool {
             | Op::GeluGrad
             | Op::Dropout { .. }
             | Op::DropPath { .. }
+            | Op::Cast { .. }
     )
 }
 
@@ -89,6 +90,7 @@ fn body(g: &Graph, members: &[ValueId]) -> (Vec<Instr>, Vec<ValueId>) {
             Op::AddScalar { value } => Instr::AddScalar(value, a[0]),
             Op::PowScalar { exponent } => Instr::PowScalar(exponent, a[0]),
             Op::GeluGrad => Instr::GeluGrad(a[0], a[1]),
+            Op::Cast { dtype } => Instr::Cast(dtype, a[0]),
             Op::Dropout { p, key } => Instr::Dropout { p, key, x: a[0] },
             Op::DropPath { p, key } => Instr::DropPath { p, key, x: a[0] },
             ref op => unreachable!("{} is not elementwise", op.name()),

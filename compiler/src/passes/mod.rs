@@ -8,6 +8,7 @@
 mod cse;
 mod fold;
 mod fuse;
+mod precision;
 
 use crate::ir::{Graph, IrError, ValueId};
 use std::collections::HashMap;
@@ -25,6 +26,11 @@ pub const PASSES: &[Pass] = &[
     Pass { name: "cse", why: "compute each distinct (op, operands) once", run: cse::run },
     Pass { name: "fold", why: "evaluate elementwise ops on constants at compile time", run: fold::run },
     Pass {
+        name: "amp-bf16",
+        why: "mixed precision (MODEL.AMP_PARAMS.USE_AMP): bf16 matmuls and attention, f32 norms, softmax, losses, master weights",
+        run: precision::run_bf16,
+    },
+    Pass {
         name: "fuse-elementwise",
         why: "chains of elementwise ops as one kernel: one pass over memory, no temporaries",
         run: fuse::run,
@@ -34,6 +40,17 @@ pub const PASSES: &[Pass] = &[
 /// The default pipeline: DCE again after folding (folded fills leave their
 /// constant operands unread), then fusion.
 pub const DEFAULT: &[&str] = &["dce", "cse", "fold", "dce", "fuse-elementwise"];
+
+/// The default pipeline for a config: with MODEL.AMP_PARAMS.USE_AMP, the
+/// precision pass runs before fusion (so its casts fuse into elementwise chains).
+pub fn default_for(amp: bool) -> Vec<&'static str> {
+    let mut p = DEFAULT.to_vec();
+    if amp {
+        // DCE after it: full-precision views that only fed casts are dead.
+        p.splice(p.len() - 1..p.len() - 1, ["amp-bf16", "dce"]);
+    }
+    p
+}
 
 /// The names of every pass.
 pub fn default_passes() -> Vec<&'static str> {

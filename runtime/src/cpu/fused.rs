@@ -158,6 +158,8 @@ impl Program<'_> {
                     dst.iter_mut().zip(reg(a)).for_each(|(o, &v)| *o = v + c);
                 }
                 Instr::PowScalar(e, a) => pow_into(e, reg(a), dst),
+                // Every float dtype is stored as f32 on the CPU.
+                Instr::Cast(_, a) => dst.copy_from_slice(reg(a)),
                 Instr::GeluGrad(x, g) => gelu_grad_into(reg(x), reg(g), dst),
                 Instr::Dropout { x, .. } => {
                     dst.copy_from_slice(reg(x));

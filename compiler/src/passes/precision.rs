@@ -1,0 +1,193 @@
+//! Mixed precision (MODEL.AMP_PARAMS.USE_AMP): assigns every value its
+//! storage and compute dtype with explicit casts, as PyTorch's autocast does
+//! for apex O1 / torch.amp, in bf16 (tessera's AMP type on GPUs):
+//! - matrix products, convolutions and attention (and their gradients) run
+//!   on bf16 operands and produce bf16;
+//! - LayerNorm / BatchNorm and their gradients, softmax, L2 normalisation,
+//!   losses and reductions run in f32 (statistics and sums in f32);
+//! - elementwise ops promote to the widest float of their non-scalar
+//!   operands (scalars such as the lr never widen a tensor);
+//! - parameters, gradients handed to the optimizer, and optimizer state stay
+//!   f32 (master weights): every output and state update keeps its dtype.
+//!
+//! Each (value, dtype) is cast once and the cast is shared by its readers.
+//! The CPU backend stores every float dtype as f32, so casts are copies there
+//! and results equal the f32 plan's; the memory plan counts bf16 as 2 bytes.
+
+use super::{mapped, rebuild, Step};
+use crate::ir::{DType, Graph, IrError, Op, ValueId};
+use std::collections::HashMap;
+
+enum Class {
+    /// Computes in the low precision.
+    Low,
+    /// Computes in f32.
+    Full,
+    /// Promotes its float operands to their widest dtype.
+    Promote,
+}
+
+fn class(op: &Op) -> Class {
+    match op {
+        Op::Linear
+        | Op::Matmul { .. }
+        | Op::Conv2d { .. }
+        | Op::Attention { .. }
+        | Op::AttentionGrad { .. }
+        | Op::Conv2dGradInput { .. }
+        | Op::Conv2dGradWeight { .. } => Class::Low,
+        Op::LayerNorm { .. }
+        | Op::Normalize { .. }
+        | Op::NormalizeGrad { .. }
+        | Op::BatchNorm { .. }
+        | Op::BatchStandardize { .. }
+        | Op::BatchStandardizeGrad { .. }
+        | Op::RunningStat { .. }
+        | Op::Softmax { .. }
+        | Op::LogSoftmax { .. }
+        | Op::L2Normalize { .. }
+        | Op::CrossEntropy { .. }
+        | Op::CrossEntropyGrad { .. }
+        | Op::Reduce { .. }
+        | Op::AllReduce { .. } => Class::Full,
+        _ => Class::Promote,
+    }
+}
+
+fn rank_of_float(dt: DType) -> u8 {
+    match dt {
+        DType::F32 => 2,
+        DType::BF16 | DType::F16 => 1,
+        DType::I64 => 0,
+    }
+}
+
+/// `v` as `dtype`, through one shared cast per (value, dtype). A reshape is
+/// looked through: `cast(reshape(x))` is `reshape(cast(x))`, so a layer
+/// norm's output read by a linear and (reshaped) by its weight gradient is
+/// cast once, and only the narrow copy is kept for the backward pass.
+fn cast(
+    new: &mut Graph,
+    casts: &mut HashMap<(ValueId, DType), ValueId>,
+    v: ValueId,
+    dtype: DType,
+    scope: &str,
+) -> Result<ValueId, IrError> {
+    let have = new.ty(v).dtype;
+    if have == dtype || !have.is_float() {
+        return Ok(v);
+    }
+    if let Some(&c) = casts.get(&(v, dtype)) {
+        return Ok(c);
+    }
+    let c = match new.node(v).op.clone() {
+        Op::Reshape { shape } => {
+            let source = new.operands(v)[0];
+            let node_scope = new.node(v).scope.clone();
+            let narrow = cast(new, casts, source, dtype, scope)?;
+            new.add_op(Op::Reshape { shape }, &[narrow], &node_scope)?
+        }
+        _ => new.add_op(Op::Cast { dtype }, &[v], scope)?,
+    };
+    casts.insert((v, dtype), c);
+    Ok(c)
+}
+
+pub(super) fn run_bf16(g: &mut Graph) -> Result<String, IrError> {
+    run(g, DType::BF16)
+}
+
+fn run(g: &mut Graph, low: DType) -> Result<String, IrError> {
+    let mut casts: HashMap<(ValueId, DType), ValueId> = HashMap::new();
+    let mut low_ops = 0;
+    let mut new = rebuild(g, |old, v, new, map| {
+        let node = old.node(v);
+        if node.op.is_leaf() || matches!(node.op, Op::Cast { .. }) {
+            return Ok(Step::Copy);
+        }
+        let operands = mapped(old, v, map)?;
+        let floats: Vec<usize> = (0..operands.len()).filter(|&i| new.ty(operands[i]).dtype.is_float()).collect();
+        let target = match class(&node.op) {
+            Class::Low => {
+                low_ops += 1;
+                low
+            }
+            Class::Full => DType::F32,
+            Class::Promote => {
+                // Non-scalar operands decide; scalars follow (lr, eps, counts).
+                let tensors: Vec<usize> =
+                    floats.iter().copied().filter(|&i| new.ty(operands[i]).shape.rank() > 0).collect();
+                let deciding = if tensors.is_empty() { &floats } else { &tensors };
+                match deciding.iter().map(|&i| new.ty(operands[i]).dtype).max_by_key(|&d| rank_of_float(d)) {
+                    Some(d) => d,
+                    None => return Ok(Step::Copy),
+                }
+            }
+        };
+        let mut args = operands.clone();
+        for &i in &floats {
+            args[i] = cast(new, &mut casts, operands[i], target, &node.scope)?;
+        }
+        Ok(Step::Use(new.add_op(node.op.clone(), &args, &node.scope)?))
+    })?;
+    // Outputs and state updates keep their dtypes: gradients and new weights
+    // go back to f32 (the master copy) where a low-precision op made them.
+    let old_types: HashMap<String, DType> =
+        g.outputs().iter().chain(g.state_updates()).map(|(n, v)| (n.clone(), g.ty(*v).dtype)).collect();
+    let mut restored = 0;
+    let outputs: Vec<(String, ValueId)> = new.outputs().to_vec();
+    let updates: Vec<(String, ValueId)> = new.state_updates().to_vec();
+    new.outputs.clear();
+    new.state_updates.clear();
+    for (name, v) in outputs {
+        let want = old_types[&name];
+        let scope = new.node(v).scope.clone();
+        let c = cast(&mut new, &mut casts, v, want, &scope)?;
+        restored += usize::from(c != v);
+        new.set_output(&name, c);
+    }
+    for (name, v) in updates {
+        let want = old_types[&name];
+        let scope = new.node(v).scope.clone();
+        let c = cast(&mut new, &mut casts, v, want, &scope)?;
+        restored += usize::from(c != v);
+        new.add_state_update(&name, c);
+    }
+    *g = new;
+    Ok(format!("{low_ops} ops in {low}, {} casts ({restored} back to the outputs' dtypes)", casts.len()))
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::ir::{BinaryOp, DType, Graph, Op, Shape, TensorType, UnaryOp};
+
+    #[test]
+    fn matmuls_go_low_norms_full_and_elementwise_promotes() {
+        let mut g = Graph::new();
+        let x = g.add_input("x", Shape::consts(&[4, 8]), DType::F32).unwrap();
+        let w = g.add_param("w", TensorType::f32(Shape::consts(&[8, 8])), crate::ir::Init::Zeros, true, "").unwrap();
+        let lr = g.add_input("lr", Shape::scalar(), DType::F32).unwrap();
+        let y = g.add_op(Op::Linear, &[x, w], "").unwrap();
+        let a = g.add_op(Op::Unary(UnaryOp::Gelu), &[y], "").unwrap();
+        let s = g.add_op(Op::Binary(BinaryOp::Mul), &[a, lr], "").unwrap();
+        let r = g.add_op(Op::Binary(BinaryOp::Add), &[s, x], "").unwrap();
+        let n = g.add_op(Op::Normalize { eps: 1e-6 }, &[s], "").unwrap();
+        g.set_output("r", r);
+        g.set_output("n", n);
+        g.set_output("s", s);
+        let report = super::run_bf16(&mut g).unwrap();
+        g.verify().unwrap();
+        let dtype_of = |name: &str| {
+            let v = g.outputs().iter().find(|(n, _)| n == name).unwrap().1;
+            g.ty(v).dtype
+        };
+        // Outputs keep their f32 type; inside, gelu and the scaled value are bf16.
+        assert_eq!((dtype_of("r"), dtype_of("n"), dtype_of("s")), (DType::F32, DType::F32, DType::F32));
+        let ops: Vec<String> =
+            g.node_ids().iter().map(|&v| format!("{} {}", g.node(v).op.name(), g.ty(v).dtype)).collect();
+        for want in ["linear bf16", "gelu bf16", "mul bf16", "add f32", "normalize f32"] {
+            assert!(ops.iter().any(|o| o == want), "{want} missing: {ops:?}");
+        }
+        assert!(report.starts_with("1 ops in bf16"), "{report}");
+    }
+}
