@@ -69,6 +69,16 @@ pub(crate) fn infer(op: &Op, x: &[&TensorType]) -> Rule {
         Op::QueuePush { world } => queue_push(x, *world),
         Op::QueueAdvance { world } => queue_advance(x, *world),
         Op::Fused { body } => super::fused::infer_fused(body, x),
+        Op::GeluLinear => linear(x),
+        Op::MatmulGeluRhs { transpose_a, transpose_b } => matmul(x, *transpose_a, *transpose_b),
+        Op::MatmulGeluGrad { transpose_a, transpose_b } => {
+            let [a, b, z] = exactly(x, ["a", "b", "z"])?;
+            let out = matmul(&[a, b], *transpose_a, *transpose_b)?;
+            if z.shape != out.shape || z.dtype != out.dtype {
+                return Err(format!("z must be {out} like the product, got {z}"));
+            }
+            Ok(out)
+        }
         Op::GeluGrad
         | Op::AttentionGrad { .. }
         | Op::Normalize { .. }

@@ -264,6 +264,21 @@ pub enum Op {
     },
 
     // ---- fused ops (made by compiler passes) ----
+    /// `(z [..., I], w [O, I], b? [O]) -> [..., O]`: `linear(gelu(z), w, b)`,
+    /// GELU applied to the input as it is read, so `gelu(z)` is never stored.
+    GeluLinear,
+    /// `(a, b) -> a @ gelu(b)` (either read transposed), GELU applied to the
+    /// right operand as it is read (the weight gradient of a `GeluLinear`).
+    MatmulGeluRhs {
+        transpose_a: bool,
+        transpose_b: bool,
+    },
+    /// `(a, b, z) -> (a @ b) * GELU'(z)`: a matrix product with the GELU
+    /// gradient as its epilogue (the gradient of an MLP's hidden layer).
+    MatmulGeluGrad {
+        transpose_a: bool,
+        transpose_b: bool,
+    },
     /// Elementwise ops run as one kernel, one pass over memory: `body` is a
     /// register program over the operands (see `fused.rs`).
     Fused {
@@ -339,6 +354,9 @@ impl Op {
             Op::GeluGrad => "gelu_grad",
             Op::AttentionGrad { .. } => "attention_grad",
             Op::Fused { .. } => "fused",
+            Op::GeluLinear => "gelu_linear",
+            Op::MatmulGeluRhs { .. } => "matmul_gelu_rhs",
+            Op::MatmulGeluGrad { .. } => "matmul_gelu_grad",
             Op::Normalize { .. } => "normalize",
             Op::NormalizeGrad { .. } => "normalize_grad",
             Op::BatchStandardize { .. } => "batch_standardize",

@@ -136,7 +136,9 @@ fn attributes(op: &Op) -> Vec<(&'static str, String)> {
         }
         Op::AllReduce { op, world } => vec![("op", reduce_name(op).to_string()), ("world", world.to_string())],
         Op::Input { .. } | Op::Param { .. } | Op::Buffer { .. } | Op::Fill { .. } => vec![],
-        Op::Matmul { transpose_a, transpose_b } => {
+        Op::Matmul { transpose_a, transpose_b }
+        | Op::MatmulGeluRhs { transpose_a, transpose_b }
+        | Op::MatmulGeluGrad { transpose_a, transpose_b } => {
             let mut v = vec![];
             if *transpose_a {
                 v.push(("transpose_a", "true".to_string()));
@@ -146,7 +148,7 @@ fn attributes(op: &Op) -> Vec<(&'static str, String)> {
             }
             v
         }
-        Op::Linear | Op::Unary(_) | Op::Binary(_) | Op::StopGradient => vec![],
+        Op::Linear | Op::GeluLinear | Op::Unary(_) | Op::Binary(_) | Op::StopGradient => vec![],
     }
 }
 

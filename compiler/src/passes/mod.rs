@@ -8,6 +8,7 @@
 mod cse;
 mod fold;
 mod fuse;
+mod gelu_matmul;
 mod precision;
 
 use crate::ir::{Graph, IrError, ValueId};
@@ -26,6 +27,11 @@ pub const PASSES: &[Pass] = &[
     Pass { name: "cse", why: "compute each distinct (op, operands) once", run: cse::run },
     Pass { name: "fold", why: "evaluate elementwise ops on constants at compile time", run: fold::run },
     Pass {
+        name: "fuse-gelu-matmul",
+        why: "GELU applied by the matmuls that read it (never stored) and its gradient as a matmul epilogue",
+        run: gelu_matmul::run,
+    },
+    Pass {
         name: "amp-bf16",
         why: "mixed precision (MODEL.AMP_PARAMS.USE_AMP): bf16 matmuls and attention, f32 norms, softmax, losses, master weights",
         run: precision::run_bf16,
@@ -38,8 +44,8 @@ pub const PASSES: &[Pass] = &[
 ];
 
 /// The default pipeline: DCE again after folding (folded fills leave their
-/// constant operands unread), then fusion.
-pub const DEFAULT: &[&str] = &["dce", "cse", "fold", "dce", "fuse-elementwise"];
+/// constant operands unread), then the fusion rules.
+pub const DEFAULT: &[&str] = &["dce", "cse", "fold", "dce", "fuse-gelu-matmul", "fuse-elementwise"];
 
 /// The default pipeline for a config: with MODEL.AMP_PARAMS.USE_AMP, the
 /// precision pass runs before fusion (so its casts fuse into elementwise chains).

@@ -30,7 +30,10 @@ enum Class {
 fn class(op: &Op) -> Class {
     match op {
         Op::Linear
+        | Op::GeluLinear
         | Op::Matmul { .. }
+        | Op::MatmulGeluRhs { .. }
+        | Op::MatmulGeluGrad { .. }
         | Op::Conv2d { .. }
         | Op::Attention { .. }
         | Op::AttentionGrad { .. }

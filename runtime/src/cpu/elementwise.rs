@@ -144,6 +144,27 @@ pub(super) fn gelu_grad_into(x: &[f32], dy: &[f32], out: &mut [f32]) {
     }
 }
 
+/// In place: `out[i] *= GELU'(z[i])` (a product's GELU-gradient epilogue).
+pub(super) fn scale_by_gelu_grad(z: &[f32], out: &mut [f32]) {
+    #[inline(always)]
+    fn with<const FMA: bool>(z: &[f32], out: &mut [f32]) {
+        for (o, &z) in out.iter_mut().zip(z) {
+            *o *= gelu_grad_f32::<FMA>(z);
+        }
+    }
+    let body = |(o, z): (&mut [f32], &[f32])| {
+        vectorized(
+            #[inline(always)]
+            || if has_fma() { with::<true>(z, o) } else { with::<false>(z, o) },
+        )
+    };
+    if z.len() >= PAR_MIN {
+        out.par_chunks_mut(PAR_CHUNK).zip(z.par_chunks(PAR_CHUNK)).for_each(body);
+    } else {
+        body((out, z));
+    }
+}
+
 /// `f(x, out)` over parallel chunks of a fresh output, each chunk vectorised.
 fn chunked(x: &[f32], f: impl Fn(&[f32], &mut [f32]) + Sync) -> Vec<f32> {
     let mut out = pool::buffer(x.len());

@@ -18,6 +18,7 @@ mod broadcast;
 mod collective;
 mod conv;
 mod elementwise;
+mod epilogue;
 mod error;
 mod executor;
 pub mod fast_math;
@@ -94,6 +95,9 @@ pub fn run_kernel(op: &Op, x: &[&Tensor], ctx: &Ctx) -> Result<Tensor, KernelErr
         Op::QueueAdvance { world } => state::queue_advance(x, *world),
         Op::GeluGrad => elementwise::gelu_grad(x),
         Op::Fused { body } => fused::fused(x, body, ctx),
+        Op::GeluLinear => epilogue::gelu_linear(x),
+        Op::MatmulGeluRhs { transpose_a, transpose_b } => epilogue::matmul_gelu_rhs(x, *transpose_a, *transpose_b),
+        Op::MatmulGeluGrad { transpose_a, transpose_b } => epilogue::matmul_gelu_grad(x, *transpose_a, *transpose_b),
         Op::AttentionGrad { scale, dropout, key } => attention::attention_grad(x, *scale, *dropout, *key, ctx),
         Op::Normalize { eps } => norm::normalize(x, *eps),
         Op::NormalizeGrad { eps } => norm::normalize_grad(x, *eps),
