@@ -416,7 +416,7 @@ fn cli_lists_and_chooses_passes_and_dumps_the_ir_after_one() {
     assert!(!ok);
     assert!(
         e.contains(
-            "unknown pass `fusion`; the passes are: dce, cse, fold, fuse-gelu-matmul, amp-bf16, fuse-elementwise"
+            "unknown pass `fusion`; the passes are: dce, cse, fold, fuse-into-matmul, amp-bf16, fuse-elementwise"
         ),
         "{e}"
     );

@@ -24,13 +24,18 @@ pub fn node_flops(g: &Graph, v: ValueId, batch: u64) -> u64 {
     let operand = |i: usize| eval(&g.ty(g.operands(v)[i]).shape, batch);
     let out = eval(&node.ty.shape, batch);
     match node.op {
+        Op::LayerNormLinear { .. } => {
+            let w = operand(3); // [O, I]
+            2 * out.iter().product::<u64>() * w[1]
+        }
         Op::Linear | Op::GeluLinear => {
             let w = operand(1); // [O, I]
             2 * out.iter().product::<u64>() * w[1]
         }
         Op::Matmul { transpose_a, .. }
         | Op::MatmulGeluRhs { transpose_a, .. }
-        | Op::MatmulGeluGrad { transpose_a, .. } => {
+        | Op::MatmulGeluGrad { transpose_a, .. }
+        | Op::MatmulLayerNormRhs { transpose_a, .. } => {
             let a = operand(0);
             let k = if transpose_a { a[a.len() - 2] } else { *a.last().expect("matmul operands have rank >= 2") };
             2 * out.iter().product::<u64>() * k

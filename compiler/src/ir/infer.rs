@@ -70,7 +70,27 @@ pub(crate) fn infer(op: &Op, x: &[&TensorType]) -> Rule {
         Op::QueueAdvance { world } => queue_advance(x, *world),
         Op::Fused { body } => super::fused::infer_fused(body, x),
         Op::GeluLinear => linear(x),
-        Op::MatmulGeluRhs { transpose_a, transpose_b } => matmul(x, *transpose_a, *transpose_b),
+        Op::LayerNormLinear { .. } => {
+            if x.len() < 4 {
+                return Err(format!("expects 4 or 5 operands (x, ln weight, ln bias, weight, bias?), got {}", x.len()));
+            }
+            let normed = layer_norm(&x[..3])?;
+            // The normalised input in the product's dtype.
+            let as_w = TensorType::new(normed.shape, x[3].dtype);
+            let mut rest: Vec<&TensorType> = vec![&as_w];
+            rest.extend_from_slice(&x[3..]);
+            linear(&rest)
+        }
+        Op::MatmulLayerNormRhs { transpose_a, transpose_b, .. } => {
+            let [a, xi, g, b] = exactly(x, ["a", "x", "ln weight", "ln bias"])?;
+            let normed = layer_norm(&[xi, g, b])?;
+            let rows = rows_of(&TensorType::new(normed.shape, a.dtype))?;
+            matmul(&[a, &rows], *transpose_a, *transpose_b)
+        }
+        Op::MatmulGeluRhs { transpose_a, transpose_b } => {
+            let [a, b] = exactly(x, ["a", "b"])?;
+            matmul(&[a, &rows_of(b)?], *transpose_a, *transpose_b)
+        }
         Op::MatmulGeluGrad { transpose_a, transpose_b } => {
             let [a, b, z] = exactly(x, ["a", "b", "z"])?;
             let out = matmul(&[a, b], *transpose_a, *transpose_b)?;
@@ -340,6 +360,19 @@ pub(super) fn attention(x: &[&TensorType]) -> Rule {
     let mut out = q.shape.clone();
     out.0[r - 1] = v.shape.0[r - 1];
     Ok(TensorType::new(out, q.dtype))
+}
+
+/// `t [..., K]` as the matrix [product of its leading dims, K].
+fn rows_of(t: &TensorType) -> Rule {
+    let dims = t.shape.dims();
+    let Some((&k, lead)) = dims.split_last() else {
+        return Err(format!("operand must have rank >= 1, got {}", t.shape));
+    };
+    let mut m = Dim::Const(1);
+    for &d in lead {
+        m = m.mul(d).ok_or_else(|| format!("cannot flatten {} (batch squared)", t.shape))?;
+    }
+    Ok(TensorType::new(Shape(vec![m, k]), t.dtype))
 }
 
 fn layer_norm(x: &[&TensorType]) -> Rule {

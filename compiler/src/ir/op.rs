@@ -269,7 +269,23 @@ pub enum Op {
     GeluLinear,
     /// `(a, b) -> a @ gelu(b)` (either read transposed), GELU applied to the
     /// right operand as it is read (the weight gradient of a `GeluLinear`).
+    /// `b [..., K]` is read as the matrix [product of its leading dims, K].
     MatmulGeluRhs {
+        transpose_a: bool,
+        transpose_b: bool,
+    },
+    /// `(x [..., D], g [D], b [D], w [O, D], bias? [O]) -> [..., O]`:
+    /// `linear(layer_norm(x, g, b), w, bias)`, x normalised (f32 statistics)
+    /// as it is read, so the normalised activation is never stored. x, g and
+    /// b share a dtype; w, bias and the result share another (mixed precision).
+    LayerNormLinear {
+        eps: f64,
+    },
+    /// `(a, x [..., D], g, b) -> a @ layer_norm(x, g, b)` (either read
+    /// transposed), x read as the matrix [product of its leading dims, D]:
+    /// the weight gradient of a `LayerNormLinear`.
+    MatmulLayerNormRhs {
+        eps: f64,
         transpose_a: bool,
         transpose_b: bool,
     },
@@ -357,6 +373,8 @@ impl Op {
             Op::GeluLinear => "gelu_linear",
             Op::MatmulGeluRhs { .. } => "matmul_gelu_rhs",
             Op::MatmulGeluGrad { .. } => "matmul_gelu_grad",
+            Op::LayerNormLinear { .. } => "layer_norm_linear",
+            Op::MatmulLayerNormRhs { .. } => "matmul_layer_norm_rhs",
             Op::Normalize { .. } => "normalize",
             Op::NormalizeGrad { .. } => "normalize_grad",
             Op::BatchStandardize { .. } => "batch_standardize",

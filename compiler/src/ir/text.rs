@@ -148,6 +148,17 @@ fn attributes(op: &Op) -> Vec<(&'static str, String)> {
             }
             v
         }
+        Op::LayerNormLinear { eps } => vec![("eps", eps.to_string())],
+        Op::MatmulLayerNormRhs { eps, transpose_a, transpose_b } => {
+            let mut v = vec![("eps", eps.to_string())];
+            if *transpose_a {
+                v.push(("transpose_a", "true".to_string()));
+            }
+            if *transpose_b {
+                v.push(("transpose_b", "true".to_string()));
+            }
+            v
+        }
         Op::Linear | Op::GeluLinear | Op::Unary(_) | Op::Binary(_) | Op::StopGradient => vec![],
     }
 }

@@ -8,7 +8,7 @@
 mod cse;
 mod fold;
 mod fuse;
-mod gelu_matmul;
+mod matmul_fusion;
 mod precision;
 
 use crate::ir::{Graph, IrError, ValueId};
@@ -27,9 +27,9 @@ pub const PASSES: &[Pass] = &[
     Pass { name: "cse", why: "compute each distinct (op, operands) once", run: cse::run },
     Pass { name: "fold", why: "evaluate elementwise ops on constants at compile time", run: fold::run },
     Pass {
-        name: "fuse-gelu-matmul",
-        why: "GELU applied by the matmuls that read it (never stored) and its gradient as a matmul epilogue",
-        run: gelu_matmul::run,
+        name: "fuse-into-matmul",
+        why: "GELU and layer norm applied by the matmuls that read them (never stored); GELU's gradient as a matmul epilogue",
+        run: matmul_fusion::run,
     },
     Pass {
         name: "amp-bf16",
@@ -45,7 +45,7 @@ pub const PASSES: &[Pass] = &[
 
 /// The default pipeline: DCE again after folding (folded fills leave their
 /// constant operands unread), then the fusion rules.
-pub const DEFAULT: &[&str] = &["dce", "cse", "fold", "dce", "fuse-gelu-matmul", "fuse-elementwise"];
+pub const DEFAULT: &[&str] = &["dce", "cse", "fold", "dce", "fuse-into-matmul", "fuse-elementwise"];
 
 /// The default pipeline for a config: with MODEL.AMP_PARAMS.USE_AMP, the
 /// precision pass runs before fusion (so its casts fuse into elementwise chains).

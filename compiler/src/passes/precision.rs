@@ -25,6 +25,9 @@ enum Class {
     Full,
     /// Promotes its float operands to their widest dtype.
     Promote,
+    /// A matrix product reading a layer norm of an f32 input: the operands at
+    /// these positions stay f32 (statistics), the others go low.
+    NormProduct(&'static [usize]),
 }
 
 fn class(op: &Op) -> Class {
@@ -39,6 +42,8 @@ fn class(op: &Op) -> Class {
         | Op::AttentionGrad { .. }
         | Op::Conv2dGradInput { .. }
         | Op::Conv2dGradWeight { .. } => Class::Low,
+        Op::LayerNormLinear { .. } => Class::NormProduct(&[0, 1, 2]),
+        Op::MatmulLayerNormRhs { .. } => Class::NormProduct(&[1, 2, 3]),
         Op::LayerNorm { .. }
         | Op::Normalize { .. }
         | Op::NormalizeGrad { .. }
@@ -114,6 +119,15 @@ fn run(g: &mut Graph, low: DType) -> Result<String, IrError> {
             Class::Low => {
                 low_ops += 1;
                 low
+            }
+            Class::NormProduct(full) => {
+                low_ops += 1;
+                let mut args = operands.clone();
+                for &i in &floats {
+                    let want = if full.contains(&i) { DType::F32 } else { low };
+                    args[i] = cast(new, &mut casts, operands[i], want, &node.scope)?;
+                }
+                return Ok(Step::Use(new.add_op(node.op.clone(), &args, &node.scope)?));
             }
             Class::Full => DType::F32,
             Class::Promote => {

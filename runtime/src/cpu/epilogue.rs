@@ -1,16 +1,27 @@
-//! Matrix products with an elementwise prologue or epilogue (made by the
-//! compiler's `fuse-gelu-matmul` pass). On the CPU the GELU'd operand is
-//! computed into a pooled scratch buffer that dies with the kernel (a GPU
-//! kernel applies it in registers as it loads tiles); the GELU-gradient
-//! epilogue scales the product in place while it is hot.
+//! Matrix products with a prologue (GELU or layer norm of an operand) or an
+//! epilogue (GELU's gradient), made by the compiler's `fuse-into-matmul`
+//! pass. On the CPU the transformed operand is computed into a pooled
+//! scratch buffer that dies with the kernel (a GPU kernel applies it in
+//! registers as it loads tiles); the epilogue scales the product in place
+//! while it is hot.
 
 use super::elementwise::{same_shape, scale_by_gelu_grad, unary};
 use super::error::KernelError;
 use super::kernel::{f32_of, operands};
 use super::matmul::{linear, matmul};
+use super::norm::layer_norm;
 use super::pool;
 use super::tensor::{Data, Tensor};
 use tessera_compiler::ir::UnaryOp;
+
+/// `[..., K]` as `[product of the leading dims, K]` (the fused products read
+/// their right operand as rows).
+fn rows_of(shape: &[usize]) -> Vec<usize> {
+    match shape.split_last() {
+        Some((&k, lead)) => vec![lead.iter().product(), k],
+        None => vec![1, 1],
+    }
+}
 
 /// `GeluLinear (z, w, b?)`: linear(gelu(z), w, b).
 pub fn gelu_linear(x: &[&Tensor]) -> Result<Tensor, KernelError> {
@@ -28,9 +39,36 @@ pub fn gelu_linear(x: &[&Tensor]) -> Result<Tensor, KernelError> {
 /// `MatmulGeluRhs (a, b)`: a @ gelu(b), either read transposed.
 pub fn matmul_gelu_rhs(x: &[&Tensor], ta: bool, tb: bool) -> Result<Tensor, KernelError> {
     let [a, b] = operands(x, ["a", "b"])?;
-    let h = unary(&[b], UnaryOp::Gelu)?;
+    let mut h = unary(&[b], UnaryOp::Gelu)?;
+    h.shape = rows_of(&h.shape);
     let y = matmul(&[a, &h], ta, tb);
     pool::recycle(h);
+    y
+}
+
+/// `LayerNormLinear (x, g, b, w, bias?)`: linear(layer_norm(x, g, b), w, bias).
+pub fn layer_norm_linear(x: &[&Tensor], eps: f64) -> Result<Tensor, KernelError> {
+    if x.len() < 4 {
+        return Err(super::error::invalid(format!(
+            "expects 4 or 5 operands (x, ln weight, ln bias, weight, bias?), got {}",
+            x.len()
+        )));
+    }
+    let normed = layer_norm(&x[..3], eps)?;
+    let mut args: Vec<&Tensor> = vec![&normed];
+    args.extend_from_slice(&x[3..]);
+    let y = linear(&args);
+    pool::recycle(normed);
+    y
+}
+
+/// `MatmulLayerNormRhs (a, x, g, b)`: a @ layer_norm(x, g, b), either read transposed.
+pub fn matmul_layer_norm_rhs(x: &[&Tensor], eps: f64, ta: bool, tb: bool) -> Result<Tensor, KernelError> {
+    let [a, xi, g, b] = operands(x, ["a", "x", "ln weight", "ln bias"])?;
+    let mut normed = layer_norm(&[xi, g, b], eps)?;
+    normed.shape = rows_of(&normed.shape);
+    let y = matmul(&[a, &normed], ta, tb);
+    pool::recycle(normed);
     y
 }
 

@@ -96,6 +96,10 @@ pub fn run_kernel(op: &Op, x: &[&Tensor], ctx: &Ctx) -> Result<Tensor, KernelErr
         Op::GeluGrad => elementwise::gelu_grad(x),
         Op::Fused { body } => fused::fused(x, body, ctx),
         Op::GeluLinear => epilogue::gelu_linear(x),
+        Op::LayerNormLinear { eps } => epilogue::layer_norm_linear(x, *eps),
+        Op::MatmulLayerNormRhs { eps, transpose_a, transpose_b } => {
+            epilogue::matmul_layer_norm_rhs(x, *eps, *transpose_a, *transpose_b)
+        }
         Op::MatmulGeluRhs { transpose_a, transpose_b } => epilogue::matmul_gelu_rhs(x, *transpose_a, *transpose_b),
         Op::MatmulGeluGrad { transpose_a, transpose_b } => epilogue::matmul_gelu_grad(x, *transpose_a, *transpose_b),
         Op::AttentionGrad { scale, dropout, key } => attention::attention_grad(x, *scale, *dropout, *key, ctx),
