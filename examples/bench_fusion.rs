@@ -1,0 +1,114 @@
+//! CPU training-step throughput of the tiny ViT of `bench_train_step` with
+//! every compiler pass (the default plan) against no passes at all (one
+//! kernel per op), in one process, alternating repetitions; prints the
+//! ratio. No libtorch needed:
+//!
+//!     cargo run --release --example bench_fusion
+//!
+//! Options (environment): `BENCH_THREADS` (default 2), `BENCH_REPS` (default
+//! 7 repetitions of `BENCH_STEPS`, default 5, steps each), `BENCH_PASSES`
+//! (the passes of the fused plan, comma-separated; default: all).
+
+use std::time::Instant;
+use tessera_compiler::elaborate::Program;
+use tessera_compiler::pipeline::{training_plan_with, PassChoice};
+use tessera_compiler::plan::{Plan, Source};
+use tessera_compiler::{config, passes};
+use tessera_runtime::cpu::{CpuExecutor, Tensor};
+
+const BATCH: usize = 64;
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.trim().parse().ok()).unwrap_or(default)
+}
+
+/// Deterministic inputs: images in [-1, 1), labels 0..9, AdamW scalars for step t.
+fn inputs(plan: &Plan, t: i32) -> Vec<(String, Tensor)> {
+    let mut out = Vec::new();
+    for v in &plan.values {
+        let Source::Input { name } = &v.source else { continue };
+        let shape: Vec<usize> = v.shape.iter().map(|&d| d as usize).collect();
+        let n: usize = shape.iter().product();
+        let t = match name.as_str() {
+            "optim.bias_correction1" => Tensor::f32(shape, vec![1.0 - 0.9f32.powi(t)]),
+            "optim.bias_correction2" => Tensor::f32(shape, vec![1.0 - 0.999f32.powi(t)]),
+            s if s.starts_with("optim.lr.") => Tensor::f32(shape, vec![1e-3]),
+            s if s.starts_with("optim.weight_decay.") => Tensor::f32(shape, vec![0.05]),
+            "target" => Tensor::i64(shape, (0..n as i64).map(|i| i % 10).collect()),
+            _ => Tensor::f32(shape, (0..n).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect()),
+        };
+        out.push((name.clone(), t));
+    }
+    out
+}
+
+fn main() {
+    let threads = env_usize("BENCH_THREADS", 2);
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    let (reps, steps) = (env_usize("BENCH_REPS", 7), env_usize("BENCH_STEPS", 5));
+    let overrides: Vec<String> = [
+        "MODEL.TRUNK.VISION_TRANSFORMERS.IMAGE_SIZE=32",
+        "MODEL.TRUNK.VISION_TRANSFORMERS.PATCH_SIZE=4",
+        "MODEL.TRUNK.VISION_TRANSFORMERS.HIDDEN_DIM=96",
+        "MODEL.TRUNK.VISION_TRANSFORMERS.NUM_LAYERS=4",
+        "MODEL.TRUNK.VISION_TRANSFORMERS.NUM_HEADS=3",
+        "MODEL.TRUNK.VISION_TRANSFORMERS.MLP_DIM=384",
+        "MODEL.HEAD.PARAMS.0.1.dims=[96,10]",
+        "DATA.TRAIN.BATCHSIZE_PER_REPLICA=64",
+        "OPTIMIZER.weight_decay=0.05",
+    ]
+    .map(String::from)
+    .to_vec();
+    let cfg = config::load("quickstart/vit_tiny", &overrides).unwrap_or_else(|e| panic!("{e}"));
+    let prog = Program::load(&[]).expect("embedded models");
+    let build = |names: Vec<&str>| {
+        let choice = PassChoice { passes: names, after: Box::new(|_, _| {}) };
+        let (plan, _, _) =
+            training_plan_with(&prog, cfg.tree(), BATCH as u64, choice).unwrap_or_else(|e| panic!("{e}"));
+        CpuExecutor::new(plan, 0).unwrap_or_else(|e| panic!("{e}"))
+    };
+    let chosen = std::env::var("BENCH_PASSES").ok();
+    let names: Vec<&str> = match &chosen {
+        Some(list) => list.split(',').map(str::trim).filter(|s| !s.is_empty()).collect(),
+        None => passes::DEFAULT.to_vec(),
+    };
+    let mut fused = build(names);
+    let mut unfused = build(vec![]);
+    println!(
+        "bench_fusion: tiny ViT (32x32/4, width 96, depth 4), batch {BATCH}, {threads} threads: {} kernels with every pass, {} with none",
+        fused.plan().kernels.len(),
+        unfused.plan().kernels.len()
+    );
+    let mut step = |ex: &mut CpuExecutor, t: &mut i32| -> f32 {
+        *t += 1;
+        let owned = inputs(ex.plan(), *t);
+        let given: Vec<(&str, Tensor)> = owned.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+        ex.run(&given).unwrap_or_else(|e| panic!("{e}"))["loss"].as_f32().unwrap()[0]
+    };
+    let (mut tf, mut tu) = (0, 0);
+    for _ in 0..3 {
+        step(&mut fused, &mut tf);
+        step(&mut unfused, &mut tu);
+    }
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    let (mut lf, mut lu) = (0.0, 0.0);
+    for _ in 0..reps {
+        let s = Instant::now();
+        for _ in 0..steps {
+            lf = step(&mut fused, &mut tf);
+        }
+        a.push((steps * BATCH) as f64 / s.elapsed().as_secs_f64());
+        let s = Instant::now();
+        for _ in 0..steps {
+            lu = step(&mut unfused, &mut tu);
+        }
+        b.push((steps * BATCH) as f64 / s.elapsed().as_secs_f64());
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|x, y| x.partial_cmp(y).unwrap());
+        v[v.len() / 2]
+    };
+    let (mf, mu) = (median(a), median(b));
+    println!("last loss: fused {lf:.5}, unfused {lu:.5}");
+    println!("fused:   {mf:.1} img/s\nunfused: {mu:.1} img/s\nratio fused/unfused: {:.3}", mf / mu);
+}
