@@ -79,7 +79,7 @@ fn main() {
         fused.plan().kernels.len(),
         unfused.plan().kernels.len()
     );
-    let mut step = |ex: &mut CpuExecutor, t: &mut i32| -> f32 {
+    let step = |ex: &mut CpuExecutor, t: &mut i32| -> f32 {
         *t += 1;
         let owned = inputs(ex.plan(), *t);
         let given: Vec<(&str, Tensor)> = owned.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();

@@ -371,18 +371,31 @@ fn run(cli: Cli) -> Result<()> {
                 None => cfg.get("DATA.TRAIN.BATCHSIZE_PER_REPLICA").and_then(|v| v.as_u64()).unwrap_or(1),
             };
             let pass_names = chosen_passes(passes, tessera_compiler::pipeline::uses_amp(cfg.tree()))?;
-            let choice = tessera_compiler::pipeline::PassChoice {
-                passes: pass_names.iter().map(|s| s.as_str()).collect(),
-                after: Box::new(|_: &str, _: &tessera_compiler::ir::Graph| {}),
+            let graph_with = |names: Vec<&str>| -> Result<tessera_compiler::ir::Graph> {
+                let choice = tessera_compiler::pipeline::PassChoice {
+                    passes: names,
+                    after: Box::new(|_: &str, _: &tessera_compiler::ir::Graph| {}),
+                };
+                let (step, _, _) = tessera_compiler::pipeline::training_graph(&prog, cfg.tree(), choice)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                Ok(step)
             };
-            let (step, _, _) = tessera_compiler::pipeline::training_graph(&prog, cfg.tree(), choice)
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let step = graph_with(pass_names.iter().map(|s| s.as_str()).collect())?;
+            // The baseline order: the same graph in a plain topological order.
+            let unscheduled =
+                Some(tessera_compiler::passes::plain_topological(&step).map_err(|e| anyhow::anyhow!("{e}"))?);
             let device = match &device_memory {
                 Some(s) => Some(parse_bytes(s).map_err(|e| anyhow::anyhow!("--device-memory: {e}"))?),
                 None if max_batch => bail!("--max-batch needs --device-memory SIZE (e.g. 80GiB)"),
                 None => None,
             };
-            let report = memory_report::report(&step, cfg.name(), batch, max_batch.then_some(device).flatten())?;
+            let report = memory_report::report(
+                &step,
+                unscheduled.as_ref(),
+                cfg.name(),
+                batch,
+                max_batch.then_some(device).flatten(),
+            )?;
             if let Some(path) = &memory_plot {
                 write_out(&Some(path.clone()), &report.svg)?;
             }

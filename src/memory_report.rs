@@ -46,7 +46,15 @@ fn max_batch(step: &Graph, device: u64) -> Result<(u64, Option<u64>)> {
     Ok((lo, Some(peak(lo)?)))
 }
 
-pub fn report(step: &Graph, config: &str, batch: u64, device: Option<u64>) -> Result<Report> {
+/// `unscheduled`: the same step in a plain topological order, whose peak is
+/// reported beside the planned order's.
+pub fn report(
+    step: &Graph,
+    unscheduled: Option<&Graph>,
+    config: &str,
+    batch: u64,
+    device: Option<u64>,
+) -> Result<Report> {
     let (plan, m) = planned(step, batch)?;
     let loss_kernel = plan.outputs.iter().find(|(n, _)| n == "loss").and_then(|(_, v)| match plan.values[*v].source {
         Source::Kernel(k) => Some(k),
@@ -88,6 +96,15 @@ pub fn report(step: &Graph, config: &str, batch: u64, device: Option<u64>) -> Re
         "lower_bound_bytes": m.lower_bound_bytes,
         "in_place": m.in_place,
     });
+    if let Some(plain) = unscheduled {
+        let peak = planned(plain, batch)?.1.peak_bytes;
+        json["topological_order_peak_bytes"] = json!(peak);
+        text += &format!(
+            "  in a plain topological order the peak would be {} (the planned order: {:+.1}%)\n",
+            human_bytes(peak),
+            100.0 * (m.peak_bytes as f64 - peak as f64) / peak.max(1) as f64
+        );
+    }
     if let Some(device) = device {
         let (best, peak) = max_batch(step, device)?;
         json["device_memory_bytes"] = json!(device);

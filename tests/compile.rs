@@ -427,3 +427,49 @@ fn cli_lists_and_chooses_passes_and_dumps_the_ir_after_one() {
     assert!(!ok);
     assert!(e.contains("summary, ir, dot, plan, kernels, ir-after=PASS"), "{e}");
 }
+
+#[test]
+fn cli_plans_memory_as_text_json_and_svg_and_finds_the_largest_batch() {
+    let cfg = "config=quickstart/vit_tiny";
+    let (ok, text, e) = tessera(&["plan", cfg, "--memory"]);
+    assert!(ok, "{e}");
+    insta::assert_snapshot!("memory__quickstart__vit_tiny", text);
+    let (ok, json, e) = tessera(&["plan", cfg, "--memory", "--format", "json", "--batch", "8"]);
+    assert!(ok, "{e}");
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    for key in ["peak_bytes", "kernels", "parts", "arena_bytes", "lower_bound_bytes", "topological_order_peak_bytes"] {
+        assert!(v.get(key).is_some(), "{key} missing from {json}");
+    }
+    let parts = v["parts"].as_object().unwrap();
+    let sum: u64 = parts.values().map(|p| p.as_u64().unwrap()).sum();
+    assert_eq!(sum, v["peak_bytes"].as_u64().unwrap());
+    assert!(v["arena_bytes"].as_u64() >= v["lower_bound_bytes"].as_u64());
+
+    let (ok, json, e) = tessera(&["plan", cfg, "--max-batch", "--device-memory", "64MiB", "--format", "json"]);
+    assert!(ok, "{e}");
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let best = v["max_batch"].as_u64().unwrap();
+    assert!(best > 16 && v["max_batch_peak_bytes"].as_u64().unwrap() <= 64 << 20, "{json}");
+    let over = |b: u64| {
+        let (ok, json, e) = tessera(&["plan", cfg, "--memory", "--format", "json", "--batch", &b.to_string()]);
+        assert!(ok, "{e}");
+        serde_json::from_str::<serde_json::Value>(&json).unwrap()["peak_bytes"].as_u64().unwrap() > 64 << 20
+    };
+    assert!(!over(best) && over(best + 1), "{best} is the largest batch that fits");
+
+    let dir = std::env::temp_dir().join(format!("tessera-memory-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let svg = dir.join("timeline.svg");
+    let (ok, _, e) = tessera(&["plan", cfg, "--memory-plot", svg.to_str().unwrap()]);
+    assert!(ok, "{e}");
+    let drawn = std::fs::read_to_string(&svg).unwrap();
+    assert!(drawn.starts_with("<svg") && drawn.contains("<rect") && drawn.contains("kept for backward"));
+    std::fs::remove_dir_all(&dir).ok();
+
+    let (ok, _, e) = tessera(&["plan", cfg, "--max-batch"]);
+    assert!(!ok && e.contains("--max-batch needs --device-memory SIZE"), "{e}");
+    let (ok, _, e) = tessera(&["plan", cfg, "--max-batch", "--device-memory", "lots"]);
+    assert!(!ok && e.contains("`lots` is not a size"), "{e}");
+    let (ok, _, e) = tessera(&["plan", cfg]);
+    assert!(!ok && e.contains("nothing to report"), "{e}");
+}

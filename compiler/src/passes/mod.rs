@@ -10,6 +10,9 @@ mod fold;
 mod fuse;
 mod matmul_fusion;
 mod precision;
+mod schedule;
+
+pub use schedule::plain_topological;
 
 use crate::ir::{Graph, IrError, ValueId};
 use std::collections::HashMap;
@@ -41,10 +44,20 @@ pub const PASSES: &[Pass] = &[
         why: "chains of elementwise ops as one kernel: one pass over memory, no temporaries",
         run: fuse::run,
     },
+    Pass {
+        name: "schedule",
+        why: "an execution order that frees memory before allocating more (lower peak than plain topological order)",
+        run: schedule::run,
+    },
 ];
 
 /// The default pipeline: DCE again after folding (folded fills leave their
 /// constant operands unread), then the fusion rules.
+///
+/// `schedule` is not in it: on the reference models the creation order
+/// (forward, then each gradient as soon as it can be computed, in reverse)
+/// already plans 9-21% below a plain topological order, and the greedy
+/// reordering moved real peaks by +-0.5% only (`--passes` can add it).
 pub const DEFAULT: &[&str] = &["dce", "cse", "fold", "dce", "fuse-into-matmul", "fuse-elementwise"];
 
 /// The default pipeline for a config: with MODEL.AMP_PARAMS.USE_AMP, the
@@ -52,8 +65,10 @@ pub const DEFAULT: &[&str] = &["dce", "cse", "fold", "dce", "fuse-into-matmul", 
 pub fn default_for(amp: bool) -> Vec<&'static str> {
     let mut p = DEFAULT.to_vec();
     if amp {
-        // DCE after it: full-precision views that only fed casts are dead.
-        p.splice(p.len() - 1..p.len() - 1, ["amp-bf16", "dce"]);
+        // Before elementwise fusion (its casts fuse); DCE after it:
+        // full-precision views that only fed casts are dead.
+        let at = p.iter().position(|&n| n == "fuse-elementwise").expect("in DEFAULT");
+        p.splice(at..at, ["amp-bf16", "dce"]);
     }
     p
 }
