@@ -62,7 +62,7 @@ fn main() {
     let cfg = config::load("quickstart/vit_tiny", &overrides).unwrap_or_else(|e| panic!("{e}"));
     let prog = Program::load(&[]).expect("embedded models");
     let build = |names: Vec<&str>| {
-        let choice = PassChoice { passes: names, after: Box::new(|_, _| {}) };
+        let choice = PassChoice::passes(names);
         let (plan, _, _) =
             training_plan_with(&prog, cfg.tree(), BATCH as u64, choice).unwrap_or_else(|e| panic!("{e}"));
         CpuExecutor::new(plan, 0).unwrap_or_else(|e| panic!("{e}"))

@@ -108,6 +108,10 @@ enum Command {
         /// Passes to run (comma-separated, `none` for none; default: all).
         #[arg(long, value_delimiter = ',')]
         passes: Option<Vec<String>>,
+        /// Recompute (activation checkpointing) as little as needed for the
+        /// peak to fit this many bytes (80GiB, 12GB, ...); reports the extra FLOPs.
+        #[arg(long)]
+        memory_budget: Option<String>,
         /// Extra directory of `.tsr` model files.
         #[arg(long)]
         models: Vec<PathBuf>,
@@ -287,6 +291,7 @@ fn run(cli: Cli) -> Result<()> {
                     };
                     let choice = tessera_compiler::pipeline::PassChoice {
                         passes: pass_names.iter().map(|s| s.as_str()).collect(),
+                        regions: None,
                         after: Box::new(|name: &str, g: &tessera_compiler::ir::Graph| {
                             if wanted.as_deref() == Some(name) {
                                 ir_after = Some(g.to_text());
@@ -308,7 +313,10 @@ fn run(cli: Cli) -> Result<()> {
                     Format::Text => {
                         let mut s = String::new();
                         for r in &reports {
-                            let why = tessera_compiler::passes::find(r.pass).map(|p| p.why).unwrap_or_default();
+                            let why = match r.pass {
+                                "recompute" => "activation checkpointing (CHECKPOINT_BLOCK / CHECKPOINT_MLP / ACTIVATION_CHECKPOINTING, or --memory-budget)",
+                                p => tessera_compiler::passes::find(p).map(|p| p.why).unwrap_or_default(),
+                            };
                             s += &format!(
                                 "{:<18} {:>6} -> {:<6} nodes  {}\n{:<18} why: {why}\n",
                                 r.pass, r.nodes_before, r.nodes_after, r.detail, ""
@@ -355,13 +363,16 @@ fn run(cli: Cli) -> Result<()> {
             device_memory,
             batch,
             passes,
+            memory_budget,
             models,
         } => {
             if args.is_empty() {
                 bail!("give `config=NAME [OVERRIDES]` to plan a training step, or `tessera plan show FILE`");
             }
-            if !memory && memory_plot.is_none() && !max_batch {
-                bail!("nothing to report: add --memory, --memory-plot FILE.svg or --max-batch --device-memory SIZE");
+            if !memory && memory_plot.is_none() && !max_batch && memory_budget.is_none() {
+                bail!(
+                    "nothing to report: add --memory, --memory-budget SIZE, --memory-plot FILE.svg or --max-batch --device-memory SIZE"
+                );
             }
             let (name, overrides) = split_args(&args)?;
             let cfg = config::load(&name, &overrides).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -371,16 +382,25 @@ fn run(cli: Cli) -> Result<()> {
                 None => cfg.get("DATA.TRAIN.BATCHSIZE_PER_REPLICA").and_then(|v| v.as_u64()).unwrap_or(1),
             };
             let pass_names = chosen_passes(passes, tessera_compiler::pipeline::uses_amp(cfg.tree()))?;
-            let graph_with = |names: Vec<&str>| -> Result<tessera_compiler::ir::Graph> {
+            let names: Vec<&str> = pass_names.iter().map(|s| s.as_str()).collect();
+            let graph_with = |regions: Option<Vec<Vec<String>>>| -> Result<tessera_compiler::ir::Graph> {
                 let choice = tessera_compiler::pipeline::PassChoice {
-                    passes: names,
+                    passes: names.clone(),
+                    regions,
                     after: Box::new(|_: &str, _: &tessera_compiler::ir::Graph| {}),
                 };
-                let (step, _, _) = tessera_compiler::pipeline::training_graph(&prog, cfg.tree(), choice)
+                let (graph, _, _) = tessera_compiler::pipeline::training_graph(&prog, cfg.tree(), choice)
                     .map_err(|e| anyhow::anyhow!("{e}"))?;
-                Ok(step)
+                Ok(graph)
             };
-            let step = graph_with(pass_names.iter().map(|s| s.as_str()).collect())?;
+            let budget = match &memory_budget {
+                Some(s) => Some(parse_bytes(s).map_err(|e| anyhow::anyhow!("--memory-budget: {e}"))?),
+                None => None,
+            };
+            let (step, budget_note) = match budget {
+                Some(b) => memory_report::fit_budget(&graph_with, batch, b)?,
+                None => (graph_with(None)?, None),
+            };
             // The baseline order: the same graph in a plain topological order.
             let unscheduled =
                 Some(tessera_compiler::passes::plain_topological(&step).map_err(|e| anyhow::anyhow!("{e}"))?);
@@ -389,17 +409,21 @@ fn run(cli: Cli) -> Result<()> {
                 None if max_batch => bail!("--max-batch needs --device-memory SIZE (e.g. 80GiB)"),
                 None => None,
             };
-            let report = memory_report::report(
+            let mut report = memory_report::report(
                 &step,
                 unscheduled.as_ref(),
                 cfg.name(),
                 batch,
                 max_batch.then_some(device).flatten(),
             )?;
+            if let Some((text, json)) = budget_note {
+                report.text += &text;
+                report.json["memory_budget"] = json;
+            }
             if let Some(path) = &memory_plot {
                 write_out(&Some(path.clone()), &report.svg)?;
             }
-            if memory || max_batch {
+            if memory || max_batch || memory_budget.is_some() {
                 let text = match format {
                     Format::Json => serde_json::to_string_pretty(&report.json)?,
                     Format::Text => report.text.clone(),

@@ -8,6 +8,64 @@ use tessera_compiler::memory::{human_bytes, MemoryPlan};
 use tessera_compiler::pipeline::lower_training;
 use tessera_compiler::plan::{Plan, Source};
 
+/// The recomputation that fits `budget` bytes with the fewest extra FLOPs,
+/// among: none; the MLPs of the first k blocks; the first k whole blocks
+/// (the rest keeping their MLPs recomputed). Returns the step and a note
+/// (text and JSON) saying what was chosen and what it costs.
+pub fn fit_budget(
+    build: &dyn Fn(Option<Vec<Vec<String>>>) -> Result<Graph>,
+    batch: u64,
+    budget: u64,
+) -> Result<(Graph, Option<(String, serde_json::Value)>)> {
+    let none = build(Some(vec![]))?;
+    let blocks = tessera_compiler::recompute::block_count(&none);
+    let flops = |g: &Graph| tessera_compiler::ir::flops::total_flops(g, batch);
+    let base_flops = flops(&none);
+    let mut candidates: Vec<Vec<Vec<String>>> = vec![vec![]];
+    for k in 1..=blocks {
+        candidates.push((0..k).map(|i| vec![format!("trunk.blocks.{i}.mlp")]).collect());
+    }
+    for k in 1..=blocks {
+        candidates.push(
+            (0..blocks)
+                .map(|i| vec![if i < k { format!("trunk.blocks.{i}") } else { format!("trunk.blocks.{i}.mlp") }])
+                .collect(),
+        );
+    }
+    let mut last_peak = 0;
+    for regions in candidates {
+        let step = if regions.is_empty() { build(Some(vec![]))? } else { build(Some(regions.clone()))? };
+        let peak = planned(&step, batch)?.1.peak_bytes;
+        last_peak = peak;
+        if peak <= budget {
+            let extra = flops(&step).saturating_sub(base_flops);
+            let what = if regions.is_empty() {
+                "nothing to recompute".to_string()
+            } else {
+                format!("recompute {} regions ({} ... {})", regions.len(), regions[0][0], regions[regions.len() - 1][0])
+            };
+            let text = format!(
+                "  --memory-budget {}: {what}; {:.1} GFLOPs more per step (+{:.1}%)\n",
+                human_bytes(budget),
+                extra as f64 / 1e9,
+                100.0 * extra as f64 / base_flops.max(1) as f64
+            );
+            let json = json!({
+                "budget_bytes": budget,
+                "regions": regions.iter().map(|r| r.join("+")).collect::<Vec<_>>(),
+                "extra_flops": extra,
+                "step_flops_without_recompute": base_flops,
+            });
+            return Ok((step, Some((text, json))));
+        }
+    }
+    Err(anyhow!(
+        "--memory-budget {}: even recomputing every block the peak is {}; lower the batch or raise the budget",
+        human_bytes(budget),
+        human_bytes(last_peak)
+    ))
+}
+
 pub struct Report {
     pub text: String,
     pub json: serde_json::Value,

@@ -473,3 +473,31 @@ fn cli_plans_memory_as_text_json_and_svg_and_finds_the_largest_batch() {
     let (ok, _, e) = tessera(&["plan", cfg]);
     assert!(!ok && e.contains("nothing to report"), "{e}");
 }
+
+#[test]
+fn cli_memory_budget_recomputes_as_little_as_fits() {
+    let vit_b = [
+        "config=pretrain/vision_transformer/supervised/16gpu_deit_b_example",
+        "MODEL.TRUNK.VISION_TRANSFORMERS.QKV_BIAS=true",
+        "MODEL.AMP_PARAMS.USE_AMP=true",
+    ];
+    let run = |budget: &str| {
+        let mut args = vec!["plan"];
+        args.extend(vit_b);
+        args.extend(["--batch", "64", "--format", "json", "--memory-budget", budget]);
+        tessera(&args)
+    };
+    let (ok, json, e) = run("3GiB");
+    assert!(ok, "{e}");
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert!(v["peak_bytes"].as_u64().unwrap() <= 3 << 30, "{json}");
+    let chosen = &v["memory_budget"];
+    assert!(!chosen["regions"].as_array().unwrap().is_empty() && chosen["extra_flops"].as_u64().unwrap() > 0, "{json}");
+    // A roomy budget recomputes nothing.
+    let (ok, json, e) = run("80GiB");
+    assert!(ok, "{e}");
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["memory_budget"]["extra_flops"], 0, "{json}");
+    let (ok, _, e) = run("100MiB");
+    assert!(!ok && e.contains("even recomputing every block the peak is"), "{e}");
+}

@@ -26,7 +26,7 @@ fn plan(name: &str, overrides: &[&str], pass_names: &[&str]) -> Plan {
     let ov: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
     let cfg = config::load(name, &ov).unwrap();
     let prog = Program::load(&[]).unwrap();
-    let choice = PassChoice { passes: pass_names.to_vec(), after: Box::new(|_, _| {}) };
+    let choice = PassChoice::passes(pass_names.to_vec());
     let (plan, _, _) = training_plan_with(&prog, cfg.tree(), 2, choice).unwrap_or_else(|e| panic!("{name}: {e}"));
     plan
 }
@@ -127,6 +127,17 @@ fn fused_and_unfused_training_steps_agree() {
     cases.push(("quickstart/vit_tiny", &noisy));
     cases.push(("quickstart/deit_tiny", &amp));
     cases.push(("quickstart/convit_tiny", &amp));
+    // Recomputation (with DeiT's drop path: the recomputed masks must match).
+    let block = ["MODEL.TRUNK.VISION_TRANSFORMERS.CHECKPOINT_BLOCK=true"];
+    let mlp =
+        ["MODEL.TRUNK.VISION_TRANSFORMERS.CHECKPOINT_MLP=true", "MODEL.TRUNK.VISION_TRANSFORMERS.DROPOUT_RATE=0.2"];
+    let segments = [
+        "MODEL.ACTIVATION_CHECKPOINTING.USE_ACTIVATION_CHECKPOINTING=true",
+        "MODEL.ACTIVATION_CHECKPOINTING.NUM_ACTIVATION_CHECKPOINTING_SPLITS=2",
+    ];
+    cases.push(("quickstart/deit_tiny", &block));
+    cases.push(("quickstart/vit_tiny", &mlp));
+    cases.push(("quickstart/vit_tiny", &segments));
     for (name, overrides) in cases {
         let fused = plan(name, overrides, &passes::default_for(overrides == amp));
         assert!(fused.kernels.iter().any(|k| k.op.name() == "fused"), "{name}: nothing was fused");
@@ -135,7 +146,9 @@ fn fused_and_unfused_training_steps_agree() {
             assert!(bf16 > 10, "{name}: AMP made only {bf16} bf16 values");
         }
         let (lf, sf) = train(fused);
-        let (lu, su) = train(plan(name, overrides, &[]));
+        // The reference: no passes and no recomputation.
+        let plain: Vec<&str> = overrides.iter().copied().filter(|o| !o.contains("CHECKPOINT")).collect();
+        let (lu, su) = train(plan(name, &plain, &[]));
         for (a, b) in lf.iter().zip(&lu) {
             assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{name} {overrides:?}: losses {lf:?} vs {lu:?}");
         }

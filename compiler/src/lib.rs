@@ -11,6 +11,7 @@ pub mod param_groups;
 pub mod passes;
 pub mod pipeline;
 pub mod plan;
+pub mod recompute;
 pub mod summary;
 pub mod syntax;
 

@@ -13,15 +13,18 @@ use serde_json::Value as J;
 /// Called with each pass's name and the graph after it (`--emit ir-after`).
 pub type AfterPass<'a> = Box<dyn FnMut(&str, &Graph) + 'a>;
 
-/// Which passes run, and a look at the graph after each.
+/// Which passes run, which regions are recomputed, and a look at the graph
+/// after each pass.
 pub struct PassChoice<'a> {
     pub passes: Vec<&'a str>,
+    /// Recomputed regions (see `recompute`); `None`: as the config says.
+    pub regions: Option<Vec<Vec<String>>>,
     pub after: AfterPass<'a>,
 }
 
 impl Default for PassChoice<'_> {
     fn default() -> Self {
-        PassChoice { passes: passes::DEFAULT.to_vec(), after: Box::new(|_, _| {}) }
+        PassChoice { passes: passes::DEFAULT.to_vec(), regions: None, after: Box::new(|_, _| {}) }
     }
 }
 
@@ -29,7 +32,12 @@ impl PassChoice<'_> {
     /// The default pipeline for an experiment config (mixed precision when
     /// MODEL.AMP_PARAMS.USE_AMP).
     pub fn for_config(cfg: &J) -> Self {
-        PassChoice { passes: passes::default_for(uses_amp(cfg)), after: Box::new(|_, _| {}) }
+        PassChoice { passes: passes::default_for(uses_amp(cfg)), regions: None, after: Box::new(|_, _| {}) }
+    }
+
+    /// These passes, the config's recomputation, no callback.
+    pub fn passes<'b>(names: Vec<&'b str>) -> PassChoice<'b> {
+        PassChoice { passes: names, regions: None, after: Box::new(|_, _| {}) }
     }
 }
 
@@ -70,7 +78,27 @@ pub fn training_graph(
     let c = compile(prog, cfg)?;
     let opts = StepOptions::from_config(cfg).map_err(CompileError::Config)?;
     let mut step = training_step(c.graph.clone(), &c.param_groups, &opts).map_err(internal)?;
-    let reports = passes::run(&mut step, &choice.passes, false, &mut choice.after).map_err(internal)?;
+    let regions = choice.regions.take().unwrap_or_else(|| crate::recompute::regions_from_config(cfg, &step));
+    // Recomputation goes after the cleanup passes: CSE would merge each
+    // recomputed op back into the forward op it copies.
+    let cleanup = choice.passes.iter().take_while(|p| matches!(**p, "dce" | "cse" | "fold")).count();
+    let mut reports = passes::run(&mut step, &choice.passes[..cleanup], false, &mut choice.after).map_err(internal)?;
+    if !regions.is_empty() {
+        let nodes_before = step.node_count();
+        let r = crate::recompute::recompute(&mut step, &regions, 1).map_err(internal)?;
+        reports.push(passes::Report {
+            pass: "recompute",
+            nodes_before,
+            nodes_after: step.node_count(),
+            detail: format!(
+                "{} regions recomputed in the backward pass ({} ops, {:.3} GFLOPs per sample)",
+                r.regions.len(),
+                r.recomputed_ops,
+                r.extra_flops as f64 / 1e9
+            ),
+        });
+    }
+    reports.extend(passes::run(&mut step, &choice.passes[cleanup..], false, &mut choice.after).map_err(internal)?);
     Ok((step, c, reports))
 }
 

@@ -37,7 +37,7 @@ fn every_reference_model_plans_without_overlap_near_the_bound() {
     for name in names {
         let cfg = config::load(&name, &[]).unwrap();
         for passes in [tessera_compiler::passes::DEFAULT.to_vec(), vec![]] {
-            let choice = PassChoice { passes: passes.clone(), after: Box::new(|_, _| {}) };
+            let choice = PassChoice::passes(passes.clone());
             let (step, _, _) = training_graph(&prog, cfg.tree(), choice).unwrap();
             for batch in [1, 3] {
                 let plan = lower_training(&step, batch).unwrap();
@@ -157,4 +157,29 @@ fn an_arena_with_overlapping_live_buffers_is_caught() {
     assert!(m.check().unwrap_err().contains("overlap"));
     let e = m.simulate(&plan).unwrap_err();
     assert!(e.contains("reads value") && e.contains("holds value"), "{e}");
+}
+
+#[test]
+fn recomputing_blocks_keeps_fewer_activations_and_costs_flops() {
+    let prog = Program::load(&[]).unwrap();
+    let peak = |overrides: &[&str]| {
+        let ov: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+        let cfg = config::load("pretrain/vision_transformer/supervised/16gpu_deit_b_example", &ov).unwrap();
+        let (step, _, reports) = training_graph(&prog, cfg.tree(), PassChoice::for_config(cfg.tree())).unwrap();
+        let plan = lower_training(&step, 8).unwrap();
+        let m = plan.memory.clone().unwrap();
+        holds(&plan, &m, &format!("{overrides:?}"));
+        (m.parts.activations_kept, tessera_compiler::ir::flops::total_flops(&step, 8), reports)
+    };
+    let (kept, flops, reports) = peak(&[]);
+    assert!(reports.iter().all(|r| r.pass != "recompute"));
+    let (kept_block, flops_block, reports) = peak(&["MODEL.TRUNK.VISION_TRANSFORMERS.CHECKPOINT_BLOCK=true"]);
+    let (kept_mlp, flops_mlp, _) = peak(&["MODEL.TRUNK.VISION_TRANSFORMERS.CHECKPOINT_MLP=true"]);
+    let recompute = reports.iter().find(|r| r.pass == "recompute").expect("a recompute report");
+    assert!(recompute.detail.starts_with("12 regions recomputed"), "{}", recompute.detail);
+    // Whole blocks keep least; MLPs only in between; each costs forward FLOPs.
+    assert!(kept_block * 3 < kept && kept_block < kept_mlp && kept_mlp < kept, "{kept} {kept_mlp} {kept_block}");
+    assert!(flops < flops_mlp && flops_mlp < flops_block, "{flops} {flops_mlp} {flops_block}");
+    // At most one more forward pass (about a third of the step).
+    assert!(flops_block < flops * 3 / 2, "{flops} {flops_block}");
 }
