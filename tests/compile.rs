@@ -414,12 +414,8 @@ fn cli_lists_and_chooses_passes_and_dumps_the_ir_after_one() {
 
     let (ok, _, e) = tessera(&["compile", cfg, "--passes", "dce,fusion"]);
     assert!(!ok);
-    assert!(
-        e.contains(
-            "unknown pass `fusion`; the passes are: dce, cse, fold, fuse-into-matmul, amp-bf16, fuse-elementwise"
-        ),
-        "{e}"
-    );
+    assert!(e.contains("unknown pass `fusion`; the passes are: dce, cse, "), "{e}");
+    assert!(e.contains("fuse-elementwise") && e.contains("attention-pattern"), "{e}");
     let (ok, _, e) = tessera(&["compile", cfg, "--passes", "dce", "--emit", "ir-after=cse"]);
     assert!(!ok);
     assert!(e.contains("`cse` is not among the passes run (dce)"), "{e}");

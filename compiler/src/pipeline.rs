@@ -77,12 +77,15 @@ pub fn training_graph(
 ) -> Result<(Graph, Compiled, Vec<passes::Report>), CompileError> {
     let c = compile(prog, cfg)?;
     let opts = StepOptions::from_config(cfg).map_err(CompileError::Config)?;
-    let mut step = training_step(c.graph.clone(), &c.param_groups, &opts).map_err(internal)?;
+    let mut forward = c.graph.clone();
+    let (before, after): (Vec<&str>, Vec<&str>) = choice.passes.iter().partition(|p| passes::FORWARD.contains(p));
+    let mut reports = passes::run(&mut forward, &before, false, &mut choice.after).map_err(internal)?;
+    let mut step = training_step(forward, &c.param_groups, &opts).map_err(internal)?;
     let regions = choice.regions.take().unwrap_or_else(|| crate::recompute::regions_from_config(cfg, &step));
     // Recomputation goes after the cleanup passes: CSE would merge each
     // recomputed op back into the forward op it copies.
-    let cleanup = choice.passes.iter().take_while(|p| matches!(**p, "dce" | "cse" | "fold")).count();
-    let mut reports = passes::run(&mut step, &choice.passes[..cleanup], false, &mut choice.after).map_err(internal)?;
+    let cleanup = after.iter().take_while(|p| matches!(**p, "dce" | "cse" | "fold")).count();
+    reports.extend(passes::run(&mut step, &after[..cleanup], false, &mut choice.after).map_err(internal)?);
     if !regions.is_empty() {
         let nodes_before = step.node_count();
         let r = crate::recompute::recompute(&mut step, &regions, 1).map_err(internal)?;
@@ -98,7 +101,7 @@ pub fn training_graph(
             ),
         });
     }
-    reports.extend(passes::run(&mut step, &choice.passes[cleanup..], false, &mut choice.after).map_err(internal)?);
+    reports.extend(passes::run(&mut step, &after[cleanup..], false, &mut choice.after).map_err(internal)?);
     Ok((step, c, reports))
 }
 
@@ -116,6 +119,7 @@ pub fn lower_training(step: &Graph, batch: u64) -> Result<Plan, CompileError> {
 pub fn inference_plan(prog: &Program, cfg: &J, batch: u64, with_grads: bool) -> Result<(Plan, Compiled), CompileError> {
     let c = compile(prog, cfg)?;
     let mut g = c.graph.clone();
+    passes::run(&mut g, passes::FORWARD, false, |_, _| {}).map_err(internal)?;
     if with_grads {
         let loss = g.outputs().iter().find(|(n, _)| n == "loss").map(|(_, v)| *v);
         let loss = loss.ok_or_else(|| internal("the model has no loss output"))?;

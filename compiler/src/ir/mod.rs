@@ -20,6 +20,7 @@ pub mod text;
 pub mod verify;
 
 pub use graph::{Graph, Node, Operand, ValueId};
+pub(crate) use infer::infer;
 pub use op::{BinaryOp, Op, ReduceOp, UnaryOp};
 pub use types::{DType, Dim, Init, Shape, TensorType};
 

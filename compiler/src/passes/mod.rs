@@ -9,6 +9,7 @@ mod cse;
 mod fold;
 mod fuse;
 mod matmul_fusion;
+mod patterns;
 mod precision;
 mod schedule;
 
@@ -28,6 +29,16 @@ pub struct Pass {
 pub const PASSES: &[Pass] = &[
     Pass { name: "dce", why: "drop values no output, state update or input needs (autodiff leaves some)", run: dce },
     Pass { name: "cse", why: "compute each distinct (op, operands) once", run: cse::run },
+    Pass {
+        name: "attention-pattern",
+        why: "softmax(q k^T * s) v written out by hand becomes one attention op (forward graph, before autodiff)",
+        run: patterns::attention,
+    },
+    Pass {
+        name: "cross-entropy-pattern",
+        why: "-mean(sum(t * log_softmax(x))) written out by hand becomes one cross_entropy op (forward graph)",
+        run: patterns::cross_entropy,
+    },
     Pass { name: "fold", why: "evaluate elementwise ops on constants at compile time", run: fold::run },
     Pass {
         name: "fuse-into-matmul",
@@ -58,7 +69,21 @@ pub const PASSES: &[Pass] = &[
 /// (forward, then each gradient as soon as it can be computed, in reverse)
 /// already plans 9-21% below a plain topological order, and the greedy
 /// reordering moved real peaks by +-0.5% only (`--passes` can add it).
-pub const DEFAULT: &[&str] = &["dce", "cse", "fold", "dce", "fuse-into-matmul", "fuse-elementwise"];
+pub const DEFAULT: &[&str] = &[
+    "attention-pattern",
+    "cross-entropy-pattern",
+    "dce",
+    "cse",
+    "fold",
+    "dce",
+    "fuse-into-matmul",
+    "fuse-elementwise",
+];
+
+/// Passes that run on the forward graph before autodiff when chosen (the
+/// pipeline takes them out of the list; after autodiff the backward reads
+/// the intermediates, so they would not match there).
+pub const FORWARD: &[&str] = &["attention-pattern", "cross-entropy-pattern"];
 
 /// The default pipeline for a config: with MODEL.AMP_PARAMS.USE_AMP, the
 /// precision pass runs before fusion (so its casts fuse into elementwise chains).
