@@ -169,16 +169,11 @@ fn match_cross_entropy(g: &Graph, out: ValueId, pin: &HashSet<ValueId>) -> Optio
     let mean0 = |v: ValueId| matches!(g.node(v).op, Op::Reduce { op: ReduceOp::Mean, ref axes, keepdim: false } if axes == &[0]);
     // Either neg(mean(s)) or mean(neg(s)).
     let inner = g.operands(out).first().copied()?;
-    let (ok, sum) = if negation(out) && mean0(inner) {
-        (true, g.operands(inner)[0])
-    } else if mean0(out) && negation(inner) {
-        (true, g.operands(inner)[0])
-    } else {
-        (false, inner)
-    };
-    if !ok || !private(g, inner, pin) {
+    let matched = (negation(out) && mean0(inner)) || (mean0(out) && negation(inner));
+    if !matched || !private(g, inner, pin) {
         return None;
     }
+    let sum = g.operands(inner)[0];
     let Op::Reduce { op: ReduceOp::Sum, ref axes, keepdim: false } = g.node(sum).op else { return None };
     if axes != &[1] || !private(g, sum, pin) {
         return None;
