@@ -7,7 +7,9 @@
 //! buffer); every other value is a transient in one arena.
 //! - Lifetimes are kernel intervals [producer, last reader] (named outputs
 //!   live to the end of the step).
-//! - A reshape or stop_gradient aliases its operand (no storage of its own).
+//! - A reshape or stop_gradient aliases its operand (no storage of its own),
+//!   except when its result lives in another region (a gradient made by a
+//!   reshape): then placements differ and a backend copies.
 //! - An elementwise kernel whose operand dies there, with the same byte size,
 //!   writes in place over it; a state update writes over its state when no
 //!   later kernel reads the old value.
@@ -155,6 +157,22 @@ pub fn plan_memory(plan: &Plan) -> MemoryPlan {
     let named: std::collections::HashSet<usize> = plan.outputs.iter().map(|(_, v)| *v).collect();
     let state_of: std::collections::HashMap<usize, usize> =
         plan.state_updates.iter().filter_map(|(name, v)| plan.state(name).map(|s| (*v, s))).collect();
+    // The last kernel that reads a state's old value through any view of it
+    // (a reshape or stop_gradient of a parameter shares its storage); the
+    // end of the step when the state or a view is a named output.
+    let mut view_of: Vec<usize> = (0..n).collect();
+    let mut old_value_read = vec![0usize; n];
+    for (k, kernel) in plan.kernels.iter().enumerate() {
+        for &i in &kernel.inputs {
+            old_value_read[view_of[i]] = old_value_read[view_of[i]].max(k);
+        }
+        if matches!(kernel.op, Op::Reshape { .. } | Op::StopGradient) {
+            view_of[kernel.output] = view_of[kernel.inputs[0]];
+        }
+    }
+    for v in &named {
+        old_value_read[view_of[*v]] = end;
+    }
 
     // Regions of state and inputs, contiguous, in plan order.
     let mut placements: Vec<Placement> =
@@ -207,9 +225,13 @@ pub fn plan_memory(plan: &Plan) -> MemoryPlan {
     let mut in_place = 0;
     for (k, kernel) in plan.kernels.iter().enumerate() {
         let out = kernel.output;
-        // A state update overwrites its state when nothing reads the old value later.
+        // A state update overwrites its state when nothing reads the old
+        // value later (through any view), and its kernel either is
+        // elementwise over same-shaped values or does not read the state.
         if let Some(&s) = state_of.get(&out) {
-            if last_use[s].is_none_or(|l| l <= k) && bytes(s) == bytes(out) {
+            let same = plan.values[s].shape == plan.values[out].shape && bytes(s) == bytes(out);
+            let safe_kernel = elementwise(&kernel.op) || !kernel.inputs.contains(&s);
+            if old_value_read[s] <= k && same && safe_kernel {
                 placements[out] = placements[s].clone();
                 in_place += 1;
                 continue;
@@ -229,7 +251,9 @@ pub fn plan_memory(plan: &Plan) -> MemoryPlan {
         } else if elementwise(&kernel.op) {
             let mut found = None;
             for &i in &kernel.inputs {
-                if transient(&placements, i) && bytes(i) == bytes(out) {
+                // Same shape, same element size: element i is read before it is written.
+                let same = plan.values[i].shape == plan.values[out].shape && bytes(i) == bytes(out);
+                if transient(&placements, i) && same {
                     let r = find(&mut parent, i);
                     if last[r] <= k {
                         found = Some(i);
@@ -482,10 +506,10 @@ impl MemoryPlan {
     /// its result (a reshape's result is its operand's contents). A plan
     /// where a buffer is overwritten while still needed fails here.
     pub fn simulate(&self, plan: &Plan) -> Result<(), String> {
-        const EMPTY: usize = usize::MAX;
+        const EMPTY: u32 = u32::MAX;
         let cells = (self.arena_bytes / ALIGN) as usize;
         let mut held = vec![EMPTY; cells];
-        let mut content: Vec<usize> = (0..plan.values.len()).collect();
+        let mut content: Vec<u32> = (0..plan.values.len() as u32).collect();
         let span = |p: &Placement| {
             let a = (p.offset / ALIGN) as usize;
             a..a + (p.bytes.div_ceil(ALIGN) as usize).max(1)

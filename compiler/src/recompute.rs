@@ -13,11 +13,14 @@
 //! VISION_TRANSFORMERS.CHECKPOINT_BLOCK (every block) and CHECKPOINT_MLP
 //! (every block's MLP), and MODEL.ACTIVATION_CHECKPOINTING
 //! (USE_ACTIVATION_CHECKPOINTING with NUM_ACTIVATION_CHECKPOINTING_SPLITS:
-//! the blocks cut into that many consecutive segments, each one region, as
-//! checkpoint_sequential). `--memory-budget` picks regions itself.
+//! the blocks cut into that many consecutive segments, all but the last
+//! recomputed, as checkpoint_sequential). `--memory-budget` picks regions
+//! itself. The backward pass is what depends on autodiff's gradient seed;
+//! other readers outside the forward pass (BatchNorm running statistics)
+//! keep what they read.
 
 use crate::ir::flops::node_flops;
-use crate::ir::{Graph, IrError, ValueId};
+use crate::ir::{Graph, IrError, Op, ValueId};
 use serde_json::Value as J;
 use std::collections::{HashMap, HashSet};
 
@@ -60,15 +63,15 @@ pub fn regions_from_config(cfg: &J, g: &Graph) -> Vec<Vec<String>> {
         return (0..blocks).map(|i| vec![format!("trunk.blocks.{i}.mlp")]).collect();
     }
     if flag("MODEL.ACTIVATION_CHECKPOINTING.USE_ACTIVATION_CHECKPOINTING") && blocks > 0 {
+        // torch.utils.checkpoint.checkpoint_sequential: segments of
+        // blocks // splits blocks; every segment but the last is recomputed.
         let splits = get("MODEL.ACTIVATION_CHECKPOINTING.NUM_ACTIVATION_CHECKPOINTING_SPLITS")
             .and_then(|v| v.as_u64())
             .unwrap_or(2)
             .clamp(1, blocks as u64) as usize;
-        let per = blocks.div_ceil(splits);
-        return (0..blocks)
-            .collect::<Vec<_>>()
-            .chunks(per)
-            .map(|c| c.iter().map(|i| format!("trunk.blocks.{i}")).collect())
+        let per = blocks / splits;
+        return (0..splits.saturating_sub(1))
+            .map(|s| (s * per..(s + 1) * per).map(|i| format!("trunk.blocks.{i}")).collect())
             .collect();
     }
     vec![]
@@ -96,6 +99,30 @@ pub fn recompute(g: &mut Graph, regions: &[Vec<String>], batch: u64) -> Result<R
             stack.extend(g.operands(v));
         }
     }
+    // The backward pass: the ops outside the forward pass downstream of the
+    // gradient seed (the scalar fill of 1 that autodiff starts from; CSE may
+    // have merged it with another such fill, so every one is a start), and
+    // those that feed them (a layer norm's recomputed x-hat). Other readers
+    // outside the forward pass (BatchNorm running statistics) count as
+    // forward readers: the values they read are kept.
+    let mut backward: HashSet<ValueId> = HashSet::new();
+    let mut stack: Vec<ValueId> = g
+        .node_ids()
+        .into_iter()
+        .filter(|&v| matches!(g.node(v).op, Op::Fill { value } if value == 1.0) && g.ty(v).shape.rank() == 0)
+        .flat_map(|v| g.users(v))
+        .collect();
+    while let Some(v) = stack.pop() {
+        if !forward.contains(&v) && backward.insert(v) {
+            stack.extend(g.users(v));
+        }
+    }
+    for &v in g.topo_order()?.iter().rev() {
+        let feeds = !forward.contains(&v) && !g.node(v).op.is_leaf() && g.users(v).iter().any(|u| backward.contains(u));
+        if feeds {
+            backward.insert(v);
+        }
+    }
     let region_of: HashMap<ValueId, usize> = g
         .node_ids()
         .into_iter()
@@ -103,13 +130,14 @@ pub fn recompute(g: &mut Graph, regions: &[Vec<String>], batch: u64) -> Result<R
         .filter_map(|v| regions.iter().position(|r| r.iter().any(|p| within(&g.node(v).scope, p))).map(|i| (v, i)))
         .collect();
     let pinned: HashSet<ValueId> = g.outputs().iter().chain(g.state_updates()).map(|(_, v)| *v).collect();
-    // Recomputable: in a region, not named, and read in the forward pass only
-    // inside its own region (else it is a checkpoint, kept).
+    // Recomputable: in a region, not named, read outside the backward pass
+    // only inside its own region (else it is a checkpoint, kept), and read by
+    // the backward pass.
     let recomputable = |v: ValueId| -> bool {
         let Some(&r) = region_of.get(&v) else { return false };
         !pinned.contains(&v)
-            && g.users(v).iter().all(|u| !forward.contains(u) || region_of.get(u) == Some(&r))
-            && g.users(v).iter().any(|u| !forward.contains(u))
+            && g.users(v).iter().all(|u| backward.contains(u) || region_of.get(u) == Some(&r))
+            && g.users(v).iter().any(|u| backward.contains(u))
     };
     let order = g.topo_order()?;
     let mut new = Graph::new();
@@ -117,8 +145,8 @@ pub fn recompute(g: &mut Graph, regions: &[Vec<String>], batch: u64) -> Result<R
     let mut clone: HashMap<ValueId, ValueId> = HashMap::new();
     let mut cloned_regions: HashSet<usize> = HashSet::new();
     for &v in &order {
-        let backward = !forward.contains(&v) && !g.node(v).op.is_leaf();
-        if backward {
+        let in_backward = backward.contains(&v) && !g.node(v).op.is_leaf();
+        if in_backward {
             // Recompute, right here, every region this op reads a dropped value of.
             for o in g.operands(v) {
                 if !recomputable(o) || clone.contains_key(&o) {
@@ -131,9 +159,16 @@ pub fn recompute(g: &mut Graph, regions: &[Vec<String>], batch: u64) -> Result<R
                 let mut needed: HashSet<ValueId> = HashSet::new();
                 let mut stack: Vec<ValueId> =
                     region_of.iter().filter(|&(&u, &ur)| ur == r && recomputable(u)).map(|(&u, _)| u).collect();
+                // Checkpoints (kept values) are read as they are, not recomputed.
+                let checkpoint = |a: &ValueId| {
+                    pinned.contains(a)
+                        || g.users(*a).iter().any(|u| !backward.contains(u) && region_of.get(u) != Some(&r))
+                };
                 while let Some(u) = stack.pop() {
                     if needed.insert(u) {
-                        stack.extend(g.operands(u).into_iter().filter(|a| region_of.get(a) == Some(&r)));
+                        stack.extend(
+                            g.operands(u).into_iter().filter(|a| region_of.get(a) == Some(&r) && !checkpoint(a)),
+                        );
                     }
                 }
                 for &u in order.iter().filter(|u| needed.contains(u)) {
@@ -152,7 +187,7 @@ pub fn recompute(g: &mut Graph, regions: &[Vec<String>], batch: u64) -> Result<R
             }
         }
         let args: Vec<ValueId> =
-            g.operands(v).iter().map(|a| if backward && recomputable(*a) { clone[a] } else { map[a] }).collect();
+            g.operands(v).iter().map(|a| if in_backward && recomputable(*a) { clone[a] } else { map[a] }).collect();
         map.insert(v, new.add_node_like(g.node(v), &args)?);
     }
     for (name, v) in g.outputs() {

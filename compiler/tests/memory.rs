@@ -183,3 +183,48 @@ fn recomputing_blocks_keeps_fewer_activations_and_costs_flops() {
     // At most one more forward pass (about a third of the step).
     assert!(flops_block < flops * 3 / 2, "{flops} {flops_block}");
 }
+
+#[test]
+fn a_broadcast_operand_of_the_same_byte_size_is_not_overwritten_in_place() {
+    use tessera_compiler::ir::fused::Instr;
+    // a: f32 [1,4] (16 bytes), dying at a fused add with a bf16 [2,4] (16 bytes)
+    // result: writing row 0 would clobber `a` before row 1 reads it.
+    let mut g = Graph::new();
+    let x = g.add_input("x", Shape::consts(&[1, 4]), DType::F32).unwrap();
+    let y = g.add_input("y", Shape::consts(&[2, 4]), DType::BF16).unwrap();
+    let a = g.add_op(Op::Unary(UnaryOp::Exp), &[x], "").unwrap();
+    let body =
+        vec![Instr::Operand(0), Instr::Operand(1), Instr::Cast(DType::BF16, 0), Instr::Binary(BinaryOp::Add, 2, 1)];
+    let out = g.add_op(Op::Fused { body }, &[a, y], "").unwrap();
+    let z = g.add_op(Op::Unary(UnaryOp::Exp), &[out], "").unwrap();
+    g.set_output("z", z);
+    let plan = Plan::lower(&g, 1, false).unwrap();
+    let m = plan_memory(&plan);
+    holds(&plan, &m, "broadcast in place");
+    let fused = plan.kernels.iter().find(|k| k.op.name() == "fused").unwrap();
+    let (pa, po) = (fused.inputs[0], fused.output);
+    assert_eq!(m.placements[pa].bytes, m.placements[po].bytes, "same byte size: the case at issue");
+    assert_ne!(m.placements[pa].offset, m.placements[po].offset, "the result must not take the operand's storage");
+}
+
+#[test]
+fn a_state_update_is_not_written_in_place_while_a_view_of_the_old_value_is_read() {
+    use tessera_compiler::ir::{Init, TensorType};
+    let build = |read_view_late: bool| {
+        let mut g = Graph::new();
+        let w = g.add_param("w", TensorType::f32(Shape::consts(&[64])), Init::Zeros, true, "").unwrap();
+        let view = g.add_op(Op::Reshape { shape: Shape::consts(&[8, 8]) }, &[w], "").unwrap();
+        let early = g.add_op(Op::Unary(UnaryOp::Exp), &[view], "").unwrap();
+        let new_w = g.add_op(Op::Scale { factor: 0.5 }, &[w], "").unwrap();
+        g.add_state_update("w", new_w);
+        let read = if read_view_late { g.add_op(Op::Unary(UnaryOp::Exp), &[view], "").unwrap() } else { early };
+        g.set_output("y", read);
+        let plan = Plan::lower(&g, 1, true).unwrap();
+        let m = plan_memory(&plan);
+        m.check().unwrap();
+        let (w, new_w) = (plan.state("w").unwrap(), plan.state_updates[0].1);
+        m.placements[new_w] == m.placements[w]
+    };
+    assert!(build(false), "nothing reads the old weight after the update: in place");
+    assert!(!build(true), "the view is read after the update: not in place");
+}

@@ -106,6 +106,15 @@ pub(super) fn infer_fused(body: &[Instr], x: &[&TensorType]) -> Result<TensorTyp
         regs.push(ty);
     }
     let out = regs.last().expect("non-empty").clone();
+    // Kernels evaluate at every element of the operands' broadcast shape, so
+    // that must be the result's (an operand larger than the result is an error).
+    let mut all = super::types::Shape(vec![]);
+    for t in x {
+        all = super::infer::broadcast(&all, &t.shape)?;
+    }
+    if all != out.shape {
+        return Err(format!("the operands broadcast to {all}, but the result is {}", out.shape));
+    }
     for (i, instr) in body.iter().enumerate() {
         if instr.random() && regs[i].shape != out.shape {
             return Err(format!(

@@ -198,7 +198,7 @@ pub(super) fn vector_of(role: &str, t: &TensorType, d: Dim, meaning: &str) -> Re
 // ---- broadcasting ----
 
 /// Numpy broadcasting over trailing dims; a dim equal to `Const(1)` stretches.
-fn broadcast(a: &Shape, b: &Shape) -> Result<Shape, String> {
+pub(super) fn broadcast(a: &Shape, b: &Shape) -> Result<Shape, String> {
     let n = a.rank().max(b.rank());
     let one = Dim::Const(1);
     let at = |s: &Shape, i: usize| if i + s.rank() >= n { s.0[i + s.rank() - n] } else { one };

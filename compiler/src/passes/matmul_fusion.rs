@@ -77,7 +77,13 @@ pub(super) fn run(g: &mut Graph) -> Result<String, IrError> {
             continue;
         }
         let [_, d] = g.operands(v)[..] else { continue };
-        if matches!(g.node(d).op, Op::Matmul { .. }) && g.users(d) == [v] && !pinned.contains(&d) {
+        // A product already taking a prologue (its right operand a folded
+        // value's reshape) keeps it; one fusion per product.
+        let takes_prologue = g
+            .operands(d)
+            .get(1)
+            .is_some_and(|&b| matches!(g.node(b).op, Op::Reshape { .. }) && folded.contains_key(&g.operands(b)[0]));
+        if matches!(g.node(d).op, Op::Matmul { .. }) && g.users(d) == [v] && !pinned.contains(&d) && !takes_prologue {
             epilogue.insert(v, d);
         }
     }
