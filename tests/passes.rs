@@ -294,3 +294,22 @@ fn hand_written_soft_target_cross_entropy_becomes_one_op() {
     let report = passes::run(&mut g, &["cross-entropy-pattern"], true, |_, _| {}).unwrap();
     assert_eq!(report[0].detail, "0 hand-written cross-entropies recognised");
 }
+
+#[test]
+fn convit_gated_attention_is_split_into_content_attention_and_a_positional_product() {
+    let prog = Program::load(&[]).unwrap();
+    let cfg = config::load("quickstart/convit_tiny", &[]).unwrap();
+    let (_, _, reports) =
+        tessera_compiler::pipeline::training_graph(&prog, cfg.tree(), PassChoice::for_config(cfg.tree())).unwrap();
+    let gated = reports.iter().find(|r| r.pass == "gated-attention-pattern").unwrap();
+    // Both GPSA blocks of the tiny ConViT (the libtorch parity tests check
+    // the rewritten model's logits and gradients against eager GPSA).
+    assert_eq!(gated.detail, "2 gated attentions split into content attention and positional product");
+    let fused = plan("quickstart/convit_tiny", &[], passes::DEFAULT);
+    let attention = fused.kernels.iter().filter(|k| k.op.name() == "attention").count();
+    assert_eq!(attention, 3, "2 GPSA blocks + 1 plain block, each one attention kernel");
+    // No softmax over per-sample N x N scores is left in the forward pass.
+    let softmax_over_batch =
+        fused.kernels.iter().filter(|k| k.op.name() == "softmax" && fused.values[k.output].shape[0] == 2).count();
+    assert_eq!(softmax_over_batch, 0);
+}

@@ -35,6 +35,11 @@ pub const PASSES: &[Pass] = &[
         run: patterns::attention,
     },
     Pass {
+        name: "gated-attention-pattern",
+        why: "ConViT's gated attention as one content attention plus a positional product sharing v (forward graph)",
+        run: patterns::gated_attention,
+    },
+    Pass {
         name: "cross-entropy-pattern",
         why: "-mean(sum(t * log_softmax(x))) written out by hand becomes one cross_entropy op (forward graph)",
         run: patterns::cross_entropy,
@@ -70,6 +75,7 @@ pub const PASSES: &[Pass] = &[
 /// already plans 9-21% below a plain topological order, and the greedy
 /// reordering moved real peaks by +-0.5% only (`--passes` can add it).
 pub const DEFAULT: &[&str] = &[
+    "gated-attention-pattern",
     "attention-pattern",
     "cross-entropy-pattern",
     "dce",
@@ -83,7 +89,7 @@ pub const DEFAULT: &[&str] = &[
 /// Passes that run on the forward graph before autodiff when chosen (the
 /// pipeline takes them out of the list; after autodiff the backward reads
 /// the intermediates, so they would not match there).
-pub const FORWARD: &[&str] = &["attention-pattern", "cross-entropy-pattern"];
+pub const FORWARD: &[&str] = &["gated-attention-pattern", "attention-pattern", "cross-entropy-pattern"];
 
 /// The default pipeline for a config: with MODEL.AMP_PARAMS.USE_AMP, the
 /// precision pass runs before fusion (so its casts fuse into elementwise chains).

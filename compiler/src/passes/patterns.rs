@@ -12,6 +12,14 @@
 //! targets. Why: one kernel (and one for its gradient) instead of five,
 //! with the log-sum-exp kept in f32.
 //!
+//! Rule `gated-attention-pattern`: ConViT's gated positional self-attention
+//! `((1 - g) softmax(q k^T s) + g P) / sum(...) @ v` (no attention dropout)
+//! is `(1 - g) attention(q, k, v, s) + g (P @ v)`: the product distributes
+//! over the mix, and the renormalising sum is (1 - g) + g = 1 up to
+//! rounding. Why: the N x N content probabilities are never stored (the
+//! positional ones are per head, not per sample), so it costs about what
+//! ViT attention costs.
+//!
 //! Every intermediate value must have no other reader and must not be a
 //! graph output, or the rewrite would lose it.
 
@@ -51,6 +59,23 @@ fn match_attention(g: &Graph, out: ValueId, pin: &HashSet<ValueId>) -> Option<At
         replaced.push(probs);
         (p, dropout, key) = (g.operands(probs)[0], rate, Some(k));
     }
+    let (q, k, scale) = match_probabilities(g, p, pin, &mut replaced)?;
+    // Only where attention's shape rule gives the product's exact type.
+    let op = Op::Attention { scale, dropout, key: 0 };
+    if crate::ir::infer(&op, &[g.ty(q), g.ty(k), g.ty(v)]).ok().as_ref() != Some(g.ty(out)) {
+        return None;
+    }
+    Some(Attn { q, k, v, scale, dropout, key, replaced })
+}
+
+/// `p = softmax((q @ k^T) * s)` over the last axis, all private: (q, k, s),
+/// with the matched ops appended to `replaced`.
+fn match_probabilities(
+    g: &Graph,
+    p: ValueId,
+    pin: &HashSet<ValueId>,
+    replaced: &mut Vec<ValueId>,
+) -> Option<(ValueId, ValueId, f64)> {
     let Op::Softmax { axis } = g.node(p).op else { return None };
     if !private(g, p, pin) || axis + 1 != g.ty(p).shape.rank() {
         return None;
@@ -95,12 +120,7 @@ fn match_attention(g: &Graph, out: ValueId, pin: &HashSet<ValueId>) -> Option<At
             q = g.operands(q)[0];
         }
     }
-    // Only where attention's shape rule gives the product's exact type.
-    let op = Op::Attention { scale, dropout, key: 0 };
-    if crate::ir::infer(&op, &[g.ty(q), g.ty(k), g.ty(v)]).ok().as_ref() != Some(g.ty(out)) {
-        return None;
-    }
-    Some(Attn { q, k, v, scale, dropout, key, replaced })
+    Some((q, k, scale))
 }
 
 pub(super) fn attention(g: &mut Graph) -> Result<String, IrError> {
@@ -137,6 +157,124 @@ pub(super) fn attention(g: &mut Graph) -> Result<String, IrError> {
         Ok(Step::Use(new.add_op(op, &[map[&m.q], map[&m.k], map[&m.v]], &old.node(v).scope)?))
     })?;
     Ok(format!("{found} hand-written attentions recognised"))
+}
+
+/// A matched gated attention (ConViT's GPSA without attention dropout).
+struct Gated {
+    q: ValueId,
+    k: ValueId,
+    v: ValueId,
+    scale: f64,
+    /// The gate g ([.., H, 1, 1]) and 1 - g, as they are in the graph.
+    gate: ValueId,
+    one_minus_gate: ValueId,
+    /// The positional probabilities ([1, H, N, N]).
+    positional: ValueId,
+    replaced: Vec<ValueId>,
+}
+
+/// `((1 - g) * softmax(q k^T s) + g * P) / sum(...) @ v`, ConViT's gated
+/// positional self-attention, with no dropout on the mixed probabilities.
+fn match_gated(g: &Graph, out: ValueId, pin: &HashSet<ValueId>) -> Option<Gated> {
+    let Op::Matmul { transpose_a: false, transpose_b: false } = g.node(out).op else { return None };
+    let [normed, v] = g.operands(out)[..] else { return None };
+    let Op::Binary(BinaryOp::Div) = g.node(normed).op else { return None };
+    let [mixed, total] = g.operands(normed)[..] else { return None };
+    let r = g.ty(mixed).shape.rank();
+    let sums_last =
+        matches!(g.node(total).op, Op::Reduce { op: ReduceOp::Sum, ref axes, keepdim: true } if axes == &[r - 1]);
+    if !private(g, normed, pin) || !sums_last || !private(g, total, pin) || g.operands(total) != [mixed] {
+        return None;
+    }
+    // `mixed` is read by the sum and the division only.
+    if pin.contains(&mixed) || g.users(mixed).len() != 2 {
+        return None;
+    }
+    let Op::Binary(BinaryOp::Add) = g.node(mixed).op else { return None };
+    let [t1, t2] = g.operands(mixed)[..] else { return None };
+    let mut replaced = vec![normed, total, mixed];
+    // Which product holds the content probabilities (a softmax of scores)?
+    let factors = |t: ValueId| -> Option<(ValueId, ValueId)> {
+        let Op::Binary(BinaryOp::Mul) = g.node(t).op else { return None };
+        let [a, b] = g.operands(t)[..] else { return None };
+        Some((a, b))
+    };
+    let ((c1, c2), (p1, p2)) = (factors(t1)?, factors(t2)?);
+    for t in [t1, t2] {
+        if !private(g, t, pin) {
+            return None;
+        }
+        replaced.push(t);
+    }
+    let is_probs = |v: ValueId| matches!(g.node(v).op, Op::Softmax { .. });
+    // Content term: (1 - g) * softmax(scores); positional: g * P.
+    let (content_terms, positional_terms) =
+        if is_probs(c1) || is_probs(c2) { ((c1, c2), (p1, p2)) } else { ((p1, p2), (c1, c2)) };
+    let (one_minus_gate, probs) =
+        if is_probs(content_terms.1) { content_terms } else { (content_terms.1, content_terms.0) };
+    let (q, k, scale) = match_probabilities(g, probs, pin, &mut replaced)?;
+    // 1 - g written as add_scalar(1, neg(g)) or add_scalar(1, scale(-1, g)).
+    let Op::AddScalar { value } = g.node(one_minus_gate).op else { return None };
+    let negated = g.operands(one_minus_gate)[0];
+    let negates = matches!(g.node(negated).op, Op::Unary(UnaryOp::Neg))
+        || matches!(g.node(negated).op, Op::Scale { factor } if factor == -1.0);
+    if value != 1.0 || !negates {
+        return None;
+    }
+    let gate = g.operands(negated)[0];
+    let (pa, pb) = positional_terms;
+    let positional = if pa == gate {
+        pb
+    } else if pb == gate {
+        pa
+    } else {
+        return None;
+    };
+    // Shapes: content attention as the op takes it, the positional product
+    // broadcasting over the batch, the gate over tokens.
+    let op = Op::Attention { scale, dropout: 0.0, key: 0 };
+    let content = crate::ir::infer(&op, &[g.ty(q), g.ty(k), g.ty(v)]).ok()?;
+    let pos = crate::ir::infer(&Op::matmul(), &[g.ty(positional), g.ty(v)]).ok()?;
+    if &content != g.ty(out) || &pos != g.ty(out) {
+        return None;
+    }
+    Some(Gated { q, k, v, scale, gate, one_minus_gate, positional, replaced })
+}
+
+pub(super) fn gated_attention(g: &mut Graph) -> Result<String, IrError> {
+    let pin = pinned(g);
+    let mut matches: HashMap<ValueId, Gated> = HashMap::new();
+    for v in g.node_ids() {
+        if let Some(m) = match_gated(g, v, &pin) {
+            matches.insert(v, m);
+        }
+    }
+    let replaced: HashSet<ValueId> = matches.values().flat_map(|m| m.replaced.iter().copied()).collect();
+    let mut next_key = g
+        .node_ids()
+        .iter()
+        .filter_map(|&v| match g.node(v).op {
+            Op::Dropout { key, .. } | Op::DropPath { key, .. } | Op::Attention { key, .. } => Some(key),
+            _ => None,
+        })
+        .max()
+        .map_or(1, |k| k + 1);
+    let found = matches.len();
+    *g = rebuild(g, |old, v, new, map| {
+        if replaced.contains(&v) {
+            return Ok(Step::Skip);
+        }
+        let Some(m) = matches.get(&v) else { return Ok(Step::Copy) };
+        let scope = old.node(v).scope.clone();
+        next_key += 1;
+        let op = Op::Attention { scale: m.scale, dropout: 0.0, key: next_key - 1 };
+        let content = new.add_op(op, &[map[&m.q], map[&m.k], map[&m.v]], &scope)?;
+        let positional = new.add_op(Op::matmul(), &[map[&m.positional], map[&m.v]], &scope)?;
+        let a = new.add_op(Op::Binary(BinaryOp::Mul), &[map[&m.one_minus_gate], content], &scope)?;
+        let b = new.add_op(Op::Binary(BinaryOp::Mul), &[map[&m.gate], positional], &scope)?;
+        Ok(Step::Use(new.add_op(Op::Binary(BinaryOp::Add), &[a, b], &scope)?))
+    })?;
+    Ok(format!("{found} gated attentions split into content attention and positional product"))
 }
 
 /// Whether a gradient could flow from `v` back to a trainable parameter
