@@ -1,13 +1,13 @@
 //! CPU training-step throughput of the tiny ViT of `bench_train_step` with
-//! every compiler pass (the default plan) against no passes at all (one
-//! kernel per op), in one process, alternating repetitions; prints the
-//! ratio. No libtorch needed:
+//! the CPU pipeline's passes (`passes::default_for_cpu`, what
+//! `training_plan` uses) against no passes at all (one kernel per op), in
+//! one process, alternating repetitions; prints the ratio. No libtorch needed:
 //!
 //!     cargo run --release --example bench_fusion
 //!
 //! Options (environment): `BENCH_THREADS` (default 2), `BENCH_REPS` (default
 //! 7 repetitions of `BENCH_STEPS`, default 5, steps each), `BENCH_PASSES`
-//! (the passes of the fused plan, comma-separated; default: all).
+//! (the passes of the fused plan, comma-separated; default: the CPU pipeline).
 
 use std::time::Instant;
 use tessera_compiler::elaborate::Program;
@@ -70,7 +70,7 @@ fn main() {
     let chosen = std::env::var("BENCH_PASSES").ok();
     let names: Vec<&str> = match &chosen {
         Some(list) => list.split(',').map(str::trim).filter(|s| !s.is_empty()).collect(),
-        None => passes::DEFAULT.to_vec(),
+        None => passes::default_for_cpu(),
     };
     let mut fused = build(names);
     let mut unfused = build(vec![]);

@@ -35,6 +35,11 @@ impl PassChoice<'_> {
         PassChoice { passes: passes::default_for(uses_amp(cfg)), regions: None, after: Box::new(|_, _| {}) }
     }
 
+    /// The CPU backend's pipeline (`passes::default_for_cpu`).
+    pub fn for_cpu() -> Self {
+        PassChoice { passes: passes::default_for_cpu(), regions: None, after: Box::new(|_, _| {}) }
+    }
+
     /// These passes, the config's recomputation, no callback.
     pub fn passes<'b>(names: Vec<&'b str>) -> PassChoice<'b> {
         PassChoice { passes: names, regions: None, after: Box::new(|_, _| {}) }
@@ -51,9 +56,11 @@ fn internal(e: impl std::fmt::Display) -> CompileError {
 }
 
 /// The training step (forward, loss, backward, clipping, optimizer update)
-/// of the experiment, lowered for `batch` samples per replica.
+/// of the experiment, lowered for `batch` samples per replica and compiled
+/// for the CPU backend (`PassChoice::for_cpu`; GPU plans and memory reports
+/// use `training_plan_with(.., PassChoice::for_config(cfg))`).
 pub fn training_plan(prog: &Program, cfg: &J, batch: u64) -> Result<(Plan, Compiled), CompileError> {
-    training_plan_with(prog, cfg, batch, PassChoice::for_config(cfg)).map(|(p, c, _)| (p, c))
+    training_plan_with(prog, cfg, batch, PassChoice::for_cpu()).map(|(p, c, _)| (p, c))
 }
 
 /// `training_plan` with a choice of passes; also returns each pass's report.

@@ -104,6 +104,15 @@ pub fn default_for(amp: bool) -> Vec<&'static str> {
     p
 }
 
+/// The pipeline for the CPU backend: `DEFAULT` without `fuse-into-matmul`
+/// and without mixed precision. Both trade arithmetic for memory (GELU and
+/// layer norm recomputed inside two products each; casts that the CPU, which
+/// stores every float as f32, only copies), a trade that pays on a GPU's
+/// memory but not on a CPU whose tensors of this size sit in cache.
+pub fn default_for_cpu() -> Vec<&'static str> {
+    DEFAULT.iter().copied().filter(|&p| p != "fuse-into-matmul").collect()
+}
+
 /// The names of every pass.
 pub fn default_passes() -> Vec<&'static str> {
     PASSES.iter().map(|p| p.name).collect()
