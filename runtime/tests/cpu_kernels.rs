@@ -1152,3 +1152,14 @@ fn linear_throughput_on_a_vit_b_mlp_product() {
         rayon::current_num_threads()
     );
 }
+
+#[test]
+fn sum_of_squares_covers_every_element_of_every_operand() {
+    let a = Tensor::f32(vec![2, 3], vec![1.0, -2.0, 3.0, 0.5, 0.0, -1.5]);
+    let b = Tensor::f32(vec![40_000], (0..40_000).map(|i| ((i % 7) as f32 - 3.0) * 0.1).collect());
+    let want: f64 = a.as_f32().unwrap().iter().chain(b.as_f32().unwrap()).map(|&v| (v as f64) * (v as f64)).sum();
+    let got = run_op(Op::SumOfSquares, &[&a, &b]);
+    assert_eq!(got.shape, Vec::<usize>::new());
+    let got = got.as_f32().unwrap()[0] as f64;
+    assert!((got - want).abs() <= 1e-6 * want, "{got} vs {want}");
+}

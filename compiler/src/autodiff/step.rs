@@ -7,7 +7,7 @@
 
 use super::backward;
 use super::rules::Builder;
-use crate::ir::{BinaryOp, DType, Graph, Init, IrError, Op, ReduceOp, Shape, TensorType, UnaryOp, ValueId};
+use crate::ir::{BinaryOp, DType, Graph, Init, IrError, Op, Shape, TensorType, UnaryOp, ValueId};
 use crate::param_groups::ParamGroup;
 use serde_json::Value as J;
 
@@ -138,17 +138,12 @@ fn batch_norm_updates(g: &mut Graph) -> Result<(), IrError> {
 /// (reference 6.4): g *= min(1, max_norm / (||g|| + 1e-6)).
 fn clip(g: &mut Graph, grads: &mut [(String, ValueId)], max_norm: f64) -> Result<(), IrError> {
     let mut b = Builder { g, scope: "optim.clip".into() };
-    let mut total = None;
-    for (_, d) in grads.iter() {
-        let sq = b.op(Op::Unary(UnaryOp::Square), &[*d])?;
-        let r = b.g.ty(sq).shape.rank();
-        let s = b.op(Op::Reduce { op: ReduceOp::Sum, axes: (0..r).collect(), keepdim: false }, &[sq])?;
-        total = Some(match total {
-            None => s,
-            Some(t) => b.bin(BinaryOp::Add, t, s)?,
-        });
+    if grads.is_empty() {
+        return Ok(());
     }
-    let Some(total) = total else { return Ok(()) };
+    // One kernel over every gradient (not a square and a sum per tensor).
+    let all: Vec<ValueId> = grads.iter().map(|(_, d)| *d).collect();
+    let total = b.op(Op::SumOfSquares, &all)?;
     let norm = b.op(Op::Unary(UnaryOp::Sqrt), &[total])?;
     let shifted = b.op(Op::AddScalar { value: 1e-6 }, &[norm])?;
     let inv = b.op(Op::Unary(UnaryOp::Recip), &[shifted])?;

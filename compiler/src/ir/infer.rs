@@ -69,6 +69,14 @@ pub(crate) fn infer(op: &Op, x: &[&TensorType]) -> Rule {
         Op::QueuePush { world } => queue_push(x, *world),
         Op::QueueAdvance { world } => queue_advance(x, *world),
         Op::Fused { body } => super::fused::infer_fused(body, x),
+        Op::SumOfSquares => {
+            let first = x.first().ok_or("expects at least 1 operand, got 0")?;
+            let named: Vec<(String, &TensorType)> =
+                x.iter().enumerate().map(|(i, t)| (format!("operand {i}"), *t)).collect();
+            let named: Vec<(&str, &TensorType)> = named.iter().map(|(n, t)| (n.as_str(), *t)).collect();
+            floats_alike(&named)?;
+            Ok(TensorType::new(Shape::scalar(), first.dtype))
+        }
         Op::GeluLinear => linear(x),
         Op::LayerNormLinear { .. } => {
             if x.len() < 4 {

@@ -262,6 +262,10 @@ pub enum Op {
     DivCount {
         count: Dim,
     },
+    /// `(x_1, ..., x_n) -> []`: the sum of the squares of every element of
+    /// every operand (the squared global L2 norm of gradient clipping, one
+    /// kernel over all gradients).
+    SumOfSquares,
 
     // ---- fused ops (made by compiler passes) ----
     /// `(z [..., I], w [O, I], b? [O]) -> [..., O]`: `linear(gelu(z), w, b)`,
@@ -370,6 +374,7 @@ impl Op {
             Op::GeluGrad => "gelu_grad",
             Op::AttentionGrad { .. } => "attention_grad",
             Op::Fused { .. } => "fused",
+            Op::SumOfSquares => "sum_of_squares",
             Op::GeluLinear => "gelu_linear",
             Op::MatmulGeluRhs { .. } => "matmul_gelu_rhs",
             Op::MatmulGeluGrad { .. } => "matmul_gelu_grad",

@@ -159,7 +159,7 @@ fn attributes(op: &Op) -> Vec<(&'static str, String)> {
             }
             v
         }
-        Op::Linear | Op::GeluLinear | Op::Unary(_) | Op::Binary(_) | Op::StopGradient => vec![],
+        Op::Linear | Op::GeluLinear | Op::SumOfSquares | Op::Unary(_) | Op::Binary(_) | Op::StopGradient => vec![],
     }
 }
 

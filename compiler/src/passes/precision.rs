@@ -57,6 +57,7 @@ fn class(op: &Op) -> Class {
         | Op::CrossEntropy { .. }
         | Op::CrossEntropyGrad { .. }
         | Op::Reduce { .. }
+        | Op::SumOfSquares
         | Op::AllReduce { .. } => Class::Full,
         _ => Class::Promote,
     }

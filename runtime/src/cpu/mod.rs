@@ -113,6 +113,7 @@ pub fn run_kernel(op: &Op, x: &[&Tensor], ctx: &Ctx) -> Result<Tensor, KernelErr
         Op::Conv2dGradWeight { stride, padding, kernel } => conv::conv2d_grad_weight(x, *stride, *padding, *kernel),
         Op::Pad { axis, before, after } => layout::pad(x, *axis, fixed(*before)?, fixed(*after)?),
         Op::DivCount { count } => elementwise::div_scalar(x, fixed(*count)? as f64),
+        Op::SumOfSquares => reduce::sum_of_squares(x),
     }
 }
 

@@ -123,6 +123,28 @@ impl Reduction {
 }
 
 /// `Reduce { op, axes, keepdim }`.
+/// `SumOfSquares (x_1, ..., x_n) -> []`: sum of x^2 over every element of
+/// every operand, accumulated in f64 lanes (the squared global L2 norm).
+pub fn sum_of_squares(x: &[&Tensor]) -> Result<Tensor, KernelError> {
+    if x.is_empty() {
+        return Err(super::error::invalid("expects at least 1 operand, got 0"));
+    }
+    let mut total = 0.0f64;
+    for (i, t) in x.iter().enumerate() {
+        let d = super::kernel::f32_of(t, &format!("operand {i}"))?;
+        total += d
+            .par_chunks(super::kernel::PAR_CHUNK)
+            .map(|c| {
+                super::simd::vectorized(
+                    #[inline(always)]
+                    || super::simd::sum_map_f64(c, |v| v * v),
+                )
+            })
+            .sum::<f64>();
+    }
+    Ok(Tensor::scalar_f32(total as f32))
+}
+
 pub fn reduce(x: &[&Tensor], op: ReduceOp, axes: &[usize], keepdim: bool) -> Result<Tensor, KernelError> {
     let [t] = operands(x, ["input"])?;
     for (i, &a) in axes.iter().enumerate() {
