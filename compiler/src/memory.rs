@@ -414,7 +414,7 @@ impl MemoryPlan {
     /// when transient; a dashed line at the loss. Hover shows each block.
     pub fn to_svg(&self, title: &str, kernels: usize, loss_kernel: Option<usize>) -> String {
         use std::fmt::Write;
-        let (w, h, left, top, bottom) = (1200.0f64, 640.0f64, 70.0f64, 40.0f64, 40.0f64);
+        let (w, h, left, top, bottom) = (1200.0f64, 660.0f64, 90.0f64, 56.0f64, 40.0f64);
         let plot_w = w - left - 20.0;
         let plot_h = h - top - bottom;
         let xs = plot_w / kernels.max(1) as f64;
@@ -484,15 +484,10 @@ impl MemoryPlan {
         }
         let _ = writeln!(
             s,
-            r##"<rect x="{}" y="{}" width="10" height="10" fill="#4c78a8"/><text x="{}" y="{}">kept for backward</text><rect x="{}" y="{}" width="10" height="10" fill="#f58518"/><text x="{}" y="{}">transient</text>"##,
-            w - 260.0,
-            8.0,
-            w - 245.0,
-            17.0,
-            w - 130.0,
-            8.0,
-            w - 115.0,
-            17.0
+            r##"<rect x="{left}" y="30" width="10" height="10" fill="#4c78a8"/><text x="{}" y="39">kept for backward</text><rect x="{}" y="30" width="10" height="10" fill="#f58518"/><text x="{}" y="39">transient</text>"##,
+            left + 15.0,
+            left + 140.0,
+            left + 155.0
         );
         s.push_str("</svg>\n");
         s
