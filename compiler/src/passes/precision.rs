@@ -109,47 +109,22 @@ pub(super) fn run_bf16(g: &mut Graph) -> Result<String, IrError> {
 fn run(g: &mut Graph, low: DType) -> Result<String, IrError> {
     let mut casts: HashMap<(ValueId, DType), ValueId> = HashMap::new();
     let mut low_ops = 0;
+    // The dtype each output and state update must keep.
+    let named: HashMap<ValueId, DType> =
+        g.outputs().iter().chain(g.state_updates()).map(|(_, v)| (*v, g.ty(*v).dtype)).collect();
     let mut new = rebuild(g, |old, v, new, map| {
-        let node = old.node(v);
-        if node.op.is_leaf() || matches!(node.op, Op::Cast { .. }) {
-            return Ok(Step::Copy);
+        let nv = assign(old, v, new, map, &mut casts, &mut low_ops, low)?;
+        // A named value made in low precision is cast back right where it is
+        // made (a weight gradient: its bf16 copy dies at once), not at the end.
+        if let Some(&want) = named.get(&v) {
+            let scope = old.node(v).scope.clone();
+            cast(new, &mut casts, nv, want, &scope)?;
         }
-        let operands = mapped(old, v, map)?;
-        let floats: Vec<usize> = (0..operands.len()).filter(|&i| new.ty(operands[i]).dtype.is_float()).collect();
-        let target = match class(&node.op) {
-            Class::Low => {
-                low_ops += 1;
-                low
-            }
-            Class::NormProduct(full) => {
-                low_ops += 1;
-                let mut args = operands.clone();
-                for &i in &floats {
-                    let want = if full.contains(&i) { DType::F32 } else { low };
-                    args[i] = cast(new, &mut casts, operands[i], want, &node.scope)?;
-                }
-                return Ok(Step::Use(new.add_op(node.op.clone(), &args, &node.scope)?));
-            }
-            Class::Full => DType::F32,
-            Class::Promote => {
-                // Non-scalar operands decide; scalars follow (lr, eps, counts).
-                let tensors: Vec<usize> =
-                    floats.iter().copied().filter(|&i| new.ty(operands[i]).shape.rank() > 0).collect();
-                let deciding = if tensors.is_empty() { &floats } else { &tensors };
-                match deciding.iter().map(|&i| new.ty(operands[i]).dtype).max_by_key(|&d| rank_of_float(d)) {
-                    Some(d) => d,
-                    None => return Ok(Step::Copy),
-                }
-            }
-        };
-        let mut args = operands.clone();
-        for &i in &floats {
-            args[i] = cast(new, &mut casts, operands[i], target, &node.scope)?;
-        }
-        Ok(Step::Use(new.add_op(node.op.clone(), &args, &node.scope)?))
+        Ok(Step::Use(nv))
     })?;
     // Outputs and state updates keep their dtypes: gradients and new weights
-    // go back to f32 (the master copy) where a low-precision op made them.
+    // go back to f32 (the master copy) where a low-precision op made them
+    // (the casts made above).
     let old_types: HashMap<String, DType> =
         g.outputs().iter().chain(g.state_updates()).map(|(n, v)| (n.clone(), g.ty(*v).dtype)).collect();
     let mut restored = 0;
@@ -173,6 +148,56 @@ fn run(g: &mut Graph, low: DType) -> Result<String, IrError> {
     }
     *g = new;
     Ok(format!("{low_ops} ops in {low}, {} casts ({restored} back to the outputs' dtypes)", casts.len()))
+}
+
+/// Node `v` of `old` added to `new`, its float operands cast as its class says.
+fn assign(
+    old: &Graph,
+    v: ValueId,
+    new: &mut Graph,
+    map: &HashMap<ValueId, ValueId>,
+    casts: &mut HashMap<(ValueId, DType), ValueId>,
+    low_ops: &mut usize,
+    low: DType,
+) -> Result<ValueId, IrError> {
+    let node = old.node(v);
+    let operands = mapped(old, v, map)?;
+    if node.op.is_leaf() || matches!(node.op, Op::Cast { .. }) {
+        return new.add_node_like(node, &operands);
+    }
+    let floats: Vec<usize> = (0..operands.len()).filter(|&i| new.ty(operands[i]).dtype.is_float()).collect();
+    let mut args = operands.clone();
+    match class(&node.op) {
+        Class::NormProduct(full) => {
+            *low_ops += 1;
+            for &i in &floats {
+                let want = if full.contains(&i) { DType::F32 } else { low };
+                args[i] = cast(new, casts, operands[i], want, &node.scope)?;
+            }
+        }
+        c => {
+            let target = match c {
+                Class::Low => {
+                    *low_ops += 1;
+                    Some(low)
+                }
+                Class::Full => Some(DType::F32),
+                // Non-scalar operands decide; scalars follow (lr, eps, counts).
+                _ => {
+                    let tensors: Vec<usize> =
+                        floats.iter().copied().filter(|&i| new.ty(operands[i]).shape.rank() > 0).collect();
+                    let deciding = if tensors.is_empty() { &floats } else { &tensors };
+                    deciding.iter().map(|&i| new.ty(operands[i]).dtype).max_by_key(|&d| rank_of_float(d))
+                }
+            };
+            if let Some(target) = target {
+                for &i in &floats {
+                    args[i] = cast(new, casts, operands[i], target, &node.scope)?;
+                }
+            }
+        }
+    }
+    new.add_op(node.op.clone(), &args, &node.scope)
 }
 
 #[cfg(test)]
