@@ -123,6 +123,19 @@ fn match_probabilities(
     Some((q, k, scale))
 }
 
+/// A random-stream key no op of `g` uses (new attention ops take one even
+/// without dropout, so keys stay unique).
+fn unused_key(g: &Graph) -> u32 {
+    g.node_ids()
+        .iter()
+        .filter_map(|&v| match g.node(v).op {
+            Op::Dropout { key, .. } | Op::DropPath { key, .. } | Op::Attention { key, .. } => Some(key),
+            _ => None,
+        })
+        .max()
+        .map_or(1, |k| k + 1)
+}
+
 pub(super) fn attention(g: &mut Graph) -> Result<String, IrError> {
     let pin = pinned(g);
     let mut matches: HashMap<ValueId, Attn> = HashMap::new();
@@ -132,16 +145,7 @@ pub(super) fn attention(g: &mut Graph) -> Result<String, IrError> {
         }
     }
     let replaced: HashSet<ValueId> = matches.values().flat_map(|m| m.replaced.iter().copied()).collect();
-    // A fresh random-stream key for attention without dropout (unused, but unique).
-    let mut next_key = g
-        .node_ids()
-        .iter()
-        .filter_map(|&v| match g.node(v).op {
-            Op::Dropout { key, .. } | Op::DropPath { key, .. } | Op::Attention { key, .. } => Some(key),
-            _ => None,
-        })
-        .max()
-        .map_or(1, |k| k + 1);
+    let mut next_key = unused_key(g);
     let mut found = 0;
     *g = rebuild(g, |old, v, new, map| {
         if replaced.contains(&v) {
@@ -250,15 +254,7 @@ pub(super) fn gated_attention(g: &mut Graph) -> Result<String, IrError> {
         }
     }
     let replaced: HashSet<ValueId> = matches.values().flat_map(|m| m.replaced.iter().copied()).collect();
-    let mut next_key = g
-        .node_ids()
-        .iter()
-        .filter_map(|&v| match g.node(v).op {
-            Op::Dropout { key, .. } | Op::DropPath { key, .. } | Op::Attention { key, .. } => Some(key),
-            _ => None,
-        })
-        .max()
-        .map_or(1, |k| k + 1);
+    let mut next_key = unused_key(g);
     let found = matches.len();
     *g = rebuild(g, |old, v, new, map| {
         if replaced.contains(&v) {
