@@ -1,9 +1,15 @@
-//! Graph -> graph passes between autodiff and lowering. Each pass returns a
-//! one-line report; `run` verifies the graph after every pass in debug builds
-//! and tests (and whenever asked), so a broken pass fails at that pass.
+//! Graph -> graph passes around autodiff and before lowering. Each pass
+//! returns a one-line report; `run` verifies the graph after every pass in
+//! debug builds and tests (and whenever asked), so a broken pass fails at
+//! that pass.
 //!
-//! Order (`DEFAULT`): dead code, then common subexpressions, then constant
-//! folding (each exposes work for the next), dead code again, then fusion.
+//! Order (`DEFAULT`): the pattern rules on the forward graph (`FORWARD`,
+//! before autodiff); then dead code, common subexpressions and constant
+//! folding (each exposes work for the next), dead code again; recomputation
+//! (`crate::recompute`, after CSE, which would merge recomputed ops back);
+//! then the fusion rules (and `amp-bf16` before elementwise fusion when the
+//! config uses AMP: `default_for`). The CPU backend's pipeline is
+//! `default_for_cpu`.
 
 mod cse;
 mod fold;
