@@ -9,18 +9,16 @@
 //! 7 repetitions of `BENCH_STEPS`, default 5, steps each), `BENCH_PASSES`
 //! (the passes of the fused plan, comma-separated; default: the CPU pipeline).
 
+#[path = "common/bench.rs"]
+mod bench;
+
+use bench::{env_usize, median, tiny_vit_overrides, BATCH};
 use std::time::Instant;
 use tessera_compiler::elaborate::Program;
 use tessera_compiler::pipeline::{training_plan_with, PassChoice};
 use tessera_compiler::plan::{Plan, Source};
 use tessera_compiler::{config, passes};
 use tessera_runtime::cpu::{CpuExecutor, Tensor};
-
-const BATCH: usize = 64;
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.trim().parse().ok()).unwrap_or(default)
-}
 
 /// Deterministic inputs: images in [-1, 1), labels 0..9, AdamW scalars for step t.
 fn inputs(plan: &Plan, t: i32) -> Vec<(String, Tensor)> {
@@ -46,19 +44,7 @@ fn main() {
     let threads = env_usize("BENCH_THREADS", 2);
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     let (reps, steps) = (env_usize("BENCH_REPS", 7), env_usize("BENCH_STEPS", 5));
-    let overrides: Vec<String> = [
-        "MODEL.TRUNK.VISION_TRANSFORMERS.IMAGE_SIZE=32",
-        "MODEL.TRUNK.VISION_TRANSFORMERS.PATCH_SIZE=4",
-        "MODEL.TRUNK.VISION_TRANSFORMERS.HIDDEN_DIM=96",
-        "MODEL.TRUNK.VISION_TRANSFORMERS.NUM_LAYERS=4",
-        "MODEL.TRUNK.VISION_TRANSFORMERS.NUM_HEADS=3",
-        "MODEL.TRUNK.VISION_TRANSFORMERS.MLP_DIM=384",
-        "MODEL.HEAD.PARAMS.0.1.dims=[96,10]",
-        "DATA.TRAIN.BATCHSIZE_PER_REPLICA=64",
-        "OPTIMIZER.weight_decay=0.05",
-    ]
-    .map(String::from)
-    .to_vec();
+    let overrides = tiny_vit_overrides();
     let cfg = config::load("quickstart/vit_tiny", &overrides).unwrap_or_else(|e| panic!("{e}"));
     let prog = Program::load(&[]).expect("embedded models");
     let build = |names: Vec<&str>| {
@@ -104,10 +90,6 @@ fn main() {
         }
         b.push((steps * BATCH) as f64 / s.elapsed().as_secs_f64());
     }
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(|x, y| x.partial_cmp(y).unwrap());
-        v[v.len() / 2]
-    };
     let (mf, mu) = (median(a), median(b));
     println!("last loss: fused {lf:.5}, unfused {lu:.5}");
     println!("fused:   {mf:.1} img/s\nunfused: {mu:.1} img/s\nratio fused/unfused: {:.3}", mf / mu);

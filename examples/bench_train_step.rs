@@ -24,8 +24,12 @@
 //! which kernels dominate, and libtorch's step is split into forward,
 //! backward and optimizer.
 
+#[path = "common/bench.rs"]
+mod bench;
 #[path = "../tests/oracle/models.rs"]
 mod models;
+
+use bench::{env_usize, median, tiny_vit_overrides, BATCH};
 
 use models::{labels, normal_values, ModelSpec, Params};
 use std::collections::{BTreeMap, HashMap};
@@ -40,22 +44,7 @@ use tessera_compiler::pipeline::training_plan;
 use tessera_compiler::plan::Source;
 use tessera_runtime::cpu::{pool, run_kernel, CpuExecutor, Ctx, Tensor};
 
-const BATCH: usize = 64;
 const LR: f64 = 1e-3;
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.trim().parse().ok()).unwrap_or(default)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
 
 fn main() {
     let threads = env_usize("BENCH_THREADS", 2);
@@ -65,20 +54,7 @@ fn main() {
     tch::manual_seed(0);
     let (warmup, reps, steps) = (env_usize("BENCH_WARMUP", 5), env_usize("BENCH_REPS", 9), env_usize("BENCH_STEPS", 5));
 
-    let overrides: Vec<String> = [
-        "MODEL.TRUNK.VISION_TRANSFORMERS.IMAGE_SIZE=32",
-        "MODEL.TRUNK.VISION_TRANSFORMERS.PATCH_SIZE=4",
-        "MODEL.TRUNK.VISION_TRANSFORMERS.HIDDEN_DIM=96",
-        "MODEL.TRUNK.VISION_TRANSFORMERS.NUM_LAYERS=4",
-        "MODEL.TRUNK.VISION_TRANSFORMERS.NUM_HEADS=3",
-        "MODEL.TRUNK.VISION_TRANSFORMERS.MLP_DIM=384",
-        "MODEL.HEAD.PARAMS.0.1.dims=[96,10]",
-        "DATA.TRAIN.BATCHSIZE_PER_REPLICA=64",
-        "OPTIMIZER.weight_decay=0.05",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let overrides = tiny_vit_overrides();
     let cfg = config::load("quickstart/vit_tiny", &overrides).unwrap_or_else(|e| panic!("{e}"));
     let prog = Program::load(&[]).expect("embedded models");
     let (plan, compiled) = training_plan(&prog, cfg.tree(), BATCH as u64).unwrap_or_else(|e| panic!("{e}"));

@@ -401,21 +401,12 @@ fn run(cli: Cli) -> Result<()> {
                 Some(b) => memory_report::fit_budget(&graph_with, batch, b)?,
                 None => (graph_with(None)?, None),
             };
-            // The baseline order: the same graph in a plain topological order.
-            let unscheduled =
-                Some(tessera_compiler::passes::plain_topological(&step).map_err(|e| anyhow::anyhow!("{e}"))?);
             let device = match &device_memory {
                 Some(s) => Some(parse_bytes(s).map_err(|e| anyhow::anyhow!("--device-memory: {e}"))?),
                 None if max_batch => bail!("--max-batch needs --device-memory SIZE (e.g. 80GiB)"),
                 None => None,
             };
-            let mut report = memory_report::report(
-                &step,
-                unscheduled.as_ref(),
-                cfg.name(),
-                batch,
-                max_batch.then_some(device).flatten(),
-            )?;
+            let mut report = memory_report::report(&step, cfg.name(), batch, max_batch.then_some(device).flatten())?;
             if let Some((text, json)) = budget_note {
                 report.text += &text;
                 report.json["memory_budget"] = json;

@@ -21,7 +21,7 @@ pub fn fit_budget(
     let blocks = tessera_compiler::recompute::block_count(&none);
     let flops = |g: &Graph| tessera_compiler::ir::flops::total_flops(g, batch);
     let base_flops = flops(&none);
-    let mut candidates: Vec<Vec<Vec<String>>> = vec![vec![]];
+    let mut candidates: Vec<Vec<Vec<String>>> = vec![];
     for k in 1..=blocks {
         candidates.push((0..k).map(|i| vec![format!("trunk.blocks.{i}.mlp")]).collect());
     }
@@ -32,9 +32,14 @@ pub fn fit_budget(
                 .collect(),
         );
     }
+    // No recomputation first: the step already built.
+    let mut unrecomputed = Some(none);
     let mut last_peak = 0;
-    for regions in candidates {
-        let step = if regions.is_empty() { build(Some(vec![]))? } else { build(Some(regions.clone()))? };
+    for regions in std::iter::once(vec![]).chain(candidates) {
+        let step = match unrecomputed.take() {
+            Some(g) => g,
+            None => build(Some(regions.clone()))?,
+        };
         let peak = planned(&step, batch)?.1.peak_bytes;
         last_peak = peak;
         if peak <= budget {
@@ -104,15 +109,8 @@ fn max_batch(step: &Graph, device: u64) -> Result<(u64, Option<u64>)> {
     Ok((lo, Some(peak(lo)?)))
 }
 
-/// `unscheduled`: the same step in a plain topological order, whose peak is
-/// reported beside the planned order's.
-pub fn report(
-    step: &Graph,
-    unscheduled: Option<&Graph>,
-    config: &str,
-    batch: u64,
-    device: Option<u64>,
-) -> Result<Report> {
+/// Also reports the peak of the same step in a plain topological order.
+pub fn report(step: &Graph, config: &str, batch: u64, device: Option<u64>) -> Result<Report> {
     let (plan, m) = planned(step, batch)?;
     let loss_kernel = plan.outputs.iter().find(|(n, _)| n == "loss").and_then(|(_, v)| match plan.values[*v].source {
         Source::Kernel(k) => Some(k),
@@ -154,8 +152,9 @@ pub fn report(
         "lower_bound_bytes": m.lower_bound_bytes,
         "in_place": m.in_place,
     });
-    if let Some(plain) = unscheduled {
-        let peak = planned(plain, batch)?.1.peak_bytes;
+    {
+        let plain = tessera_compiler::passes::plain_topological(step).map_err(|e| anyhow!("{e}"))?;
+        let peak = planned(&plain, batch)?.1.peak_bytes;
         json["topological_order_peak_bytes"] = json!(peak);
         text += &format!(
             "  in a plain topological order the peak would be {} (the planned order: {:+.1}%)\n",

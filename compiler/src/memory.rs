@@ -96,25 +96,6 @@ pub struct MemoryPlan {
     pub blocks: Vec<Block>,
 }
 
-/// Ops whose result is element i of a function of element i of each operand
-/// (same size), so the result may overwrite a dying operand.
-fn elementwise(op: &Op) -> bool {
-    matches!(
-        op,
-        Op::Fused { .. }
-            | Op::Unary(_)
-            | Op::Binary(_)
-            | Op::Scale { .. }
-            | Op::AddScalar { .. }
-            | Op::PowScalar { .. }
-            | Op::GeluGrad
-            | Op::Dropout { .. }
-            | Op::DropPath { .. }
-            | Op::DivCount { .. }
-            | Op::Cast { .. }
-    )
-}
-
 /// Scratch a kernel needs besides its operands and result, as a GPU kernel
 /// would allocate it: attention's backward keeps rowsum(dO * O) per query
 /// (FlashAttention-2) and accumulates dq in f32; cross-entropy keeps one
@@ -230,7 +211,7 @@ pub fn plan_memory(plan: &Plan) -> MemoryPlan {
         // elementwise over same-shaped values or does not read the state.
         if let Some(&s) = state_of.get(&out) {
             let same = plan.values[s].shape == plan.values[out].shape && bytes(s) == bytes(out);
-            let safe_kernel = elementwise(&kernel.op) || !kernel.inputs.contains(&s);
+            let safe_kernel = kernel.op.is_elementwise() || !kernel.inputs.contains(&s);
             if old_value_read[s] <= k && same && safe_kernel {
                 placements[out] = placements[s].clone();
                 in_place += 1;
@@ -248,7 +229,7 @@ pub fn plan_memory(plan: &Plan) -> MemoryPlan {
         }
         let alias = if view {
             Some(kernel.inputs[0])
-        } else if elementwise(&kernel.op) {
+        } else if kernel.op.is_elementwise() {
             let mut found = None;
             for &i in &kernel.inputs {
                 // Same shape, same element size: element i is read before it is written.

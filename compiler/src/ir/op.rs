@@ -312,6 +312,26 @@ impl Op {
         Op::Matmul { transpose_a: false, transpose_b: false }
     }
 
+    /// Whether element i of the result is a function of element i of each
+    /// operand (broadcast) alone: fusion may chain it, and its result may
+    /// overwrite a dying operand of its own shape.
+    pub fn is_elementwise(&self) -> bool {
+        matches!(
+            self,
+            Op::Fused { .. }
+                | Op::Unary(_)
+                | Op::Binary(_)
+                | Op::Scale { .. }
+                | Op::AddScalar { .. }
+                | Op::PowScalar { .. }
+                | Op::GeluGrad
+                | Op::Dropout { .. }
+                | Op::DropPath { .. }
+                | Op::DivCount { .. }
+                | Op::Cast { .. }
+        )
+    }
+
     /// The op's name in the text form (`linear`, `layer_norm`, `add`, ...).
     pub fn name(&self) -> &'static str {
         match self {

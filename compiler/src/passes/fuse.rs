@@ -14,24 +14,14 @@ use crate::ir::fused::Instr;
 use crate::ir::{Graph, IrError, Op, ValueId};
 use std::collections::{BinaryHeap, HashMap, HashSet};
 
-/// Ops a fused kernel can evaluate per element.
-fn elementwise(op: &Op) -> bool {
-    matches!(
-        op,
-        Op::Unary(_)
-            | Op::Binary(_)
-            | Op::Scale { .. }
-            | Op::AddScalar { .. }
-            | Op::PowScalar { .. }
-            | Op::GeluGrad
-            | Op::Dropout { .. }
-            | Op::DropPath { .. }
-            | Op::Cast { .. }
-    )
+/// Elementwise ops a fused program has an instruction for (not a fused op
+/// itself, nor `div_count`, whose count is fixed only at lowering).
+fn fusible(op: &Op) -> bool {
+    op.is_elementwise() && !matches!(op, Op::Fused { .. } | Op::DivCount { .. })
 }
 
 fn candidate(g: &Graph, v: ValueId) -> bool {
-    elementwise(&g.node(v).op) && g.ty(v).dtype.is_float() && g.operands(v).iter().all(|&o| g.ty(o).dtype.is_float())
+    fusible(&g.node(v).op) && g.ty(v).dtype.is_float() && g.operands(v).iter().all(|&o| g.ty(o).dtype.is_float())
 }
 
 /// The clusters of `g` (members in topological order), roots last.

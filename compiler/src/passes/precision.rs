@@ -128,26 +128,23 @@ fn run(g: &mut Graph, low: DType) -> Result<String, IrError> {
     let old_types: HashMap<String, DType> =
         g.outputs().iter().chain(g.state_updates()).map(|(n, v)| (n.clone(), g.ty(*v).dtype)).collect();
     let mut restored = 0;
-    let outputs: Vec<(String, ValueId)> = new.outputs().to_vec();
-    let updates: Vec<(String, ValueId)> = new.state_updates().to_vec();
-    new.outputs.clear();
-    new.state_updates.clear();
-    for (name, v) in outputs {
-        let want = old_types[&name];
-        let scope = new.node(v).scope.clone();
-        let c = cast(&mut new, &mut casts, v, want, &scope)?;
-        restored += usize::from(c != v);
-        new.set_output(&name, c);
-    }
-    for (name, v) in updates {
-        let want = old_types[&name];
-        let scope = new.node(v).scope.clone();
-        let c = cast(&mut new, &mut casts, v, want, &scope)?;
-        restored += usize::from(c != v);
-        new.add_state_update(&name, c);
-    }
+    let mut retyped = |new: &mut Graph, named: Vec<(String, ValueId)>| -> Result<Vec<(String, ValueId)>, IrError> {
+        named
+            .into_iter()
+            .map(|(name, v)| {
+                let scope = new.node(v).scope.clone();
+                let c = cast(new, &mut casts, v, old_types[&name], &scope)?;
+                restored += usize::from(c != v);
+                Ok((name, c))
+            })
+            .collect()
+    };
+    let (outputs, updates) = (std::mem::take(&mut new.outputs), std::mem::take(&mut new.state_updates));
+    new.outputs = retyped(&mut new, outputs)?;
+    new.state_updates = retyped(&mut new, updates)?;
+    let casts_made = casts.len();
     *g = new;
-    Ok(format!("{low_ops} ops in {low}, {} casts ({restored} back to the outputs' dtypes)", casts.len()))
+    Ok(format!("{low_ops} ops in {low}, {casts_made} casts ({restored} back to the outputs' dtypes)"))
 }
 
 /// Node `v` of `old` added to `new`, its float operands cast as its class says.

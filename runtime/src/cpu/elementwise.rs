@@ -11,25 +11,43 @@ use super::tensor::{show_shape, stored_as_f32, Data, Tensor};
 use rayon::prelude::*;
 use tessera_compiler::ir::{BinaryOp, DType, UnaryOp};
 
-/// `f` applied to every element, in parallel for large inputs.
-pub fn map_f32(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
-    let mut out = pool::buffer(x.len());
-    let body = |(o, x): (&mut [f32], &[f32])| {
+/// Runs `f(start, out_chunk, x_chunk)` over matching chunks of `out` and `x`
+/// (`start`: the chunk's first index), in parallel for large inputs, each
+/// chunk compiled for the best vector level. The one driver of the
+/// elementwise kernels here.
+fn for_chunks(out: &mut [f32], x: &[f32], f: impl Fn(usize, &mut [f32], &[f32]) + Sync) {
+    let body = |(c, (o, x)): (usize, (&mut [f32], &[f32]))| {
         vectorized(
             #[inline(always)]
-            || {
-                for (o, &x) in o.iter_mut().zip(x) {
-                    *o = f(x);
-                }
-            },
+            || f(c * PAR_CHUNK, o, x),
         )
     };
     if x.len() >= PAR_MIN {
-        out.par_chunks_mut(PAR_CHUNK).zip(x.par_chunks(PAR_CHUNK)).for_each(body);
+        out.par_chunks_mut(PAR_CHUNK).zip(x.par_chunks(PAR_CHUNK)).enumerate().for_each(body);
     } else {
-        body((&mut out, x));
+        body((0, (out, x)));
     }
+}
+
+/// `f(x, out)` over chunks of a fresh output (see `for_chunks`).
+fn chunked(x: &[f32], f: impl Fn(&[f32], &mut [f32]) + Sync) -> Vec<f32> {
+    let mut out = pool::buffer(x.len());
+    for_chunks(
+        &mut out,
+        x,
+        #[inline(always)]
+        |_, o, x| f(x, o),
+    );
     out
+}
+
+/// `f` applied to every element, in parallel for large inputs.
+pub fn map_f32(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
+    chunked(
+        x,
+        #[inline(always)]
+        |x, o| each(x, o, &f),
+    )
 }
 
 /// The logistic function, without overflow for large |x|.
@@ -152,34 +170,12 @@ pub(super) fn scale_by_gelu_grad(z: &[f32], out: &mut [f32]) {
             *o *= gelu_grad_f32::<FMA>(z);
         }
     }
-    let body = |(o, z): (&mut [f32], &[f32])| {
-        vectorized(
-            #[inline(always)]
-            || if has_fma() { with::<true>(z, o) } else { with::<false>(z, o) },
-        )
-    };
-    if z.len() >= PAR_MIN {
-        out.par_chunks_mut(PAR_CHUNK).zip(z.par_chunks(PAR_CHUNK)).for_each(body);
-    } else {
-        body((out, z));
-    }
-}
-
-/// `f(x, out)` over parallel chunks of a fresh output, each chunk vectorised.
-fn chunked(x: &[f32], f: impl Fn(&[f32], &mut [f32]) + Sync) -> Vec<f32> {
-    let mut out = pool::buffer(x.len());
-    let body = |(o, x): (&mut [f32], &[f32])| {
-        vectorized(
-            #[inline(always)]
-            || f(x, o),
-        )
-    };
-    if x.len() >= PAR_MIN {
-        out.par_chunks_mut(PAR_CHUNK).zip(x.par_chunks(PAR_CHUNK)).for_each(body);
-    } else {
-        body((&mut out, x));
-    }
-    out
+    for_chunks(
+        out,
+        z,
+        #[inline(always)]
+        |_, o, z| if has_fma() { with::<true>(z, o) } else { with::<false>(z, o) },
+    );
 }
 
 pub fn unary(x: &[&Tensor], op: UnaryOp) -> Result<Tensor, KernelError> {
@@ -198,17 +194,12 @@ pub fn gelu_grad(x: &[&Tensor]) -> Result<Tensor, KernelError> {
     same_shape(xt, dy, "x", "dy")?;
     let (xd, gd) = (f32_of(xt, "x")?, f32_of(dy, "dy")?);
     let mut out = pool::buffer(xd.len());
-    let body = |(o, (x, g)): (&mut [f32], (&[f32], &[f32]))| {
-        vectorized(
-            #[inline(always)]
-            || gelu_grad_into(x, g, o),
-        )
-    };
-    if xd.len() >= PAR_MIN {
-        out.par_chunks_mut(PAR_CHUNK).zip(xd.par_chunks(PAR_CHUNK).zip(gd.par_chunks(PAR_CHUNK))).for_each(body);
-    } else {
-        body((&mut out, (xd, gd)));
-    }
+    for_chunks(
+        &mut out,
+        xd,
+        #[inline(always)]
+        |start, o, x| gelu_grad_into(x, &gd[start..start + o.len()], o),
+    );
     Ok(Tensor::f32(xt.shape.clone(), out))
 }
 
