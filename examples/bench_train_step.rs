@@ -42,7 +42,7 @@ use tessera_compiler::elaborate::Program;
 use tessera_compiler::ir::Op;
 use tessera_compiler::pipeline::training_plan;
 use tessera_compiler::plan::Source;
-use tessera_runtime::cpu::{pool, run_kernel, CpuExecutor, Ctx, Tensor};
+use tessera_runtime::cpu::{multi_tensor, pool, run_kernel, CpuExecutor, Ctx, Tensor};
 
 const LR: f64 = 1e-3;
 
@@ -213,7 +213,7 @@ fn main() {
                 Source::Fill { value } => {
                     Some(Tensor::full(v.shape.iter().map(|&d| d as usize).collect(), v.dtype, *value))
                 }
-                Source::Kernel(_) => None,
+                Source::Kernel(_) | Source::Part { .. } => None,
             })
             .collect();
         let ctx = Ctx { training: plan.training, seed: ex.seed(), step: 1000 + rep };
@@ -228,6 +228,12 @@ fn main() {
                 let mut t = vals[k.inputs[0]].take().expect("operand computed");
                 t.shape = plan.values[k.output].shape.iter().map(|&d| d as usize).collect();
                 t
+            } else if let Op::MultiTensor { body, arity, results } = &k.op {
+                // The optimizer: timed, its parts (state updates, read by no kernel) dropped.
+                let xs: Vec<&Tensor> = k.inputs.iter().map(|&j| vals[j].as_ref().expect("operand computed")).collect();
+                let sets = multi_tensor(&xs, body, *arity as usize, results).expect("multi-tensor kernel");
+                sets.into_iter().flatten().for_each(pool::recycle);
+                Tensor::f32(vec![0], vec![])
             } else {
                 let xs: Vec<&Tensor> = k.inputs.iter().map(|&j| vals[j].as_ref().expect("operand computed")).collect();
                 run_kernel(&k.op, &xs, &ctx).unwrap_or_else(|e| panic!("kernel {i} {}: {e}", k.op.name()))
@@ -246,7 +252,12 @@ fn main() {
             e.0 += dt;
             e.1 += 1;
             let shapes: Vec<String> = k.inputs.iter().map(|&j| format!("{:?}", plan.values[j].shape)).collect();
-            let key = format!("{} {}", k.op.name(), shapes.join(" "));
+            let key = match &k.op {
+                Op::MultiTensor { arity, .. } => {
+                    format!("multi_tensor over {} tensor sets", k.inputs.len() / *arity as usize)
+                }
+                _ => format!("{} {}", k.op.name(), shapes.join(" ")),
+            };
             let flops = match k.op {
                 // 2 * (output elements) * (contracted length)
                 Op::Matmul { .. } | Op::Linear => {

@@ -66,9 +66,12 @@ fn the_verifier_passes_after_every_pass() {
         })
         .unwrap();
         assert_eq!(seen, all);
-        // Only the precision pass adds nodes (its casts).
+        // Only the precision pass adds nodes (its casts), and the optimizer
+        // rule one (the packed result: its parts replace the update ops).
         let grew: Vec<&str> = reports.iter().filter(|r| r.nodes_after > r.nodes_before).map(|r| r.pass).collect();
-        assert!(grew.iter().all(|&p| p == "amp-bf16"), "{name}: {grew:?} added nodes");
+        assert!(grew.iter().all(|&p| p == "amp-bf16" || p == "fuse-optimizer"), "{name}: {grew:?} added nodes");
+        let opt = reports.iter().find(|r| r.pass == "fuse-optimizer").unwrap();
+        assert_eq!(opt.nodes_after, opt.nodes_before + 1, "{name}: {}", opt.detail);
     }
 }
 
@@ -138,9 +141,24 @@ fn fused_and_unfused_training_steps_agree() {
     cases.push(("quickstart/deit_tiny", &block));
     cases.push(("quickstart/vit_tiny", &mlp));
     cases.push(("quickstart/vit_tiny", &segments));
+    // The multi-tensor rule on SGD's programs (momentum, Nesterov, none).
+    let nesterov = ["OPTIMIZER.name=sgd", "OPTIMIZER.momentum=0.9", "OPTIMIZER.nesterov=true"];
+    let plain_sgd = ["OPTIMIZER.name=sgd", "OPTIMIZER.momentum=0.0"];
+    cases.push(("quickstart/vit_tiny", &nesterov));
+    cases.push(("quickstart/deit_tiny", &plain_sgd));
     for (name, overrides) in cases {
         let fused = plan(name, overrides, &passes::default_for(overrides == amp));
         assert!(fused.kernels.iter().any(|k| k.op.name() == "fused"), "{name}: nothing was fused");
+        // Every parameter's update is a part of one multi-tensor kernel.
+        let multi = fused.kernels.iter().filter(|k| k.op.name() == "multi_tensor").count();
+        assert_eq!(multi, 1, "{name} {overrides:?}: {multi} optimizer kernels");
+        for (pname, _) in fused.params() {
+            let Some((_, u)) = fused.state_updates.iter().find(|(n, _)| n == pname) else { continue };
+            assert!(
+                matches!(fused.values[*u].source, Source::Part { .. }),
+                "{name} {overrides:?}: {pname} is not updated by the multi-tensor kernel"
+            );
+        }
         if overrides == amp {
             let bf16 = fused.values.iter().filter(|v| v.dtype == tessera_compiler::ir::DType::BF16).count();
             assert!(bf16 > 10, "{name}: AMP made only {bf16} bf16 values");

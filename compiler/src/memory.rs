@@ -39,7 +39,8 @@ pub enum Region {
     Buffers,
     Inputs,
     Arena,
-    /// Constants folded into the kernels that read them (scalar fills).
+    /// Constants folded into the kernels that read them (scalar fills), and
+    /// a multi-tensor kernel's packed result, stored only as its parts.
     Inline,
 }
 
@@ -184,7 +185,8 @@ pub fn plan_memory(plan: &Plan) -> MemoryPlan {
     let dies = |v: usize| if lives_to_end.contains(&v) { end } else { last_use[v].unwrap_or(0) };
     let transient = |placements: &Vec<Placement>, v: usize| -> bool {
         match plan.values[v].source {
-            Source::Kernel(_) => placements[v].region == Region::Inline,
+            Source::Kernel(k) if matches!(plan.kernels[k].op, Op::MultiTensor { .. }) => false,
+            Source::Kernel(_) | Source::Part { .. } => placements[v].region == Region::Inline,
             Source::Fill { .. } => plan.values[v].numel() > 1,
             _ => false,
         }
@@ -195,7 +197,7 @@ pub fn plan_memory(plan: &Plan) -> MemoryPlan {
     for v in 0..n {
         if transient(&placements, v) {
             let born = match plan.values[v].source {
-                Source::Kernel(k) => k,
+                Source::Kernel(k) | Source::Part { kernel: k, .. } => k,
                 // A fill is materialised for its first reader.
                 _ => plan.kernels.iter().position(|kern| kern.inputs.contains(&v)).unwrap_or(end),
             };
@@ -204,7 +206,24 @@ pub fn plan_memory(plan: &Plan) -> MemoryPlan {
         }
     }
     let mut in_place = 0;
+    let mut parts_of: Vec<Vec<usize>> = vec![Vec::new(); end];
+    for (v, value) in plan.values.iter().enumerate() {
+        if let Source::Part { kernel, .. } = value.source {
+            parts_of[kernel].push(v);
+        }
+    }
     for (k, kernel) in plan.kernels.iter().enumerate() {
+        // A part overwrites its state when nothing later reads the old value
+        // and this kernel reads it only in the part's own tensor set (each
+        // element is read before the same element is written).
+        for &part in &parts_of[k] {
+            let Some(&s) = state_of.get(&part) else { continue };
+            let same = plan.values[s].shape == plan.values[part].shape && bytes(s) == bytes(part);
+            if old_value_read[s] <= k && same && reads_only_in_own_set(plan, k, part, s) {
+                placements[part] = placements[s].clone();
+                in_place += 1;
+            }
+        }
         let out = kernel.output;
         // A state update overwrites its state when nothing reads the old
         // value later (through any view), and its kernel either is
@@ -313,6 +332,31 @@ pub fn plan_memory(plan: &Plan) -> MemoryPlan {
         + parts.transient
         + parts.workspace;
     MemoryPlan { peak_bytes, parts, arena_bytes, lower_bound_bytes, in_place, placements, blocks }
+}
+
+/// Whether multi-tensor kernel `k` reads value `s` only among the operands
+/// of the tensor set whose result `part` is (sets are `arity` operands each;
+/// results are packed result-major, so the part's offset modulo the total
+/// element count falls in its set's range).
+fn reads_only_in_own_set(plan: &Plan, k: usize, part: usize, s: usize) -> bool {
+    let kernel = &plan.kernels[k];
+    let Op::MultiTensor { arity, .. } = kernel.op else { return false };
+    let Source::Part { offset, .. } = plan.values[part].source else { return false };
+    let sets: Vec<&[usize]> = kernel.inputs.chunks(arity as usize).collect();
+    let numel = |set: &[usize]| set.iter().map(|&i| plan.values[i].numel()).max().unwrap_or(0);
+    let total: u64 = sets.iter().map(|set| numel(set)).sum();
+    if total == 0 {
+        return false;
+    }
+    let mut at = offset % total;
+    let own = sets.iter().position(|set| {
+        let n = numel(set);
+        let here = at < n;
+        at = at.saturating_sub(n);
+        here
+    });
+    let Some(own) = own else { return false };
+    sets.iter().enumerate().all(|(j, set)| j == own || !set.contains(&s))
 }
 
 /// Greedy by size: largest block first, at the lowest offset where it
@@ -491,6 +535,12 @@ impl MemoryPlan {
             a..a + (p.bytes.div_ceil(ALIGN) as usize).max(1)
         };
         let mut materialised = vec![false; plan.values.len()];
+        let mut parts: Vec<Vec<usize>> = vec![Vec::new(); plan.kernels.len()];
+        for (v, value) in plan.values.iter().enumerate() {
+            if let Source::Part { kernel, .. } = value.source {
+                parts[kernel].push(v);
+            }
+        }
         for (k, kernel) in plan.kernels.iter().enumerate() {
             for &i in &kernel.inputs {
                 let p = &self.placements[i];
@@ -513,9 +563,11 @@ impl MemoryPlan {
             if matches!(kernel.op, Op::Reshape { .. } | Op::StopGradient) {
                 content[out] = content[kernel.inputs[0]];
             }
-            let p = &self.placements[out];
-            if p.region == Region::Arena && p.bytes > 0 {
-                span(p).for_each(|c| held[c] = content[out]);
+            for v in std::iter::once(out).chain(parts[k].iter().copied()) {
+                let p = &self.placements[v];
+                if p.region == Region::Arena && p.bytes > 0 {
+                    span(p).for_each(|c| held[c] = content[v]);
+                }
             }
         }
         Ok(())

@@ -27,6 +27,9 @@ pub enum Source {
     Fill { value: f64 },
     /// Produced by the kernel of this index.
     Kernel(usize),
+    /// Elements `offset ..` of the packed result of multi-tensor kernel
+    /// `kernel`, which writes them here itself (no kernel of its own).
+    Part { kernel: usize, offset: u64 },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -120,7 +123,7 @@ impl Plan {
         let order = g.topo_order().map_err(|e| e.to_string())?;
         let mut index: HashMap<ValueId, usize> = HashMap::new();
         let mut values = Vec::with_capacity(order.len());
-        let mut kernels = Vec::new();
+        let mut kernels: Vec<Kernel> = Vec::new();
         for v in order {
             let node = g.node(v);
             let shape: Vec<u64> = node.ty.shape.0.iter().map(|d| d.eval(batch)).collect();
@@ -131,6 +134,15 @@ impl Plan {
                 }
                 Op::Buffer { name, init } => Source::Buffer { name: name.clone(), init: init.clone() },
                 Op::Fill { value } => Source::Fill { value: *value },
+                Op::Part { offset, .. } => {
+                    let packed = index[&g.operands(v)[0]];
+                    match values.get(packed).map(|p: &Value| &p.source) {
+                        Some(Source::Kernel(k)) if matches!(kernels[*k].op, Op::MultiTensor { .. }) => {
+                            Source::Part { kernel: *k, offset: *offset }
+                        }
+                        _ => return Err(format!("a part ({}) reads a value no multi-tensor kernel makes", node.scope)),
+                    }
+                }
                 op => {
                     let inputs = g.operands(v).iter().map(|o| index[o]).collect();
                     kernels.push(Kernel {
@@ -217,9 +229,21 @@ impl Plan {
             m.check().map_err(|e| format!("memory plan: {e}"))?;
         }
         let mut written = vec![false; self.values.len()];
+        let mut parts_of: HashMap<usize, Vec<usize>> = HashMap::new();
         for (i, v) in self.values.iter().enumerate() {
-            if !matches!(v.source, Source::Kernel(_)) {
-                written[i] = true;
+            match v.source {
+                Source::Kernel(_) => {}
+                Source::Part { kernel, offset } => {
+                    let packed = self.kernels.get(kernel).map(|k| (&k.op, k.output));
+                    let Some((Op::MultiTensor { .. }, out)) = packed else {
+                        return Err(format!("value {i} is a part of kernel {kernel}, which is not multi-tensor"));
+                    };
+                    if offset + v.numel() > self.values[out].numel() || v.dtype != self.values[out].dtype {
+                        return Err(format!("value {i} is not inside the packed result of kernel {kernel}"));
+                    }
+                    parts_of.entry(kernel).or_default().push(i);
+                }
+                _ => written[i] = true,
             }
         }
         for (k, kernel) in self.kernels.iter().enumerate() {
@@ -227,6 +251,15 @@ impl Plan {
                 if !written.get(i).copied().unwrap_or(false) {
                     return Err(format!("kernel {k} ({}) reads value {i} before it is written", kernel.op.name()));
                 }
+                let packed = matches!(self.values[i].source, Source::Kernel(j) if matches!(self.kernels[j].op, Op::MultiTensor { .. }));
+                if packed {
+                    return Err(format!(
+                        "kernel {k} reads the packed result of a multi-tensor kernel (read its parts)"
+                    ));
+                }
+            }
+            for &part in parts_of.get(&k).into_iter().flatten() {
+                written[part] = true;
             }
             match self.values.get(kernel.output).map(|v| &v.source) {
                 Some(Source::Kernel(j)) if *j == k => written[kernel.output] = true,
@@ -274,6 +307,7 @@ impl Plan {
         use std::fmt::Write;
         let name = |v: usize| match &self.values[v].source {
             Source::Kernel(k) => format!("k{k}"),
+            Source::Part { kernel, offset } => format!("k{kernel}[{offset}..]"),
             Source::Param { name, .. } | Source::Buffer { name, .. } => format!("@{name}"),
             Source::Input { name } => format!("{name:?}"),
             Source::Fill { value } => format!("fill({value})"),
@@ -326,7 +360,9 @@ impl Plan {
                 }
                 Source::Buffer { .. } => state += bytes,
                 Source::Input { name } => inputs.push(format!("{name} {:?} {}", v.shape, v.dtype)),
-                Source::Kernel(_) => temps += bytes,
+                // A packed multi-tensor result is stored as its parts.
+                Source::Kernel(k) if matches!(self.kernels[*k].op, Op::MultiTensor { .. }) => {}
+                Source::Kernel(_) | Source::Part { .. } => temps += bytes,
                 Source::Fill { .. } => {}
             }
         }

@@ -7,7 +7,7 @@
 
 use super::infer::infer;
 use super::op::{BinaryOp, Op, UnaryOp};
-use super::types::TensorType;
+use super::types::{Shape, TensorType};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, PartialEq, Debug, Serialize, Deserialize)]
@@ -61,6 +61,23 @@ impl Instr {
         matches!(self, Instr::Dropout { .. } | Instr::DropPath { .. })
     }
 
+    /// The same instruction reading register `f(r)` for each register r it
+    /// reads (operands unchanged).
+    pub fn renumbered(&self, f: impl Fn(u32) -> u32) -> Instr {
+        match *self {
+            Instr::Operand(k) => Instr::Operand(k),
+            Instr::Unary(u, x) => Instr::Unary(u, f(x)),
+            Instr::Binary(b, x, y) => Instr::Binary(b, f(x), f(y)),
+            Instr::Scale(c, x) => Instr::Scale(c, f(x)),
+            Instr::AddScalar(c, x) => Instr::AddScalar(c, f(x)),
+            Instr::PowScalar(e, x) => Instr::PowScalar(e, f(x)),
+            Instr::GeluGrad(x, y) => Instr::GeluGrad(f(x), f(y)),
+            Instr::Cast(d, x) => Instr::Cast(d, f(x)),
+            Instr::Dropout { p, key, x } => Instr::Dropout { p, key, x: f(x) },
+            Instr::DropPath { p, key, x } => Instr::DropPath { p, key, x: f(x) },
+        }
+    }
+
     /// The registers it reads.
     pub fn args(&self) -> Vec<u32> {
         match *self {
@@ -77,9 +94,9 @@ impl Instr {
     }
 }
 
-/// The result type of `body` over operands of types `x`, checking each
-/// instruction with its unfused op's shape rule.
-pub(super) fn infer_fused(body: &[Instr], x: &[&TensorType]) -> Result<TensorType, String> {
+/// The type of every register of `body` over operands of types `x`,
+/// checking each instruction with its unfused op's shape rule.
+fn register_types(body: &[Instr], x: &[&TensorType]) -> Result<Vec<TensorType>, String> {
     if body.is_empty() {
         return Err("a fused op needs at least one instruction".into());
     }
@@ -105,27 +122,86 @@ pub(super) fn infer_fused(body: &[Instr], x: &[&TensorType]) -> Result<TensorTyp
         }
         regs.push(ty);
     }
-    let out = regs.last().expect("non-empty").clone();
-    // Kernels evaluate at every element of the operands' broadcast shape, so
-    // that must be the result's (an operand larger than the result is an error).
-    let mut all = super::types::Shape(vec![]);
+    Ok(regs)
+}
+
+/// The shape every operand of `x` broadcasts to: where kernels evaluate.
+fn evaluation_shape(x: &[&TensorType]) -> Result<Shape, String> {
+    let mut all = Shape(vec![]);
     for t in x {
         all = super::infer::broadcast(&all, &t.shape)?;
     }
-    if all != out.shape {
-        return Err(format!("the operands broadcast to {all}, but the result is {}", out.shape));
-    }
+    Ok(all)
+}
+
+/// Random instructions must have the evaluation shape, so that their masks
+/// index the same positions as the unfused ops'.
+fn check_random(body: &[Instr], regs: &[TensorType], shape: &Shape) -> Result<(), String> {
     for (i, instr) in body.iter().enumerate() {
-        if instr.random() && regs[i].shape != out.shape {
+        if instr.random() && &regs[i].shape != shape {
             return Err(format!(
-                "{} at instruction {i} is {}, not the output's shape {}",
+                "{} at instruction {i} is {}, not the output's shape {shape}",
                 instr.op().map(|o| o.name()).unwrap_or_default(),
                 regs[i],
-                out.shape
             ));
         }
     }
+    Ok(())
+}
+
+/// The result type of `body` over operands of types `x`.
+pub(super) fn infer_fused(body: &[Instr], x: &[&TensorType]) -> Result<TensorType, String> {
+    let regs = register_types(body, x)?;
+    let out = regs.last().expect("non-empty").clone();
+    // Kernels evaluate at every element of the operands' broadcast shape, so
+    // that must be the result's (an operand larger than the result is an error).
+    let all = evaluation_shape(x)?;
+    if all != out.shape {
+        return Err(format!("the operands broadcast to {all}, but the result is {}", out.shape));
+    }
+    check_random(body, &regs, &out.shape)?;
     Ok(out)
+}
+
+/// The packed type of a `MultiTensor`: every set's registers `results` must
+/// have the set's evaluation shape with constant dims, and all one dtype.
+pub(super) fn infer_multi(
+    body: &[Instr],
+    arity: u32,
+    results: &[u32],
+    x: &[&TensorType],
+) -> Result<TensorType, String> {
+    let arity = arity as usize;
+    if arity == 0 || x.is_empty() || !x.len().is_multiple_of(arity) {
+        return Err(format!("{} operand(s) do not make whole sets of {arity}", x.len()));
+    }
+    if results.is_empty() {
+        return Err("a multi-tensor op needs at least one result".into());
+    }
+    if body.iter().any(Instr::random) {
+        return Err("a multi-tensor body has no random instructions (their masks are per tensor)".into());
+    }
+    let mut dtype = None;
+    let mut total = 0u64;
+    for (j, set) in x.chunks(arity).enumerate() {
+        let regs = register_types(body, set).map_err(|m| format!("set {j}: {m}"))?;
+        let shape = evaluation_shape(set).map_err(|m| format!("set {j}: {m}"))?;
+        let Some(numel) = shape.0.iter().map(|d| d.as_const()).product::<Option<u64>>() else {
+            return Err(format!("set {j} has shape {shape}; multi-tensor sets have constant shapes"));
+        };
+        for &r in results {
+            let ty = regs.get(r as usize).ok_or_else(|| format!("result register {r} does not exist"))?;
+            if ty.shape != shape {
+                return Err(format!("set {j}: result register {r} is {ty}, not the set's shape {shape}"));
+            }
+            if *dtype.get_or_insert(ty.dtype) != ty.dtype {
+                return Err(format!("set {j}: result register {r} is {ty}; every result has one dtype"));
+            }
+        }
+        total += numel;
+    }
+    let dtype = dtype.expect("at least one set and one result");
+    Ok(TensorType::new(Shape::consts(&[total * results.len() as u64]), dtype))
 }
 
 /// One line per register, e.g. `r2 = scale 0.9 (r0)`.

@@ -69,6 +69,20 @@ pub(crate) fn infer(op: &Op, x: &[&TensorType]) -> Rule {
         Op::QueuePush { world } => queue_push(x, *world),
         Op::QueueAdvance { world } => queue_advance(x, *world),
         Op::Fused { body } => super::fused::infer_fused(body, x),
+        Op::MultiTensor { body, arity, results } => super::fused::infer_multi(body, *arity, results, x),
+        Op::Part { offset, shape } => {
+            let [t] = exactly(x, ["packed"])?;
+            let (Some(n), Some(len)) = (
+                t.shape.0.first().and_then(|d| d.as_const()).filter(|_| t.shape.rank() == 1),
+                shape.0.iter().map(|d| d.as_const()).product::<Option<u64>>(),
+            ) else {
+                return Err(format!("reads {} of a constant 1-d packed value {t}", shape));
+            };
+            if offset + len > n {
+                return Err(format!("elements {offset}..{} are outside the packed value {t}", offset + len));
+            }
+            Ok(TensorType::new(shape.clone(), t.dtype))
+        }
         Op::SumOfSquares => {
             let first = x.first().ok_or("expects at least 1 operand, got 0")?;
             let named: Vec<(String, &TensorType)> =

@@ -304,6 +304,25 @@ pub enum Op {
     Fused {
         body: Vec<super::fused::Instr>,
     },
+    /// Multi-tensor apply: one kernel runs `body` (a register program, as
+    /// `Fused`'s) once per tensor set, set j being operands
+    /// `j * arity .. (j + 1) * arity`, and writes its registers `results`.
+    /// The value is the results packed result-major (result r of set j at
+    /// `r * total + offset_j`, `total` the sets' summed element counts); it is
+    /// never stored whole: `Part`s read it out. The optimizer over every
+    /// parameter is one such kernel (apex/PyTorch's fused AdamW).
+    MultiTensor {
+        body: Vec<super::fused::Instr>,
+        arity: u32,
+        results: Vec<u32>,
+    },
+    /// `(packed [n]) -> shape`: elements `offset .. offset + numel(shape)` of
+    /// a `MultiTensor` value, one set's result. Lowered to no kernel: the
+    /// multi-tensor kernel writes it where it lives.
+    Part {
+        offset: u64,
+        shape: Shape,
+    },
 }
 
 impl Op {
@@ -394,6 +413,8 @@ impl Op {
             Op::GeluGrad => "gelu_grad",
             Op::AttentionGrad { .. } => "attention_grad",
             Op::Fused { .. } => "fused",
+            Op::MultiTensor { .. } => "multi_tensor",
+            Op::Part { .. } => "part",
             Op::SumOfSquares => "sum_of_squares",
             Op::GeluLinear => "gelu_linear",
             Op::MatmulGeluRhs { .. } => "matmul_gelu_rhs",

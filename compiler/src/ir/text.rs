@@ -123,6 +123,12 @@ fn attributes(op: &Op) -> Vec<(&'static str, String)> {
         Op::DivCount { count } => vec![("count", count.to_string())],
         Op::GeluGrad => vec![],
         Op::Fused { body } => vec![("body", format!("[{}]", super::fused::body_text(body)))],
+        Op::MultiTensor { body, arity, results } => vec![
+            ("body", format!("[{}]", super::fused::body_text(body))),
+            ("arity", arity.to_string()),
+            ("results", list(results)),
+        ],
+        Op::Part { offset, shape } => vec![("offset", offset.to_string()), ("shape", shape.to_string())],
         Op::Cast { dtype } => vec![("dtype", dtype.to_string())],
         Op::Reduce { axes, keepdim, .. } => vec![("axes", list(axes)), ("keepdim", keepdim.to_string())],
         Op::Reshape { shape } | Op::Expand { shape } => vec![("shape", shape.to_string())],

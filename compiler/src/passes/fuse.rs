@@ -16,7 +16,7 @@ use std::collections::{BinaryHeap, HashMap, HashSet};
 
 /// Elementwise ops a fused program has an instruction for (not a fused op
 /// itself, nor `div_count`, whose count is fixed only at lowering).
-fn fusible(op: &Op) -> bool {
+pub(super) fn fusible(op: &Op) -> bool {
     op.is_elementwise() && !matches!(op, Op::Fused { .. } | Op::DivCount { .. })
 }
 
@@ -73,22 +73,28 @@ fn body(g: &Graph, members: &[ValueId]) -> (Vec<Instr>, Vec<ValueId>) {
     let mut reg: HashMap<ValueId, u32> = externals.iter().enumerate().map(|(i, &v)| (v, i as u32)).collect();
     for &m in members {
         let a: Vec<u32> = g.operands(m).iter().map(|o| reg[o]).collect();
-        let instr = match g.node(m).op {
-            Op::Unary(u) => Instr::Unary(u, a[0]),
-            Op::Binary(b) => Instr::Binary(b, a[0], a[1]),
-            Op::Scale { factor } => Instr::Scale(factor, a[0]),
-            Op::AddScalar { value } => Instr::AddScalar(value, a[0]),
-            Op::PowScalar { exponent } => Instr::PowScalar(exponent, a[0]),
-            Op::GeluGrad => Instr::GeluGrad(a[0], a[1]),
-            Op::Cast { dtype } => Instr::Cast(dtype, a[0]),
-            Op::Dropout { p, key } => Instr::Dropout { p, key, x: a[0] },
-            Op::DropPath { p, key } => Instr::DropPath { p, key, x: a[0] },
-            ref op => unreachable!("{} is not elementwise", op.name()),
-        };
+        let instr =
+            instr_of(&g.node(m).op, &a).unwrap_or_else(|| unreachable!("{} is not fusible", g.node(m).op.name()));
         reg.insert(m, body.len() as u32);
         body.push(instr);
     }
     (body, externals)
+}
+
+/// The instruction of a fusible op over registers `a` (`None` for others).
+pub(super) fn instr_of(op: &Op, a: &[u32]) -> Option<Instr> {
+    Some(match *op {
+        Op::Unary(u) => Instr::Unary(u, a[0]),
+        Op::Binary(b) => Instr::Binary(b, a[0], a[1]),
+        Op::Scale { factor } => Instr::Scale(factor, a[0]),
+        Op::AddScalar { value } => Instr::AddScalar(value, a[0]),
+        Op::PowScalar { exponent } => Instr::PowScalar(exponent, a[0]),
+        Op::GeluGrad => Instr::GeluGrad(a[0], a[1]),
+        Op::Cast { dtype } => Instr::Cast(dtype, a[0]),
+        Op::Dropout { p, key } => Instr::Dropout { p, key, x: a[0] },
+        Op::DropPath { p, key } => Instr::DropPath { p, key, x: a[0] },
+        _ => return None,
+    })
 }
 
 pub(super) fn run(g: &mut Graph) -> Result<String, IrError> {

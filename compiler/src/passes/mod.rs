@@ -15,6 +15,7 @@ mod cse;
 mod fold;
 mod fuse;
 mod matmul_fusion;
+mod optimizer;
 mod patterns;
 mod precision;
 mod schedule;
@@ -67,6 +68,11 @@ pub const PASSES: &[Pass] = &[
         run: fuse::run,
     },
     Pass {
+        name: "fuse-optimizer",
+        why: "every parameter's optimizer update (p, m, v) as one multi-tensor kernel over the flat parameter, gradient and state regions",
+        run: optimizer::run,
+    },
+    Pass {
         name: "schedule",
         why: "an execution order that frees memory before allocating more (lower peak than plain topological order)",
         run: schedule::run,
@@ -90,6 +96,7 @@ pub const DEFAULT: &[&str] = &[
     "dce",
     "fuse-into-matmul",
     "fuse-elementwise",
+    "fuse-optimizer",
 ];
 
 /// Passes that run on the forward graph before autodiff when chosen (the
@@ -177,6 +184,8 @@ pub(crate) enum Step {
     Use(ValueId),
     /// It has no counterpart (no one may read it in the new graph).
     Skip,
+    /// These old nodes (it, and others skipped before it) are now these new ones.
+    Map(Vec<(ValueId, ValueId)>),
 }
 
 /// Rebuilds `g` in topological order, node by node as `step` says; outputs
@@ -199,6 +208,7 @@ pub(crate) fn rebuild(
                 map.insert(v, nv);
             }
             Step::Skip => {}
+            Step::Map(pairs) => map.extend(pairs),
         }
     }
     let lookup = |v: &ValueId, what: &str| {

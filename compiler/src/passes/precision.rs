@@ -115,10 +115,12 @@ fn run(g: &mut Graph, low: DType) -> Result<String, IrError> {
     let mut new = rebuild(g, |old, v, new, map| {
         let nv = assign(old, v, new, map, &mut casts, &mut low_ops, low)?;
         // A named value made in low precision is cast back right where it is
-        // made (a weight gradient: its bf16 copy dies at once), not at the end.
+        // made (a weight gradient: its bf16 copy dies at once), not at the
+        // end, and its readers read the cast: the optimizer sees the f32
+        // gradient, as PyTorch's .grad of an f32 parameter is.
         if let Some(&want) = named.get(&v) {
             let scope = old.node(v).scope.clone();
-            cast(new, &mut casts, nv, want, &scope)?;
+            return Ok(Step::Use(cast(new, &mut casts, nv, want, &scope)?));
         }
         Ok(Step::Use(nv))
     })?;

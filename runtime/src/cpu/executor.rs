@@ -32,6 +32,8 @@ pub struct CpuExecutor {
     last_use: Vec<Option<usize>>,
     /// How many outputs and state updates name a value.
     kept: Vec<usize>,
+    /// Per kernel, the values that are parts of its packed result, by offset.
+    parts: Vec<HashMap<u64, usize>>,
 }
 
 /// A value during a run: borrowed (inputs, state), owned (kernel results and
@@ -78,7 +80,13 @@ impl CpuExecutor {
                         return Err(RuntimeError::InvalidPlan(format!("input `{name}` is declared twice")));
                     }
                 }
-                Source::Fill { .. } | Source::Kernel(_) => {}
+                Source::Fill { .. } | Source::Kernel(_) | Source::Part { .. } => {}
+            }
+        }
+        let mut parts = vec![HashMap::new(); plan.kernels.len()];
+        for (i, v) in plan.values.iter().enumerate() {
+            if let Source::Part { kernel, offset } = v.source {
+                parts[kernel].insert(offset, i);
             }
         }
         let mut last_use = vec![None; plan.values.len()];
@@ -94,7 +102,7 @@ impl CpuExecutor {
         for (_, v) in plan.outputs.iter().chain(&plan.state_updates) {
             kept[*v] += 1;
         }
-        Ok(CpuExecutor { plan, seed, step: 0, shapes, states, state_index, last_use, kept })
+        Ok(CpuExecutor { plan, seed, step: 0, shapes, states, state_index, last_use, kept, parts })
     }
 
     pub fn plan(&self) -> &Plan {
@@ -194,7 +202,7 @@ impl CpuExecutor {
                 Source::Param { .. } | Source::Buffer { .. } => {
                     Slot::Borrowed(self.states[i].as_ref().expect("every state is initialised in new"))
                 }
-                Source::Fill { .. } | Source::Kernel(_) => Slot::Empty,
+                Source::Fill { .. } | Source::Kernel(_) | Source::Part { .. } => Slot::Empty,
             });
         }
         if used != given.len() {
@@ -216,6 +224,48 @@ impl CpuExecutor {
                 }
             }
             let out_index = kernel.output;
+            if let Op::MultiTensor { body, arity, results } = &kernel.op {
+                let mut x = Vec::with_capacity(kernel.inputs.len());
+                for &i in &kernel.inputs {
+                    x.push(
+                        slots[i]
+                            .get()
+                            .ok_or_else(|| fail(KernelError::Invalid(format!("operand value {i} is not available"))))?,
+                    );
+                }
+                let sets = super::fused::multi_tensor(&x, body, *arity as usize, results).map_err(fail)?;
+                drop(x);
+                let total: usize = sets.iter().map(|set| set[0].numel()).sum();
+                let mut at = 0;
+                let mut placed = Vec::new();
+                for set in sets {
+                    let n = set[0].numel();
+                    for (r, t) in set.into_iter().enumerate() {
+                        // Result-major packing: result r of this set at r * total + at.
+                        let offset = (r * total + at) as u64;
+                        if let Some(&v) = self.parts[k].get(&offset) {
+                            if !t.has_type(&self.shapes[v], plan.values[v].dtype) {
+                                return Err(fail(KernelError::Invalid(format!(
+                                    "part at {offset} is {}, but the plan says {}",
+                                    t.describe(),
+                                    describe_type(&self.shapes[v], plan.values[v].dtype)
+                                ))));
+                            }
+                            if self.last_use[v].is_some() || self.kept[v] > 0 {
+                                placed.push((v, t));
+                                continue;
+                            }
+                        }
+                        pool::recycle(t);
+                    }
+                    at += n;
+                }
+                for (v, t) in placed {
+                    slots[v] = Slot::Owned(t);
+                }
+                self.free_dead_operands(k, &mut slots);
+                continue;
+            }
             let result = match self.movable_operand(k, &kernel.op, &ctx, &slots) {
                 Some(i) => {
                     let Slot::Owned(t) = std::mem::replace(&mut slots[i], Slot::Empty) else {
@@ -247,13 +297,7 @@ impl CpuExecutor {
             if self.last_use[out_index].is_some() || self.kept[out_index] > 0 {
                 slots[out_index] = Slot::Owned(result);
             }
-            for &i in &kernel.inputs {
-                if self.last_use[i] == Some(k) && self.kept[i] == 0 {
-                    if let Slot::Owned(t) = std::mem::replace(&mut slots[i], Slot::Empty) {
-                        pool::recycle(t);
-                    }
-                }
-            }
+            self.free_dead_operands(k, &mut slots);
         }
         // Outputs and updates: the last reference takes an owned value, the others clone.
         let mut remaining = self.kept.clone();
@@ -288,6 +332,18 @@ impl CpuExecutor {
         }
         self.step += 1;
         Ok(outputs)
+    }
+
+    /// Returns to the pool the owned operands of kernel `k` that no later
+    /// kernel, output or state update reads.
+    fn free_dead_operands(&self, k: usize, slots: &mut [Slot]) {
+        for &i in &self.plan.kernels[k].inputs {
+            if self.last_use[i] == Some(k) && self.kept[i] == 0 {
+                if let Slot::Owned(t) = std::mem::replace(&mut slots[i], Slot::Empty) {
+                    pool::recycle(t);
+                }
+            }
+        }
     }
 
     /// The operand kernel `k` may move into its result: only for ops that

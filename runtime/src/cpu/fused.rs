@@ -50,14 +50,14 @@ impl Src<'_> {
     }
 }
 
-pub fn fused(x: &[&Tensor], body: &[Instr], ctx: &Ctx) -> Result<Tensor, KernelError> {
+/// The shape the operands broadcast to, and how each is read at its positions.
+fn sources<'a>(x: &[&'a Tensor]) -> Result<(Vec<usize>, Vec<Src<'a>>), KernelError> {
     let mut shape: Vec<usize> = Vec::new();
     for t in x {
         shape = broadcast_shape(&shape, &t.shape).ok_or_else(|| {
             invalid(format!("operand {} does not broadcast with {}", show_shape(&t.shape), show_shape(&shape)))
         })?;
     }
-    let numel: usize = shape.iter().product();
     let mut srcs = Vec::with_capacity(x.len());
     for (k, t) in x.iter().enumerate() {
         let d = f32_of(t, &format!("operand {k}"))?;
@@ -70,6 +70,12 @@ pub fn fused(x: &[&Tensor], body: &[Instr], ctx: &Ctx) -> Result<Tensor, KernelE
             Src::Strided { data: d, dims, strides: st.into_iter().next().expect("one operand") }
         });
     }
+    Ok((shape, srcs))
+}
+
+pub fn fused(x: &[&Tensor], body: &[Instr], ctx: &Ctx) -> Result<Tensor, KernelError> {
+    let (shape, srcs) = sources(x)?;
+    let numel: usize = shape.iter().product();
     let mut masks: Vec<Option<DropMask>> = Vec::with_capacity(body.len());
     for (i, instr) in body.iter().enumerate() {
         let reads_ok = instr.args().iter().all(|&a| (a as usize) < i);
@@ -115,6 +121,58 @@ pub fn fused(x: &[&Tensor], body: &[Instr], ctx: &Ctx) -> Result<Tensor, KernelE
     Ok(Tensor::f32(shape, out))
 }
 
+/// `MultiTensor { body, arity, results }`: the program once per tensor set
+/// (operands `j * arity ..`), registers `results` written as tensors of the
+/// set's shape; returns them per set, per result. Sets run in parallel, each
+/// block by block as `fused`'s.
+pub fn multi_tensor(
+    x: &[&Tensor],
+    body: &[Instr],
+    arity: usize,
+    results: &[u32],
+) -> Result<Vec<Vec<Tensor>>, KernelError> {
+    if arity == 0 || !x.len().is_multiple_of(arity) {
+        return Err(invalid(format!("{} operands do not make whole sets of {arity}", x.len())));
+    }
+    if body.is_empty() || body.iter().any(Instr::random) {
+        return Err(invalid("a multi-tensor program needs instructions and has no random ones"));
+    }
+    if let Some(r) = results.iter().find(|&&r| r as usize >= body.len()) {
+        return Err(invalid(format!("result register {r} does not exist")));
+    }
+    x.par_chunks(arity)
+        .map(|set| {
+            let (shape, srcs) = sources(set)?;
+            let numel: usize = shape.iter().product();
+            if let Some((i, _)) = body.iter().enumerate().find(|(i, instr)| {
+                instr.args().iter().any(|&a| a as usize >= *i)
+                    || matches!(instr, Instr::Operand(k) if *k as usize >= set.len())
+            }) {
+                return Err(invalid(format!("instruction {i} reads a register or operand that does not exist")));
+            }
+            let masks: Vec<Option<DropMask>> = body.iter().map(|_| None).collect();
+            let program = Program { body, srcs: &srcs, masks: &masks, per_sample: 1 };
+            let mut outs: Vec<Vec<f32>> = results.iter().map(|_| pool::buffer(numel)).collect();
+            let mut scratch = vec![0.0f32; body.len() * BLOCK];
+            vectorized(
+                #[inline(always)]
+                || {
+                    let mut start = 0;
+                    while start < numel {
+                        let len = BLOCK.min(numel - start);
+                        program.eval(start, len, &mut scratch, None);
+                        for (o, &r) in outs.iter_mut().zip(results) {
+                            o[start..start + len].copy_from_slice(program.register(r, start, len, &scratch));
+                        }
+                        start += len;
+                    }
+                },
+            );
+            Ok(outs.into_iter().map(|o| Tensor::f32(shape.clone(), o)).collect())
+        })
+        .collect()
+}
+
 struct Program<'a> {
     body: &'a [Instr],
     srcs: &'a [Src<'a>],
@@ -123,10 +181,30 @@ struct Program<'a> {
 }
 
 impl Program<'_> {
+    /// Register r at elements `start..start + len` after `eval` (an operand
+    /// register of a same-shape operand is read from the operand).
+    #[inline(always)]
+    fn register<'s>(&'s self, r: u32, start: usize, len: usize, scratch: &'s [f32]) -> &'s [f32] {
+        match (&self.body[r as usize], self.srcs) {
+            (Instr::Operand(k), srcs) => match &srcs[*k as usize] {
+                Src::Contiguous(d) => &d[start..start + len],
+                _ => &scratch[r as usize * BLOCK..][..len],
+            },
+            _ => &scratch[r as usize * BLOCK..][..len],
+        }
+    }
+
     /// Evaluates output elements `start..start + out.len()` into `out`.
     #[inline(always)]
     fn block(&self, start: usize, out: &mut [f32], scratch: &mut [f32]) {
         let len = out.len();
+        self.eval(start, len, scratch, Some(out));
+    }
+
+    /// Evaluates every register at elements `start..start + len` into
+    /// `scratch` (register r at `r * BLOCK`), the last one into `out` if given.
+    #[inline(always)]
+    fn eval(&self, start: usize, len: usize, scratch: &mut [f32], mut out: Option<&mut [f32]>) {
         let last = self.body.len() - 1;
         for (j, instr) in self.body.iter().enumerate() {
             let (done, rest) = scratch.split_at_mut(j * BLOCK);
@@ -140,10 +218,14 @@ impl Program<'_> {
                     _ => &done[r as usize * BLOCK..][..len],
                 }
             };
-            let dst: &mut [f32] = if j == last { &mut *out } else { &mut rest[..len] };
+            let into_out = j == last && out.is_some();
+            let dst: &mut [f32] = match out.as_deref_mut() {
+                Some(o) if j == last => o,
+                _ => &mut rest[..len],
+            };
             match *instr {
                 Instr::Operand(k) => {
-                    if j == last || !matches!(self.srcs[k as usize], Src::Contiguous(_)) {
+                    if into_out || !matches!(self.srcs[k as usize], Src::Contiguous(_)) {
                         self.srcs[k as usize].load(start, dst);
                     }
                 }

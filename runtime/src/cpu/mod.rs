@@ -40,6 +40,7 @@ mod tensor;
 
 pub use error::{KernelError, RuntimeError};
 pub use executor::CpuExecutor;
+pub use fused::multi_tensor;
 pub use kernel::Ctx;
 pub use tensor::{describe_type, show_shape, Data, Tensor};
 
@@ -114,6 +115,11 @@ pub fn run_kernel(op: &Op, x: &[&Tensor], ctx: &Ctx) -> Result<Tensor, KernelErr
         Op::Pad { axis, before, after } => layout::pad(x, *axis, fixed(*before)?, fixed(*after)?),
         Op::DivCount { count } => elementwise::div_scalar(x, fixed(*count)? as f64),
         Op::SumOfSquares => reduce::sum_of_squares(x),
+        // Several results: the executor runs it (`fused::multi_tensor`) and
+        // places its parts; a part is no kernel.
+        Op::MultiTensor { .. } | Op::Part { .. } => {
+            Err(error::invalid(format!("{} is run by the executor, not as a single-result kernel", op.name())))
+        }
     }
 }
 
