@@ -12,6 +12,7 @@ use tessera_runtime::weights::WeightsFormat;
 
 mod infer;
 mod memory_report;
+mod train;
 
 #[derive(Parser)]
 #[command(
@@ -116,6 +117,29 @@ enum Command {
         #[arg(long)]
         models: Vec<PathBuf>,
     },
+    /// Train a config's model on the CPU, as VISSL's trainer does: data
+    /// pipeline, schedules, meters, logs and checkpoints in CHECKPOINT.DIR.
+    /// A run stopped by Ctrl-C, SIGTERM or a crash continues from its last
+    /// checkpoint when run again (CHECKPOINT.AUTO_RESUME).
+    Train {
+        #[arg(required = true, value_name = "config=NAME [OVERRIDES]")]
+        args: Vec<String>,
+        /// Stop (with a checkpoint) after this many training steps in total.
+        #[arg(long)]
+        max_steps: Option<u64>,
+        /// No progress bar and no JSON records on standard output (the files
+        /// in CHECKPOINT.DIR are still written).
+        #[arg(long, short)]
+        quiet: bool,
+        /// Extra directory of `.tsr` model files.
+        #[arg(long)]
+        models: Vec<PathBuf>,
+    },
+    /// Datasets.
+    Data {
+        #[command(subcommand)]
+        command: DataCommand,
+    },
     /// Experiment configs.
     Config {
         #[command(subcommand)]
@@ -132,6 +156,28 @@ enum ConfigCommand {
     },
     /// List the configs embedded in this binary.
     List,
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Write a small generated image folder (`train/`, `val/`; one folder per
+    /// class of shapes and textures, PNG) for the quickstart. Does nothing
+    /// when a complete one is already there.
+    Synth {
+        #[arg(long)]
+        out: PathBuf,
+        /// Side of the square images.
+        #[arg(long, default_value_t = 32)]
+        image_size: usize,
+        #[arg(long, default_value_t = 10)]
+        classes: usize,
+        #[arg(long, default_value_t = 500)]
+        train_per_class: usize,
+        #[arg(long, default_value_t = 100)]
+        val_per_class: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -430,6 +476,13 @@ fn run(cli: Cli) -> Result<()> {
             plan.validate().map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
             write_out(&None, &plan.summary())
         }
+        Command::Train { args, max_steps, quiet, models } => {
+            let (name, overrides) = split_args(&args)?;
+            train::run(train::TrainArgs { name, overrides, models, max_steps, quiet })
+        }
+        Command::Data {
+            command: DataCommand::Synth { out, image_size, classes, train_per_class, val_per_class, seed },
+        } => train::synth(train::SynthArgs { out, image_size, classes, train_per_class, val_per_class, seed }),
         Command::Config { command: ConfigCommand::List } => {
             write_out(&None, &config::embedded_config_names().join("\n"))
         }

@@ -22,6 +22,11 @@ use super::error::{ConfigError, Origin};
 /// crate to be seen.
 static EMBEDDED: Dir<'static> = include_dir!("$CARGO_MANIFEST_DIR/../configs");
 
+/// A file of `configs/` as built into the binary (`dataset_catalog.json`).
+pub fn embedded_file(path: &str) -> Option<&'static [u8]> {
+    EMBEDDED.get_file(path).map(|f| f.contents())
+}
+
 pub(crate) const EMBEDDED_PREFIX: &str = "<embedded>/configs";
 
 /// Top-level keys of a Hydra/VISSL file other than `config:`; they are not

@@ -28,6 +28,7 @@ use std::path::PathBuf;
 use serde_json::Value;
 
 pub use error::{ConfigError, Origin};
+pub use load::embedded_file;
 
 /// A resolved experiment config: the tree under VISSL's top-level `config:`.
 #[derive(Debug, Clone, PartialEq)]

@@ -39,6 +39,7 @@ fn member_ok(g: &Graph, v: ValueId, ty: &crate::ir::TensorType) -> bool {
 /// The update set of parameter `p` whose new value is `u`, if it qualifies.
 fn update_set(
     g: &Graph,
+    pos: &HashMap<ValueId, usize>,
     p: ValueId,
     u: ValueId,
     state_of: &HashMap<ValueId, &str>,
@@ -62,8 +63,8 @@ fn update_set(
             }
         }
     }
-    let order = g.topo_order().ok()?;
-    let members: Vec<ValueId> = order.into_iter().filter(|v| set.contains(v)).collect();
+    let mut members: Vec<ValueId> = set.iter().copied().collect();
+    members.sort_by_key(|v| pos[v]);
     // Every member's readers are members (the loop checked the others').
     if members.iter().any(|&m| g.users(m).iter().any(|r| !set.contains(r))) {
         return None;
@@ -131,11 +132,13 @@ fn without_copies(body: Vec<Instr>) -> (Vec<Instr>, Vec<u32>) {
 pub(super) fn run(g: &mut Graph) -> Result<String, IrError> {
     let state_of: HashMap<ValueId, &str> = g.state_updates().iter().map(|(n, v)| (*v, n.as_str())).collect();
     let named: HashSet<ValueId> = g.outputs().iter().map(|(_, v)| *v).collect();
+    let order = g.topo_order()?;
+    let pos: HashMap<ValueId, usize> = order.iter().enumerate().map(|(i, &v)| (v, i)).collect();
     let mut sets: Vec<UpdateSet> = Vec::new();
     for (name, u) in g.state_updates() {
         let Some(p) = g.state(name) else { continue };
         if matches!(g.node(p).op, Op::Param { trainable: true, .. }) {
-            sets.extend(update_set(g, p, *u, &state_of, &named));
+            sets.extend(update_set(g, &pos, p, *u, &state_of, &named));
         }
     }
     // Tensors read by two sets: those sets stay unfused (in-place safety).
@@ -159,8 +162,6 @@ pub(super) fn run(g: &mut Graph) -> Result<String, IrError> {
             None => groups.push(vec![i]),
         }
     }
-    let order = g.topo_order()?;
-    let pos: HashMap<ValueId, usize> = order.iter().enumerate().map(|(i, &v)| (v, i)).collect();
     let mut emit_at: HashMap<ValueId, usize> = HashMap::new();
     let mut member: HashSet<ValueId> = HashSet::new();
     for (gi, grp) in groups.iter().enumerate() {

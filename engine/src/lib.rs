@@ -1,0 +1,12 @@
+//! The training engine: what `tessera train` runs. VISSL's trainer
+//! (reference sections 0, 6 and 8) over compiled plans: phases and epochs,
+//! parameter schedules, meters, logs and checkpoints.
+
+pub mod checkpoint;
+pub mod data_source;
+pub mod logs;
+pub mod meters;
+pub mod schedule;
+pub mod source;
+pub mod tensorboard;
+pub mod trainer;

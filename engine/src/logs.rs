@@ -1,0 +1,239 @@
+//! What a run writes to `CHECKPOINT.DIR`, as VISSL names it (reference 8.3):
+//! - `log.txt`: plain-language lines (also printed on a terminal);
+//! - `stdout.json`: one JSON object per logged step (iteration, epoch, loss,
+//!   lr, images/s, ETA, ...);
+//! - `metrics.json`: one JSON line per phase with its meters;
+//! - TensorBoard event files when `HOOKS.TENSORBOARD_SETUP.USE_TENSORBOARD`.
+//!
+//! Files are appended to, so a resumed run continues them. On a terminal a
+//! progress bar shows loss, lr, images/s and ETA; otherwise standard output
+//! gets the `stdout.json` records (machine-readable), and nothing else.
+
+use crate::tensorboard::EventWriter;
+use serde_json::Value;
+use std::fs::{File, OpenOptions};
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+
+/// What the progress bar shows.
+#[derive(Clone, Copy, Debug)]
+pub struct Progress {
+    pub epoch: u64,
+    pub epochs: u64,
+    /// Steps done in this epoch, of `total`.
+    pub done: u64,
+    pub total: u64,
+    pub loss: f64,
+    pub lr: f64,
+    pub images_per_sec: f64,
+    pub eta_seconds: f64,
+}
+
+pub struct RunLog {
+    log_txt: File,
+    stdout_json: File,
+    metrics_json: File,
+    tensorboard: Option<EventWriter>,
+    /// Progress on standard error (a terminal), or JSON lines on standard output.
+    terminal: bool,
+    quiet: bool,
+    bar_shown: bool,
+}
+
+fn append(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new().create(true).append(true).open(path)
+}
+
+impl RunLog {
+    /// Opens the run's files in `dir`; `tensorboard` is the events
+    /// directory when TensorBoard is on.
+    pub fn open(dir: &Path, tensorboard: Option<PathBuf>, quiet: bool) -> std::io::Result<RunLog> {
+        std::fs::create_dir_all(dir)?;
+        Ok(RunLog {
+            log_txt: append(&dir.join("log.txt"))?,
+            stdout_json: append(&dir.join("stdout.json"))?,
+            metrics_json: append(&dir.join("metrics.json"))?,
+            tensorboard: tensorboard.map(|d| EventWriter::create(&d)).transpose()?,
+            terminal: std::io::stderr().is_terminal(),
+            quiet,
+            bar_shown: false,
+        })
+    }
+
+    fn clear_bar(&mut self) {
+        if self.bar_shown {
+            eprint!("\r\x1b[2K");
+            self.bar_shown = false;
+        }
+    }
+
+    /// A plain-language line: log.txt, and standard error on a terminal.
+    pub fn info(&mut self, line: &str) {
+        let stamp = timestamp();
+        let _ = writeln!(self.log_txt, "{stamp} {line}");
+        if self.terminal && !self.quiet {
+            self.clear_bar();
+            eprintln!("{line}");
+        }
+    }
+
+    /// A warning: as `info`, and also on standard error when not a terminal.
+    pub fn warn(&mut self, line: &str) {
+        let _ = writeln!(self.log_txt, "{} WARNING {line}", timestamp());
+        self.clear_bar();
+        eprintln!("warning: {line}");
+    }
+
+    /// One logged training step: stdout.json (and standard output when not on
+    /// a terminal), log.txt, TensorBoard.
+    pub fn step(&mut self, record: &Value) {
+        let line = record.to_string();
+        let _ = writeln!(self.stdout_json, "{line}");
+        let _ = writeln!(self.log_txt, "{} {}", timestamp(), step_text(record));
+        if !self.terminal && !self.quiet {
+            println!("{line}");
+        }
+        if let Some(tb) = &mut self.tensorboard {
+            let it = record["iteration"].as_u64().unwrap_or(0);
+            let mut values = Vec::new();
+            for (key, tag) in [
+                ("loss", "Training/Loss"),
+                ("lr", "Training/Learning_rate"),
+                ("images_per_sec", "Speed/images_per_sec"),
+            ] {
+                if let Some(v) = record[key].as_f64() {
+                    values.push((tag, v as f32));
+                }
+            }
+            let _ = tb.scalars(it, &values);
+        }
+    }
+
+    /// The progress bar (terminal only): one line redrawn in place.
+    pub fn progress(&mut self, p: &Progress) {
+        if !self.terminal || self.quiet {
+            return;
+        }
+        let Progress { epoch, epochs, done, total, loss, lr, images_per_sec: ips, eta_seconds: eta } = *p;
+        const WIDTH: u64 = 24;
+        let filled = (done * WIDTH).checked_div(total).unwrap_or(0).min(WIDTH);
+        let bar: String = (0..WIDTH).map(|i| if i < filled { '#' } else { '.' }).collect();
+        eprint!(
+            "\r\x1b[2Kepoch {}/{epochs} [{bar}] {done}/{total}  loss {loss:.4}  lr {lr:.3e}  {ips:.0} img/s  ETA {}",
+            epoch + 1,
+            human_duration(eta)
+        );
+        let _ = std::io::stderr().flush();
+        self.bar_shown = true;
+    }
+
+    /// One phase's meters: metrics.json (one line), log.txt, TensorBoard.
+    pub fn phase(&mut self, record: &Value) {
+        let _ = writeln!(self.metrics_json, "{record}");
+        self.info(&format!("metrics: {record}"));
+        if let Some(tb) = &mut self.tensorboard {
+            let it = record["iteration"].as_u64().unwrap_or(0);
+            for (key, prefix) in [("train_accuracy_list_meter", "Training"), ("test_accuracy_list_meter", "Testing")] {
+                if let Some(Value::Object(ks)) = record.get(key) {
+                    for (k, per) in ks {
+                        if let Some(v) = per.get("0").and_then(Value::as_f64) {
+                            let _ = tb.scalars(it, &[(&format!("{prefix}/Accuracy_{k}_Output_0"), v as f32)]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Flushes everything to disk (before a checkpoint and at the end).
+    pub fn flush(&mut self) {
+        let _ = self.log_txt.flush();
+        let _ = self.stdout_json.flush();
+        let _ = self.metrics_json.flush();
+        if let Some(tb) = &mut self.tensorboard {
+            let _ = tb.flush();
+        }
+    }
+
+    /// Ends the progress line.
+    pub fn end_progress(&mut self) {
+        if self.bar_shown {
+            eprintln!();
+            self.bar_shown = false;
+        }
+    }
+}
+
+fn step_text(r: &Value) -> String {
+    format!(
+        "ep {} iter {} loss {:.5} lr {:.6e} images/s {:.1} eta {}",
+        r["epoch"],
+        r["iteration"],
+        r["loss"].as_f64().unwrap_or(f64::NAN),
+        r["lr"].as_f64().unwrap_or(f64::NAN),
+        r["images_per_sec"].as_f64().unwrap_or(0.0),
+        human_duration(r["eta_seconds"].as_f64().unwrap_or(0.0))
+    )
+}
+
+/// `1h02m`, `3m05s`, `12s`.
+pub fn human_duration(s: f64) -> String {
+    let s = s.max(0.0).round() as u64;
+    if s >= 3600 {
+        format!("{}h{:02}m", s / 3600, s % 3600 / 60)
+    } else if s >= 60 {
+        format!("{}m{:02}s", s / 60, s % 60)
+    } else {
+        format!("{s}s")
+    }
+}
+
+/// Seconds since the epoch, UTC, as `YYYY-MM-DD HH:MM:SS`.
+fn timestamp() -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let (days, rest) = (secs / 86400, secs % 86400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", rest / 3600, rest % 3600 / 60, rest % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_like_a_person_writes_them() {
+        assert_eq!(human_duration(12.4), "12s");
+        assert_eq!(human_duration(185.0), "3m05s");
+        assert_eq!(human_duration(3720.0), "1h02m");
+    }
+
+    #[test]
+    fn records_go_to_their_files() {
+        let dir = std::env::temp_dir().join(format!("tessera-logs-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut log = RunLog::open(&dir, Some(dir.join("tensorboard")), true).unwrap();
+        log.step(&serde_json::json!({"iteration": 3, "epoch": 0, "loss": 2.0, "lr": 0.001, "images_per_sec": 10.0, "eta_seconds": 5.0}));
+        log.phase(&serde_json::json!({"iteration": 3, "phase_idx": 0, "train_phase_idx": 0, "train_accuracy_list_meter": {"top_1": {"0": 50.0}}}));
+        log.flush();
+        let stdout: Value =
+            serde_json::from_str(std::fs::read_to_string(dir.join("stdout.json")).unwrap().trim()).unwrap();
+        assert_eq!(stdout["iteration"], 3);
+        let metrics = std::fs::read_to_string(dir.join("metrics.json")).unwrap();
+        assert_eq!(metrics.lines().count(), 1);
+        let text = std::fs::read_to_string(dir.join("log.txt")).unwrap();
+        assert!(text.contains("ep 0 iter 3 loss 2.00000 lr 1.000000e-3 images/s 10.0 eta 5s"), "{text}");
+        let tb: Vec<_> = std::fs::read_dir(dir.join("tensorboard")).unwrap().flatten().collect();
+        assert_eq!(tb.len(), 1);
+        assert!(tb[0].file_name().to_string_lossy().starts_with("events.out.tfevents."));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,640 @@
+//! The training loop (reference sections 0, 6 and 8): phases (train, then
+//! test when `TEST_MODEL`, every `TEST_EVERY_NUM_EPOCH`), epochs of
+//! `OPTIMIZER.num_epochs`, the lr of each param group from its schedule with
+//! `where = done / total` before each step, meters, logs and checkpoints.
+//!
+//! Plans: one training step per batch size (the last batch of an epoch may
+//! be smaller without DROP_LAST) and one eval forward per batch size; every
+//! executor holds the state by name and the active one's state is copied
+//! into the next one used, so they train one model.
+//!
+//! Determinism: dropout and drop path draw from streams keyed by (seed,
+//! step, key), data augmentation from (seed, epoch, sample): a run resumed
+//! from a checkpoint computes exactly the steps an uninterrupted run does.
+
+use crate::checkpoint::{self, Checkpoint, EngineState, IntTensor, FORMAT_VERSION};
+use crate::logs::{Progress, RunLog};
+use crate::meters::{AccuracyListMeter, Target};
+use crate::schedule::{self, ParamSchedule, RunShape};
+use crate::source::{Batch, DataSource, Labels};
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+use tessera_compiler::autodiff::{Optimizer, StepOptions};
+use tessera_compiler::elaborate::Program;
+use tessera_compiler::param_groups::ParamGroup;
+use tessera_compiler::pipeline::{inference_plan, training_plan};
+use tessera_compiler::plan::Source;
+use tessera_runtime::cpu::{CpuExecutor, Data, Tensor};
+use tessera_runtime::weights::{load_weights, model_tensors, MatchOptions, NamedTensor};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{0}")]
+    Config(String),
+    #[error("{0}")]
+    Data(String),
+    #[error(
+        "the loss is {loss} at iteration {iteration} (epoch {epoch}); training stopped. {}",
+        match last_checkpoint { Some(p) => format!("The last good checkpoint is {}.", p.display()), None => "No checkpoint was written yet.".into() }
+    )]
+    NonFinite { loss: f32, iteration: u64, epoch: u64, last_checkpoint: Option<PathBuf> },
+    #[error(transparent)]
+    Checkpoint(#[from] checkpoint::CheckpointError),
+    #[error("{0}")]
+    Runtime(String),
+    #[error("cannot write the run's logs in {dir}: {message}")]
+    Logs { dir: PathBuf, message: String },
+}
+
+/// How a run ended.
+#[derive(Debug, PartialEq)]
+pub enum Outcome {
+    /// Every epoch ran; the final checkpoint.
+    Finished { checkpoint: PathBuf },
+    /// A final checkpoint already existed (and OVERWRITE_EXISTING is off).
+    AlreadyFinished { checkpoint: PathBuf },
+    /// Stopped by a signal or the step limit, after checkpointing.
+    Stopped { checkpoint: PathBuf, iteration: u64, reason: &'static str },
+}
+
+pub struct TrainSetup<'a> {
+    pub cfg: &'a Value,
+    pub prog: &'a Program,
+    pub train: Box<dyn DataSource + 'a>,
+    pub test: Option<Box<dyn DataSource + 'a>>,
+    /// Stop (with a checkpoint) after this many steps in total.
+    pub max_steps: Option<u64>,
+    /// Set by SIGINT/SIGTERM: finish the step, checkpoint, stop.
+    pub stop: Arc<AtomicBool>,
+    /// No progress bar and nothing on standard output.
+    pub quiet: bool,
+}
+
+fn get<'a>(cfg: &'a Value, key: &str) -> Option<&'a Value> {
+    key.split('.').try_fold(cfg, |node, k| node.get(k))
+}
+
+fn get_u64(cfg: &Value, key: &str) -> Result<u64, EngineError> {
+    get(cfg, key)
+        .and_then(Value::as_u64)
+        .ok_or_else(|| EngineError::Config(format!("config key `{key}` must be a non-negative integer")))
+}
+
+fn get_i64(cfg: &Value, key: &str) -> Result<i64, EngineError> {
+    get(cfg, key)
+        .and_then(Value::as_i64)
+        .ok_or_else(|| EngineError::Config(format!("config key `{key}` must be an integer")))
+}
+
+fn get_bool(cfg: &Value, key: &str) -> bool {
+    get(cfg, key).and_then(Value::as_bool).unwrap_or(false)
+}
+
+fn get_str<'a>(cfg: &'a Value, key: &str) -> &'a str {
+    get(cfg, key).and_then(Value::as_str).unwrap_or("")
+}
+
+/// VISSL's log steps: iteration 1, every 5 up to 100, then every LOG_FREQUENCY.
+fn is_log_step(iteration: u64, freq: u64) -> bool {
+    iteration == 1 || (iteration <= 100 && iteration.is_multiple_of(5)) || (freq > 0 && iteration.is_multiple_of(freq))
+}
+
+/// Copies every state both executors hold from `from` into `to`.
+fn copy_state(from: &CpuExecutor, to: &mut CpuExecutor) -> Result<(), EngineError> {
+    for name in to.state_names() {
+        if let Some(t) = from.state(&name) {
+            to.set_state(&name, t.clone()).map_err(|e| EngineError::Runtime(e.to_string()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Plan input names (`data`, `target`, `optim.lr.<group>`, ...).
+fn input_names(ex: &CpuExecutor) -> Vec<String> {
+    ex.plan()
+        .values
+        .iter()
+        .filter_map(|v| match &v.source {
+            Source::Input { name } => Some(name.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Training executors per batch size, sharing one model.
+struct Steps<'a> {
+    prog: &'a Program,
+    cfg: &'a Value,
+    seed: u64,
+    by_batch: HashMap<u64, CpuExecutor>,
+    /// The batch size whose executor holds the current state.
+    current: u64,
+}
+
+impl Steps<'_> {
+    fn get(&mut self, batch: u64) -> Result<&mut CpuExecutor, EngineError> {
+        if !self.by_batch.contains_key(&batch) {
+            let (plan, _) =
+                training_plan(self.prog, self.cfg, batch).map_err(|e| EngineError::Config(e.to_string()))?;
+            let ex = CpuExecutor::new(plan, self.seed).map_err(|e| EngineError::Runtime(e.to_string()))?;
+            self.by_batch.insert(batch, ex);
+        }
+        if batch != self.current {
+            let mut to = self.by_batch.remove(&batch).expect("made above");
+            let from = &self.by_batch[&self.current];
+            copy_state(from, &mut to)?;
+            to.set_step(from.step());
+            self.by_batch.insert(batch, to);
+            self.current = batch;
+        }
+        Ok(self.by_batch.get_mut(&batch).expect("present"))
+    }
+
+    fn active(&self) -> &CpuExecutor {
+        &self.by_batch[&self.current]
+    }
+
+    fn active_mut(&mut self) -> &mut CpuExecutor {
+        self.by_batch.get_mut(&self.current).expect("present")
+    }
+}
+
+/// The meter of a config (`METERS.name: accuracy_list_meter`), if any.
+fn meter_of(cfg: &Value) -> Result<Option<AccuracyListMeter>, EngineError> {
+    let names: Vec<&str> = match get(cfg, "METERS.names").and_then(Value::as_array) {
+        Some(a) if !a.is_empty() => a.iter().filter_map(Value::as_str).collect(),
+        _ => vec![get_str(cfg, "METERS.name")],
+    };
+    match names.as_slice() {
+        [""] | [] => Ok(None),
+        ["accuracy_list_meter"] => {
+            let n = get_u64(cfg, "METERS.accuracy_list_meter.num_meters")? as usize;
+            let topk: Vec<usize> = get(cfg, "METERS.accuracy_list_meter.topk_values")
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(Value::as_u64).map(|k| k as usize).collect())
+                .unwrap_or_else(|| vec![1]);
+            Ok(Some(AccuracyListMeter::new(n, topk)))
+        }
+        other => Err(EngineError::Config(format!(
+            "config key `METERS.name`: {other:?} is not supported; tessera has accuracy_list_meter (or \"\" for none)"
+        ))),
+    }
+}
+
+/// Feeds one batch's model outputs to the meter.
+fn update_meter(
+    meter: &mut AccuracyListMeter,
+    outputs: &BTreeMap<String, Tensor>,
+    labels: &Labels,
+) -> Result<(), EngineError> {
+    let mut heads: Vec<&Tensor> = Vec::new();
+    if let Some(t) = outputs.get("output") {
+        heads.push(t);
+    }
+    let mut i = 0;
+    while let Some(t) = outputs.get(&format!("output.{i}")) {
+        heads.push(t);
+        i += 1;
+    }
+    for (m, out) in heads.iter().take(meter.num_meters()).enumerate() {
+        let (Some(logits), &[n, k]) = (out.as_f32(), &out.shape[..]) else {
+            return Err(EngineError::Config(format!(
+                "accuracy_list_meter needs [batch, classes] logits, the model's output {m} is {:?}",
+                out.shape
+            )));
+        };
+        let targets: Vec<Target> = match labels {
+            Labels::Hard(y) => y.iter().map(|&c| Target::Class(c.max(0) as usize)).collect(),
+            Labels::Soft { classes, data } => data.chunks(*classes).map(Target::Soft).collect(),
+        };
+        if targets.len() != n {
+            return Err(EngineError::Data(format!("{} labels for a batch of {n}", targets.len())));
+        }
+        meter.update(m, logits, k, &targets);
+    }
+    Ok(())
+}
+
+/// Everything a checkpoint holds, from the active executor.
+fn snapshot(ex: &CpuExecutor, engine: EngineState) -> Checkpoint {
+    let (mut model, mut optimizer) = (Vec::new(), Vec::new());
+    let mut engine = engine;
+    for name in ex.state_names() {
+        let t = ex.state(&name).expect("named state exists");
+        match &t.data {
+            Data::F32(v) => {
+                let nt = NamedTensor::new(name.clone(), t.shape.clone(), v.clone());
+                if name.starts_with("optim.") {
+                    optimizer.push(nt)
+                } else {
+                    model.push(nt)
+                }
+            }
+            Data::I64(v) => {
+                engine.int_state.insert(name.clone(), IntTensor { shape: t.shape.clone(), data: v.clone() });
+            }
+        }
+    }
+    Checkpoint { model, optimizer, engine }
+}
+
+/// Loads a checkpoint's tensors into `ex` (every state of the plan must be there).
+fn restore(ex: &mut CpuExecutor, ckpt: &Checkpoint, path: &Path) -> Result<(), EngineError> {
+    let mut have: HashMap<&str, Tensor> = HashMap::new();
+    for t in ckpt.model.iter().chain(&ckpt.optimizer) {
+        have.insert(&t.name, Tensor::f32(t.shape.clone(), t.data.clone()));
+    }
+    for (name, t) in &ckpt.engine.int_state {
+        have.insert(name, Tensor::i64(t.shape.clone(), t.data.clone()));
+    }
+    let mut missing = Vec::new();
+    for name in ex.state_names() {
+        match have.remove(name.as_str()) {
+            Some(t) => ex.set_state(&name, t).map_err(|e| {
+                EngineError::Config(format!("checkpoint {} does not fit this model: {e}", path.display()))
+            })?,
+            None => missing.push(name),
+        }
+    }
+    if !missing.is_empty() {
+        return Err(EngineError::Config(format!(
+            "checkpoint {} does not fit this model: it lacks {} (was it written by another config?)",
+            path.display(),
+            missing.join(", ")
+        )));
+    }
+    ex.set_step(ckpt.engine.rng_step);
+    Ok(())
+}
+
+/// MODEL.WEIGHTS_INIT: parameters from a file (tessera or timm names), with
+/// SKIP_LAYERS (substrings), REMOVE_PREFIX then APPEND_PREFIX applied to the
+/// file's names (reference 8.2). Model tensors the file lacks keep their
+/// initial values, and are listed.
+fn weights_init(ex: &mut CpuExecutor, cfg: &Value, log: &mut RunLog) -> Result<(), EngineError> {
+    let file = get_str(cfg, "MODEL.WEIGHTS_INIT.PARAMS_FILE");
+    if file.is_empty() {
+        return Ok(());
+    }
+    let path = Path::new(file);
+    let skip: Vec<&str> = get(cfg, "MODEL.WEIGHTS_INIT.SKIP_LAYERS")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let remove = get_str(cfg, "MODEL.WEIGHTS_INIT.REMOVE_PREFIX");
+    let append = get_str(cfg, "MODEL.WEIGHTS_INIT.APPEND_PREFIX");
+    let expected = model_tensors(ex.plan());
+    let renamed = |name: &str| -> String {
+        let n = name.strip_prefix(remove).filter(|_| !remove.is_empty()).unwrap_or(name);
+        format!("{append}{n}")
+    };
+    let mut tensors = tessera_runtime::weights::read_safetensors(path)
+        .map_err(|e| EngineError::Config(format!("MODEL.WEIGHTS_INIT.PARAMS_FILE: {e}")))?;
+    let before = tensors.len();
+    tensors.retain(|t| !skip.iter().any(|s| !s.is_empty() && t.name.contains(s)));
+    let skipped = before - tensors.len();
+    for t in &mut tensors {
+        t.name = renamed(&t.name);
+    }
+    let tmp = std::env::temp_dir().join(format!("tessera-weights-init-{}.safetensors", std::process::id()));
+    tessera_runtime::weights::write_safetensors(&tmp, &tensors, &BTreeMap::new())
+        .map_err(|e| EngineError::Config(format!("MODEL.WEIGHTS_INIT: {e}")))?;
+    let matched = load_weights(&tmp, &expected, None, MatchOptions { allow_missing: true, allow_unused: true });
+    let _ = std::fs::remove_file(&tmp);
+    let matched = matched.map_err(|e| EngineError::Config(format!("MODEL.WEIGHTS_INIT.PARAMS_FILE {file}: {e}")))?;
+    let loaded = matched.tensors.len();
+    for t in matched.tensors {
+        let value = match ex.state(&t.name).map(|s| &s.data) {
+            Some(Data::I64(_)) => Tensor::i64(t.shape.clone(), t.data.iter().map(|&v| v as i64).collect()),
+            _ => Tensor::f32(t.shape.clone(), t.data),
+        };
+        ex.set_state(&t.name, value).map_err(|e| EngineError::Config(format!("MODEL.WEIGHTS_INIT: {e}")))?;
+    }
+    log.info(&format!(
+        "initialised {loaded} tensors from {file} ({skipped} skipped by SKIP_LAYERS, {} not in the file, {} unused)",
+        matched.missing.len(),
+        matched.unused.len()
+    ));
+    if !matched.missing.is_empty() {
+        log.info(&format!("  kept their initial values: {}", matched.missing.join(", ")));
+    }
+    Ok(())
+}
+
+/// Lr and weight-decay inputs of every param group.
+struct Optim {
+    groups: Vec<ParamGroup>,
+    lr: ParamSchedule,
+    lr_head: Option<ParamSchedule>,
+    adam: Option<(f64, f64)>,
+}
+
+impl Optim {
+    fn scalars(&self, iteration: u64, total: u64, per_epoch: u64) -> (Vec<(String, Tensor)>, f64) {
+        let lr = self.lr.value(iteration, total, per_epoch);
+        let head = self.lr_head.as_ref().map(|s| s.value(iteration, total, per_epoch)).unwrap_or(lr);
+        let mut out = Vec::new();
+        for g in &self.groups {
+            let v = if g.head_lr { head } else { lr };
+            out.push((format!("optim.lr.{}", g.name), Tensor::scalar_f32(v as f32)));
+            out.push((format!("optim.weight_decay.{}", g.name), Tensor::scalar_f32(g.weight_decay as f32)));
+        }
+        if let Some((b1, b2)) = self.adam {
+            // torch.optim.AdamW's step count starts at 1.
+            let t = (iteration + 1) as i32;
+            out.push(("optim.bias_correction1".into(), Tensor::scalar_f32((1.0 - b1.powi(t)) as f32)));
+            out.push(("optim.bias_correction2".into(), Tensor::scalar_f32((1.0 - b2.powi(t)) as f32)));
+        }
+        (out, lr)
+    }
+}
+
+/// Runs training as the config says. Returns how it ended; a checkpoint
+/// exists for every outcome.
+pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
+    let cfg = setup.cfg;
+    let device = get_str(cfg, "MACHINE.DEVICE");
+    if device != "cpu" {
+        return Err(EngineError::Config(format!(
+            "config key `MACHINE.DEVICE` is `{device}`: this build trains on the CPU only (set MACHINE.DEVICE=cpu)"
+        )));
+    }
+    let dir = PathBuf::from(get_str(cfg, "CHECKPOINT.DIR"));
+    let num_epochs = get_u64(cfg, "OPTIMIZER.num_epochs")?;
+    if num_epochs == 0 {
+        return Err(EngineError::Config("config key `OPTIMIZER.num_epochs` must be at least 1".into()));
+    }
+    let batch = get_u64(cfg, "DATA.TRAIN.BATCHSIZE_PER_REPLICA")?;
+    let per_epoch = setup.train.batches_per_epoch();
+    if per_epoch == 0 {
+        return Err(EngineError::Data(format!(
+            "the training data gives no batch: {} samples for DATA.TRAIN.BATCHSIZE_PER_REPLICA {batch}{}",
+            setup.train.samples(),
+            if get_bool(cfg, "DATA.TRAIN.DROP_LAST") { " with DATA.TRAIN.DROP_LAST" } else { "" }
+        )));
+    }
+    let total = num_epochs * per_epoch;
+    let seed = get_u64(cfg, "SEED_VALUE")?;
+    let tb_dir = get_bool(cfg, "HOOKS.TENSORBOARD_SETUP.USE_TENSORBOARD").then(|| {
+        let base = get_str(cfg, "HOOKS.TENSORBOARD_SETUP.LOG_DIR");
+        let base = if base.is_empty() || base == "." { dir.clone() } else { PathBuf::from(base) };
+        base.join(get_str(cfg, "HOOKS.TENSORBOARD_SETUP.EXPERIMENT_LOG_DIR"))
+    });
+
+    // A finished run is not repeated (VISSL: a final checkpoint means done).
+    let overwrite = get_bool(cfg, "CHECKPOINT.OVERWRITE_EXISTING");
+    let resume_from =
+        if get_bool(cfg, "CHECKPOINT.AUTO_RESUME") && !overwrite { checkpoint::latest(&dir) } else { None };
+    let resumed = match &resume_from {
+        Some(p) => Some(checkpoint::read(p)?),
+        None => None,
+    };
+    if let (Some(c), Some(p)) = (&resumed, &resume_from) {
+        if c.engine.finished {
+            return Ok(Outcome::AlreadyFinished { checkpoint: p.clone() });
+        }
+    }
+    let mut log = RunLog::open(&dir, tb_dir, setup.quiet)
+        .map_err(|e| EngineError::Logs { dir: dir.clone(), message: e.to_string() })?;
+
+    // The model: a training step for the batch size, and the optimizer's inputs.
+    let (plan, compiled) = training_plan(setup.prog, cfg, batch).map_err(|e| EngineError::Config(e.to_string()))?;
+    let opts = StepOptions::from_config(cfg).map_err(EngineError::Config)?;
+    let world = RunShape { batch_per_replica: batch, num_nodes: 1, procs_per_node: 1, num_epochs };
+    let lr = schedule::from_config(cfg, "lr", world).map_err(|e| EngineError::Config(e.to_string()))?;
+    let lr_head = if get_bool(cfg, "OPTIMIZER.head_optimizer_params.use_different_lr") {
+        Some(schedule::from_config(cfg, "lr_head", world).map_err(|e| EngineError::Config(e.to_string()))?)
+    } else {
+        None
+    };
+    let adam = match opts.optimizer {
+        Optimizer::AdamW { beta1, beta2, .. } => Some((beta1, beta2)),
+        Optimizer::Sgd { .. } => None,
+    };
+    let optim = Optim { groups: compiled.param_groups.clone(), lr, lr_head, adam };
+    let first = CpuExecutor::new(plan, seed).map_err(|e| EngineError::Runtime(e.to_string()))?;
+    let needed = input_names(&first);
+    let mut steps = Steps { prog: setup.prog, cfg, seed, by_batch: HashMap::from([(batch, first)]), current: batch };
+
+    let mut meter = meter_of(cfg)?;
+    let train_meter = get_bool(cfg, "METERS.enable_training_meter");
+    let mut state = EngineState {
+        version: FORMAT_VERSION,
+        phase_idx: 0,
+        train_phase_idx: 0,
+        iteration: 0,
+        iteration_in_epoch: 0,
+        rng_step: 0,
+        seed,
+        losses: Vec::new(),
+        meters: Value::Null,
+        int_state: BTreeMap::new(),
+        finished: false,
+    };
+    let mut last_checkpoint: Option<PathBuf> = None;
+    if let (Some(c), Some(p)) = (resumed, &resume_from) {
+        restore(steps.active_mut(), &c, p)?;
+        state = c.engine;
+        state.int_state.clear();
+        if let (Some(m), Ok(saved)) = (&mut meter, serde_json::from_value::<AccuracyListMeter>(state.meters.clone())) {
+            if saved.topk == m.topk && saved.num_meters() == m.num_meters() {
+                *m = saved;
+            }
+        }
+        log.info(&format!(
+            "resuming from {} (epoch {}, iteration {})",
+            p.display(),
+            state.train_phase_idx,
+            state.iteration
+        ));
+        last_checkpoint = Some(p.clone());
+    } else {
+        log.info(&format!(
+            "training {} on the CPU: {num_epochs} epochs of {per_epoch} steps, batch {batch}, checkpoints in {}",
+            get_str(cfg, "MODEL.TRUNK.NAME"),
+            dir.display()
+        ));
+        weights_init(steps.active_mut(), cfg, &mut log)?;
+    }
+
+    let ckpt_freq = get_u64(cfg, "CHECKPOINT.CHECKPOINT_FREQUENCY")?.max(1);
+    let iter_freq = get_i64(cfg, "CHECKPOINT.CHECKPOINT_ITER_FREQUENCY")?;
+    let log_freq = get_u64(cfg, "LOG_FREQUENCY")?;
+    let test_model = get_bool(cfg, "TEST_MODEL") && setup.test.is_some();
+    let test_every = get_u64(cfg, "TEST_EVERY_NUM_EPOCH")?.max(1);
+    let mut eval: HashMap<u64, CpuExecutor> = HashMap::new();
+
+    let write_checkpoint =
+        |steps: &Steps, state: &EngineState, meter: &Option<AccuracyListMeter>, name: String, log: &mut RunLog| {
+            let mut s = state.clone();
+            s.rng_step = steps.active().step();
+            s.meters =
+                meter.as_ref().map(|m| serde_json::to_value(m).expect("meters serialise")).unwrap_or(Value::Null);
+            log.flush();
+            let path = checkpoint::write(&dir, &name, &snapshot(steps.active(), s))?;
+            log.info(&format!("checkpoint {}", path.display()));
+            Ok::<PathBuf, EngineError>(path)
+        };
+
+    let started = Instant::now();
+    let start_iteration = state.iteration;
+    for epoch in state.train_phase_idx..num_epochs {
+        let skip = state.iteration_in_epoch;
+        if skip == 0 {
+            state.losses.clear();
+            if let Some(m) = &mut meter {
+                m.reset();
+            }
+        }
+        let mut window = (Instant::now(), 0u64);
+        let mut batches = setup.train.epoch(epoch, skip);
+        loop {
+            if setup.stop.load(Ordering::SeqCst) || setup.max_steps.is_some_and(|m| state.iteration >= m) {
+                let reason = if setup.stop.load(Ordering::SeqCst) { "signal" } else { "step limit" };
+                drop(batches);
+                log.end_progress();
+                let path =
+                    write_checkpoint(&steps, &state, &meter, checkpoint::iteration_name(state.iteration), &mut log)?;
+                log.info(&format!("stopped ({reason}) at iteration {}; resume with the same command", state.iteration));
+                log.flush();
+                return Ok(Outcome::Stopped { checkpoint: path, iteration: state.iteration, reason });
+            }
+            let Some(b) = batches.next() else { break };
+            let b: Batch = b.map_err(EngineError::Data)?;
+            let (mut inputs, lr_now) = optim.scalars(state.iteration, total, per_epoch);
+            inputs.extend(b.images.iter().cloned());
+            let target = match &b.labels {
+                Labels::Hard(y) => Tensor::i64(vec![y.len()], y.clone()),
+                Labels::Soft { classes, data } => Tensor::f32(vec![data.len() / classes, *classes], data.clone()),
+            };
+            if needed.iter().any(|n| n == "target") {
+                inputs.push(("target".into(), target));
+            }
+            let ex = steps.get(b.size as u64)?;
+            let given: Vec<(&str, Tensor)> = inputs.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+            let out =
+                ex.run(&given).map_err(|e| EngineError::Runtime(format!("iteration {}: {e}", state.iteration)))?;
+            let loss = out.get("loss").and_then(|t| t.as_f32()).map(|v| v[0]).unwrap_or(f32::NAN);
+            if !loss.is_finite() {
+                log.end_progress();
+                log.flush();
+                return Err(EngineError::NonFinite { loss, iteration: state.iteration, epoch, last_checkpoint });
+            }
+            if let (Some(m), true) = (&mut meter, train_meter) {
+                update_meter(m, &out, &b.labels)?;
+            }
+            state.iteration += 1;
+            state.iteration_in_epoch += 1;
+            state.losses.push(loss as f64);
+            window.1 += b.size as u64;
+            let elapsed = started.elapsed().as_secs_f64();
+            let done_here = state.iteration - start_iteration;
+            let eta = elapsed / done_here as f64 * (total - state.iteration) as f64;
+            let ips = window.1 as f64 / window.0.elapsed().as_secs_f64().max(1e-9);
+            log.progress(&Progress {
+                epoch,
+                epochs: num_epochs,
+                done: state.iteration_in_epoch,
+                total: per_epoch,
+                loss: loss as f64,
+                lr: lr_now,
+                images_per_sec: ips,
+                eta_seconds: eta,
+            });
+            if is_log_step(state.iteration, log_freq) {
+                log.step(&json!({
+                    "iteration": state.iteration,
+                    "epoch": epoch,
+                    "loss": loss,
+                    "lr": lr_now,
+                    "images_per_sec": ips,
+                    "eta_seconds": eta,
+                    "elapsed_seconds": elapsed,
+                }));
+                window = (Instant::now(), 0);
+            }
+            if iter_freq > 0 && state.iteration.is_multiple_of(iter_freq as u64) && state.iteration_in_epoch < per_epoch
+            {
+                drop(batches);
+                log.end_progress();
+                last_checkpoint = Some(write_checkpoint(
+                    &steps,
+                    &state,
+                    &meter,
+                    checkpoint::iteration_name(state.iteration),
+                    &mut log,
+                )?);
+                batches = setup.train.epoch(epoch, state.iteration_in_epoch);
+            }
+        }
+        drop(batches);
+        log.end_progress();
+        for w in setup.train.take_warnings() {
+            log.warn(&w);
+        }
+        // End of the train phase.
+        state.train_phase_idx = epoch + 1;
+        state.iteration_in_epoch = 0;
+        let mean_loss = state.losses.iter().sum::<f64>() / state.losses.len().max(1) as f64;
+        let mut record = json!({
+            "iteration": state.iteration,
+            "phase_idx": state.phase_idx,
+            "train_phase_idx": epoch,
+            "loss": mean_loss,
+        });
+        if let (Some(m), true) = (&meter, train_meter) {
+            record["train_accuracy_list_meter"] = m.to_json();
+        }
+        log.phase(&record);
+        state.phase_idx += 1;
+        let last = epoch + 1 == num_epochs;
+        state.finished = last;
+        if last || (epoch + 1) % ckpt_freq == 0 {
+            last_checkpoint =
+                Some(write_checkpoint(&steps, &state, &meter, checkpoint::phase_name(epoch, last), &mut log)?);
+        }
+        if test_model && ((epoch + 1) % test_every == 0 || last) {
+            let test = setup.test.as_mut().expect("test_model implies a test source");
+            let mut m = meter.clone().unwrap_or_else(|| AccuracyListMeter::new(1, vec![1]));
+            m.reset();
+            let mut synced: Vec<u64> = Vec::new();
+            for b in test.epoch(epoch, 0) {
+                let b = b.map_err(EngineError::Data)?;
+                let size = b.size as u64;
+                let ex = match eval.entry(size) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        let (plan, _) = inference_plan(setup.prog, cfg, size, false)
+                            .map_err(|e| EngineError::Config(e.to_string()))?;
+                        v.insert(CpuExecutor::new(plan, seed).map_err(|e| EngineError::Runtime(e.to_string()))?)
+                    }
+                };
+                if !synced.contains(&size) {
+                    copy_state(steps.active(), ex)?;
+                    synced.push(size);
+                }
+                let given: Vec<(&str, Tensor)> = b.images.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+                let out = ex.run(&given).map_err(|e| EngineError::Runtime(format!("test phase: {e}")))?;
+                update_meter(&mut m, &out, &b.labels)?;
+            }
+            for w in test.take_warnings() {
+                log.warn(&w);
+            }
+            log.phase(&json!({
+                "iteration": state.iteration,
+                "phase_idx": state.phase_idx,
+                "train_phase_idx": epoch,
+                "test_accuracy_list_meter": m.to_json(),
+            }));
+            state.phase_idx += 1;
+        }
+    }
+    log.flush();
+    let checkpoint = last_checkpoint.expect("the last epoch writes the final checkpoint");
+    log.info(&format!("done: {} iterations; final checkpoint {}", state.iteration, checkpoint.display()));
+    Ok(Outcome::Finished { checkpoint })
+}

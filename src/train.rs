@@ -1,0 +1,107 @@
+//! `tessera train config=NAME [overrides]`: VISSL's supervised (and, with
+//! their losses, self-supervised) training on the CPU backend, from compiled
+//! plans, with the data pipeline of the config. `tessera data synth`: the
+//! quickstart's generated image folder.
+
+use anyhow::{anyhow, bail, Result};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use tessera_compiler::config;
+use tessera_compiler::elaborate::Program;
+use tessera_engine::data_source::{catalog_path, PipelineSource};
+use tessera_engine::source::DataSource;
+use tessera_engine::trainer::{train, Outcome, TrainSetup};
+
+pub struct TrainArgs {
+    pub name: String,
+    pub overrides: Vec<String>,
+    pub models: Vec<PathBuf>,
+    pub max_steps: Option<u64>,
+    pub quiet: bool,
+}
+
+pub fn run(a: TrainArgs) -> Result<()> {
+    let cfg = config::load(&a.name, &a.overrides).map_err(|e| anyhow!("{e}"))?;
+    let tree = cfg.tree();
+    let prog = Program::load(&a.models).map_err(|e| anyhow!("{e}"))?;
+    let seed = tree.pointer("/SEED_VALUE").and_then(|v| v.as_u64()).unwrap_or(0);
+    let catalog = catalog_path().map_err(|e| anyhow!(e))?;
+    // Data errors (missing paths, empty class folders) surface here, before training.
+    let train_src = PipelineSource::from_config(tree, "TRAIN", seed, &catalog).map_err(|e| anyhow!("{e}"))?;
+    let test_model = tree.pointer("/TEST_MODEL").and_then(|v| v.as_bool()).unwrap_or(false);
+    let test_src = if test_model {
+        Some(PipelineSource::from_config(tree, "TEST", seed, &catalog).map_err(|e| anyhow!("{e}"))?)
+    } else {
+        None
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        // A second signal while stopping ends the process at once.
+        signal_hook::flag::register_conditional_shutdown(sig, 130, Arc::clone(&stop))?;
+        signal_hook::flag::register(sig, Arc::clone(&stop))?;
+    }
+    let outcome = train(TrainSetup {
+        cfg: tree,
+        prog: &prog,
+        train: Box::new(train_src),
+        test: test_src.map(|s| Box::new(s) as Box<dyn DataSource>),
+        max_steps: a.max_steps,
+        stop,
+        quiet: a.quiet,
+    })
+    .map_err(|e| anyhow!("{e}"))?;
+    match outcome {
+        Outcome::Finished { checkpoint } => {
+            eprintln!("tessera train: finished; final checkpoint {}", checkpoint.display());
+        }
+        Outcome::AlreadyFinished { checkpoint } => {
+            eprintln!(
+                "tessera train: this run already finished ({}); set CHECKPOINT.OVERWRITE_EXISTING=true or another CHECKPOINT.DIR to train again",
+                checkpoint.display()
+            );
+        }
+        Outcome::Stopped { checkpoint, iteration, reason } => {
+            eprintln!(
+                "tessera train: stopped by {reason} after iteration {iteration}; checkpoint {}. Run the same command to continue.",
+                checkpoint.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+pub struct SynthArgs {
+    pub out: PathBuf,
+    pub image_size: usize,
+    pub classes: usize,
+    pub train_per_class: usize,
+    pub val_per_class: usize,
+    pub seed: u64,
+}
+
+pub fn synth(a: SynthArgs) -> Result<()> {
+    if a.classes < 2 {
+        bail!("--classes must be at least 2");
+    }
+    let options = tessera_data::SynthOptions {
+        seed: a.seed,
+        image_size: a.image_size,
+        num_classes: a.classes,
+        train_per_class: a.train_per_class,
+        val_per_class: a.val_per_class,
+        ..tessera_data::SynthOptions::default()
+    };
+    let r = tessera_data::write_image_folder(Path::new(&a.out), &options).map_err(|e| anyhow!("{e}"))?;
+    let what = if r.written { "wrote" } else { "already complete:" };
+    eprintln!(
+        "tessera data synth: {what} {} training and {} validation images of {} classes ({}) in {} and {}",
+        r.train_images,
+        r.val_images,
+        r.classes.len(),
+        r.classes.join(", "),
+        r.train_dir.display(),
+        r.val_dir.display()
+    );
+    Ok(())
+}
