@@ -103,11 +103,12 @@ fn is_log_step(iteration: u64, freq: u64) -> bool {
     iteration == 1 || (iteration <= 100 && iteration.is_multiple_of(5)) || (freq > 0 && iteration.is_multiple_of(freq))
 }
 
-/// Copies every state both executors hold from `from` into `to`.
-fn copy_state(from: &CpuExecutor, to: &mut CpuExecutor) -> Result<(), EngineError> {
+/// Moves every state both executors hold from `from` into `to` (no copy:
+/// executors of one model share its buffers by handing them over).
+fn move_state(from: &mut CpuExecutor, to: &mut CpuExecutor) -> Result<(), EngineError> {
     for name in to.state_names() {
-        if let Some(t) = from.state(&name) {
-            to.set_state(&name, t.clone()).map_err(|e| EngineError::Runtime(e.to_string()))?;
+        if let Some(t) = from.take_state(&name) {
+            to.set_state(&name, t).map_err(|e| EngineError::Runtime(e.to_string()))?;
         }
     }
     Ok(())
@@ -145,8 +146,8 @@ impl Steps<'_> {
         }
         if batch != self.current {
             let mut to = self.by_batch.remove(&batch).expect("made above");
-            let from = &self.by_batch[&self.current];
-            copy_state(from, &mut to)?;
+            let from = self.by_batch.get_mut(&self.current).expect("the current executor");
+            move_state(from, &mut to)?;
             to.set_step(from.step());
             self.by_batch.insert(batch, to);
             self.current = batch;
@@ -358,10 +359,8 @@ impl Optim {
 pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
     let cfg = setup.cfg;
     let device = get_str(cfg, "MACHINE.DEVICE");
-    if device != "cpu" {
-        return Err(EngineError::Config(format!(
-            "config key `MACHINE.DEVICE` is `{device}`: this build trains on the CPU only (set MACHINE.DEVICE=cpu)"
-        )));
+    if device != "cpu" && device != "gpu" {
+        return Err(EngineError::Config(format!("config key `MACHINE.DEVICE` is `{device}`; use cpu or gpu")));
     }
     let dir = PathBuf::from(get_str(cfg, "CHECKPOINT.DIR"));
     let num_epochs = get_u64(cfg, "OPTIMIZER.num_epochs")?;
@@ -400,6 +399,10 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
     }
     let mut log = RunLog::open(&dir, tb_dir, setup.quiet)
         .map_err(|e| EngineError::Logs { dir: dir.clone(), message: e.to_string() })?;
+    if device == "gpu" {
+        // The seed's configs say gpu; the plans are the same, only the backend differs.
+        log.warn("MACHINE.DEVICE is gpu, but this build has no CUDA backend yet: training on the CPU (set MACHINE.DEVICE=cpu to silence this)");
+    }
 
     // The model: a training step for the batch size, and the optimizer's inputs.
     let (plan, compiled) = training_plan(setup.prog, cfg, batch).map_err(|e| EngineError::Config(e.to_string()))?;
@@ -504,18 +507,23 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
                 return Ok(Outcome::Stopped { checkpoint: path, iteration: state.iteration, reason });
             }
             let Some(b) = batches.next() else { break };
-            let b: Batch = b.map_err(EngineError::Data)?;
+            let Batch { images, labels, size } = b.map_err(EngineError::Data)?;
             let (mut inputs, lr_now) = optim.scalars(state.iteration, total, per_epoch);
-            inputs.extend(b.images.iter().cloned());
-            let target = match &b.labels {
-                Labels::Hard(y) => Tensor::i64(vec![y.len()], y.clone()),
-                Labels::Soft { classes, data } => Tensor::f32(vec![data.len() / classes, *classes], data.clone()),
-            };
+            inputs.extend(images);
             if needed.iter().any(|n| n == "target") {
-                inputs.push(("target".into(), target));
+                inputs.push((
+                    "target".into(),
+                    match &labels {
+                        Labels::Hard(y) => Tensor::i64(vec![y.len()], y.clone()),
+                        Labels::Soft { classes, data } => {
+                            Tensor::f32(vec![data.len() / classes, *classes], data.clone())
+                        }
+                    },
+                ));
             }
-            let ex = steps.get(b.size as u64)?;
-            let given: Vec<(&str, Tensor)> = inputs.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+            let ex = steps.get(size as u64)?;
+            let (names, tensors): (Vec<String>, Vec<Tensor>) = inputs.into_iter().unzip();
+            let given: Vec<(&str, Tensor)> = names.iter().map(String::as_str).zip(tensors).collect();
             let out =
                 ex.run(&given).map_err(|e| EngineError::Runtime(format!("iteration {}: {e}", state.iteration)))?;
             let loss = out.get("loss").and_then(|t| t.as_f32()).map(|v| v[0]).unwrap_or(f32::NAN);
@@ -525,12 +533,12 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
                 return Err(EngineError::NonFinite { loss, iteration: state.iteration, epoch, last_checkpoint });
             }
             if let (Some(m), true) = (&mut meter, train_meter) {
-                update_meter(m, &out, &b.labels)?;
+                update_meter(m, &out, &labels)?;
             }
             state.iteration += 1;
             state.iteration_in_epoch += 1;
             state.losses.push(loss as f64);
-            window.1 += b.size as u64;
+            window.1 += size as u64;
             let elapsed = started.elapsed().as_secs_f64();
             let done_here = state.iteration - start_iteration;
             let eta = elapsed / done_here as f64 * (total - state.iteration) as f64;
@@ -601,25 +609,37 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
             let test = setup.test.as_mut().expect("test_model implies a test source");
             let mut m = meter.clone().unwrap_or_else(|| AccuracyListMeter::new(1, vec![1]));
             m.reset();
-            let mut synced: Vec<u64> = Vec::new();
+            // The eval executors borrow the model's state for the phase (moved,
+            // not copied) and give it back at the end.
+            let mut holder: Option<u64> = None;
             for b in test.epoch(epoch, 0) {
                 let b = b.map_err(EngineError::Data)?;
                 let size = b.size as u64;
-                let ex = match eval.entry(size) {
-                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                    std::collections::hash_map::Entry::Vacant(v) => {
-                        let (plan, _) = inference_plan(setup.prog, cfg, size, false)
-                            .map_err(|e| EngineError::Config(e.to_string()))?;
-                        v.insert(CpuExecutor::new(plan, seed).map_err(|e| EngineError::Runtime(e.to_string()))?)
-                    }
-                };
-                if !synced.contains(&size) {
-                    copy_state(steps.active(), ex)?;
-                    synced.push(size);
+                if let std::collections::hash_map::Entry::Vacant(v) = eval.entry(size) {
+                    let (plan, _) =
+                        inference_plan(setup.prog, cfg, size, false).map_err(|e| EngineError::Config(e.to_string()))?;
+                    v.insert(CpuExecutor::new(plan, seed).map_err(|e| EngineError::Runtime(e.to_string()))?);
                 }
-                let given: Vec<(&str, Tensor)> = b.images.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+                if holder != Some(size) {
+                    match holder {
+                        None => move_state(steps.active_mut(), eval.get_mut(&size).expect("made above"))?,
+                        Some(prev) => {
+                            let mut from = eval.remove(&prev).expect("the holder exists");
+                            let to = eval.get_mut(&size).expect("made above");
+                            move_state(&mut from, to)?;
+                            eval.insert(prev, from);
+                        }
+                    }
+                    holder = Some(size);
+                }
+                let ex = eval.get_mut(&size).expect("made above");
+                let (names, tensors): (Vec<String>, Vec<Tensor>) = b.images.into_iter().unzip();
+                let given: Vec<(&str, Tensor)> = names.iter().map(String::as_str).zip(tensors).collect();
                 let out = ex.run(&given).map_err(|e| EngineError::Runtime(format!("test phase: {e}")))?;
                 update_meter(&mut m, &out, &b.labels)?;
+            }
+            if let Some(h) = holder {
+                move_state(eval.get_mut(&h).expect("the holder exists"), steps.active_mut())?;
             }
             for w in test.take_warnings() {
                 log.warn(&w);

@@ -244,7 +244,7 @@ pub fn conv2d(x: &[&Tensor], stride: [u64; 2], padding: [u64; 2]) -> Result<Tens
         None => None,
     };
     let (l, ckk) = (g.pixels_out(), g.ckk());
-    let mut out = vec![0.0f32; g.n * o * l];
+    let mut out = super::pool::zeros(g.n * o * l);
     per_sample(&mut out, o * l, &g, (o, l, ckk), |n, dst, buf, par| {
         g.gather(&xd[n * g.sample_in()..][..g.sample_in()], buf);
         if let Some(b) = bias {
@@ -286,7 +286,7 @@ pub fn conv2d_grad_input(
     let g = Geometry::new([n, c, h, w], o, [kh, kw], stride, padding)?;
     check_dy(dyt, &g)?;
     let (l, ckk) = (g.pixels_out(), g.ckk());
-    let mut dx = vec![0.0f32; n * g.sample_in()];
+    let mut dx = super::pool::zeros(n * g.sample_in());
     per_sample(&mut dx, g.sample_in(), &g, (ckk, l, o), |n, dst, buf, par| {
         let dy_n = &dyd[n * o * l..][..o * l];
         if g.is_patchify() {
@@ -327,7 +327,7 @@ pub fn conv2d_grad_weight(
     };
     let samples: Vec<usize> = (0..g.n).collect();
     let threads = rayon::current_num_threads();
-    let mut dw = vec![0.0f32; o * ckk];
+    let mut dw = super::pool::zeros(o * ckk);
     if g.n > 1 && threads > 1 {
         let per_task = g.n.div_ceil(threads);
         let partials: Vec<Vec<f32>> = samples

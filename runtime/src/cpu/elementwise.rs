@@ -291,7 +291,7 @@ pub fn pow_scalar(x: &[&Tensor], exponent: f64) -> Result<Tensor, KernelError> {
 pub fn cast(x: &[&Tensor], dtype: DType) -> Result<Tensor, KernelError> {
     let [t] = operands(x, ["input"])?;
     let data = match (&t.data, stored_as_f32(dtype)) {
-        (Data::F32(v), true) => Data::F32(v.clone()),
+        (Data::F32(v), true) => Data::F32(super::pool::copy(v)),
         (Data::F32(v), false) => Data::I64(v.iter().map(|&x| x as i64).collect()),
         (Data::I64(v), true) => Data::F32(v.iter().map(|&x| x as f32).collect()),
         (Data::I64(v), false) => Data::I64(v.clone()),

@@ -133,6 +133,13 @@ impl CpuExecutor {
         self.state_index.get(name).and_then(|&i| self.states[i].as_ref())
     }
 
+    /// Takes a parameter or buffer out (to hand it to another executor of the
+    /// same model without a copy); the executor cannot run until it is set again.
+    pub fn take_state(&mut self, name: &str) -> Option<Tensor> {
+        let &i = self.state_index.get(name)?;
+        self.states[i].take()
+    }
+
     /// Replaces a parameter or buffer (loading weights); its type must match the plan's.
     pub fn set_state(&mut self, name: &str, t: Tensor) -> Result<(), RuntimeError> {
         let &i = self.state_index.get(name).ok_or_else(|| RuntimeError::UnknownState { name: name.to_string() })?;

@@ -21,7 +21,7 @@ macro_rules! per_dtype {
 /// `Reshape { shape }`: same data, new shape (element counts must agree).
 pub fn reshape(x: &[&Tensor], shape: &[usize]) -> Result<Tensor, KernelError> {
     let [t] = operands(x, ["input"])?;
-    reshaped(t.clone(), shape)
+    reshaped(t.pooled_clone(), shape)
 }
 
 /// Reshape by value (the executor moves a dying input here instead of copying).
@@ -168,11 +168,14 @@ pub fn concat(x: &[&Tensor], axis: usize) -> Result<Tensor, KernelError> {
     let (outer, _, inner) = split_at_axis(&first.shape, axis);
     let mut shape = first.shape.clone();
     shape[axis] = x.iter().map(|t| t.shape[axis]).sum();
-    fn gather<T: Copy>(parts: &[&[T]], lens: &[usize], outer: usize) -> Vec<T> {
-        let mut out = Vec::with_capacity(lens.iter().sum::<usize>() * outer);
+    fn gather<T: Elem>(parts: &[&[T]], lens: &[usize], outer: usize) -> Vec<T> {
+        let row: usize = lens.iter().sum();
+        let mut out = T::buffer(row * outer);
+        let mut at = 0;
         for o in 0..outer {
             for (p, &len) in parts.iter().zip(lens) {
-                out.extend_from_slice(&p[o * len..(o + 1) * len]);
+                out[at..at + len].copy_from_slice(&p[o * len..(o + 1) * len]);
+                at += len;
             }
         }
         out
@@ -220,12 +223,13 @@ pub fn pad(x: &[&Tensor], axis: usize, before: usize, after: usize) -> Result<Te
     let (outer, n, inner) = split_at_axis(&t.shape, axis);
     let mut shape = t.shape.clone();
     shape[axis] = before + n + after;
-    fn fill<T: Copy + Default>(v: &[T], outer: usize, n: usize, inner: usize, before: usize, after: usize) -> Vec<T> {
-        let mut out = Vec::with_capacity(outer * (before + n + after) * inner);
-        for o in 0..outer {
-            out.extend(std::iter::repeat_n(T::default(), before * inner));
-            out.extend_from_slice(&v[o * n * inner..(o + 1) * n * inner]);
-            out.extend(std::iter::repeat_n(T::default(), after * inner));
+    fn fill<T: Elem>(v: &[T], outer: usize, n: usize, inner: usize, before: usize, after: usize) -> Vec<T> {
+        let row = (before + n + after) * inner;
+        let mut out = T::buffer(outer * row);
+        for (o, dst) in out.chunks_mut(row.max(1)).enumerate().take(outer) {
+            dst[..before * inner].fill(T::default());
+            dst[before * inner..(before + n) * inner].copy_from_slice(&v[o * n * inner..(o + 1) * n * inner]);
+            dst[(before + n) * inner..].fill(T::default());
         }
         out
     }

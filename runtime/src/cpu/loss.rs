@@ -78,7 +78,7 @@ pub fn cross_entropy_grad(x: &[&Tensor], smoothing: f64) -> Result<Tensor, Kerne
         _ => return Err(invalid(format!("dloss must be a scalar [], got {}", show_shape(&gt.shape)))),
     };
     let factor = dloss / n.max(1) as f64;
-    let mut out = logits.to_vec();
+    let mut out = super::pool::copy(logits);
     if k > 0 {
         out.par_chunks_mut(k).enumerate().for_each(|(i, row)| {
             softmax_row(row);

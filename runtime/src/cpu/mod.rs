@@ -88,7 +88,7 @@ pub fn run_kernel(op: &Op, x: &[&Tensor], ctx: &Ctx) -> Result<Tensor, KernelErr
         Op::Concat { axis } => layout::concat(x, *axis),
         Op::Slice { axis, start, end } => layout::slice(x, *axis, fixed(*start)?, fixed(*end)?),
         Op::Expand { shape } => layout::expand(x, &fixed_shape(shape)?),
-        Op::StopGradient => kernel::operands(x, ["input"]).map(|[t]| t.clone()),
+        Op::StopGradient => kernel::operands(x, ["input"]).map(|[t]| t.pooled_clone()),
         Op::AllGather { world } => collective::identity_on_one_rank(x, "all_gather", *world),
         Op::AllReduce { world, .. } => collective::identity_on_one_rank(x, "all_reduce", *world),
         Op::AllGatherGrad { world } => collective::identity_on_one_rank(x, "all_gather_grad", *world),

@@ -56,6 +56,25 @@ pub fn buffer(n: usize) -> Vec<f32> {
 }
 
 /// A buffer of `n` zeros.
+/// Bytes held in the pool now (for tests: a training loop in steady state
+/// neither grows nor shrinks it).
+pub fn held_bytes() -> usize {
+    POOL.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map_or(0, |p| p.bytes)
+}
+
+/// A pooled copy of `x` (kernels that pass data through, or start from a
+/// copy of an operand, allocate their result here so that it can be
+/// recycled as any kernel result is).
+pub fn copy(x: &[f32]) -> Vec<f32> {
+    let mut v = match take(x.len()) {
+        Some(v) => v,
+        None => Vec::with_capacity(x.len()),
+    };
+    v.clear();
+    v.extend_from_slice(x);
+    v
+}
+
 pub fn zeros(n: usize) -> Vec<f32> {
     match take(n) {
         Some(mut v) => {

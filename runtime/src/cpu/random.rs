@@ -84,9 +84,9 @@ pub fn dropout(x: &[&Tensor], p: f64, key: u32, ctx: &Ctx) -> Result<Tensor, Ker
     let [t] = operands(x, ["input"])?;
     let data = f32_of(t, "input")?;
     let Some(mask) = ctx.drop_mask(p, key)? else {
-        return Ok(t.clone());
+        return Ok(t.pooled_clone());
     };
-    let mut out = data.to_vec();
+    let mut out = super::pool::copy(data);
     if out.len() >= PAR_MIN {
         out.par_chunks_mut(PAR_CHUNK).enumerate().for_each(|(c, chunk)| mask.apply(chunk, (c * PAR_CHUNK) as u64));
     } else {
@@ -104,10 +104,10 @@ pub fn drop_path(x: &[&Tensor], p: f64, key: u32, ctx: &Ctx) -> Result<Tensor, K
         return Err(super::error::invalid("drop_path needs a sample axis, got a scalar []"));
     }
     let Some(mask) = ctx.drop_mask(p, key)? else {
-        return Ok(t.clone());
+        return Ok(t.pooled_clone());
     };
     let per_sample = t.shape[1..].iter().product::<usize>();
-    let mut out = data.to_vec();
+    let mut out = super::pool::copy(data);
     if per_sample > 0 {
         out.par_chunks_mut(per_sample).enumerate().for_each(|(n, sample)| {
             let f = mask.factor(n as u64);

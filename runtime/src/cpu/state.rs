@@ -38,7 +38,7 @@ pub fn queue_push(x: &[&Tensor], world: u64) -> Result<Tensor, KernelError> {
         return Err(invalid(format!("{n} keys at ptr {ptr} do not fit in a queue of length {k}")));
     }
     let ptr = ptr as usize;
-    let mut out = queue.to_vec();
+    let mut out = super::pool::copy(queue);
     if k > 0 {
         out.par_chunks_mut(k).enumerate().for_each(|(d, row)| {
             for (i, slot) in row[ptr..ptr + n].iter_mut().enumerate() {

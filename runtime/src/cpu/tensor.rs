@@ -97,6 +97,14 @@ impl Tensor {
         Tensor { shape, data }
     }
 
+    /// A copy whose f32 storage comes from the buffer pool (see `pool`).
+    pub fn pooled_clone(&self) -> Tensor {
+        match &self.data {
+            Data::F32(v) => Tensor { shape: self.shape.clone(), data: Data::F32(super::pool::copy(v)) },
+            Data::I64(_) => self.clone(),
+        }
+    }
+
     pub fn numel(&self) -> usize {
         self.data.len()
     }

@@ -1,0 +1,212 @@
+//! `tessera train` as a user runs it, on small generated image folders: a
+//! run killed with SIGKILL and resumed gives the per-step losses of an
+//! uninterrupted run (bitwise); SIGTERM finishes the step, checkpoints and
+//! exits 0; unreadable images become gray with a warning (or an error when
+//! asked); bad data paths fail before training; MODEL.WEIGHTS_INIT loads a
+//! checkpoint's weights.
+
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn tessera() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tessera"))
+}
+
+fn tmpdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("tessera-train-cli-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A generated folder of 4 classes, 32 training and 8 validation images each.
+fn folder(root: &Path) -> PathBuf {
+    let out = root.join("data");
+    let st = tessera()
+        .args(["data", "synth", "--out"])
+        .arg(&out)
+        .args(["--classes", "4", "--train-per-class", "32", "--val-per-class", "8"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    out
+}
+
+/// The quickstart ViT on `data`, 4 classes, batch 16, everything logged.
+fn args(data: &Path, ckpt: &Path, epochs: u32, extra: &[&str]) -> Vec<String> {
+    let mut a = vec![
+        "train".to_string(),
+        "config=quickstart/vit_tiny".into(),
+        format!("DATA.TRAIN.DATA_PATHS=[{}]", data.join("train").display()),
+        format!("DATA.TEST.DATA_PATHS=[{}]", data.join("val").display()),
+        "DATA.TRAIN.BATCHSIZE_PER_REPLICA=16".into(),
+        "DATA.TEST.BATCHSIZE_PER_REPLICA=16".into(),
+        "MODEL.HEAD.PARAMS=[[mlp, {dims: [64, 4]}]]".into(),
+        format!("OPTIMIZER.num_epochs={epochs}"),
+        format!("CHECKPOINT.DIR={}", ckpt.display()),
+        "LOG_FREQUENCY=1".into(),
+        "-q".into(),
+    ];
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+fn run(a: &[String]) -> Output {
+    tessera().args(a).output().unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+fn records(dir: &Path) -> Vec<Value> {
+    std::fs::read_to_string(dir.join("stdout.json"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Loss by iteration; a redone step (after a resume) keeps its last record.
+fn losses(dir: &Path) -> BTreeMap<u64, String> {
+    records(dir).iter().map(|r| (r["iteration"].as_u64().unwrap(), r["loss"].to_string())).collect()
+}
+
+fn wait_for_records(child: &mut Child, dir: &Path, n: usize) {
+    let start = Instant::now();
+    while records(dir).len() < n {
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be interrupted");
+        assert!(start.elapsed() < Duration::from_secs(120), "no progress");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// A bigger trunk, so that a run lasts long enough to be interrupted.
+const SLOW: [&str; 3] = [
+    "MODEL.TRUNK.VISION_TRANSFORMERS.NUM_LAYERS=6",
+    "MODEL.TRUNK.VISION_TRANSFORMERS.PATCH_SIZE=4",
+    "MODEL.TRUNK.VISION_TRANSFORMERS.DROPOUT_RATE=0.1",
+];
+
+#[test]
+fn a_run_killed_with_sigkill_resumes_to_the_same_per_step_losses() {
+    let root = tmpdir("kill");
+    let data = folder(&root);
+    let extra: Vec<&str> = SLOW.iter().copied().chain(["CHECKPOINT.CHECKPOINT_ITER_FREQUENCY=3"]).collect();
+    let whole = root.join("whole");
+    let o = run(&args(&data, &whole, 4, &extra));
+    assert!(o.status.success(), "{}", text(&o));
+    let expect = losses(&whole);
+    assert_eq!(expect.len(), 32, "4 epochs of 8 steps");
+
+    let killed = root.join("killed");
+    let mut child =
+        tessera().args(args(&data, &killed, 4, &extra)).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    wait_for_records(&mut child, &killed, 13);
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let before = records(&killed).len();
+    assert!(before < 32, "killed too late");
+    let o = run(&args(&data, &killed, 4, &extra));
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(std::fs::read_to_string(killed.join("log.txt")).unwrap().contains("resuming from"));
+    assert_eq!(losses(&killed), expect, "resumed losses differ from the uninterrupted run's");
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+#[test]
+fn sigterm_finishes_the_step_checkpoints_and_exits_cleanly() {
+    let root = tmpdir("term");
+    let data = folder(&root);
+    let ckpt = root.join("run");
+    let child =
+        tessera().args(args(&data, &ckpt, 20, &SLOW)).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = child;
+    wait_for_records(&mut child, &ckpt, 5);
+    let st = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(st.success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "exit {:?}: {err}", out.status);
+    assert!(err.contains("stopped by signal after iteration"), "{err}");
+    let pointer: Value = serde_json::from_str(&std::fs::read_to_string(ckpt.join("checkpoint.json")).unwrap()).unwrap();
+    let name = pointer["latest"].as_str().unwrap().to_string();
+    assert!(name.starts_with("model_iteration"), "{name}");
+    assert!(ckpt.join(&name).join("model.safetensors").is_file());
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+#[test]
+fn unreadable_images_become_gray_with_a_warning_or_stop_training_when_asked() {
+    let root = tmpdir("corrupt");
+    let data = folder(&root);
+    let bad = data.join("train").join("circle").join("circle_00003.png");
+    std::fs::write(&bad, b"\x89PNG\r\n\x1a\n this is not an image").unwrap();
+    let ckpt = root.join("run");
+    let o = run(&args(&data, &ckpt, 1, &["TEST_MODEL=false"]));
+    assert!(o.status.success(), "{}", text(&o));
+    let log = std::fs::read_to_string(ckpt.join("log.txt")).unwrap();
+    assert!(log.contains("1 unreadable image(s) replaced by gray ones this epoch"), "{log}");
+    assert!(log.contains("circle_00003.png"), "{log}");
+    assert!(text(&o).contains("circle_00003.png"), "the warning reaches the terminal too");
+
+    let o = run(&args(&data, &root.join("strict"), 1, &["DATA.TRAIN.ERROR_ON_UNREADABLE_IMAGE=true"]));
+    assert!(!o.status.success());
+    assert!(text(&o).contains("circle_00003.png"), "{}", text(&o));
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+#[test]
+fn bad_data_paths_fail_before_training_and_name_the_key() {
+    let root = tmpdir("paths");
+    let data = folder(&root);
+    let ckpt = root.join("run");
+    let mut a = args(&data, &ckpt, 1, &[]);
+    a[2] = format!("DATA.TRAIN.DATA_PATHS=[{}]", root.join("nowhere").display());
+    let o = run(&a);
+    assert!(!o.status.success());
+    let t = text(&o);
+    assert!(t.contains("DATA.TRAIN.DATA_PATHS") && t.contains("nowhere"), "{t}");
+    assert!(!ckpt.join("stdout.json").exists(), "nothing trained");
+
+    std::fs::create_dir_all(data.join("train").join("empty_class")).unwrap();
+    let o = run(&args(&data, &ckpt, 1, &[]));
+    assert!(!o.status.success());
+    assert!(text(&o).contains("empty_class"), "{}", text(&o));
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+#[test]
+fn weights_init_starts_from_a_checkpoints_weights() {
+    let root = tmpdir("init");
+    let data = folder(&root);
+    let first = root.join("first");
+    let o = run(&args(&data, &first, 1, &["TEST_MODEL=false"]));
+    assert!(o.status.success(), "{}", text(&o));
+    let weights = first.join("model_final_checkpoint_phase0").join("model.safetensors");
+    // A second run from those weights with lr 0 ends with them unchanged.
+    let second = root.join("second");
+    let o = run(&args(
+        &data,
+        &second,
+        1,
+        &[
+            "TEST_MODEL=false",
+            &format!("MODEL.WEIGHTS_INIT.PARAMS_FILE={}", weights.display()),
+            "OPTIMIZER.param_schedulers.lr.name=constant",
+            "OPTIMIZER.param_schedulers.lr.value=0.0",
+        ],
+    ));
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(std::fs::read_to_string(second.join("log.txt")).unwrap().contains("initialised"), "no init logged");
+    let a = tessera_runtime::weights::read_safetensors(&weights).unwrap();
+    let b = tessera_runtime::weights::read_safetensors(
+        &second.join("model_final_checkpoint_phase0").join("model.safetensors"),
+    )
+    .unwrap();
+    assert_eq!(a, b);
+    std::fs::remove_dir_all(&root).unwrap();
+}
