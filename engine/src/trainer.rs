@@ -407,6 +407,14 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
     // The model: a training step for the batch size, and the optimizer's inputs.
     let (plan, compiled) = training_plan(setup.prog, cfg, batch).map_err(|e| EngineError::Config(e.to_string()))?;
     let opts = StepOptions::from_config(cfg).map_err(EngineError::Config)?;
+    // One process trains here: the global batch is one replica's, and
+    // auto-scaled learning rates follow it (reference 6.3).
+    let replicas = get_u64(cfg, "DISTRIBUTED.NUM_NODES")? * get_u64(cfg, "DISTRIBUTED.NUM_PROC_PER_NODE")?;
+    if replicas > 1 {
+        log.warn(&format!(
+            "DISTRIBUTED asks for {replicas} replicas; this run is one process, so the global batch is {batch} (auto-scaled learning rates use it)"
+        ));
+    }
     let world = RunShape { batch_per_replica: batch, num_nodes: 1, procs_per_node: 1, num_epochs };
     let lr = schedule::from_config(cfg, "lr", world).map_err(|e| EngineError::Config(e.to_string()))?;
     let lr_head = if get_bool(cfg, "OPTIMIZER.head_optimizer_params.use_different_lr") {
@@ -467,7 +475,10 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
     let ckpt_freq = get_u64(cfg, "CHECKPOINT.CHECKPOINT_FREQUENCY")?.max(1);
     let iter_freq = get_i64(cfg, "CHECKPOINT.CHECKPOINT_ITER_FREQUENCY")?;
     let log_freq = get_u64(cfg, "LOG_FREQUENCY")?;
-    let test_model = get_bool(cfg, "TEST_MODEL") && setup.test.is_some();
+    let test_model = get_bool(cfg, "TEST_MODEL") && setup.test.is_some() && meter.is_some();
+    if get_bool(cfg, "TEST_MODEL") && meter.is_none() {
+        log.info("TEST_MODEL is set but no meter is configured (METERS.name): no test phase");
+    }
     let test_every = get_u64(cfg, "TEST_EVERY_NUM_EPOCH")?.max(1);
     let mut eval: HashMap<u64, CpuExecutor> = HashMap::new();
 
@@ -607,7 +618,7 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
         }
         if test_model && ((epoch + 1) % test_every == 0 || last) {
             let test = setup.test.as_mut().expect("test_model implies a test source");
-            let mut m = meter.clone().unwrap_or_else(|| AccuracyListMeter::new(1, vec![1]));
+            let mut m = meter.clone().expect("test phases need a meter");
             m.reset();
             // The eval executors borrow the model's state for the phase (moved,
             // not copied) and give it back at the end.
