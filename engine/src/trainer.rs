@@ -357,7 +357,13 @@ impl Optim {
 /// Runs training as the config says. Returns how it ended; a checkpoint
 /// exists for every outcome.
 pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
-    let cfg = setup.cfg;
+    // One process trains here: the model is compiled for one replica (its
+    // collectives are identities, MoCo's queue takes one replica's keys).
+    let replicas = get_u64(setup.cfg, "DISTRIBUTED.NUM_NODES")? * get_u64(setup.cfg, "DISTRIBUTED.NUM_PROC_PER_NODE")?;
+    let mut one_replica = setup.cfg.clone();
+    one_replica["DISTRIBUTED"]["NUM_NODES"] = 1.into();
+    one_replica["DISTRIBUTED"]["NUM_PROC_PER_NODE"] = 1.into();
+    let cfg = &one_replica;
     let device = get_str(cfg, "MACHINE.DEVICE");
     if device != "cpu" && device != "gpu" {
         return Err(EngineError::Config(format!("config key `MACHINE.DEVICE` is `{device}`; use cpu or gpu")));
@@ -407,9 +413,8 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
     // The model: a training step for the batch size, and the optimizer's inputs.
     let (plan, compiled) = training_plan(setup.prog, cfg, batch).map_err(|e| EngineError::Config(e.to_string()))?;
     let opts = StepOptions::from_config(cfg).map_err(EngineError::Config)?;
-    // One process trains here: the global batch is one replica's, and
-    // auto-scaled learning rates follow it (reference 6.3).
-    let replicas = get_u64(cfg, "DISTRIBUTED.NUM_NODES")? * get_u64(cfg, "DISTRIBUTED.NUM_PROC_PER_NODE")?;
+    // The global batch is one replica's, and auto-scaled learning rates
+    // follow it (reference 6.3).
     if replicas > 1 {
         log.warn(&format!(
             "DISTRIBUTED asks for {replicas} replicas; this run is one process, so the global batch is {batch} (auto-scaled learning rates use it)"
