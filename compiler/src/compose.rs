@@ -269,9 +269,18 @@ pub fn compile(prog: &Program, cfg: &J) -> R<Compiled> {
     if loss_name == "moco_loss" {
         // The momentum encoder: a copy of trunk and heads whose weights are
         // buffers (EMA-updated, no gradient), under the loss (reference 4.1).
+        // Its momentum is an input, so that the first step can copy the
+        // online weights (VISSL builds the encoder as a copy on the first
+        // forward and updates it on later ones): 0 then, LOSS.moco_loss.momentum after.
+        let m = el
+            .graph
+            .add_input("loss.moco_momentum", Shape::scalar(), DType::F32)
+            .map_err(|e| CompileError::Config(e.to_string()))?;
         el.params_as_buffers = true;
+        el.ema = Some((m, "loss.moco_encoder.".to_string()));
         let (_, keys) = model(&mut el, "data_momentum", "loss.moco_encoder")?;
         el.params_as_buffers = false;
+        el.ema = None;
         named.push(("keys".to_string(), keys, prog.block(loss).span));
     }
     if loss_name == "swav_loss" {

@@ -98,6 +98,9 @@ fn get_str<'a>(cfg: &'a Value, key: &str) -> &'a str {
     get(cfg, key).and_then(Value::as_str).unwrap_or("")
 }
 
+/// The momentum of MoCo's key-encoder update, a plan input.
+const MOCO_MOMENTUM: &str = "loss.moco_momentum";
+
 /// VISSL's log steps: iteration 1, every 5 up to 100, then every LOG_FREQUENCY.
 fn is_log_step(iteration: u64, freq: u64) -> bool {
     iteration == 1 || (iteration <= 100 && iteration.is_multiple_of(5)) || (freq > 0 && iteration.is_multiple_of(freq))
@@ -477,6 +480,7 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
         weights_init(steps.active_mut(), cfg, &mut log)?;
     }
 
+    let moco_momentum = get(cfg, "LOSS.moco_loss.momentum").and_then(Value::as_f64).unwrap_or(0.999);
     let ckpt_freq = get_u64(cfg, "CHECKPOINT.CHECKPOINT_FREQUENCY")?.max(1);
     let iter_freq = get_i64(cfg, "CHECKPOINT.CHECKPOINT_ITER_FREQUENCY")?;
     let log_freq = get_u64(cfg, "LOG_FREQUENCY")?;
@@ -536,6 +540,11 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
                         }
                     },
                 ));
+            }
+            if needed.iter().any(|n| n == MOCO_MOMENTUM) {
+                // The key encoder starts as a copy of the online model (reference 4.1).
+                let m = if state.iteration == 0 { 0.0 } else { moco_momentum };
+                inputs.push((MOCO_MOMENTUM.into(), Tensor::scalar_f32(m as f32)));
             }
             let ex = steps.get(size as u64)?;
             let (names, tensors): (Vec<String>, Vec<Tensor>) = inputs.into_iter().unzip();

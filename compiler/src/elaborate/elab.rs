@@ -41,6 +41,11 @@ pub struct Elab<'a> {
     /// When set, `param` declares a buffer instead (a momentum encoder's
     /// weights: updated by EMA, never by gradients).
     pub params_as_buffers: bool,
+    /// With `params_as_buffers`: each such buffer is read as its momentum
+    /// update `m * buffer + (1 - m) * online` (the online parameter is the
+    /// buffer's name without this prefix; `m` is this scalar input), which is
+    /// also its new value (MoCo's key encoder, reference 4.1).
+    pub ema: Option<(ValueId, String)>,
     /// Call stack, for the notes of an error: (block, call site, scope).
     stack: Vec<(String, Option<Span>, String)>,
     fuel: u64,
@@ -57,10 +62,45 @@ impl<'a> Elab<'a> {
             declared: HashMap::new(),
             share_state: false,
             params_as_buffers: false,
+            ema: None,
             stack: Vec::new(),
             fuel: FUEL,
             next_key: 0,
         }
+    }
+
+    /// `m * buffer + (1 - m) * online`, the buffer's new value (MoCoHook:
+    /// the online weights as they are before this step's optimizer update).
+    fn momentum_update(
+        &mut self,
+        buf: ValueId,
+        full: &str,
+        m: ValueId,
+        prefix: &str,
+        scope: &str,
+        span: Span,
+    ) -> R<ValueId> {
+        // A buffer shared by several calls (one per crop resolution) is updated once.
+        if let Some((_, v)) = self.graph.state_updates().iter().find(|(n, _)| n == full) {
+            return Ok(*v);
+        }
+        let online_name = full.strip_prefix(prefix).unwrap_or(full);
+        let online = self.graph.state(online_name).ok_or_else(|| {
+            self.err(span, format!("the momentum encoder's `{full}` has no online parameter `{online_name}`"))
+        })?;
+        let g = &mut self.graph;
+        let mut op = |op: Op, xs: &[ValueId]| g.add_op(op, xs, scope);
+        let res = (|| {
+            let online = op(Op::StopGradient, &[online])?;
+            let kept = op(Op::Binary(BinaryOp::Mul), &[buf, m])?;
+            let neg = op(Op::Unary(UnaryOp::Neg), &[m])?;
+            let rest = op(Op::AddScalar { value: 1.0 }, &[neg])?;
+            let moved = op(Op::Binary(BinaryOp::Mul), &[online, rest])?;
+            op(Op::Binary(BinaryOp::Add), &[kept, moved])
+        })();
+        let new = res.map_err(|e| self.err(span, e.to_string()))?;
+        self.graph.add_state_update(full, new);
+        Ok(new)
     }
 
     /// A fresh key for an op that draws random numbers.
@@ -325,6 +365,11 @@ impl<'a> Elab<'a> {
                     self.graph.add_buffer(&full, tt, init, &env.scope)
                 }
                 .map_err(|e| self.err(stmt.span, e.to_string()))?;
+                let id = match (self.ema.clone(), matches!(stmt.kind, StmtKind::Param { .. }) && self.params_as_buffers)
+                {
+                    (Some((m, prefix)), true) => self.momentum_update(id, &full, m, &prefix, &env.scope, stmt.span)?,
+                    _ => id,
+                };
                 env.vars.insert(name.clone(), Val::new(V::Tensor(id)));
                 Ok(Flow::Normal)
             }
