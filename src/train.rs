@@ -62,8 +62,13 @@ pub fn run(a: TrainArgs) -> Result<()> {
             );
         }
         Outcome::Stopped { checkpoint, iteration, reason } => {
+            let how = if reason == "signal" {
+                "run the same command to continue"
+            } else {
+                "run it again without --max-steps (or with a larger one) to continue"
+            };
             eprintln!(
-                "tessera train: stopped by {reason} after iteration {iteration}; checkpoint {}. Run the same command to continue.",
+                "tessera train: stopped by {reason} after iteration {iteration}; checkpoint {}; {how}",
                 checkpoint.display()
             );
         }

@@ -251,15 +251,23 @@ impl Loader {
 
     /// Starts an epoch: the workers begin loading at once.
     pub fn epoch(&self, epoch: u64) -> Epoch {
+        self.epoch_from(epoch, 0)
+    }
+
+    /// Starts an epoch at batch `start` (a resumed epoch): the batches
+    /// before it are never loaded; each batch is a pure function of its
+    /// index, so the rest are those of a whole epoch.
+    pub fn epoch_from(&self, epoch: u64, start: usize) -> Epoch {
         let batches = Arc::new(self.batch_indices(epoch));
+        let start = start.min(batches.len());
         let stop = Arc::new(AtomicBool::new(false));
-        let n = self.num_workers.min(batches.len());
+        let n = self.num_workers.min(batches.len() - start);
         let workers = (0..n)
             .map(|w| {
                 let (tx, rx) = sync_channel(self.prefetch);
                 let (shared, batches, stop) = (self.shared.clone(), batches.clone(), stop.clone());
                 let thread = std::thread::Builder::new().name(format!("tessera-data-{w}")).spawn(move || {
-                    for b in (w..batches.len()).step_by(n) {
+                    for b in (start + w..batches.len()).step_by(n) {
                         if stop.load(Ordering::Relaxed) {
                             return;
                         }
@@ -280,7 +288,8 @@ impl Loader {
             shared: self.shared.clone(),
             epoch,
             batches,
-            next: 0,
+            first: start,
+            next: start,
             done: false,
             workers,
             stop,
@@ -335,6 +344,8 @@ pub struct Epoch {
     shared: Arc<Shared>,
     epoch: u64,
     batches: Arc<Vec<Vec<usize>>>,
+    /// The first batch of this (possibly resumed) epoch.
+    first: usize,
     next: usize,
     done: bool,
     workers: Vec<Worker>,
@@ -378,7 +389,7 @@ impl Iterator for Epoch {
         let loaded = if self.workers.is_empty() {
             load_batch(&self.shared, self.epoch, b, &self.batches[b], &self.stop)
         } else {
-            let w = b % self.workers.len();
+            let w = (b - self.first) % self.workers.len();
             match self.workers[w].rx.as_ref().map(Receiver::recv) {
                 Some(Ok(loaded)) => loaded,
                 _ => Loaded {

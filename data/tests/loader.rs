@@ -94,6 +94,23 @@ fn batches_are_identical_for_any_worker_count() {
     assert_eq!(seen, (0..20).collect::<Vec<i64>>());
 }
 
+/// A resumed epoch starts at its batch: the same batches as a whole epoch's
+/// tail, for any worker count, without loading the ones before.
+#[test]
+fn an_epoch_started_mid_way_gives_the_whole_epochs_tail() {
+    let _guard = serial();
+    let options = LoaderOptions { seed: 5, ..LoaderOptions::default() };
+    let whole = epoch(&loader(&data(0, json!({})), &options), 1);
+    for workers in [0, 1, 3] {
+        let l = loader(&data(workers, json!({})), &options);
+        for start in [0, 2, 4, 5, 9] {
+            let tail: Vec<Batch> = l.epoch_from(1, start).map(|b| b.unwrap()).collect();
+            let want: Vec<Batch> = whole.iter().skip(start).cloned().collect();
+            assert_eq!(tail, want, "workers {workers}, start {start}");
+        }
+    }
+}
+
 #[test]
 fn world_size_splits_the_epoch_between_ranks() {
     let _guard = serial();

@@ -54,8 +54,20 @@ pub struct EngineState {
     /// Meter state (serialised by its owner).
     pub meters: serde_json::Value,
     pub int_state: BTreeMap<String, IntTensor>,
-    /// Whether training finished (the final checkpoint).
+    /// Whether training finished: the last train phase and the test phase
+    /// after it are done.
     pub finished: bool,
+    /// A test phase follows this checkpoint and has not run yet (a resume
+    /// runs it first).
+    #[serde(default)]
+    pub test_pending: bool,
+    /// The run's shape, checked on resume: steps per epoch, epochs, batch.
+    #[serde(default)]
+    pub steps_per_epoch: u64,
+    #[serde(default)]
+    pub num_epochs: u64,
+    #[serde(default)]
+    pub batch: u64,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -156,6 +168,43 @@ pub fn write(dir: &Path, name: &str, ckpt: &Checkpoint) -> Result<PathBuf, Check
     }
 }
 
+/// Rewrites a checkpoint's `engine.json` through `f`, atomically (its
+/// weights are unchanged): a test phase that ran after the checkpoint.
+pub fn update_engine_state(path: &Path, f: impl FnOnce(&mut EngineState)) -> Result<(), CheckpointError> {
+    let fail = |message: String| CheckpointError::Write { path: path.to_path_buf(), message };
+    let text = fs::read(path.join(ENGINE)).map_err(|e| fail(format!("{ENGINE}: {e}")))?;
+    let mut state: EngineState = serde_json::from_slice(&text).map_err(|e| fail(format!("{ENGINE}: {e}")))?;
+    f(&mut state);
+    let json = serde_json::to_vec_pretty(&state).map_err(|e| fail(e.to_string()))?;
+    write_file_atomic(&path.join(ENGINE), &json).map_err(|e| fail(e.to_string()))
+}
+
+/// Removes the temporary directories of writes that a killed process left
+/// (`.tmp-NAME-PID`, `.old-NAME-PID`); an `.old-` one is moved back first
+/// when its checkpoint is missing (a crash between the two renames).
+pub fn sweep_stale(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    let me = format!("-{}", std::process::id());
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let p = e.path();
+        if name.ends_with(&me) || !p.is_dir() {
+            continue;
+        }
+        if let Some(rest) = name.strip_prefix(".old-") {
+            let target = rest.rsplit_once('-').map(|(n, _)| dir.join(n));
+            if let Some(t) = target.filter(|t| !t.exists()) {
+                if complete(&p) && fs::rename(&p, &t).is_ok() {
+                    continue;
+                }
+            }
+            let _ = fs::remove_dir_all(&p);
+        } else if name.starts_with(".tmp-") {
+            let _ = fs::remove_dir_all(&p);
+        }
+    }
+}
+
 /// Reads a checkpoint directory.
 pub fn read(path: &Path) -> Result<Checkpoint, CheckpointError> {
     let fail = |message: String| CheckpointError::Read { path: path.to_path_buf(), message };
@@ -201,7 +250,8 @@ pub fn latest(dir: &Path) -> Option<PathBuf> {
 
 fn complete(p: &Path) -> bool {
     let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-    name.starts_with("model_") && [MODEL, OPTIMIZER, ENGINE].iter().all(|f| p.join(f).is_file())
+    (name.starts_with("model_") || name.starts_with(".old-model_"))
+        && [MODEL, OPTIMIZER, ENGINE].iter().all(|f| p.join(f).is_file())
 }
 
 #[cfg(test)]
@@ -228,6 +278,10 @@ mod tests {
                 meters: serde_json::json!({}),
                 int_state: BTreeMap::from([("loss.queue_ptr".into(), IntTensor { shape: vec![], data: vec![7] })]),
                 finished: false,
+                test_pending: false,
+                steps_per_epoch: 10,
+                num_epochs: 2,
+                batch: 8,
             },
         }
     }
@@ -272,6 +326,24 @@ mod tests {
         let names: Vec<String> =
             fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into()).collect();
         assert!(names.iter().all(|n| !n.starts_with(".tmp") && n != "model_phase1"), "{names:?}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn stale_temporaries_are_swept_and_an_interrupted_replacement_restored() {
+        let dir = tmpdir("sweep");
+        write(&dir, "model_iteration10", &ckpt(10, 1.0)).unwrap();
+        // A killed writer (another pid) left a temporary, and a replacement
+        // that had moved the old copy aside before its rename.
+        fs::create_dir_all(dir.join(".tmp-model_phase1-1")).unwrap();
+        fs::rename(dir.join("model_iteration10"), dir.join(".old-model_iteration10-1")).unwrap();
+        sweep_stale(&dir);
+        let names: Vec<String> =
+            fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into()).collect();
+        assert!(names.iter().all(|n| !n.starts_with('.')), "{names:?}");
+        assert_eq!(read(&dir.join("model_iteration10")).unwrap(), ckpt(10, 1.0));
+        update_engine_state(&dir.join("model_iteration10"), |s| s.test_pending = true).unwrap();
+        assert!(read(&dir.join("model_iteration10")).unwrap().engine.test_pending);
         fs::remove_dir_all(&dir).unwrap();
     }
 

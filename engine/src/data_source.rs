@@ -97,7 +97,11 @@ impl DataSource for PipelineSource {
     }
 
     fn epoch(&mut self, epoch: u64, skip: u64) -> Batches<'_> {
-        Box::new(Reading { epoch: self.loader.epoch(epoch), warnings: &mut self.warnings, skip, done: false })
+        Box::new(Reading {
+            epoch: self.loader.epoch_from(epoch, skip as usize),
+            warnings: &mut self.warnings,
+            done: false,
+        })
     }
 
     fn take_warnings(&mut self) -> Vec<String> {
@@ -109,7 +113,6 @@ impl DataSource for PipelineSource {
 struct Reading<'a> {
     epoch: tessera_data::Epoch,
     warnings: &'a mut Vec<String>,
-    skip: u64,
     done: bool,
 }
 
@@ -117,16 +120,6 @@ impl Iterator for Reading<'_> {
     type Item = Result<Batch, String>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        // A resumed epoch: the batches before the checkpoint are made (each
-        // is a pure function of its index) and dropped.
-        while self.skip > 0 {
-            self.skip -= 1;
-            match self.epoch.next() {
-                Some(Ok(_)) => {}
-                Some(Err(e)) => return Some(Err(e.to_string())),
-                None => break,
-            }
-        }
         match self.epoch.next() {
             Some(b) => Some(b.map(to_engine).map_err(|e| e.to_string())),
             None => {

@@ -238,7 +238,10 @@ fn scale(s: Schedule, lr: f64, key: &str) -> Result<Schedule, ScheduleError> {
         } else {
             1.0
         };
-        Ok((0..values.len()).map(|i| lr * gamma.powi(i as i32)).collect())
+        // VISSL rounds gamma to 6 decimals and each value to 8.
+        let round = |x: f64, d: i32| (x * 10f64.powi(d)).round() / 10f64.powi(d);
+        let gamma = round(gamma, 6);
+        Ok((0..values.len()).map(|i| round(lr * gamma.powi(i as i32), 8)).collect())
     };
     Ok(match s {
         Schedule::Constant(_) => Schedule::Constant(lr),

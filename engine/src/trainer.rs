@@ -213,7 +213,12 @@ fn update_meter(
         };
         let targets: Vec<Target> = match labels {
             Labels::Hard(y) => y.iter().map(|&c| Target::Class(c.max(0) as usize)).collect(),
-            Labels::Soft { classes, data } => data.chunks(*classes).map(Target::Soft).collect(),
+            Labels::Soft { classes, data } if *classes == k => data.chunks(k).map(Target::Soft).collect(),
+            Labels::Soft { classes, .. } => {
+                return Err(EngineError::Data(format!(
+                "soft targets over {classes} classes for a model output of {k} (COLLATE_FUNCTION_PARAMS.num_classes)"
+            )))
+            }
         };
         if targets.len() != n {
             return Err(EngineError::Data(format!("{} labels for a batch of {n}", targets.len())));
@@ -357,6 +362,98 @@ impl Optim {
     }
 }
 
+/// What a test phase needs besides the model.
+struct TestPhase<'a, 'b> {
+    prog: &'a Program,
+    cfg: &'a Value,
+    seed: u64,
+    eval: &'b mut HashMap<u64, CpuExecutor>,
+    log: &'b mut RunLog,
+}
+
+impl TestPhase<'_, '_> {
+    /// The test phase after train phase `epoch`: the eval forward of every
+    /// test batch, one metrics.json record. The eval executors borrow the
+    /// model's state for the phase (moved, not copied) and give it back.
+    fn run(
+        &mut self,
+        test: &mut dyn DataSource,
+        steps: &mut Steps,
+        meter: &AccuracyListMeter,
+        state: &mut EngineState,
+        epoch: u64,
+    ) -> Result<(), EngineError> {
+        let mut m = meter.clone();
+        m.reset();
+        let mut holder: Option<u64> = None;
+        let mut result = Ok(());
+        for b in test.epoch(epoch, 0) {
+            let step = (|| -> Result<(), EngineError> {
+                let b = b.map_err(EngineError::Data)?;
+                let size = b.size as u64;
+                if let std::collections::hash_map::Entry::Vacant(v) = self.eval.entry(size) {
+                    let (plan, _) = inference_plan(self.prog, self.cfg, size, false)
+                        .map_err(|e| EngineError::Config(e.to_string()))?;
+                    v.insert(CpuExecutor::new(plan, self.seed).map_err(|e| EngineError::Runtime(e.to_string()))?);
+                }
+                if holder != Some(size) {
+                    match holder {
+                        None => move_state(steps.active_mut(), self.eval.get_mut(&size).expect("made above"))?,
+                        Some(prev) => {
+                            let mut from = self.eval.remove(&prev).expect("the holder exists");
+                            let moved = move_state(&mut from, self.eval.get_mut(&size).expect("made above"));
+                            self.eval.insert(prev, from);
+                            moved?;
+                        }
+                    }
+                    holder = Some(size);
+                }
+                let ex = self.eval.get_mut(&size).expect("made above");
+                let (names, tensors): (Vec<String>, Vec<Tensor>) = b.images.into_iter().unzip();
+                let given: Vec<(&str, Tensor)> = names.iter().map(String::as_str).zip(tensors).collect();
+                let out = ex.run(&given).map_err(|e| EngineError::Runtime(format!("test phase: {e}")))?;
+                update_meter(&mut m, &out, &b.labels)
+            })();
+            if step.is_err() {
+                result = step;
+                break;
+            }
+        }
+        // The model's state goes back to the training executor, error or not.
+        if let Some(h) = holder {
+            move_state(self.eval.get_mut(&h).expect("the holder exists"), steps.active_mut())?;
+        }
+        result?;
+        for w in test.take_warnings() {
+            self.log.warn(&w);
+        }
+        self.log.phase(&json!({
+            "iteration": state.iteration,
+            "phase_idx": state.phase_idx,
+            "train_phase_idx": epoch,
+            "test_accuracy_list_meter": m.to_json(),
+        }));
+        state.phase_idx += 1;
+        Ok(())
+    }
+}
+
+/// After the test phase that followed checkpoint `last`: the checkpoint now
+/// records it as done (and, after the last epoch, the run as finished), so
+/// a resume neither repeats nor skips it.
+fn finish_test(last: &Option<PathBuf>, state: &mut EngineState, num_epochs: u64) -> Result<(), EngineError> {
+    state.test_pending = false;
+    state.finished = state.train_phase_idx == num_epochs;
+    if let Some(path) = last {
+        checkpoint::update_engine_state(path, |s| {
+            s.test_pending = false;
+            s.phase_idx = state.phase_idx;
+            s.finished = state.finished;
+        })?;
+    }
+    Ok(())
+}
+
 /// Runs training as the config says. Returns how it ended; a checkpoint
 /// exists for every outcome.
 pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
@@ -393,6 +490,9 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
         base.join(get_str(cfg, "HOOKS.TENSORBOARD_SETUP.EXPERIMENT_LOG_DIR"))
     });
 
+    // What a killed writer left behind (a replacement interrupted between
+    // its two renames is restored).
+    checkpoint::sweep_stale(&dir);
     // A finished run is not repeated (VISSL: a final checkpoint means done).
     let overwrite = get_bool(cfg, "CHECKPOINT.OVERWRITE_EXISTING");
     let resume_from =
@@ -453,9 +553,23 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
         meters: Value::Null,
         int_state: BTreeMap::new(),
         finished: false,
+        test_pending: false,
+        steps_per_epoch: per_epoch,
+        num_epochs,
+        batch,
     };
     let mut last_checkpoint: Option<PathBuf> = None;
     if let (Some(c), Some(p)) = (resumed, &resume_from) {
+        let e = &c.engine;
+        if e.steps_per_epoch != 0 && (e.steps_per_epoch, e.num_epochs, e.batch) != (per_epoch, num_epochs, batch) {
+            return Err(EngineError::Config(format!(
+                "checkpoint {} is of a run with {} epochs of {} steps of batch {}; this config makes {num_epochs} epochs of {per_epoch} steps of batch {batch}. Resume with the same data and OPTIMIZER.num_epochs / BATCHSIZE_PER_REPLICA, or set CHECKPOINT.OVERWRITE_EXISTING=true (or another CHECKPOINT.DIR) to start over",
+                p.display(),
+                e.num_epochs,
+                e.steps_per_epoch,
+                e.batch
+            )));
+        }
         restore(steps.active_mut(), &c, p)?;
         state = c.engine;
         state.int_state.clear();
@@ -505,6 +619,19 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
 
     let started = Instant::now();
     let start_iteration = state.iteration;
+    // VISSL's phase rules (reference 8.2; `_build_phases`): checkpoint after
+    // train phase i when i % CHECKPOINT_FREQUENCY == 0 and after the last;
+    // test after train phase i when i % TEST_EVERY_NUM_EPOCH == 0 and after the last.
+    let checkpoint_after = |epoch: u64| epoch.is_multiple_of(ckpt_freq) || epoch + 1 == num_epochs;
+    let test_after = |epoch: u64| test_model && (epoch.is_multiple_of(test_every) || epoch + 1 == num_epochs);
+    // A test phase the last checkpoint was written before (a crash during it).
+    if state.test_pending {
+        let epoch = state.train_phase_idx - 1;
+        let mut ctx = TestPhase { prog: setup.prog, cfg, seed, eval: &mut eval, log: &mut log };
+        let test = setup.test.as_mut().expect("a pending test phase implies a test source");
+        ctx.run(test.as_mut(), &mut steps, meter.as_ref().expect("test phases need a meter"), &mut state, epoch)?;
+        finish_test(&last_checkpoint, &mut state, num_epochs)?;
+    }
     for epoch in state.train_phase_idx..num_epochs {
         let skip = state.iteration_in_epoch;
         if skip == 0 {
@@ -515,18 +642,22 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
         }
         let mut window = (Instant::now(), 0u64);
         let mut batches = setup.train.epoch(epoch, skip);
-        loop {
-            if setup.stop.load(Ordering::SeqCst) || setup.max_steps.is_some_and(|m| state.iteration >= m) {
-                let reason = if setup.stop.load(Ordering::SeqCst) { "signal" } else { "step limit" };
+        while let Some(b) = batches.next() {
+            let stopping = setup.stop.load(Ordering::SeqCst);
+            if stopping || setup.max_steps.is_some_and(|m| state.iteration >= m) {
+                let reason = if stopping { "signal" } else { "step limit" };
                 drop(batches);
                 log.end_progress();
-                let path =
-                    write_checkpoint(&steps, &state, &meter, checkpoint::iteration_name(state.iteration), &mut log)?;
-                log.info(&format!("stopped ({reason}) at iteration {}; resume with the same command", state.iteration));
+                let name = checkpoint::iteration_name(state.iteration);
+                let path = if last_checkpoint.as_ref().is_some_and(|p| p.ends_with(&name)) {
+                    last_checkpoint.clone().expect("checked")
+                } else {
+                    write_checkpoint(&steps, &state, &meter, name, &mut log)?
+                };
+                log.info(&format!("stopped ({reason}) at iteration {}", state.iteration));
                 log.flush();
                 return Ok(Outcome::Stopped { checkpoint: path, iteration: state.iteration, reason });
             }
-            let Some(b) = batches.next() else { break };
             let Batch { images, labels, size } = b.map_err(EngineError::Data)?;
             let (mut inputs, lr_now) = optim.scalars(state.iteration, total, per_epoch);
             inputs.extend(images);
@@ -565,8 +696,8 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
             state.losses.push(loss as f64);
             window.1 += size as u64;
             let elapsed = started.elapsed().as_secs_f64();
-            let done_here = state.iteration - start_iteration;
-            let eta = elapsed / done_here as f64 * (total - state.iteration) as f64;
+            let done_here = (state.iteration - start_iteration).max(1);
+            let eta = elapsed / done_here as f64 * total.saturating_sub(state.iteration) as f64;
             let ips = window.1 as f64 / window.0.elapsed().as_secs_f64().max(1e-9);
             log.progress(&Progress {
                 epoch,
@@ -590,9 +721,13 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
                 }));
                 window = (Instant::now(), 0);
             }
-            if iter_freq > 0 && state.iteration.is_multiple_of(iter_freq as u64) && state.iteration_in_epoch < per_epoch
+            // An iteration checkpoint, unless the phase checkpoint right after
+            // this step (the epoch's last) will hold the same state.
+            let epoch_end = state.iteration_in_epoch >= per_epoch;
+            if iter_freq > 0
+                && state.iteration.is_multiple_of(iter_freq as u64)
+                && !(epoch_end && checkpoint_after(epoch))
             {
-                drop(batches);
                 log.end_progress();
                 last_checkpoint = Some(write_checkpoint(
                     &steps,
@@ -601,7 +736,6 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
                     checkpoint::iteration_name(state.iteration),
                     &mut log,
                 )?);
-                batches = setup.train.epoch(epoch, state.iteration_in_epoch);
             }
         }
         drop(batches);
@@ -625,57 +759,22 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
         log.phase(&record);
         state.phase_idx += 1;
         let last = epoch + 1 == num_epochs;
-        state.finished = last;
-        if last || (epoch + 1) % ckpt_freq == 0 {
+        // The run is finished once its last test phase (if any) is done too.
+        state.test_pending = test_after(epoch);
+        state.finished = last && !state.test_pending;
+        if checkpoint_after(epoch) {
             last_checkpoint =
                 Some(write_checkpoint(&steps, &state, &meter, checkpoint::phase_name(epoch, last), &mut log)?);
         }
-        if test_model && ((epoch + 1) % test_every == 0 || last) {
+        if test_after(epoch) {
+            let mut ctx = TestPhase { prog: setup.prog, cfg, seed, eval: &mut eval, log: &mut log };
             let test = setup.test.as_mut().expect("test_model implies a test source");
-            let mut m = meter.clone().expect("test phases need a meter");
-            m.reset();
-            // The eval executors borrow the model's state for the phase (moved,
-            // not copied) and give it back at the end.
-            let mut holder: Option<u64> = None;
-            for b in test.epoch(epoch, 0) {
-                let b = b.map_err(EngineError::Data)?;
-                let size = b.size as u64;
-                if let std::collections::hash_map::Entry::Vacant(v) = eval.entry(size) {
-                    let (plan, _) =
-                        inference_plan(setup.prog, cfg, size, false).map_err(|e| EngineError::Config(e.to_string()))?;
-                    v.insert(CpuExecutor::new(plan, seed).map_err(|e| EngineError::Runtime(e.to_string()))?);
-                }
-                if holder != Some(size) {
-                    match holder {
-                        None => move_state(steps.active_mut(), eval.get_mut(&size).expect("made above"))?,
-                        Some(prev) => {
-                            let mut from = eval.remove(&prev).expect("the holder exists");
-                            let to = eval.get_mut(&size).expect("made above");
-                            move_state(&mut from, to)?;
-                            eval.insert(prev, from);
-                        }
-                    }
-                    holder = Some(size);
-                }
-                let ex = eval.get_mut(&size).expect("made above");
-                let (names, tensors): (Vec<String>, Vec<Tensor>) = b.images.into_iter().unzip();
-                let given: Vec<(&str, Tensor)> = names.iter().map(String::as_str).zip(tensors).collect();
-                let out = ex.run(&given).map_err(|e| EngineError::Runtime(format!("test phase: {e}")))?;
-                update_meter(&mut m, &out, &b.labels)?;
+            ctx.run(test.as_mut(), &mut steps, meter.as_ref().expect("test phases need a meter"), &mut state, epoch)?;
+            if checkpoint_after(epoch) {
+                finish_test(&last_checkpoint, &mut state, num_epochs)?;
+            } else {
+                state.test_pending = false;
             }
-            if let Some(h) = holder {
-                move_state(eval.get_mut(&h).expect("the holder exists"), steps.active_mut())?;
-            }
-            for w in test.take_warnings() {
-                log.warn(&w);
-            }
-            log.phase(&json!({
-                "iteration": state.iteration,
-                "phase_idx": state.phase_idx,
-                "train_phase_idx": epoch,
-                "test_accuracy_list_meter": m.to_json(),
-            }));
-            state.phase_idx += 1;
         }
     }
     log.flush();

@@ -165,3 +165,66 @@ fn a_nan_loss_stops_with_the_step_and_the_last_good_checkpoint() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A crash during a test phase (emulated: the phase checkpoint as written
+/// before its test) resumes by running that test phase first: the metrics
+/// and final weights equal an uninterrupted run's.
+#[test]
+fn a_crash_during_a_test_phase_runs_it_on_resume() {
+    let prog = Program::load(&[]).unwrap();
+    let whole = tmpdir("test-whole");
+    run(&cfg(&whole, &[]), &prog, None, false).unwrap();
+    let crashed = tmpdir("test-crash");
+    std::fs::create_dir_all(&crashed).unwrap();
+    let copy = |from: &Path, to: &Path| {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(from).unwrap().flatten() {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    };
+    copy(&whole.join("model_phase0"), &crashed.join("model_phase0"));
+    checkpoint::update_engine_state(&crashed.join("model_phase0"), |s| {
+        s.test_pending = true;
+        s.phase_idx = 1;
+    })
+    .unwrap();
+    let out = run(&cfg(&crashed, &[]), &prog, None, false).unwrap();
+    assert_eq!(out, Outcome::Finished { checkpoint: crashed.join("model_final_checkpoint_phase2") });
+    let tests = |d: &Path| -> Vec<Value> {
+        json_lines(&d.join("metrics.json"))
+            .into_iter()
+            .filter(|r| r.get("test_accuracy_list_meter").is_some())
+            .map(|r| serde_json::json!([r["phase_idx"], r["train_phase_idx"], r["test_accuracy_list_meter"]]))
+            .collect()
+    };
+    assert_eq!(tests(&crashed), tests(&whole));
+    let (a, b) = (
+        checkpoint::read(&whole.join("model_final_checkpoint_phase2")).unwrap(),
+        checkpoint::read(&crashed.join("model_final_checkpoint_phase2")).unwrap(),
+    );
+    assert_eq!(a.model, b.model);
+    assert!(b.engine.finished && !b.engine.test_pending);
+    std::fs::remove_dir_all(&whole).unwrap();
+    std::fs::remove_dir_all(&crashed).unwrap();
+}
+
+#[test]
+fn iteration_checkpoints_follow_vissls_phase_rules_and_a_step_limit_at_the_end_finishes() {
+    let prog = Program::load(&[]).unwrap();
+    let dir = tmpdir("iter");
+    // 3 epochs of 6 steps; phase checkpoints after epochs 0 and 2 (i % 2 == 0, and the last).
+    let extra = ["CHECKPOINT.CHECKPOINT_FREQUENCY=2", "CHECKPOINT.CHECKPOINT_ITER_FREQUENCY=6", "TEST_MODEL=false"];
+    let out = run(&cfg(&dir, &extra), &prog, Some(18), false).unwrap();
+    assert_eq!(out, Outcome::Finished { checkpoint: dir.join("model_final_checkpoint_phase2") });
+    // Step 12 ends epoch 1, which has no phase checkpoint: its iteration checkpoint is kept.
+    assert!(dir.join("model_phase0").is_dir());
+    assert!(!dir.join("model_phase1").exists());
+    assert!(dir.join("model_iteration12").is_dir());
+    assert!(!dir.join("model_iteration6").exists(), "the phase checkpoint of epoch 0 holds step 6");
+    // A changed run shape is refused on resume.
+    let _ = std::fs::remove_dir_all(dir.join("model_final_checkpoint_phase2"));
+    std::fs::remove_file(dir.join("checkpoint.json")).unwrap();
+    let e = run(&cfg(&dir, &["OPTIMIZER.num_epochs=4", "TEST_MODEL=false"]), &prog, None, false).unwrap_err();
+    assert!(e.to_string().contains("is of a run with 3 epochs of 6 steps of batch 8"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
