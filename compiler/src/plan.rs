@@ -232,13 +232,19 @@ impl Plan {
         let mut parts_of: HashMap<usize, Vec<usize>> = HashMap::new();
         for (i, v) in self.values.iter().enumerate() {
             match v.source {
-                Source::Kernel(_) => {}
+                Source::Kernel(j) => {
+                    if self.kernels.get(j).map(|k| k.output) != Some(i) {
+                        return Err(format!("value {i} says kernel {j} makes it, but that kernel does not"));
+                    }
+                }
                 Source::Part { kernel, offset } => {
                     let packed = self.kernels.get(kernel).map(|k| (&k.op, k.output));
                     let Some((Op::MultiTensor { .. }, out)) = packed else {
                         return Err(format!("value {i} is a part of kernel {kernel}, which is not multi-tensor"));
                     };
-                    if offset + v.numel() > self.values[out].numel() || v.dtype != self.values[out].dtype {
+                    let fits =
+                        self.values.get(out).is_some_and(|p| offset + v.numel() <= p.numel() && v.dtype == p.dtype);
+                    if !fits {
                         return Err(format!("value {i} is not inside the packed result of kernel {kernel}"));
                     }
                     parts_of.entry(kernel).or_default().push(i);
@@ -251,7 +257,8 @@ impl Plan {
                 if !written.get(i).copied().unwrap_or(false) {
                     return Err(format!("kernel {k} ({}) reads value {i} before it is written", kernel.op.name()));
                 }
-                let packed = matches!(self.values[i].source, Source::Kernel(j) if matches!(self.kernels[j].op, Op::MultiTensor { .. }));
+                let packed = matches!(self.values[i].source, Source::Kernel(j)
+                    if self.kernels.get(j).is_some_and(|k| matches!(k.op, Op::MultiTensor { .. })));
                 if packed {
                     return Err(format!(
                         "kernel {k} reads the packed result of a multi-tensor kernel (read its parts)"
@@ -361,7 +368,7 @@ impl Plan {
                 Source::Buffer { .. } => state += bytes,
                 Source::Input { name } => inputs.push(format!("{name} {:?} {}", v.shape, v.dtype)),
                 // A packed multi-tensor result is stored as its parts.
-                Source::Kernel(k) if matches!(self.kernels[*k].op, Op::MultiTensor { .. }) => {}
+                Source::Kernel(k) if self.kernels.get(*k).is_some_and(|k| matches!(k.op, Op::MultiTensor { .. })) => {}
                 Source::Kernel(_) | Source::Part { .. } => temps += bytes,
                 Source::Fill { .. } => {}
             }

@@ -281,6 +281,15 @@ mod tests {
             let state = plan.state(name).unwrap();
             assert_eq!(memory.placements[*v], memory.placements[state], "{name} is not updated in place");
         }
+        // A malformed plan file is an error, not a panic.
+        let mut bad = plan.clone();
+        let v = bad.state_updates[0].1;
+        let multi = bad.kernels.iter().position(|k| k.op.name() == "multi_tensor").unwrap();
+        bad.values[v].source = Source::Part { kernel: multi, offset: 1 << 40 };
+        assert!(bad.validate().unwrap_err().contains("not inside the packed result"));
+        let mut bad = plan.clone();
+        bad.values[bad.kernels[0].output].source = Source::Kernel(9999);
+        assert!(bad.validate().unwrap_err().contains("says kernel 9999 makes it"));
         // The packed value itself takes no memory.
         let packed = plan.kernels.iter().find(|k| k.op.name() == "multi_tensor").unwrap().output;
         assert_eq!(memory.placements[packed].region, Region::Inline);
