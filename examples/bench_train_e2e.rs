@@ -23,7 +23,6 @@ mod models;
 
 use bench::{env_usize, median};
 use models::{ModelSpec, Params};
-use std::collections::BTreeMap;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
@@ -87,18 +86,16 @@ fn main() {
         .collect();
     let torch_run = || -> f64 {
         let vs = nn::VarStore::new(tch::Device::Cpu);
-        let mut map = BTreeMap::new();
-        for name in &trainable {
-            let t = ex.state(name).unwrap();
-            let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
-            let segs: Vec<&str> = name.split('.').collect();
-            let path = segs[..segs.len() - 1].iter().fold(vs.root(), |p, s| p.sub(*s));
-            map.insert(
-                name.clone(),
-                path.var_copy(segs[segs.len() - 1], &TT::from_slice(t.as_f32().unwrap()).reshape(shape)),
-            );
-        }
-        let params = Params::new(map);
+        let params = Params::in_var_store(
+            &vs,
+            trainable.iter().map(|n| {
+                let t = ex.state(n).unwrap();
+                (
+                    n.clone(),
+                    TT::from_slice(t.as_f32().unwrap()).reshape(t.shape.iter().map(|&d| d as i64).collect::<Vec<_>>()),
+                )
+            }),
+        );
         let mut opt =
             nn::AdamW { beta1: 0.9, beta2: 0.999, wd: 0.05, eps: 1e-8, amsgrad: false }.build(&vs, 1e-3).unwrap();
         let total = (epochs * steps_per_epoch) as f64;

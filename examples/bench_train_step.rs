@@ -32,7 +32,7 @@ mod models;
 use bench::{env_usize, median, tiny_vit_overrides, BATCH};
 
 use models::{labels, normal_values, ModelSpec, Params};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::time::Instant;
 use tch::nn::{self, OptimizerConfig};
 use tch::Tensor as TT;
@@ -45,6 +45,11 @@ use tessera_compiler::plan::Source;
 use tessera_runtime::cpu::{multi_tensor, pool, run_kernel, CpuExecutor, Ctx, Tensor};
 
 const LR: f64 = 1e-3;
+
+/// A tessera tensor as a libtorch one.
+fn tch_of(t: &Tensor) -> TT {
+    TT::from_slice(t.as_f32().unwrap()).reshape(t.shape.iter().map(|&d| d as i64).collect::<Vec<_>>())
+}
 
 fn main() {
     let threads = env_usize("BENCH_THREADS", 2);
@@ -76,16 +81,7 @@ fn main() {
 
     // libtorch: tessera's initial weights in a VarStore, libtorch's AdamW.
     let vs = nn::VarStore::new(tch::Device::Cpu);
-    let mut map = BTreeMap::new();
-    for name in &trainable {
-        let t = ex.state(name).unwrap();
-        let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
-        let segs: Vec<&str> = name.split('.').collect();
-        let path = segs[..segs.len() - 1].iter().fold(vs.root(), |p, s| p.sub(*s));
-        let v = path.var_copy(segs[segs.len() - 1], &TT::from_slice(t.as_f32().unwrap()).reshape(shape));
-        map.insert(name.clone(), v);
-    }
-    let params = Params::new(map);
+    let params = Params::in_var_store(&vs, trainable.iter().map(|n| (n.clone(), tch_of(ex.state(n).unwrap()))));
     let mut opt = nn::AdamW { beta1, beta2, wd: 0.05, eps, amsgrad: false }.build(&vs, LR).unwrap();
 
     let mut tessera_t = 0i32;

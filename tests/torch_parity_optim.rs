@@ -100,12 +100,7 @@ struct TorchSide {
 impl TorchSide {
     fn new(ex: &CpuExecutor, names: &[String], opt: Opt) -> TorchSide {
         let vs = nn::VarStore::new(tch::Device::Cpu);
-        let mut map = BTreeMap::new();
-        for name in names {
-            let segs: Vec<&str> = name.split('.').collect();
-            let path = segs[..segs.len() - 1].iter().fold(vs.root(), |p, s| p.sub(*s));
-            map.insert(name.clone(), path.var_copy(segs[segs.len() - 1], &to_tt(ex.state(name).unwrap())));
-        }
+        let params = Params::in_var_store(&vs, names.iter().map(|n| (n.clone(), to_tt(ex.state(n).unwrap()))));
         assert_eq!(vs.variables().len(), names.len(), "one VarStore variable per parameter");
         let o = match opt {
             Opt::AdamW { beta1, beta2, eps } => nn::AdamW { beta1, beta2, wd: WD, eps, amsgrad: false }.build(&vs, 1.0),
@@ -113,7 +108,7 @@ impl TorchSide {
         };
         TorchSide {
             _vs: vs,
-            params: Params::new(map),
+            params,
             opt: o.unwrap(),
             state: Default::default(),
             before: BTreeMap::new(),

@@ -119,20 +119,7 @@ fn stage_order_is_checked() {
 /// Every TRANSFORMS list under configs/ (DATA.TRAIN and DATA.TEST), parsed
 /// from the YAML files.
 fn config_lists() -> Vec<(String, Value)> {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
-    let mut files = Vec::new();
-    let mut dirs = vec![root.join("pretrain"), root.join("quickstart")];
-    while let Some(d) = dirs.pop() {
-        for e in std::fs::read_dir(&d).unwrap_or_else(|e| panic!("{}: {e}", d.display())) {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                dirs.push(p);
-            } else if p.extension().is_some_and(|x| x == "yaml") {
-                files.push(p);
-            }
-        }
-    }
-    files.sort();
+    let files = common::config_files(&["pretrain", "quickstart"]);
     let mut lists = Vec::new();
     for f in files {
         let text = std::fs::read_to_string(&f).unwrap();

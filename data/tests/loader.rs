@@ -303,20 +303,7 @@ fn quickstart_configs_load() {
 #[test]
 fn pretrain_configs_load_with_their_collators() {
     let _guard = serial();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/pretrain");
-    let mut files = Vec::new();
-    let mut dirs = vec![root];
-    while let Some(d) = dirs.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                dirs.push(p);
-            } else if p.extension().is_some_and(|x| x == "yaml") {
-                files.push(p);
-            }
-        }
-    }
-    files.sort();
+    let files = common::config_files(&["pretrain"]);
     assert!(files.len() >= 13);
     let mut collators = std::collections::BTreeSet::new();
     for f in files {

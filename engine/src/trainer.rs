@@ -29,7 +29,7 @@ use tessera_compiler::param_groups::ParamGroup;
 use tessera_compiler::pipeline::{inference_plan, training_plan};
 use tessera_compiler::plan::Source;
 use tessera_runtime::cpu::{CpuExecutor, Data, Tensor};
-use tessera_runtime::weights::{load_weights, model_tensors, MatchOptions, NamedTensor};
+use tessera_runtime::weights::{detect_format, match_weights_with, model_tensors, MatchOptions, NamedTensor};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -309,12 +309,11 @@ fn weights_init(ex: &mut CpuExecutor, cfg: &Value, log: &mut RunLog) -> Result<(
     for t in &mut tensors {
         t.name = renamed(&t.name);
     }
-    let tmp = std::env::temp_dir().join(format!("tessera-weights-init-{}.safetensors", std::process::id()));
-    tessera_runtime::weights::write_safetensors(&tmp, &tensors, &BTreeMap::new())
-        .map_err(|e| EngineError::Config(format!("MODEL.WEIGHTS_INIT: {e}")))?;
-    let matched = load_weights(&tmp, &expected, None, MatchOptions { allow_missing: true, allow_unused: true });
-    let _ = std::fs::remove_file(&tmp);
-    let matched = matched.map_err(|e| EngineError::Config(format!("MODEL.WEIGHTS_INIT.PARAMS_FILE {file}: {e}")))?;
+    let names: Vec<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
+    let format = detect_format(&names);
+    let options = MatchOptions { allow_missing: true, allow_unused: true };
+    let matched = match_weights_with(&expected, tensors, format, options)
+        .map_err(|e| EngineError::Config(format!("MODEL.WEIGHTS_INIT.PARAMS_FILE {file}: {e}")))?;
     let loaded = matched.tensors.len();
     for t in matched.tensors {
         let value = match ex.state(&t.name).map(|s| &s.data) {

@@ -194,6 +194,18 @@ impl Params {
         Params { map, used: RefCell::new(BTreeSet::new()) }
     }
 
+    /// Trainable variables of `vs` (a libtorch optimizer's), one per
+    /// (state-dict name, initial value), at the path the dotted name spells.
+    pub fn in_var_store(vs: &tch::nn::VarStore, initial: impl IntoIterator<Item = (String, Tensor)>) -> Params {
+        let mut map = BTreeMap::new();
+        for (name, value) in initial {
+            let segs: Vec<&str> = name.split('.').collect();
+            let path = segs[..segs.len() - 1].iter().fold(vs.root(), |p, s| p.sub(*s));
+            map.insert(name.clone(), path.var_copy(segs[segs.len() - 1], &value));
+        }
+        Params::new(map)
+    }
+
     pub fn get(&self, name: &str) -> &Tensor {
         self.used.borrow_mut().insert(name.to_string());
         self.map.get(name).unwrap_or_else(|| {

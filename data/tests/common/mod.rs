@@ -175,3 +175,22 @@ pub fn assert_contains(message: &str, parts: &[&str]) {
         assert!(message.contains(p), "message {message:?} lacks {p:?}");
     }
 }
+
+/// Every `.yaml` file under `configs/<sub>` for each of `subs`, sorted.
+pub fn config_files(subs: &[&str]) -> Vec<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+    let mut files = Vec::new();
+    let mut dirs: Vec<PathBuf> = subs.iter().map(|s| root.join(s)).collect();
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).unwrap_or_else(|e| panic!("{}: {e}", d.display())) {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p.extension().is_some_and(|x| x == "yaml") {
+                files.push(p);
+            }
+        }
+    }
+    files.sort();
+    files
+}
