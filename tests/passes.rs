@@ -84,8 +84,8 @@ fn inputs(plan: &Plan, t: i32) -> Vec<(String, Tensor)> {
         let shape: Vec<usize> = v.shape.iter().map(|&d| d as usize).collect();
         let n: usize = shape.iter().product();
         let t = match name.as_str() {
-            "optim.bias_correction1" => Tensor::f32(shape, vec![1.0 - 0.9f32.powi(t)]),
-            "optim.bias_correction2" => Tensor::f32(shape, vec![1.0 - 0.999f32.powi(t)]),
+            s if s.starts_with("optim.bias_correction1") => Tensor::f32(shape, vec![1.0 - 0.9f32.powi(t)]),
+            s if s.starts_with("optim.bias_correction2") => Tensor::f32(shape, vec![1.0 - 0.999f32.powi(t)]),
             s if s.starts_with("optim.lr.") => Tensor::f32(shape, vec![1e-3]),
             s if s.starts_with("optim.weight_decay.") => Tensor::f32(shape, vec![0.05]),
             _ if !v.dtype.is_float() => Tensor::i64(shape, (0..n as i64).map(|i| i % 2).collect()),
@@ -154,6 +154,12 @@ fn fused_and_unfused_training_steps_agree() {
         assert_eq!(multi, 1, "{name} {overrides:?}: {multi} optimizer kernels");
         for (pname, _) in fused.params() {
             let Some((_, u)) = fused.state_updates.iter().find(|(n, _)| n == pname) else { continue };
+            // SwAV's prototypes are renormalised after their update (a row
+            // norm, not elementwise), so their AdamW program stays on its own.
+            let renormed = fused.kernels.iter().any(|k| k.op.name() == "l2_normalize" && k.output == *u);
+            if renormed && pname.contains("prototypes") {
+                continue;
+            }
             assert!(
                 matches!(fused.values[*u].source, Source::Part { .. }),
                 "{name} {overrides:?}: {pname} is not updated by the multi-tensor kernel"

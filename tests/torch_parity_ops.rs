@@ -751,7 +751,12 @@ fn batch_norm_training_step_matches_libtorch() {
         let (loss, dims) = probe_loss(&mut g, y);
         g.set_output("loss", loss);
         // No parameter groups: the step only adds the running-stat updates.
-        let opts = StepOptions { optimizer: Optimizer::Sgd { momentum: 0.0, nesterov: false }, clip_max_norm: None };
+        let opts = StepOptions {
+            optimizer: Optimizer::Sgd { momentum: 0.0, nesterov: false },
+            clip_max_norm: None,
+            late_start: vec![],
+            normalize_prototypes: false,
+        };
         let g = training_step(g, &[], &opts).unwrap();
         let mut ex = CpuExecutor::new(Plan::lower(&g, 1, true).unwrap(), 0).unwrap();
 

@@ -286,6 +286,10 @@ pub fn compile(prog: &Program, cfg: &J) -> R<Compiled> {
     if loss_name == "swav_loss" {
         // VISSL infers num_crops from the multi-crop transform (infer_losses_config).
         named.push(("num_crops".to_string(), Val::int(images_per_sample as i64), prog.block(loss).span));
+        // The queue is scored by the current prototypes (SwAVUpdateQueueScoresHook).
+        let protos = prototypes(&el.graph);
+        let list = protos.into_iter().map(|v| Val::new(V::Tensor(v))).collect();
+        named.push(("prototypes".to_string(), Val::list(list), prog.block(loss).span));
     }
     set_outputs(&mut el.graph, "output", &output);
     let span = prog.block(loss).span;
@@ -303,10 +307,39 @@ pub fn compile(prog: &Program, cfg: &J) -> R<Compiled> {
     Ok(Compiled { graph: el.graph, composition, param_groups })
 }
 
+/// The prototype weights of a swav_head (`heads.<i>[.<j>].prototypes<k>.weight`),
+/// in the order of their index k.
+pub fn prototypes(g: &Graph) -> Vec<ValueId> {
+    let mut found: Vec<(u64, ValueId)> = g
+        .params()
+        .into_iter()
+        .filter(|(_, name, _)| name.starts_with("heads."))
+        .filter_map(|(v, name, _)| {
+            let last = name.strip_suffix(".weight")?.rsplit('.').next()?;
+            Some((last.strip_prefix("prototypes")?.parse().ok()?, v))
+        })
+        .collect();
+    found.sort();
+    found.into_iter().map(|(_, v)| v).collect()
+}
+
 /// `MODEL.NON_TRAINABLE_PARAMS`: exact parameter names (DDP's `module.` prefix
 /// allowed) that get `requires_grad=False`. An unknown name is an error, so a
 /// typo cannot silently train a parameter meant to stay fixed.
 fn freeze(g: &mut Graph, cfg: &J) -> R<()> {
+    // Parameters frozen for their first iterations must exist too; the
+    // engine freezes them (NON_TRAINABLE_PARAMS) in the plan of those iterations.
+    let temp = crate::autodiff::temp_frozen(cfg).map_err(CompileError::Config)?;
+    for (name, _) in &temp {
+        if !matches!(g.state(name).map(|v| &g.node(v).op), Some(Op::Param { .. })) {
+            let all: Vec<String> = g.params().into_iter().map(|(_, n, _)| n.to_string()).collect();
+            let all: Vec<&str> = all.iter().map(|s| s.as_str()).collect();
+            return Err(CompileError::Config(format!(
+                "`MODEL.TEMP_FROZEN_PARAMS_ITER_MAP` names `{name}`, which is not a parameter of this model{}",
+                did_you_mean(name, &all)
+            )));
+        }
+    }
     let key = "MODEL.NON_TRAINABLE_PARAMS";
     let names: Vec<String> = match get(cfg, key) {
         Some(J::Array(a)) => a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect(),

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
-use tessera_compiler::autodiff::{Optimizer, StepOptions};
+use tessera_compiler::autodiff::{bias_correction_inputs, Optimizer, StepOptions};
 use tessera_compiler::elaborate::Program;
 use tessera_compiler::param_groups::ParamGroup;
 use tessera_compiler::pipeline::{inference_plan, training_plan};
@@ -129,41 +129,88 @@ fn input_names(ex: &CpuExecutor) -> Vec<String> {
         .collect()
 }
 
-/// Training executors per batch size, sharing one model.
+/// What VISSL's iteration-keyed hooks change in the training step, as plans:
+/// a parameter in `MODEL.TEMP_FROZEN_PARAMS_ITER_MAP` gets no update before
+/// its iteration (FreezeParametersHook: grad None, so AdamW skips it), and
+/// SwAV's queue is neither used nor filled before `queue.start_iter`
+/// (reference 4.2). Each span of iterations between two such thresholds has
+/// its own plan; the state moves between them.
+struct Stages {
+    frozen: Vec<(String, u64)>,
+    queue_start: Option<u64>,
+}
+
+impl Stages {
+    fn from_config(cfg: &Value) -> Result<Stages, EngineError> {
+        let frozen = tessera_compiler::autodiff::temp_frozen(cfg).map_err(EngineError::Config)?;
+        let swav_queue = get_str(cfg, "LOSS.name") == "swav_loss"
+            && get(cfg, "LOSS.swav_loss.queue.queue_length").and_then(Value::as_u64).unwrap_or(0) > 0;
+        let start = get(cfg, "LOSS.swav_loss.queue.start_iter").and_then(Value::as_u64).unwrap_or(0);
+        Ok(Stages { frozen, queue_start: (swav_queue && start > 0).then_some(start) })
+    }
+
+    /// Which plan iteration `iteration` runs: the thresholds it has reached.
+    fn id(&self, iteration: u64) -> usize {
+        self.frozen.iter().map(|(_, n)| *n).chain(self.queue_start).filter(|&n| n <= iteration).count()
+    }
+
+    /// The config of that plan.
+    fn config(&self, cfg: &Value, iteration: u64) -> Value {
+        let mut c = cfg.clone();
+        let still: Vec<Value> =
+            self.frozen.iter().filter(|(_, n)| iteration < *n).map(|(p, _)| Value::String(p.clone())).collect();
+        if !still.is_empty() {
+            if let Some(Value::Array(a)) = c.pointer_mut("/MODEL/NON_TRAINABLE_PARAMS") {
+                a.extend(still);
+            } else {
+                c["MODEL"]["NON_TRAINABLE_PARAMS"] = Value::Array(still);
+            }
+        }
+        if self.queue_start.is_some_and(|s| iteration < s) {
+            c["LOSS"]["swav_loss"]["queue"]["queue_length"] = 0.into();
+        }
+        c
+    }
+}
+
+/// Training executors per (batch size, stage), sharing one model.
 struct Steps<'a> {
     prog: &'a Program,
     cfg: &'a Value,
+    stages: Stages,
     seed: u64,
-    by_batch: HashMap<u64, CpuExecutor>,
-    /// The batch size whose executor holds the current state.
-    current: u64,
+    by_key: HashMap<(u64, usize), CpuExecutor>,
+    /// The executor that holds the current state.
+    current: (u64, usize),
 }
 
 impl Steps<'_> {
-    fn get(&mut self, batch: u64) -> Result<&mut CpuExecutor, EngineError> {
-        if !self.by_batch.contains_key(&batch) {
-            let (plan, _) =
-                training_plan(self.prog, self.cfg, batch).map_err(|e| EngineError::Config(e.to_string()))?;
+    /// The executor for a batch of `batch` at `iteration`, holding the state.
+    fn get(&mut self, batch: u64, iteration: u64) -> Result<&mut CpuExecutor, EngineError> {
+        let key = (batch, self.stages.id(iteration));
+        if !self.by_key.contains_key(&key) {
+            let cfg = self.stages.config(self.cfg, iteration);
+            let (plan, _) = training_plan(self.prog, &cfg, batch).map_err(|e| EngineError::Config(e.to_string()))?;
             let ex = CpuExecutor::new(plan, self.seed).map_err(|e| EngineError::Runtime(e.to_string()))?;
-            self.by_batch.insert(batch, ex);
+            self.by_key.insert(key, ex);
         }
-        if batch != self.current {
-            let mut to = self.by_batch.remove(&batch).expect("made above");
-            let from = self.by_batch.get_mut(&self.current).expect("the current executor");
+        if key != self.current {
+            let mut to = self.by_key.remove(&key).expect("made above");
+            let from = self.by_key.get_mut(&self.current).expect("the current executor");
             move_state(from, &mut to)?;
             to.set_step(from.step());
-            self.by_batch.insert(batch, to);
-            self.current = batch;
+            self.by_key.insert(key, to);
+            self.current = key;
         }
-        Ok(self.by_batch.get_mut(&batch).expect("present"))
+        Ok(self.by_key.get_mut(&key).expect("present"))
     }
 
     fn active(&self) -> &CpuExecutor {
-        &self.by_batch[&self.current]
+        &self.by_key[&self.current]
     }
 
     fn active_mut(&mut self) -> &mut CpuExecutor {
-        self.by_batch.get_mut(&self.current).expect("present")
+        self.by_key.get_mut(&self.current).expect("present")
     }
 }
 
@@ -339,6 +386,8 @@ struct Optim {
     lr: ParamSchedule,
     lr_head: Option<ParamSchedule>,
     adam: Option<(f64, f64)>,
+    /// First iterations of temporarily frozen parameters (their step clocks).
+    late_starts: Vec<u64>,
 }
 
 impl Optim {
@@ -352,10 +401,17 @@ impl Optim {
             out.push((format!("optim.weight_decay.{}", g.name), Tensor::scalar_f32(g.weight_decay as f32)));
         }
         if let Some((b1, b2)) = self.adam {
-            // torch.optim.AdamW's step count starts at 1.
-            let t = (iteration + 1) as i32;
-            out.push(("optim.bias_correction1".into(), Tensor::scalar_f32((1.0 - b1.powi(t)) as f32)));
-            out.push(("optim.bias_correction2".into(), Tensor::scalar_f32((1.0 - b2.powi(t)) as f32)));
+            // torch.optim.AdamW's step count starts at 1, at a parameter's
+            // first update (a later one for temporarily frozen parameters).
+            for &start in std::iter::once(&0).chain(&self.late_starts) {
+                if iteration < start {
+                    continue;
+                }
+                let t = (iteration + 1 - start) as i32;
+                let (n1, n2) = bias_correction_inputs(start);
+                out.push((n1, Tensor::scalar_f32((1.0 - b1.powi(t)) as f32)));
+                out.push((n2, Tensor::scalar_f32((1.0 - b2.powi(t)) as f32)));
+            }
         }
         (out, lr)
     }
@@ -513,8 +569,19 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
     }
 
     // The model: a training step for the batch size, and the optimizer's inputs.
+    // The full model (every parameter trainable) gives the optimizer's groups;
+    // the first plan is the one of the iteration the run starts at.
     let (plan, compiled) = training_plan(setup.prog, cfg, batch).map_err(|e| EngineError::Config(e.to_string()))?;
     let opts = StepOptions::from_config(cfg).map_err(EngineError::Config)?;
+    let stages = Stages::from_config(cfg)?;
+    // A checkpoint holds the state of the plan that ran its last iteration.
+    let start_at = resumed.as_ref().map_or(0, |c| c.engine.iteration.saturating_sub(1));
+    let plan = match stages.config(cfg, start_at) {
+        staged if staged != *cfg => {
+            training_plan(setup.prog, &staged, batch).map_err(|e| EngineError::Config(e.to_string()))?.0
+        }
+        _ => plan,
+    };
     // The global batch is one replica's, and auto-scaled learning rates
     // follow it (reference 6.3).
     if replicas > 1 {
@@ -533,10 +600,13 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
         Optimizer::AdamW { beta1, beta2, .. } => Some((beta1, beta2)),
         Optimizer::Sgd { .. } => None,
     };
-    let optim = Optim { groups: compiled.param_groups.clone(), lr, lr_head, adam };
+    let mut late_starts: Vec<u64> = opts.late_start.iter().map(|(_, n)| *n).filter(|&n| n > 0).collect();
+    late_starts.sort();
+    late_starts.dedup();
+    let optim = Optim { groups: compiled.param_groups.clone(), lr, lr_head, adam, late_starts };
     let first = CpuExecutor::new(plan, seed).map_err(|e| EngineError::Runtime(e.to_string()))?;
-    let needed = input_names(&first);
-    let mut steps = Steps { prog: setup.prog, cfg, seed, by_batch: HashMap::from([(batch, first)]), current: batch };
+    let key = (batch, stages.id(start_at));
+    let mut steps = Steps { prog: setup.prog, cfg, stages, seed, by_key: HashMap::from([(key, first)]), current: key };
 
     let mut meter = meter_of(cfg)?;
     let train_meter = get_bool(cfg, "METERS.enable_training_meter");
@@ -658,6 +728,8 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
                 return Ok(Outcome::Stopped { checkpoint: path, iteration: state.iteration, reason });
             }
             let Batch { images, labels, size } = b.map_err(EngineError::Data)?;
+            let ex = steps.get(size as u64, state.iteration)?;
+            let needed = input_names(ex);
             let (mut inputs, lr_now) = optim.scalars(state.iteration, total, per_epoch);
             inputs.extend(images);
             if needed.iter().any(|n| n == "target") {
@@ -676,7 +748,6 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
                 let m = if state.iteration == 0 { 0.0 } else { moco_momentum };
                 inputs.push((MOCO_MOMENTUM.into(), Tensor::scalar_f32(m as f32)));
             }
-            let ex = steps.get(size as u64)?;
             let (names, tensors): (Vec<String>, Vec<Tensor>) = inputs.into_iter().unzip();
             let given: Vec<(&str, Tensor)> = names.iter().map(String::as_str).zip(tensors).collect();
             let out =

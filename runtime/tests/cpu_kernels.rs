@@ -903,7 +903,10 @@ fn queue_push_writes_key_columns_and_advance_wraps() {
     assert_eq!(next.as_i64().unwrap(), &[5]);
     let next = run_op(Op::QueueAdvance { world: 1 }, &[&Tensor::scalar_i64(3), &keys, &queue]);
     assert_eq!(next.as_i64().unwrap(), &[0]);
-    let over = Tensor::scalar_i64(4);
+    // A block past the end wraps to the front (a ring of the newest K keys).
+    let q = run_op(Op::QueuePush { world: 1 }, &[&queue, &Tensor::scalar_i64(4), &keys]);
+    assert_eq!(q.as_f32().unwrap(), &[-5.0, 1.0, 2.0, 3.0, -1.0, -3.0, -6.0, 7.0, 8.0, 9.0, -2.0, -4.0]);
+    let over = Tensor::scalar_i64(6);
     let err = OneOp::new(Op::QueuePush { world: 1 }, &[&queue, &over, &keys], true)
         .try_run(&[&queue, &over, &keys])
         .unwrap_err()

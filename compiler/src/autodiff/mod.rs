@@ -10,7 +10,7 @@
 mod rules;
 mod step;
 
-pub use step::{training_step, Optimizer, StepOptions};
+pub use step::{bias_correction_inputs, temp_frozen, training_step, Optimizer, StepOptions};
 
 use crate::ir::{BinaryOp, Dim, Graph, IrError, Op, ValueId};
 use rules::Builder;

@@ -25,6 +25,12 @@ pub struct StepOptions {
     pub optimizer: Optimizer,
     /// `MODEL.GRAD_CLIP`: max L2 norm of all gradients together.
     pub clip_max_norm: Option<f64>,
+    /// `MODEL.TEMP_FROZEN_PARAMS_ITER_MAP`: parameters whose first update is
+    /// at iteration N (their AdamW step count starts there).
+    pub late_start: Vec<(String, u64)>,
+    /// SwAV's `normalize_last_layer`: L2-normalise each prototype row after
+    /// every step (NormalizePrototypesHook, reference 4.2).
+    pub normalize_prototypes: bool,
 }
 
 impl StepOptions {
@@ -63,7 +69,37 @@ impl StepOptions {
         } else {
             None
         };
-        Ok(StepOptions { optimizer, clip_max_norm })
+        let late_start = temp_frozen(cfg)?;
+        let normalize_prototypes = get("LOSS.name").and_then(|v| v.as_str()) == Some("swav_loss")
+            && get("LOSS.swav_loss.normalize_last_layer").and_then(|v| v.as_bool()).unwrap_or(true);
+        Ok(StepOptions { optimizer, clip_max_norm, late_start, normalize_prototypes })
+    }
+}
+
+/// `MODEL.TEMP_FROZEN_PARAMS_ITER_MAP` as (parameter, iterations) pairs, the
+/// DDP `module.` prefix removed.
+pub fn temp_frozen(cfg: &J) -> Result<Vec<(String, u64)>, String> {
+    let key = "MODEL.TEMP_FROZEN_PARAMS_ITER_MAP";
+    let Some(J::Array(entries)) = crate::elaborate::json_get(cfg, key) else { return Ok(Vec::new()) };
+    entries
+        .iter()
+        .enumerate()
+        .map(|(i, e)| match e.as_array().map(|a| a.as_slice()) {
+            Some([J::String(name), n]) if n.as_u64().is_some() => {
+                Ok((name.strip_prefix("module.").unwrap_or(name).to_string(), n.as_u64().expect("checked")))
+            }
+            _ => Err(format!("`{key}.{i}` must be [parameter name, iterations], got {e}")),
+        })
+        .collect()
+}
+
+/// The names of the bias-correction inputs of a parameter whose AdamW step
+/// count starts at iteration `start`.
+pub fn bias_correction_inputs(start: u64) -> (String, String) {
+    if start == 0 {
+        ("optim.bias_correction1".into(), "optim.bias_correction2".into())
+    } else {
+        (format!("optim.bias_correction1.from_iter_{start}"), format!("optim.bias_correction2.from_iter_{start}"))
     }
 }
 
@@ -89,11 +125,21 @@ pub fn training_step(mut g: Graph, groups: &[ParamGroup], opts: &StepOptions) ->
     for (name, d) in &grads {
         g.set_output(&format!("grad.{name}"), *d);
     }
-    let bc = match opts.optimizer {
-        Optimizer::AdamW { .. } => {
-            Some((scalar_input(&mut g, "optim.bias_correction1")?, scalar_input(&mut g, "optim.bias_correction2")?))
+    // AdamW's bias corrections per step clock: a parameter frozen for its
+    // first N iterations (grad None) gets its own step count (torch.optim).
+    let mut clocks: Vec<(u64, (ValueId, ValueId))> = Vec::new();
+    let mut bias_corrections = |g: &mut Graph, pname: &str| -> Result<Option<(ValueId, ValueId)>, IrError> {
+        if !matches!(opts.optimizer, Optimizer::AdamW { .. }) {
+            return Ok(None);
         }
-        Optimizer::Sgd { .. } => None,
+        let start = opts.late_start.iter().find(|(n, _)| n == pname).map_or(0, |(_, s)| *s);
+        if let Some((_, ids)) = clocks.iter().find(|(s, _)| *s == start) {
+            return Ok(Some(*ids));
+        }
+        let (n1, n2) = bias_correction_inputs(start);
+        let ids = (scalar_input(g, &n1)?, scalar_input(g, &n2)?);
+        clocks.push((start, ids));
+        Ok(Some(ids))
     };
     for group in groups {
         let lr = scalar_input(&mut g, &format!("optim.lr.{}", group.name))?;
@@ -104,6 +150,7 @@ pub fn training_step(mut g: Graph, groups: &[ParamGroup], opts: &StepOptions) ->
             let Some(&(_, grad)) = grads.iter().find(|(n, _)| n == pname) else { continue };
             let p = g.state(pname).ok_or_else(|| IrError::Invalid(format!("no parameter `{pname}`")))?;
             let ty = g.ty(p).clone();
+            let bc = bias_corrections(&mut g, pname)?;
             let mut b = Builder { g: &mut g, scope: format!("optim.{pname}") };
             let u = Update { name: pname, p, grad, ty, lr, wd };
             match (&opts.optimizer, bc) {
@@ -113,6 +160,16 @@ pub fn training_step(mut g: Graph, groups: &[ParamGroup], opts: &StepOptions) ->
                 (Optimizer::Sgd { momentum, nesterov }, _) => sgd(&mut b, &u, *momentum, *nesterov)?,
                 _ => unreachable!("bias corrections exist for AdamW"),
             }
+        }
+    }
+    if opts.normalize_prototypes {
+        for p in crate::compose::prototypes(&g) {
+            let Op::Param { name, .. } = g.node(p).op.clone() else { continue };
+            // After the update, or on its own while the parameter is frozen
+            // (the hook runs after every step).
+            let new = g.state_update(&name).unwrap_or(p);
+            let normed = g.add_op(Op::L2Normalize { axis: 1, eps: 1e-12 }, &[new], &format!("optim.{name}"))?;
+            g.set_state_update(&name, normed);
         }
     }
     g.verify()?;

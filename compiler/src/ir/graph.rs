@@ -118,6 +118,18 @@ impl Graph {
         self.state_updates.push((buffer.to_string(), v));
     }
 
+    /// The value `buffer` (a parameter or buffer) takes after the step, if
+    /// the graph updates it.
+    pub fn state_update(&self, buffer: &str) -> Option<ValueId> {
+        self.state_updates.iter().rev().find(|(n, _)| n == buffer).map(|(_, v)| *v)
+    }
+
+    /// Sets the value `buffer` takes after the step, replacing an earlier one.
+    pub fn set_state_update(&mut self, buffer: &str, v: ValueId) {
+        self.state_updates.retain(|(n, _)| n != buffer);
+        self.state_updates.push((buffer.to_string(), v));
+    }
+
     pub fn node(&self, v: ValueId) -> &Node {
         &self.g[v]
     }

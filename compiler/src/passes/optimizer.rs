@@ -238,7 +238,12 @@ mod tests {
             params: vec![p.into()],
         };
         let groups = [group("decay", "w"), group("no_decay", "b")];
-        training_step(g, &groups, &StepOptions { optimizer, clip_max_norm: Some(1.0) }).unwrap()
+        training_step(
+            g,
+            &groups,
+            &StepOptions { optimizer, clip_max_norm: Some(1.0), late_start: vec![], normalize_prototypes: false },
+        )
+        .unwrap()
     }
 
     fn fused(mut g: Graph) -> (Graph, String) {

@@ -16,8 +16,7 @@ fn pointer(t: &Tensor) -> Result<i64, KernelError> {
 }
 
 /// `QueuePush (queue [E, K], ptr [] i64, keys [N, E]) -> [E, K]`: the queue with
-/// keys^T in columns ptr..ptr+N. VISSL asserts K % batch == 0, so the block
-/// never wraps; one that would is an error.
+/// keys^T in columns ptr..ptr+N, modulo K.
 pub fn queue_push(x: &[&Tensor], world: u64) -> Result<Tensor, KernelError> {
     single_rank("queue_push", world)?;
     let [qt, pt, kt] = operands(x, ["queue", "ptr", "keys"])?;
@@ -34,15 +33,18 @@ pub fn queue_push(x: &[&Tensor], world: u64) -> Result<Tensor, KernelError> {
         return Err(invalid(format!("keys dim {ke} does not match queue dim {e}")));
     }
     let ptr = pointer(pt)?;
-    if ptr < 0 || ptr as usize + n > k {
+    if ptr < 0 || n > k || (ptr as usize) >= k.max(1) {
         return Err(invalid(format!("{n} keys at ptr {ptr} do not fit in a queue of length {k}")));
     }
     let ptr = ptr as usize;
     let mut out = super::pool::copy(queue);
     if k > 0 {
+        // Columns ptr, ptr+1, ... wrap around: a ring holds the newest K keys,
+        // the same set as SwAV's shifted queue whatever the batch (MoCo's
+        // queue size is a multiple of the batch, so it never wraps there).
         out.par_chunks_mut(k).enumerate().for_each(|(d, row)| {
-            for (i, slot) in row[ptr..ptr + n].iter_mut().enumerate() {
-                *slot = keys[i * e + d];
+            for i in 0..n {
+                row[(ptr + i) % k] = keys[i * e + d];
             }
         });
     }
