@@ -84,6 +84,10 @@ impl Case {
         self.training = true;
         self
     }
+    fn atol(mut self, atol: f32) -> Case {
+        self.atol = atol;
+        self
+    }
 }
 
 fn n(shape: &[usize]) -> (Vec<usize>, Dist) {
@@ -294,9 +298,48 @@ fn red(g: &mut Graph, o: ReduceOp, x: ValueId, axes: &[usize], keepdim: bool) ->
     op(g, Op::Reduce { op: o, axes: axes.to_vec(), keepdim }, &[x])
 }
 
+/// tessera: the bicubic-resize matrix buffer (ViT position embeddings for
+/// crops of another size) applied to a [from*from, D] grid of rows.
+fn bicubic(g: &mut Graph, x: ValueId, from: u64, to: u64) -> ValueId {
+    let scale_factor = ((to * to) as f64 / (from * from) as f64).sqrt();
+    let ty = TensorType::f32(consts(&[(to * to) as usize, (from * from) as usize]));
+    let m = g.add_buffer("resize", ty, Init::BicubicResize { from, to, scale_factor }, "t").unwrap();
+    op(g, Op::matmul(), &[m, x])
+}
+
+/// libtorch: VISSL's F.interpolate(grid, scale_factor = sqrt(N_in / N_cfg), mode = "bicubic").
+fn torch_bicubic(x: &TT, from: i64, to: i64) -> TT {
+    let d = x.size()[1];
+    let sf = ((to * to) as f64 / (from * from) as f64).sqrt();
+    let img = x.reshape([1, from, from, d]).permute([0, 3, 1, 2]);
+    let out = img.upsample_bicubic2d([to, to], false, Some(sf), Some(sf));
+    out.permute([0, 2, 3, 1]).reshape([to * to, d])
+}
+
 #[test]
 fn compound_ops_match_libtorch() {
     let cases = vec![
+        Case::new(
+            "bicubic resize 4x4 -> 2x2",
+            vec![n(&[16, 3])],
+            |g, p, _| bicubic(g, p[0], 4, 2),
+            |p, _| torch_bicubic(&p[0], 4, 2),
+        ),
+        Case::new(
+            "bicubic resize 4x4 -> 6x6",
+            vec![n(&[16, 3])],
+            |g, p, _| bicubic(g, p[0], 4, 6),
+            |p, _| torch_bicubic(&p[0], 4, 6),
+        ),
+        Case::new(
+            "bicubic resize 14x14 -> 9x9",
+            vec![n(&[196, 2])],
+            |g, p, _| bicubic(g, p[0], 14, 9),
+            |p, _| torch_bicubic(&p[0], 14, 9),
+        )
+        // One f32 sum of 196 products per element against PyTorch's two
+        // separable passes: rounding near zero differs by ~2e-6.
+        .atol(5e-6),
         Case::new(
             "linear+bias",
             vec![n(&[2, 3, 5]), n(&[4, 5]), n(&[4])],

@@ -65,6 +65,7 @@ pub const NAMES: &[&str] = &[
     "uniform",
     "convit_local",
     "relative_positions_2d",
+    "bicubic_resize",
 ];
 
 /// Names usable without a call: init specs without arguments and dtypes.
@@ -260,6 +261,21 @@ fn dispatch(el: &mut Elab, env: &mut Env, name: &str, a: &mut Args, span: Span) 
             strength: a.f64(el, 0, "strength", None)?,
             locality_dim: positive(el, a.int(el, 1, "locality_dim", None)?, span)?,
         }),
+        "bicubic_resize" => {
+            let from = positive(el, a.int(el, 0, "from", None)?, span)?;
+            let to = positive(el, a.int(el, 1, "to", None)?, span)?;
+            // VISSL passes scale_factor = sqrt(N_in / N_cfg); F.interpolate's
+            // output side is floor(from * scale_factor), which must be `to`.
+            let scale_factor = ((to * to) as f64 / (from * from) as f64).sqrt();
+            let side = (from as f64 * scale_factor).floor() as u64;
+            if side != to {
+                return Err(el.err(
+                    span,
+                    format!("bicubic_resize: scale factor {scale_factor} takes a {from}x{from} grid to {side}x{side}, not {to}x{to}"),
+                ));
+            }
+            init(Init::BicubicResize { from, to, scale_factor })
+        }
         "relative_positions_2d" => init(Init::RelativePositions2d {
             grid: positive(el, a.int(el, 0, "grid", None)?, span)?,
             locality_dim: positive(el, a.int(el, 1, "locality_dim", None)?, span)?,

@@ -234,6 +234,15 @@ pub enum Init {
     },
     /// Standard normal, then each column L2-normalised (MoCo's queue, reference 4.1).
     NormalColumnsNormalized,
+    /// The [to*to, from*from] matrix of PyTorch's bicubic `F.interpolate`
+    /// (A = -0.75, align_corners False, borders clamped) from a `from` x `from`
+    /// grid with `scale_factor` (to `to` x `to`): VISSL's runtime resizing of
+    /// ViT position embeddings for crops of another size (reference 1.6).
+    BicubicResize {
+        from: u64,
+        to: u64,
+        scale_factor: f64,
+    },
 }
 
 impl fmt::Display for Init {
@@ -258,6 +267,9 @@ impl fmt::Display for Init {
                 write!(f, "relative_positions_2d(grid={grid}, locality_dim={locality_dim})")
             }
             Init::NormalColumnsNormalized => write!(f, "normal_columns_normalized"),
+            Init::BicubicResize { from, to, scale_factor } => {
+                write!(f, "bicubic_resize(from={from}, to={to}, scale_factor={scale_factor})")
+            }
         }
     }
 }

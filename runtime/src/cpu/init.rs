@@ -129,6 +129,9 @@ pub fn init_tensor(name: &str, init: &Init, shape: &[usize], dtype: DType, seed:
         Init::RelativePositions2d { grid, locality_dim } => {
             relative_positions(shape, grid as usize, locality_dim as usize)?
         }
+        Init::BicubicResize { from, to, scale_factor } => {
+            bicubic_resize(shape, from as usize, to as usize, scale_factor)?
+        }
         Init::NormalColumnsNormalized => {
             let [_, cols] = shape[..] else {
                 return Err(format!("needs a 2-d [dim, length] shape, got rank {}", shape.len()));
@@ -143,6 +146,39 @@ pub fn init_tensor(name: &str, init: &Init, shape: &[usize], dtype: DType, seed:
         }
     };
     Ok(Tensor { shape: shape.to_vec(), data: Data::F32(data) })
+}
+
+/// PyTorch's bicubic `F.interpolate` (align_corners False, scale_factor
+/// given) from a `from` x `from` grid to `to` x `to` as a matrix on row-major
+/// grid positions: out[(y, x)] = sum A[y, i] A[x, j] in[(i, j)], where row d of
+/// the 1-d matrix A puts the cubic-convolution weights (A = -0.75) of source
+/// coordinate (d + 0.5) / scale_factor - 0.5 on its four neighbours, indices
+/// clamped to the grid (upsample_bicubic2d).
+fn bicubic_resize(shape: &[usize], from: usize, to: usize, scale_factor: f64) -> Result<Vec<f32>, String> {
+    if shape != [to * to, from * from] {
+        return Err(format!("needs [{}, {}], got {shape:?}", to * to, from * from));
+    }
+    const A: f64 = -0.75;
+    let near = |x: f64| ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0;
+    let far = |x: f64| ((A * x - 5.0 * A) * x + 8.0 * A) * x - 4.0 * A;
+    let mut one = vec![0f64; to * from];
+    for d in 0..to {
+        let src = (d as f64 + 0.5) / scale_factor - 0.5;
+        let base = src.floor();
+        let t = src - base;
+        let weights = [far(t + 1.0), near(t), near(1.0 - t), far(2.0 - t)];
+        for (k, w) in weights.iter().enumerate() {
+            let i = (base as i64 - 1 + k as i64).clamp(0, from as i64 - 1) as usize;
+            one[d * from + i] += w;
+        }
+    }
+    let mut m = vec![0f32; to * to * from * from];
+    for (y, x) in (0..to).flat_map(|y| (0..to).map(move |x| (y, x))) {
+        for (i, j) in (0..from).flat_map(|i| (0..from).map(move |j| (i, j))) {
+            m[(y * to + x) * from * from + i * from + j] = (one[y * from + i] * one[x * from + j]) as f32;
+        }
+    }
+    Ok(m)
 }
 
 /// ConViT's local init of `pos_proj.weight` [H, 3 L_d] (reference 2.2): with
