@@ -403,12 +403,10 @@ fn run_with_z(lw: &mut Lowered, z: &[f32], shape: &[usize]) -> BTreeMap<String, 
 }
 
 /// Loss and gradient at temperatures 0.2, 0.1 (the ViT configs') and 0.05.
-/// As of this test's writing this fails at 0.1 and 0.05: tessera's
-/// denominator `sum(sim, 1) - self_sim` subtracts the row's largest term,
-/// exp(1/T), from a float32 sum dominated by it (and the matmul's diagonal
-/// and `self_sim` round differently), where VISSL's negative mask never adds
-/// it. At 0.1 the loss is off by ~1.5e-5 relative and the gradient by ~2e-4
-/// of its largest element; at 0.05 (exp(20)) the loss is NaN.
+/// The row's own similarity, exp(1/T), dominates it: a denominator that
+/// subtracts it from the full row sum (tessera's first version) was off by
+/// 1.5e-5 at T = 0.1 and NaN at 0.05; the loss now leaves it out
+/// (`zero_diagonal`), as VISSL's negative mask does.
 #[test]
 fn simclr_info_nce_loss_matches_libtorch() {
     let mut r = Report::new("simclr");

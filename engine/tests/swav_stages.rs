@@ -19,7 +19,8 @@ use tessera_runtime::cpu::Tensor;
 const B: usize = 8;
 const PROTOS: &str = "heads.0.prototypes0.weight";
 
-/// Two 32x32 crops of B images per batch, crop-major, from a fixed stream.
+/// The quickstart's crops of B images per batch (two 32x32, two 16x16,
+/// crop-major), from a fixed stream.
 fn batches(n: usize) -> Vec<Batch> {
     let mut state = 0x2545_F491_4F6C_DD1Du64;
     let mut rand = move || {
@@ -28,12 +29,11 @@ fn batches(n: usize) -> Vec<Batch> {
         state ^= state << 17;
         (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
     };
+    let mut crops =
+        |side: usize| Tensor::f32(vec![2 * B, 3, side, side], (0..2 * B * 3 * side * side).map(|_| rand()).collect());
     (0..n)
         .map(|_| Batch {
-            images: vec![(
-                "data".into(),
-                Tensor::f32(vec![2 * B, 3, 32, 32], (0..2 * B * 3 * 32 * 32).map(|_| rand()).collect()),
-            )],
+            images: vec![("data.0".into(), crops(32)), ("data.1".into(), crops(16))],
             labels: Labels::Hard(vec![0; B]),
             size: B,
         })

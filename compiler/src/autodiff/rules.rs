@@ -92,6 +92,8 @@ pub(super) fn grads(b: &mut Builder, v: ValueId, xs: &[ValueId], dy: ValueId) ->
         Op::StopGradient | Op::AllReduce { .. } | Op::QueuePush { .. } | Op::QueueAdvance { .. } => {
             vec![None; xs.len()]
         }
+        // The masked entries are constants: their gradient is zero too.
+        Op::ZeroDiagonal { world } => vec![Some(b.op(Op::ZeroDiagonal { world }, &[dy])?)],
         Op::Linear => {
             // y = x W^T + b: dx = dy W, dW = dy^T x (rows flattened), db = sum of dy rows.
             let dx = b.op(Op::matmul(), &[dy, xs[1]])?;

@@ -44,6 +44,7 @@ pub const NAMES: &[&str] = &[
     "expand",
     "stop_gradient",
     "all_gather",
+    "zero_diagonal",
     "all_reduce",
     "queue_push",
     "queue_advance",
@@ -608,6 +609,11 @@ fn tensor_op(el: &mut Elab, env: &mut Env, name: &str, a: &mut Args, span: Span)
             let x = a.tensor(el, 0, "x")?;
             let world = positive(el, a.int(el, 1, "world", None)?, span)?;
             return el.op(env, Op::AllGather { world }, &[x], span);
+        }
+        "zero_diagonal" => {
+            let x = a.tensor(el, 0, "x")?;
+            let world = positive(el, a.int(el, 1, "world", Some(1))?, span)?;
+            return el.op(env, Op::ZeroDiagonal { world }, &[x], span);
         }
         "all_reduce" => {
             let x = a.tensor(el, 0, "x")?;

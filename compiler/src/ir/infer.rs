@@ -58,6 +58,7 @@ pub(crate) fn infer(op: &Op, x: &[&TensorType]) -> Rule {
             Ok(t.clone())
         }
         Op::AllGather { world } => all_gather(x, *world),
+        Op::ZeroDiagonal { world } => zero_diagonal(x, *world),
         Op::AllReduce { op, world } => {
             check_world(*world)?;
             let [t] = exactly(x, ["input"])?;
@@ -581,6 +582,16 @@ fn all_gather(x: &[&TensorType], world: u64) -> Rule {
     Ok(TensorType::new(out, t.dtype))
 }
 
+fn zero_diagonal(x: &[&TensorType], world: u64) -> Rule {
+    check_world(world)?;
+    let t = float_unary(x)?;
+    let [n, k] = t.shape.0[..] else { return Err(format!("x must be [N, N * world], got {t}")) };
+    if n.mul(Dim::Const(world)) != Some(k) {
+        return Err(format!("x must be [N, N * {world}] (rows against every rank's rows), got {t}"));
+    }
+    Ok(t)
+}
+
 fn check_ptr(ptr: &TensorType) -> Result<(), String> {
     if ptr.dtype != DType::I64 || ptr.shape.rank() != 0 {
         return Err(format!("ptr must be an i64 scalar [] i64, got {ptr}"));
@@ -958,6 +969,12 @@ mod tests {
 
     #[test]
     fn collectives() {
+        assert_eq!(ok(Op::ZeroDiagonal { world: 1 }, &[f("2B,2B")]), "[2B,2B] f32");
+        assert_eq!(ok(Op::ZeroDiagonal { world: 4 }, &[f("2B,8B")]), "[2B,8B] f32");
+        assert_eq!(
+            err(Op::ZeroDiagonal { world: 2 }, &[f("B,B")]),
+            "x must be [N, N * 2] (rows against every rank's rows), got [B,B] f32"
+        );
         assert_eq!(ok(Op::AllGather { world: 8 }, &[f("B,256")]), "[8B,256] f32");
         assert_eq!(ok(Op::AllGather { world: 2 }, &[f("3")]), "[6] f32");
         assert_eq!(

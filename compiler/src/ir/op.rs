@@ -180,6 +180,12 @@ pub enum Op {
     AllGather {
         world: u64,
     },
+    /// `x [N, N*world] -> [N, N*world]`: x with this rank's diagonal, (i, r*N + i),
+    /// set to 0: a row's similarity to itself left out of a contrastive
+    /// denominator (VISSL's SimCLR negative mask, reference 4.3).
+    ZeroDiagonal {
+        world: u64,
+    },
     /// Element-wise reduction over `world` ranks; no gradient flows through it.
     AllReduce {
         op: ReduceOp,
@@ -408,6 +414,7 @@ impl Op {
             Op::StopGradient => "stop_gradient",
             Op::AllGather { .. } => "all_gather",
             Op::AllReduce { .. } => "all_reduce",
+            Op::ZeroDiagonal { .. } => "zero_diagonal",
             Op::QueuePush { .. } => "queue_push",
             Op::QueueAdvance { .. } => "queue_advance",
             Op::GeluGrad => "gelu_grad",

@@ -137,7 +137,7 @@ fn attributes(op: &Op) -> Vec<(&'static str, String)> {
         Op::Slice { axis, start, end } => {
             vec![("axis", axis.to_string()), ("start", start.to_string()), ("end", end.to_string())]
         }
-        Op::AllGather { world } | Op::QueuePush { world } | Op::QueueAdvance { world } => {
+        Op::AllGather { world } | Op::ZeroDiagonal { world } | Op::QueuePush { world } | Op::QueueAdvance { world } => {
             vec![("world", world.to_string())]
         }
         Op::AllReduce { op, world } => vec![("op", reduce_name(op).to_string()), ("world", world.to_string())],

@@ -172,7 +172,10 @@ pub fn tessera_to_timm(name: &str, naming: &TimmNaming) -> Option<String> {
 /// Buffers that a model derives from its configuration and that are never
 /// read from (or written to) a weights file.
 pub fn is_derived_buffer(tessera_name: &str) -> bool {
-    tessera_name.ends_with(".rel_indices") || tessera_name == "rel_indices"
+    // ConViT's relative positions; a ViT's position-embedding resize matrix
+    // for crops of another size (`trunk.pos_resize.<side>.matrix`).
+    let resize = tessera_name.ends_with(".matrix") && tessera_name.contains("pos_resize.");
+    tessera_name.ends_with(".rel_indices") || tessera_name == "rel_indices" || resize
 }
 
 /// The GPSA gating parameter: timm's [H] is tessera's `alpha` [1,H,1,1].
