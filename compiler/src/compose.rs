@@ -276,10 +276,7 @@ fn run_model(el: &mut Elab, prog: &Program, m: &ModelDef, images: Images, scope:
             let ts: Vec<ValueId> = feats.iter().map(|f| f[0]).collect();
             let env =
                 crate::elaborate::Env { vars: Default::default(), file: m.trunk.file, scope: join(scope, "trunk") };
-            match el.op(&env, Op::Concat { axis: 0 }, &ts, span)?.v {
-                V::Tensor(t) => vec![t],
-                _ => unreachable!("an op gives a tensor"),
-            }
+            vec![returned_tensor(el.op(&env, Op::Concat { axis: 0 }, &ts, span)?, "concat")?]
         }
         _ => {
             return Err(CompileError::Config(format!(
@@ -335,23 +332,37 @@ fn heads_forward(el: &mut Elab, prog: &Program, heads: &[Vec<HeadSpec>], feats: 
     }
 }
 
-/// A distilled model's prediction: the mean of its class and distillation
-/// heads' outputs, as timm's VisionTransformerDistilled in eval mode
-/// ((x + x_dist) / 2).
-fn distilled_prediction(el: &mut Elab, output: &Val, scope: &str) -> R<ValueId> {
+/// A distilled model's two heads' outputs: (class head, distillation head).
+fn head_pair(output: &Val) -> R<(ValueId, ValueId)> {
     let pair: Option<Vec<ValueId>> = match &output.v {
         V::List(items) => items.iter().map(|i| if let V::Tensor(t) = i.v { Some(t) } else { None }).collect(),
         _ => None,
     };
-    let Some(&[a, b]) = pair.as_deref() else {
-        return Err(CompileError::Config(format!(
+    match pair.as_deref() {
+        Some(&[a, b]) => Ok((a, b)),
+        _ => Err(CompileError::Config(format!(
             "`{DISTILLED}` is True, so the model needs two heads' outputs (class and distillation token), got {}",
             output.type_name()
-        )));
-    };
+        ))),
+    }
+}
+
+/// A distilled model's prediction: the mean of its class and distillation
+/// heads' outputs, as timm's VisionTransformerDistilled in eval mode
+/// ((x + x_dist) / 2).
+fn distilled_prediction(el: &mut Elab, output: &Val, scope: &str) -> R<ValueId> {
+    let (a, b) = head_pair(output)?;
     let ir = |e: crate::ir::IrError| CompileError::Config(format!("{DISTILLED}: {e}"));
     let sum = el.graph.add_op(Op::Binary(crate::ir::BinaryOp::Add), &[a, b], scope).map_err(ir)?;
     el.graph.add_op(Op::Scale { factor: 0.5 }, &[sum], scope).map_err(ir)
+}
+
+/// The tensor a block returned (`what` names the block for the error).
+fn returned_tensor(v: Val, what: &str) -> R<ValueId> {
+    match v.v {
+        V::Tensor(t) => Ok(t),
+        _ => Err(CompileError::Config(format!("{what} must return a tensor, got {}", v.type_name()))),
+    }
 }
 
 /// `LOSS.distillation.type` (none | soft | hard).
@@ -477,19 +488,14 @@ pub fn compile(prog: &Program, cfg: &J) -> R<Compiled> {
     let (loss_input, dist_output) = if distilled {
         let prediction = distilled_prediction(&mut el, &output, "")?;
         el.graph.set_output("output", prediction);
-        let V::List(pair) = &output.v else { unreachable!("distilled_prediction checked the pair") };
-        (pair[0].clone(), Some(pair[1].clone()))
+        let (class_head, dist_head) = head_pair(&output)?;
+        (Val::new(V::Tensor(class_head)), Some(dist_head))
     } else {
         (output, None)
     };
     let span = prog.block(loss).span;
     let l = el.call_block(loss, vec![(loss_input, span)], named, "loss".to_string(), None)?;
-    let mut l = match l.v {
-        V::Tensor(t) => t,
-        _ => {
-            return Err(CompileError::Config(format!("loss `{loss_name}` must return a tensor, got {}", l.type_name())))
-        }
-    };
+    let mut l = returned_tensor(l, &format!("loss `{loss_name}`"))?;
     if let (Some(tcfg), Some(dist)) = (&teacher_cfg, dist_output) {
         // DeiT's DistillationLoss: (1 - alpha) base + alpha distillation term.
         let [x] = data[..] else {
@@ -497,11 +503,9 @@ pub fn compile(prog: &Program, cfg: &J) -> R<Compiled> {
         };
         let teacher = teacher_logits(&mut el, prog, tcfg, x)?;
         let block = library_block(prog, "models/losses/distillation.tsr", "deit_distillation")?;
-        let args = [V::Tensor(l), dist.v, V::Tensor(teacher)].map(|v| (Val::new(v), prog.block(block).span));
-        match el.call_block(block, args.into(), vec![], "loss".to_string(), None)?.v {
-            V::Tensor(t) => l = t,
-            _ => unreachable!("deit_distillation returns a tensor"),
-        }
+        let args = [l, dist, teacher].map(|t| (Val::new(V::Tensor(t)), prog.block(block).span));
+        let total = el.call_block(block, args.into(), vec![], "loss".to_string(), None)?;
+        l = returned_tensor(total, "deit_distillation")?;
     }
     el.graph.set_output("loss", l);
     freeze(&mut el.graph, cfg)?;
