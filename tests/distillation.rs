@@ -1,7 +1,9 @@
 //! DeiT's distillation through attention, end to end: a tiny distilled
 //! student trains through `tessera train` with a tiny teacher whose weights
 //! come from a file (tessera and timm names), the teacher's buffers stay as
-//! loaded, and config mistakes are errors that name the key or file.
+//! loaded, and config mistakes are errors that name the key or file; the
+//! eval prediction is the mean of the two heads; the full-size timm config
+//! runs under `tessera infer`.
 //! The numbers themselves (losses, gradients, timm's eval forward) are
 //! checked against libtorch in `tests/torch_parity_distillation.rs`.
 
@@ -245,4 +247,70 @@ fn the_prediction_averages_the_heads_and_none_trains_the_class_head_only() {
     // The distillation token still reaches the class token through attention.
     assert!(out.contains_key("grad.heads.0.clf.0.weight") && out.contains_key("grad.trunk.dist_token"));
     assert!(!out.contains_key("grad.heads.1.clf.0.weight"), "the distillation head gets no gradient with type none");
+}
+
+/// Writes the seed-`seed` initial weights of `config_name`'s model in
+/// `format`'s names and an input batch; returns (weights, input) paths.
+fn weights_and_input(dir: &Path, config_name: &str, format: WeightsFormat, size: usize) -> (PathBuf, PathBuf) {
+    let cfg = config::load(config_name, &["LOSS.distillation.type=none".into()]).unwrap();
+    let (plan, _) = inference_plan(&Program::load(&[]).unwrap(), cfg.tree(), 1, false).unwrap();
+    let names = model_tensors(&plan);
+    let ex = CpuExecutor::new(plan, 9).unwrap();
+    let weights: Vec<NamedTensor> = names
+        .iter()
+        .map(|(n, shape)| NamedTensor::new(n, shape.clone(), ex.state(n).unwrap().as_f32().unwrap().to_vec()))
+        .collect();
+    let (w, x) = (dir.join("w.safetensors"), dir.join("x.safetensors"));
+    write_safetensors(&w, &export(&weights, format), &Default::default()).unwrap();
+    let input: Vec<f32> = (0..3 * size * size).map(|i| ((i * 31 % 97) as f32 / 48.0) - 1.0).collect();
+    write_safetensors(&x, &[NamedTensor::new("input", vec![1, 3, size, size], input)], &Default::default()).unwrap();
+    (w, x)
+}
+
+/// The timm config runs under `tessera infer` with timm-named weights of the
+/// real size (12 blocks, 192 wide, 1000 classes): `logits` is the mean of
+/// `logits.0` and `logits.1`.
+#[test]
+fn the_timm_deit_tiny_distilled_config_runs_under_tessera_infer() {
+    let dir = tmpdir("timm-config");
+    let name = "timm/deit_tiny_distilled_patch16_224";
+    let (w, x) = weights_and_input(&dir, name, WeightsFormat::Timm, 224);
+    assert!(read_safetensors(&w).unwrap().iter().any(|t| t.name == "head_dist.weight" && t.shape == [1000, 192]));
+    let y = dir.join("y.safetensors");
+    let args = ["infer", &format!("config={name}"), "--weights-format", "timm", "--weights"];
+    let mut a: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    a.extend([w.display().to_string(), "--input".into(), x.display().to_string(), "--output".into()]);
+    a.push(y.display().to_string());
+    let o = tessera(&a);
+    assert!(o.status.success(), "{}", text(&o));
+    let got: std::collections::BTreeMap<String, NamedTensor> =
+        read_safetensors(&y).unwrap().into_iter().map(|t| (t.name.clone(), t)).collect();
+    assert_eq!(got["logits"].shape, [1, 1000]);
+    let mean: Vec<f32> = got["logits.0"].data.iter().zip(&got["logits.1"].data).map(|(a, b)| (a + b) * 0.5).collect();
+    assert_eq!(got["logits"].data, mean);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `tessera infer --target` has no teacher weights, so a distillation loss is refused with a way out.
+#[test]
+fn infer_with_targets_refuses_a_distillation_loss() {
+    let dir = tmpdir("infer-target");
+    let (w, x) = weights_and_input(&dir, "quickstart/deit_tiny_distilled", WeightsFormat::Tessera, 32);
+    let t = dir.join("t.safetensors");
+    write_safetensors(&t, &[NamedTensor::new("target", vec![1], vec![3.0])], &Default::default()).unwrap();
+    let mut a: Vec<String> = ["infer", "config=quickstart/deit_tiny_distilled", "--weights"].map(String::from).into();
+    for (flag, p) in [("", &w), ("--input", &x), ("--target", &t), ("--output", &dir.join("y.safetensors"))] {
+        if !flag.is_empty() {
+            a.push(flag.into());
+        }
+        a.push(p.display().to_string());
+    }
+    let o = tessera(&a);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("add LOSS.distillation.type=none"), "{}", text(&o));
+    // With the suggested override, the class head's loss is computed.
+    a.insert(2, "LOSS.distillation.type=none".into());
+    let o = tessera(&a);
+    assert!(o.status.success(), "{}", text(&o));
+    std::fs::remove_dir_all(&dir).unwrap();
 }
