@@ -6,7 +6,8 @@
 //!   model that reads the timm names directly (tests/oracle/models.rs);
 //! - the soft and hard distillation losses, with the teacher in the graph,
 //!   and every student gradient equal libtorch's (F.kl_div with log_target,
-//!   sum, times tau^2 / numel; cross-entropy to the teacher's argmax).
+//!   sum, times tau^2 / numel; cross-entropy to the teacher's argmax), with a
+//!   ViT and a ConViT teacher.
 //!
 //! Run: `eval "$(./scripts/setup-libtorch.sh)" && cargo test --release --features torch-oracle --test torch_parity_distillation -- --nocapture`
 #![cfg(feature = "torch-oracle")]
@@ -144,7 +145,7 @@ fn timm_distilled_weights_through_tessera_infer_give_timms_eval_output() {
 
 /// Compiles the student with `overrides`, perturbs its parameters and the
 /// teacher's buffers, runs loss and gradients in eval mode, and compares
-/// them with libtorch: student and teacher (quickstart/deit_tiny) eager,
+/// them with libtorch: student and teacher (its teacher_config) eager,
 /// DeiT's DistillationLoss written with torch's own functions.
 fn compare_distillation(overrides: &[&str], soft_labels: bool) {
     let ov: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
@@ -155,7 +156,9 @@ fn compare_distillation(overrides: &[&str], soft_labels: bool) {
     let params: Vec<String> = compiled.graph.params().iter().map(|(_, n, _)| n.to_string()).collect();
     let teacher: Vec<String> = ex.state_names().into_iter().filter(|n| n.starts_with("loss.teacher.")).collect();
     assert!(!teacher.is_empty(), "the teacher is in the graph");
-    for (i, name) in params.iter().chain(&teacher).enumerate() {
+    // ConViT's rel_indices is derived from the token grid (never loaded), so it stays as built.
+    let weights = teacher.iter().filter(|n| !n.ends_with(".rel_indices"));
+    for (i, name) in params.iter().chain(weights).enumerate() {
         let t = ex.state(name).unwrap().clone();
         let noise = normal_values(900 + i as u64, t.numel());
         let v: Vec<f32> = t.as_f32().unwrap().iter().zip(&noise).map(|(x, n)| x + 0.1 * n).collect();
@@ -182,7 +185,8 @@ fn compare_distillation(overrides: &[&str], soft_labels: bool) {
         teacher.iter().map(|n| (n.strip_prefix("loss.teacher.").unwrap().to_string(), from_state(n, false))).collect(),
     );
     let spec = ModelSpec::from_config(cfg.tree());
-    let teacher_cfg = config::load("quickstart/deit_tiny", &[]).unwrap();
+    let teacher_name = cfg.tree().pointer("/LOSS/distillation/teacher_config").and_then(|v| v.as_str()).unwrap();
+    let teacher_cfg = config::load(teacher_name, &[]).unwrap();
     let teacher_logits = models::forward(&ModelSpec::from_config(teacher_cfg.tree()), &teacher_params, &data_t);
     let (cls, dist) = models::forward_distilled(&spec, &student, &data_t);
     let get = |k: &str| cfg.tree().pointer(&format!("/LOSS/distillation/{k}")).cloned().unwrap();
@@ -239,5 +243,18 @@ fn soft_distillation_loss_and_gradients_match_libtorch() {
 #[test]
 fn hard_distillation_loss_and_gradients_match_libtorch() {
     let ov = ["LOSS.distillation.alpha=0.7", "DATA.TRAIN.COLLATE_FUNCTION=default_collate"];
+    compare_distillation(&ov, false);
+}
+
+/// A ConViT teacher (gated positional attention, its own config's
+/// defaults), with the soft term, which depends on every teacher logit.
+#[test]
+fn soft_distillation_from_a_convit_teacher_matches_libtorch() {
+    let ov = [
+        "LOSS.distillation.type=soft",
+        "LOSS.distillation.tau=2.0",
+        "LOSS.distillation.teacher_config=quickstart/convit_tiny",
+        "DATA.TRAIN.COLLATE_FUNCTION=default_collate",
+    ];
     compare_distillation(&ov, false);
 }
