@@ -49,6 +49,12 @@ pub fn run(
     let prog = Program::load(&[]).map_err(|e| anyhow!("{e}"))?;
     let (plan, _) = inference_plan(&prog, cfg.tree(), batch, target.is_some()).map_err(|e| anyhow!("{e}"))?;
     let expected = model_tensors(&plan);
+    let has_teacher = plan.values.iter().any(
+        |v| matches!(&v.source, tessera_compiler::plan::Source::Buffer { name, .. } if name.starts_with("loss.teacher.")),
+    );
+    if has_teacher {
+        bail!("`tessera infer --target` does not load a distillation teacher, so it cannot compute this loss: add LOSS.distillation.type=none for the class head's loss alone");
+    }
 
     let file = read_safetensors(weights)?;
     let names: Vec<&str> = file.iter().map(|t| t.name.as_str()).collect();

@@ -12,9 +12,10 @@ use tessera_compiler::plan::{Plan, Source};
 use tessera_compiler::{autodiff, compile};
 use tessera_runtime::cpu::{CpuExecutor, Tensor};
 
-const MODELS: [&str; 7] = [
+const MODELS: [&str; 8] = [
     "quickstart/vit_tiny",
     "quickstart/deit_tiny",
+    "quickstart/deit_tiny_distilled",
     "quickstart/convit_tiny",
     "quickstart/moco_vit_tiny",
     "quickstart/simclr_vit_tiny",

@@ -17,7 +17,7 @@ mod models;
 mod oracle;
 
 use models::{labels, normal_values, soft_targets, ModelSpec, Params};
-use oracle::{tensor_from, to_vec};
+use oracle::{rel_err, tensor_from, to_vec};
 use std::collections::{BTreeMap, BTreeSet};
 use tch::Tensor as TT;
 use tessera_compiler::autodiff::{Optimizer, StepOptions};
@@ -29,20 +29,6 @@ use tessera_runtime::cpu::{CpuExecutor, Tensor};
 /// The bound on max |tessera - torch| / max |torch| of every compared tensor.
 const MAX_REL: f64 = 1e-4;
 const BATCH: usize = 4;
-
-/// max |a - e| / max |e| (0 when both are all zeros; infinite when only `e` is).
-fn rel_err(a: &[f32], e: &[f32]) -> f64 {
-    assert_eq!(a.len(), e.len());
-    let diff = a.iter().zip(e).map(|(x, y)| (*x as f64 - *y as f64).abs()).fold(0.0, f64::max);
-    let scale = e.iter().map(|y| (*y as f64).abs()).fold(0.0, f64::max);
-    if diff == 0.0 {
-        0.0
-    } else if scale == 0.0 || !diff.is_finite() {
-        f64::INFINITY
-    } else {
-        diff / scale
-    }
-}
 
 #[derive(Clone, Copy, PartialEq)]
 enum Targets {

@@ -195,27 +195,257 @@ fn check_config(cfg: &J, loss: &str) -> R<()> {
     Ok(())
 }
 
+/// A model that the graph runs: its trunk and heads (the online model, MoCo's
+/// momentum encoder, a distillation teacher).
+struct ModelDef {
+    trunk_name: String,
+    trunk: BlockRef,
+    heads: Vec<Vec<HeadSpec>>,
+}
+
+/// The trunk and heads named by `cfg` (`MODEL.TRUNK.NAME`, `MODEL.HEAD.PARAMS`).
+fn model_def(prog: &Program, cfg: &J) -> R<ModelDef> {
+    let trunk_name = get_str(cfg, "MODEL.TRUNK.NAME")?;
+    let trunk = registered(prog, BlockKind::Trunk, &trunk_name, "MODEL.TRUNK.NAME")?;
+    Ok(ModelDef { trunk_name, trunk, heads: head_specs(cfg)? })
+}
+
+fn registered(prog: &Program, kind: BlockKind, name: &str, key: &str) -> R<BlockRef> {
+    prog.registered(kind, name).ok_or_else(|| {
+        let names = prog.registered_names(kind);
+        CompileError::Config(format!(
+            "`{key}` is `{name}`, which is not a known {}{}; known: {}",
+            kind.keyword(),
+            did_you_mean(name, &names),
+            names.join(", ")
+        ))
+    })
+}
+
+/// `MODEL.TRUNK.VISION_TRANSFORMERS.DISTILLED`: a DeiT trunk with a distillation token.
+fn is_distilled(cfg: &J) -> bool {
+    get(cfg, DISTILLED) == Some(&J::Bool(true))
+}
+
+const DISTILLED: &str = "MODEL.TRUNK.VISION_TRANSFORMERS.DISTILLED";
+const IMAGE_SIZE: &str = "MODEL.TRUNK.VISION_TRANSFORMERS.IMAGE_SIZE";
+
+/// The images a model runs on: new inputs, one per crop group (`prefix`, or
+/// `prefix.i` with several), or an input that exists already.
+enum Images<'g> {
+    New { groups: &'g [(u64, u64)], prefix: &'g str },
+    Given(ValueId),
+}
+
+/// A model's result: its image inputs, the trunk's first feature, the heads' output.
+struct ModelOut {
+    inputs: Vec<ValueId>,
+    trunk_out: ValueId,
+    output: Val,
+}
+
+/// The trunk on each input (one per crop resolution, sharing weights; their
+/// features concatenated along the batch), then the heads.
+fn run_model(el: &mut Elab, prog: &Program, m: &ModelDef, images: Images, scope: &str) -> R<ModelOut> {
+    let span = prog.block(m.trunk).span;
+    let count = match images {
+        Images::New { groups, .. } => groups.len(),
+        Images::Given(_) => 1,
+    };
+    let (mut inputs, mut feats) = (Vec::new(), Vec::new());
+    for i in 0..count {
+        let x = match images {
+            Images::New { groups, prefix } => {
+                let (size, copies) = groups[i];
+                let name = if groups.len() == 1 { prefix.to_string() } else { format!("{prefix}.{i}") };
+                let shape = Shape(vec![Dim::Batch(copies), Dim::Const(3), Dim::Const(size), Dim::Const(size)]);
+                el.graph.add_input(&name, shape, DType::F32).map_err(|e| CompileError::Config(e.to_string()))?
+            }
+            Images::Given(x) => x,
+        };
+        inputs.push(x);
+        // A trunk run once per crop resolution shares its weights.
+        el.share_state = i > 0;
+        let f = el.call_block(m.trunk, vec![(Val::new(V::Tensor(x)), span)], vec![], join(scope, "trunk"), None);
+        el.share_state = false;
+        feats.push(features(f?, &m.trunk_name)?);
+    }
+    let features = match feats.as_slice() {
+        [one] => one.clone(),
+        _ if feats.iter().all(|f| f.len() == 1) => {
+            let ts: Vec<ValueId> = feats.iter().map(|f| f[0]).collect();
+            let env =
+                crate::elaborate::Env { vars: Default::default(), file: m.trunk.file, scope: join(scope, "trunk") };
+            vec![returned_tensor(el.op(&env, Op::Concat { axis: 0 }, &ts, span)?, "concat")?]
+        }
+        _ => {
+            return Err(CompileError::Config(format!(
+                "trunk `{}` returns several features, which tessera cannot combine over several crop resolutions",
+                m.trunk_name
+            )))
+        }
+    };
+    let output = heads_forward(el, prog, &m.heads, &features, scope)?;
+    Ok(ModelOut { inputs, trunk_out: features[0], output })
+}
+
+/// A trunk's result as its features: one tensor, or a list of tensors.
+fn features(v: Val, trunk_name: &str) -> R<Vec<ValueId>> {
+    let bad = |v: &Val| {
+        CompileError::Config(format!(
+            "trunk `{trunk_name}` must return a tensor or a list of tensors, got {}",
+            v.type_name()
+        ))
+    };
+    match &v.v {
+        V::Tensor(t) => Ok(vec![*t]),
+        V::List(items) if !items.is_empty() => {
+            items.iter().map(|it| if let V::Tensor(t) = it.v { Ok(t) } else { Err(bad(it)) }).collect()
+        }
+        _ => Err(bad(&v)),
+    }
+}
+
+/// VISSL's `heads_forward` (reference 3.1): as many trunk features as heads,
+/// head i gets feature i and the output is the list of the heads' outputs;
+/// one feature goes through the heads in sequence; anything else is an error.
+fn heads_forward(el: &mut Elab, prog: &Program, heads: &[Vec<HeadSpec>], feats: &[ValueId], scope: &str) -> R<Val> {
+    let tensor = |t: ValueId| Val::new(V::Tensor(t));
+    let chain = |el: &mut Elab, i: usize, mut x: Val| -> R<Val> {
+        for (j, spec) in heads[i].iter().enumerate() {
+            let hscope = if heads[i].len() == 1 { format!("heads.{i}") } else { format!("heads.{i}.{j}") };
+            x = apply_head(el, prog, spec, x, &join(scope, &hscope))?;
+        }
+        Ok(x)
+    };
+    match feats {
+        [one] => (0..heads.len()).try_fold(tensor(*one), |x, i| chain(el, i, x)),
+        _ if feats.len() == heads.len() => {
+            let outs = feats.iter().enumerate().map(|(i, f)| chain(el, i, tensor(*f))).collect::<R<Vec<_>>>()?;
+            Ok(Val::list(outs))
+        }
+        _ => Err(CompileError::Config(format!(
+            "the trunk returns {} features but `MODEL.HEAD.PARAMS` has {} heads: head i takes feature i when the counts are equal, or the heads run in sequence on a single feature (VISSL's heads_forward)",
+            feats.len(),
+            heads.len()
+        ))),
+    }
+}
+
+/// A distilled model's two heads' outputs: (class head, distillation head).
+fn head_pair(output: &Val) -> R<(ValueId, ValueId)> {
+    let pair: Option<Vec<ValueId>> = match &output.v {
+        V::List(items) => items.iter().map(|i| if let V::Tensor(t) = i.v { Some(t) } else { None }).collect(),
+        _ => None,
+    };
+    match pair.as_deref() {
+        Some(&[a, b]) => Ok((a, b)),
+        _ => Err(CompileError::Config(format!(
+            "`{DISTILLED}` is True, so the model needs two heads' outputs (class and distillation token), got {}",
+            output.type_name()
+        ))),
+    }
+}
+
+/// A distilled model's prediction: the mean of its class and distillation
+/// heads' outputs, as timm's VisionTransformerDistilled in eval mode
+/// ((x + x_dist) / 2).
+fn distilled_prediction(el: &mut Elab, output: &Val, scope: &str) -> R<ValueId> {
+    let (a, b) = head_pair(output)?;
+    let ir = |e: crate::ir::IrError| CompileError::Config(format!("{DISTILLED}: {e}"));
+    let sum = el.graph.add_op(Op::Binary(crate::ir::BinaryOp::Add), &[a, b], scope).map_err(ir)?;
+    el.graph.add_op(Op::Scale { factor: 0.5 }, &[sum], scope).map_err(ir)
+}
+
+/// The tensor a block returned (`what` names the block for the error).
+fn returned_tensor(v: Val, what: &str) -> R<ValueId> {
+    match v.v {
+        V::Tensor(t) => Ok(t),
+        _ => Err(CompileError::Config(format!("{what} must return a tensor, got {}", v.type_name()))),
+    }
+}
+
+/// `LOSS.distillation.type` (none | soft | hard).
+fn distillation_kind(cfg: &J, distilled: bool) -> R<String> {
+    let key = "LOSS.distillation.type";
+    let kind = get_str(cfg, key)?;
+    match kind.as_str() {
+        "none" => Ok(kind),
+        "soft" | "hard" if distilled => Ok(kind),
+        "soft" | "hard" => Err(CompileError::Config(format!(
+            "`{key}` is {kind}, which trains a distillation head: set `{DISTILLED}: True` (and give MODEL.HEAD.PARAMS a second head)"
+        ))),
+        _ => Err(CompileError::Config(format!("`{key}` must be none, soft or hard, got `{kind}`"))),
+    }
+}
+
+/// The teacher's config tree (`LOSS.distillation.teacher_config`), checked
+/// against the student: the teacher reads the student's batch.
+fn teacher_config(cfg: &J) -> R<J> {
+    let key = "LOSS.distillation.teacher_config";
+    let name = get_str(cfg, key)?;
+    if name.is_empty() {
+        return Err(CompileError::Config(format!(
+            "`{key}` is empty: soft and hard distillation need a teacher (a config name or path)"
+        )));
+    }
+    let teacher = crate::config::load(&name, &[])
+        .map_err(|e| CompileError::Config(format!("`{key}` is `{name}`, which cannot be loaded: {e}")))?;
+    let tree = teacher.tree().clone();
+    let (student_size, teacher_size) = (get_u64(cfg, IMAGE_SIZE)?, get_u64(&tree, IMAGE_SIZE)?);
+    if student_size != teacher_size {
+        return Err(CompileError::Config(format!(
+            "the teacher's `{IMAGE_SIZE}` is {teacher_size} (in `{key}` `{name}`) but the student's `{IMAGE_SIZE}` is {student_size}: the teacher sees the student's images, so the two must be equal"
+        )));
+    }
+    Ok(tree)
+}
+
+/// The teacher's logits on `x`: its trunk and heads in eval mode, with
+/// weights as buffers under `loss.teacher` (no gradient; loaded by the
+/// engine from LOSS.distillation.teacher_weights).
+fn teacher_logits<'a>(el: &mut Elab<'a>, prog: &Program, tcfg: &'a J, x: ValueId) -> R<ValueId> {
+    let within = |e: CompileError| match e {
+        CompileError::Config(m) => {
+            CompileError::Config(format!("in the teacher (LOSS.distillation.teacher_config): {m}"))
+        }
+        d => d,
+    };
+    let def = model_def(prog, tcfg).map_err(within)?;
+    // The teacher's blocks read their defaults (`cfg.…`) from its own config.
+    let student_cfg = std::mem::replace(&mut el.cfg, tcfg);
+    (el.params_as_buffers, el.eval_mode) = (true, true);
+    let result = run_model(el, prog, &def, Images::Given(x), "loss.teacher");
+    (el.params_as_buffers, el.eval_mode) = (false, false);
+    el.cfg = student_cfg;
+    let out = result.map_err(within)?.output;
+    match out.v {
+        V::Tensor(t) => Ok(t),
+        V::List(_) if is_distilled(tcfg) => distilled_prediction(el, &out, "loss.teacher").map_err(within),
+        _ => Err(CompileError::Config(format!(
+            "the teacher (LOSS.distillation.teacher_config) must output one logits tensor, its heads give a {}",
+            out.type_name()
+        ))),
+    }
+}
+
 /// Compiles the forward + loss graph of the experiment `cfg` (the resolved
 /// `config` tree) with the model files of `prog`.
 pub fn compile(prog: &Program, cfg: &J) -> R<Compiled> {
-    let trunk_name = get_str(cfg, "MODEL.TRUNK.NAME")?;
     let loss_name = get_str(cfg, "LOSS.name")?;
     check_config(cfg, &loss_name)?;
-    let registered = |kind: BlockKind, name: &str, key: &str| -> R<BlockRef> {
-        prog.registered(kind, name).ok_or_else(|| {
-            let names = prog.registered_names(kind);
-            CompileError::Config(format!(
-                "`{key}` is `{name}`, which is not a known {}{}; known: {}",
-                kind.keyword(),
-                did_you_mean(name, &names),
-                names.join(", ")
-            ))
-        })
-    };
-    let trunk = registered(BlockKind::Trunk, &trunk_name, "MODEL.TRUNK.NAME")?;
-    let loss = registered(BlockKind::Loss, &loss_name, "LOSS.name")?;
-    let heads = head_specs(cfg)?;
-    let image_size = get_u64(cfg, "MODEL.TRUNK.VISION_TRANSFORMERS.IMAGE_SIZE")?;
+    let online = model_def(prog, cfg)?;
+    let loss = registered(prog, BlockKind::Loss, &loss_name, "LOSS.name")?;
+    let distilled = is_distilled(cfg);
+    if distilled && online.trunk_name != "vision_transformer" {
+        return Err(CompileError::Config(format!(
+            "`{DISTILLED}` is True, but only the vision_transformer trunk has a distillation token (`MODEL.TRUNK.NAME` is `{}`)",
+            online.trunk_name
+        )));
+    }
+    let kind = distillation_kind(cfg, distilled)?;
+    let teacher_cfg = if kind == "none" { None } else { Some(teacher_config(cfg)?) };
+    let image_size = get_u64(cfg, IMAGE_SIZE)?;
     let groups = match loss_name.as_str() {
         "swav_loss" => crop_groups(cfg, image_size)?,
         // The two views are stacked view-major (simclr_collator, reference 4.3).
@@ -226,43 +456,8 @@ pub fn compile(prog: &Program, cfg: &J) -> R<Compiled> {
 
     let mut el = Elab::new(prog, cfg);
     let images_per_sample: u64 = groups.iter().map(|g| g.1).sum();
-    let model = |el: &mut Elab, input_prefix: &str, scope: &str| -> R<(ValueId, Val)> {
-        let mut feats = Vec::new();
-        for (i, (size, count)) in groups.iter().enumerate() {
-            let name = if groups.len() == 1 { input_prefix.to_string() } else { format!("{input_prefix}.{i}") };
-            let shape = Shape(vec![Dim::Batch(*count), Dim::Const(3), Dim::Const(*size), Dim::Const(*size)]);
-            let x = el.graph.add_input(&name, shape, DType::F32).map_err(|e| CompileError::Config(e.to_string()))?;
-            // A trunk run once per crop resolution shares its weights.
-            el.share_state = i > 0;
-            let span = prog.block(trunk).span;
-            let f = el.call_block(trunk, vec![(Val::new(V::Tensor(x)), span)], vec![], join(scope, "trunk"), None)?;
-            el.share_state = false;
-            feats.push(f);
-        }
-        let feat = if feats.len() == 1 {
-            feats.pop().expect("one feature")
-        } else {
-            let ts: Vec<ValueId> =
-                feats.iter().filter_map(|f| if let V::Tensor(t) = f.v { Some(t) } else { None }).collect();
-            let env = crate::elaborate::Env { vars: Default::default(), file: trunk.file, scope: join(scope, "trunk") };
-            el.op(&env, crate::ir::Op::Concat { axis: 0 }, &ts, prog.block(trunk).span)?
-        };
-        let V::Tensor(trunk_out) = feat.v else {
-            return Err(CompileError::Config(format!(
-                "trunk `{trunk_name}` must return one tensor, got {}",
-                feat.type_name()
-            )));
-        };
-        let mut x = feat;
-        for (i, chain) in heads.iter().enumerate() {
-            for (j, spec) in chain.iter().enumerate() {
-                let hscope = if chain.len() == 1 { format!("heads.{i}") } else { format!("heads.{i}.{j}") };
-                x = apply_head(el, prog, spec, x, &join(scope, &hscope))?;
-            }
-        }
-        Ok((trunk_out, x))
-    };
-    let (trunk_out, output) = model(&mut el, "data", "")?;
+    let ModelOut { inputs: data, trunk_out, output } =
+        run_model(&mut el, prog, &online, Images::New { groups: &groups, prefix: "data" }, "")?;
     let trunk_output = el.graph.ty(trunk_out).shape.clone();
 
     let mut named = Vec::new();
@@ -278,7 +473,8 @@ pub fn compile(prog: &Program, cfg: &J) -> R<Compiled> {
             .map_err(|e| CompileError::Config(e.to_string()))?;
         el.params_as_buffers = true;
         el.ema = Some((m, "loss.moco_encoder.".to_string()));
-        let (_, keys) = model(&mut el, "data_momentum", "loss.moco_encoder")?;
+        let momentum = Images::New { groups: &groups, prefix: "data_momentum" };
+        let keys = run_model(&mut el, prog, &online, momentum, "loss.moco_encoder")?.output;
         el.params_as_buffers = false;
         el.ema = None;
         named.push(("keys".to_string(), keys, prog.block(loss).span));
@@ -292,17 +488,34 @@ pub fn compile(prog: &Program, cfg: &J) -> R<Compiled> {
         named.push(("prototypes".to_string(), Val::list(list), prog.block(loss).span));
     }
     set_outputs(&mut el.graph, "output", &output);
+    // A distilled model predicts with both heads; its loss sees each head on its own.
+    let (loss_input, dist_output) = if distilled {
+        let prediction = distilled_prediction(&mut el, &output, "")?;
+        el.graph.set_output("output", prediction);
+        let (class_head, dist_head) = head_pair(&output)?;
+        (Val::new(V::Tensor(class_head)), Some(dist_head))
+    } else {
+        (output, None)
+    };
     let span = prog.block(loss).span;
-    let l = el.call_block(loss, vec![(output, span)], named, "loss".to_string(), None)?;
-    match l.v {
-        V::Tensor(t) => el.graph.set_output("loss", t),
-        _ => {
-            return Err(CompileError::Config(format!("loss `{loss_name}` must return a tensor, got {}", l.type_name())))
-        }
+    let l = el.call_block(loss, vec![(loss_input, span)], named, "loss".to_string(), None)?;
+    let mut l = returned_tensor(l, &format!("loss `{loss_name}`"))?;
+    if let (Some(tcfg), Some(dist)) = (&teacher_cfg, dist_output) {
+        // DeiT's DistillationLoss: (1 - alpha) base + alpha distillation term.
+        let [x] = data[..] else {
+            return Err(CompileError::Config("distillation needs a single image input (no multi-crop)".to_string()));
+        };
+        let teacher = teacher_logits(&mut el, prog, tcfg, x)?;
+        let block = library_block(prog, "models/losses/distillation.tsr", "deit_distillation")?;
+        let args = [l, dist, teacher].map(|t| (Val::new(V::Tensor(t)), prog.block(block).span));
+        let total = el.call_block(block, args.into(), vec![], "loss".to_string(), None)?;
+        l = returned_tensor(total, "deit_distillation")?;
     }
+    el.graph.set_output("loss", l);
     freeze(&mut el.graph, cfg)?;
     el.graph.verify().map_err(|e| CompileError::Config(format!("internal error, the IR does not verify: {e}")))?;
-    let composition = Composition { trunk: trunk_name, heads, loss: loss_name, images_per_sample, trunk_output };
+    let composition =
+        Composition { trunk: online.trunk_name, heads: online.heads, loss: loss_name, images_per_sample, trunk_output };
     let param_groups = param_groups(&el.graph, cfg);
     Ok(Compiled { graph: el.graph, composition, param_groups })
 }
@@ -321,6 +534,14 @@ pub fn prototypes(g: &Graph) -> Vec<ValueId> {
         .collect();
     found.sort();
     found.into_iter().map(|(_, v)| v).collect()
+}
+
+/// A block of one of the embedded model files (not registered by name).
+fn library_block(prog: &Program, file: &str, name: &str) -> R<BlockRef> {
+    prog.map
+        .find(file)
+        .and_then(|f| prog.lookup(f, name))
+        .ok_or_else(|| CompileError::Config(format!("internal error: no block `{name}` in {file}")))
 }
 
 /// `MODEL.NON_TRAINABLE_PARAMS`: exact parameter names (DDP's `module.` prefix

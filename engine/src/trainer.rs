@@ -29,7 +29,9 @@ use tessera_compiler::param_groups::ParamGroup;
 use tessera_compiler::pipeline::{inference_plan, training_plan};
 use tessera_compiler::plan::Source;
 use tessera_runtime::cpu::{CpuExecutor, Data, Tensor};
-use tessera_runtime::weights::{detect_format, match_weights_with, model_tensors, MatchOptions, NamedTensor};
+use tessera_runtime::weights::{
+    detect_format, load_weights, match_weights_with, model_tensors, MatchOptions, NamedTensor, WeightsFormat,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -362,13 +364,7 @@ fn weights_init(ex: &mut CpuExecutor, cfg: &Value, log: &mut RunLog) -> Result<(
     let matched = match_weights_with(&expected, tensors, format, options)
         .map_err(|e| EngineError::Config(format!("MODEL.WEIGHTS_INIT.PARAMS_FILE {file}: {e}")))?;
     let loaded = matched.tensors.len();
-    for t in matched.tensors {
-        let value = match ex.state(&t.name).map(|s| &s.data) {
-            Some(Data::I64(_)) => Tensor::i64(t.shape.clone(), t.data.iter().map(|&v| v as i64).collect()),
-            _ => Tensor::f32(t.shape.clone(), t.data),
-        };
-        ex.set_state(&t.name, value).map_err(|e| EngineError::Config(format!("MODEL.WEIGHTS_INIT: {e}")))?;
-    }
+    set_loaded(ex, matched.tensors, "", "MODEL.WEIGHTS_INIT")?;
     log.info(&format!(
         "initialised {loaded} tensors from {file} ({skipped} skipped by SKIP_LAYERS, {} not in the file, {} unused)",
         matched.missing.len(),
@@ -377,6 +373,59 @@ fn weights_init(ex: &mut CpuExecutor, cfg: &Value, log: &mut RunLog) -> Result<(
     if !matched.missing.is_empty() {
         log.info(&format!("  kept their initial values: {}", matched.missing.join(", ")));
     }
+    Ok(())
+}
+
+/// Puts tensors read from a file into the model's state as `{prefix}{name}`
+/// (integer buffers, such as BatchNorm's counter, come back from files as f32).
+fn set_loaded(ex: &mut CpuExecutor, tensors: Vec<NamedTensor>, prefix: &str, key: &str) -> Result<(), EngineError> {
+    for t in tensors {
+        let name = format!("{prefix}{}", t.name);
+        let value = match ex.state(&name).map(|s| &s.data) {
+            Some(Data::I64(_)) => Tensor::i64(t.shape.clone(), t.data.iter().map(|&v| v as i64).collect()),
+            _ => Tensor::f32(t.shape.clone(), t.data),
+        };
+        ex.set_state(&name, value).map_err(|e| EngineError::Config(format!("{key}: {e}")))?;
+    }
+    Ok(())
+}
+
+/// The distillation teacher's weights (the `loss.teacher.*` buffers, DeiT's
+/// frozen teacher) from LOSS.distillation.teacher_weights, in the teacher's
+/// own names (tessera or timm): every teacher tensor must be in the file.
+fn teacher_init(ex: &mut CpuExecutor, cfg: &Value, log: &mut RunLog) -> Result<(), EngineError> {
+    const PREFIX: &str = "loss.teacher.";
+    let key = "LOSS.distillation.teacher_weights";
+    let expected: Vec<(String, Vec<usize>)> = ex
+        .plan()
+        .values
+        .iter()
+        .filter_map(|v| match &v.source {
+            Source::Buffer { name, .. } => {
+                name.strip_prefix(PREFIX).map(|n| (n.to_string(), v.shape.iter().map(|&d| d as usize).collect()))
+            }
+            _ => None,
+        })
+        .collect();
+    if expected.is_empty() {
+        return Ok(());
+    }
+    let file = get_str(cfg, key);
+    if file.is_empty() {
+        return Err(EngineError::Config(format!(
+            "config key `{key}` is empty: LOSS.distillation.type {} needs the teacher's weights (a safetensors file)",
+            get_str(cfg, "LOSS.distillation.type")
+        )));
+    }
+    let format_key = "LOSS.distillation.teacher_weights_format";
+    let format: WeightsFormat =
+        get_str(cfg, format_key).parse().map_err(|e| EngineError::Config(format!("config key `{format_key}`: {e}")))?;
+    let options = MatchOptions { allow_missing: false, allow_unused: true };
+    let matched = load_weights(Path::new(file), &expected, Some(format), options)
+        .map_err(|e| EngineError::Config(format!("config key `{key}`: {e}")))?;
+    let loaded = matched.tensors.len();
+    set_loaded(ex, matched.tensors, PREFIX, key)?;
+    log.info(&format!("distillation teacher: {loaded} tensors from {file} ({} unused)", matched.unused.len()));
     Ok(())
 }
 
@@ -661,6 +710,7 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
             dir.display()
         ));
         weights_init(steps.active_mut(), cfg, &mut log)?;
+        teacher_init(steps.active_mut(), cfg, &mut log)?;
     }
 
     let moco_momentum = get(cfg, "LOSS.moco_loss.momentum").and_then(Value::as_f64).unwrap_or(0.999);

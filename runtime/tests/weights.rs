@@ -364,6 +364,19 @@ fn timm_and_tessera_names_map_both_ways() {
     );
     assert_eq!(tessera_to_timm("trunk.class_token", &vit).as_deref(), Some("cls_token"));
     assert_eq!(tessera_to_timm("trunk.pos_embedding", &vit).as_deref(), Some("pos_embed"));
+    // A distilled DeiT: timm's dist_token, head and head_dist.
+    let mut deit = TimmNaming::vit();
+    deit.head_dist = Some("heads.1.clf.0".into());
+    for (timm_name, tessera_name) in [
+        ("dist_token", "trunk.dist_token"),
+        ("head.weight", "heads.0.clf.0.weight"),
+        ("head_dist.weight", "heads.1.clf.0.weight"),
+        ("head_dist.bias", "heads.1.clf.0.bias"),
+    ] {
+        assert_eq!(timm_to_tessera(timm_name, &deit).as_deref(), Some(tessera_name), "{timm_name}");
+        assert_eq!(tessera_to_timm(tessera_name, &deit).as_deref(), Some(timm_name), "{tessera_name}");
+    }
+    assert_eq!(timm_to_tessera("head_dist.scale", &deit), None);
 }
 
 #[test]
@@ -371,7 +384,6 @@ fn names_without_a_counterpart_map_to_none() {
     let vit = TimmNaming::vit();
     for timm_name in [
         "reg_token",
-        "dist_token",
         "head_dist.weight",
         "fc_norm.weight",
         "norm_pre.weight",
@@ -414,6 +426,13 @@ fn naming_is_inferred_from_the_model() {
     assert_eq!(infer(&model("quickstart/swav_vit_tiny", &[])).head, None);
     let single = ["trunk.cls_token", "heads.0.layers.head.weight", "heads.0.layers.head.bias"];
     assert_eq!(TimmNaming::infer(single).head.as_deref(), Some("heads.0.layers.head"));
+    assert_eq!(infer(&vit).head_dist, None);
+    // A distilled DeiT's two Linear heads are timm's head and head_dist ...
+    let deit = infer(&model("quickstart/deit_tiny_distilled", &[]));
+    assert_eq!((deit.head.as_deref(), deit.head_dist.as_deref()), (Some("heads.0.clf.0"), Some("heads.1.clf.0")));
+    // ... but two chained heads without a distillation token are not.
+    let chained = ["trunk.cls_token", "heads.0.clf.0.weight", "heads.1.clf.0.weight"];
+    assert_eq!((TimmNaming::infer(chained).head, TimmNaming::infer(chained).head_dist), (None, None));
 }
 
 #[test]
@@ -496,6 +515,48 @@ fn timm_vit_weights_load_into_the_vit_model_and_export_back() {
     for (a, b) in matched.tensors.iter().zip(&ours) {
         assert!(a.data.iter().zip(&b.data).all(|(x, y)| (x - y).abs() <= y.abs() / 128.0), "{}", a.name);
     }
+}
+
+#[test]
+fn timm_distilled_deit_weights_load_into_the_distilled_model_and_export_back() {
+    let deit = model("quickstart/deit_tiny_distilled", &[]);
+    let ours = fill(&deit);
+    let timm_file = export(&ours, WeightsFormat::Timm);
+    assert_eq!(timm_file.len(), ours.len(), "every distilled DeiT tensor has a timm name");
+    for (name, shape) in
+        [("dist_token", [1, 1, 64].as_slice()), ("head_dist.weight", &[10, 64]), ("pos_embed", &[1, 18, 64])]
+    {
+        assert!(timm_file.iter().any(|t| t.name == name && t.shape == shape), "{name} {shape:?}");
+    }
+    let loaded = match_weights(&deit, timm_file.clone(), WeightsFormat::Timm).unwrap();
+    assert_eq!(loaded, ours);
+    // head and head_dist are not interchangeable: swapped, the heads get each other's values.
+    let swapped: Vec<NamedTensor> = timm_file
+        .iter()
+        .map(|t| match t.name.strip_prefix("head.") {
+            Some(p) => NamedTensor { name: format!("head_dist.{p}"), ..t.clone() },
+            None => match t.name.strip_prefix("head_dist.") {
+                Some(p) => NamedTensor { name: format!("head.{p}"), ..t.clone() },
+                None => t.clone(),
+            },
+        })
+        .collect();
+    let loaded = match_weights(&deit, swapped, WeightsFormat::Timm).unwrap();
+    let get = |ts: &[NamedTensor], n: &str| ts.iter().find(|t| t.name == n).unwrap().data.clone();
+    assert_eq!(get(&loaded, "heads.0.clf.0.weight"), get(&ours, "heads.1.clf.0.weight"));
+
+    // The same file for a model without distillation token: dist_token and head_dist are unused.
+    let plain = model("quickstart/deit_tiny", &[]);
+    let file: Vec<NamedTensor> = timm_file.into_iter().filter(|t| t.name != "pos_embed").collect();
+    let lenient = MatchOptions { allow_missing: true, allow_unused: true };
+    let matched = match_weights_with(&plain, file.clone(), WeightsFormat::Timm, lenient).unwrap();
+    assert_eq!(matched.unused, ["dist_token", "head_dist.weight", "head_dist.bias"]);
+    let text = mismatch(match_weights(&plain, file, WeightsFormat::Timm));
+    assert!(
+        text.contains("dist_token [1, 1, 64]: would be `trunk.dist_token`, which this model does not have"),
+        "{text}"
+    );
+    assert!(text.contains("head_dist.weight [10, 64]: a distilled DeiT's second classifier"), "{text}");
 }
 
 #[test]
@@ -619,7 +680,7 @@ fn mismatches_are_reported_all_at_once() {
         "17 in the model",
         "heads.0.clf.0.weight: the model expects [10, 64], the file has [1000, 64] (as `head.weight`)",
         "missing (the model has them, the file does not):\n    trunk.norm.weight [64] (would be `norm.weight` in the file)",
-        "dist_token [1, 1, 64]: no tessera parameter corresponds to this timm name",
+        "dist_token [1, 1, 64]: would be `trunk.dist_token`, which this model does not have",
         "blocks.0.attn.qkv.bias [192]: would be `trunk.blocks.0.attn.qkv.bias`, which this model does not have",
     ] {
         assert!(text.contains(want), "expected {want:?} in:\n{text}");

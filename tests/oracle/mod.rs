@@ -72,6 +72,21 @@ pub fn to_vec_f64(t: &Tensor) -> Vec<f64> {
     Vec::<f64>::try_from(&flat).expect("oracle: tensor to Vec<f64>")
 }
 
+/// The relative error of a whole tensor, max |a - e| / max |e| (0 when both
+/// are all zeros; infinite when only `e` is).
+pub fn rel_err(a: &[f32], e: &[f32]) -> f64 {
+    assert_eq!(a.len(), e.len());
+    let diff = a.iter().zip(e).map(|(x, y)| (*x as f64 - *y as f64).abs()).fold(0.0, f64::max);
+    let scale = e.iter().map(|y| (*y as f64).abs()).fold(0.0, f64::max);
+    if diff == 0.0 {
+        0.0
+    } else if scale == 0.0 || !diff.is_finite() {
+        f64::INFINITY
+    } else {
+        diff / scale
+    }
+}
+
 /// The shape of `t`.
 pub fn shape(t: &Tensor) -> Vec<i64> {
     t.size()

@@ -54,6 +54,8 @@ pub struct VitSpec {
     pub scale: f64,
     pub eps: f64,
     pub class_token: bool,
+    /// DeiT's distillation token (`DISTILLED`): tokens [cls, dist, patches], two features.
+    pub distilled: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -138,6 +140,7 @@ impl ModelSpec {
             scale,
             eps,
             class_token: bool_at(cfg, &format!("{vt}.USE_CLASS_TOKEN"), true),
+            distilled: bool_at(cfg, &format!("{vt}.DISTILLED"), false),
         };
         let params = req(cfg, "MODEL.HEAD.PARAMS").as_array().expect("MODEL.HEAD.PARAMS is a list");
         let heads = params
@@ -317,17 +320,12 @@ fn block(s: &VitSpec, conv: Option<&ConvitSpec>, p: &Params, x: &Tensor, name: &
     &x + linear(p, &h, &format!("{name}.mlp.{}", mlp[1]), true)
 }
 
-/// Patch embedding: Conv2d(kernel = stride = P), flattened row-major to `[B, N, D]`.
-fn patch_embed(s: &VitSpec, p: &Params, x: &Tensor) -> Tensor {
+/// Patch embedding `name` (`trunk.patch_embed.proj`, timm's `patch_embed.proj`):
+/// Conv2d(kernel = stride = P), flattened row-major to `[B, N, D]`.
+fn patch_embed(s: &VitSpec, p: &Params, x: &Tensor, name: &str) -> Tensor {
     let ps = s.patch_size as i64;
-    let y = x.conv2d(
-        p.get("trunk.patch_embed.proj.weight"),
-        Some(p.get("trunk.patch_embed.proj.bias")),
-        [ps, ps],
-        [0, 0],
-        [1, 1],
-        1,
-    );
+    let y =
+        x.conv2d(p.get(&format!("{name}.weight")), Some(p.get(&format!("{name}.bias"))), [ps, ps], [0, 0], [1, 1], 1);
     y.flatten(2, -1).transpose(1, 2)
 }
 
@@ -336,30 +334,60 @@ fn prepend(token: &Tensor, x: &Tensor) -> Tensor {
     Tensor::cat(&[&token.expand([b, 1, d], false), x], 1)
 }
 
-/// The trunk's feature `[B, D]`.
+/// The trunk's feature `[B, D]` (a distilled trunk's class token).
 pub fn trunk(spec: &ModelSpec, p: &Params, x: &Tensor) -> Tensor {
+    trunk_features(spec, p, x).swap_remove(0)
+}
+
+/// timm's VisionTransformer(Distilled) tokens, eval mode, with parameters
+/// named `{prefix}cls_token`, `{prefix}dist_token`, `{prefix}blocks.{i}...`:
+/// [cls, (dist,) patches] + pos_embed, the blocks, the final norm.
+fn vit_tokens(s: &VitSpec, p: &Params, x: &Tensor, prefix: &str) -> Tensor {
+    let mut t = patch_embed(s, p, x, &format!("{prefix}patch_embed.proj"));
+    if s.distilled {
+        t = prepend(p.get(&format!("{prefix}dist_token")), &t);
+    }
+    if s.class_token {
+        t = prepend(p.get(&format!("{prefix}cls_token")), &t);
+    }
+    t = &t + p.get(&format!("{prefix}pos_embed"));
+    for i in 0..s.layers {
+        t = block(s, None, p, &t, &format!("{prefix}blocks.{i}"), ["fc1", "fc2"]);
+    }
+    layer_norm(p, &t, &format!("{prefix}norm"), s.eps)
+}
+
+/// timm's `deit_*_distilled_*` in eval mode, from timm-named parameters
+/// (`head`, `head_dist`): (head on the class token, head_dist on the
+/// distillation token, their mean (x + x_dist) / 2, timm's eval output).
+pub fn timm_distilled_forward(s: &VitSpec, p: &Params, x: &Tensor) -> (Tensor, Tensor, Tensor) {
+    assert!(s.distilled, "oracle model: timm_distilled_forward needs a distilled spec");
+    let t = vit_tokens(s, p, x, "");
+    let (a, b) = (linear(p, &t.select(1, 0), "head", true), linear(p, &t.select(1, 1), "head_dist", true));
+    let mean = (&a + &b) / 2.0;
+    (a, b, mean)
+}
+
+/// The trunk's features: one `[B, D]`, or a distilled trunk's class and
+/// distillation tokens.
+pub fn trunk_features(spec: &ModelSpec, p: &Params, x: &Tensor) -> Vec<Tensor> {
     let s = &spec.vit;
-    let mut t = patch_embed(s, p, x);
     match &spec.trunk {
         Trunk::Vit => {
             // Reference 1.6: class token, then pos_embed over all tokens.
-            if s.class_token {
-                t = prepend(p.get("trunk.cls_token"), &t);
-            }
-            t = &t + p.get("trunk.pos_embed");
-            for i in 0..s.layers {
-                t = block(s, None, p, &t, &format!("trunk.blocks.{i}"), ["fc1", "fc2"]);
-            }
-            let t = layer_norm(p, &t, "trunk.norm", s.eps);
-            if s.class_token {
-                t.select(1, 0)
+            let t = vit_tokens(s, p, x, "trunk.");
+            if s.distilled {
+                vec![t.select(1, 0), t.select(1, 1)]
+            } else if s.class_token {
+                vec![t.select(1, 0)]
             } else {
-                t.mean_dim([1i64].as_slice(), false, Kind::Float)
+                vec![t.mean_dim([1i64].as_slice(), false, Kind::Float)]
             }
         }
         Trunk::Convit(c) => {
             // Reference 2.3: pos_embedding on patches only; the class token
             // joins before block N_GPSA (or before the first block).
+            let mut t = patch_embed(s, p, x, "trunk.patch_embed.proj");
             t = &t + p.get("trunk.pos_embedding");
             for i in 0..s.layers {
                 if (i == 0 && c.class_token_in_local_layers) || (i == c.n_gpsa && !c.class_token_in_local_layers) {
@@ -370,9 +398,9 @@ pub fn trunk(spec: &ModelSpec, p: &Params, x: &Tensor) -> Tensor {
             }
             let t = layer_norm(p, &t, "trunk.norm", s.eps);
             if c.gap {
-                t.mean_dim([1i64].as_slice(), false, Kind::Float)
+                vec![t.mean_dim([1i64].as_slice(), false, Kind::Float)]
             } else {
-                t.select(1, 0)
+                vec![t.select(1, 0)]
             }
         }
     }
@@ -380,34 +408,43 @@ pub fn trunk(spec: &ModelSpec, p: &Params, x: &Tensor) -> Tensor {
 
 /// The heads in sequence (reference 3.1-3.3), eval mode.
 pub fn heads(spec: &ModelSpec, p: &Params, feature: &Tensor) -> Tensor {
-    let mut x = feature.shallow_clone();
-    for (i, head) in spec.heads.iter().enumerate() {
-        let pre = format!("heads.{i}");
-        x = match head {
-            Head::Mlp { dims, use_relu, use_bias, skip_last_layer_relu_bn } => {
-                let mut h = x.flatten(1, -1);
-                let mut k = 0;
-                for j in 0..dims.len() - 1 {
-                    h = linear(p, &h, &format!("{pre}.clf.{k}"), *use_bias);
+    (0..spec.heads.len()).fold(feature.shallow_clone(), |x, i| head(spec, p, i, &x))
+}
+
+/// A distilled model (reference 3.1's routing: head i on feature i): the
+/// class head's and the distillation head's logits.
+pub fn forward_distilled(spec: &ModelSpec, p: &Params, x: &Tensor) -> (Tensor, Tensor) {
+    let f = trunk_features(spec, p, x);
+    assert!(f.len() == 2 && spec.heads.len() == 2, "oracle model: a distilled model has two features and two heads");
+    (head(spec, p, 0, &f[0]), head(spec, p, 1, &f[1]))
+}
+
+/// Head `i` (`heads.{i}`) on `x`, eval mode.
+fn head(spec: &ModelSpec, p: &Params, i: usize, x: &Tensor) -> Tensor {
+    let pre = format!("heads.{i}");
+    match &spec.heads[i] {
+        Head::Mlp { dims, use_relu, use_bias, skip_last_layer_relu_bn } => {
+            let mut h = x.flatten(1, -1);
+            let mut k = 0;
+            for j in 0..dims.len() - 1 {
+                h = linear(p, &h, &format!("{pre}.clf.{k}"), *use_bias);
+                k += 1;
+                let last = j == dims.len() - 2;
+                if !(last && *skip_last_layer_relu_bn) && *use_relu {
+                    h = h.relu();
                     k += 1;
-                    let last = j == dims.len() - 2;
-                    if !(last && *skip_last_layer_relu_bn) && *use_relu {
-                        h = h.relu();
-                        k += 1;
-                    }
                 }
-                h
             }
-            Head::VitHead { hidden_dim } => {
-                let h = match hidden_dim {
-                    Some(_) => linear(p, &x, &format!("{pre}.layers.pre_logits"), true).tanh(),
-                    None => x.shallow_clone(),
-                };
-                linear(p, &h, &format!("{pre}.layers.head"), true)
-            }
-        };
+            h
+        }
+        Head::VitHead { hidden_dim } => {
+            let h = match hidden_dim {
+                Some(_) => linear(p, x, &format!("{pre}.layers.pre_logits"), true).tanh(),
+                None => x.shallow_clone(),
+            };
+            linear(p, &h, &format!("{pre}.layers.head"), true)
+        }
     }
-    x
 }
 
 /// Trunk then heads: the logits `[B, K]`.

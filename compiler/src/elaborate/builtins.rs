@@ -25,6 +25,7 @@ pub const NAMES: &[&str] = &[
     "sqrt",
     "recip",
     "square",
+    "heaviside",
     "softmax",
     "log_softmax",
     "l2_normalize",
@@ -436,7 +437,9 @@ fn tensor_op(el: &mut Elab, env: &mut Env, name: &str, a: &mut Args, span: Span)
             let k = a.tensor(el, 1, "k")?;
             let v = a.tensor(el, 2, "v")?;
             let scale = a.f64(el, 3, "scale", None)?;
-            let dropout = a.f64(el, 4, "dropout", Some(0.0))?;
+            // A model elaborated in eval mode (a distillation teacher) has no attention dropout.
+            let rate = a.f64(el, 4, "dropout", Some(0.0))?;
+            let dropout = if el.eval_mode { 0.0 } else { rate };
             let key = el.random_key();
             return el.op(env, Op::Attention { scale, dropout, key }, &[q, k, v], span);
         }
@@ -455,6 +458,10 @@ fn tensor_op(el: &mut Elab, env: &mut Env, name: &str, a: &mut Args, span: Span)
                 .collect::<R<Vec<_>>>()?;
             let eps = a.f64(el, 5, "eps", None)?;
             let momentum = a.f64(el, 6, "momentum", None)?;
+            if el.eval_mode {
+                // The step's batch_norm uses batch statistics; eval mode would need the running ones.
+                return Err(el.err(span, "BatchNorm is not supported in a model run in eval mode inside a training step (a distillation teacher)".to_string()));
+            }
             return el.op(env, Op::BatchNorm { eps, momentum }, &ts, span);
         }
         "cross_entropy" => {
@@ -472,6 +479,8 @@ fn tensor_op(el: &mut Elab, env: &mut Env, name: &str, a: &mut Args, span: Span)
         "sqrt" => unary(UnaryOp::Sqrt),
         "recip" => unary(UnaryOp::Recip),
         "square" => unary(UnaryOp::Square),
+        // 1 where x > 0, else 0 (no gradient): one-hot targets from a maximum.
+        "heaviside" => unary(UnaryOp::Heaviside),
         "stop_gradient" => Op::StopGradient,
         "softmax" | "log_softmax" | "l2_normalize" => {
             let x = a.tensor(el, 0, "x")?;
@@ -490,8 +499,9 @@ fn tensor_op(el: &mut Elab, env: &mut Env, name: &str, a: &mut Args, span: Span)
             if !(0.0..1.0).contains(&p) {
                 return Err(el.err(span, format!("`{name}` probability must be in [0, 1), got {p}")));
             }
-            // Dropout(0) and DropPath(0) are identities in VISSL (reference 1.5): no node.
-            if p == 0.0 {
+            // Dropout(0) and DropPath(0) are identities in VISSL (reference 1.5): no node;
+            // in eval mode (a distillation teacher) every dropout is one.
+            if p == 0.0 || el.eval_mode {
                 return Ok(Val::new(V::Tensor(x)));
             }
             let key = el.random_key();

@@ -46,6 +46,10 @@ pub struct Elab<'a> {
     /// buffer's name without this prefix; `m` is this scalar input), which is
     /// also its new value (MoCo's key encoder, reference 4.1).
     pub ema: Option<(ValueId, String)>,
+    /// When set, dropout, drop-path and attention dropout are identities and
+    /// BatchNorm is an error: a model run forward-only in eval mode within a
+    /// training step (DeiT's distillation teacher).
+    pub eval_mode: bool,
     /// Call stack, for the notes of an error: (block, call site, scope).
     stack: Vec<(String, Option<Span>, String)>,
     fuel: u64,
@@ -63,6 +67,7 @@ impl<'a> Elab<'a> {
             share_state: false,
             params_as_buffers: false,
             ema: None,
+            eval_mode: false,
             stack: Vec::new(),
             fuel: FUEL,
             next_key: 0,

@@ -125,6 +125,8 @@ pub enum UnusedReason {
     NoEquivalent,
     /// timm's classifier `head`, for a model whose heads are not one Linear layer.
     NoHead,
+    /// A distilled DeiT's `head_dist`, for a model without a distillation head.
+    NoDistillationHead,
     /// It would be this tessera parameter, which the model does not have.
     NotInModel(String),
     /// Another file tensor already provided this parameter.
@@ -246,6 +248,11 @@ impl fmt::Display for MismatchReport {
                     UnusedReason::NoHead => write!(
                         f,
                         ": timm's classifier; this model's head is not a single Linear layer, so it has no place for it"
+                    )?,
+                    UnusedReason::NoDistillationHead => write!(
+                        f,
+                        ": a distilled DeiT's second classifier; this model has no distillation token and head \
+                         (MODEL.TRUNK.VISION_TRANSFORMERS.DISTILLED and a second single-Linear head)"
                     )?,
                     UnusedReason::NotInModel(name) if *name != u.name => {
                         write!(f, ": would be `{name}`, which this model does not have")?
@@ -390,6 +397,9 @@ pub fn match_weights_with(
                 Some(c) => UnusedReason::NotInModel(c),
                 None if format == WeightsFormat::Timm && (t.name == "head.weight" || t.name == "head.bias") => {
                     UnusedReason::NoHead
+                }
+                None if format == WeightsFormat::Timm && t.name.starts_with("head_dist.") => {
+                    UnusedReason::NoDistillationHead
                 }
                 None => UnusedReason::NoEquivalent,
             };

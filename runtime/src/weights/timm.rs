@@ -15,6 +15,11 @@
 //! | `blocks.{i}.attn.gating_param` [H] | `trunk.blocks.{i}.attn.alpha` [1,H,1,1] |
 //! | `blocks.{i}.attn.pos_proj` [H,3] | `trunk.blocks.{i}.attn.pos_proj` [H,3·L] |
 //!
+//! A timm `deit_*_distilled_*` model (VisionTransformerDistilled) is the
+//! `vision_transformer` trunk with `DISTILLED: True` and two single-Linear
+//! heads: `dist_token` is `trunk.dist_token`, `head` is heads.0 (class token)
+//! and `head_dist` is heads.1 (distillation token).
+//!
 //! L is the trunk's LOCALITY_DIM. VISSL repeats each of the three relative
 //! position channels L times and divides `pos_proj`'s output (bias included)
 //! by L, so a timm `pos_proj` (L = 1) becomes an exact tessera one by
@@ -39,6 +44,9 @@ pub struct TimmNaming {
     /// The tessera module for timm's `head` Linear, e.g. `heads.0.clf.0`; `None` when the model's
     /// heads are not one Linear layer (a projection head, SwAV prototypes, a BN in front ...).
     pub head: Option<String>,
+    /// The tessera module for timm's `head_dist` (a distilled DeiT's second classifier,
+    /// `heads.1.clf.0`); `None` for a model without a distillation token.
+    pub head_dist: Option<String>,
 }
 
 impl TimmNaming {
@@ -49,6 +57,7 @@ impl TimmNaming {
             pos_embed: "pos_embed".into(),
             mlp: ("fc1".into(), "fc2".into()),
             head: Some("heads.0.clf.0".into()),
+            head_dist: None,
         }
     }
 
@@ -59,6 +68,7 @@ impl TimmNaming {
             pos_embed: "pos_embedding".into(),
             mlp: ("linear_1".into(), "linear_2".into()),
             head: Some("heads.0.clf.0".into()),
+            head_dist: None,
         }
     }
 
@@ -77,12 +87,22 @@ impl TimmNaming {
             naming.mlp = ("linear_1".into(), "linear_2".into());
         }
         let heads: Vec<&str> = names.iter().copied().filter(|n| n.starts_with("heads.")).collect();
-        naming.head = ["heads.0.clf.0", "heads.0.layers.head"].into_iter().find_map(|module| {
-            let weight = format!("{module}.weight");
-            let bias = format!("{module}.bias");
-            let only_this = heads.iter().all(|n| *n == weight || *n == bias);
-            (only_this && heads.contains(&weight.as_str())).then(|| module.to_string())
-        });
+        // Head i is one Linear layer when all its tensors are that layer's weight and bias.
+        let linear = |i: usize| {
+            let prefix = format!("heads.{i}.");
+            let mine: Vec<&str> = heads.iter().copied().filter(|n| n.starts_with(&prefix)).collect();
+            [format!("heads.{i}.clf.0"), format!("heads.{i}.layers.head")].into_iter().find(|module| {
+                let (weight, bias) = (format!("{module}.weight"), format!("{module}.bias"));
+                mine.contains(&weight.as_str()) && mine.iter().all(|n| *n == weight || *n == bias)
+            })
+        };
+        let count = |n: usize| heads.iter().filter(|h| h.starts_with(&format!("heads.{n}."))).count();
+        // A distilled DeiT has timm's `head` and `head_dist`; other models one `head`.
+        let distilled = has("trunk.dist_token");
+        let head_count = if distilled { 2 } else { 1 };
+        let all_counted = (0..head_count).map(count).sum::<usize>() == heads.len();
+        naming.head = linear(0).filter(|_| all_counted);
+        naming.head_dist = if distilled { linear(1).filter(|_| all_counted) } else { None };
         naming
     }
 }
@@ -103,19 +123,22 @@ fn split_block(name: &str) -> Option<(&str, &str)> {
 }
 
 /// The tessera name of a timm parameter, or `None` when tessera's model has
-/// no such parameter (`reg_token`, `blocks.{i}.ls1.gamma`, `fc_norm`,
-/// `head_dist`, or `head` when the model's head is not a single Linear).
+/// no such parameter (`reg_token`, `blocks.{i}.ls1.gamma`, `fc_norm`, or
+/// `head` / `head_dist` when the model has no single Linear in their place).
 pub fn timm_to_tessera(name: &str, naming: &TimmNaming) -> Option<String> {
     match name {
         "cls_token" => return Some(format!("trunk.{}", naming.class_token)),
+        "dist_token" => return Some("trunk.dist_token".into()),
         "pos_embed" => return Some(format!("trunk.{}", naming.pos_embed)),
         _ => {}
     }
     if let Some(p) = name.strip_prefix("patch_embed.proj.").or_else(|| name.strip_prefix("norm.")) {
         return is_weight_or_bias(p).then(|| format!("trunk.{name}"));
     }
-    if let Some(p) = name.strip_prefix("head.") {
-        return if is_weight_or_bias(p) { naming.head.as_ref().map(|h| format!("{h}.{p}")) } else { None };
+    for (timm_head, module) in [("head.", &naming.head), ("head_dist.", &naming.head_dist)] {
+        if let Some(p) = name.strip_prefix(timm_head) {
+            return if is_weight_or_bias(p) { module.as_ref().map(|h| format!("{h}.{p}")) } else { None };
+        }
     }
     let (index, rest) = split_block(name)?;
     let (module, p) = rest.rsplit_once('.')?;
@@ -139,14 +162,16 @@ pub fn timm_to_tessera(name: &str, naming: &TimmNaming) -> Option<String> {
 /// and the MLP are accepted, as is a `module.` prefix.
 pub fn tessera_to_timm(name: &str, naming: &TimmNaming) -> Option<String> {
     let name = strip_module(name);
-    if let Some(head) = &naming.head {
-        if let Some(p) = name.strip_prefix(head.as_str()).and_then(|r| r.strip_prefix('.')) {
-            return is_weight_or_bias(p).then(|| format!("head.{p}"));
+    for (timm_head, module) in [("head", &naming.head), ("head_dist", &naming.head_dist)] {
+        let Some(module) = module else { continue };
+        if let Some(p) = name.strip_prefix(module.as_str()).and_then(|r| r.strip_prefix('.')) {
+            return is_weight_or_bias(p).then(|| format!("{timm_head}.{p}"));
         }
     }
     let name = name.strip_prefix("trunk.")?;
     match name {
         "cls_token" | "class_token" => return Some("cls_token".into()),
+        "dist_token" => return Some("dist_token".into()),
         "pos_embed" | "pos_embedding" => return Some("pos_embed".into()),
         _ => {}
     }
