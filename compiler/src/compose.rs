@@ -4,10 +4,11 @@
 //! the MoCo momentum encoder).
 
 use crate::elaborate::{did_you_mean, from_json, BlockRef, Elab, Program, Val, V};
+use crate::feature_eval::{freeze_prefix, FeatureEval};
 use crate::ir::{DType, Dim, Graph, Op, Shape, ValueId};
 use crate::param_groups::{param_groups, ParamGroup};
 use crate::syntax::ast::BlockKind;
-use crate::syntax::Diagnostic;
+use crate::syntax::{Diagnostic, Span};
 use serde_json::Value as J;
 use std::fmt;
 
@@ -56,11 +57,18 @@ pub struct Composition {
     pub loss: String,
     /// Images per sample that go through the online trunk (crops, views).
     pub images_per_sample: u64,
+    /// The shape of the trunk's (first) feature.
     pub trunk_output: Shape,
+    /// Linear evaluation: the trunk's features by VISSL name, one per head
+    /// (empty: the trunk's usual output).
+    pub features: Vec<String>,
 }
 
 pub struct Compiled {
     pub graph: Graph,
+    /// The online trunk's output values: its features in linear evaluation
+    /// (feature i feeds head i), else the one tensor the heads read.
+    pub trunk_features: Vec<ValueId>,
     pub composition: Composition,
     /// Optimizer parameter groups with their weight decay (reference 6.2).
     pub param_groups: Vec<ParamGroup>,
@@ -215,6 +223,13 @@ pub fn compile(prog: &Program, cfg: &J) -> R<Compiled> {
     let trunk = registered(BlockKind::Trunk, &trunk_name, "MODEL.TRUNK.NAME")?;
     let loss = registered(BlockKind::Loss, &loss_name, "LOSS.name")?;
     let heads = head_specs(cfg)?;
+    let eval = FeatureEval::from_config(cfg)?;
+    let feat_keys = if eval.features.is_empty() { None } else { Some(eval.out_feat_keys()?) };
+    if feat_keys.is_some() && !prog.block(trunk).params.iter().any(|p| p.name == "out_feat_keys") {
+        return Err(CompileError::Config(format!(
+            "`MODEL.FEATURE_EVAL_SETTINGS.LINEAR_EVAL_FEAT_POOL_OPS_MAP` asks for intermediate features, which trunk `{trunk_name}` (`MODEL.TRUNK.NAME`) does not return; vision_transformer does"
+        )));
+    }
     let image_size = get_u64(cfg, "MODEL.TRUNK.VISION_TRANSFORMERS.IMAGE_SIZE")?;
     let groups = match loss_name.as_str() {
         "swav_loss" => crop_groups(cfg, image_size)?,
@@ -226,7 +241,18 @@ pub fn compile(prog: &Program, cfg: &J) -> R<Compiled> {
 
     let mut el = Elab::new(prog, cfg);
     let images_per_sample: u64 = groups.iter().map(|g| g.1).sum();
-    let model = |el: &mut Elab, input_prefix: &str, scope: &str| -> R<(ValueId, Val)> {
+    let model = |el: &mut Elab, input_prefix: &str, scope: &str| -> R<(Vec<ValueId>, Val)> {
+        let span = prog.block(trunk).span;
+        let named: Vec<(String, Val, Span)> = feat_keys
+            .iter()
+            .map(|k| {
+                (
+                    "out_feat_keys".to_string(),
+                    from_json(k, "MODEL.FEATURE_EVAL_SETTINGS.LINEAR_EVAL_FEAT_POOL_OPS_MAP"),
+                    span,
+                )
+            })
+            .collect();
         let mut feats = Vec::new();
         for (i, (size, count)) in groups.iter().enumerate() {
             let name = if groups.len() == 1 { input_prefix.to_string() } else { format!("{input_prefix}.{i}") };
@@ -234,36 +260,41 @@ pub fn compile(prog: &Program, cfg: &J) -> R<Compiled> {
             let x = el.graph.add_input(&name, shape, DType::F32).map_err(|e| CompileError::Config(e.to_string()))?;
             // A trunk run once per crop resolution shares its weights.
             el.share_state = i > 0;
-            let span = prog.block(trunk).span;
-            let f = el.call_block(trunk, vec![(Val::new(V::Tensor(x)), span)], vec![], join(scope, "trunk"), None)?;
+            el.eval_mode = eval.frozen_trunk;
+            let f =
+                el.call_block(trunk, vec![(Val::new(V::Tensor(x)), span)], named.clone(), join(scope, "trunk"), None);
             el.share_state = false;
-            feats.push(f);
+            el.eval_mode = false;
+            feats.push(f?);
         }
-        let feat = if feats.len() == 1 {
-            feats.pop().expect("one feature")
+        let features = if feats.len() == 1 {
+            match feats.pop().expect("one feature") {
+                Val { v: V::List(items), .. } => items.to_vec(),
+                f => vec![f],
+            }
         } else {
-            let ts: Vec<ValueId> =
-                feats.iter().filter_map(|f| if let V::Tensor(t) = f.v { Some(t) } else { None }).collect();
+            let Some(ts) = tensors(&feats) else {
+                return Err(CompileError::Config(format!(
+                    "trunk `{trunk_name}` returns several features, which is not supported for a trunk run once per crop resolution"
+                )));
+            };
             let env = crate::elaborate::Env { vars: Default::default(), file: trunk.file, scope: join(scope, "trunk") };
-            el.op(&env, crate::ir::Op::Concat { axis: 0 }, &ts, prog.block(trunk).span)?
+            vec![el.op(&env, crate::ir::Op::Concat { axis: 0 }, &ts, prog.block(trunk).span)?]
         };
-        let V::Tensor(trunk_out) = feat.v else {
+        let Some(trunk_out) = tensors(&features).filter(|t| !t.is_empty()) else {
+            let got: Vec<&str> = features.iter().map(|f| f.type_name()).collect();
             return Err(CompileError::Config(format!(
-                "trunk `{trunk_name}` must return one tensor, got {}",
-                feat.type_name()
+                "trunk `{trunk_name}` must return tensors, got [{}]",
+                got.join(", ")
             )));
         };
-        let mut x = feat;
-        for (i, chain) in heads.iter().enumerate() {
-            for (j, spec) in chain.iter().enumerate() {
-                let hscope = if chain.len() == 1 { format!("heads.{i}") } else { format!("heads.{i}.{j}") };
-                x = apply_head(el, prog, spec, x, &join(scope, &hscope))?;
-            }
-        }
-        Ok((trunk_out, x))
+        el.eval_mode = eval.frozen_heads;
+        let x = route_heads(el, prog, &heads, features, scope);
+        el.eval_mode = false;
+        Ok((trunk_out, x?))
     };
-    let (trunk_out, output) = model(&mut el, "data", "")?;
-    let trunk_output = el.graph.ty(trunk_out).shape.clone();
+    let (trunk_features, output) = model(&mut el, "data", "")?;
+    let trunk_output = el.graph.ty(trunk_features[0]).shape.clone();
 
     let mut named = Vec::new();
     if loss_name == "moco_loss" {
@@ -297,10 +328,25 @@ pub fn compile(prog: &Program, cfg: &J) -> R<Compiled> {
         }
     }
     freeze(&mut el.graph, cfg)?;
+    // VISSL's feature extractor: the trunk (and with FREEZE_TRUNK_AND_HEAD
+    // the heads) get no gradient and no optimizer state (reference 7.2).
+    if eval.frozen_trunk {
+        freeze_prefix(&mut el.graph, "trunk.");
+    }
+    if eval.frozen_heads {
+        freeze_prefix(&mut el.graph, "heads.");
+    }
     el.graph.verify().map_err(|e| CompileError::Config(format!("internal error, the IR does not verify: {e}")))?;
-    let composition = Composition { trunk: trunk_name, heads, loss: loss_name, images_per_sample, trunk_output };
+    let composition = Composition {
+        trunk: trunk_name,
+        heads,
+        loss: loss_name,
+        images_per_sample,
+        trunk_output,
+        features: eval.features,
+    };
     let param_groups = param_groups(&el.graph, cfg);
-    Ok(Compiled { graph: el.graph, composition, param_groups })
+    Ok(Compiled { graph: el.graph, trunk_features, composition, param_groups })
 }
 
 /// `MODEL.NON_TRAINABLE_PARAMS`: exact parameter names (DDP's `module.` prefix
@@ -329,6 +375,11 @@ fn freeze(g: &mut Graph, cfg: &J) -> R<()> {
     Ok(())
 }
 
+/// The tensors of `vals`, if all are tensors.
+fn tensors(vals: &[Val]) -> Option<Vec<ValueId>> {
+    vals.iter().map(|f| if let V::Tensor(t) = f.v { Some(t) } else { None }).collect()
+}
+
 fn join(a: &str, b: &str) -> String {
     if a.is_empty() {
         b.to_string()
@@ -346,6 +397,42 @@ fn set_outputs(g: &mut Graph, name: &str, v: &Val) {
             }
         }
         _ => {}
+    }
+}
+
+/// Feeds the trunk's features to the heads as VISSL's `heads_forward`
+/// (reference 3.1): one feature goes through the heads in sequence; as many
+/// features as heads, head i takes feature i (linear evaluation of several
+/// features); anything else is an error. Several outputs make a list.
+fn route_heads(el: &mut Elab, prog: &Program, heads: &[Vec<HeadSpec>], features: Vec<Val>, scope: &str) -> R<Val> {
+    let apply_chain = |el: &mut Elab, i: usize, chain: &[HeadSpec], mut x: Val| -> R<Val> {
+        for (j, spec) in chain.iter().enumerate() {
+            let hscope = if chain.len() == 1 { format!("heads.{i}") } else { format!("heads.{i}.{j}") };
+            x = apply_head(el, prog, spec, x, &join(scope, &hscope))?;
+        }
+        Ok(x)
+    };
+    match <[Val; 1]>::try_from(features) {
+        Ok([mut x]) => {
+            for (i, chain) in heads.iter().enumerate() {
+                x = apply_chain(el, i, chain, x)?;
+            }
+            Ok(x)
+        }
+        Err(features) if features.len() == heads.len() => {
+            let outs = heads
+                .iter()
+                .zip(features)
+                .enumerate()
+                .map(|(i, (chain, x))| apply_chain(el, i, chain, x))
+                .collect::<R<Vec<_>>>()?;
+            Ok(Val::new(V::List(std::rc::Rc::new(outs))))
+        }
+        Err(features) => Err(CompileError::Config(format!(
+            "`MODEL.HEAD.PARAMS` lists {} heads but the trunk returns {} features: give one head per feature, or one feature to heads applied in sequence",
+            heads.len(),
+            features.len()
+        ))),
     }
 }
 

@@ -135,9 +135,13 @@ impl RunLog {
             let it = record["iteration"].as_u64().unwrap_or(0);
             for (key, prefix) in [("train_accuracy_list_meter", "Training"), ("test_accuracy_list_meter", "Testing")] {
                 if let Some(Value::Object(ks)) = record.get(key) {
+                    // VISSL's tag per output: Accuracy_top_1_Output_0 (or the meter's name).
                     for (k, per) in ks {
-                        if let Some(v) = per.get("0").and_then(Value::as_f64) {
-                            let _ = tb.scalars(it, &[(&format!("{prefix}/Accuracy_{k}_Output_0"), v as f32)]);
+                        for (output, v) in per.as_object().into_iter().flatten() {
+                            if let Some(v) = v.as_f64() {
+                                let _ =
+                                    tb.scalars(it, &[(&format!("{prefix}/Accuracy_{k}_Output_{output}"), v as f32)]);
+                            }
                         }
                     }
                 }

@@ -420,6 +420,7 @@ fn tensor_op(el: &mut Elab, env: &mut Env, name: &str, a: &mut Args, span: Span)
             let v = a.tensor(el, 2, "v")?;
             let scale = a.f64(el, 3, "scale", None)?;
             let dropout = a.f64(el, 4, "dropout", Some(0.0))?;
+            let dropout = if el.eval_mode { 0.0 } else { dropout };
             let key = el.random_key();
             return el.op(env, Op::Attention { scale, dropout, key }, &[q, k, v], span);
         }
@@ -436,6 +437,13 @@ fn tensor_op(el: &mut Elab, env: &mut Env, name: &str, a: &mut Args, span: Span)
                 .enumerate()
                 .map(|(i, n)| a.tensor(el, i, n))
                 .collect::<R<Vec<_>>>()?;
+            if el.eval_mode {
+                // Eval mode would normalise with the running statistics, which
+                // the training step's batch_norm op does not do.
+                return Err(
+                    el.err(span, "`batch_norm` in a module in eval mode (a frozen trunk or head) is not supported")
+                );
+            }
             let eps = a.f64(el, 5, "eps", None)?;
             let momentum = a.f64(el, 6, "momentum", None)?;
             return el.op(env, Op::BatchNorm { eps, momentum }, &ts, span);
@@ -473,8 +481,9 @@ fn tensor_op(el: &mut Elab, env: &mut Env, name: &str, a: &mut Args, span: Span)
             if !(0.0..1.0).contains(&p) {
                 return Err(el.err(span, format!("`{name}` probability must be in [0, 1), got {p}")));
             }
-            // Dropout(0) and DropPath(0) are identities in VISSL (reference 1.5): no node.
-            if p == 0.0 {
+            // Dropout(0) and DropPath(0) are identities in VISSL (reference 1.5),
+            // and so is every dropout of a module in eval mode: no node.
+            if p == 0.0 || el.eval_mode {
                 return Ok(Val::new(V::Tensor(x)));
             }
             let key = el.random_key();

@@ -46,6 +46,10 @@ pub struct Elab<'a> {
     /// buffer's name without this prefix; `m` is this scalar input), which is
     /// also its new value (MoCo's key encoder, reference 4.1).
     pub ema: Option<(ValueId, String)>,
+    /// When set, blocks run as PyTorch modules in eval mode: dropout,
+    /// drop-path and attention dropout are identities (VISSL's frozen trunk
+    /// in linear evaluation, reference 7.2).
+    pub eval_mode: bool,
     /// Call stack, for the notes of an error: (block, call site, scope).
     stack: Vec<(String, Option<Span>, String)>,
     fuel: u64,
@@ -63,6 +67,7 @@ impl<'a> Elab<'a> {
             share_state: false,
             params_as_buffers: false,
             ema: None,
+            eval_mode: false,
             stack: Vec::new(),
             fuel: FUEL,
             next_key: 0,
