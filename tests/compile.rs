@@ -81,7 +81,8 @@ fn every_config_compiles_and_its_summary_is_stable() {
         // complete config of <dir> (`+config/<dir>/models=<file>`, as VISSL's
         // benchmark configs are composed).
         if let Some((dir, fragment)) = name.split_once("/models/") {
-            let bases: Vec<&String> = names.iter().filter(|b| b.rsplit_once('/').map(|(d, _)| d) == Some(dir)).collect();
+            let bases: Vec<&String> =
+                names.iter().filter(|b| b.rsplit_once('/').map(|(d, _)| d) == Some(dir)).collect();
             assert!(!bases.is_empty(), "fragment {name} has no config in {dir} to merge into");
             for base in bases {
                 let group = format!("+config/{dir}/models={fragment}");

@@ -42,15 +42,15 @@ impl FeatureEval {
         Ok(FeatureEval { frozen_trunk, frozen_heads: frozen_trunk && trunk_and_head, features })
     }
 
-    /// The trunk argument `out_feat_keys`: each feature as a `[kind, n]`
-    /// pair (see `IntermediateFeatures` in models/layers.tsr).
+    /// The trunk argument `out_feat_keys`: each feature as a `[kind, n, name]`
+    /// triple (see `IntermediateFeatures` in models/layers.tsr).
     pub fn out_feat_keys(&self) -> Result<J, CompileError> {
         let pairs = self
             .features
             .iter()
             .enumerate()
             .map(|(i, name)| {
-                parse_feature(name).map(|(kind, n)| J::from(vec![J::from(kind), J::from(n)])).ok_or_else(|| {
+                parse_feature(name).map(|(kind, n)| J::from(vec![J::from(kind), J::from(n), J::from(name.as_str())])).ok_or_else(|| {
                     CompileError::Config(format!(
                         "`{MAP}.{i}` names the feature `{name}`, which tessera's trunks do not return; known: lastCLS, concatCLS<k>, blkCLS<i> (with a class token), lastPOOL, concatPOOL<k> (without)"
                     ))
@@ -157,6 +157,9 @@ mod tests {
         let f = FeatureEval::from_config(&on(json!([["concatCLS4", ["Identity", []]], ["lastCLS", ["Identity", []]]])))
             .expect("the map parses");
         assert!(f.frozen_trunk && !f.frozen_heads);
-        assert_eq!(f.out_feat_keys().expect("known names"), json!([["concatCLS", 4], ["concatCLS", 1]]));
+        assert_eq!(
+            f.out_feat_keys().expect("known names"),
+            json!([["concatCLS", 4, "concatCLS4"], ["concatCLS", 1, "lastCLS"]])
+        );
     }
 }
