@@ -254,6 +254,14 @@ fn linear_eval_of_a_moco_checkpoint_trains_heads_on_its_unchanged_trunk() {
         format!("CHECKPOINT.DIR={}", eval.display()),
     ];
     a.extend(data_args(&data, 16));
+    // A file without the trunk (here the optimizer state) is an error, not a random trunk.
+    let mut wrong = a.clone();
+    let optimizer_file = pretrained.join("optimizer.safetensors");
+    wrong.push(format!("MODEL.WEIGHTS_INIT.PARAMS_FILE={}", optimizer_file.display()));
+    wrong.push(format!("CHECKPOINT.DIR={}", root.join("wrong").display()));
+    let o = tessera(&wrong);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("no trunk tensor"), "{err}");
     ok(&tessera(&a));
     let log = std::fs::read_to_string(eval.join("log.txt")).unwrap();
     assert!(log.contains("loads the trunk only"), "{log}");

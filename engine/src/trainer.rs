@@ -362,6 +362,13 @@ fn weights_init(ex: &mut CpuExecutor, cfg: &Value, log: &mut RunLog) -> Result<(
     let matched = match_weights_with(&expected, tensors, format, options)
         .map_err(|e| EngineError::Config(format!("MODEL.WEIGHTS_INIT.PARAMS_FILE {file}: {e}")))?;
     let loaded = matched.tensors.len();
+    // A frozen trunk that keeps its random values is never what linear
+    // evaluation means: none loaded is an error, some missing a warning.
+    if trunk_only && loaded == 0 && !expected.is_empty() {
+        return Err(EngineError::Config(format!(
+            "MODEL.WEIGHTS_INIT.PARAMS_FILE {file}: no trunk tensor of the file fits this model's trunk, which linear evaluation (MODEL.FEATURE_EVAL_SETTINGS.EVAL_MODE_ON) would then evaluate at random initialisation; check the file, REMOVE_PREFIX / APPEND_PREFIX and SKIP_LAYERS"
+        )));
+    }
     for t in matched.tensors {
         let value = match ex.state(&t.name).map(|s| &s.data) {
             Some(Data::I64(_)) => Tensor::i64(t.shape.clone(), t.data.iter().map(|&v| v as i64).collect()),
@@ -376,7 +383,12 @@ fn weights_init(ex: &mut CpuExecutor, cfg: &Value, log: &mut RunLog) -> Result<(
         if trunk_only { ": linear evaluation loads the trunk only" } else { "" }
     ));
     if !matched.missing.is_empty() {
-        log.info(&format!("  kept their initial values: {}", matched.missing.join(", ")));
+        let kept = format!("  kept their initial values: {}", matched.missing.join(", "));
+        if trunk_only {
+            log.warn(&kept);
+        } else {
+            log.info(&kept);
+        }
     }
     Ok(())
 }
