@@ -226,7 +226,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let mut log = RunLog::open(&dir, Some(dir.join("tensorboard")), true).unwrap();
         log.step(&serde_json::json!({"iteration": 3, "epoch": 0, "loss": 2.0, "lr": 0.001, "images_per_sec": 10.0, "eta_seconds": 5.0}));
-        log.phase(&serde_json::json!({"iteration": 3, "phase_idx": 0, "train_phase_idx": 0, "train_accuracy_list_meter": {"top_1": {"0": 50.0}}}));
+        log.phase(&serde_json::json!({"iteration": 3, "phase_idx": 0, "train_phase_idx": 0, "train_accuracy_list_meter": {"top_1": {"0": 50.0, "lastCLS": 25.0}}}));
         log.flush();
         let stdout: Value =
             serde_json::from_str(std::fs::read_to_string(dir.join("stdout.json")).unwrap().trim()).unwrap();
@@ -238,6 +238,11 @@ mod tests {
         let tb: Vec<_> = std::fs::read_dir(dir.join("tensorboard")).unwrap().flatten().collect();
         assert_eq!(tb.len(), 1);
         assert!(tb[0].file_name().to_string_lossy().starts_with("events.out.tfevents."));
+        // One scalar per output (head) of the meter.
+        let events = String::from_utf8_lossy(&std::fs::read(tb[0].path()).unwrap()).into_owned();
+        for tag in ["Training/Accuracy_top_1_Output_0", "Training/Accuracy_top_1_Output_lastCLS"] {
+            assert!(events.contains(tag), "no {tag} in the events file");
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
