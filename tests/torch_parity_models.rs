@@ -347,3 +347,55 @@ fn compare_model_mismatched() -> Vec<String> {
     }
     problems
 }
+
+/// Linear-evaluation features (reference 1.6) of the frozen tiny ViT against
+/// the eager trunk's block outputs through its final norm, with perturbed
+/// weights (so the norm's weight and bias count): with and without a class token.
+#[test]
+fn linear_eval_features_match_libtorch() {
+    let cases: [(&[(&str, usize)], bool); 2] = [
+        (&[("concatCLS2", 128), ("lastCLS", 64), ("blkCLS0", 64), ("blkCLS-1", 64), ("concatCLS1", 64)], true),
+        (&[("lastPOOL", 64), ("concatPOOL2", 128)], false),
+    ];
+    for (features, class_token) in cases {
+        let map: Vec<String> = features.iter().map(|(n, _)| format!("[{n}, [Identity, []]]")).collect();
+        let heads: Vec<String> = features.iter().map(|(_, d)| format!("[mlp, {{dims: [{d}, 10]}}]")).collect();
+        let ov = vec![
+            format!("MODEL.FEATURE_EVAL_SETTINGS.LINEAR_EVAL_FEAT_POOL_OPS_MAP=[{}]", map.join(", ")),
+            format!("MODEL.HEAD.PARAMS=[{}]", heads.join(", ")),
+            format!("MODEL.TRUNK.VISION_TRANSFORMERS.USE_CLASS_TOKEN={class_token}"),
+        ];
+        let cfg = config::load("quickstart/linear_eval_vit_tiny", &ov).unwrap();
+        let c = tessera_compiler::compile(&Program::load(&[]).unwrap(), cfg.tree()).unwrap();
+        let mut g = c.graph.clone();
+        for (i, v) in c.trunk_features.iter().enumerate() {
+            g.set_output(&format!("feature.{i}"), *v);
+        }
+        g.prune(|n| n.starts_with("feature."), false);
+        let plan = tessera_compiler::plan::Plan::lower(&g, BATCH as u64, false).unwrap();
+        let mut ex = CpuExecutor::new(plan, 0).unwrap();
+        let names = ex.state_names();
+        perturb(&mut ex, &names, 0.1);
+        let data = normal_values(21, BATCH * 3 * 32 * 32);
+        let out = ex.run(&[("data", Tensor::f32(vec![BATCH, 3, 32, 32], data.clone()))]).unwrap();
+
+        let map: BTreeMap<String, TT> = names
+            .iter()
+            .map(|n| {
+                let t = ex.state(n).unwrap();
+                (n.clone(), tensor_from(t.as_f32().unwrap(), &t.shape.iter().map(|&d| d as i64).collect::<Vec<_>>()))
+            })
+            .collect();
+        let spec = ModelSpec::from_config(cfg.tree());
+        let names: Vec<&str> = features.iter().map(|(n, _)| *n).collect();
+        let expected =
+            models::vit_features(&spec, &Params::new(map), &tensor_from(&data, &[BATCH as i64, 3, 32, 32]), &names);
+        for (i, (e, (name, dim))) in expected.iter().zip(features).enumerate() {
+            let a = &out[&format!("feature.{i}")];
+            assert_eq!(a.shape, [BATCH, *dim], "{name}");
+            let rel = rel_err(a.as_f32().unwrap(), &to_vec(e));
+            println!("  {name:<12} rel err {rel:.2e}");
+            assert!(rel <= MAX_REL, "{name}: relative error {rel:.3e} > {MAX_REL:e}");
+        }
+    }
+}

@@ -4,10 +4,11 @@
 //! the MoCo momentum encoder).
 
 use crate::elaborate::{did_you_mean, from_json, BlockRef, Elab, Program, Val, V};
+use crate::feature_eval::{freeze_prefix, FeatureEval};
 use crate::ir::{DType, Dim, Graph, Op, Shape, ValueId};
 use crate::param_groups::{param_groups, ParamGroup};
 use crate::syntax::ast::BlockKind;
-use crate::syntax::Diagnostic;
+use crate::syntax::{Diagnostic, Span};
 use serde_json::Value as J;
 use std::fmt;
 
@@ -56,11 +57,18 @@ pub struct Composition {
     pub loss: String,
     /// Images per sample that go through the online trunk (crops, views).
     pub images_per_sample: u64,
+    /// The shape of the trunk's (first) feature.
     pub trunk_output: Shape,
+    /// Linear evaluation: the trunk's features by VISSL name, one per head
+    /// (empty: the trunk's usual output).
+    pub features: Vec<String>,
 }
 
 pub struct Compiled {
     pub graph: Graph,
+    /// The online trunk's output values: its features in linear evaluation
+    /// (feature i feeds head i), else the one tensor the heads read.
+    pub trunk_features: Vec<ValueId>,
     pub composition: Composition,
     /// Optimizer parameter groups with their weight decay (reference 6.2).
     pub param_groups: Vec<ParamGroup>,
@@ -201,13 +209,18 @@ struct ModelDef {
     trunk_name: String,
     trunk: BlockRef,
     heads: Vec<Vec<HeadSpec>>,
+    /// Linear evaluation: the trunk's `out_feat_keys` argument (VISSL's
+    /// intermediate features), and which parts run in eval mode.
+    feat_keys: Option<J>,
+    eval_trunk: bool,
+    eval_heads: bool,
 }
 
 /// The trunk and heads named by `cfg` (`MODEL.TRUNK.NAME`, `MODEL.HEAD.PARAMS`).
 fn model_def(prog: &Program, cfg: &J) -> R<ModelDef> {
     let trunk_name = get_str(cfg, "MODEL.TRUNK.NAME")?;
     let trunk = registered(prog, BlockKind::Trunk, &trunk_name, "MODEL.TRUNK.NAME")?;
-    Ok(ModelDef { trunk_name, trunk, heads: head_specs(cfg)? })
+    Ok(ModelDef { trunk_name, trunk, heads: head_specs(cfg)?, feat_keys: None, eval_trunk: false, eval_heads: false })
 }
 
 fn registered(prog: &Program, kind: BlockKind, name: &str, key: &str) -> R<BlockRef> {
@@ -237,10 +250,10 @@ enum Images<'g> {
     Given(ValueId),
 }
 
-/// A model's result: its image inputs, the trunk's first feature, the heads' output.
+/// A model's result: its image inputs, the trunk's features, the heads' output.
 struct ModelOut {
     inputs: Vec<ValueId>,
-    trunk_out: ValueId,
+    features: Vec<ValueId>,
     output: Val,
 }
 
@@ -264,9 +277,20 @@ fn run_model(el: &mut Elab, prog: &Program, m: &ModelDef, images: Images, scope:
             Images::Given(x) => x,
         };
         inputs.push(x);
+        let named: Vec<(String, Val, Span)> = m
+            .feat_keys
+            .iter()
+            .map(|k| {
+                let keys = from_json(k, "MODEL.FEATURE_EVAL_SETTINGS.LINEAR_EVAL_FEAT_POOL_OPS_MAP");
+                ("out_feat_keys".to_string(), keys, span)
+            })
+            .collect();
         // A trunk run once per crop resolution shares its weights.
         el.share_state = i > 0;
-        let f = el.call_block(m.trunk, vec![(Val::new(V::Tensor(x)), span)], vec![], join(scope, "trunk"), None);
+        let outer = el.eval_mode;
+        el.eval_mode = outer || m.eval_trunk;
+        let f = el.call_block(m.trunk, vec![(Val::new(V::Tensor(x)), span)], named, join(scope, "trunk"), None);
+        el.eval_mode = outer;
         el.share_state = false;
         feats.push(features(f?, &m.trunk_name)?);
     }
@@ -285,8 +309,11 @@ fn run_model(el: &mut Elab, prog: &Program, m: &ModelDef, images: Images, scope:
             )))
         }
     };
-    let output = heads_forward(el, prog, &m.heads, &features, scope)?;
-    Ok(ModelOut { inputs, trunk_out: features[0], output })
+    let outer = el.eval_mode;
+    el.eval_mode = outer || m.eval_heads;
+    let output = heads_forward(el, prog, &m.heads, &features, scope);
+    el.eval_mode = outer;
+    Ok(ModelOut { inputs, features, output: output? })
 }
 
 /// A trunk's result as its features: one tensor, or a list of tensors.
@@ -446,6 +473,15 @@ pub fn compile(prog: &Program, cfg: &J) -> R<Compiled> {
     let kind = distillation_kind(cfg, distilled)?;
     let teacher_cfg = if kind == "none" { None } else { Some(teacher_config(cfg)?) };
     let image_size = get_u64(cfg, IMAGE_SIZE)?;
+    let eval = FeatureEval::from_config(cfg)?;
+    let feat_keys = if eval.features.is_empty() { None } else { Some(eval.out_feat_keys()?) };
+    if feat_keys.is_some() && !prog.block(online.trunk).params.iter().any(|p| p.name == "out_feat_keys") {
+        return Err(CompileError::Config(format!(
+            "`MODEL.FEATURE_EVAL_SETTINGS.LINEAR_EVAL_FEAT_POOL_OPS_MAP` asks for intermediate features, which trunk `{}` (`MODEL.TRUNK.NAME`) does not return; vision_transformer does",
+            online.trunk_name
+        )));
+    }
+    let online = ModelDef { feat_keys, eval_trunk: eval.frozen_trunk, eval_heads: eval.frozen_heads, ..online };
     let groups = match loss_name.as_str() {
         "swav_loss" => crop_groups(cfg, image_size)?,
         // The two views are stacked view-major (simclr_collator, reference 4.3).
@@ -456,9 +492,9 @@ pub fn compile(prog: &Program, cfg: &J) -> R<Compiled> {
 
     let mut el = Elab::new(prog, cfg);
     let images_per_sample: u64 = groups.iter().map(|g| g.1).sum();
-    let ModelOut { inputs: data, trunk_out, output } =
+    let ModelOut { inputs: data, features: trunk_features, output } =
         run_model(&mut el, prog, &online, Images::New { groups: &groups, prefix: "data" }, "")?;
-    let trunk_output = el.graph.ty(trunk_out).shape.clone();
+    let trunk_output = el.graph.ty(trunk_features[0]).shape.clone();
 
     let mut named = Vec::new();
     if loss_name == "moco_loss" {
@@ -513,11 +549,25 @@ pub fn compile(prog: &Program, cfg: &J) -> R<Compiled> {
     }
     el.graph.set_output("loss", l);
     freeze(&mut el.graph, cfg)?;
+    // VISSL's feature extractor: the trunk (and with FREEZE_TRUNK_AND_HEAD
+    // the heads) get no gradient and no optimizer state (reference 7.2).
+    if eval.frozen_trunk {
+        freeze_prefix(&mut el.graph, "trunk.");
+    }
+    if eval.frozen_heads {
+        freeze_prefix(&mut el.graph, "heads.");
+    }
     el.graph.verify().map_err(|e| CompileError::Config(format!("internal error, the IR does not verify: {e}")))?;
-    let composition =
-        Composition { trunk: online.trunk_name, heads: online.heads, loss: loss_name, images_per_sample, trunk_output };
+    let composition = Composition {
+        trunk: online.trunk_name,
+        heads: online.heads,
+        loss: loss_name,
+        images_per_sample,
+        trunk_output,
+        features: eval.features,
+    };
     let param_groups = param_groups(&el.graph, cfg);
-    Ok(Compiled { graph: el.graph, composition, param_groups })
+    Ok(Compiled { graph: el.graph, trunk_features, composition, param_groups })
 }
 
 /// The prototype weights of a swav_head (`heads.<i>[.<j>].prototypes<k>.weight`),

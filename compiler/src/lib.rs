@@ -5,6 +5,7 @@ pub mod autodiff;
 pub mod compose;
 pub mod config;
 pub mod elaborate;
+pub mod feature_eval;
 pub mod ir;
 pub mod memory;
 pub mod param_groups;

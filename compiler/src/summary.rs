@@ -38,6 +38,8 @@ pub struct Summary {
     pub forward_gflops_per_image: f64,
     pub ir_nodes: usize,
     pub trunk_output_dim: u64,
+    /// Linear evaluation: the trunk's features by name, one per head.
+    pub features: Vec<String>,
     pub inputs: Vec<TensorInfo>,
     pub outputs: Vec<TensorInfo>,
     /// Optimizer parameter groups (VISSL's weight-decay rules).
@@ -109,6 +111,7 @@ pub fn summarize(config_name: &str, c: &Compiled) -> Summary {
         forward_gflops_per_image: model_flops as f64 / c.composition.images_per_sample.max(1) as f64 / 1e9,
         ir_nodes: g.node_count(),
         trunk_output_dim: c.composition.trunk_output.last().and_then(|d| d.as_const()).unwrap_or(0),
+        features: c.composition.features.clone(),
         inputs: g.inputs().into_iter().map(|(v, n)| info(n, v)).collect(),
         outputs: g.outputs().iter().map(|(n, v)| info(n, *v)).collect(),
         param_groups: c
@@ -167,7 +170,12 @@ impl Summary {
         let g = self.forward_gflops_per_image;
         let flops = if g >= 0.1 { format!("{g:.2} GFLOPs") } else { format!("{:.3} MFLOPs", g * 1e3) };
         let _ = writeln!(s, "forward    {flops} per image (matrix products, multiply-add = 2)");
-        let _ = writeln!(s, "features   {} (trunk output dim)", self.trunk_output_dim);
+        if self.features.is_empty() {
+            let _ = writeln!(s, "features   {} (trunk output dim)", self.trunk_output_dim);
+        } else {
+            let names = self.features.join(", ");
+            let _ = writeln!(s, "features   {names} (frozen trunk in eval mode, feature i to head i)");
+        }
         let _ = writeln!(s, "IR         {} nodes", group(self.ir_nodes as u64));
         let ins: Vec<String> = self.inputs.iter().map(|t| format!("{} {} {}", t.name, t.shape, t.dtype)).collect();
         let _ = writeln!(s, "inputs     {}", ins.join(", "));

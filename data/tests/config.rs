@@ -119,7 +119,7 @@ fn stage_order_is_checked() {
 /// Every TRANSFORMS list under configs/ (DATA.TRAIN and DATA.TEST), parsed
 /// from the YAML files.
 fn config_lists() -> Vec<(String, Value)> {
-    let files = common::config_files(&["pretrain", "quickstart"]);
+    let files = common::config_files(&["benchmark", "pretrain", "quickstart"]);
     let mut lists = Vec::new();
     for f in files {
         let text = std::fs::read_to_string(&f).unwrap();

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use tessera_runtime::weights::{read_safetensors, write_safetensors, NamedTensor};
 
 pub const POINTER: &str = "checkpoint.json";
-const MODEL: &str = "model.safetensors";
+pub const MODEL: &str = "model.safetensors";
 const OPTIMIZER: &str = "optimizer.safetensors";
 const ENGINE: &str = "engine.json";
 

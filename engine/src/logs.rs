@@ -135,9 +135,13 @@ impl RunLog {
             let it = record["iteration"].as_u64().unwrap_or(0);
             for (key, prefix) in [("train_accuracy_list_meter", "Training"), ("test_accuracy_list_meter", "Testing")] {
                 if let Some(Value::Object(ks)) = record.get(key) {
+                    // VISSL's tag per output: Accuracy_top_1_Output_0 (or the meter's name).
                     for (k, per) in ks {
-                        if let Some(v) = per.get("0").and_then(Value::as_f64) {
-                            let _ = tb.scalars(it, &[(&format!("{prefix}/Accuracy_{k}_Output_0"), v as f32)]);
+                        for (output, v) in per.as_object().into_iter().flatten() {
+                            if let Some(v) = v.as_f64() {
+                                let _ =
+                                    tb.scalars(it, &[(&format!("{prefix}/Accuracy_{k}_Output_{output}"), v as f32)]);
+                            }
                         }
                     }
                 }
@@ -222,7 +226,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let mut log = RunLog::open(&dir, Some(dir.join("tensorboard")), true).unwrap();
         log.step(&serde_json::json!({"iteration": 3, "epoch": 0, "loss": 2.0, "lr": 0.001, "images_per_sec": 10.0, "eta_seconds": 5.0}));
-        log.phase(&serde_json::json!({"iteration": 3, "phase_idx": 0, "train_phase_idx": 0, "train_accuracy_list_meter": {"top_1": {"0": 50.0}}}));
+        log.phase(&serde_json::json!({"iteration": 3, "phase_idx": 0, "train_phase_idx": 0, "train_accuracy_list_meter": {"top_1": {"0": 50.0, "lastCLS": 25.0}}}));
         log.flush();
         let stdout: Value =
             serde_json::from_str(std::fs::read_to_string(dir.join("stdout.json")).unwrap().trim()).unwrap();
@@ -234,6 +238,11 @@ mod tests {
         let tb: Vec<_> = std::fs::read_dir(dir.join("tensorboard")).unwrap().flatten().collect();
         assert_eq!(tb.len(), 1);
         assert!(tb[0].file_name().to_string_lossy().starts_with("events.out.tfevents."));
+        // One scalar per output (head) of the meter.
+        let events = String::from_utf8_lossy(&std::fs::read(tb[0].path()).unwrap()).into_owned();
+        for tag in ["Training/Accuracy_top_1_Output_0", "Training/Accuracy_top_1_Output_lastCLS"] {
+            assert!(events.contains(tag), "no {tag} in the events file");
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -5,6 +5,9 @@
 //! predictions: 1 or 0 for hard labels (standard top-k), and a fraction for
 //! MixUp/CutMix soft targets, as VISSL's training meter does. The value is
 //! `round(score / samples, 6) * 100`.
+//!
+//! Meters are keyed by output index, or by name when the config gives names
+//! (VISSL names them after the linear-evaluation features).
 
 use serde_json::{json, Map, Value};
 
@@ -14,6 +17,9 @@ pub struct AccuracyListMeter {
     /// Per output, per k: summed scores.
     scores: Vec<Vec<f64>>,
     samples: Vec<u64>,
+    /// One key per meter in the JSON form (empty: the output index).
+    #[serde(default)]
+    names: Vec<String>,
 }
 
 /// What one sample's target is.
@@ -26,7 +32,24 @@ pub enum Target<'a> {
 
 impl AccuracyListMeter {
     pub fn new(num_meters: usize, topk: Vec<usize>) -> Self {
-        AccuracyListMeter { scores: vec![vec![0.0; topk.len()]; num_meters], samples: vec![0; num_meters], topk }
+        AccuracyListMeter {
+            scores: vec![vec![0.0; topk.len()]; num_meters],
+            samples: vec![0; num_meters],
+            topk,
+            names: Vec::new(),
+        }
+    }
+
+    /// Names the meters (one name each) in the JSON form.
+    pub fn with_names(mut self, names: Vec<String>) -> Self {
+        assert_eq!(names.len(), self.num_meters(), "one name per meter");
+        self.names = names;
+        self
+    }
+
+    /// The JSON key of meter `m`.
+    pub fn key(&self, m: usize) -> String {
+        self.names.get(m).cloned().unwrap_or_else(|| m.to_string())
     }
 
     pub fn num_meters(&self) -> usize {
@@ -86,7 +109,7 @@ impl AccuracyListMeter {
         let mut out = Map::new();
         for (i, k) in self.topk.iter().enumerate() {
             let per: Map<String, Value> =
-                (0..self.num_meters()).map(|m| (m.to_string(), json!(self.value(m, i)))).collect();
+                (0..self.num_meters()).map(|m| (self.key(m), json!(self.value(m, i)))).collect();
             out.insert(format!("top_{k}"), Value::Object(per));
         }
         Value::Object(out)
@@ -118,6 +141,14 @@ mod tests {
         assert!((m.value(0, 0) - 30.0).abs() < 1e-9);
         // k = 5 > 3 classes: every class counts.
         assert!((m.value(0, 1) - 70.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn named_meters_report_under_their_names() {
+        let mut m = AccuracyListMeter::new(2, vec![1]).with_names(vec!["concatCLS4".into(), "lastCLS".into()]);
+        m.update(0, &[0.9, 0.1], 2, &[Target::Class(0)]);
+        m.update(1, &[0.9, 0.1], 2, &[Target::Class(1)]);
+        assert_eq!(m.to_json(), json!({"top_1": {"concatCLS4": 100.0, "lastCLS": 0.0}}));
     }
 
     #[test]

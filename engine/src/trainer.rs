@@ -216,8 +216,11 @@ impl Steps<'_> {
     }
 }
 
-/// The meter of a config (`METERS.name: accuracy_list_meter`), if any.
-fn meter_of(cfg: &Value) -> Result<Option<AccuracyListMeter>, EngineError> {
+/// The meter of a config (`METERS.name: accuracy_list_meter`), if any. In
+/// linear evaluation (`features` not empty) VISSL sets one meter per
+/// feature, named after it (infer_and_assert_hydra_config); tessera appends
+/// the head index to a name that repeats, so that no meter hides another.
+fn meter_of(cfg: &Value, features: &[String]) -> Result<Option<AccuracyListMeter>, EngineError> {
     let names: Vec<&str> = match get(cfg, "METERS.names").and_then(Value::as_array) {
         Some(a) if !a.is_empty() => a.iter().filter_map(Value::as_str).collect(),
         _ => vec![get_str(cfg, "METERS.name")],
@@ -225,17 +228,44 @@ fn meter_of(cfg: &Value) -> Result<Option<AccuracyListMeter>, EngineError> {
     match names.as_slice() {
         [""] | [] => Ok(None),
         ["accuracy_list_meter"] => {
-            let n = get_u64(cfg, "METERS.accuracy_list_meter.num_meters")? as usize;
             let topk: Vec<usize> = get(cfg, "METERS.accuracy_list_meter.topk_values")
                 .and_then(Value::as_array)
                 .map(|a| a.iter().filter_map(Value::as_u64).map(|k| k as usize).collect())
                 .unwrap_or_else(|| vec![1]);
-            Ok(Some(AccuracyListMeter::new(n, topk)))
+            let given: Vec<String> = get(cfg, "METERS.accuracy_list_meter.meter_names")
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
+                .unwrap_or_default();
+            let names = if given.is_empty() { feature_meter_names(features) } else { given };
+            let n = if features.is_empty() {
+                get_u64(cfg, "METERS.accuracy_list_meter.num_meters")? as usize
+            } else {
+                features.len()
+            };
+            let meter = AccuracyListMeter::new(n, topk);
+            match names.len() {
+                0 => Ok(Some(meter)),
+                k if k == n => Ok(Some(meter.with_names(names))),
+                k => Err(EngineError::Config(format!(
+                    "config key `METERS.accuracy_list_meter.meter_names` lists {k} names for {n} meters"
+                ))),
+            }
         }
         other => Err(EngineError::Config(format!(
             "config key `METERS.name`: {other:?} is not supported; tessera has accuracy_list_meter (or \"\" for none)"
         ))),
     }
+}
+
+/// Meter names of linear evaluation: the feature names, with `_head{i}`
+/// appended to those that several heads share (VISSL's vit_b16 evaluates
+/// each feature with two heads).
+fn feature_meter_names(features: &[String]) -> Vec<String> {
+    features
+        .iter()
+        .enumerate()
+        .map(|(i, f)| if features.iter().filter(|g| *g == f).count() > 1 { format!("{f}_head{i}") } else { f.clone() })
+        .collect()
 }
 
 /// Feeds one batch's model outputs to the meter.
@@ -252,6 +282,13 @@ fn update_meter(
     while let Some(t) = outputs.get(&format!("output.{i}")) {
         heads.push(t);
         i += 1;
+    }
+    if heads.len() < meter.num_meters() {
+        return Err(EngineError::Config(format!(
+            "config key `METERS.accuracy_list_meter.num_meters` is {} but the model has {} outputs (one per head of MODEL.HEAD.PARAMS)",
+            meter.num_meters(),
+            heads.len()
+        )));
     }
     for (m, out) in heads.iter().take(meter.num_meters()).enumerate() {
         let (Some(logits), &[n, k]) = (out.as_f32(), &out.shape[..]) else {
@@ -338,19 +375,29 @@ fn weights_init(ex: &mut CpuExecutor, cfg: &Value, log: &mut RunLog) -> Result<(
     if file.is_empty() {
         return Ok(());
     }
-    let path = Path::new(file);
+    // A checkpoint directory stands for its model.safetensors.
+    let path = match Path::new(file) {
+        p if p.is_dir() => p.join(checkpoint::MODEL),
+        p => p.to_path_buf(),
+    };
     let skip: Vec<&str> = get(cfg, "MODEL.WEIGHTS_INIT.SKIP_LAYERS")
         .and_then(Value::as_array)
         .map(|a| a.iter().filter_map(Value::as_str).collect())
         .unwrap_or_default();
     let remove = get_str(cfg, "MODEL.WEIGHTS_INIT.REMOVE_PREFIX");
     let append = get_str(cfg, "MODEL.WEIGHTS_INIT.APPEND_PREFIX");
-    let expected = model_tensors(ex.plan());
+    // VISSL loads a file's heads only when fine-tuning or with
+    // EVAL_TRUNK_AND_HEAD (checkpoint.py should_init_head_weights): linear
+    // evaluation trains new heads on the file's trunk.
+    let eval = |k: &str| get_bool(cfg, &format!("MODEL.FEATURE_EVAL_SETTINGS.{k}"));
+    let trunk_only = eval("EVAL_MODE_ON") && !eval("EVAL_TRUNK_AND_HEAD");
+    let expected: Vec<(String, Vec<usize>)> =
+        model_tensors(ex.plan()).into_iter().filter(|(n, _)| !trunk_only || n.starts_with("trunk.")).collect();
     let renamed = |name: &str| -> String {
         let n = name.strip_prefix(remove).filter(|_| !remove.is_empty()).unwrap_or(name);
         format!("{append}{n}")
     };
-    let mut tensors = tessera_runtime::weights::read_safetensors(path)
+    let mut tensors = tessera_runtime::weights::read_safetensors(&path)
         .map_err(|e| EngineError::Config(format!("MODEL.WEIGHTS_INIT.PARAMS_FILE: {e}")))?;
     let before = tensors.len();
     tensors.retain(|t| !skip.iter().any(|s| !s.is_empty() && t.name.contains(s)));
@@ -364,14 +411,27 @@ fn weights_init(ex: &mut CpuExecutor, cfg: &Value, log: &mut RunLog) -> Result<(
     let matched = match_weights_with(&expected, tensors, format, options)
         .map_err(|e| EngineError::Config(format!("MODEL.WEIGHTS_INIT.PARAMS_FILE {file}: {e}")))?;
     let loaded = matched.tensors.len();
+    // A frozen trunk that keeps its random values is never what linear
+    // evaluation means: none loaded is an error, some missing a warning.
+    if trunk_only && loaded == 0 && !expected.is_empty() {
+        return Err(EngineError::Config(format!(
+            "MODEL.WEIGHTS_INIT.PARAMS_FILE {file}: no trunk tensor of the file fits this model's trunk, which linear evaluation (MODEL.FEATURE_EVAL_SETTINGS.EVAL_MODE_ON) would then evaluate at random initialisation; check the file, REMOVE_PREFIX / APPEND_PREFIX and SKIP_LAYERS"
+        )));
+    }
     set_loaded(ex, matched.tensors, "", "MODEL.WEIGHTS_INIT")?;
     log.info(&format!(
-        "initialised {loaded} tensors from {file} ({skipped} skipped by SKIP_LAYERS, {} not in the file, {} unused)",
+        "initialised {loaded} tensors from {file} ({skipped} skipped by SKIP_LAYERS, {} not in the file, {} unused{})",
         matched.missing.len(),
-        matched.unused.len()
+        matched.unused.len(),
+        if trunk_only { ": linear evaluation loads the trunk only" } else { "" }
     ));
     if !matched.missing.is_empty() {
-        log.info(&format!("  kept their initial values: {}", matched.missing.join(", ")));
+        let kept = format!("  kept their initial values: {}", matched.missing.join(", "));
+        if trunk_only {
+            log.warn(&kept);
+        } else {
+            log.info(&kept);
+        }
     }
     Ok(())
 }
@@ -657,7 +717,7 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
     let key = (batch, stages.id(start_at));
     let mut steps = Steps { prog: setup.prog, cfg, stages, seed, by_key: HashMap::from([(key, first)]), current: key };
 
-    let mut meter = meter_of(cfg)?;
+    let mut meter = meter_of(cfg, &compiled.composition.features)?;
     let train_meter = get_bool(cfg, "METERS.enable_training_meter");
     let mut state = EngineState {
         version: FORMAT_VERSION,

@@ -334,6 +334,57 @@ fn prepend(token: &Tensor, x: &Tensor) -> Tensor {
     Tensor::cat(&[&token.expand([b, 1, d], false), x], 1)
 }
 
+/// The ViT trunk's block outputs `[B, N, D]`, before the final norm.
+pub fn vit_blocks(spec: &ModelSpec, p: &Params, x: &Tensor) -> Vec<Tensor> {
+    let s = &spec.vit;
+    let mut t = patch_embed(s, p, x, "trunk.patch_embed.proj");
+    // Reference 1.6: class token, then pos_embed over all tokens.
+    if s.class_token {
+        t = prepend(p.get("trunk.cls_token"), &t);
+    }
+    t = &t + p.get("trunk.pos_embed");
+    let mut outs = Vec::new();
+    for i in 0..s.layers {
+        t = block(s, None, p, &t, &format!("trunk.blocks.{i}"), ["fc1", "fc2"]);
+        outs.push(t.shallow_clone());
+    }
+    outs
+}
+
+/// VISSL's linear-evaluation features of the ViT trunk (reference 1.6), by
+/// name: the class token (or the token mean) of the chosen blocks' outputs,
+/// each through the final norm, concatenated in block order.
+pub fn vit_features(spec: &ModelSpec, p: &Params, x: &Tensor, names: &[&str]) -> Vec<Tensor> {
+    let blocks = vit_blocks(spec, p, x);
+    let l = blocks.len();
+    let normed = |t: &Tensor, pool: bool| {
+        let t = layer_norm(p, t, "trunk.norm", spec.vit.eps);
+        if pool {
+            t.mean_dim([1i64].as_slice(), false, Kind::Float)
+        } else {
+            t.select(1, 0)
+        }
+    };
+    let last = |k: usize, pool: bool| {
+        let parts: Vec<Tensor> = blocks[l - k..].iter().map(|t| normed(t, pool)).collect();
+        Tensor::cat(&parts, 1)
+    };
+    names
+        .iter()
+        .map(|name| match *name {
+            "lastCLS" => last(1, false),
+            "lastPOOL" => last(1, true),
+            n if n.starts_with("concatCLS") => last(n["concatCLS".len()..].parse().unwrap(), false),
+            n if n.starts_with("concatPOOL") => last(n["concatPOOL".len()..].parse().unwrap(), true),
+            n if n.starts_with("blkCLS") => {
+                let i: i64 = n["blkCLS".len()..].parse().unwrap();
+                normed(&blocks[if i < 0 { (l as i64 + i) as usize } else { i as usize }], false)
+            }
+            n => panic!("oracle model: feature {n} is not implemented"),
+        })
+        .collect()
+}
+
 /// The trunk's feature `[B, D]` (a distilled trunk's class token).
 pub fn trunk(spec: &ModelSpec, p: &Params, x: &Tensor) -> Tensor {
     trunk_features(spec, p, x).swap_remove(0)

@@ -460,7 +460,7 @@ fn tensor_op(el: &mut Elab, env: &mut Env, name: &str, a: &mut Args, span: Span)
             let momentum = a.f64(el, 6, "momentum", None)?;
             if el.eval_mode {
                 // The step's batch_norm uses batch statistics; eval mode would need the running ones.
-                return Err(el.err(span, "BatchNorm is not supported in a model run in eval mode inside a training step (a distillation teacher)".to_string()));
+                return Err(el.err(span, "BatchNorm is not supported in a model run in eval mode inside a training step (a frozen trunk or head, a distillation teacher)".to_string()));
             }
             return el.op(env, Op::BatchNorm { eps, momentum }, &ts, span);
         }

@@ -46,9 +46,10 @@ pub struct Elab<'a> {
     /// buffer's name without this prefix; `m` is this scalar input), which is
     /// also its new value (MoCo's key encoder, reference 4.1).
     pub ema: Option<(ValueId, String)>,
-    /// When set, dropout, drop-path and attention dropout are identities and
-    /// BatchNorm is an error: a model run forward-only in eval mode within a
-    /// training step (DeiT's distillation teacher).
+    /// When set, blocks run as PyTorch modules in eval mode: dropout,
+    /// drop-path and attention dropout are identities and BatchNorm is an
+    /// error (VISSL's frozen trunk in linear evaluation, reference 7.2; DeiT's
+    /// distillation teacher, run forward-only inside a training step).
     pub eval_mode: bool,
     /// Call stack, for the notes of an error: (block, call site, scope).
     stack: Vec<(String, Option<Span>, String)>,
