@@ -214,7 +214,7 @@ fn quickstarts_are_cpu_sized() {
         &json!(["vision_transformer_head", {"in_plane": 64, "hidden_dim": 32, "num_classes": 10}])
     );
     let swav = embedded("quickstart/swav_vit_tiny", &[]).unwrap();
-    assert_eq!(get(&swav, "MODEL.HEAD.PARAMS.0.1.num_clusters"), &json!([20]));
+    assert_eq!(get(&swav, "MODEL.HEAD.PARAMS.0.1.num_clusters"), &json!([100]));
 }
 
 // ------------------------------------------------------------------------------------
