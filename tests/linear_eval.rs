@@ -236,6 +236,8 @@ fn linear_eval_of_a_moco_checkpoint_trains_heads_on_its_unchanged_trunk() {
     let a = ["train", "config=quickstart/moco_vit_tiny", "OPTIMIZER.num_epochs=1", "-q"];
     let mut a: Vec<String> = a.iter().map(|s| s.to_string()).collect();
     a.push(format!("CHECKPOINT.DIR={}", moco.display()));
+    a.push(format!("DATA.TRAIN.DATA_PATHS=[{}]", data.join("train").display()));
+    a.push("DATA.TRAIN.BATCHSIZE_PER_REPLICA=16".into());
     ok(&tessera(&a));
     let pretrained = moco.join("model_final_checkpoint_phase0");
 
