@@ -121,9 +121,11 @@ fn write_file_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     result
 }
 
-/// Test hook: fail the write after the model file, as a full disk would.
+/// Test hook: writes into this directory fail after the model file, as a
+/// full disk would. Scoped to one directory so that tests running at the
+/// same time in the process are not affected.
 #[doc(hidden)]
-pub static FAIL_AFTER_MODEL_FILE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+pub static FAIL_AFTER_MODEL_FILE: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
 
 /// Writes checkpoint `name` in `dir` and points `checkpoint.json` at it.
 pub fn write(dir: &Path, name: &str, ckpt: &Checkpoint) -> Result<PathBuf, CheckpointError> {
@@ -136,7 +138,7 @@ pub fn write(dir: &Path, name: &str, ckpt: &Checkpoint) -> Result<PathBuf, Check
         fs::create_dir(&tmp).map_err(|e| e.to_string())?;
         let meta = BTreeMap::from([("format".to_string(), "tessera".to_string())]);
         write_safetensors(&tmp.join(MODEL), &ckpt.model, &meta).map_err(|e| e.to_string())?;
-        if FAIL_AFTER_MODEL_FILE.load(std::sync::atomic::Ordering::SeqCst) {
+        if FAIL_AFTER_MODEL_FILE.lock().map(|d| d.as_deref() == Some(dir)).unwrap_or(false) {
             return Err("No space left on device (os error 28)".into());
         }
         write_safetensors(&tmp.join(OPTIMIZER), &ckpt.optimizer, &meta).map_err(|e| e.to_string())?;
@@ -310,9 +312,9 @@ mod tests {
     fn a_failed_write_leaves_the_previous_checkpoint_and_pointer() {
         let dir = tmpdir("fail");
         write(&dir, "model_phase0", &ckpt(10, 1.0)).unwrap();
-        FAIL_AFTER_MODEL_FILE.store(true, std::sync::atomic::Ordering::SeqCst);
+        *FAIL_AFTER_MODEL_FILE.lock().unwrap() = Some(dir.clone());
         let e = write(&dir, "model_phase1", &ckpt(20, 2.0)).unwrap_err();
-        FAIL_AFTER_MODEL_FILE.store(false, std::sync::atomic::Ordering::SeqCst);
+        *FAIL_AFTER_MODEL_FILE.lock().unwrap() = None;
         let msg = e.to_string();
         assert!(
             msg.contains("model_phase1")
