@@ -8,27 +8,14 @@
 //! checked against libtorch in `tests/torch_parity_distillation.rs`.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use tessera_compiler::{compose::compile, config, elaborate::Program, pipeline::inference_plan, plan::Source};
 use tessera_runtime::cpu::{CpuExecutor, Tensor};
 use tessera_runtime::weights::{
     export, model_tensors, read_safetensors, write_safetensors, NamedTensor, WeightsFormat,
 };
 
-fn tmpdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("tessera-distill-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn tessera(args: &[String]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tessera")).args(args).output().unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
-}
+mod cli;
+use cli::{run, synth_folder, text, tmpdir};
 
 /// A teacher unlike the student (one block, width 32), on 4 classes.
 const TEACHER: &str = "# @package _global_
@@ -67,16 +54,6 @@ fn teacher(dir: &Path, format: WeightsFormat, seed: u64) -> (PathBuf, PathBuf, V
     let path = dir.join(format!("teacher-{format}.safetensors"));
     write_safetensors(&path, &export(&weights, format), &Default::default()).unwrap();
     (cfg_path, path, weights)
-}
-
-/// A generated folder of 4 classes, 8 training and 4 validation images each.
-fn folder(root: &Path) -> PathBuf {
-    let out = root.join("data");
-    let args = ["data", "synth", "--out", out.to_str().unwrap(), "--classes", "4"];
-    let more = ["--train-per-class", "8", "--val-per-class", "4"];
-    let o = tessera(&args.iter().chain(&more).map(|s| s.to_string()).collect::<Vec<_>>());
-    assert!(o.status.success(), "{}", text(&o));
-    out
 }
 
 /// The quickstart distilled DeiT on `data` with 4 classes: one epoch of 2 steps of batch 16, then a test phase.
@@ -127,10 +104,10 @@ fn losses(dir: &Path) -> Vec<f64> {
 /// changed, teacher buffers exactly the file's.
 fn trains_with_a_frozen_teacher(kind: &str, format: WeightsFormat) {
     let root = tmpdir(&format!("{kind}-{format}"));
-    let data = folder(&root);
+    let data = synth_folder(&root, 4, 8, 4);
     let (tcfg, tweights, want) = teacher(&root, format, 5);
     let ckpt = root.join("run");
-    let o = tessera(&train_args(&data, &ckpt, &teacher_overrides(&tcfg, &tweights, kind, format)));
+    let o = run(&train_args(&data, &ckpt, &teacher_overrides(&tcfg, &tweights, kind, format)));
     assert!(o.status.success(), "{}", text(&o));
     let l = losses(&ckpt);
     assert_eq!(l.len(), 2, "two steps logged: {l:?}");
@@ -168,18 +145,18 @@ fn soft_distillation_trains_with_a_frozen_timm_teacher() {
 #[test]
 fn a_missing_teacher_file_names_the_key_and_the_file() {
     let root = tmpdir("missing");
-    let data = folder(&root);
+    let data = synth_folder(&root, 4, 8, 4);
     let (tcfg, _, _) = teacher(&root, WeightsFormat::Tessera, 5);
     let absent = root.join("no-such-teacher.safetensors");
     let ov = teacher_overrides(&tcfg, &absent, "hard", WeightsFormat::Tessera);
-    let o = tessera(&train_args(&data, &root.join("run"), &ov));
+    let o = run(&train_args(&data, &root.join("run"), &ov));
     assert!(!o.status.success());
     let err = text(&o);
     assert!(err.contains("LOSS.distillation.teacher_weights"), "{err}");
     assert!(err.contains(&absent.display().to_string()), "{err}");
     // An empty key is refused too, before any step.
     let ov = teacher_overrides(&tcfg, Path::new(""), "soft", WeightsFormat::Tessera);
-    let o = tessera(&train_args(&data, &root.join("run2"), &ov));
+    let o = run(&train_args(&data, &root.join("run2"), &ov));
     assert!(!o.status.success());
     assert!(text(&o).contains("`LOSS.distillation.teacher_weights` is empty"), "{}", text(&o));
     std::fs::remove_dir_all(&root).unwrap();
@@ -281,7 +258,7 @@ fn the_timm_deit_tiny_distilled_config_runs_under_tessera_infer() {
     let mut a: Vec<String> = args.iter().map(|s| s.to_string()).collect();
     a.extend([w.display().to_string(), "--input".into(), x.display().to_string(), "--output".into()]);
     a.push(y.display().to_string());
-    let o = tessera(&a);
+    let o = run(&a);
     assert!(o.status.success(), "{}", text(&o));
     let got: std::collections::BTreeMap<String, NamedTensor> =
         read_safetensors(&y).unwrap().into_iter().map(|t| (t.name.clone(), t)).collect();
@@ -305,12 +282,12 @@ fn infer_with_targets_refuses_a_distillation_loss() {
         }
         a.push(p.display().to_string());
     }
-    let o = tessera(&a);
+    let o = run(&a);
     assert!(!o.status.success());
     assert!(text(&o).contains("add LOSS.distillation.type=none"), "{}", text(&o));
     // With the suggested override, the class head's loss is computed.
     a.insert(2, "LOSS.distillation.type=none".into());
-    let o = tessera(&a);
+    let o = run(&a);
     assert!(o.status.success(), "{}", text(&o));
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -7,8 +7,7 @@
 
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
 use tessera_compiler::config;
 use tessera_compiler::elaborate::Program;
 use tessera_compiler::pipeline::training_plan;
@@ -16,6 +15,9 @@ use tessera_compiler::plan::Plan;
 use tessera_compiler::Compiled;
 use tessera_runtime::cpu::{CpuExecutor, Tensor};
 use tessera_runtime::weights::{read_safetensors, NamedTensor};
+
+mod cli;
+use cli::{ok, run, synth_folder, tmpdir};
 
 const LINEAR_EVAL: &str = "quickstart/linear_eval_vit_tiny";
 const BENCHMARK: &str = "benchmark/linear_image_classification/imagenet1k";
@@ -184,31 +186,6 @@ fn bad_feature_settings_are_errors_naming_the_key() {
 
 // ---- `tessera train` ------------------------------------------------------
 
-fn tessera(args: &[String]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tessera")).args(args).output().expect("run tessera")
-}
-
-fn ok(o: &Output) {
-    assert!(o.status.success(), "{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-}
-
-fn tmpdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("tessera-linear-eval-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-/// A generated image folder of 4 classes, 32 training and 8 validation images each.
-fn folder(root: &Path) -> PathBuf {
-    let out = root.join("data");
-    let args = ["data", "synth", "--out", out.to_str().unwrap(), "--classes", "4"];
-    let mut a: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    a.extend(["--train-per-class", "32", "--val-per-class", "8"].map(String::from));
-    ok(&tessera(&a));
-    out
-}
-
 fn data_args(data: &Path, batch: usize) -> Vec<String> {
     vec![
         format!("DATA.TRAIN.DATA_PATHS=[{}]", data.join("train").display()),
@@ -231,14 +208,14 @@ fn under<'a>(m: &'a BTreeMap<String, NamedTensor>, prefix: &str) -> BTreeMap<&'a
 #[test]
 fn linear_eval_of_a_moco_checkpoint_trains_heads_on_its_unchanged_trunk() {
     let root = tmpdir("moco");
-    let data = folder(&root);
+    let data = synth_folder(&root, 4, 32, 8);
     let moco = root.join("moco");
     let a = ["train", "config=quickstart/moco_vit_tiny", "OPTIMIZER.num_epochs=1", "-q"];
     let mut a: Vec<String> = a.iter().map(|s| s.to_string()).collect();
     a.push(format!("CHECKPOINT.DIR={}", moco.display()));
     a.push(format!("DATA.TRAIN.DATA_PATHS=[{}]", data.join("train").display()));
     a.push("DATA.TRAIN.BATCHSIZE_PER_REPLICA=16".into());
-    ok(&tessera(&a));
+    ok(&run(&a));
     let pretrained = moco.join("model_final_checkpoint_phase0");
 
     // heads.0's names are MoCo's projection head's with other shapes: loading
@@ -261,10 +238,10 @@ fn linear_eval_of_a_moco_checkpoint_trains_heads_on_its_unchanged_trunk() {
     let optimizer_file = pretrained.join("optimizer.safetensors");
     wrong.push(format!("MODEL.WEIGHTS_INIT.PARAMS_FILE={}", optimizer_file.display()));
     wrong.push(format!("CHECKPOINT.DIR={}", root.join("wrong").display()));
-    let o = tessera(&wrong);
+    let o = run(&wrong);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("no trunk tensor"), "{err}");
-    ok(&tessera(&a));
+    ok(&run(&a));
     let log = std::fs::read_to_string(eval.join("log.txt")).unwrap();
     assert!(log.contains("loads the trunk only"), "{log}");
 
@@ -307,7 +284,7 @@ fn linear_eval_of_a_moco_checkpoint_trains_heads_on_its_unchanged_trunk() {
 #[test]
 fn the_imagenet_benchmark_config_runs_two_steps_on_a_small_folder() {
     let root = tmpdir("bench");
-    let data = folder(&root);
+    let data = synth_folder(&root, 4, 32, 8);
     let vt = "MODEL.TRUNK.VISION_TRANSFORMERS";
     let mut a = vec![
         "train".to_string(),
@@ -330,7 +307,7 @@ fn the_imagenet_benchmark_config_runs_two_steps_on_a_small_folder() {
         "2".into(),
     ];
     a.extend(data_args(&data, 8));
-    ok(&tessera(&a));
+    ok(&run(&a));
     let records: Vec<Value> = std::fs::read_to_string(root.join("run").join("stdout.json"))
         .unwrap()
         .lines()

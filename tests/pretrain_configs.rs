@@ -8,12 +8,10 @@
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use tessera_compiler::config;
 
-fn tessera() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_tessera"))
-}
+mod cli;
+use cli::{records, run, synth_folder, text};
 
 /// Config names (`pretrain/vision_transformer/moco/vit_b16`) under `dir`.
 fn configs_under(root: &Path, dir: &Path, out: &mut Vec<String>) {
@@ -92,26 +90,11 @@ fn tiny_overrides(name: &str, data: &Path, ckpt: &Path) -> Vec<String> {
     ov
 }
 
-fn records(dir: &Path) -> Vec<Value> {
-    std::fs::read_to_string(dir.join("stdout.json"))
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 #[test]
 fn every_pretrain_config_trains_two_steps_with_finite_losses() {
     let root = std::env::temp_dir().join(format!("tessera-pretrain-configs-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
-    let data = root.join("data");
-    let st = tessera()
-        .args(["data", "synth", "--out"])
-        .arg(&data)
-        .args(["--classes", "4", "--train-per-class", "8", "--val-per-class", "4"])
-        .status()
-        .unwrap();
-    assert!(st.success());
+    let data = synth_folder(&root, 4, 8, 4);
     let configs_root = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
     let mut names = Vec::new();
     configs_under(&configs_root, &configs_root.join("pretrain/vision_transformer"), &mut names);
@@ -122,16 +105,16 @@ fn every_pretrain_config_trains_two_steps_with_finite_losses() {
         let mut args = vec!["train".to_string(), format!("config={name}")];
         args.extend(tiny_overrides(name, &data, &ckpt));
         args.extend(["--max-steps".into(), "2".into(), "-q".into()]);
-        let out = tessera().args(&args).output().unwrap();
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let out = run(&args);
         let losses: Vec<f64> = records(&ckpt).iter().filter_map(|r| r["loss"].as_f64()).collect();
         let ok = out.status.success() && losses.len() == 2 && losses.iter().all(|l| l.is_finite());
         eprintln!("{name}: losses {losses:?}");
         if !ok {
             failures.push(format!(
-                "{name}: exit {:?}, losses {losses:?}\n  tessera {}\n{text}",
+                "{name}: exit {:?}, losses {losses:?}\n  tessera {}\n{}",
                 out.status.code(),
-                args.join(" ")
+                args.join(" "),
+                text(&out)
             ));
         }
     }

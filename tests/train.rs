@@ -7,33 +7,12 @@
 
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn tessera() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_tessera"))
-}
-
-fn tmpdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("tessera-train-cli-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-/// A generated folder of 4 classes, 32 training and 8 validation images each.
-fn folder(root: &Path) -> PathBuf {
-    let out = root.join("data");
-    let st = tessera()
-        .args(["data", "synth", "--out"])
-        .arg(&out)
-        .args(["--classes", "4", "--train-per-class", "32", "--val-per-class", "8"])
-        .status()
-        .unwrap();
-    assert!(st.success());
-    out
-}
+mod cli;
+use cli::{command, records, run, synth_folder, text, tmpdir};
 
 /// The quickstart ViT on `data`, 4 classes, batch 16, everything logged.
 fn args(data: &Path, ckpt: &Path, epochs: u32, extra: &[&str]) -> Vec<String> {
@@ -52,22 +31,6 @@ fn args(data: &Path, ckpt: &Path, epochs: u32, extra: &[&str]) -> Vec<String> {
     ];
     a.extend(extra.iter().map(|s| s.to_string()));
     a
-}
-
-fn run(a: &[String]) -> Output {
-    tessera().args(a).output().unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
-}
-
-fn records(dir: &Path) -> Vec<Value> {
-    std::fs::read_to_string(dir.join("stdout.json"))
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 /// Loss by iteration; a redone step (after a resume) keeps its last record.
@@ -94,24 +57,24 @@ const SLOW: [&str; 3] = [
 #[test]
 fn a_run_killed_with_sigkill_resumes_to_the_same_per_step_losses() {
     let root = tmpdir("kill");
-    let data = folder(&root);
+    let data = synth_folder(&root, 4, 32, 8);
     let extra: Vec<&str> = SLOW.iter().copied().chain(["CHECKPOINT.CHECKPOINT_ITER_FREQUENCY=3"]).collect();
     let whole = root.join("whole");
     let o = run(&args(&data, &whole, 4, &extra));
-    assert!(o.status.success(), "{}", text(&o));
+    cli::ok(&o);
     let expect = losses(&whole);
     assert_eq!(expect.len(), 32, "4 epochs of 8 steps");
 
     let killed = root.join("killed");
     let mut child =
-        tessera().args(args(&data, &killed, 4, &extra)).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        command().args(args(&data, &killed, 4, &extra)).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     wait_for_records(&mut child, &killed, 13);
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     let before = records(&killed).len();
     assert!(before < 32, "killed too late");
     let o = run(&args(&data, &killed, 4, &extra));
-    assert!(o.status.success(), "{}", text(&o));
+    cli::ok(&o);
     assert!(std::fs::read_to_string(killed.join("log.txt")).unwrap().contains("resuming from"));
     assert_eq!(losses(&killed), expect, "resumed losses differ from the uninterrupted run's");
     std::fs::remove_dir_all(&root).unwrap();
@@ -120,10 +83,10 @@ fn a_run_killed_with_sigkill_resumes_to_the_same_per_step_losses() {
 #[test]
 fn sigterm_finishes_the_step_checkpoints_and_exits_cleanly() {
     let root = tmpdir("term");
-    let data = folder(&root);
+    let data = synth_folder(&root, 4, 32, 8);
     let ckpt = root.join("run");
     let child =
-        tessera().args(args(&data, &ckpt, 20, &SLOW)).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+        command().args(args(&data, &ckpt, 20, &SLOW)).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     let mut child = child;
     wait_for_records(&mut child, &ckpt, 5);
     let st = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
@@ -142,12 +105,12 @@ fn sigterm_finishes_the_step_checkpoints_and_exits_cleanly() {
 #[test]
 fn unreadable_images_become_gray_with_a_warning_or_stop_training_when_asked() {
     let root = tmpdir("corrupt");
-    let data = folder(&root);
+    let data = synth_folder(&root, 4, 32, 8);
     let bad = data.join("train").join("circle").join("circle_00003.png");
     std::fs::write(&bad, b"\x89PNG\r\n\x1a\n this is not an image").unwrap();
     let ckpt = root.join("run");
     let o = run(&args(&data, &ckpt, 1, &["TEST_MODEL=false"]));
-    assert!(o.status.success(), "{}", text(&o));
+    cli::ok(&o);
     let log = std::fs::read_to_string(ckpt.join("log.txt")).unwrap();
     assert!(log.contains("1 unreadable image(s) replaced by gray ones this epoch"), "{log}");
     assert!(log.contains("circle_00003.png"), "{log}");
@@ -162,7 +125,7 @@ fn unreadable_images_become_gray_with_a_warning_or_stop_training_when_asked() {
 #[test]
 fn bad_data_paths_fail_before_training_and_name_the_key() {
     let root = tmpdir("paths");
-    let data = folder(&root);
+    let data = synth_folder(&root, 4, 32, 8);
     let ckpt = root.join("run");
     let mut a = args(&data, &ckpt, 1, &[]);
     a[2] = format!("DATA.TRAIN.DATA_PATHS=[{}]", root.join("nowhere").display());
@@ -182,10 +145,10 @@ fn bad_data_paths_fail_before_training_and_name_the_key() {
 #[test]
 fn weights_init_starts_from_a_checkpoints_weights() {
     let root = tmpdir("init");
-    let data = folder(&root);
+    let data = synth_folder(&root, 4, 32, 8);
     let first = root.join("first");
     let o = run(&args(&data, &first, 1, &["TEST_MODEL=false"]));
-    assert!(o.status.success(), "{}", text(&o));
+    cli::ok(&o);
     let weights = first.join("model_final_checkpoint_phase0").join("model.safetensors");
     // A second run from those weights with lr 0 ends with them unchanged.
     let second = root.join("second");
@@ -200,7 +163,7 @@ fn weights_init_starts_from_a_checkpoints_weights() {
             "OPTIMIZER.param_schedulers.lr.value=0.0",
         ],
     ));
-    assert!(o.status.success(), "{}", text(&o));
+    cli::ok(&o);
     assert!(std::fs::read_to_string(second.join("log.txt")).unwrap().contains("initialised"), "no init logged");
     let a = tessera_runtime::weights::read_safetensors(&weights).unwrap();
     let b = tessera_runtime::weights::read_safetensors(

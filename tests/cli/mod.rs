@@ -1,0 +1,61 @@
+//! The `tessera` binary as the command-line tests run it: scratch
+//! directories, generated image folders, runs and their JSON step records.
+//!
+//! ```ignore
+//! mod cli;
+//! use cli::{run, synth_folder, tmpdir};
+//! ```
+#![allow(dead_code)] // each test file uses a different subset
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The binary under test, not started yet.
+pub fn command() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tessera"))
+}
+
+/// Runs `tessera ARGS` to completion.
+pub fn run(args: &[String]) -> Output {
+    command().args(args).output().expect("run tessera")
+}
+
+/// A run's stdout and stderr, for messages.
+pub fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+/// Asserts that a run succeeded, showing its output if not.
+pub fn ok(o: &Output) {
+    assert!(o.status.success(), "{}", text(o));
+}
+
+/// An empty scratch directory for this test process and `tag`.
+pub fn tmpdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("tessera-cli-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// `tessera data synth` into `root/data`: `classes` classes with
+/// `train` and `val` images each (`data/train`, `data/val`).
+pub fn synth_folder(root: &Path, classes: u32, train: u32, val: u32) -> PathBuf {
+    let out = root.join("data");
+    let mut args = vec!["data".to_string(), "synth".into(), "--out".into(), out.display().to_string()];
+    for (flag, n) in [("--classes", classes), ("--train-per-class", train), ("--val-per-class", val)] {
+        args.extend([flag.to_string(), n.to_string()]);
+    }
+    ok(&run(&args));
+    out
+}
+
+/// The step records a run wrote to `dir/stdout.json` (none if absent).
+pub fn records(dir: &Path) -> Vec<Value> {
+    std::fs::read_to_string(dir.join("stdout.json"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
