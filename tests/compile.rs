@@ -348,6 +348,15 @@ fn non_trainable_params_are_frozen_and_typos_rejected() {
         e.contains("names `trunk.cls_tokn`, which is not a parameter of this model; did you mean `trunk.cls_token`?"),
         "{e}"
     );
+    // Temporarily frozen parameters are checked the same way (the engine
+    // freezes them per span of iterations).
+    let e = err(DEIT, &["MODEL.TEMP_FROZEN_PARAMS_ITER_MAP=[[module.trunk.pos_embd, 10]]"]);
+    assert!(
+        e.contains("`MODEL.TEMP_FROZEN_PARAMS_ITER_MAP` names `trunk.pos_embd`, which is not a parameter of this model; did you mean `trunk.pos_embed`?"),
+        "{e}"
+    );
+    let e = err(DEIT, &["MODEL.TEMP_FROZEN_PARAMS_ITER_MAP=[[trunk.pos_embed]]"]);
+    assert!(e.contains("`MODEL.TEMP_FROZEN_PARAMS_ITER_MAP.0` must be [parameter name, iterations]"), "{e}");
 }
 
 #[test]

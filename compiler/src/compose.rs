@@ -598,18 +598,25 @@ fn library_block(prog: &Program, file: &str, name: &str) -> R<BlockRef> {
 /// allowed) that get `requires_grad=False`. An unknown name is an error, so a
 /// typo cannot silently train a parameter meant to stay fixed.
 fn freeze(g: &mut Graph, cfg: &J) -> R<()> {
+    // The parameter `name` (as written under `key`) of this model, or an error.
+    let param = |g: &Graph, key: &str, name: &str| -> R<ValueId> {
+        let plain = name.strip_prefix("module.").unwrap_or(name);
+        match g.state(plain) {
+            Some(v) if matches!(g.node(v).op, Op::Param { .. }) => Ok(v),
+            _ => {
+                let all: Vec<String> = g.params().into_iter().map(|(_, n, _)| n.to_string()).collect();
+                let all: Vec<&str> = all.iter().map(|s| s.as_str()).collect();
+                Err(CompileError::Config(format!(
+                    "`{key}` names `{name}`, which is not a parameter of this model{}",
+                    did_you_mean(plain, &all)
+                )))
+            }
+        }
+    };
     // Parameters frozen for their first iterations must exist too; the
     // engine freezes them (NON_TRAINABLE_PARAMS) in the plan of those iterations.
-    let temp = crate::autodiff::temp_frozen(cfg).map_err(CompileError::Config)?;
-    for (name, _) in &temp {
-        if !matches!(g.state(name).map(|v| &g.node(v).op), Some(Op::Param { .. })) {
-            let all: Vec<String> = g.params().into_iter().map(|(_, n, _)| n.to_string()).collect();
-            let all: Vec<&str> = all.iter().map(|s| s.as_str()).collect();
-            return Err(CompileError::Config(format!(
-                "`MODEL.TEMP_FROZEN_PARAMS_ITER_MAP` names `{name}`, which is not a parameter of this model{}",
-                did_you_mean(name, &all)
-            )));
-        }
+    for (name, _) in crate::autodiff::temp_frozen(cfg).map_err(CompileError::Config)? {
+        param(g, "MODEL.TEMP_FROZEN_PARAMS_ITER_MAP", &name)?;
     }
     let key = "MODEL.NON_TRAINABLE_PARAMS";
     let names: Vec<String> = match get(cfg, key) {
@@ -617,15 +624,7 @@ fn freeze(g: &mut Graph, cfg: &J) -> R<()> {
         _ => return Ok(()),
     };
     for name in names {
-        let plain = name.strip_prefix("module.").unwrap_or(&name);
-        let Some(v) = g.state(plain) else {
-            let all: Vec<String> = g.params().into_iter().map(|(_, n, _)| n.to_string()).collect();
-            let all: Vec<&str> = all.iter().map(|s| s.as_str()).collect();
-            return Err(CompileError::Config(format!(
-                "`{key}` names `{name}`, which is not a parameter of this model{}",
-                did_you_mean(plain, &all)
-            )));
-        };
+        let v = param(g, key, &name)?;
         if let Op::Param { trainable, .. } = &mut g.node_mut(v).op {
             *trainable = false;
         }

@@ -119,18 +119,6 @@ fn move_state(from: &mut CpuExecutor, to: &mut CpuExecutor) -> Result<(), Engine
     Ok(())
 }
 
-/// Plan input names (`data`, `target`, `optim.lr.<group>`, ...).
-fn input_names(ex: &CpuExecutor) -> Vec<String> {
-    ex.plan()
-        .values
-        .iter()
-        .filter_map(|v| match &v.source {
-            Source::Input { name } => Some(name.clone()),
-            _ => None,
-        })
-        .collect()
-}
-
 /// What VISSL's iteration-keyed hooks change in the training step, as plans:
 /// a parameter in `MODEL.TEMP_FROZEN_PARAMS_ITER_MAP` gets no update before
 /// its iteration (FreezeParametersHook: grad None, so AdamW skips it), and
@@ -678,19 +666,21 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
     }
 
     // The model: a training step for the batch size, and the optimizer's inputs.
-    // The full model (every parameter trainable) gives the optimizer's groups;
-    // the first plan is the one of the iteration the run starts at.
-    let (plan, compiled) = training_plan(setup.prog, cfg, batch).map_err(|e| EngineError::Config(e.to_string()))?;
+    // The first plan is the one of the iteration the run starts at (a
+    // checkpoint holds the state of the plan that ran its last iteration).
     let opts = StepOptions::from_config(cfg).map_err(EngineError::Config)?;
     let stages = Stages::from_config(cfg)?;
-    // A checkpoint holds the state of the plan that ran its last iteration.
     let start_at = resumed.as_ref().map_or(0, |c| c.engine.iteration.saturating_sub(1));
-    let plan = match stages.config(cfg, start_at) {
-        staged if staged != *cfg => {
-            training_plan(setup.prog, &staged, batch).map_err(|e| EngineError::Config(e.to_string()))?.0
-        }
-        _ => plan,
-    };
+    let staged = stages.config(cfg, start_at);
+    let (plan, mut compiled) =
+        training_plan(setup.prog, &staged, batch).map_err(|e| EngineError::Config(e.to_string()))?;
+    if staged != *cfg {
+        // The optimizer's groups are the full model's (every parameter
+        // trainable), which the composition alone gives.
+        compiled.param_groups = tessera_compiler::compose::compile(setup.prog, cfg)
+            .map_err(|e| EngineError::Config(e.to_string()))?
+            .param_groups;
+    }
     // The global batch is one replica's, and auto-scaled learning rates
     // follow it (reference 6.3).
     if replicas > 1 {
@@ -839,10 +829,10 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
             }
             let Batch { images, labels, size } = b.map_err(EngineError::Data)?;
             let ex = steps.get(size as u64, state.iteration)?;
-            let needed = input_names(ex);
+            let needs = |name: &str| ex.plan().input(name).is_some();
             let (mut inputs, lr_now) = optim.scalars(state.iteration, total, per_epoch);
             inputs.extend(images);
-            if needed.iter().any(|n| n == "target") {
+            if needs("target") {
                 inputs.push((
                     "target".into(),
                     match &labels {
@@ -853,7 +843,7 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
                     },
                 ));
             }
-            if needed.iter().any(|n| n == MOCO_MOMENTUM) {
+            if needs(MOCO_MOMENTUM) {
                 // The key encoder starts as a copy of the online model (reference 4.1).
                 let m = if state.iteration == 0 { 0.0 } else { moco_momentum };
                 inputs.push((MOCO_MOMENTUM.into(), Tensor::scalar_f32(m as f32)));

@@ -1,7 +1,8 @@
 //! Cross-entropy (mean over the batch) and its gradient, with class-index
 //! targets (label smoothing s: t = s/K + (1-s) onehot) or soft targets used as
-//! given (reference 4.4).
+//! given (reference 4.4); the contrastive losses' self-similarity mask.
 
+use super::collective::single_rank;
 use super::error::{invalid, KernelError};
 use super::kernel::{f32_of, operands};
 use super::softmax::{log_sum_exp_parts, softmax_row};
@@ -91,4 +92,22 @@ pub fn cross_entropy_grad(x: &[&Tensor], smoothing: f64) -> Result<Tensor, Kerne
         });
     }
     Ok(Tensor::f32(lt.shape.clone(), out))
+}
+
+/// `ZeroDiagonal (x [N, N]) -> [N, N]`: x with x[i, i] = 0, a row's
+/// similarity to itself left out of SimCLR's denominator (reference 4.3).
+/// One rank only: with several, this rank's block would need the rank.
+pub fn zero_diagonal(x: &[&Tensor], world: u64) -> Result<Tensor, KernelError> {
+    single_rank("zero_diagonal", world)?;
+    let [xt] = operands(x, ["x"])?;
+    let data = f32_of(xt, "x")?;
+    let n = match xt.shape[..] {
+        [n, k] if n == k => n,
+        _ => return Err(invalid(format!("x must be [N, N], got {}", show_shape(&xt.shape)))),
+    };
+    let mut out = super::pool::copy(data);
+    for i in 0..n {
+        out[i * n + i] = 0.0;
+    }
+    Ok(Tensor::f32(vec![n, n], out))
 }

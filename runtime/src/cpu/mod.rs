@@ -93,7 +93,7 @@ pub fn run_kernel(op: &Op, x: &[&Tensor], ctx: &Ctx) -> Result<Tensor, KernelErr
         Op::AllReduce { world, .. } => collective::identity_on_one_rank(x, "all_reduce", *world),
         Op::AllGatherGrad { world } => collective::identity_on_one_rank(x, "all_gather_grad", *world),
         Op::QueuePush { world } => state::queue_push(x, *world),
-        Op::ZeroDiagonal { world } => state::zero_diagonal(x, *world),
+        Op::ZeroDiagonal { world } => loss::zero_diagonal(x, *world),
         Op::QueueAdvance { world } => state::queue_advance(x, *world),
         Op::GeluGrad => elementwise::gelu_grad(x),
         Op::Fused { body } => fused::fused(x, body, ctx),

@@ -15,25 +15,6 @@ fn pointer(t: &Tensor) -> Result<i64, KernelError> {
     }
 }
 
-/// `ZeroDiagonal (x [N, N]) -> [N, N]`: x with x[i, i] = 0 (one rank; with
-/// several, this rank's block would need the rank).
-pub fn zero_diagonal(x: &[&Tensor], world: u64) -> Result<Tensor, KernelError> {
-    single_rank("zero_diagonal", world)?;
-    let [xt] = operands(x, ["x"])?;
-    let data = f32_of(xt, "x")?;
-    let [n, k] = xt.shape[..] else {
-        return Err(invalid(format!("x must be [N, N], got {}", show_shape(&xt.shape))));
-    };
-    if n != k {
-        return Err(invalid(format!("x must be [N, N], got {}", show_shape(&xt.shape))));
-    }
-    let mut out = super::pool::copy(data);
-    for i in 0..n {
-        out[i * n + i] = 0.0;
-    }
-    Ok(Tensor::f32(vec![n, n], out))
-}
-
 /// `QueuePush (queue [E, K], ptr [] i64, keys [N, E]) -> [E, K]`: the queue with
 /// keys^T in columns ptr..ptr+N, modulo K.
 pub fn queue_push(x: &[&Tensor], world: u64) -> Result<Tensor, KernelError> {
