@@ -18,7 +18,8 @@ use tessera_compiler::elaborate::Program;
 use tessera_compiler::pipeline::{training_plan_with, PassChoice};
 use tessera_compiler::plan::{Plan, Source};
 use tessera_compiler::{config, passes};
-use tessera_runtime::cpu::{CpuExecutor, Tensor};
+use tessera_runtime::cpu::CpuExecutor;
+use tessera_runtime::Tensor;
 
 /// Deterministic inputs: images in [-1, 1), labels 0..9, AdamW scalars for step t.
 fn inputs(plan: &Plan, t: i32) -> Vec<(String, Tensor)> {

@@ -42,7 +42,8 @@ use tessera_compiler::elaborate::Program;
 use tessera_compiler::ir::Op;
 use tessera_compiler::pipeline::training_plan;
 use tessera_compiler::plan::Source;
-use tessera_runtime::cpu::{multi_tensor, pool, run_kernel, CpuExecutor, Ctx, Tensor};
+use tessera_runtime::cpu::{multi_tensor, pool, run_kernel, CpuExecutor, Ctx};
+use tessera_runtime::Tensor;
 
 const LR: f64 = 1e-3;
 

@@ -6,7 +6,8 @@ use tessera_compiler::autodiff::{Optimizer, StepOptions};
 use tessera_compiler::config;
 use tessera_compiler::elaborate::Program;
 use tessera_compiler::pipeline::training_plan;
-use tessera_runtime::cpu::{CpuExecutor, Tensor};
+use tessera_runtime::cpu::CpuExecutor;
+use tessera_runtime::Tensor;
 use tessera_runtime::philox::Stream;
 
 /// Runs `steps` training steps and returns the loss of each.

@@ -9,7 +9,8 @@ use std::path::Path;
 use tessera_compiler::config;
 use tessera_compiler::elaborate::Program;
 use tessera_compiler::pipeline::inference_plan;
-use tessera_runtime::cpu::{CpuExecutor, Data, Tensor};
+use tessera_runtime::cpu::CpuExecutor;
+use tessera_runtime::{Data, Tensor};
 use tessera_runtime::weights::{
     detect_format, export, match_weights_with, model_tensors, read_safetensors, write_safetensors, MatchOptions,
     NamedTensor, WeightsFormat,

@@ -5,8 +5,8 @@
 
 use tessera_compiler::autodiff::backward;
 use tessera_compiler::ir::{BinaryOp, DType, Dim, Graph, Init, Op, ReduceOp, Shape, TensorType, UnaryOp, ValueId};
-use tessera_compiler::plan::Plan;
-use tessera_runtime::cpu::{CpuExecutor, Tensor};
+use tessera_runtime::cpu::CpuExecutor;
+use tessera_runtime::Tensor;
 use tessera_runtime::philox::Stream;
 
 const B: u64 = 3;
@@ -58,7 +58,7 @@ fn run_case(case: &Case) {
         g.set_output(&format!("grad.{n}"), *d);
     }
     g.verify().unwrap();
-    let plan = Plan::lower(&g, B, case.training).unwrap();
+    let plan = tessera_compiler::plan::lower(&g, B, case.training).unwrap();
     let probe_len: u64 = yshape.numel(B);
     let s = Stream::new(99, 0, 7);
     let probe_t = Tensor::f32(

@@ -11,9 +11,9 @@ use std::path::Path;
 use tessera_compiler::config;
 use tessera_compiler::elaborate::Program;
 use tessera_compiler::pipeline::training_plan;
-use tessera_compiler::plan::Plan;
 use tessera_compiler::Compiled;
-use tessera_runtime::cpu::{CpuExecutor, Tensor};
+use tessera_runtime::cpu::CpuExecutor;
+use tessera_runtime::Tensor;
 use tessera_runtime::weights::{read_safetensors, NamedTensor};
 
 mod cli;
@@ -54,7 +54,7 @@ fn trunk_outputs(c: &Compiled, images: &[f32], weights: Option<&CpuExecutor>) ->
         g.set_output(&format!("feature.{i}"), *v);
     }
     g.prune(|n| n.starts_with("feature."), false);
-    let plan = Plan::lower(&g, BATCH as u64, false).expect("lowers");
+    let plan = tessera_compiler::plan::lower(&g, BATCH as u64, false).expect("lowers");
     let mut ex = CpuExecutor::new(plan, 0).expect("executor");
     if let Some(w) = weights {
         for name in ex.state_names() {

@@ -7,7 +7,8 @@ use tessera_compiler::config;
 use tessera_compiler::elaborate::Program;
 use tessera_compiler::pipeline::training_plan;
 use tessera_compiler::plan::Source;
-use tessera_runtime::cpu::{CpuExecutor, Tensor};
+use tessera_runtime::cpu::CpuExecutor;
+use tessera_runtime::Tensor;
 
 fn inputs(ex: &CpuExecutor, t: i32, m: f32) -> Vec<(String, Tensor)> {
     let mut out = Vec::new();

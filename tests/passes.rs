@@ -10,7 +10,8 @@ use tessera_compiler::passes;
 use tessera_compiler::pipeline::{training_plan_with, PassChoice};
 use tessera_compiler::plan::{Plan, Source};
 use tessera_compiler::{autodiff, compile};
-use tessera_runtime::cpu::{CpuExecutor, Tensor};
+use tessera_runtime::cpu::CpuExecutor;
+use tessera_runtime::Tensor;
 
 const MODELS: [&str; 8] = [
     "quickstart/vit_tiny",
@@ -192,7 +193,7 @@ fn fused_and_unfused_training_steps_agree() {
 
 /// Runs `g` (constant shapes) on the CPU in training mode with `inputs`; returns output `y`.
 fn eval(g: &tessera_compiler::ir::Graph, inputs: &[(&str, Tensor)]) -> Vec<f32> {
-    let plan = Plan::lower(g, 1, true).unwrap();
+    let plan = tessera_compiler::plan::lower(g, 1, true).unwrap();
     let mut ex = CpuExecutor::new(plan, 3).unwrap();
     let out = ex.run(inputs).unwrap_or_else(|e| panic!("{e}"));
     out["y"].as_f32().unwrap().to_vec()

@@ -8,7 +8,8 @@ use tessera_compiler::config;
 use tessera_compiler::elaborate::Program;
 use tessera_compiler::pipeline::training_plan;
 use tessera_compiler::plan::Source;
-use tessera_runtime::cpu::{pool, CpuExecutor, Tensor};
+use tessera_runtime::cpu::{pool, CpuExecutor};
+use tessera_runtime::Tensor;
 
 #[test]
 fn the_pool_holds_the_same_bytes_after_every_step() {

@@ -25,7 +25,8 @@ use tch::{Kind, Reduction, Tensor as TT};
 use tessera_compiler::config;
 use tessera_compiler::elaborate::Program;
 use tessera_compiler::pipeline::inference_plan;
-use tessera_runtime::cpu::{CpuExecutor, Tensor};
+use tessera_runtime::cpu::CpuExecutor;
+use tessera_runtime::Tensor;
 use tessera_runtime::weights::{read_safetensors, write_safetensors, NamedTensor};
 
 /// The bound on max |tessera - torch| / max |torch| of every compared tensor.

@@ -24,7 +24,8 @@ use tessera_compiler::autodiff::{Optimizer, StepOptions};
 use tessera_compiler::config;
 use tessera_compiler::elaborate::Program;
 use tessera_compiler::pipeline::{inference_plan, training_plan};
-use tessera_runtime::cpu::{CpuExecutor, Tensor};
+use tessera_runtime::cpu::CpuExecutor;
+use tessera_runtime::Tensor;
 
 /// The bound on max |tessera - torch| / max |torch| of every compared tensor.
 const MAX_REL: f64 = 1e-4;
@@ -372,7 +373,7 @@ fn linear_eval_features_match_libtorch() {
             g.set_output(&format!("feature.{i}"), *v);
         }
         g.prune(|n| n.starts_with("feature."), false);
-        let plan = tessera_compiler::plan::Plan::lower(&g, BATCH as u64, false).unwrap();
+        let plan = tessera_compiler::plan::lower(&g, BATCH as u64, false).unwrap();
         let mut ex = CpuExecutor::new(plan, 0).unwrap();
         let names = ex.state_names();
         perturb(&mut ex, &names, 0.1);

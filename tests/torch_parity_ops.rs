@@ -22,8 +22,8 @@ use oracle::{check_close, tensor_from, to_vec};
 use tch::{Kind, Reduction, Tensor as TT};
 use tessera_compiler::autodiff::{backward, training_step, Optimizer, StepOptions};
 use tessera_compiler::ir::{BinaryOp, DType, Dim, Graph, Init, Op, ReduceOp, Shape, TensorType, UnaryOp, ValueId};
-use tessera_compiler::plan::Plan;
-use tessera_runtime::cpu::{CpuExecutor, Tensor};
+use tessera_runtime::cpu::CpuExecutor;
+use tessera_runtime::Tensor;
 use tessera_runtime::philox::Stream;
 
 const RTOL: f32 = 1e-5;
@@ -234,7 +234,7 @@ fn run_case(idx: usize, case: &Case) -> Vec<String> {
         probe = Some((Tensor::f32(dims.clone(), pv.clone()), tensor_from(&pv, &shape_i64(&dims))));
     }
     g.verify().unwrap_or_else(|e| panic!("{}: {e}", case.name));
-    let plan = Plan::lower(&g, 1, case.training).unwrap_or_else(|e| panic!("{}: lower: {e}", case.name));
+    let plan = tessera_compiler::plan::lower(&g, 1, case.training).unwrap_or_else(|e| panic!("{}: lower: {e}", case.name));
     let mut ex = CpuExecutor::new(plan, 3).unwrap();
 
     // Same values on both sides.
@@ -801,7 +801,7 @@ fn batch_norm_training_step_matches_libtorch() {
             normalize_prototypes: false,
         };
         let g = training_step(g, &[], &opts).unwrap();
-        let mut ex = CpuExecutor::new(Plan::lower(&g, 1, true).unwrap(), 0).unwrap();
+        let mut ex = CpuExecutor::new(tessera_compiler::plan::lower(&g, 1, true).unwrap(), 0).unwrap();
 
         let vals: Vec<(&str, Vec<usize>, Vec<f32>)> = vec![
             ("x", xs.clone(), draw(seed, 0, xs.iter().product(), Dist::Normal).iter().map(|v| 2.0 * v + 0.7).collect()),

@@ -51,7 +51,8 @@ use tessera_compiler::autodiff::{Optimizer, StepOptions};
 use tessera_compiler::config;
 use tessera_compiler::elaborate::Program;
 use tessera_compiler::pipeline::training_plan;
-use tessera_runtime::cpu::{CpuExecutor, Tensor};
+use tessera_runtime::cpu::CpuExecutor;
+use tessera_runtime::Tensor;
 
 const BATCH: usize = 4;
 const MAX_NORM: f64 = 0.05;

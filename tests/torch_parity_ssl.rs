@@ -33,9 +33,9 @@ use tessera_compiler::config;
 use tessera_compiler::elaborate::{Elab, Program, Val, V};
 use tessera_compiler::ir::{DType, Init, Shape, TensorType};
 use tessera_compiler::passes;
-use tessera_compiler::plan::Plan;
 use tessera_compiler::syntax::ast::BlockKind;
-use tessera_runtime::cpu::{CpuExecutor, Tensor};
+use tessera_runtime::cpu::CpuExecutor;
+use tessera_runtime::Tensor;
 
 const RTOL: f64 = 1e-5;
 
@@ -138,7 +138,7 @@ fn compile(loss: &str, block: Option<&str>, differentiate: bool, args: impl FnOn
         }
     }
     passes::run(&mut g, &passes::default_for_cpu(), true, |_, _| {}).unwrap_or_else(|e| panic!("{what}: passes: {e}"));
-    let plan = Plan::lower(&g, 1, true).unwrap_or_else(|e| panic!("{what}: lower: {e}"));
+    let plan = tessera_compiler::plan::lower(&g, 1, true).unwrap_or_else(|e| panic!("{what}: lower: {e}"));
     let mut ex = CpuExecutor::new(plan, 0).unwrap_or_else(|e| panic!("{what}: executor: {e}"));
     for (name, t) in state {
         ex.set_state(&name, t).unwrap_or_else(|e| panic!("{what}: set_state {name}: {e}"));

@@ -26,7 +26,7 @@ fn every_quickstart_model_has_a_training_step_that_lowers() {
         assert_eq!(grads, trainable, "{name}: every trainable parameter gets a gradient");
         let updates = g.state_updates().iter().filter(|(n, _)| g.params().iter().any(|p| p.1 == n)).count();
         assert_eq!(updates, trainable, "{name}: every trainable parameter is updated");
-        let plan = Plan::lower(&g, 4, true).unwrap();
+        let plan = tessera_compiler::plan::lower(&g, 4, true).unwrap();
         plan.validate().unwrap_or_else(|e| panic!("{name}: {e}"));
         let json = serde_json::to_string(&plan).unwrap();
         let back: Plan = serde_json::from_str(&json).unwrap();

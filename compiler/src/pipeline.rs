@@ -114,7 +114,7 @@ pub fn training_graph(
 
 /// Lowers a training-step graph for `batch` and plans its memory.
 pub fn lower_training(step: &Graph, batch: u64) -> Result<Plan, CompileError> {
-    let mut plan = Plan::lower(step, batch, true).map_err(CompileError::Config)?;
+    let mut plan = crate::plan::lower(step, batch, true).map_err(CompileError::Config)?;
     plan.memory = Some(crate::memory::plan_memory(&plan));
     Ok(plan)
 }
@@ -139,6 +139,6 @@ pub fn inference_plan(prog: &Program, cfg: &J, batch: u64, with_grads: bool) -> 
     }
     passes::run(&mut g, passes::DEFAULT, false, |_, _| {}).map_err(internal)?;
     g.verify().map_err(internal)?;
-    let plan = Plan::lower(&g, batch, false).map_err(CompileError::Config)?;
+    let plan = crate::plan::lower(&g, batch, false).map_err(CompileError::Config)?;
     Ok((plan, c))
 }

@@ -131,7 +131,7 @@ proptest! {
         for passes in [tessera_compiler::passes::DEFAULT.to_vec(), vec![]] {
             let mut g = g.clone();
             tessera_compiler::passes::run(&mut g, &passes, true, |_, _| {}).unwrap();
-            let plan = Plan::lower(&g, 1, false).unwrap();
+            let plan = tessera_compiler::plan::lower(&g, 1, false).unwrap();
             let m = plan_memory(&plan);
             holds(&plan, &m, "random graph");
         }
@@ -198,7 +198,7 @@ fn a_broadcast_operand_of_the_same_byte_size_is_not_overwritten_in_place() {
     let out = g.add_op(Op::Fused { body }, &[a, y], "").unwrap();
     let z = g.add_op(Op::Unary(UnaryOp::Exp), &[out], "").unwrap();
     g.set_output("z", z);
-    let plan = Plan::lower(&g, 1, false).unwrap();
+    let plan = tessera_compiler::plan::lower(&g, 1, false).unwrap();
     let m = plan_memory(&plan);
     holds(&plan, &m, "broadcast in place");
     let fused = plan.kernels.iter().find(|k| k.op.name() == "fused").unwrap();
@@ -219,7 +219,7 @@ fn a_state_update_is_not_written_in_place_while_a_view_of_the_old_value_is_read(
         g.add_state_update("w", new_w);
         let read = if read_view_late { g.add_op(Op::Unary(UnaryOp::Exp), &[view], "").unwrap() } else { early };
         g.set_output("y", read);
-        let plan = Plan::lower(&g, 1, true).unwrap();
+        let plan = tessera_compiler::plan::lower(&g, 1, true).unwrap();
         let m = plan_memory(&plan);
         m.check().unwrap();
         let (w, new_w) = (plan.state("w").unwrap(), plan.state_updates[0].1);

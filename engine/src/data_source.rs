@@ -10,7 +10,7 @@
 use crate::source::{Batch, Batches, DataSource, Labels};
 use std::path::{Path, PathBuf};
 use tessera_data::{BatchTensor, Loader, LoaderOptions};
-use tessera_runtime::cpu::Tensor;
+use tessera_runtime::Tensor;
 
 /// `configs/dataset_catalog.json` beside the working directory, else the
 /// copy built into the binary (written once to a temporary file).

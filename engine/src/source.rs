@@ -2,7 +2,7 @@
 //! transforms, collators; `tessera-data`) or batches held in memory (tests,
 //! benchmarks). The engine maps a batch onto the plan's inputs by name.
 
-use tessera_runtime::cpu::Tensor;
+use tessera_runtime::Tensor;
 
 /// The targets of a batch.
 #[derive(Clone, Debug, PartialEq)]

@@ -28,7 +28,8 @@ use tessera_compiler::elaborate::Program;
 use tessera_compiler::param_groups::ParamGroup;
 use tessera_compiler::pipeline::{inference_plan, training_plan};
 use tessera_compiler::plan::Source;
-use tessera_runtime::cpu::{CpuExecutor, Data, Tensor};
+use tessera_runtime::cpu::CpuExecutor;
+use tessera_runtime::{Data, Tensor};
 use tessera_runtime::weights::{
     detect_format, load_weights, match_weights_with, model_tensors, MatchOptions, NamedTensor, WeightsFormat,
 };

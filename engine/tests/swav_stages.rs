@@ -14,7 +14,7 @@ use tessera_compiler::elaborate::Program;
 use tessera_engine::checkpoint::{self, Checkpoint};
 use tessera_engine::source::{Batch, InMemory, Labels};
 use tessera_engine::trainer::{train, Outcome, TrainSetup};
-use tessera_runtime::cpu::Tensor;
+use tessera_runtime::Tensor;
 
 const B: usize = 8;
 const PROTOS: &str = "heads.0.prototypes0.weight";

@@ -11,7 +11,7 @@ use tessera_compiler::elaborate::Program;
 use tessera_engine::checkpoint;
 use tessera_engine::source::{Batch, InMemory, Labels};
 use tessera_engine::trainer::{train, EngineError, Outcome, TrainSetup};
-use tessera_runtime::cpu::Tensor;
+use tessera_runtime::Tensor;
 
 /// Images whose class (0..4) is the brightest quadrant, plus noise.
 fn batches(n: usize, batch: usize, salt: u64, poison: bool) -> Vec<Batch> {

@@ -5,5 +5,10 @@
 //! files (`weights`).
 
 pub mod cpu;
+pub mod error;
 pub mod philox;
+pub mod tensor;
 pub mod weights;
+
+pub use error::{KernelError, RuntimeError};
+pub use tensor::{describe_type, show_shape, Data, Tensor};

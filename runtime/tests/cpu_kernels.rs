@@ -7,7 +7,8 @@
 use std::collections::BTreeMap;
 use tessera_compiler::ir::{BinaryOp, DType, Dim, Graph, Init, Op, ReduceOp, Shape, TensorType, UnaryOp};
 use tessera_compiler::plan::Plan;
-use tessera_runtime::cpu::{CpuExecutor, RuntimeError, Tensor};
+use tessera_runtime::cpu::CpuExecutor;
+use tessera_runtime::{RuntimeError, Tensor};
 use tessera_runtime::philox::Stream;
 
 // ---------------------------------------------------------------- harness
@@ -38,7 +39,7 @@ impl OneOp {
             inputs.iter().zip(&names).map(|(t, n)| g.add_input(n, consts(&t.shape), dtype_of(t)).unwrap()).collect();
         let y = g.add_op(op, &ids, "test").unwrap_or_else(|e| panic!("{e}"));
         g.set_output("y", y);
-        let plan = Plan::lower(&g, 1, training).unwrap();
+        let plan = tessera_compiler::plan::lower(&g, 1, training).unwrap();
         OneOp { ex: CpuExecutor::new(plan, 1234).unwrap(), names }
     }
 
@@ -921,7 +922,7 @@ fn init_value(name: &str, shape: &[usize], init: Init, seed: u64) -> Tensor {
     let mut g = Graph::new();
     let p = g.add_param(name, TensorType::f32(consts(shape)), init, true, "").unwrap();
     g.set_output("p", p);
-    CpuExecutor::new(Plan::lower(&g, 1, true).unwrap(), seed).unwrap().state(name).unwrap().clone()
+    CpuExecutor::new(tessera_compiler::plan::lower(&g, 1, true).unwrap(), seed).unwrap().state(name).unwrap().clone()
 }
 
 fn mean_std(v: &[f64]) -> (f64, f64) {
@@ -1052,7 +1053,7 @@ fn bad_init_shapes_are_errors_naming_the_state() {
     let mut g = Graph::new();
     let p = g.add_param("v.weight", TensorType::f32(consts(&[2, 3, 4])), Init::Identity, true, "").unwrap();
     g.set_output("p", p);
-    let err = CpuExecutor::new(Plan::lower(&g, 1, true).unwrap(), 0).err().unwrap().to_string();
+    let err = CpuExecutor::new(tessera_compiler::plan::lower(&g, 1, true).unwrap(), 0).err().unwrap().to_string();
     assert!(err.contains("`v.weight`") && err.contains("identity"), "{err}");
 }
 
@@ -1076,7 +1077,7 @@ fn small_plan(training: bool) -> Plan {
     g.set_output("dropped", d);
     g.add_state_update("count", next);
     g.add_state_update("rm", stat);
-    Plan::lower(&g, 1, training).unwrap()
+    tessera_compiler::plan::lower(&g, 1, training).unwrap()
 }
 
 #[test]

@@ -9,8 +9,14 @@
 mod graph;
 mod infer;
 mod infer_grad;
-mod op;
-mod types;
+/// The op vocabulary and value types live in the `plan` crate (the contract
+/// with the runtime); the IR uses them as they are.
+mod op {
+    pub use tessera_plan::op::*;
+}
+mod types {
+    pub use tessera_plan::types::*;
+}
 
 pub mod dce;
 pub mod dot;

@@ -218,7 +218,7 @@ mod tests {
     use crate::ir::{BinaryOp, DType, Graph, Init, Op, ReduceOp, Shape, TensorType};
     use crate::memory::{plan_memory, Region};
     use crate::param_groups::ParamGroup;
-    use crate::plan::{Plan, Source};
+    use crate::plan::Source;
 
     /// loss = sum(w * x) + sum(b): two parameters of different shapes, in
     /// two weight-decay groups.
@@ -274,7 +274,7 @@ mod tests {
         assert_eq!((at("optim.exp_avg.w"), at("optim.exp_avg.b")), (16, 28));
         assert_eq!((at("optim.exp_avg_sq.w"), at("optim.exp_avg_sq.b")), (32, 44));
 
-        let plan = Plan::lower(&g, 1, true).unwrap();
+        let plan = crate::plan::lower(&g, 1, true).unwrap();
         plan.validate().unwrap();
         let memory = plan_memory(&plan);
         memory.check().unwrap();

@@ -2,9 +2,9 @@
 //! all-reduce and all-gather's gradient are identities; a plan for more ranks
 //! needs a collective backend, which is reported as such.
 
-use super::error::{invalid, KernelError};
+use crate::error::{invalid, KernelError};
 use super::kernel::operands;
-use super::tensor::Tensor;
+use crate::tensor::Tensor;
 
 /// Fails unless `world == 1`.
 pub fn single_rank(op: &'static str, world: u64) -> Result<(), KernelError> {
@@ -19,5 +19,5 @@ pub fn single_rank(op: &'static str, world: u64) -> Result<(), KernelError> {
 pub fn identity_on_one_rank(x: &[&Tensor], op: &'static str, world: u64) -> Result<Tensor, KernelError> {
     single_rank(op, world)?;
     let [t] = operands(x, ["input"])?;
-    Ok(t.pooled_clone())
+    Ok(super::pool::pooled_clone(t))
 }

@@ -7,10 +7,10 @@
 //! runs of `kw` contiguous pixels, copied whole (a reshape), and the product
 //! reads them transposed.
 
-use super::error::{invalid, KernelError};
+use crate::error::{invalid, KernelError};
 use super::kernel::{f32_of, operands};
 use super::matmul::{gemm_into, parallelism, Mat};
-use super::tensor::{show_shape, Tensor};
+use crate::tensor::{show_shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 

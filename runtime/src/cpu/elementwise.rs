@@ -2,14 +2,14 @@
 //! affine ops, casts and GELU's gradient.
 
 use super::broadcast::{broadcast_shape, zip};
-use super::error::{invalid, KernelError};
+use crate::error::{invalid, KernelError};
 use super::fast_math::{gelu_f32, gelu_grad_f32};
 use super::kernel::{f32_of, operands, PAR_CHUNK, PAR_MIN};
 use super::pool;
 use super::simd::{has_fma, vectorized};
-use super::tensor::{show_shape, stored_as_f32, Data, Tensor};
+use crate::tensor::{show_shape, stored_as_f32, Data, Tensor};
 use rayon::prelude::*;
-use tessera_compiler::ir::{BinaryOp, DType, UnaryOp};
+use tessera_plan::{BinaryOp, DType, UnaryOp};
 
 /// Runs `f(start, out_chunk, x_chunk)` over matching chunks of `out` and `x`
 /// (`start`: the chunk's first index), in parallel for large inputs, each

@@ -6,13 +6,13 @@
 //! while it is hot.
 
 use super::elementwise::{same_shape, scale_by_gelu_grad, unary};
-use super::error::KernelError;
+use crate::error::KernelError;
 use super::kernel::{f32_of, operands};
 use super::matmul::{linear, matmul};
 use super::norm::layer_norm;
 use super::pool;
-use super::tensor::{Data, Tensor};
-use tessera_compiler::ir::UnaryOp;
+use crate::tensor::{Data, Tensor};
+use tessera_plan::UnaryOp;
 
 /// `[..., K]` as `[product of the leading dims, K]` (the fused products read
 /// their right operand as rows).
@@ -49,7 +49,7 @@ pub fn matmul_gelu_rhs(x: &[&Tensor], ta: bool, tb: bool) -> Result<Tensor, Kern
 /// `LayerNormLinear (x, g, b, w, bias?)`: linear(layer_norm(x, g, b), w, bias).
 pub fn layer_norm_linear(x: &[&Tensor], eps: f64) -> Result<Tensor, KernelError> {
     if x.len() < 4 {
-        return Err(super::error::invalid(format!(
+        return Err(crate::error::invalid(format!(
             "expects 4 or 5 operands (x, ln weight, ln bias, weight, bias?), got {}",
             x.len()
         )));

@@ -8,16 +8,17 @@
 //! their operand through (reshape, stop_gradient, eval-mode dropout, ...)
 //! move a dying operand instead of copying it.
 
-use super::error::RuntimeError;
+use crate::error::RuntimeError;
 use super::init::init_tensor;
 use super::kernel::Ctx;
 use super::layout::reshaped;
 use super::pool;
-use super::tensor::{describe_type, Tensor};
-use super::{passes_data_through, run_kernel, KernelError};
+use crate::tensor::{describe_type, Tensor};
+use super::{passes_data_through, run_kernel};
+use crate::error::KernelError;
 use std::collections::{BTreeMap, HashMap};
-use tessera_compiler::ir::Op;
-use tessera_compiler::plan::{Plan, Source};
+use tessera_plan::Op;
+use tessera_plan::plan::{Plan, Source};
 
 pub struct CpuExecutor {
     plan: Plan,

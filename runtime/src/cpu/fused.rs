@@ -7,14 +7,14 @@
 
 use super::broadcast::{broadcast_shape, broadcast_strides, coalesce};
 use super::elementwise::{binary_into, gelu_grad_into, pow_into, unary_into};
-use super::error::{invalid, KernelError};
+use crate::error::{invalid, KernelError};
 use super::kernel::{f32_of, Ctx, PAR_CHUNK, PAR_MIN};
 use super::pool;
 use super::random::DropMask;
 use super::simd::vectorized;
-use super::tensor::{show_shape, Tensor};
+use crate::tensor::{show_shape, Tensor};
 use rayon::prelude::*;
-use tessera_compiler::ir::fused::Instr;
+use tessera_plan::Instr;
 
 /// Elements per block: 16 registers of 512 f32 are 32 KiB.
 const BLOCK: usize = 512;

@@ -9,11 +9,11 @@
 //! and lie strictly inside (0, 1), so logarithms and quantiles stay finite.
 
 use super::special::{normal_cdf_precise, normal_quantile};
-use super::tensor::{stored_as_f32, Data, Tensor};
+use crate::tensor::{stored_as_f32, Data, Tensor};
 use crate::philox::Stream;
 use rayon::prelude::*;
 use std::f64::consts::PI;
-use tessera_compiler::ir::{DType, Init};
+use tessera_plan::{DType, Init};
 
 /// The 32-bit FNV-1a hash of `name`: the random-stream key of a state.
 pub fn fnv1a32(name: &str) -> u32 {

@@ -1,9 +1,9 @@
 //! What every kernel shares: the run context, operand checks, and the
 //! thresholds above which work is split across the rayon pool.
 
-use super::error::{invalid, KernelError};
+use crate::error::{invalid, KernelError};
 use super::random::DropMask;
-use super::tensor::{show_shape, Tensor};
+use crate::tensor::{show_shape, Tensor};
 
 /// Per-run facts a kernel may need: train/eval mode and the random stream keys.
 #[derive(Clone, Copy, Debug)]

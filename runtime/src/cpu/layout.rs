@@ -2,10 +2,10 @@
 //! expand (broadcast) and zero padding.
 
 use super::broadcast::{broadcast_strides, coalesce, expand as broadcast_to};
-use super::error::{invalid, KernelError};
+use crate::error::{invalid, KernelError};
 use super::kernel::{check_axis, operands, split_at_axis, PAR_CHUNK, PAR_MIN};
 use super::pool::Elem;
-use super::tensor::{show_shape, Data, Tensor};
+use crate::tensor::{show_shape, Data, Tensor};
 use rayon::prelude::*;
 
 /// Runs a generic body on the tensor's data, rebuilding the same variant.
@@ -21,7 +21,7 @@ macro_rules! per_dtype {
 /// `Reshape { shape }`: same data, new shape (element counts must agree).
 pub fn reshape(x: &[&Tensor], shape: &[usize]) -> Result<Tensor, KernelError> {
     let [t] = operands(x, ["input"])?;
-    reshaped(t.pooled_clone(), shape)
+    reshaped(super::pool::pooled_clone(t), shape)
 }
 
 /// Reshape by value (the executor moves a dying input here instead of copying).

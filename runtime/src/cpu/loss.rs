@@ -3,10 +3,10 @@
 //! given (reference 4.4); the contrastive losses' self-similarity mask.
 
 use super::collective::single_rank;
-use super::error::{invalid, KernelError};
+use crate::error::{invalid, KernelError};
 use super::kernel::{f32_of, operands};
 use super::softmax::{log_sum_exp_parts, softmax_row};
-use super::tensor::{show_shape, Data, Tensor};
+use crate::tensor::{show_shape, Data, Tensor};
 use rayon::prelude::*;
 
 /// The targets of a `[N, K]` problem.

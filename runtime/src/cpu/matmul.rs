@@ -7,10 +7,10 @@
 //! each gemm single-threaded, which is faster for attention-sized matrices.
 
 use super::broadcast::{broadcast_shape, broadcast_strides};
-use super::error::{invalid, KernelError};
+use crate::error::{invalid, KernelError};
 use super::kernel::{f32_of, operands};
 use super::pool;
-use super::tensor::{show_shape, Tensor};
+use crate::tensor::{show_shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 

@@ -19,7 +19,6 @@ mod collective;
 mod conv;
 mod elementwise;
 mod epilogue;
-mod error;
 mod executor;
 pub mod fast_math;
 mod fused;
@@ -36,15 +35,14 @@ pub mod simd;
 mod softmax;
 pub mod special;
 mod state;
-mod tensor;
 
-pub use error::{KernelError, RuntimeError};
+use crate::error::{self, KernelError};
 pub use executor::CpuExecutor;
 pub use fused::multi_tensor;
 pub use kernel::Ctx;
-pub use tensor::{describe_type, show_shape, Data, Tensor};
+use crate::tensor::Tensor;
 
-use tessera_compiler::ir::{Dim, Op};
+use tessera_plan::{Dim, Op};
 
 /// A fixed dim of a plan's op (the plan has no symbolic batch left).
 fn fixed(d: Dim) -> Result<usize, KernelError> {
@@ -53,7 +51,7 @@ fn fixed(d: Dim) -> Result<usize, KernelError> {
         .ok_or_else(|| error::invalid(format!("dim {d} is not fixed (plans have no symbolic batch)")))
 }
 
-fn fixed_shape(s: &tessera_compiler::ir::Shape) -> Result<Vec<usize>, KernelError> {
+fn fixed_shape(s: &tessera_plan::Shape) -> Result<Vec<usize>, KernelError> {
     s.dims().iter().map(|&d| fixed(d)).collect()
 }
 
@@ -88,7 +86,7 @@ pub fn run_kernel(op: &Op, x: &[&Tensor], ctx: &Ctx) -> Result<Tensor, KernelErr
         Op::Concat { axis } => layout::concat(x, *axis),
         Op::Slice { axis, start, end } => layout::slice(x, *axis, fixed(*start)?, fixed(*end)?),
         Op::Expand { shape } => layout::expand(x, &fixed_shape(shape)?),
-        Op::StopGradient => kernel::operands(x, ["input"]).map(|[t]| t.pooled_clone()),
+        Op::StopGradient => kernel::operands(x, ["input"]).map(|[t]| pool::pooled_clone(t)),
         Op::AllGather { world } => collective::identity_on_one_rank(x, "all_gather", *world),
         Op::AllReduce { world, .. } => collective::identity_on_one_rank(x, "all_reduce", *world),
         Op::AllGatherGrad { world } => collective::identity_on_one_rank(x, "all_gather_grad", *world),

@@ -7,11 +7,11 @@
 //! dx = (g - mean(g) - xhat * mean(g * xhat)) / sigma.
 
 use super::elementwise::same_shape;
-use super::error::{invalid, KernelError};
+use crate::error::{invalid, KernelError};
 use super::kernel::{expect_shape, f32_of, operands, PAR_MIN};
 use super::pool;
 use super::simd::{sum2_f64, sum_f64, sum_map_f64, vectorized};
-use super::tensor::{show_shape, Tensor};
+use crate::tensor::{show_shape, Tensor};
 use rayon::prelude::*;
 
 /// Biased mean and variance of `values` (two passes).

@@ -5,7 +5,7 @@
 //! (`recycle`); kernels take their outputs from here (`buffer`, `zeros`).
 //! This is the CPU stand-in for the planned arena of the memory planner.
 
-use super::tensor::{Data, Tensor};
+use crate::tensor::{Data, Tensor};
 use std::collections::HashMap;
 use std::sync::Mutex;
 
@@ -136,5 +136,14 @@ mod tests {
         // Small tensors are not pooled.
         recycle(Tensor::f32(vec![4], vec![1.0; 4]));
         assert_eq!(buffer(4), vec![0.0; 4]);
+    }
+}
+
+/// A copy of `t` whose f32 storage comes from the pool.
+pub fn pooled_clone(t: &crate::tensor::Tensor) -> crate::tensor::Tensor {
+    use crate::tensor::{Data, Tensor};
+    match &t.data {
+        Data::F32(v) => Tensor { shape: t.shape.clone(), data: Data::F32(copy(v)) },
+        Data::I64(_) => t.clone(),
     }
 }

@@ -4,9 +4,9 @@
 //! Autodiff re-applies `Dropout { p, key }` to the upstream gradient, which
 //! is exactly the backward because the mask depends on nothing else.
 
-use super::error::KernelError;
+use crate::error::KernelError;
 use super::kernel::{f32_of, operands, Ctx, PAR_CHUNK, PAR_MIN};
-use super::tensor::Tensor;
+use crate::tensor::Tensor;
 use crate::philox::{philox4x32_10, Stream};
 use rayon::prelude::*;
 
@@ -84,7 +84,7 @@ pub fn dropout(x: &[&Tensor], p: f64, key: u32, ctx: &Ctx) -> Result<Tensor, Ker
     let [t] = operands(x, ["input"])?;
     let data = f32_of(t, "input")?;
     let Some(mask) = ctx.drop_mask(p, key)? else {
-        return Ok(t.pooled_clone());
+        return Ok(super::pool::pooled_clone(t));
     };
     let mut out = super::pool::copy(data);
     if out.len() >= PAR_MIN {
@@ -101,10 +101,10 @@ pub fn drop_path(x: &[&Tensor], p: f64, key: u32, ctx: &Ctx) -> Result<Tensor, K
     let [t] = operands(x, ["input"])?;
     let data = f32_of(t, "input")?;
     if t.rank() == 0 {
-        return Err(super::error::invalid("drop_path needs a sample axis, got a scalar []"));
+        return Err(crate::error::invalid("drop_path needs a sample axis, got a scalar []"));
     }
     let Some(mask) = ctx.drop_mask(p, key)? else {
-        return Ok(t.pooled_clone());
+        return Ok(super::pool::pooled_clone(t));
     };
     let per_sample = t.shape[1..].iter().product::<usize>();
     let mut out = super::pool::copy(data);

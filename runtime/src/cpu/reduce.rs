@@ -6,11 +6,11 @@
 //! f32 sums accumulate in f64.
 
 use super::broadcast::coalesce;
-use super::error::{invalid, KernelError};
+use crate::error::{invalid, KernelError};
 use super::kernel::{operands, PAR_CHUNK, PAR_MIN};
-use super::tensor::{show_shape, Data, Tensor};
+use crate::tensor::{show_shape, Data, Tensor};
 use rayon::prelude::*;
-use tessera_compiler::ir::ReduceOp;
+use tessera_plan::ReduceOp;
 
 /// Offset of `index` in a (merged) dim list: `sum_d i_d * strides[d]`.
 #[inline]
@@ -127,7 +127,7 @@ impl Reduction {
 /// every operand, accumulated in f64 lanes (the squared global L2 norm).
 pub fn sum_of_squares(x: &[&Tensor]) -> Result<Tensor, KernelError> {
     if x.is_empty() {
-        return Err(super::error::invalid("expects at least 1 operand, got 0"));
+        return Err(crate::error::invalid("expects at least 1 operand, got 0"));
     }
     let mut total = 0.0f64;
     for (i, t) in x.iter().enumerate() {

@@ -2,9 +2,9 @@
 //! reference 4.1) and batch norm's running statistics.
 
 use super::collective::single_rank;
-use super::error::{invalid, KernelError};
+use crate::error::{invalid, KernelError};
 use super::kernel::{f32_of, i64_of, operands};
-use super::tensor::{show_shape, Tensor};
+use crate::tensor::{show_shape, Tensor};
 use rayon::prelude::*;
 
 /// The scalar i64 `ptr` as an index.

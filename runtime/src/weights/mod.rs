@@ -25,7 +25,7 @@ pub use file::{
 };
 pub use timm::{tessera_to_timm, timm_to_tessera, TimmNaming};
 
-use tessera_compiler::plan::{Plan, Source};
+use tessera_plan::plan::{Plan, Source};
 use timm::{is_derived_buffer, pos_proj_sibling_weight, strip_module};
 
 /// A named f32 tensor, row-major, in the shape PyTorch gives it.

@@ -1,7 +1,8 @@
-//! The op set of the graph IR. Each op has its attributes here, its shape rule
-//! in `infer.rs`, and its FLOP count in `flops.rs`.
+//! The op set of the graph IR and of plans. Each op has its attributes here
+//! (and their text form); its shape rule is in the compiler's `ir/infer.rs`,
+//! its FLOP count in `ir/flops.rs`, its kernels in each runtime backend.
 
-use super::types::{DType, Dim, Init, Shape};
+use crate::types::{DType, Dim, Init, Shape};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
@@ -308,7 +309,7 @@ pub enum Op {
     /// Elementwise ops run as one kernel, one pass over memory: `body` is a
     /// register program over the operands (see `fused.rs`).
     Fused {
-        body: Vec<super::fused::Instr>,
+        body: Vec<crate::instr::Instr>,
     },
     /// Multi-tensor apply: one kernel runs `body` (a register program, as
     /// `Fused`'s) once per tensor set, set j being operands
@@ -318,7 +319,7 @@ pub enum Op {
     /// never stored whole: `Part`s read it out. The optimizer over every
     /// parameter is one such kernel (apex/PyTorch's fused AdamW).
     MultiTensor {
-        body: Vec<super::fused::Instr>,
+        body: Vec<crate::instr::Instr>,
         arity: u32,
         results: Vec<u32>,
     },
@@ -445,5 +446,109 @@ impl Op {
     /// Leaves carry their own type; every other op's type is inferred.
     pub fn is_leaf(&self) -> bool {
         matches!(self, Op::Input { .. } | Op::Param { .. } | Op::Buffer { .. } | Op::Fill { .. })
+    }
+}
+
+/// `[8,8]`, written like a shape.
+fn list<T: std::fmt::Display>(xs: &[T]) -> String {
+    let items: Vec<String> = xs.iter().map(|x| x.to_string()).collect();
+    format!("[{}]", items.join(","))
+}
+
+/// An op's attributes in their fixed print order; empty for ops without any.
+/// `{k=v, ...}` of an op's attributes, or "" when it has none (as in the text form).
+pub fn attribute_text(op: &Op) -> String {
+    let attrs: Vec<String> = attributes(op).into_iter().map(|(k, v)| format!("{k}={v}")).collect();
+    if attrs.is_empty() {
+        String::new()
+    } else {
+        format!(" {{{}}}", attrs.join(", "))
+    }
+}
+
+pub fn attributes(op: &Op) -> Vec<(&'static str, String)> {
+    let reduce_name = |r: &ReduceOp| match r {
+        ReduceOp::Sum => "sum",
+        ReduceOp::Mean => "mean",
+        ReduceOp::Max => "max",
+    };
+    match op {
+        Op::Conv2d { stride, padding } => vec![("stride", list(stride)), ("padding", list(padding))],
+        Op::Attention { scale, dropout, key } | Op::AttentionGrad { scale, dropout, key } => {
+            vec![("scale", scale.to_string()), ("dropout", dropout.to_string()), ("key", key.to_string())]
+        }
+        Op::LayerNorm { eps } => vec![("eps", eps.to_string())],
+        Op::BatchNorm { eps, momentum } => vec![("eps", eps.to_string()), ("momentum", momentum.to_string())],
+        Op::CrossEntropy { label_smoothing } => vec![("label_smoothing", label_smoothing.to_string())],
+        Op::Scale { factor } => vec![("factor", factor.to_string())],
+        Op::AddScalar { value } => vec![("value", value.to_string())],
+        Op::PowScalar { exponent } => vec![("exponent", exponent.to_string())],
+        Op::Softmax { axis } | Op::LogSoftmax { axis } => vec![("axis", axis.to_string())],
+        Op::L2Normalize { axis, eps } => vec![("axis", axis.to_string()), ("eps", eps.to_string())],
+        Op::Dropout { p, key } | Op::DropPath { p, key } => vec![("p", p.to_string()), ("key", key.to_string())],
+        Op::Normalize { eps }
+        | Op::NormalizeGrad { eps }
+        | Op::BatchStandardize { eps }
+        | Op::BatchStandardizeGrad { eps } => vec![("eps", eps.to_string())],
+        Op::RunningStat { momentum, unbiased_var } => {
+            vec![("momentum", momentum.to_string()), ("unbiased_var", unbiased_var.to_string())]
+        }
+        Op::CrossEntropyGrad { label_smoothing } => vec![("label_smoothing", label_smoothing.to_string())],
+        Op::Conv2dGradInput { stride, padding, input_hw } => {
+            vec![("stride", list(stride)), ("padding", list(padding)), ("input_hw", list(input_hw))]
+        }
+        Op::Conv2dGradWeight { stride, padding, kernel } => {
+            vec![("stride", list(stride)), ("padding", list(padding)), ("kernel", list(kernel))]
+        }
+        Op::Pad { axis, before, after } => {
+            vec![("axis", axis.to_string()), ("before", before.to_string()), ("after", after.to_string())]
+        }
+        Op::AllGatherGrad { world } => vec![("world", world.to_string())],
+        Op::DivCount { count } => vec![("count", count.to_string())],
+        Op::GeluGrad => vec![],
+        Op::Fused { body } => vec![("body", format!("[{}]", crate::instr::body_text(body)))],
+        Op::MultiTensor { body, arity, results } => vec![
+            ("body", format!("[{}]", crate::instr::body_text(body))),
+            ("arity", arity.to_string()),
+            ("results", list(results)),
+        ],
+        Op::Part { offset, shape } => vec![("offset", offset.to_string()), ("shape", shape.to_string())],
+        Op::Cast { dtype } => vec![("dtype", dtype.to_string())],
+        Op::Reduce { axes, keepdim, .. } => vec![("axes", list(axes)), ("keepdim", keepdim.to_string())],
+        Op::Reshape { shape } | Op::Expand { shape } => vec![("shape", shape.to_string())],
+        Op::Permute { perm } => vec![("perm", list(perm))],
+        Op::Concat { axis } => vec![("axis", axis.to_string())],
+        Op::Slice { axis, start, end } => {
+            vec![("axis", axis.to_string()), ("start", start.to_string()), ("end", end.to_string())]
+        }
+        Op::AllGather { world } | Op::ZeroDiagonal { world } | Op::QueuePush { world } | Op::QueueAdvance { world } => {
+            vec![("world", world.to_string())]
+        }
+        Op::AllReduce { op, world } => vec![("op", reduce_name(op).to_string()), ("world", world.to_string())],
+        Op::Input { .. } | Op::Param { .. } | Op::Buffer { .. } | Op::Fill { .. } => vec![],
+        Op::Matmul { transpose_a, transpose_b }
+        | Op::MatmulGeluRhs { transpose_a, transpose_b }
+        | Op::MatmulGeluGrad { transpose_a, transpose_b } => {
+            let mut v = vec![];
+            if *transpose_a {
+                v.push(("transpose_a", "true".to_string()));
+            }
+            if *transpose_b {
+                v.push(("transpose_b", "true".to_string()));
+            }
+            v
+        }
+        Op::LayerNormLinear { eps } => vec![("eps", eps.to_string())],
+        Op::MatmulLayerNormRhs { eps, transpose_a, transpose_b } => {
+            let mut v = vec![("eps", eps.to_string())];
+            if *transpose_a {
+                v.push(("transpose_a", "true".to_string()));
+            }
+            if *transpose_b {
+                v.push(("transpose_b", "true".to_string()));
+            }
+            v
+        }
+        Op::Linear | Op::GeluLinear | Op::SumOfSquares | Op::Unary(_) | Op::Binary(_) | Op::StopGradient => vec![],
     }
 }

@@ -1,4 +1,4 @@
-//! Errors of the CPU backend. Every message names the thing at fault (an
+//! Errors of the runtime's backends. Every message names the thing at fault (an
 //! input, a state, a kernel with its op and scope) and, for type errors, the
 //! expected and the actual shape.
 
@@ -16,7 +16,7 @@ pub enum KernelError {
 }
 
 /// Shorthand for a kernel's precondition failure.
-pub(crate) fn invalid(message: impl Into<String>) -> KernelError {
+pub fn invalid(message: impl Into<String>) -> KernelError {
     KernelError::Invalid(message.into())
 }
 

@@ -1,11 +1,13 @@
-//! Host tensors: a shape and a flat row-major buffer of f32 or i64.
+//! Host tensors: a shape and a flat row-major buffer of f32 or i64. What
+//! every backend takes and gives on the host side: batches, state read back,
+//! outputs.
 //!
-//! The plan records bf16 and f16 dtypes (the precision policy); the CPU
-//! backend stores and computes those values as f32, so every float dtype maps
-//! to `Data::F32` here.
+//! The plan records bf16 and f16 dtypes (the precision policy); on the host
+//! every float dtype is `Data::F32` (the CPU backend stores bf16 values as
+//! f32 rounded to bf16; the CUDA backend converts on upload and read-back).
 
-use super::error::RuntimeError;
-use tessera_compiler::ir::DType;
+use crate::error::RuntimeError;
+use tessera_plan::DType;
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Data {
@@ -95,14 +97,6 @@ impl Tensor {
         let data =
             if stored_as_f32(dtype) { Data::F32(vec![value as f32; n]) } else { Data::I64(vec![value as i64; n]) };
         Tensor { shape, data }
-    }
-
-    /// A copy whose f32 storage comes from the buffer pool (see `pool`).
-    pub fn pooled_clone(&self) -> Tensor {
-        match &self.data {
-            Data::F32(v) => Tensor { shape: self.shape.clone(), data: Data::F32(super::pool::copy(v)) },
-            Data::I64(_) => self.clone(),
-        }
     }
 
     pub fn numel(&self) -> usize {

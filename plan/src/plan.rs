@@ -1,0 +1,351 @@
+//! Plans: the only thing the runtime reads from the compiler. A plan is a
+//! static, serde-serialisable program for one batch size: values with fixed
+//! shapes, kernels in execution order, and the tables of parameters,
+//! gradients, optimizer state and buffers.
+//!
+//! Invariants: every shape is concrete (no symbolic batch); kernels appear in
+//! an order where each input is produced before it is read; a value is
+//! written by at most one kernel; `state_updates` name values whose type is
+//! the state's type. Kernel ops are the IR's `Op` with every `Dim` fixed.
+
+use crate::op::Op;
+use crate::types::{DType, Dim, Init, Shape};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+
+/// Bumped whenever the plan format changes incompatibly.
+pub const PLAN_VERSION: u32 = 2;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Source {
+    /// Fed by the caller each run (images, targets, lr, ...).
+    Input { name: String },
+    /// A parameter; `trainable == false` for frozen ones.
+    Param { name: String, init: Init, trainable: bool },
+    /// Non-trainable state: buffers and optimizer state.
+    Buffer { name: String, init: Init },
+    /// A constant.
+    Fill { value: f64 },
+    /// Produced by the kernel of this index.
+    Kernel(usize),
+    /// Elements `offset ..` of the packed result of multi-tensor kernel
+    /// `kernel`, which writes them here itself (no kernel of its own).
+    Part { kernel: usize, offset: u64 },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Value {
+    pub shape: Vec<u64>,
+    pub dtype: DType,
+    pub source: Source,
+}
+
+impl Value {
+    pub fn numel(&self) -> u64 {
+        self.shape.iter().product()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Kernel {
+    pub op: Op,
+    pub inputs: Vec<usize>,
+    pub output: usize,
+    /// Module path, for profiles and errors.
+    pub scope: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    pub version: u32,
+    pub batch: u64,
+    /// Dropout and drop-path active, BatchNorm on batch statistics.
+    pub training: bool,
+    pub values: Vec<Value>,
+    pub kernels: Vec<Kernel>,
+    /// Named results: `loss`, `output`, `grad.<param>` ...
+    pub outputs: Vec<(String, usize)>,
+    /// After a run, the state (parameter or buffer) `name` takes this value.
+    pub state_updates: Vec<(String, usize)>,
+    /// Where each kind of state lives, by name (value indices).
+    pub tables: Tables,
+    /// Regions, arena offsets and the peak (training plans; see `memory`).
+    /// A backend with its own allocator (the CPU one) may ignore it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<crate::memory::MemoryPlan>,
+}
+
+/// The parameter, gradient, optimizer-state and buffer tables: what a
+/// checkpoint saves, what a data-parallel all-reduce sums, what an optimizer
+/// kernel walks.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Tables {
+    pub params: Vec<(String, usize)>,
+    /// The gradient of each trainable parameter (after clipping), by parameter name.
+    pub grads: Vec<(String, usize)>,
+    /// Optimizer state (`optim.*` buffers: Adam moments, momentum buffers).
+    pub optimizer_state: Vec<(String, usize)>,
+    /// Every other buffer (running statistics, queues, momentum-encoder weights).
+    pub buffers: Vec<(String, usize)>,
+}
+
+/// Replaces symbolic batch dims by `k * batch`.
+fn fix_dim(d: Dim, batch: u64) -> Dim {
+    Dim::Const(d.eval(batch))
+}
+
+fn fix_shape(s: &Shape, batch: u64) -> Shape {
+    Shape(s.0.iter().map(|&d| fix_dim(d, batch)).collect())
+}
+
+/// The op with every batch-dependent attribute fixed.
+pub fn fix_op(op: &Op, batch: u64) -> Op {
+    match op {
+        Op::Reshape { shape } => Op::Reshape { shape: fix_shape(shape, batch) },
+        Op::Expand { shape } => Op::Expand { shape: fix_shape(shape, batch) },
+        Op::Slice { axis, start, end } => {
+            Op::Slice { axis: *axis, start: fix_dim(*start, batch), end: fix_dim(*end, batch) }
+        }
+        Op::Pad { axis, before, after } => {
+            Op::Pad { axis: *axis, before: fix_dim(*before, batch), after: fix_dim(*after, batch) }
+        }
+        Op::DivCount { count } => Op::DivCount { count: fix_dim(*count, batch) },
+        other => other.clone(),
+    }
+}
+
+impl Plan {
+    /// Index of the value that holds state `name` (a parameter or buffer).
+    pub fn state(&self, name: &str) -> Option<usize> {
+        self.values.iter().position(|v| match &v.source {
+            Source::Param { name: n, .. } | Source::Buffer { name: n, .. } => n == name,
+            _ => false,
+        })
+    }
+
+    pub fn input(&self, name: &str) -> Option<usize> {
+        self.values.iter().position(|v| matches!(&v.source, Source::Input { name: n } if n == name))
+    }
+
+    pub fn output(&self, name: &str) -> Option<usize> {
+        self.outputs.iter().find(|(n, _)| n == name).map(|(_, v)| *v)
+    }
+
+    /// Trainable parameters, as (name, value index), in plan order.
+    pub fn params(&self) -> Vec<(&str, usize)> {
+        self.values
+            .iter()
+            .enumerate()
+            .filter_map(|(i, v)| match &v.source {
+                Source::Param { name, .. } => Some((name.as_str(), i)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Checks the invariants of the module docs; the runtime calls it on load.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.version != PLAN_VERSION {
+            return Err(format!("plan version {} is not supported (this build reads {PLAN_VERSION})", self.version));
+        }
+        if let Some(m) = &self.memory {
+            if m.placements.len() != self.values.len() {
+                return Err(format!(
+                    "the memory plan places {} values, the plan has {}",
+                    m.placements.len(),
+                    self.values.len()
+                ));
+            }
+            m.check().map_err(|e| format!("memory plan: {e}"))?;
+        }
+        let mut written = vec![false; self.values.len()];
+        let mut parts_of: HashMap<usize, Vec<usize>> = HashMap::new();
+        for (i, v) in self.values.iter().enumerate() {
+            match v.source {
+                Source::Kernel(j) => {
+                    if self.kernels.get(j).map(|k| k.output) != Some(i) {
+                        return Err(format!("value {i} says kernel {j} makes it, but that kernel does not"));
+                    }
+                }
+                Source::Part { kernel, offset } => {
+                    let packed = self.kernels.get(kernel).map(|k| (&k.op, k.output));
+                    let Some((Op::MultiTensor { .. }, out)) = packed else {
+                        return Err(format!("value {i} is a part of kernel {kernel}, which is not multi-tensor"));
+                    };
+                    let fits =
+                        self.values.get(out).is_some_and(|p| offset + v.numel() <= p.numel() && v.dtype == p.dtype);
+                    if !fits {
+                        return Err(format!("value {i} is not inside the packed result of kernel {kernel}"));
+                    }
+                    parts_of.entry(kernel).or_default().push(i);
+                }
+                _ => written[i] = true,
+            }
+        }
+        for (k, kernel) in self.kernels.iter().enumerate() {
+            for &i in &kernel.inputs {
+                if !written.get(i).copied().unwrap_or(false) {
+                    return Err(format!("kernel {k} ({}) reads value {i} before it is written", kernel.op.name()));
+                }
+                let packed = matches!(self.values[i].source, Source::Kernel(j)
+                    if self.kernels.get(j).is_some_and(|k| matches!(k.op, Op::MultiTensor { .. })));
+                if packed {
+                    return Err(format!(
+                        "kernel {k} reads the packed result of a multi-tensor kernel (read its parts)"
+                    ));
+                }
+            }
+            for &part in parts_of.get(&k).into_iter().flatten() {
+                written[part] = true;
+            }
+            match self.values.get(kernel.output).map(|v| &v.source) {
+                Some(Source::Kernel(j)) if *j == k => written[kernel.output] = true,
+                _ => {
+                    return Err(format!(
+                        "kernel {k} ({}) writes value {} it does not own",
+                        kernel.op.name(),
+                        kernel.output
+                    ))
+                }
+            }
+        }
+        for (name, v) in self.outputs.iter().chain(&self.state_updates) {
+            if *v >= self.values.len() {
+                return Err(format!("`{name}` names value {v}, which does not exist"));
+            }
+        }
+        let t = &self.tables;
+        for (name, v) in t.params.iter().chain(&t.optimizer_state).chain(&t.buffers) {
+            if self.state(name) != Some(*v) {
+                return Err(format!("the state table names `{name}` at value {v}, which does not hold it"));
+            }
+        }
+        for (name, v) in &t.grads {
+            if self.state(name).map(|p| &self.values[p].shape) != self.values.get(*v).map(|g| &g.shape) {
+                return Err(format!("the gradient table entry of `{name}` does not have its parameter's shape"));
+            }
+        }
+        for (name, v) in &self.state_updates {
+            let s = self.state(name).ok_or_else(|| format!("state update of unknown state `{name}`"))?;
+            if self.values[s].shape != self.values[*v].shape || self.values[s].dtype != self.values[*v].dtype {
+                return Err(format!("state update of `{name}` has the wrong type"));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Plan {
+    /// A person-readable summary: what `tessera plan show` prints.
+    /// One line per kernel, in execution order: `k7 = gelu(k6) : [4,65,384] f32  # scope`.
+    /// Operands are kernel results (`kN`), parameters and buffers (`@name`),
+    /// inputs (`"name"`) and fills (`fill(v)`). Snapshot tests diff this.
+    pub fn kernel_listing(&self) -> String {
+        use std::fmt::Write;
+        let name = |v: usize| match &self.values[v].source {
+            Source::Kernel(k) => format!("k{k}"),
+            Source::Part { kernel, offset } => format!("k{kernel}[{offset}..]"),
+            Source::Param { name, .. } | Source::Buffer { name, .. } => format!("@{name}"),
+            Source::Input { name } => format!("{name:?}"),
+            Source::Fill { value } => format!("fill({value})"),
+        };
+        let mut s = String::new();
+        for (i, k) in self.kernels.iter().enumerate() {
+            let args: Vec<String> = k.inputs.iter().map(|&v| name(v)).collect();
+            let out = &self.values[k.output];
+            let dims: Vec<String> = out.shape.iter().map(|d| d.to_string()).collect();
+            let _ = write!(
+                s,
+                "k{i} = {}({}){} : [{}] {}",
+                k.op.name(),
+                args.join(", "),
+                crate::op::attribute_text(&k.op),
+                dims.join(","),
+                out.dtype
+            );
+            if !k.scope.is_empty() {
+                let _ = write!(s, "  # {}", k.scope);
+            }
+            s.push('\n');
+        }
+        for (n, v) in &self.outputs {
+            let _ = writeln!(s, "output {n:?} = {}", name(*v));
+        }
+        for (n, v) in &self.state_updates {
+            let _ = writeln!(s, "state @{n} <- {}", name(*v));
+        }
+        s
+    }
+
+    pub fn summary(&self) -> String {
+        use std::collections::BTreeMap;
+        use std::fmt::Write;
+        let mut by_op: BTreeMap<&str, usize> = BTreeMap::new();
+        for k in &self.kernels {
+            *by_op.entry(k.op.name()).or_insert(0) += 1;
+        }
+        let (mut params, mut trainable, mut state, mut temps) = (0u64, 0u64, 0u64, 0u64);
+        let mut inputs = Vec::new();
+        for v in &self.values {
+            let bytes = v.numel() * v.dtype.size_bytes();
+            match &v.source {
+                Source::Param { trainable: t, .. } => {
+                    params += v.numel();
+                    if *t {
+                        trainable += v.numel();
+                    }
+                }
+                Source::Buffer { .. } => state += bytes,
+                Source::Input { name } => inputs.push(format!("{name} {:?} {}", v.shape, v.dtype)),
+                // A packed multi-tensor result is stored as its parts.
+                Source::Kernel(k) if self.kernels.get(*k).is_some_and(|k| matches!(k.op, Op::MultiTensor { .. })) => {}
+                Source::Kernel(_) | Source::Part { .. } => temps += bytes,
+                Source::Fill { .. } => {}
+            }
+        }
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "plan v{}  batch {}  {}",
+            self.version,
+            self.batch,
+            if self.training { "training" } else { "eval" }
+        );
+        let _ = writeln!(s, "kernels    {}", self.kernels.len());
+        let mut ops: Vec<(&str, usize)> = by_op.into_iter().collect();
+        ops.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+        for (op, n) in ops {
+            let _ = writeln!(s, "  {n:>6}  {op}");
+        }
+        let _ = writeln!(
+            s,
+            "params     {params} elements ({trainable} trainable) in {} tensors, {} gradients",
+            self.tables.params.len(),
+            self.tables.grads.len()
+        );
+        let _ = writeln!(
+            s,
+            "tables     {} optimizer-state tensors, {} buffers",
+            self.tables.optimizer_state.len(),
+            self.tables.buffers.len()
+        );
+        let _ = writeln!(s, "state      {:.1} MiB of buffers and optimizer state", state as f64 / 1048576.0);
+        let _ = writeln!(
+            s,
+            "temporary  {:.1} MiB if nothing were reused (memory planning comes later)",
+            temps as f64 / 1048576.0
+        );
+        let _ = writeln!(s, "inputs     {}", inputs.join(", "));
+        let outs: Vec<&str> =
+            self.outputs.iter().map(|(n, _)| n.as_str()).filter(|n| !n.starts_with("grad.")).collect();
+        let grads = self.outputs.len() - outs.len();
+        let _ = writeln!(
+            s,
+            "outputs    {}{}",
+            outs.join(", "),
+            if grads > 0 { format!(" and {grads} gradients") } else { String::new() }
+        );
+        let _ = writeln!(s, "updates    {} states", self.state_updates.len());
+        s
+    }
+}
