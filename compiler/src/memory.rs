@@ -20,28 +20,9 @@
 //! intersect never overlap in the arena, and the arena is at least the
 //! largest sum of live transient bytes at any kernel (`lower_bound_bytes`).
 
-use crate::ir::{DType, Op};
+use crate::ir::Op;
 use crate::plan::{Plan, Source};
 pub use tessera_plan::memory::*;
-
-/// Scratch a kernel needs besides its operands and result, as a GPU kernel
-/// would allocate it: attention's backward keeps rowsum(dO * O) per query
-/// (FlashAttention-2) and accumulates dq in f32; cross-entropy keeps one
-/// statistic per row. Matrix products and fused elementwise kernels need none.
-fn workspace(plan: &Plan, k: usize) -> u64 {
-    let kernel = &plan.kernels[k];
-    let shape = |i: usize| &plan.values[kernel.inputs[i]].shape;
-    match kernel.op {
-        Op::AttentionGrad { .. } => {
-            let q = shape(0);
-            let rows: u64 = q[..q.len() - 1].iter().product();
-            let dq_f32 = if plan.values[kernel.inputs[0]].dtype == DType::F32 { 0 } else { rows * q[q.len() - 1] * 4 };
-            rows * 4 + dq_f32
-        }
-        Op::CrossEntropy { .. } | Op::CrossEntropyGrad { .. } => shape(0)[0] * 4,
-        _ => 0,
-    }
-}
 
 /// Union-find over values: storage shared by aliases and in-place results.
 fn find(parent: &mut [usize], mut v: usize) -> usize {
@@ -248,7 +229,7 @@ pub fn plan_memory(plan: &Plan) -> MemoryPlan {
         inputs: region(Region::Inputs),
         activations_kept: kept_at_loss.min(arena_bytes),
         transient: arena_bytes - kept_at_loss.min(arena_bytes),
-        workspace: (0..end).map(|k| align(workspace(plan, k))).max().unwrap_or(0),
+        workspace: (0..end).map(|k| tessera_plan::scratch::scratch(plan, k).total()).max().unwrap_or(0),
     };
     let peak_bytes = parts.parameters
         + parts.gradients

@@ -16,6 +16,7 @@ pub mod instr;
 pub mod memory;
 pub mod op;
 pub mod plan;
+pub mod scratch;
 pub mod types;
 
 pub use instr::Instr;

@@ -39,6 +39,9 @@ pub enum RuntimeError {
     DataLength { shape: Vec<usize>, len: usize, numel: usize },
     #[error("cannot initialise `{name}` with {init}: {message}")]
     Init { name: String, init: String, message: String },
+    /// A device (CUDA or its host emulation) failed, or is missing.
+    #[error("{0}")]
+    Device(String),
     #[error("kernel {index} ({op}) in `{scope}`: {source}")]
     Kernel {
         index: usize,

@@ -4,11 +4,14 @@
 //! executor with a kernel for every op, and the initialisers), and weight
 //! files (`weights`).
 
+pub mod backend;
 pub mod cpu;
+pub mod cuda;
 pub mod error;
 pub mod philox;
 pub mod tensor;
 pub mod weights;
 
+pub use backend::{Backend, Device, Executor};
 pub use error::{KernelError, RuntimeError};
 pub use tensor::{describe_type, show_shape, Data, Tensor};

@@ -1,0 +1,146 @@
+//! Scratch: what a kernel needs besides its operands and its result, as
+//! named pieces. The compiler's memory planner sizes the workspace region
+//! as the largest kernel's scratch (kernels run one after another, so they
+//! share it); a backend that executes the memory plan carves each kernel's
+//! pieces out of that region by these offsets. This is the contract that
+//! makes the planned peak the real one: a backend may not allocate beside it.
+//!
+//! Pieces per op (the GPU backend's kernels; the CPU backend, which keeps its
+//! own pool, needs no more than this):
+//! - every matrix product: `gemm` (cuBLASLt's workspace; 32 MiB for large
+//!   products (2^30 multiply-adds) as NVIDIA recommends on Hopper, 4 MiB
+//!   from 2^20, none below);
+//! - prologue forms: the transformed operand, written once, then read by the
+//!   GEMM: `gelu` (gelu_linear, matmul_gelu_rhs), `normalized`
+//!   (layer_norm_linear, matmul_layer_norm_rhs), in the GEMM's input dtype;
+//! - convolutions as GEMMs: `cols` (im2col / its gradient, f32 for the
+//!   input gradient) and `dy` (conv2d_grad_weight's output gradient laid out
+//!   [O, N*H'*W']);
+//! - attention_grad: `lse` and `delta` (one f32 per query row: the forward's
+//!   log-sum-exp recomputed, and rowsum(dO * O), FlashAttention-2's D);
+//! - reductions to few values (sum, mean, max over many elements, sum of
+//!   squares, cross-entropy's mean): `partials`, one f32 per block of the
+//!   first pass, so the result is summed in a fixed order (no atomics);
+//! - batch statistics (batch_norm, batch_standardize and its gradient,
+//!   running_stat): `stats`, two f32 per channel.
+
+use crate::memory::align;
+use crate::op::Op;
+use crate::plan::Plan;
+use crate::types::DType;
+
+/// Blocks of the first pass of a reduction to few values.
+pub const REDUCE_BLOCKS: u64 = 1024;
+
+/// cuBLASLt's workspace for a product of `m x n x k`.
+pub fn gemm_workspace(m: u64, n: u64, k: u64) -> u64 {
+    match m.saturating_mul(n).saturating_mul(k) {
+        p if p >= 1 << 30 => 32 << 20,
+        p if p >= 1 << 20 => 4 << 20,
+        _ => 0,
+    }
+}
+
+/// One kernel's scratch: named pieces, each at an aligned offset.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Scratch {
+    pub pieces: Vec<(&'static str, u64)>,
+}
+
+impl Scratch {
+    fn with(mut self, name: &'static str, bytes: u64) -> Self {
+        if bytes > 0 {
+            self.pieces.push((name, bytes));
+        }
+        self
+    }
+
+    /// Bytes of the whole scratch (pieces aligned).
+    pub fn total(&self) -> u64 {
+        self.pieces.iter().map(|(_, b)| align(*b)).sum()
+    }
+
+    /// Offset and size of piece `name`.
+    pub fn piece(&self, name: &str) -> Option<(u64, u64)> {
+        let mut at = 0;
+        for (n, b) in &self.pieces {
+            if *n == name {
+                return Some((at, *b));
+            }
+            at += align(*b);
+        }
+        None
+    }
+}
+
+/// The scratch of kernel `k` of `plan`.
+pub fn scratch(plan: &Plan, k: usize) -> Scratch {
+    let kernel = &plan.kernels[k];
+    let value = |i: usize| &plan.values[kernel.inputs[i]];
+    let shape = |i: usize| &value(i).shape;
+    let numel = |i: usize| value(i).numel();
+    let size = |d: DType| d.size_bytes();
+    let out = &plan.values[kernel.output];
+    let rows_of = |s: &[u64]| s[..s.len().saturating_sub(1)].iter().product::<u64>();
+    let last = |s: &[u64]| s.last().copied().unwrap_or(1);
+    // m x n x k of a product with result `out` and inner dimension `inner`.
+    let gemm = |inner: u64| gemm_workspace(rows_of(&out.shape), last(&out.shape), inner);
+    let s = Scratch::default();
+    match &kernel.op {
+        Op::Linear => s.with("gemm", gemm(last(shape(0)))),
+        Op::Matmul { transpose_a, .. } => {
+            let a = shape(0);
+            let inner = if *transpose_a { a[a.len() - 2] } else { last(a) };
+            s.with("gemm", gemm(inner))
+        }
+        Op::GeluLinear => s.with("gemm", gemm(last(shape(0)))).with("gelu", numel(0) * size(value(1).dtype)),
+        Op::LayerNormLinear { .. } => {
+            s.with("gemm", gemm(last(shape(0)))).with("normalized", numel(0) * size(value(3).dtype))
+        }
+        Op::MatmulGeluRhs { .. } => s.with("gemm", gemm(rows_of(shape(1)))).with("gelu", numel(1) * size(value(0).dtype)),
+        Op::MatmulLayerNormRhs { .. } => {
+            s.with("gemm", gemm(rows_of(shape(1)))).with("normalized", numel(1) * size(value(0).dtype))
+        }
+        Op::MatmulGeluGrad { transpose_a, .. } => {
+            let a = shape(0);
+            let inner = if *transpose_a { a[a.len() - 2] } else { last(a) };
+            s.with("gemm", gemm(inner))
+        }
+        Op::Conv2d { .. } => {
+            // cols [N*H'*W', C*kh*kw] in the weight's dtype.
+            let w = shape(1);
+            let (n, hw) = (out.shape[0], out.shape[2] * out.shape[3]);
+            let ckk: u64 = w[1..].iter().product();
+            s.with("gemm", gemm_workspace(n * hw, w[0], ckk)).with("cols", n * hw * ckk * size(value(1).dtype))
+        }
+        Op::Conv2dGradWeight { .. } => {
+            // dy [N, O, H', W'] as [O, N*H'*W'], x as cols [N*H'*W', C*kh*kw].
+            let dy = shape(0);
+            let (n, o, hw) = (dy[0], dy[1], dy[2] * dy[3]);
+            let ckk = out.numel() / o.max(1);
+            s.with("gemm", gemm_workspace(o, ckk, n * hw))
+                .with("dy", numel(0) * size(value(0).dtype))
+                .with("cols", n * hw * ckk * size(value(1).dtype))
+        }
+        Op::Conv2dGradInput { .. } => {
+            // cols = dy^T w: [N*H'*W', C*kh*kw] in f32, then col2im.
+            let (dy, w) = (shape(0), shape(1));
+            let (n, o, hw) = (dy[0], dy[1], dy[2] * dy[3]);
+            let ckk: u64 = w[1..].iter().product();
+            s.with("gemm", gemm_workspace(n * hw, ckk, o)).with("cols", n * hw * ckk * 4)
+        }
+        Op::AttentionGrad { .. } => {
+            let rows = rows_of(shape(0));
+            s.with("lse", rows * 4).with("delta", rows * 4)
+        }
+        Op::Reduce { .. } | Op::SumOfSquares | Op::CrossEntropy { .. } => s.with("partials", REDUCE_BLOCKS * 4),
+        Op::BatchNorm { .. } | Op::BatchStandardize { .. } | Op::BatchStandardizeGrad { .. } | Op::RunningStat { .. } => {
+            let c = match &kernel.op {
+                Op::RunningStat { .. } => shape(0)[0],
+                _ => shape(0).get(1).copied().unwrap_or(1),
+            };
+            s.with("stats", 2 * c * 4).with("partials", REDUCE_BLOCKS * 4 * 2)
+        }
+        _ => s,
+    }
+}

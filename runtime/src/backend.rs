@@ -1,0 +1,217 @@
+//! The backend seam: what the engine and the CLI need of an executor, for
+//! every backend. A `Backend` is an opened device (the CPU, a CUDA GPU, or
+//! the CUDA executor emulated on the host); it builds one `Executor` per
+//! plan. Executors of one model hand their state to each other
+//! (`move_state_to`), so plans for several batch sizes, stages and the eval
+//! forward all train one model.
+//!
+//! Invariants: host tensors (`crate::tensor`) are the only thing that crosses
+//! the seam; an executor's `run` either completes (outputs returned, state
+//! updated, step advanced) or changes nothing the caller can observe; state
+//! moves between executors of one backend without a round trip through the
+//! host.
+
+use crate::cpu::CpuExecutor;
+use crate::cuda::{self, CudaBackend, CudaExecutor};
+use crate::error::RuntimeError;
+use crate::tensor::Tensor;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+use tessera_plan::Plan;
+
+/// Where plans run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Device {
+    /// The reference backend (f32 on the host, rayon threads).
+    Cpu,
+    /// CUDA GPU `ordinal` (cuBLASLt, NVRTC kernels).
+    Cuda { ordinal: usize },
+    /// The CUDA executor with its device layer on the host: the same kernel
+    /// sources compiled by the system C++ compiler and run one thread per
+    /// block, GEMMs by a host routine that reads cuBLASLt's descriptors.
+    /// What CI runs in place of a GPU.
+    CudaHost,
+}
+
+impl Device {
+    /// `cpu`, `gpu` / `cuda` (GPU 0), `cuda:N`, `cuda-host`.
+    pub fn parse(s: &str) -> Result<Device, String> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "gpu" | "cuda" => Ok(Device::Cuda { ordinal: 0 }),
+            "cuda-host" => Ok(Device::CudaHost),
+            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(ordinal)) => Ok(Device::Cuda { ordinal }),
+                _ => Err(format!("unknown device `{s}`: use cpu, gpu (GPU 0), cuda:N or cuda-host")),
+            },
+        }
+    }
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Cpu => write!(f, "cpu"),
+            Device::Cuda { ordinal } => write!(f, "cuda:{ordinal}"),
+            Device::CudaHost => write!(f, "cuda-host"),
+        }
+    }
+}
+
+/// An opened device, shared by every executor made on it.
+#[derive(Clone)]
+pub enum Backend {
+    Cpu,
+    Cuda(Arc<CudaBackend>),
+}
+
+impl Backend {
+    /// Opens `device`. A CUDA device whose libraries or GPU cannot be found
+    /// is an error naming what is missing.
+    pub fn open(device: &Device) -> Result<Backend, RuntimeError> {
+        match device {
+            Device::Cpu => Ok(Backend::Cpu),
+            Device::Cuda { ordinal } => Ok(Backend::Cuda(Arc::new(CudaBackend::gpu(*ordinal)?))),
+            Device::CudaHost => Ok(Backend::Cuda(Arc::new(CudaBackend::host()?))),
+        }
+    }
+
+    /// For logs: `cpu`, `NVIDIA H100 80GB HBM3 (cuda:0, sm_90)`, ...
+    pub fn describe(&self) -> String {
+        match self {
+            Backend::Cpu => format!("cpu ({} threads)", rayon::current_num_threads()),
+            Backend::Cuda(c) => c.describe(),
+        }
+    }
+
+    /// Device memory (free, total) in bytes, where the backend knows it.
+    pub fn memory(&self) -> Option<(u64, u64)> {
+        match self {
+            Backend::Cpu => None,
+            Backend::Cuda(c) => c.memory(),
+        }
+    }
+
+    /// An executor for `plan`, its parameters and buffers initialised from
+    /// their init rules with random streams keyed by `seed`.
+    pub fn executor(&self, plan: Plan, seed: u64) -> Result<Executor, RuntimeError> {
+        match self {
+            Backend::Cpu => Ok(Executor::Cpu(CpuExecutor::new(plan, seed)?)),
+            Backend::Cuda(c) => Ok(Executor::Cuda(Box::new(CudaExecutor::new(c.clone(), plan, seed)?))),
+        }
+    }
+}
+
+/// A plan ready to run on a backend, holding the model's state.
+pub enum Executor {
+    Cpu(CpuExecutor),
+    Cuda(Box<CudaExecutor>),
+}
+
+impl Executor {
+    pub fn plan(&self) -> &Plan {
+        match self {
+            Executor::Cpu(e) => e.plan(),
+            Executor::Cuda(e) => e.plan(),
+        }
+    }
+
+    pub fn seed(&self) -> u64 {
+        match self {
+            Executor::Cpu(e) => e.seed(),
+            Executor::Cuda(e) => e.seed(),
+        }
+    }
+
+    /// The `step` of every random stream of the next run.
+    pub fn step(&self) -> u64 {
+        match self {
+            Executor::Cpu(e) => e.step(),
+            Executor::Cuda(e) => e.step(),
+        }
+    }
+
+    pub fn set_step(&mut self, s: u64) {
+        match self {
+            Executor::Cpu(e) => e.set_step(s),
+            Executor::Cuda(e) => e.set_step(s),
+        }
+    }
+
+    /// Names of every parameter and buffer, in plan order.
+    pub fn state_names(&self) -> Vec<String> {
+        match self {
+            Executor::Cpu(e) => e.state_names(),
+            Executor::Cuda(e) => e.state_names(),
+        }
+    }
+
+    /// A host copy of parameter or buffer `name` (`None`: no such state, or
+    /// handed to another executor).
+    pub fn read_state(&self, name: &str) -> Result<Option<Tensor>, RuntimeError> {
+        match self {
+            Executor::Cpu(e) => Ok(e.state(name).cloned()),
+            Executor::Cuda(e) => e.read_state(name),
+        }
+    }
+
+    /// Replaces parameter or buffer `name` with a host tensor of its type
+    /// (floats are rounded to the state's dtype).
+    pub fn write_state(&mut self, name: &str, t: Tensor) -> Result<(), RuntimeError> {
+        match self {
+            Executor::Cpu(e) => e.set_state(name, t),
+            Executor::Cuda(e) => e.write_state(name, t),
+        }
+    }
+
+    /// Hands every state both executors hold to `to` (the CPU moves its
+    /// tensors; the GPU copies device to device). Executors of different
+    /// backends go through the host.
+    pub fn move_state_to(&mut self, to: &mut Executor) -> Result<(), RuntimeError> {
+        match (self, to) {
+            (Executor::Cpu(from), Executor::Cpu(to)) => {
+                for name in to.state_names() {
+                    if let Some(t) = from.take_state(&name) {
+                        to.set_state(&name, t)?;
+                    }
+                }
+                Ok(())
+            }
+            (Executor::Cuda(from), Executor::Cuda(to)) if from.same_device(to) => from.copy_state_to(to),
+            (from, to) => {
+                for name in to.state_names() {
+                    if let Some(t) = from.read_state(&name)? {
+                        to.write_state(&name, t)?;
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Runs the plan once with the named inputs and returns the outputs
+    /// `wanted` selects (`None`: every output). On error nothing changes.
+    pub fn run(
+        &mut self,
+        inputs: &[(&str, Tensor)],
+        wanted: Option<&dyn Fn(&str) -> bool>,
+    ) -> Result<BTreeMap<String, Tensor>, RuntimeError> {
+        match self {
+            Executor::Cpu(e) => {
+                let mut out = e.run(inputs)?;
+                if let Some(w) = wanted {
+                    out.retain(|k, _| w(k));
+                }
+                Ok(out)
+            }
+            Executor::Cuda(e) => e.run(inputs, wanted),
+        }
+    }
+}
+
+/// Whether CUDA can be used here at all (libraries and a device), with the
+/// reason when not: what tests print when they skip.
+pub fn cuda_unavailable() -> Option<String> {
+    cuda::unavailable()
+}

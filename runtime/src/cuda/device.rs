@@ -1,0 +1,141 @@
+//! The device layer: everything the CUDA executor asks of a device, and
+//! nothing more (allocate, copy, load compiled kernels, launch, GEMM,
+//! synchronise). Two implementations: `driver` (a real GPU through cudarc:
+//! the driver API, NVRTC, cuBLASLt) and `host` (the same kernel sources
+//! compiled by the system C++ compiler and run one thread per block; GEMMs by
+//! `gemm::host_gemm`, which reads cuBLASLt's descriptors). The executor
+//! cannot tell them apart, so CI checks placement, argument packing, launch
+//! shapes and index arithmetic without a GPU.
+//!
+//! Invariants: a `DevPtr` is an address in the device's memory (on the
+//! host, a host address); every call is ordered after the previous ones (one
+//! stream); `download` returns after the data has arrived.
+
+use super::gemm::GemmDesc;
+use std::fmt;
+
+/// An address in device memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct DevPtr(pub u64);
+
+impl DevPtr {
+    pub const NULL: DevPtr = DevPtr(0);
+
+    pub fn add(self, bytes: u64) -> DevPtr {
+        DevPtr(self.0 + bytes)
+    }
+}
+
+impl fmt::Display for DevPtr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:#x}", self.0)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct DeviceError(pub String);
+
+pub type DResult<T> = Result<T, DeviceError>;
+
+/// What kernel sources are compiled for.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Target {
+    /// NVRTC for compute capability `sm` (90 for sm_90).
+    Nvrtc { sm: u32 },
+    /// The system C++ compiler, for the host device.
+    Host,
+}
+
+/// A kernel argument as `cuLaunchKernel` takes it: the bytes of one
+/// parameter of the kernel's signature, in order.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Arg {
+    Ptr(DevPtr),
+    I64(i64),
+    U32(u32),
+    F32(f32),
+    F64(f64),
+    /// A struct passed by value (its C layout, e.g. an array of strides).
+    Bytes(Vec<u8>),
+}
+
+impl Arg {
+    /// The parameter's bytes.
+    pub fn bytes(&self) -> Vec<u8> {
+        match self {
+            Arg::Ptr(p) => p.0.to_ne_bytes().to_vec(),
+            Arg::I64(v) => v.to_ne_bytes().to_vec(),
+            Arg::U32(v) => v.to_ne_bytes().to_vec(),
+            Arg::F32(v) => v.to_ne_bytes().to_vec(),
+            Arg::F64(v) => v.to_ne_bytes().to_vec(),
+            Arg::Bytes(b) => b.clone(),
+        }
+    }
+}
+
+/// A launch shape: grid and block dimensions (x, y, z).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Launch {
+    pub grid: [u32; 3],
+    pub block: [u32; 3],
+}
+
+impl Launch {
+    /// `blocks` blocks of `threads` threads along x.
+    pub fn linear(blocks: u32, threads: u32) -> Launch {
+        Launch { grid: [blocks.max(1), 1, 1], block: [threads, 1, 1] }
+    }
+}
+
+/// A loaded kernel function, by index in the device's table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Function(pub usize);
+
+/// A GEMM prepared once (descriptors, layouts, the chosen algorithm).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GemmHandle(pub usize);
+
+/// The operands of one prepared GEMM: D = alpha op(A) op(B) + beta C (+ bias).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GemmPtrs {
+    pub a: DevPtr,
+    pub b: DevPtr,
+    pub c: DevPtr,
+    pub d: DevPtr,
+    pub bias: DevPtr,
+    pub workspace: DevPtr,
+    pub workspace_bytes: u64,
+}
+
+/// A compiled module as the device loads it (PTX or CUBIN for a GPU, a
+/// shared library for the host).
+pub struct Binary {
+    pub target: Target,
+    pub bytes: Vec<u8>,
+    /// The `extern "C"` kernel names it exports.
+    pub kernels: Vec<String>,
+}
+
+pub trait DeviceApi: Send + Sync {
+    /// `NVIDIA H100 80GB HBM3 (cuda:0, sm_90)`, `host emulation of the CUDA executor`.
+    fn describe(&self) -> String;
+    fn target(&self) -> Target;
+    /// (free, total) bytes of device memory.
+    fn memory(&self) -> Option<(u64, u64)>;
+    fn alloc(&self, bytes: u64) -> DResult<DevPtr>;
+    /// # Safety
+    /// `p` came from `alloc` of this device and is not used afterwards.
+    unsafe fn free(&self, p: DevPtr);
+    fn upload(&self, dst: DevPtr, src: &[u8]) -> DResult<()>;
+    fn download(&self, src: DevPtr, dst: &mut [u8]) -> DResult<()>;
+    fn copy(&self, dst: DevPtr, src: DevPtr, bytes: u64) -> DResult<()>;
+    fn zero(&self, dst: DevPtr, bytes: u64) -> DResult<()>;
+    /// Loads a module; its kernels in the order of `binary.kernels`.
+    fn load(&self, binary: &Binary) -> DResult<Vec<Function>>;
+    fn launch(&self, f: Function, shape: Launch, args: &[Arg]) -> DResult<()>;
+    fn prepare_gemm(&self, desc: &GemmDesc) -> DResult<GemmHandle>;
+    fn gemm(&self, h: GemmHandle, ptrs: &GemmPtrs) -> DResult<()>;
+    /// Waits for everything issued so far.
+    fn synchronize(&self) -> DResult<()>;
+}

@@ -1,0 +1,351 @@
+//! The CUDA executor: a plan's memory plan allocated once, its launch list
+//! (`lower`) compiled and linked once, and a step that is: upload the
+//! inputs, upload (seed, step), walk the list, read back what is asked.
+//!
+//! Invariants: no allocation inside a step; parameters and buffers start
+//! from the same draws as the CPU backend's (`cpu::init`, uploaded); bf16
+//! values are stored in 2 bytes and converted at the host boundary; inputs
+//! are checked (names, shapes, dtypes) before anything is issued, so a bad
+//! call changes nothing. A device error during a step leaves the executor
+//! unusable (`poisoned`): its state may be half updated.
+
+use super::arena::{addresses, inline_constants, Layout};
+use super::device::{Arg, DevPtr, Function, GemmHandle};
+use super::lower::{Lowering, Step};
+use super::CudaBackend;
+use crate::cpu::init::init_tensor;
+use crate::error::RuntimeError;
+use crate::tensor::{describe_type, Data, Tensor};
+use half::bf16;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use tessera_plan::{DType, Plan, Source};
+
+/// A step of the linked launch list.
+enum Linked {
+    Launch { kernel: usize, f: Function, shape: super::device::Launch, args: Vec<Arg> },
+    Gemm { kernel: usize, h: GemmHandle, ptrs: super::device::GemmPtrs },
+    Copy { kernel: usize, dst: DevPtr, src: DevPtr, bytes: u64 },
+    Zero { kernel: usize, dst: DevPtr, bytes: u64 },
+}
+
+pub struct CudaExecutor {
+    backend: Arc<CudaBackend>,
+    plan: Plan,
+    seed: u64,
+    step: u64,
+    /// The one allocation of the memory plan (its size is the planned peak).
+    base: DevPtr,
+    /// Scalar constants and the run's (seed, step).
+    table: DevPtr,
+    rng: DevPtr,
+    addr: Vec<Option<DevPtr>>,
+    steps: Vec<Linked>,
+    state_index: HashMap<String, usize>,
+    inputs: Vec<(String, usize)>,
+    poisoned: Option<String>,
+}
+
+fn dev(e: super::device::DeviceError) -> RuntimeError {
+    RuntimeError::Device(e.0)
+}
+
+/// Host bytes of a tensor stored as `dtype` (floats rounded to bf16 where
+/// the plan says bf16).
+fn to_bytes(t: &Tensor, dtype: DType) -> Vec<u8> {
+    match (&t.data, dtype) {
+        (Data::F32(v), DType::BF16) => v.iter().flat_map(|x| bf16::from_f32(*x).to_bits().to_ne_bytes()).collect(),
+        (Data::F32(v), _) => v.iter().flat_map(|x| x.to_ne_bytes()).collect(),
+        (Data::I64(v), _) => v.iter().flat_map(|x| x.to_ne_bytes()).collect(),
+    }
+}
+
+fn from_bytes(b: &[u8], shape: Vec<usize>, dtype: DType) -> Tensor {
+    let data = match dtype {
+        DType::BF16 => {
+            Data::F32(b.chunks_exact(2).map(|c| bf16::from_bits(u16::from_ne_bytes([c[0], c[1]])).to_f32()).collect())
+        }
+        DType::I64 => Data::I64(b.chunks_exact(8).map(|c| i64::from_ne_bytes(c.try_into().expect("8 bytes"))).collect()),
+        _ => Data::F32(b.chunks_exact(4).map(|c| f32::from_ne_bytes(c.try_into().expect("4 bytes"))).collect()),
+    };
+    Tensor { shape, data }
+}
+
+fn usize_shape(s: &[u64]) -> Vec<usize> {
+    s.iter().map(|&d| d as usize).collect()
+}
+
+impl CudaExecutor {
+    pub fn new(backend: Arc<CudaBackend>, plan: Plan, seed: u64) -> Result<Self, RuntimeError> {
+        plan.validate().map_err(RuntimeError::InvalidPlan)?;
+        let memory = plan.memory.clone().ok_or_else(|| {
+            RuntimeError::InvalidPlan("the plan has no memory plan (the CUDA backend executes it)".into())
+        })?;
+        memory.simulate(&plan).map_err(|e| RuntimeError::InvalidPlan(format!("memory plan: {e}")))?;
+        let device = backend.device();
+        let layout = Layout::of(&memory);
+        if layout.total != memory.peak_bytes {
+            return Err(RuntimeError::InvalidPlan(format!(
+                "the memory plan's regions add up to {} bytes, its peak says {}",
+                layout.total, memory.peak_bytes
+            )));
+        }
+        let base = device.alloc(layout.total).map_err(dev)?;
+        // The table: (seed, step) first, then one 8-byte slot per scalar constant.
+        let constants = inline_constants(&plan, &memory);
+        let table = device.alloc(16 + 8 * constants.len() as u64).map_err(|e| {
+            unsafe { device.free(base) };
+            dev(e)
+        })?;
+        let mut ex = CudaExecutor {
+            backend: backend.clone(),
+            plan,
+            seed,
+            step: 0,
+            base,
+            table,
+            rng: table,
+            addr: Vec::new(),
+            steps: Vec::new(),
+            state_index: HashMap::new(),
+            inputs: Vec::new(),
+            poisoned: None,
+        };
+        let slots: Vec<(usize, DevPtr)> =
+            constants.iter().enumerate().map(|(i, &v)| (v, table.add(16 + 8 * i as u64))).collect();
+        let mut blob = vec![0u8; 8 * constants.len()];
+        for (i, &v) in constants.iter().enumerate() {
+            let value = &ex.plan.values[v];
+            let Source::Fill { value: c } = value.source else { unreachable!("inline constants are fills") };
+            let t = Tensor::full(vec![1], value.dtype, c);
+            let b = to_bytes(&t, value.dtype);
+            blob[8 * i..8 * i + b.len()].copy_from_slice(&b);
+        }
+        device.upload(table.add(16), &blob).map_err(dev)?;
+        ex.addr = addresses(&ex.plan, &memory, base, &slots);
+        // Parameters and buffers: the CPU backend's initial draws.
+        for (i, v) in ex.plan.values.iter().enumerate() {
+            match &v.source {
+                Source::Param { name, init, .. } | Source::Buffer { name, init } => {
+                    if ex.state_index.insert(name.clone(), i).is_some() {
+                        return Err(RuntimeError::InvalidPlan(format!("state `{name}` is declared twice")));
+                    }
+                    let t = init_tensor(name, init, &usize_shape(&v.shape), v.dtype, seed).map_err(|message| {
+                        RuntimeError::Init { name: name.clone(), init: init.to_string(), message }
+                    })?;
+                    let at = ex.addr[i].ok_or_else(|| RuntimeError::InvalidPlan(format!("state `{name}` has no storage")))?;
+                    device.upload(at, &to_bytes(&t, v.dtype)).map_err(dev)?;
+                }
+                Source::Input { name } => {
+                    if ex.inputs.iter().any(|(n, _)| n == name) {
+                        return Err(RuntimeError::InvalidPlan(format!("input `{name}` is declared twice")));
+                    }
+                    ex.inputs.push((name.clone(), i));
+                }
+                _ => {}
+            }
+        }
+        let mut l = Lowering::new(&ex.plan, &memory, &ex.addr, base, ex.rng);
+        l.lower_all().map_err(RuntimeError::InvalidPlan)?;
+        let (steps, sources) = (l.steps, l.sources);
+        let functions = backend.functions(&sources).map_err(RuntimeError::Device)?;
+        for s in steps {
+            ex.steps.push(match s {
+                Step::Launch { kernel, source, shape, args } => {
+                    Linked::Launch { kernel, f: functions[source], shape, args }
+                }
+                Step::Gemm { kernel, desc, ptrs } => {
+                    Linked::Gemm { kernel, h: device.prepare_gemm(&desc).map_err(dev)?, ptrs }
+                }
+                Step::Copy { kernel, dst, src, bytes } => Linked::Copy { kernel, dst, src, bytes },
+                Step::Zero { kernel, dst, bytes } => Linked::Zero { kernel, dst, bytes },
+            });
+        }
+        Ok(ex)
+    }
+
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    pub fn set_step(&mut self, s: u64) {
+        self.step = s;
+    }
+
+    /// Launches, GEMMs and copies of one step.
+    pub fn launches(&self) -> usize {
+        self.steps.len()
+    }
+
+    pub fn same_device(&self, other: &CudaExecutor) -> bool {
+        Arc::ptr_eq(&self.backend, &other.backend)
+    }
+
+    pub fn state_names(&self) -> Vec<String> {
+        let mut named: Vec<(&usize, &String)> = self.state_index.iter().map(|(n, i)| (i, n)).collect();
+        named.sort();
+        named.into_iter().map(|(_, n)| n.clone()).collect()
+    }
+
+    fn read_value(&self, v: usize) -> Result<Tensor, RuntimeError> {
+        let value = &self.plan.values[v];
+        let at = self.addr[v].ok_or_else(|| RuntimeError::InvalidPlan(format!("value {v} has no storage")))?;
+        let mut bytes = vec![0u8; (value.numel() * value.dtype.size_bytes()) as usize];
+        self.backend.device().download(at, &mut bytes).map_err(dev)?;
+        Ok(from_bytes(&bytes, usize_shape(&value.shape), value.dtype))
+    }
+
+    pub fn read_state(&self, name: &str) -> Result<Option<Tensor>, RuntimeError> {
+        match self.state_index.get(name) {
+            Some(&i) => self.read_value(i).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    pub fn write_state(&mut self, name: &str, t: Tensor) -> Result<(), RuntimeError> {
+        let &i = self.state_index.get(name).ok_or_else(|| RuntimeError::UnknownState { name: name.to_string() })?;
+        let v = &self.plan.values[i];
+        let shape = usize_shape(&v.shape);
+        if !t.has_type(&shape, v.dtype) {
+            return Err(RuntimeError::TypeMismatch {
+                what: format!("state `{name}`"),
+                expected: describe_type(&shape, v.dtype),
+                got: t.describe(),
+            });
+        }
+        let at = self.addr[i].expect("states have storage");
+        self.backend.device().upload(at, &to_bytes(&t, v.dtype)).map_err(dev)
+    }
+
+    /// Copies every state `to` has from this executor, device to device.
+    pub fn copy_state_to(&self, to: &mut CudaExecutor) -> Result<(), RuntimeError> {
+        for (name, &j) in &to.state_index {
+            let Some(&i) = self.state_index.get(name) else { continue };
+            let (a, b) = (&self.plan.values[i], &to.plan.values[j]);
+            if a.shape != b.shape || a.dtype != b.dtype {
+                return Err(RuntimeError::TypeMismatch {
+                    what: format!("state `{name}` handed between plans"),
+                    expected: describe_type(&usize_shape(&b.shape), b.dtype),
+                    got: describe_type(&usize_shape(&a.shape), a.dtype),
+                });
+            }
+            let bytes = a.numel() * a.dtype.size_bytes();
+            let (src, dst) = (self.addr[i].expect("states have storage"), to.addr[j].expect("states have storage"));
+            self.backend.device().copy(dst, src, bytes).map_err(dev)?;
+        }
+        Ok(())
+    }
+
+    /// One step: checks and uploads the inputs, runs the launch list,
+    /// applies the state updates the memory plan did not place in place,
+    /// and reads back the outputs `wanted` selects.
+    pub fn run(
+        &mut self,
+        inputs: &[(&str, Tensor)],
+        wanted: Option<&dyn Fn(&str) -> bool>,
+    ) -> Result<BTreeMap<String, Tensor>, RuntimeError> {
+        if let Some(p) = &self.poisoned {
+            return Err(RuntimeError::Device(format!("this executor failed earlier and cannot run: {p}")));
+        }
+        let listing = || {
+            let names: Vec<String> = self
+                .inputs
+                .iter()
+                .map(|(n, v)| {
+                    let value = &self.plan.values[*v];
+                    format!("`{n}` {}", describe_type(&usize_shape(&value.shape), value.dtype))
+                })
+                .collect();
+            if names.is_empty() { "none".to_string() } else { names.join(", ") }
+        };
+        let mut given: HashMap<&str, &Tensor> = HashMap::new();
+        for (name, t) in inputs {
+            if given.insert(name, t).is_some() {
+                return Err(RuntimeError::DuplicateInput { name: name.to_string() });
+            }
+            if !self.inputs.iter().any(|(n, _)| n == name) {
+                return Err(RuntimeError::UnknownInput { name: name.to_string(), expected: listing() });
+            }
+        }
+        for (name, v) in &self.inputs {
+            let value = &self.plan.values[*v];
+            let shape = usize_shape(&value.shape);
+            let t = given
+                .get(name.as_str())
+                .ok_or_else(|| RuntimeError::MissingInput { name: name.clone(), expected: listing() })?;
+            if !t.has_type(&shape, value.dtype) {
+                return Err(RuntimeError::TypeMismatch {
+                    what: format!("input `{name}`"),
+                    expected: describe_type(&shape, value.dtype),
+                    got: t.describe(),
+                });
+            }
+        }
+        let result = self.issue(&given);
+        if let Err(e) = &result {
+            self.poisoned = Some(e.to_string());
+        }
+        result?;
+        let mut out = BTreeMap::new();
+        for (name, v) in &self.plan.outputs {
+            if wanted.is_none_or(|w| w(name)) {
+                out.insert(name.clone(), self.read_value(*v)?);
+            }
+        }
+        self.step += 1;
+        Ok(out)
+    }
+
+    fn issue(&self, given: &HashMap<&str, &Tensor>) -> Result<(), RuntimeError> {
+        let device = self.backend.device();
+        for (name, v) in &self.inputs {
+            let value = &self.plan.values[*v];
+            let at = self.addr[*v].expect("inputs have storage");
+            device.upload(at, &to_bytes(given[name.as_str()], value.dtype)).map_err(dev)?;
+        }
+        let rng: Vec<u8> = [self.seed, self.step].iter().flat_map(|x| x.to_ne_bytes()).collect();
+        device.upload(self.rng, &rng).map_err(dev)?;
+        let fail = |kernel: usize, e: super::device::DeviceError| {
+            let k = &self.plan.kernels[kernel];
+            RuntimeError::Device(format!("kernel {kernel} ({}) in `{}`: {}", k.op.name(), k.scope, e.0))
+        };
+        for s in &self.steps {
+            match s {
+                Linked::Launch { kernel, f, shape, args } => device.launch(*f, *shape, args).map_err(|e| fail(*kernel, e))?,
+                Linked::Gemm { kernel, h, ptrs } => device.gemm(*h, ptrs).map_err(|e| fail(*kernel, e))?,
+                Linked::Copy { kernel, dst, src, bytes } => device.copy(*dst, *src, *bytes).map_err(|e| fail(*kernel, e))?,
+                Linked::Zero { kernel, dst, bytes } => device.zero(*dst, *bytes).map_err(|e| fail(*kernel, e))?,
+            }
+        }
+        // State updates the memory plan could not place over their state.
+        for (name, v) in &self.plan.state_updates {
+            let s = self.state_index[name];
+            let (src, dst) = (self.addr[*v].expect("updates have storage"), self.addr[s].expect("states have storage"));
+            let value = &self.plan.values[s];
+            if src != dst {
+                device.copy(dst, src, value.numel() * value.dtype.size_bytes()).map_err(dev)?;
+            }
+        }
+        device.synchronize().map_err(dev)
+    }
+}
+
+impl Drop for CudaExecutor {
+    fn drop(&mut self) {
+        let device = self.backend.device();
+        let _ = device.synchronize();
+        // SAFETY: allocated in `new` by this device; nothing uses them after.
+        unsafe {
+            device.free(self.base);
+            device.free(self.table);
+        }
+    }
+}

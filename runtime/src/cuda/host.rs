@@ -1,0 +1,225 @@
+//! The host device: the CUDA executor's device layer on the CPU. Memory is
+//! host memory (a `DevPtr` is a host address); kernels are the same rendered
+//! sources, compiled by the system C++ compiler into shared libraries, and a
+//! launch runs every block of the grid with one thread (blocks in parallel
+//! on the rayon pool, so a kernel whose blocks depend on each other's order
+//! fails here as it would on a GPU); GEMMs run `gemm::host_gemm` on the
+//! descriptor cuBLASLt would get.
+
+use super::device::{Arg, Binary, DResult, DevPtr, DeviceApi, DeviceError, Function, GemmHandle, GemmPtrs, Launch, Target};
+use super::gemm::{host_gemm, GemmDesc};
+use rayon::prelude::*;
+use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::Mutex;
+
+type BlockEntry = unsafe extern "C" fn(*const u32, *const u32, *const *mut c_void);
+
+#[derive(Default)]
+struct State {
+    allocations: HashMap<u64, Layout>,
+    functions: Vec<(String, BlockEntry)>,
+    gemms: Vec<GemmDesc>,
+    libraries: Vec<libloading::Library>,
+}
+
+#[derive(Default)]
+pub struct HostDevice {
+    state: Mutex<State>,
+}
+
+const ALIGN: usize = 256;
+
+impl HostDevice {
+    pub fn new() -> HostDevice {
+        HostDevice::default()
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Checks that `[p, p + bytes)` lies inside one allocation: the bounds
+    /// check a GPU would only give as a fault.
+    fn check_range(&self, p: DevPtr, bytes: u64, what: &str) -> DResult<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        let s = self.state();
+        let ok = s.allocations.iter().any(|(&base, l)| p.0 >= base && p.0 + bytes <= base + l.size() as u64);
+        if ok {
+            Ok(())
+        } else {
+            Err(DeviceError(format!("{what}: {bytes} bytes at {p} are outside every allocation")))
+        }
+    }
+}
+
+struct SendPtrs(Vec<*mut c_void>);
+// SAFETY: the argument array is only read by the kernels, and outlives the launch.
+unsafe impl Sync for SendPtrs {}
+
+impl SendPtrs {
+    fn get(&self) -> *const *mut c_void {
+        self.0.as_ptr()
+    }
+}
+
+impl DeviceApi for HostDevice {
+    fn describe(&self) -> String {
+        "host emulation of the CUDA executor (one thread per block)".into()
+    }
+
+    fn target(&self) -> Target {
+        Target::Host
+    }
+
+    fn memory(&self) -> Option<(u64, u64)> {
+        None
+    }
+
+    fn alloc(&self, bytes: u64) -> DResult<DevPtr> {
+        let layout = Layout::from_size_align(bytes.max(1) as usize, ALIGN)
+            .map_err(|e| DeviceError(format!("cannot allocate {bytes} bytes: {e}")))?;
+        // SAFETY: the layout has a non-zero size.
+        let p = unsafe { alloc_zeroed(layout) };
+        if p.is_null() {
+            return Err(DeviceError(format!("out of host memory allocating {bytes} bytes")));
+        }
+        self.state().allocations.insert(p as u64, layout);
+        Ok(DevPtr(p as u64))
+    }
+
+    unsafe fn free(&self, p: DevPtr) {
+        if let Some(layout) = self.state().allocations.remove(&p.0) {
+            dealloc(p.0 as *mut u8, layout);
+        }
+    }
+
+    fn upload(&self, dst: DevPtr, src: &[u8]) -> DResult<()> {
+        self.check_range(dst, src.len() as u64, "upload")?;
+        // SAFETY: checked to lie in one allocation.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst.0 as *mut u8, src.len()) };
+        Ok(())
+    }
+
+    fn download(&self, src: DevPtr, dst: &mut [u8]) -> DResult<()> {
+        self.check_range(src, dst.len() as u64, "download")?;
+        // SAFETY: checked to lie in one allocation.
+        unsafe { std::ptr::copy_nonoverlapping(src.0 as *const u8, dst.as_mut_ptr(), dst.len()) };
+        Ok(())
+    }
+
+    fn copy(&self, dst: DevPtr, src: DevPtr, bytes: u64) -> DResult<()> {
+        self.check_range(dst, bytes, "copy (destination)")?;
+        self.check_range(src, bytes, "copy (source)")?;
+        // SAFETY: both ranges lie in allocations; `copy` allows overlap.
+        unsafe { std::ptr::copy(src.0 as *const u8, dst.0 as *mut u8, bytes as usize) };
+        Ok(())
+    }
+
+    fn zero(&self, dst: DevPtr, bytes: u64) -> DResult<()> {
+        self.check_range(dst, bytes, "zero")?;
+        // SAFETY: checked to lie in one allocation.
+        unsafe { std::ptr::write_bytes(dst.0 as *mut u8, 0, bytes as usize) };
+        Ok(())
+    }
+
+    fn load(&self, binary: &Binary) -> DResult<Vec<Function>> {
+        if binary.target != Target::Host {
+            return Err(DeviceError("the host device loads host libraries only".into()));
+        }
+        let path = std::env::temp_dir().join(format!(
+            "tessera-host-{}-{}.so",
+            std::process::id(),
+            super::source::hash128(&[&binary.bytes]) as u64
+        ));
+        std::fs::write(&path, &binary.bytes)
+            .map_err(|e| DeviceError(format!("cannot write {}: {e}", path.display())))?;
+        // SAFETY: the library is a kernel module we compiled; its
+        // initialisers are the C++ runtime's.
+        let lib = unsafe { libloading::Library::new(&path) };
+        let _ = std::fs::remove_file(&path);
+        let lib = lib.map_err(|e| DeviceError(format!("cannot load kernel module: {e}")))?;
+        let mut s = self.state();
+        let mut out = Vec::new();
+        for name in &binary.kernels {
+            let symbol = format!("tsr_block_{name}");
+            // SAFETY: the symbol is a block entry with the `BlockEntry` signature (source.rs).
+            let f: BlockEntry = unsafe {
+                *lib.get::<BlockEntry>(symbol.as_bytes())
+                    .map_err(|e| DeviceError(format!("kernel module lacks {symbol}: {e}")))?
+            };
+            s.functions.push((name.clone(), f));
+            out.push(Function(s.functions.len() - 1));
+        }
+        s.libraries.push(lib);
+        Ok(out)
+    }
+
+    fn launch(&self, f: Function, shape: Launch, args: &[Arg]) -> DResult<()> {
+        let entry = {
+            let s = self.state();
+            s.functions.get(f.0).map(|(_, e)| *e).ok_or_else(|| DeviceError(format!("no function {}", f.0)))?
+        };
+        let mut storage: Vec<Vec<u8>> = args.iter().map(Arg::bytes).collect();
+        // Every parameter 8-byte aligned, as the kernel reads it in place.
+        let mut aligned: Vec<Vec<u64>> = storage
+            .iter_mut()
+            .map(|b| {
+                let mut w = vec![0u64; b.len().div_ceil(8).max(1)];
+                // SAFETY: `w` holds at least `b.len()` bytes.
+                unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), w.as_mut_ptr() as *mut u8, b.len()) };
+                w
+            })
+            .collect();
+        let ptrs = &SendPtrs(aligned.iter_mut().map(|w| w.as_mut_ptr() as *mut c_void).collect());
+        let g = shape.grid;
+        let blocks = g[0] as u64 * g[1] as u64 * g[2] as u64;
+        (0..blocks).into_par_iter().for_each(|i| {
+            let b = [(i % g[0] as u64) as u32, ((i / g[0] as u64) % g[1] as u64) as u32, (i / (g[0] as u64 * g[1] as u64)) as u32];
+            // SAFETY: the entry unpacks exactly the kernel's parameters from
+            // `ptrs`, which outlive this loop.
+            unsafe { entry(b.as_ptr(), g.as_ptr(), ptrs.get()) };
+        });
+        Ok(())
+    }
+
+    fn prepare_gemm(&self, desc: &GemmDesc) -> DResult<GemmHandle> {
+        desc.check().map_err(DeviceError)?;
+        let mut s = self.state();
+        s.gemms.push(*desc);
+        Ok(GemmHandle(s.gemms.len() - 1))
+    }
+
+    fn gemm(&self, h: GemmHandle, ptrs: &GemmPtrs) -> DResult<()> {
+        let desc = *self.state().gemms.get(h.0).ok_or_else(|| DeviceError(format!("no GEMM {}", h.0)))?;
+        let span = |l: &super::gemm::Layout| {
+            ((desc.batch - 1) * l.batch_stride + (l.cols - 1) * l.ld + l.rows) * l.ty.size()
+        };
+        self.check_range(ptrs.a, span(&desc.a), "GEMM operand A")?;
+        self.check_range(ptrs.b, span(&desc.b), "GEMM operand B")?;
+        self.check_range(ptrs.d, span(&desc.d), "GEMM result D")?;
+        if desc.epilogue == super::gemm::Epilogue::Bias {
+            self.check_range(ptrs.bias, desc.m * desc.d.ty.size(), "GEMM bias")?;
+        }
+        // SAFETY: every operand range was checked against the allocations.
+        unsafe { host_gemm(&desc, ptrs) }
+    }
+
+    fn synchronize(&self) -> DResult<()> {
+        Ok(())
+    }
+}
+
+impl Drop for HostDevice {
+    fn drop(&mut self) {
+        let s = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
+        for (&p, &layout) in &s.allocations {
+            // SAFETY: allocated by `alloc` with this layout, not freed yet.
+            unsafe { dealloc(p as *mut u8, layout) };
+        }
+        s.allocations.clear();
+    }
+}

@@ -1,0 +1,252 @@
+//! From a plan to the launch list of one step: every kernel of the plan
+//! becomes launches of compiled kernels, GEMMs and copies with every
+//! address, shape and scalar fixed (the memory plan fixed the addresses), so
+//! a step is a walk over this list and nothing else. The op families live
+//! in `ops/`, one module (and one template) each; `lower_kernel` is the one
+//! place that maps an op to its family.
+
+use super::arena::Layout;
+use super::device::{Arg, DevPtr, GemmPtrs, Launch};
+use super::gemm::GemmDesc;
+use super::ops;
+use super::source::KernelSource;
+use std::collections::HashMap;
+use tessera_plan::memory::MemoryPlan;
+use tessera_plan::scratch::{scratch, Scratch};
+use tessera_plan::{DType, Op, Plan};
+
+/// One entry of the launch list; `kernel` is the plan kernel it belongs to.
+#[derive(Clone, Debug)]
+pub enum Step {
+    Launch { kernel: usize, source: usize, shape: Launch, args: Vec<Arg> },
+    Gemm { kernel: usize, desc: GemmDesc, ptrs: GemmPtrs },
+    Copy { kernel: usize, dst: DevPtr, src: DevPtr, bytes: u64 },
+    Zero { kernel: usize, dst: DevPtr, bytes: u64 },
+}
+
+/// A value as a kernel sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Val {
+    pub ptr: DevPtr,
+    pub shape: Vec<u64>,
+    pub dtype: DType,
+}
+
+impl Val {
+    pub fn numel(&self) -> u64 {
+        self.shape.iter().product()
+    }
+    pub fn bytes(&self) -> u64 {
+        self.numel() * self.dtype.size_bytes()
+    }
+}
+
+/// The C type of a stored element.
+pub fn c_type(d: DType) -> Result<&'static str, String> {
+    match d {
+        DType::F32 => Ok("float"),
+        DType::BF16 => Ok("bf16"),
+        DType::I64 => Ok("i64"),
+        DType::F16 => Err("f16 values are not supported by the CUDA backend (no plan makes them)".into()),
+    }
+}
+
+pub struct Lowering<'a> {
+    pub plan: &'a Plan,
+    pub memory: &'a MemoryPlan,
+    addr: &'a [Option<DevPtr>],
+    workspace: DevPtr,
+    /// Where the run's `tsr_rng` (seed, step) lives.
+    pub rng: DevPtr,
+    pub steps: Vec<Step>,
+    pub sources: Vec<KernelSource>,
+    by_name: HashMap<String, usize>,
+    /// Kernels whose values already hold what a fill needs this step
+    /// (non-scalar fills are materialised before their first reader).
+    filled: Vec<bool>,
+}
+
+impl<'a> Lowering<'a> {
+    pub fn new(
+        plan: &'a Plan,
+        memory: &'a MemoryPlan,
+        addr: &'a [Option<DevPtr>],
+        base: DevPtr,
+        rng: DevPtr,
+    ) -> Self {
+        let layout = Layout::of(memory);
+        Lowering {
+            plan,
+            memory,
+            addr,
+            workspace: base.add(layout.workspace),
+            rng,
+            steps: Vec::new(),
+            sources: Vec::new(),
+            by_name: HashMap::new(),
+            filled: vec![false; plan.values.len()],
+        }
+    }
+
+    /// The value `v` (shape, dtype, address).
+    pub fn value(&self, v: usize) -> Result<Val, String> {
+        let value = &self.plan.values[v];
+        let ptr = self.addr[v].ok_or_else(|| format!("value {v} has no storage in the memory plan"))?;
+        Ok(Val { ptr, shape: value.shape.clone(), dtype: value.dtype })
+    }
+
+    /// Operand `i` of kernel `k`.
+    pub fn input(&self, k: usize, i: usize) -> Result<Val, String> {
+        let kernel = &self.plan.kernels[k];
+        let v = *kernel.inputs.get(i).ok_or_else(|| format!("operand {i} is missing"))?;
+        self.value(v)
+    }
+
+    pub fn inputs(&self, k: usize) -> Result<Vec<Val>, String> {
+        (0..self.plan.kernels[k].inputs.len()).map(|i| self.input(k, i)).collect()
+    }
+
+    /// The result of kernel `k`.
+    pub fn output(&self, k: usize) -> Result<Val, String> {
+        self.value(self.plan.kernels[k].output)
+    }
+
+    /// Kernel `k`'s scratch piece `name`: its address and size.
+    pub fn scratch(&self, k: usize, name: &str) -> Result<(DevPtr, u64), String> {
+        let s: Scratch = scratch(self.plan, k);
+        let (off, bytes) = s.piece(name).ok_or_else(|| format!("the plan's scratch of this kernel has no `{name}`"))?;
+        if s.total() > self.memory.parts.workspace {
+            return Err(format!(
+                "needs {} bytes of scratch, the memory plan's workspace is {}",
+                s.total(),
+                self.memory.parts.workspace
+            ));
+        }
+        Ok((self.workspace.add(off), bytes))
+    }
+
+    /// A kernel source to launch; equal sources are compiled once.
+    pub fn source(&mut self, src: KernelSource) -> usize {
+        if let Some(&i) = self.by_name.get(&src.name) {
+            return i;
+        }
+        self.sources.push(src);
+        let i = self.sources.len() - 1;
+        self.by_name.insert(self.sources[i].name.clone(), i);
+        i
+    }
+
+    pub fn launch(&mut self, kernel: usize, src: KernelSource, shape: Launch, args: Vec<Arg>) {
+        let source = self.source(src);
+        self.steps.push(Step::Launch { kernel, source, shape, args });
+    }
+
+    pub fn gemm(&mut self, kernel: usize, desc: GemmDesc, ptrs: GemmPtrs) {
+        self.steps.push(Step::Gemm { kernel, desc, ptrs });
+    }
+
+    /// Copies `bytes` unless source and destination are the same storage.
+    pub fn copy(&mut self, kernel: usize, dst: DevPtr, src: DevPtr, bytes: u64) {
+        if dst != src && bytes > 0 {
+            self.steps.push(Step::Copy { kernel, dst, src, bytes });
+        }
+    }
+
+    pub fn zero(&mut self, kernel: usize, dst: DevPtr, bytes: u64) {
+        if bytes > 0 {
+            self.steps.push(Step::Zero { kernel, dst, bytes });
+        }
+    }
+
+    /// Lowers every kernel of the plan, in order.
+    pub fn lower_all(&mut self) -> Result<(), String> {
+        for k in 0..self.plan.kernels.len() {
+            self.materialise_fills(k)?;
+            lower_kernel(self, k).map_err(|e| {
+                let kernel = &self.plan.kernels[k];
+                format!("kernel {k} ({}) in `{}`: {e}", kernel.op.name(), kernel.scope)
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Non-scalar fills live in the arena (shared with other values over
+    /// the step), so each is written before its first reader, every step.
+    fn materialise_fills(&mut self, k: usize) -> Result<(), String> {
+        for i in 0..self.plan.kernels[k].inputs.len() {
+            let v = self.plan.kernels[k].inputs[i];
+            if let tessera_plan::Source::Fill { value } = self.plan.values[v].source {
+                if !self.filled[v] && self.memory.placements[v].region != tessera_plan::Region::Inline {
+                    self.filled[v] = true;
+                    let val = self.value(v)?;
+                    ops::elementwise::fill(self, k, &val, value)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The one place that maps an op to the family that lowers it.
+fn lower_kernel(l: &mut Lowering, k: usize) -> Result<(), String> {
+    let op = l.plan.kernels[k].op.clone();
+    match &op {
+        Op::Input { .. } | Op::Param { .. } | Op::Buffer { .. } | Op::Fill { .. } | Op::Part { .. } => {
+            Err(format!("{} is not a kernel", op.name()))
+        }
+        Op::Unary(_)
+        | Op::Binary(_)
+        | Op::Scale { .. }
+        | Op::AddScalar { .. }
+        | Op::PowScalar { .. }
+        | Op::GeluGrad
+        | Op::Dropout { .. }
+        | Op::DropPath { .. }
+        | Op::DivCount { .. }
+        | Op::Cast { .. }
+        | Op::Fused { .. } => ops::elementwise::lower(l, k, &op),
+        Op::MultiTensor { .. } => ops::elementwise::multi_tensor(l, k, &op),
+        Op::Reshape { .. }
+        | Op::StopGradient
+        | Op::Permute { .. }
+        | Op::Concat { .. }
+        | Op::Slice { .. }
+        | Op::Expand { .. }
+        | Op::Pad { .. } => ops::layout::lower(l, k, &op),
+        Op::AllGather { world } | Op::AllReduce { world, .. } | Op::AllGatherGrad { world } => {
+            if *world != 1 {
+                return Err(format!(
+                    "{} over {world} ranks needs a collective backend, which is not implemented yet (this executor runs a single rank)",
+                    op.name()
+                ));
+            }
+            ops::layout::identity(l, k)
+        }
+        Op::Linear
+        | Op::Matmul { .. }
+        | Op::GeluLinear
+        | Op::LayerNormLinear { .. }
+        | Op::MatmulGeluRhs { .. }
+        | Op::MatmulLayerNormRhs { .. }
+        | Op::MatmulGeluGrad { .. }
+        | Op::Conv2d { .. }
+        | Op::Conv2dGradInput { .. }
+        | Op::Conv2dGradWeight { .. } => ops::matmul::lower(l, k, &op),
+        Op::Reduce { .. } | Op::SumOfSquares => ops::reduce::lower(l, k, &op),
+        Op::LayerNorm { .. }
+        | Op::Normalize { .. }
+        | Op::NormalizeGrad { .. }
+        | Op::BatchNorm { .. }
+        | Op::BatchStandardize { .. }
+        | Op::BatchStandardizeGrad { .. }
+        | Op::RunningStat { .. } => ops::norm::lower(l, k, &op),
+        Op::Softmax { .. }
+        | Op::LogSoftmax { .. }
+        | Op::L2Normalize { .. }
+        | Op::CrossEntropy { .. }
+        | Op::CrossEntropyGrad { .. }
+        | Op::ZeroDiagonal { .. } => ops::softmax::lower(l, k, &op),
+        Op::Attention { .. } | Op::AttentionGrad { .. } => ops::attention::lower(l, k, &op),
+        Op::QueuePush { .. } | Op::QueueAdvance { .. } => ops::state::lower(l, k, &op),
+    }
+}

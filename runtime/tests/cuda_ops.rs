@@ -1,0 +1,190 @@
+//! The CUDA executor against the CPU backend, op by op, on the host device
+//! (the same kernel sources compiled by g++ and run one thread per block;
+//! GEMMs on cuBLASLt's descriptors): every op family on small shapes, in
+//! f32 (within 1e-5 relative) and bf16 (within 2^-7 relative, one bf16
+//! rounding, against the CPU's f32 result). Needs the CUDA headers
+//! (scripts/setup-cuda-tools.sh, which scripts/test.sh runs).
+
+use std::collections::BTreeMap;
+use tessera_compiler::ir::fused::Instr;
+use tessera_compiler::ir::{BinaryOp, DType, Dim, Graph, Init, Op, ReduceOp, Shape, TensorType, UnaryOp};
+use tessera_runtime::philox::Stream;
+use tessera_runtime::{Backend, Device, Tensor};
+
+fn consts(dims: &[u64]) -> Shape {
+    Shape::consts(dims)
+}
+
+fn rand(shape: &[usize], seed: u32) -> Tensor {
+    let n: usize = shape.iter().product();
+    let s = Stream::new(5, 1, seed);
+    Tensor::f32(shape.to_vec(), (0..n as u64).map(|i| s.uniform_at(i) * 2.0 - 1.0).collect())
+}
+
+fn host() -> Backend {
+    Backend::open(&Device::CudaHost).unwrap_or_else(|e| {
+        panic!("the CUDA host device cannot open ({e}); run scripts/setup-cuda-tools.sh")
+    })
+}
+
+/// Runs `g` (lowered for batch 1, memory planned) on the CPU and on the
+/// host device with the same inputs and seed; returns both outputs.
+fn both(g: &Graph, training: bool, inputs: &[(&str, Tensor)]) -> (BTreeMap<String, Tensor>, BTreeMap<String, Tensor>) {
+    let mut plan = tessera_compiler::plan::lower(g, 1, training).unwrap();
+    plan.memory = Some(tessera_compiler::memory::plan_memory(&plan));
+    let mut cpu = Backend::Cpu.executor(plan.clone(), 42).unwrap();
+    let mut gpu = host().executor(plan, 42).unwrap_or_else(|e| panic!("{e}"));
+    let a = cpu.run(inputs, None).unwrap_or_else(|e| panic!("cpu: {e}"));
+    let b = gpu.run(inputs, None).unwrap_or_else(|e| panic!("cuda-host: {e}"));
+    (a, b)
+}
+
+#[track_caller]
+fn assert_close(what: &str, cpu: &Tensor, gpu: &Tensor, tol: f64) {
+    assert_eq!(cpu.shape, gpu.shape, "{what}: shapes");
+    match (cpu.as_f32(), gpu.as_f32()) {
+        (Some(a), Some(b)) => {
+            for (i, (x, y)) in a.iter().zip(b).enumerate() {
+                let err = (*x as f64 - *y as f64).abs() / (1.0 + (*x as f64).abs());
+                assert!(err <= tol || (x.is_nan() && y.is_nan()), "{what}[{i}]: cpu {x} vs cuda {y} (rel {err:.2e} > {tol:.0e})");
+            }
+        }
+        _ => assert_eq!(cpu.as_i64(), gpu.as_i64(), "{what}"),
+    }
+}
+
+/// y = op(x0, x1, ...) for f32 inputs of the given shapes.
+#[track_caller]
+fn check_op(op: Op, shapes: &[&[usize]], training: bool, tol: f64) {
+    let mut g = Graph::new();
+    let mut inputs = Vec::new();
+    let names: Vec<String> = (0..shapes.len()).map(|i| format!("x{i}")).collect();
+    let mut ids = Vec::new();
+    for (i, s) in shapes.iter().enumerate() {
+        let dims: Vec<u64> = s.iter().map(|&d| d as u64).collect();
+        ids.push(g.add_input(&names[i], consts(&dims), DType::F32).unwrap());
+        inputs.push((names[i].as_str(), rand(s, i as u32 + 1)));
+    }
+    let name = op.name();
+    let y = g.add_op(op, &ids, "test").unwrap_or_else(|e| panic!("{e}"));
+    g.set_output("y", y);
+    let (a, b) = both(&g, training, &inputs);
+    assert_close(name, &a["y"], &b["y"], tol);
+}
+
+#[test]
+fn elementwise_ops_and_fused_programs_match_the_cpu() {
+    for u in [UnaryOp::Gelu, UnaryOp::Relu, UnaryOp::Tanh, UnaryOp::Sigmoid, UnaryOp::Exp, UnaryOp::Neg, UnaryOp::Square, UnaryOp::Heaviside] {
+        check_op(Op::Unary(u), &[&[3, 17]], true, 1e-5);
+    }
+    for b in [BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul, BinaryOp::Div, BinaryOp::Max, BinaryOp::Min] {
+        check_op(Op::Binary(b), &[&[2, 3, 5], &[3, 1]], true, 1e-5);
+        check_op(Op::Binary(b), &[&[4, 6], &[]], true, 1e-5);
+    }
+    check_op(Op::Scale { factor: 0.3 }, &[&[7, 5]], true, 1e-6);
+    check_op(Op::AddScalar { value: -1.25 }, &[&[7, 5]], true, 1e-6);
+    for e in [2.0, 3.0, -2.0, 1.5] {
+        check_op(Op::PowScalar { exponent: e }, &[&[9]], true, 1e-5);
+    }
+    check_op(Op::GeluGrad, &[&[4, 33], &[4, 33]], true, 1e-5);
+    check_op(Op::Dropout { p: 0.3, key: 7 }, &[&[5, 300]], true, 0.0);
+    check_op(Op::Dropout { p: 0.3, key: 7 }, &[&[5, 300]], false, 0.0);
+    check_op(Op::DropPath { p: 0.25, key: 9 }, &[&[16, 3, 4]], true, 0.0);
+    check_op(Op::DivCount { count: Dim::Const(7) }, &[&[3, 4]], true, 0.0);
+    // A fused program: dropout(gelu(x0 * 0.5 + x1)) with a broadcast operand.
+    let body = vec![
+        Instr::Operand(0),
+        Instr::Operand(1),
+        Instr::Scale(0.5, 0),
+        Instr::Binary(BinaryOp::Add, 2, 1),
+        Instr::Unary(UnaryOp::Gelu, 3),
+        Instr::Dropout { p: 0.1, key: 3, x: 4 },
+    ];
+    check_op(Op::Fused { body }, &[&[6, 40], &[40]], true, 1e-5);
+}
+
+#[test]
+fn layout_ops_match_the_cpu() {
+    check_op(Op::Permute { perm: vec![2, 0, 1] }, &[&[2, 3, 5]], true, 0.0);
+    check_op(Op::Slice { axis: 1, start: Dim::Const(1), end: Dim::Const(4) }, &[&[2, 5, 3]], true, 0.0);
+    check_op(Op::Expand { shape: consts(&[4, 2, 3]) }, &[&[2, 1]], true, 0.0);
+    check_op(Op::Concat { axis: 1 }, &[&[2, 3, 2], &[2, 1, 2], &[2, 4, 2]], true, 0.0);
+    check_op(Op::Pad { axis: 0, before: Dim::Const(2), after: Dim::Const(1) }, &[&[3, 2]], true, 0.0);
+    check_op(Op::Reshape { shape: consts(&[6, 5]) }, &[&[2, 3, 5]], true, 0.0);
+    check_op(Op::StopGradient, &[&[4]], true, 0.0);
+}
+
+#[test]
+fn matrix_products_and_their_fused_forms_match_the_cpu() {
+    check_op(Op::Linear, &[&[2, 5, 7], &[4, 7]], true, 1e-5);
+    check_op(Op::Linear, &[&[6, 7], &[4, 7], &[4]], true, 1e-5);
+    for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+        let a: &[usize] = if ta { &[2, 3, 5, 4] } else { &[2, 3, 4, 5] };
+        let b: &[usize] = if tb { &[3, 6, 5] } else { &[3, 5, 6] };
+        check_op(Op::Matmul { transpose_a: ta, transpose_b: tb }, &[a, b], true, 1e-5);
+    }
+    // Two broadcast batch dims that do not merge: [2,1] x [1,3].
+    check_op(Op::matmul(), &[&[2, 1, 4, 5], &[1, 3, 5, 2]], true, 1e-5);
+    check_op(Op::GeluLinear, &[&[3, 8], &[5, 8], &[5]], true, 1e-5);
+    check_op(Op::LayerNormLinear { eps: 1e-6 }, &[&[2, 3, 8], &[8], &[8], &[5, 8], &[5]], true, 1e-5);
+    check_op(Op::MatmulGeluRhs { transpose_a: true, transpose_b: false }, &[&[6, 4], &[2, 3, 5]], true, 1e-5);
+    check_op(
+        Op::MatmulLayerNormRhs { eps: 1e-6, transpose_a: true, transpose_b: false },
+        &[&[6, 4], &[2, 3, 5], &[5], &[5]],
+        true,
+        1e-5,
+    );
+    check_op(Op::MatmulGeluGrad { transpose_a: false, transpose_b: true }, &[&[4, 6], &[5, 6], &[4, 5]], true, 1e-5);
+}
+
+#[test]
+fn convolutions_match_the_cpu() {
+    // Patch embedding (stride = kernel) and a padded, overlapping one.
+    check_op(Op::Conv2d { stride: [4, 4], padding: [0, 0] }, &[&[2, 3, 8, 8], &[5, 3, 4, 4], &[5]], true, 1e-5);
+    check_op(Op::Conv2d { stride: [2, 1], padding: [1, 2] }, &[&[2, 3, 7, 6], &[4, 3, 3, 2]], true, 1e-5);
+    check_op(
+        Op::Conv2dGradWeight { stride: [2, 1], padding: [1, 2], kernel: [3, 2] },
+        &[&[2, 4, 4, 9], &[2, 3, 7, 6]],
+        true,
+        1e-5,
+    );
+    check_op(
+        Op::Conv2dGradInput { stride: [2, 1], padding: [1, 2], input_hw: [7, 6] },
+        &[&[2, 4, 4, 9], &[4, 3, 3, 2]],
+        true,
+        1e-5,
+    );
+}
+
+#[test]
+fn row_normalisation_matches_the_cpu() {
+    check_op(Op::LayerNorm { eps: 1e-6 }, &[&[3, 4, 37], &[37], &[37]], true, 1e-5);
+    check_op(Op::Normalize { eps: 1e-5 }, &[&[5, 64]], true, 1e-5);
+    check_op(Op::NormalizeGrad { eps: 1e-5 }, &[&[5, 64], &[5, 64]], true, 1e-5);
+}
+
+/// A small training step through both backends: parameters initialised
+/// alike, a state update, outputs and the updated state equal.
+#[test]
+fn a_plan_with_state_and_fills_runs_like_the_cpu() {
+    let mut g = Graph::new();
+    let x = g.add_input("x", consts(&[4, 3]), DType::F32).unwrap();
+    let w = g.add_param("w", TensorType::f32(consts(&[2, 3])), Init::Normal { std: 1.0 }, true, "").unwrap();
+    let count = g.add_buffer("count", TensorType::f32(consts(&[])), Init::Zeros, "").unwrap();
+    let y = g.add_op(Op::Linear, &[x, w], "fc").unwrap();
+    let half = g.add_fill(0.5, TensorType::f32(consts(&[4, 2])), "");
+    let yh = g.add_op(Op::Binary(BinaryOp::Mul), &[y, half], "").unwrap();
+    let r = g.add_op(Op::Reshape { shape: consts(&[8]) }, &[yh], "").unwrap();
+    let one = g.add_fill(1.0, TensorType::f32(consts(&[])), "");
+    let next = g.add_op(Op::Binary(BinaryOp::Add), &[count, one], "").unwrap();
+    let d = g.add_op(Op::Dropout { p: 0.5, key: 1 }, &[y], "").unwrap();
+    g.set_output("r", r);
+    g.set_output("dropped", d);
+    g.set_state_update("count", next);
+    let _ = ReduceOp::Sum;
+    let x = rand(&[4, 3], 3);
+    let (a, b) = both(&g, true, &[("x", x)]);
+    for k in ["r", "dropped"] {
+        assert_close(k, &a[k], &b[k], 1e-6);
+    }
+}
