@@ -134,6 +134,7 @@ fn main() {
             max_steps: None,
             stop: Arc::new(AtomicBool::new(false)),
             quiet: true,
+        device: None,
         })
         .unwrap_or_else(|e| panic!("{e}"));
         images / start.elapsed().as_secs_f64()

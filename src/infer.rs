@@ -8,9 +8,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use tessera_compiler::config;
 use tessera_compiler::elaborate::Program;
-use tessera_compiler::pipeline::inference_plan;
-use tessera_runtime::cpu::CpuExecutor;
-use tessera_runtime::{Data, Tensor};
+use tessera_compiler::pipeline::inference_plan_for;
+use tessera_compiler::plan::Target;
+use tessera_runtime::{Backend, Device, Tensor};
 use tessera_runtime::weights::{
     detect_format, export, match_weights_with, model_tensors, read_safetensors, write_safetensors, MatchOptions,
     NamedTensor, WeightsFormat,
@@ -35,6 +35,7 @@ pub fn run(
     input: &Path,
     target: Option<&Path>,
     output: &Path,
+    device: &Device,
 ) -> Result<()> {
     // Targets given here are class indices: the loss takes them as such, not
     // as the soft targets a cutmixup collator would make during training.
@@ -48,7 +49,10 @@ pub fn run(
     }
     let batch = x.shape[0] as u64;
     let prog = Program::load(&[]).map_err(|e| anyhow!("{e}"))?;
-    let (plan, _) = inference_plan(&prog, cfg.tree(), batch, target.is_some()).map_err(|e| anyhow!("{e}"))?;
+    let backend = Backend::open(device).map_err(|e| anyhow!("{e}"))?;
+    let plan_target = if *device == Device::Cpu { Target::Cpu } else { Target::Cuda };
+    let (plan, _) =
+        inference_plan_for(&prog, cfg.tree(), batch, target.is_some(), plan_target).map_err(|e| anyhow!("{e}"))?;
     let expected = model_tensors(&plan);
     let has_teacher = plan.values.iter().any(
         |v| matches!(&v.source, tessera_compiler::plan::Source::Buffer { name, .. } if name.starts_with("loss.teacher.")),
@@ -62,15 +66,15 @@ pub fn run(
     let format = format.unwrap_or_else(|| detect_format(&names));
     let matched = match_weights_with(&expected, file, format, MatchOptions::default())
         .with_context(|| format!("loading {}", weights.display()))?;
-    let mut ex = CpuExecutor::new(plan, 0).map_err(|e| anyhow!("{e}"))?;
+    let mut ex = backend.executor(plan, 0).map_err(|e| anyhow!("{e}"))?;
     for t in matched.tensors {
-        let current = ex.state(&t.name).ok_or_else(|| anyhow!("the model has no tensor `{}`", t.name))?;
+        let v = ex.plan().state(&t.name).ok_or_else(|| anyhow!("the model has no tensor `{}`", t.name))?;
         // Integer buffers (BatchNorm's num_batches_tracked) come back from files as f32.
-        let value = match current.data {
-            Data::I64(_) => Tensor::i64(t.shape.clone(), t.data.iter().map(|&v| v as i64).collect()),
-            Data::F32(_) => Tensor::f32(t.shape.clone(), t.data),
+        let value = match ex.plan().values[v].dtype {
+            tessera_compiler::ir::DType::I64 => Tensor::i64(t.shape.clone(), t.data.iter().map(|&v| v as i64).collect()),
+            _ => Tensor::f32(t.shape.clone(), t.data),
         };
-        ex.set_state(&t.name, value).map_err(|e| anyhow!("{e}"))?;
+        ex.write_state(&t.name, value).map_err(|e| anyhow!("{e}"))?;
     }
 
     let mut inputs = vec![("data", Tensor::f32(x.shape.clone(), x.data))];
@@ -95,7 +99,7 @@ pub fn run(
             bail!("the model of `{name}` needs an input `{w}` that `tessera infer` cannot provide (its loss is not a classification loss)");
         }
     }
-    let out = ex.run(&inputs).map_err(|e| anyhow!("{e}"))?;
+    let out = ex.run(&inputs, None).map_err(|e| anyhow!("{e}"))?;
 
     let mut results = Vec::new();
     let mut grads = Vec::new();

@@ -79,6 +79,10 @@ enum Command {
         /// Where to write `logits` (`logits.0`, ... for several outputs), `loss`, `grad.<name>`.
         #[arg(long)]
         output: PathBuf,
+        /// Where to run: cpu (default), gpu (GPU 0), cuda:N, or cuda-host (the
+        /// CUDA executor emulated on the CPU).
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
     /// Plan a config's training step and report its memory
     /// (`tessera plan config=NAME --memory`), or summarise a plan file
@@ -117,8 +121,9 @@ enum Command {
         #[arg(long)]
         models: Vec<PathBuf>,
     },
-    /// Train a config's model on the CPU, as VISSL's trainer does: data
-    /// pipeline, schedules, meters, logs and checkpoints in CHECKPOINT.DIR.
+    /// Train a config's model as VISSL's trainer does, on the CPU or a GPU
+    /// (MACHINE.DEVICE: cpu | gpu): data pipeline, schedules, meters, logs
+    /// and checkpoints in CHECKPOINT.DIR.
     /// A run stopped by Ctrl-C, SIGTERM or a crash continues from its last
     /// checkpoint when run again (CHECKPOINT.AUTO_RESUME).
     Train {
@@ -134,6 +139,10 @@ enum Command {
         /// Extra directory of `.tsr` model files.
         #[arg(long)]
         models: Vec<PathBuf>,
+        /// Where to train, overriding MACHINE.DEVICE: cpu, gpu (GPU 0),
+        /// cuda:N, or cuda-host (the CUDA executor emulated on the CPU).
+        #[arg(long)]
+        device: Option<String>,
     },
     /// Datasets.
     Data {
@@ -391,13 +400,14 @@ fn run(cli: Cli) -> Result<()> {
             let cfg = config::load(&name, &overrides).map_err(|e| anyhow::anyhow!("{e}"))?;
             write_out(&None, &cfg.to_yaml())
         }
-        Command::Infer { args, weights, weights_format, input, target, output } => {
+        Command::Infer { args, weights, weights_format, input, target, output, device } => {
+            let device = tessera_runtime::Device::parse(&device).map_err(|e| anyhow::anyhow!("--device: {e}"))?;
             let (name, mut overrides) = split_args(&args)?;
             let format = weights_format.map(|f| match f {
                 WeightsFormatArg::Tessera => WeightsFormat::Tessera,
                 WeightsFormatArg::Timm => WeightsFormat::Timm,
             });
-            infer::run(&name, &mut overrides, &weights, format, &input, target.as_deref(), &output)
+            infer::run(&name, &mut overrides, &weights, format, &input, target.as_deref(), &output, &device)
         }
         Command::Plan {
             command: None,
@@ -476,9 +486,12 @@ fn run(cli: Cli) -> Result<()> {
             plan.validate().map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
             write_out(&None, &plan.summary())
         }
-        Command::Train { args, max_steps, quiet, models } => {
+        Command::Train { args, max_steps, quiet, models, device } => {
             let (name, overrides) = split_args(&args)?;
-            train::run(train::TrainArgs { name, overrides, models, max_steps, quiet })
+            let device = device
+                .map(|d| tessera_runtime::Device::parse(&d).map_err(|e| anyhow::anyhow!("--device: {e}")))
+                .transpose()?;
+            train::run(train::TrainArgs { name, overrides, models, max_steps, quiet, device })
         }
         Command::Data {
             command: DataCommand::Synth { out, image_size, classes, train_per_class, val_per_class, seed },

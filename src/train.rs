@@ -1,5 +1,5 @@
 //! `tessera train config=NAME [overrides]`: VISSL's supervised (and, with
-//! their losses, self-supervised) training on the CPU backend, from compiled
+//! their losses, self-supervised) training on the CPU or CUDA backend, from compiled
 //! plans, with the data pipeline of the config. `tessera data synth`: the
 //! quickstart's generated image folder.
 
@@ -19,6 +19,7 @@ pub struct TrainArgs {
     pub models: Vec<PathBuf>,
     pub max_steps: Option<u64>,
     pub quiet: bool,
+    pub device: Option<tessera_runtime::Device>,
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
@@ -49,6 +50,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         max_steps: a.max_steps,
         stop,
         quiet: a.quiet,
+        device: a.device,
     })
     .map_err(|e| anyhow!("{e}"))?;
     match outcome {

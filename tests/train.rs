@@ -173,3 +173,20 @@ fn weights_init_starts_from_a_checkpoints_weights() {
     assert_eq!(a, b);
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+#[test]
+fn a_gpu_config_without_a_gpu_is_an_error_that_names_what_is_missing() {
+    if tessera_runtime::backend::cuda_unavailable().is_none() {
+        eprintln!("skipped: this machine has a GPU, so MACHINE.DEVICE=gpu trains on it");
+        return;
+    }
+    let root = tmpdir("nogpu");
+    let data = synth_folder(&root, 2, 4, 2);
+    let ckpt = root.join("ckpt");
+    let out = run(&args(&data, &ckpt, 1, &["MACHINE.DEVICE=gpu"]));
+    let t = text(&out);
+    assert!(!out.status.success(), "a ViT config asking for a GPU must not train on the CPU silently: {t}");
+    assert!(t.contains("MACHINE.DEVICE=cpu"), "the message names the override: {t}");
+    assert!(t.contains("not found") || t.contains("driver") || t.contains("GPU"), "the message names what is missing: {t}");
+    assert!(!ckpt.join("checkpoint.json").exists(), "nothing was trained");
+}

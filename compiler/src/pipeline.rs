@@ -7,7 +7,7 @@ use crate::compose::{compile, CompileError, Compiled};
 use crate::elaborate::Program;
 use crate::ir::Graph;
 use crate::passes;
-use crate::plan::Plan;
+use crate::plan::{Plan, Target};
 use serde_json::Value as J;
 
 /// Called with each pass's name and the graph after it (`--emit ir-after`).
@@ -40,6 +40,14 @@ impl PassChoice<'_> {
         PassChoice { passes: passes::default_for_cpu(), regions: None, after: Box::new(|_, _| {}) }
     }
 
+    /// The pipeline of `target`: the CPU's, or the config's GPU pipeline.
+    pub fn for_target(cfg: &J, target: Target) -> Self {
+        match target {
+            Target::Cpu => PassChoice::for_cpu(),
+            Target::Cuda => PassChoice::for_config(cfg),
+        }
+    }
+
     /// These passes, the config's recomputation, no callback.
     pub fn passes<'b>(names: Vec<&'b str>) -> PassChoice<'b> {
         PassChoice { passes: names, regions: None, after: Box::new(|_, _| {}) }
@@ -57,10 +65,14 @@ fn internal(e: impl std::fmt::Display) -> CompileError {
 
 /// The training step (forward, loss, backward, clipping, optimizer update)
 /// of the experiment, lowered for `batch` samples per replica and compiled
-/// for the CPU backend (`PassChoice::for_cpu`; GPU plans and memory reports
-/// use `training_plan_with(.., PassChoice::for_config(cfg))`).
+/// for the CPU backend (`training_plan_for` picks the target).
 pub fn training_plan(prog: &Program, cfg: &J, batch: u64) -> Result<(Plan, Compiled), CompileError> {
-    training_plan_with(prog, cfg, batch, PassChoice::for_cpu()).map(|(p, c, _)| (p, c))
+    training_plan_for(prog, cfg, batch, Target::Cpu)
+}
+
+/// The training step compiled with `target`'s pass pipeline, memory planned.
+pub fn training_plan_for(prog: &Program, cfg: &J, batch: u64, target: Target) -> Result<(Plan, Compiled), CompileError> {
+    training_plan_with(prog, cfg, batch, PassChoice::for_target(cfg, target)).map(|(p, c, _)| (p, c))
 }
 
 /// `training_plan` with a choice of passes; also returns each pass's report.
@@ -122,8 +134,21 @@ pub fn lower_training(step: &Graph, batch: u64) -> Result<Plan, CompileError> {
 /// The eval-mode forward of trunk and heads (outputs `output`, `output.0`,
 /// ...). With `with_grads`, also the loss and `grad.<param>` of every
 /// trainable parameter, still in eval mode (no dropout, BatchNorm on running
-/// statistics) and without any update.
+/// statistics) and without any update. For the CPU target (`inference_plan_for`
+/// picks one).
 pub fn inference_plan(prog: &Program, cfg: &J, batch: u64, with_grads: bool) -> Result<(Plan, Compiled), CompileError> {
+    inference_plan_for(prog, cfg, batch, with_grads, Target::Cpu)
+}
+
+/// `inference_plan` for `target` (the GPU pipeline adds mixed precision when
+/// the config asks for it), memory planned.
+pub fn inference_plan_for(
+    prog: &Program,
+    cfg: &J,
+    batch: u64,
+    with_grads: bool,
+    target: Target,
+) -> Result<(Plan, Compiled), CompileError> {
     let c = compile(prog, cfg)?;
     let mut g = c.graph.clone();
     passes::run(&mut g, passes::FORWARD, false, |_, _| {}).map_err(internal)?;
@@ -137,8 +162,13 @@ pub fn inference_plan(prog: &Program, cfg: &J, batch: u64, with_grads: bool) -> 
     } else {
         g.prune(|n| n.starts_with("output"), false);
     }
-    passes::run(&mut g, passes::DEFAULT, false, |_, _| {}).map_err(internal)?;
+    let pipeline = match target {
+        Target::Cpu => passes::DEFAULT.to_vec(),
+        Target::Cuda => passes::default_for(uses_amp(cfg)),
+    };
+    passes::run(&mut g, &pipeline, false, |_, _| {}).map_err(internal)?;
     g.verify().map_err(internal)?;
-    let plan = crate::plan::lower(&g, batch, false).map_err(CompileError::Config)?;
+    let mut plan = crate::plan::lower(&g, batch, false).map_err(CompileError::Config)?;
+    plan.memory = Some(crate::memory::plan_memory(&plan));
     Ok((plan, c))
 }

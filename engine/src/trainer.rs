@@ -26,10 +26,10 @@ use std::time::Instant;
 use tessera_compiler::autodiff::{bias_correction_inputs, Optimizer, StepOptions};
 use tessera_compiler::elaborate::Program;
 use tessera_compiler::param_groups::ParamGroup;
-use tessera_compiler::pipeline::{inference_plan, training_plan};
-use tessera_compiler::plan::Source;
-use tessera_runtime::cpu::CpuExecutor;
-use tessera_runtime::{Data, Tensor};
+use tessera_compiler::pipeline::{inference_plan_for, training_plan_for};
+use tessera_compiler::plan::{Source, Target as PlanTarget};
+use tessera_runtime::{Backend, Device, Executor, Tensor};
+use tessera_compiler::ir::DType;
 use tessera_runtime::weights::{
     detect_format, load_weights, match_weights_with, model_tensors, MatchOptions, NamedTensor, WeightsFormat,
 };
@@ -75,6 +75,8 @@ pub struct TrainSetup<'a> {
     pub stop: Arc<AtomicBool>,
     /// No progress bar and nothing on standard output.
     pub quiet: bool,
+    /// Where to train; `None`: as MACHINE.DEVICE says (cpu, or gpu: GPU 0).
+    pub device: Option<Device>,
 }
 
 fn get<'a>(cfg: &'a Value, key: &str) -> Option<&'a Value> {
@@ -109,15 +111,16 @@ fn is_log_step(iteration: u64, freq: u64) -> bool {
     iteration == 1 || (iteration <= 100 && iteration.is_multiple_of(5)) || (freq > 0 && iteration.is_multiple_of(freq))
 }
 
-/// Moves every state both executors hold from `from` into `to` (no copy:
-/// executors of one model share its buffers by handing them over).
-fn move_state(from: &mut CpuExecutor, to: &mut CpuExecutor) -> Result<(), EngineError> {
-    for name in to.state_names() {
-        if let Some(t) = from.take_state(&name) {
-            to.set_state(&name, t).map_err(|e| EngineError::Runtime(e.to_string()))?;
-        }
-    }
-    Ok(())
+/// Moves every state both executors hold from `from` into `to` (executors
+/// of one model hand its buffers over: moved on the CPU, copied device to
+/// device on a GPU).
+fn move_state(from: &mut Executor, to: &mut Executor) -> Result<(), EngineError> {
+    from.move_state_to(to).map_err(|e| EngineError::Runtime(e.to_string()))
+}
+
+/// The plan dtype of state `name` of `ex`.
+fn state_dtype(ex: &Executor, name: &str) -> Option<DType> {
+    ex.plan().state(name).map(|v| ex.plan().values[v].dtype)
 }
 
 /// What VISSL's iteration-keyed hooks change in the training step, as plans:
@@ -170,19 +173,22 @@ struct Steps<'a> {
     cfg: &'a Value,
     stages: Stages,
     seed: u64,
-    by_key: HashMap<(u64, usize), CpuExecutor>,
+    backend: Backend,
+    target: PlanTarget,
+    by_key: HashMap<(u64, usize), Executor>,
     /// The executor that holds the current state.
     current: (u64, usize),
 }
 
 impl Steps<'_> {
     /// The executor for a batch of `batch` at `iteration`, holding the state.
-    fn get(&mut self, batch: u64, iteration: u64) -> Result<&mut CpuExecutor, EngineError> {
+    fn get(&mut self, batch: u64, iteration: u64) -> Result<&mut Executor, EngineError> {
         let key = (batch, self.stages.id(iteration));
         if !self.by_key.contains_key(&key) {
             let cfg = self.stages.config(self.cfg, iteration);
-            let (plan, _) = training_plan(self.prog, &cfg, batch).map_err(|e| EngineError::Config(e.to_string()))?;
-            let ex = CpuExecutor::new(plan, self.seed).map_err(|e| EngineError::Runtime(e.to_string()))?;
+            let (plan, _) = training_plan_for(self.prog, &cfg, batch, self.target)
+                .map_err(|e| EngineError::Config(e.to_string()))?;
+            let ex = self.backend.executor(plan, self.seed).map_err(|e| EngineError::Runtime(e.to_string()))?;
             self.by_key.insert(key, ex);
         }
         if key != self.current {
@@ -196,11 +202,11 @@ impl Steps<'_> {
         Ok(self.by_key.get_mut(&key).expect("present"))
     }
 
-    fn active(&self) -> &CpuExecutor {
+    fn active(&self) -> &Executor {
         &self.by_key[&self.current]
     }
 
-    fn active_mut(&mut self) -> &mut CpuExecutor {
+    fn active_mut(&mut self) -> &mut Executor {
         self.by_key.get_mut(&self.current).expect("present")
     }
 }
@@ -303,31 +309,35 @@ fn update_meter(
     Ok(())
 }
 
-/// Everything a checkpoint holds, from the active executor.
-fn snapshot(ex: &CpuExecutor, engine: EngineState) -> Checkpoint {
+/// Everything a checkpoint holds, from the active executor (read back from
+/// the device, so a checkpoint is the same files whatever trained).
+fn snapshot(ex: &Executor, engine: EngineState) -> Result<Checkpoint, EngineError> {
     let (mut model, mut optimizer) = (Vec::new(), Vec::new());
     let mut engine = engine;
     for name in ex.state_names() {
-        let t = ex.state(&name).expect("named state exists");
-        match &t.data {
-            Data::F32(v) => {
-                let nt = NamedTensor::new(name.clone(), t.shape.clone(), v.clone());
+        let t = ex
+            .read_state(&name)
+            .map_err(|e| EngineError::Runtime(e.to_string()))?
+            .ok_or_else(|| EngineError::Runtime(format!("state `{name}` is not held by the active plan")))?;
+        match t.data {
+            tessera_runtime::Data::F32(v) => {
+                let nt = NamedTensor::new(name.clone(), t.shape.clone(), v);
                 if name.starts_with("optim.") {
                     optimizer.push(nt)
                 } else {
                     model.push(nt)
                 }
             }
-            Data::I64(v) => {
-                engine.int_state.insert(name.clone(), IntTensor { shape: t.shape.clone(), data: v.clone() });
+            tessera_runtime::Data::I64(v) => {
+                engine.int_state.insert(name.clone(), IntTensor { shape: t.shape.clone(), data: v });
             }
         }
     }
-    Checkpoint { model, optimizer, engine }
+    Ok(Checkpoint { model, optimizer, engine })
 }
 
 /// Loads a checkpoint's tensors into `ex` (every state of the plan must be there).
-fn restore(ex: &mut CpuExecutor, ckpt: &Checkpoint, path: &Path) -> Result<(), EngineError> {
+fn restore(ex: &mut Executor, ckpt: &Checkpoint, path: &Path) -> Result<(), EngineError> {
     let mut have: HashMap<&str, Tensor> = HashMap::new();
     for t in ckpt.model.iter().chain(&ckpt.optimizer) {
         have.insert(&t.name, Tensor::f32(t.shape.clone(), t.data.clone()));
@@ -338,7 +348,7 @@ fn restore(ex: &mut CpuExecutor, ckpt: &Checkpoint, path: &Path) -> Result<(), E
     let mut missing = Vec::new();
     for name in ex.state_names() {
         match have.remove(name.as_str()) {
-            Some(t) => ex.set_state(&name, t).map_err(|e| {
+            Some(t) => ex.write_state(&name, t).map_err(|e| {
                 EngineError::Config(format!("checkpoint {} does not fit this model: {e}", path.display()))
             })?,
             None => missing.push(name),
@@ -359,7 +369,7 @@ fn restore(ex: &mut CpuExecutor, ckpt: &Checkpoint, path: &Path) -> Result<(), E
 /// SKIP_LAYERS (substrings), REMOVE_PREFIX then APPEND_PREFIX applied to the
 /// file's names (reference 8.2). Model tensors the file lacks keep their
 /// initial values, and are listed.
-fn weights_init(ex: &mut CpuExecutor, cfg: &Value, log: &mut RunLog) -> Result<(), EngineError> {
+fn weights_init(ex: &mut Executor, cfg: &Value, log: &mut RunLog) -> Result<(), EngineError> {
     let file = get_str(cfg, "MODEL.WEIGHTS_INIT.PARAMS_FILE");
     if file.is_empty() {
         return Ok(());
@@ -427,14 +437,14 @@ fn weights_init(ex: &mut CpuExecutor, cfg: &Value, log: &mut RunLog) -> Result<(
 
 /// Puts tensors read from a file into the model's state as `{prefix}{name}`
 /// (integer buffers, such as BatchNorm's counter, come back from files as f32).
-fn set_loaded(ex: &mut CpuExecutor, tensors: Vec<NamedTensor>, prefix: &str, key: &str) -> Result<(), EngineError> {
+fn set_loaded(ex: &mut Executor, tensors: Vec<NamedTensor>, prefix: &str, key: &str) -> Result<(), EngineError> {
     for t in tensors {
         let name = format!("{prefix}{}", t.name);
-        let value = match ex.state(&name).map(|s| &s.data) {
-            Some(Data::I64(_)) => Tensor::i64(t.shape.clone(), t.data.iter().map(|&v| v as i64).collect()),
+        let value = match state_dtype(ex, &name) {
+            Some(DType::I64) => Tensor::i64(t.shape.clone(), t.data.iter().map(|&v| v as i64).collect()),
             _ => Tensor::f32(t.shape.clone(), t.data),
         };
-        ex.set_state(&name, value).map_err(|e| EngineError::Config(format!("{key}: {e}")))?;
+        ex.write_state(&name, value).map_err(|e| EngineError::Config(format!("{key}: {e}")))?;
     }
     Ok(())
 }
@@ -442,7 +452,7 @@ fn set_loaded(ex: &mut CpuExecutor, tensors: Vec<NamedTensor>, prefix: &str, key
 /// The distillation teacher's weights (the `loss.teacher.*` buffers, DeiT's
 /// frozen teacher) from LOSS.distillation.teacher_weights, in the teacher's
 /// own names (tessera or timm): every teacher tensor must be in the file.
-fn teacher_init(ex: &mut CpuExecutor, cfg: &Value, log: &mut RunLog) -> Result<(), EngineError> {
+fn teacher_init(ex: &mut Executor, cfg: &Value, log: &mut RunLog) -> Result<(), EngineError> {
     const PREFIX: &str = "loss.teacher.";
     let key = "LOSS.distillation.teacher_weights";
     let expected: Vec<(String, Vec<usize>)> = ex
@@ -520,7 +530,7 @@ struct TestPhase<'a, 'b> {
     prog: &'a Program,
     cfg: &'a Value,
     seed: u64,
-    eval: &'b mut HashMap<u64, CpuExecutor>,
+    eval: &'b mut HashMap<u64, Executor>,
     log: &'b mut RunLog,
 }
 
@@ -545,9 +555,9 @@ impl TestPhase<'_, '_> {
                 let b = b.map_err(EngineError::Data)?;
                 let size = b.size as u64;
                 if let std::collections::hash_map::Entry::Vacant(v) = self.eval.entry(size) {
-                    let (plan, _) = inference_plan(self.prog, self.cfg, size, false)
+                    let (plan, _) = inference_plan_for(self.prog, self.cfg, size, false, steps.target)
                         .map_err(|e| EngineError::Config(e.to_string()))?;
-                    v.insert(CpuExecutor::new(plan, self.seed).map_err(|e| EngineError::Runtime(e.to_string()))?);
+                    v.insert(steps.backend.executor(plan, self.seed).map_err(|e| EngineError::Runtime(e.to_string()))?);
                 }
                 if holder != Some(size) {
                     match holder {
@@ -564,7 +574,9 @@ impl TestPhase<'_, '_> {
                 let ex = self.eval.get_mut(&size).expect("made above");
                 let (names, tensors): (Vec<String>, Vec<Tensor>) = b.images.into_iter().unzip();
                 let given: Vec<(&str, Tensor)> = names.iter().map(String::as_str).zip(tensors).collect();
-                let out = ex.run(&given).map_err(|e| EngineError::Runtime(format!("test phase: {e}")))?;
+                let wanted = |name: &str| name.starts_with("output");
+                let out =
+                    ex.run(&given, Some(&wanted)).map_err(|e| EngineError::Runtime(format!("test phase: {e}")))?;
                 update_meter(&mut m, &out, &b.labels)
             })();
             if step.is_err() {
@@ -659,12 +671,19 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
             return Ok(Outcome::AlreadyFinished { checkpoint: p.clone() });
         }
     }
+    // The device: MACHINE.DEVICE (gpu: GPU 0), unless the caller chose one.
+    // A GPU that cannot be opened is an error naming what is missing, never
+    // a silent CPU run.
+    let device = match &setup.device {
+        Some(d) => d.clone(),
+        None if device == "gpu" => Device::Cuda { ordinal: 0 },
+        None => Device::Cpu,
+    };
+    let backend = Backend::open(&device).map_err(|e| EngineError::Runtime(e.to_string()))?;
+    let target = if device == Device::Cpu { PlanTarget::Cpu } else { PlanTarget::Cuda };
     let mut log = RunLog::open(&dir, tb_dir, setup.quiet)
         .map_err(|e| EngineError::Logs { dir: dir.clone(), message: e.to_string() })?;
-    if device == "gpu" {
-        // The seed's configs say gpu; the plans are the same, only the backend differs.
-        log.warn("MACHINE.DEVICE is gpu, but this build has no CUDA backend yet: training on the CPU (set MACHINE.DEVICE=cpu to silence this)");
-    }
+    log.info(&format!("device: {}", backend.describe()));
 
     // The model: a training step for the batch size, and the optimizer's inputs.
     // The first plan is the one of the iteration the run starts at (a
@@ -674,7 +693,7 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
     let start_at = resumed.as_ref().map_or(0, |c| c.engine.iteration.saturating_sub(1));
     let staged = stages.config(cfg, start_at);
     let (plan, mut compiled) =
-        training_plan(setup.prog, &staged, batch).map_err(|e| EngineError::Config(e.to_string()))?;
+        training_plan_for(setup.prog, &staged, batch, target).map_err(|e| EngineError::Config(e.to_string()))?;
     if staged != *cfg {
         // The optimizer's groups are the full model's (every parameter
         // trainable), which the composition alone gives.
@@ -704,9 +723,18 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
     late_starts.sort();
     late_starts.dedup();
     let optim = Optim { groups: compiled.param_groups.clone(), lr, lr_head, adam, late_starts };
-    let first = CpuExecutor::new(plan, seed).map_err(|e| EngineError::Runtime(e.to_string()))?;
+    let first = backend.executor(plan, seed).map_err(|e| EngineError::Runtime(e.to_string()))?;
     let key = (batch, stages.id(start_at));
-    let mut steps = Steps { prog: setup.prog, cfg, stages, seed, by_key: HashMap::from([(key, first)]), current: key };
+    let mut steps = Steps {
+        prog: setup.prog,
+        cfg,
+        stages,
+        seed,
+        backend,
+        target,
+        by_key: HashMap::from([(key, first)]),
+        current: key,
+    };
 
     let mut meter = meter_of(cfg, &compiled.composition.features)?;
     let train_meter = get_bool(cfg, "METERS.enable_training_meter");
@@ -756,8 +784,9 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
         last_checkpoint = Some(p.clone());
     } else {
         log.info(&format!(
-            "training {} on the CPU: {num_epochs} epochs of {per_epoch} steps, batch {batch}, checkpoints in {}",
+            "training {} on {}: {num_epochs} epochs of {per_epoch} steps, batch {batch}, checkpoints in {}",
             get_str(cfg, "MODEL.TRUNK.NAME"),
+            if target == PlanTarget::Cpu { "the CPU" } else { "the GPU" },
             dir.display()
         ));
         weights_init(steps.active_mut(), cfg, &mut log)?;
@@ -773,7 +802,7 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
         log.info("TEST_MODEL is set but no meter is configured (METERS.name): no test phase");
     }
     let test_every = get_u64(cfg, "TEST_EVERY_NUM_EPOCH")?.max(1);
-    let mut eval: HashMap<u64, CpuExecutor> = HashMap::new();
+    let mut eval: HashMap<u64, Executor> = HashMap::new();
 
     let write_checkpoint =
         |steps: &Steps, state: &EngineState, meter: &Option<AccuracyListMeter>, name: String, log: &mut RunLog| {
@@ -782,7 +811,7 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
             s.meters =
                 meter.as_ref().map(|m| serde_json::to_value(m).expect("meters serialise")).unwrap_or(Value::Null);
             log.flush();
-            let path = checkpoint::write(&dir, &name, &snapshot(steps.active(), s))?;
+            let path = checkpoint::write(&dir, &name, &snapshot(steps.active(), s)?)?;
             log.info(&format!("checkpoint {}", path.display()));
             Ok::<PathBuf, EngineError>(path)
         };
@@ -851,8 +880,13 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
             }
             let (names, tensors): (Vec<String>, Vec<Tensor>) = inputs.into_iter().unzip();
             let given: Vec<(&str, Tensor)> = names.iter().map(String::as_str).zip(tensors).collect();
-            let out =
-                ex.run(&given).map_err(|e| EngineError::Runtime(format!("iteration {}: {e}", state.iteration)))?;
+            // Read back only what the loop uses: the loss, and the model's
+            // outputs when the training meter is on (not the gradients).
+            let meter_on = meter.is_some() && train_meter;
+            let wanted = |name: &str| name == "loss" || (meter_on && name.starts_with("output"));
+            let out = ex
+                .run(&given, Some(&wanted))
+                .map_err(|e| EngineError::Runtime(format!("iteration {}: {e}", state.iteration)))?;
             let loss = out.get("loss").and_then(|t| t.as_f32()).map(|v| v[0]).unwrap_or(f32::NAN);
             if !loss.is_finite() {
                 log.end_progress();

@@ -70,6 +70,7 @@ fn run_to(cfg: &Value, prog: &Program, steps: u64) -> Checkpoint {
         max_steps: Some(steps),
         stop: Arc::new(AtomicBool::new(false)),
         quiet: true,
+        device: None,
     })
     .unwrap_or_else(|e| panic!("{e}"));
     let path = match out {

@@ -79,6 +79,7 @@ fn run(cfg: &Value, prog: &Program, max_steps: Option<u64>, poison: bool) -> Res
         max_steps,
         stop: Arc::new(AtomicBool::new(false)),
         quiet: true,
+        device: None,
     })
 }
 

@@ -16,6 +16,40 @@ use std::collections::HashMap;
 /// Bumped whenever the plan format changes incompatibly.
 pub const PLAN_VERSION: u32 = 2;
 
+/// The backend a plan's pass pipeline was chosen for. Every backend runs
+/// every plan; the target only says which trade-offs the compiler made
+/// (the CPU pipeline leaves out prologue fusion and mixed precision, which
+/// buy memory with arithmetic the CPU does not need).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Target {
+    Cpu,
+    Cuda,
+}
+
+impl Target {
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::Cpu => "cpu",
+            Target::Cuda => "cuda",
+        }
+    }
+
+    /// `cpu`, or `cuda` / `gpu`.
+    pub fn parse(s: &str) -> Result<Target, String> {
+        match s {
+            "cpu" => Ok(Target::Cpu),
+            "cuda" | "gpu" => Ok(Target::Cuda),
+            _ => Err(format!("unknown target `{s}`: use cpu or cuda")),
+        }
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Source {
     /// Fed by the caller each run (images, targets, lr, ...).
