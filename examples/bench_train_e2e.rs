@@ -135,6 +135,7 @@ fn main() {
             stop: Arc::new(AtomicBool::new(false)),
             quiet: true,
         device: None,
+        plans: None,
         })
         .unwrap_or_else(|e| panic!("{e}"));
         images / start.elapsed().as_secs_f64()

@@ -54,9 +54,17 @@ enum Command {
         /// Extra directory of `.tsr` model files (overrides embedded ones by path).
         #[arg(long)]
         models: Vec<PathBuf>,
-        /// Batch size per replica of an emitted plan (default: DATA.TRAIN.BATCHSIZE_PER_REPLICA).
-        #[arg(long)]
-        batch: Option<u64>,
+        /// Batch sizes per replica of the emitted training steps, comma-separated
+        /// (default: DATA.TRAIN.BATCHSIZE_PER_REPLICA).
+        #[arg(long, value_delimiter = ',')]
+        batch: Option<Vec<u64>>,
+        /// Batch sizes of the emitted eval forwards (`--emit plan`), comma-separated
+        /// (default: DATA.TEST.BATCHSIZE_PER_REPLICA when TEST_MODEL, else none).
+        #[arg(long, value_delimiter = ',')]
+        eval_batch: Option<Vec<u64>>,
+        /// The backend the emitted plans are compiled for: cpu or cuda.
+        #[arg(long, default_value = "cpu")]
+        target: String,
     },
     /// Run the eval-mode forward of a config's model on a batch from a file, with
     /// given weights; with `--target`, also the loss and every parameter's
@@ -143,6 +151,11 @@ enum Command {
         /// cuda:N, or cuda-host (the CUDA executor emulated on the CPU).
         #[arg(long)]
         device: Option<String>,
+        /// Run the plans of this compiled run (`tessera compile --emit plan`)
+        /// instead of compiling: refused if made from another config, plan
+        /// version or target.
+        #[arg(long, value_name = "FILE_OR_DIR")]
+        plan: Option<PathBuf>,
     },
     /// Datasets.
     Data {
@@ -319,15 +332,19 @@ fn write_out(path: &Option<PathBuf>, text: &str) -> Result<()> {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Compile { args, emit, passes, print_passes, format, output, models, batch } => {
+        Command::Compile { args, emit, passes, print_passes, format, output, models, batch, eval_batch, target } => {
             let (name, overrides) = split_args(&args)?;
             let cfg = config::load(&name, &overrides).map_err(|e| anyhow::anyhow!("{e}"))?;
             let prog = Program::load(&models).map_err(|e| anyhow::anyhow!("{e}"))?;
             let compiled = tessera_compiler::compile(&prog, cfg.tree()).map_err(|e| anyhow::anyhow!("{e}"))?;
-            let batch = match batch {
-                Some(b) => b,
-                None => cfg.get("DATA.TRAIN.BATCHSIZE_PER_REPLICA").and_then(|v| v.as_u64()).unwrap_or(1),
-            };
+            let default_batch = cfg.get("DATA.TRAIN.BATCHSIZE_PER_REPLICA").and_then(|v| v.as_u64()).unwrap_or(1);
+            let batches = batch.unwrap_or_else(|| vec![default_batch]);
+            if batches.is_empty() || batches.contains(&0) {
+                bail!("--batch: batch sizes must be at least 1");
+            }
+            let batch = batches[0];
+            let target = tessera_compiler::plan::Target::parse(&target).map_err(|e| anyhow::anyhow!("--target: {e}"))?;
+            let passes_given = passes.is_some();
             let pass_names = chosen_passes(passes, tessera_compiler::pipeline::uses_amp(cfg.tree()))?;
             let step =
                 || -> Result<(tessera_compiler::plan::Plan, Vec<tessera_compiler::passes::Report>, Option<String>)> {
@@ -389,7 +406,19 @@ fn run(cli: Cli) -> Result<()> {
                 (Emit::Ir, Format::Text) => compiled.graph.to_text(),
                 (Emit::Ir, Format::Json) => serde_json::to_string_pretty(&compiled.graph)?,
                 (Emit::Dot, _) => compiled.graph.to_dot(),
-                (Emit::Plan, _) => serde_json::to_string(&step()?.0)?,
+                (Emit::Plan, _) => {
+                    if passes_given {
+                        bail!("--emit plan writes the target's own pipeline; --passes does not apply (use --emit kernels to look at other pipelines)");
+                    }
+                    let test_model = cfg.get("TEST_MODEL").and_then(|v| v.as_bool()).unwrap_or(false);
+                    let eval = eval_batch.unwrap_or_else(|| {
+                        let b = cfg.get("DATA.TEST.BATCHSIZE_PER_REPLICA").and_then(|v| v.as_u64()).unwrap_or(1);
+                        if test_model { vec![b] } else { vec![] }
+                    });
+                    let run = tessera_engine::compiled::CompiledRun::compile(&prog, cfg.name(), cfg.tree(), target, &batches, &eval)
+                        .map_err(|e| anyhow::anyhow!("{e}"))?;
+                    serde_json::to_string(&run)?
+                }
                 (Emit::Kernels, _) => step()?.0.kernel_listing(),
                 (Emit::IrAfter(_), _) => step()?.2.expect("the pass ran, so its IR was captured"),
             };
@@ -481,17 +510,39 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Plan { command: Some(PlanCommand::Show { file }), .. } => {
             let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let is_run = serde_json::from_str::<serde_json::Value>(&text)
+                .ok()
+                .is_some_and(|v| v.get("format").and_then(|f| f.as_str()) == Some(tessera_engine::compiled::FORMAT));
+            if is_run {
+                let run = tessera_engine::compiled::CompiledRun::read(&file).map_err(|e| anyhow::anyhow!("{e}"))?;
+                let mut out = format!(
+                    "compiled run of {} for the {} target: {} training step(s), {} eval forward(s)\n",
+                    run.config,
+                    run.target,
+                    run.steps.len(),
+                    run.eval.len()
+                );
+                for s in &run.steps {
+                    out += &format!("\n# training step, batch {}, stage {} (from iteration {})\n", s.batch, s.stage, s.first_iteration);
+                    out += &s.plan.summary();
+                }
+                for e in &run.eval {
+                    out += &format!("\n# eval forward, batch {}\n", e.batch);
+                    out += &e.plan.summary();
+                }
+                return write_out(&None, &out);
+            }
             let plan: tessera_compiler::plan::Plan =
                 serde_json::from_str(&text).with_context(|| format!("{} is not a tessera plan", file.display()))?;
             plan.validate().map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
             write_out(&None, &plan.summary())
         }
-        Command::Train { args, max_steps, quiet, models, device } => {
+        Command::Train { args, max_steps, quiet, models, device, plan } => {
             let (name, overrides) = split_args(&args)?;
             let device = device
                 .map(|d| tessera_runtime::Device::parse(&d).map_err(|e| anyhow::anyhow!("--device: {e}")))
                 .transpose()?;
-            train::run(train::TrainArgs { name, overrides, models, max_steps, quiet, device })
+            train::run(train::TrainArgs { name, overrides, models, max_steps, quiet, device, plan })
         }
         Command::Data {
             command: DataCommand::Synth { out, image_size, classes, train_per_class, val_per_class, seed },

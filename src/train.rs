@@ -20,6 +20,8 @@ pub struct TrainArgs {
     pub max_steps: Option<u64>,
     pub quiet: bool,
     pub device: Option<tessera_runtime::Device>,
+    /// A compiled run (`tessera compile --emit plan`) to run as it is.
+    pub plan: Option<PathBuf>,
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
@@ -36,6 +38,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
     } else {
         None
     };
+    let plans = match &a.plan {
+        Some(p) => Some(tessera_engine::compiled::CompiledRun::read(p).map_err(|e| anyhow!("--plan: {e}"))?),
+        None => None,
+    };
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         // A second signal while stopping ends the process at once.
@@ -51,6 +57,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         stop,
         quiet: a.quiet,
         device: a.device,
+        plans,
     })
     .map_err(|e| anyhow!("{e}"))?;
     match outcome {

@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod cli;
-use cli::{command, records, run, synth_folder, text, tmpdir};
+use cli::{command, ok, records, run, synth_folder, text, tmpdir};
 
 /// The quickstart ViT on `data`, 4 classes, batch 16, everything logged.
 fn args(data: &Path, ckpt: &Path, epochs: u32, extra: &[&str]) -> Vec<String> {
@@ -181,7 +181,7 @@ fn a_gpu_config_without_a_gpu_is_an_error_that_names_what_is_missing() {
         return;
     }
     let root = tmpdir("nogpu");
-    let data = synth_folder(&root, 2, 4, 2);
+    let data = synth_folder(&root, 4, 8, 2);
     let ckpt = root.join("ckpt");
     let out = run(&args(&data, &ckpt, 1, &["MACHINE.DEVICE=gpu"]));
     let t = text(&out);
@@ -189,4 +189,60 @@ fn a_gpu_config_without_a_gpu_is_an_error_that_names_what_is_missing() {
     assert!(t.contains("MACHINE.DEVICE=cpu"), "the message names the override: {t}");
     assert!(t.contains("not found") || t.contains("driver") || t.contains("GPU"), "the message names what is missing: {t}");
     assert!(!ckpt.join("checkpoint.json").exists(), "nothing was trained");
+}
+
+/// `tessera compile --emit plan` writes a compiled run that `tessera train
+/// --plan` runs as it is (the same losses as compiling in the run), and a
+/// compiled run of another config, target or plan version is refused.
+#[test]
+fn a_compiled_run_trains_as_compiling_would_and_is_refused_when_it_does_not_fit() {
+    let root = tmpdir("compiled");
+    let data = synth_folder(&root, 4, 32, 8);
+    let plain = root.join("plain");
+    ok(&run(&args(&data, &plain, 1, &[])));
+    // The config of the run, as `compile` takes it (no `train`, no `-q`).
+    let cfg_args = |ckpt: &Path, extra: &[&str]| -> Vec<String> {
+        args(&data, ckpt, 1, extra).into_iter().filter(|a| a != "train" && a != "-q").collect()
+    };
+    let file = root.join("run.plan");
+    let compile = |extra: &[&str], target: &str| {
+        let mut c = vec!["compile".to_string()];
+        c.extend(cfg_args(&plain, extra));
+        c.extend(["--emit", "plan", "--batch", "16", "--eval-batch", "16", "--target", target, "-o"].map(String::from));
+        c.push(file.display().to_string());
+        run(&c)
+    };
+    ok(&compile(&[], "cpu"));
+    let planned = root.join("planned");
+    let with_plan = |ckpt: &Path| {
+        let mut a = args(&data, ckpt, 1, &[]);
+        a.extend(["--plan".to_string(), file.display().to_string()]);
+        a
+    };
+    ok(&run(&with_plan(&planned)));
+    assert_eq!(losses(&plain), losses(&planned), "the compiled run trains the same steps");
+    // Each refusal below trains in a fresh folder, so nothing but the plan differs.
+    let a = with_plan(&root.join("refused"));
+
+    // Another model: refused, naming the section that differs.
+    ok(&compile(&["MODEL.TRUNK.VISION_TRANSFORMERS.MLP_DIM=96"], "cpu"));
+    let out = run(&a);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("other values of MODEL"), "{}", text(&out));
+    // Another target.
+    ok(&compile(&[], "cuda"));
+    let out = run(&a);
+    assert!(!out.status.success() && text(&out).contains("made for the cuda target"), "{}", text(&out));
+    // Another plan version.
+    ok(&compile(&[], "cpu"));
+    let t = std::fs::read_to_string(&file).unwrap().replacen("\"plan_version\":3", "\"plan_version\":2", 1);
+    std::fs::write(&file, t).unwrap();
+    let out = run(&a);
+    assert!(!out.status.success() && text(&out).contains("plans of version 2"), "{}", text(&out));
+    // A batch size it was not compiled for.
+    ok(&compile(&[], "cpu"));
+    let mut b = args(&data, &root.join("other-batch"), 1, &["DATA.TRAIN.BATCHSIZE_PER_REPLICA=8"]);
+    b.extend(["--plan".to_string(), file.display().to_string()]);
+    let out = run(&b);
+    assert!(!out.status.success() && text(&out).contains("no training step for batch 8"), "{}", text(&out));
 }

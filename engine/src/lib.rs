@@ -3,10 +3,12 @@
 //! parameter schedules, meters, logs and checkpoints.
 
 pub mod checkpoint;
+pub mod compiled;
 pub mod data_source;
 pub mod logs;
 pub mod meters;
 pub mod schedule;
 pub mod source;
+pub mod stages;
 pub mod tensorboard;
 pub mod trainer;

@@ -17,6 +17,7 @@ use crate::logs::{Progress, RunLog};
 use crate::meters::{AccuracyListMeter, Target};
 use crate::schedule::{self, ParamSchedule, RunShape};
 use crate::source::{Batch, DataSource, Labels};
+use crate::stages::Stages;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -77,6 +78,18 @@ pub struct TrainSetup<'a> {
     pub quiet: bool,
     /// Where to train; `None`: as MACHINE.DEVICE says (cpu, or gpu: GPU 0).
     pub device: Option<Device>,
+    /// Plans compiled ahead of time (`tessera compile --emit plan`), run as
+    /// they are instead of compiling; checked against the config and target.
+    pub plans: Option<crate::compiled::CompiledRun>,
+}
+
+/// The config the trainer compiles: one replica (DISTRIBUTED 1 x 1; its
+/// collectives are identities, MoCo's queue takes one replica's keys).
+pub fn one_replica(cfg: &Value) -> Value {
+    let mut c = cfg.clone();
+    c["DISTRIBUTED"]["NUM_NODES"] = 1.into();
+    c["DISTRIBUTED"]["NUM_PROC_PER_NODE"] = 1.into();
+    c
 }
 
 fn get<'a>(cfg: &'a Value, key: &str) -> Option<&'a Value> {
@@ -123,50 +136,6 @@ fn state_dtype(ex: &Executor, name: &str) -> Option<DType> {
     ex.plan().state(name).map(|v| ex.plan().values[v].dtype)
 }
 
-/// What VISSL's iteration-keyed hooks change in the training step, as plans:
-/// a parameter in `MODEL.TEMP_FROZEN_PARAMS_ITER_MAP` gets no update before
-/// its iteration (FreezeParametersHook: grad None, so AdamW skips it), and
-/// SwAV's queue is neither used nor filled before `queue.start_iter`
-/// (reference 4.2). Each span of iterations between two such thresholds has
-/// its own plan; the state moves between them.
-struct Stages {
-    frozen: Vec<(String, u64)>,
-    queue_start: Option<u64>,
-}
-
-impl Stages {
-    fn from_config(cfg: &Value) -> Result<Stages, EngineError> {
-        let frozen = tessera_compiler::autodiff::temp_frozen(cfg).map_err(EngineError::Config)?;
-        let swav_queue = get_str(cfg, "LOSS.name") == "swav_loss"
-            && get(cfg, "LOSS.swav_loss.queue.queue_length").and_then(Value::as_u64).unwrap_or(0) > 0;
-        let start = get(cfg, "LOSS.swav_loss.queue.start_iter").and_then(Value::as_u64).unwrap_or(0);
-        Ok(Stages { frozen, queue_start: (swav_queue && start > 0).then_some(start) })
-    }
-
-    /// Which plan iteration `iteration` runs: the thresholds it has reached.
-    fn id(&self, iteration: u64) -> usize {
-        self.frozen.iter().map(|(_, n)| *n).chain(self.queue_start).filter(|&n| n <= iteration).count()
-    }
-
-    /// The config of that plan.
-    fn config(&self, cfg: &Value, iteration: u64) -> Value {
-        let mut c = cfg.clone();
-        let still: Vec<Value> =
-            self.frozen.iter().filter(|(_, n)| iteration < *n).map(|(p, _)| Value::String(p.clone())).collect();
-        if !still.is_empty() {
-            if let Some(Value::Array(a)) = c.pointer_mut("/MODEL/NON_TRAINABLE_PARAMS") {
-                a.extend(still);
-            } else {
-                c["MODEL"]["NON_TRAINABLE_PARAMS"] = Value::Array(still);
-            }
-        }
-        if self.queue_start.is_some_and(|s| iteration < s) {
-            c["LOSS"]["swav_loss"]["queue"]["queue_length"] = 0.into();
-        }
-        c
-    }
-}
-
 /// Training executors per (batch size, stage), sharing one model.
 struct Steps<'a> {
     prog: &'a Program,
@@ -175,6 +144,7 @@ struct Steps<'a> {
     seed: u64,
     backend: Backend,
     target: PlanTarget,
+    compiled: Option<&'a crate::compiled::CompiledRun>,
     by_key: HashMap<(u64, usize), Executor>,
     /// The executor that holds the current state.
     current: (u64, usize),
@@ -185,9 +155,15 @@ impl Steps<'_> {
     fn get(&mut self, batch: u64, iteration: u64) -> Result<&mut Executor, EngineError> {
         let key = (batch, self.stages.id(iteration));
         if !self.by_key.contains_key(&key) {
-            let cfg = self.stages.config(self.cfg, iteration);
-            let (plan, _) = training_plan_for(self.prog, &cfg, batch, self.target)
-                .map_err(|e| EngineError::Config(e.to_string()))?;
+            let plan = match self.compiled {
+                Some(run) => run.step(batch, key.1).map_err(EngineError::Config)?,
+                None => {
+                    let cfg = self.stages.config(self.cfg, iteration);
+                    training_plan_for(self.prog, &cfg, batch, self.target)
+                        .map_err(|e| EngineError::Config(e.to_string()))?
+                        .0
+                }
+            };
             let ex = self.backend.executor(plan, self.seed).map_err(|e| EngineError::Runtime(e.to_string()))?;
             self.by_key.insert(key, ex);
         }
@@ -555,8 +531,14 @@ impl TestPhase<'_, '_> {
                 let b = b.map_err(EngineError::Data)?;
                 let size = b.size as u64;
                 if let std::collections::hash_map::Entry::Vacant(v) = self.eval.entry(size) {
-                    let (plan, _) = inference_plan_for(self.prog, self.cfg, size, false, steps.target)
-                        .map_err(|e| EngineError::Config(e.to_string()))?;
+                    let plan = match steps.compiled {
+                        Some(run) => run.eval(size).map_err(EngineError::Config)?,
+                        None => {
+                            inference_plan_for(self.prog, self.cfg, size, false, steps.target)
+                                .map_err(|e| EngineError::Config(e.to_string()))?
+                                .0
+                        }
+                    };
                     v.insert(steps.backend.executor(plan, self.seed).map_err(|e| EngineError::Runtime(e.to_string()))?);
                 }
                 if holder != Some(size) {
@@ -625,13 +607,22 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
     // One process trains here: the model is compiled for one replica (its
     // collectives are identities, MoCo's queue takes one replica's keys).
     let replicas = get_u64(setup.cfg, "DISTRIBUTED.NUM_NODES")? * get_u64(setup.cfg, "DISTRIBUTED.NUM_PROC_PER_NODE")?;
-    let mut one_replica = setup.cfg.clone();
-    one_replica["DISTRIBUTED"]["NUM_NODES"] = 1.into();
-    one_replica["DISTRIBUTED"]["NUM_PROC_PER_NODE"] = 1.into();
-    let cfg = &one_replica;
+    let one = one_replica(setup.cfg);
+    let cfg = &one;
     let device = get_str(cfg, "MACHINE.DEVICE");
     if device != "cpu" && device != "gpu" {
         return Err(EngineError::Config(format!("config key `MACHINE.DEVICE` is `{device}`; use cpu or gpu")));
+    }
+    // The device: MACHINE.DEVICE (gpu: GPU 0), unless the caller chose one.
+    let device = match &setup.device {
+        Some(d) => d.clone(),
+        None if device == "gpu" => Device::Cuda { ordinal: 0 },
+        None => Device::Cpu,
+    };
+    let target = if device == Device::Cpu { PlanTarget::Cpu } else { PlanTarget::Cuda };
+    // A compiled run that does not fit is refused before anything else.
+    if let Some(run) = &setup.plans {
+        run.check(cfg, target).map_err(EngineError::Config)?;
     }
     let dir = PathBuf::from(get_str(cfg, "CHECKPOINT.DIR"));
     let num_epochs = get_u64(cfg, "OPTIMIZER.num_epochs")?;
@@ -671,16 +662,9 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
             return Ok(Outcome::AlreadyFinished { checkpoint: p.clone() });
         }
     }
-    // The device: MACHINE.DEVICE (gpu: GPU 0), unless the caller chose one.
     // A GPU that cannot be opened is an error naming what is missing, never
     // a silent CPU run.
-    let device = match &setup.device {
-        Some(d) => d.clone(),
-        None if device == "gpu" => Device::Cuda { ordinal: 0 },
-        None => Device::Cpu,
-    };
     let backend = Backend::open(&device).map_err(|e| EngineError::Runtime(e.to_string()))?;
-    let target = if device == Device::Cpu { PlanTarget::Cpu } else { PlanTarget::Cuda };
     let mut log = RunLog::open(&dir, tb_dir, setup.quiet)
         .map_err(|e| EngineError::Logs { dir: dir.clone(), message: e.to_string() })?;
     log.info(&format!("device: {}", backend.describe()));
@@ -692,8 +676,15 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
     let stages = Stages::from_config(cfg)?;
     let start_at = resumed.as_ref().map_or(0, |c| c.engine.iteration.saturating_sub(1));
     let staged = stages.config(cfg, start_at);
-    let (plan, mut compiled) =
-        training_plan_for(setup.prog, &staged, batch, target).map_err(|e| EngineError::Config(e.to_string()))?;
+    let (plan, mut compiled) = match &setup.plans {
+        Some(run) => {
+            let plan = run.step(batch, stages.id(start_at)).map_err(EngineError::Config)?;
+            let composed = tessera_compiler::compose::compile(setup.prog, &staged)
+                .map_err(|e| EngineError::Config(e.to_string()))?;
+            (plan, composed)
+        }
+        None => training_plan_for(setup.prog, &staged, batch, target).map_err(|e| EngineError::Config(e.to_string()))?,
+    };
     if staged != *cfg {
         // The optimizer's groups are the full model's (every parameter
         // trainable), which the composition alone gives.
@@ -732,6 +723,7 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
         seed,
         backend,
         target,
+        compiled: setup.plans.as_ref(),
         by_key: HashMap::from([(key, first)]),
         current: key,
     };

@@ -71,6 +71,7 @@ fn run_to(cfg: &Value, prog: &Program, steps: u64) -> Checkpoint {
         stop: Arc::new(AtomicBool::new(false)),
         quiet: true,
         device: None,
+        plans: None,
     })
     .unwrap_or_else(|e| panic!("{e}"));
     let path = match out {

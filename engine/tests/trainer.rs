@@ -80,6 +80,7 @@ fn run(cfg: &Value, prog: &Program, max_steps: Option<u64>, poison: bool) -> Res
         stop: Arc::new(AtomicBool::new(false)),
         quiet: true,
         device: None,
+        plans: None,
     })
 }
 

@@ -13,8 +13,9 @@ use crate::types::{DType, Dim, Init, Shape};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
-/// Bumped whenever the plan format changes incompatibly.
-pub const PLAN_VERSION: u32 = 2;
+/// Bumped whenever the plan format changes incompatibly (3: the memory
+/// plan's workspace follows `scratch`, the backends' contract).
+pub const PLAN_VERSION: u32 = 3;
 
 /// The backend a plan's pass pipeline was chosen for. Every backend runs
 /// every plan; the target only says which trade-offs the compiler made

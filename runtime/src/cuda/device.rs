@@ -117,6 +117,23 @@ pub struct Binary {
     pub kernels: Vec<String>,
 }
 
+/// Host memory a device copies from without staging (page-locked on a
+/// GPU), owned by the executor that allocated it.
+pub struct HostBuf {
+    pub ptr: *mut u8,
+    pub bytes: usize,
+}
+
+// SAFETY: the buffer is plain memory owned by one executor.
+unsafe impl Send for HostBuf {}
+
+impl HostBuf {
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: `ptr` holds `bytes` bytes for the buffer's lifetime.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.bytes) }
+    }
+}
+
 pub trait DeviceApi: Send + Sync {
     /// `NVIDIA H100 80GB HBM3 (cuda:0, sm_90)`, `host emulation of the CUDA executor`.
     fn describe(&self) -> String;
@@ -131,6 +148,15 @@ pub trait DeviceApi: Send + Sync {
     fn download(&self, src: DevPtr, dst: &mut [u8]) -> DResult<()>;
     fn copy(&self, dst: DevPtr, src: DevPtr, bytes: u64) -> DResult<()>;
     fn zero(&self, dst: DevPtr, bytes: u64) -> DResult<()>;
+    /// Host memory for `upload_async` (page-locked on a GPU).
+    fn alloc_host(&self, bytes: usize) -> DResult<HostBuf>;
+    /// # Safety
+    /// `b` came from `alloc_host` of this device and no copy from it is in flight.
+    unsafe fn free_host(&self, b: &mut HostBuf);
+    /// Copies `bytes` from `src` to `dst` in stream order, without waiting:
+    /// `src` must not change until the stream has passed this point (the
+    /// executor alternates two staging buffers and synchronises every step).
+    fn upload_async(&self, dst: DevPtr, src: &HostBuf, offset: usize, bytes: usize) -> DResult<()>;
     /// Loads a module; its kernels in the order of `binary.kernels`.
     fn load(&self, binary: &Binary) -> DResult<Vec<Function>>;
     fn launch(&self, f: Function, shape: Launch, args: &[Arg]) -> DResult<()>;

@@ -4,7 +4,9 @@
 //! descriptors and the heuristic's algorithm chosen once per GEMM when a
 //! plan is loaded (`prepare_gemm`), never per call.
 
-use super::device::{Arg, Binary, DResult, DevPtr, DeviceApi, DeviceError, Function, GemmHandle, GemmPtrs, Launch, Target};
+use super::device::{
+    Arg, Binary, DResult, DevPtr, DeviceApi, DeviceError, Function, GemmHandle, GemmPtrs, HostBuf, Launch, Target,
+};
 use super::gemm::{ElemType, Epilogue, GemmDesc};
 use super::libs;
 use cudarc::cublaslt::sys as lt;
@@ -177,6 +179,29 @@ impl DeviceApi for GpuDevice {
     fn zero(&self, dst: DevPtr, bytes: u64) -> DResult<()> {
         self.current()?;
         unsafe { drv::memset_d8_async(dst.0, 0, bytes as usize, self.stream) }.map_err(|e| err("cuMemsetD8Async", e))
+    }
+
+    fn alloc_host(&self, bytes: usize) -> DResult<HostBuf> {
+        self.current()?;
+        let ptr = unsafe { drv::malloc_host(bytes.max(1), 0) }.map_err(|e| err("cuMemHostAlloc", e))?;
+        Ok(HostBuf { ptr: ptr as *mut u8, bytes })
+    }
+
+    unsafe fn free_host(&self, b: &mut HostBuf) {
+        if !b.ptr.is_null() && self.current().is_ok() {
+            let _ = drv::free_host(b.ptr as *mut c_void);
+            b.ptr = std::ptr::null_mut();
+        }
+    }
+
+    fn upload_async(&self, dst: DevPtr, src: &HostBuf, offset: usize, bytes: usize) -> DResult<()> {
+        if offset + bytes > src.bytes {
+            return Err(DeviceError(format!("upload of {offset}+{bytes} bytes from a {}-byte staging buffer", src.bytes)));
+        }
+        self.current()?;
+        // Page-locked source: a true asynchronous copy, ordered on the stream.
+        let src = unsafe { std::slice::from_raw_parts(src.ptr.add(offset), bytes) };
+        unsafe { drv::memcpy_htod_async(dst.0, src, self.stream) }.map_err(|e| err("cuMemcpyHtoDAsync", e))
     }
 
     fn load(&self, binary: &Binary) -> DResult<Vec<Function>> {

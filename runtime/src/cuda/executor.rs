@@ -10,7 +10,7 @@
 //! unusable (`poisoned`): its state may be half updated.
 
 use super::arena::{addresses, inline_constants, Layout};
-use super::device::{Arg, DevPtr, Function, GemmHandle};
+use super::device::{Arg, DevPtr, Function, GemmHandle, HostBuf};
 use super::lower::{Lowering, Step};
 use super::CudaBackend;
 use crate::cpu::init::init_tensor;
@@ -43,6 +43,12 @@ pub struct CudaExecutor {
     steps: Vec<Linked>,
     state_index: HashMap<String, usize>,
     inputs: Vec<(String, usize)>,
+    /// The inputs region (every batch tensor and per-step scalar) and the
+    /// two page-locked staging buffers it is uploaded from in one copy per
+    /// step, alternating, with (seed, step) after it.
+    inputs_base: DevPtr,
+    inputs_bytes: u64,
+    staging: Vec<HostBuf>,
     poisoned: Option<String>,
 }
 
@@ -109,8 +115,15 @@ impl CudaExecutor {
             steps: Vec::new(),
             state_index: HashMap::new(),
             inputs: Vec::new(),
+            inputs_base: base.add(layout.inputs),
+            inputs_bytes: memory.parts.inputs,
+            staging: Vec::new(),
             poisoned: None,
         };
+        for _ in 0..2 {
+            let b = device.alloc_host(memory.parts.inputs as usize + 16).map_err(dev)?;
+            ex.staging.push(b);
+        }
         let slots: Vec<(usize, DevPtr)> =
             constants.iter().enumerate().map(|(i, &v)| (v, table.add(16 + 8 * i as u64))).collect();
         let mut blob = vec![0u8; 8 * constants.len()];
@@ -304,15 +317,27 @@ impl CudaExecutor {
         Ok(out)
     }
 
-    fn issue(&self, given: &HashMap<&str, &Tensor>) -> Result<(), RuntimeError> {
-        let device = self.backend.device();
+    fn issue(&mut self, given: &HashMap<&str, &Tensor>) -> Result<(), RuntimeError> {
+        // Every input into the staging buffer at its planned offset in the
+        // inputs region, (seed, step) after them: two copies, no wait.
+        let n = self.inputs_bytes as usize;
+        let mut staging = std::mem::take(&mut self.staging);
+        let buf = &mut staging[(self.step % 2) as usize];
+        let bytes = buf.as_mut_slice();
         for (name, v) in &self.inputs {
             let value = &self.plan.values[*v];
-            let at = self.addr[*v].expect("inputs have storage");
-            device.upload(at, &to_bytes(given[name.as_str()], value.dtype)).map_err(dev)?;
+            let at = (self.addr[*v].expect("inputs have storage").0 - self.inputs_base.0) as usize;
+            let b = to_bytes(given[name.as_str()], value.dtype);
+            bytes[at..at + b.len()].copy_from_slice(&b);
         }
         let rng: Vec<u8> = [self.seed, self.step].iter().flat_map(|x| x.to_ne_bytes()).collect();
-        device.upload(self.rng, &rng).map_err(dev)?;
+        bytes[n..n + 16].copy_from_slice(&rng);
+        let device = self.backend.device();
+        let uploaded = device
+            .upload_async(self.inputs_base, buf, 0, n)
+            .and_then(|_| device.upload_async(self.rng, buf, n, 16));
+        self.staging = staging;
+        uploaded.map_err(dev)?;
         let fail = |kernel: usize, e: super::device::DeviceError| {
             let k = &self.plan.kernels[kernel];
             RuntimeError::Device(format!("kernel {kernel} ({}) in `{}`: {}", k.op.name(), k.scope, e.0))
@@ -346,6 +371,9 @@ impl Drop for CudaExecutor {
         unsafe {
             device.free(self.base);
             device.free(self.table);
+            for b in &mut self.staging {
+                device.free_host(b);
+            }
         }
     }
 }

@@ -6,7 +6,9 @@
 //! fails here as it would on a GPU); GEMMs run `gemm::host_gemm` on the
 //! descriptor cuBLASLt would get.
 
-use super::device::{Arg, Binary, DResult, DevPtr, DeviceApi, DeviceError, Function, GemmHandle, GemmPtrs, Launch, Target};
+use super::device::{
+    Arg, Binary, DResult, DevPtr, DeviceApi, DeviceError, Function, GemmHandle, GemmPtrs, HostBuf, Launch, Target,
+};
 use super::gemm::{host_gemm, GemmDesc};
 use rayon::prelude::*;
 use std::alloc::{alloc_zeroed, dealloc, Layout};
@@ -126,15 +128,39 @@ impl DeviceApi for HostDevice {
         Ok(())
     }
 
+    fn alloc_host(&self, bytes: usize) -> DResult<HostBuf> {
+        let layout = Layout::from_size_align(bytes.max(1), ALIGN).map_err(|e| DeviceError(e.to_string()))?;
+        // SAFETY: non-zero size.
+        let ptr = unsafe { alloc_zeroed(layout) };
+        if ptr.is_null() {
+            return Err(DeviceError(format!("out of host memory allocating {bytes} bytes")));
+        }
+        Ok(HostBuf { ptr, bytes })
+    }
+
+    unsafe fn free_host(&self, b: &mut HostBuf) {
+        if !b.ptr.is_null() {
+            dealloc(b.ptr, Layout::from_size_align(b.bytes.max(1), ALIGN).expect("allocated with it"));
+            b.ptr = std::ptr::null_mut();
+        }
+    }
+
+    fn upload_async(&self, dst: DevPtr, src: &HostBuf, offset: usize, bytes: usize) -> DResult<()> {
+        if offset + bytes > src.bytes {
+            return Err(DeviceError(format!("upload of {offset}+{bytes} bytes from a {}-byte staging buffer", src.bytes)));
+        }
+        // SAFETY: the staging buffer holds `bytes` bytes.
+        self.upload(dst, unsafe { std::slice::from_raw_parts(src.ptr.add(offset), bytes) })
+    }
+
     fn load(&self, binary: &Binary) -> DResult<Vec<Function>> {
         if binary.target != Target::Host {
             return Err(DeviceError("the host device loads host libraries only".into()));
         }
-        let path = std::env::temp_dir().join(format!(
-            "tessera-host-{}-{}.so",
-            std::process::id(),
-            super::source::hash128(&[&binary.bytes]) as u64
-        ));
+        // A file of its own per load (threads may load one module at once).
+        static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("tessera-host-{}-{n}.so", std::process::id()));
         std::fs::write(&path, &binary.bytes)
             .map_err(|e| DeviceError(format!("cannot write {}: {e}", path.display())))?;
         // SAFETY: the library is a kernel module we compiled; its

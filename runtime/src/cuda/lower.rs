@@ -250,3 +250,19 @@ fn lower_kernel(l: &mut Lowering, k: usize) -> Result<(), String> {
         Op::QueuePush { .. } | Op::QueueAdvance { .. } => ops::state::lower(l, k, &op),
     }
 }
+
+/// The kernel sources a plan's launch list uses, lowered on paper (no
+/// device: addresses as if the allocation started at a fixed base). What
+/// the compile checks (NVRTC, ptxas) render without a GPU.
+pub fn kernel_sources(plan: &Plan) -> Result<Vec<KernelSource>, String> {
+    let memory = plan.memory.as_ref().ok_or("the plan has no memory plan")?;
+    let base = DevPtr(1 << 40);
+    let table = DevPtr(1 << 41);
+    let constants = super::arena::inline_constants(plan, memory);
+    let slots: Vec<(usize, DevPtr)> =
+        constants.iter().enumerate().map(|(i, &v)| (v, table.add(16 + 8 * i as u64))).collect();
+    let addr = super::arena::addresses(plan, memory, base, &slots);
+    let mut l = Lowering::new(plan, memory, &addr, base, table);
+    l.lower_all()?;
+    Ok(l.sources)
+}

@@ -23,6 +23,7 @@
 //! signature, its host entry and the executor's packing follow from them.
 
 pub mod arena;
+pub mod check;
 pub mod device;
 pub mod driver;
 pub mod executor;

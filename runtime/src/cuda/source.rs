@@ -132,7 +132,9 @@ fn cxx_version() -> Result<String, String> {
 fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<(), String> {
     let dir = path.parent().expect("cache paths have a parent");
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let tmp = dir.join(format!(".tmp-{}-{:?}", std::process::id(), std::thread::current().id()));
+    static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(".tmp-{}-{n}", std::process::id()));
     std::fs::write(&tmp, bytes).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
     std::fs::rename(&tmp, path).map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
@@ -160,7 +162,10 @@ pub fn compile(k: &KernelSource, target: &Target) -> Result<Binary, String> {
 /// g++ -O2 -shared: the kernel and its block entry as a shared library.
 fn compile_host(unit: &str, name: &str) -> Result<Vec<u8>, String> {
     let include = libs::include_dir()?;
-    let dir = std::env::temp_dir().join(format!("tessera-cxx-{}-{name}", std::process::id()));
+    // A directory of its own per compilation (threads may compile one kernel at once).
+    static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("tessera-cxx-{}-{n}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let (src, out) = (dir.join("k.cpp"), dir.join("k.so"));
     std::fs::write(&src, unit).map_err(|e| format!("cannot write {}: {e}", src.display()))?;
