@@ -3,8 +3,8 @@
 //! and run one thread per block): reduce (sum, mean, max over rows,
 //! columns, several axes and everything, one pass and two), sum_of_squares,
 //! softmax, log_softmax, l2_normalize, cross_entropy and its gradient,
-//! zero_diagonal. f32 within 1e-5 relative; bf16 inputs (made by a cast in
-//! the graph) within 1e-2. Also: the same plan run twice gives bitwise
+//! zero_diagonal. f32 within 1e-5 relative; bf16 inputs (values rounded to
+//! bf16, made bf16 by a cast in the graph) within 1e-2. Also: the same plan run twice gives bitwise
 //! identical results. Needs the CUDA headers (scripts/setup-cuda-tools.sh).
 
 use std::collections::BTreeMap;
@@ -51,8 +51,12 @@ fn plain(t: Tensor) -> Operand {
     Operand { data: t, cast: None }
 }
 
+/// A bf16 operand: `t` rounded to bf16 first, so that both backends see the
+/// same values (the CPU holds bf16 as f32 and its cast does not round) and
+/// only the results' rounding differs.
 fn bf16_in(t: Tensor) -> Operand {
-    Operand { data: t, cast: Some(DType::BF16) }
+    let v: Vec<f32> = t.as_f32().expect("an f32 tensor").iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
+    Operand { data: Tensor::f32(t.shape.clone(), v), cast: Some(DType::BF16) }
 }
 
 /// The plan (batch 1, memory planned) of y = op(operands), checked to hold
@@ -78,6 +82,26 @@ fn plan_of(op: &Op, operands: &[Operand]) -> (Plan, Vec<(String, Tensor)>) {
     plan.memory = Some(tessera_compiler::memory::plan_memory(&plan));
     assert!(plan.kernels.iter().any(|k| k.op == *op), "the plan has no {} kernel", op.name());
     (plan, inputs)
+}
+
+/// The launch list of `plan`, lowered with made-up addresses (they are only
+/// written into the list, never followed).
+fn lowered(plan: &Plan) -> tessera_runtime::cuda::lower::Lowering<'_> {
+    use tessera_runtime::cuda::device::DevPtr;
+    let memory = plan.memory.as_ref().unwrap();
+    let addr: Vec<Option<DevPtr>> = (0..plan.values.len()).map(|v| Some(DevPtr(0x10_0000 + 0x1_0000 * v as u64))).collect();
+    let addr: &'static [Option<DevPtr>] = Box::leak(addr.into_boxed_slice());
+    let mut l = tessera_runtime::cuda::lower::Lowering::new(plan, memory, addr, DevPtr(0x1000_0000), DevPtr(0x800));
+    l.lower_all().unwrap_or_else(|e| panic!("{e}"));
+    l
+}
+
+/// Kernel launches of the op under test (`op`) in its plan.
+fn launches_of(op: &Op, operands: &[Operand]) -> usize {
+    use tessera_runtime::cuda::lower::Step;
+    let (plan, _) = plan_of(op, operands);
+    let k = plan.kernels.iter().position(|k| k.op == *op).unwrap();
+    lowered(&plan).steps.iter().filter(|s| matches!(s, Step::Launch { kernel, .. } if *kernel == k)).count()
 }
 
 fn refs(inputs: &[(String, Tensor)]) -> Vec<(&str, Tensor)> {
@@ -152,13 +176,17 @@ fn reductions_of_many_elements_to_few_outputs_take_two_passes_and_match_the_cpu(
     // Columns (a bias gradient), rows of few outputs, everything to a scalar,
     // everything of a 2-d tensor: each output cut into slices, then folded.
     let cases: &[(&[usize], &[usize])] =
-        &[(&[3000, 24], &[0]), (&[5, 10000], &[1]), (&[40000], &[0]), (&[300, 170], &[0, 1]), (&[40, 30, 50], &[0, 2])];
+        &[(&[3000, 24], &[0]), (&[5, 10000], &[1]), (&[40000], &[0]), (&[300, 170], &[0, 1]), (&[40, 30, 500], &[0, 2])];
     for (shape, axes) in cases {
         for op in OPS {
             let what = format!("{shape:?} over {axes:?}");
-            check(&what, reduce(op, axes, false), &[plain(rand(shape, 2))], 1e-5);
+            let x = || plain(rand(shape, 2));
+            assert_eq!(launches_of(&reduce(op, axes, false), &[x()]), 2, "{what}: slices, then their fold");
+            check(&what, reduce(op, axes, false), &[x()], 1e-5);
         }
     }
+    assert_eq!(launches_of(&reduce(ReduceOp::Sum, &[1], false), &[plain(rand(&[6, 37], 1))]), 1, "few elements: one pass");
+    assert_eq!(launches_of(&reduce(ReduceOp::Sum, &[0], false), &[plain(rand(&[60, 5000], 1))]), 1, "many outputs: one pass");
     // Sums of positive numbers: the mean of 40000 values near 0.5 is tested
     // for its relative accuracy, not only against 1 + |x|.
     let pos = Tensor::f32(vec![40000], rand(&[40000], 3).as_f32().unwrap().iter().map(|v| v.abs() * 1000.0).collect());
@@ -314,4 +342,48 @@ fn runs_are_bitwise_deterministic() {
             assert_eq!(bits(&runs[0]["y"]), bits(&r["y"]), "{}", op.name());
         }
     }
+}
+
+/// Every kernel variant of these families (row and column folds, one and
+/// two passes, f64 / f32 / i64 accumulators, f32 and bf16 operands, block-
+/// and thread-per-lane softmax, the losses) compiles with NVRTC for sm_90,
+/// as a GPU would load it: the host device's g++ does not see device-only
+/// mistakes. Needs NVRTC (scripts/setup-cuda-tools.sh), no GPU.
+#[test]
+fn every_kernel_variant_compiles_with_nvrtc() {
+    use tessera_runtime::cuda::device::Target;
+    let t = |s: &[usize]| rand(s, 60);
+    let cases: Vec<(Op, Vec<Operand>)> = vec![
+        (reduce(ReduceOp::Sum, &[1], false), vec![plain(t(&[6, 37]))]),
+        (reduce(ReduceOp::Mean, &[0], false), vec![plain(t(&[3000, 24]))]),
+        (reduce(ReduceOp::Max, &[0], false), vec![bf16_in(t(&[3000, 24]))]),
+        (reduce(ReduceOp::Max, &[1], false), vec![plain(t(&[5, 10000]))]),
+        (reduce(ReduceOp::Sum, &[0, 2], false), vec![bf16_in(t(&[40, 30, 50]))]),
+        (reduce(ReduceOp::Sum, &[0], false), vec![plain(Tensor::i64(vec![3000, 3], vec![1; 9000]))]),
+        (reduce(ReduceOp::Max, &[1], false), vec![plain(Tensor::i64(vec![3, 3000], vec![1; 9000]))]),
+        (Op::SumOfSquares, vec![plain(t(&[3, 4])), plain(t(&[17]))]),
+        (Op::SumOfSquares, vec![bf16_in(t(&[3, 4])), bf16_in(t(&[17]))]),
+        (Op::CrossEntropy { label_smoothing: 0.1 }, vec![plain(t(&[37, 11])), plain(classes(37, 11, 1))]),
+        (Op::CrossEntropy { label_smoothing: 0.0 }, vec![bf16_in(t(&[37, 11])), bf16_in(t(&[37, 11]))]),
+        (Op::CrossEntropyGrad { label_smoothing: 0.1 }, vec![plain(t(&[37, 11])), plain(classes(37, 11, 1)), plain(Tensor::scalar_f32(1.0))]),
+        (Op::CrossEntropyGrad { label_smoothing: 0.0 }, vec![bf16_in(t(&[37, 11])), bf16_in(t(&[37, 11])), bf16_in(Tensor::scalar_f32(1.0))]),
+        (Op::ZeroDiagonal { world: 1 }, vec![bf16_in(t(&[5, 5]))]),
+    ];
+    let mut cases = cases;
+    for op in [Op::Softmax { axis: 1 }, Op::LogSoftmax { axis: 1 }, Op::L2Normalize { axis: 1, eps: 1e-12 }] {
+        cases.push((op.clone(), vec![plain(t(&[5, 37]))]));
+        cases.push((op.clone(), vec![bf16_in(t(&[64, 7, 40]))]));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for (op, operands) in cases {
+        let (plan, _) = plan_of(&op, &operands);
+        let l = lowered(&plan);
+        for src in l.sources.iter().filter(|s| seen.insert(s.name.clone())) {
+            let unit = src.unit(&Target::Nvrtc { sm: 90 });
+            if let Err(e) = tessera_runtime::cuda::nvrtc::compile(&unit, &src.name, "sm_90") {
+                panic!("{}: {e}\n{}", op.name(), src.text);
+            }
+        }
+    }
+    assert!(seen.iter().filter(|n| n.starts_with("reduce_")).count() >= 8, "{seen:?}");
 }
