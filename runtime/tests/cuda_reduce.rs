@@ -307,6 +307,28 @@ fn cross_entropy_and_its_gradient_match_the_cpu() {
     );
 }
 
+/// A class index outside 0..K: the CPU refuses it; a kernel cannot stop, so
+/// the loss and that row of the gradient are NaN (and only that row).
+#[test]
+fn an_invalid_class_index_makes_the_loss_nan() {
+    let x = rand(&[3, 4], 34);
+    let t = Tensor::i64(vec![3], vec![1, 4, 0]);
+    for op in [Op::CrossEntropy { label_smoothing: 0.1 }, Op::CrossEntropyGrad { label_smoothing: 0.1 }] {
+        let mut operands = vec![plain(x.clone()), plain(t.clone())];
+        if matches!(op, Op::CrossEntropyGrad { .. }) {
+            operands.push(plain(Tensor::scalar_f32(1.0)));
+        }
+        let (plan, inputs) = plan_of(&op, &operands);
+        assert!(Backend::Cpu.executor(plan.clone(), 42).unwrap().run(&refs(&inputs), None).is_err());
+        let y = host().executor(plan, 42).unwrap().run(&refs(&inputs), None).unwrap()["y"].clone();
+        let y = y.as_f32().unwrap();
+        match op {
+            Op::CrossEntropy { .. } => assert!(y[0].is_nan()),
+            _ => assert!(y.iter().enumerate().all(|(i, v)| v.is_nan() == (4..8).contains(&i)), "{y:?}"),
+        }
+    }
+}
+
 #[test]
 fn zero_diagonal_matches_the_cpu_on_one_rank_and_refuses_several() {
     let y = check("[7, 7]", Op::ZeroDiagonal { world: 1 }, &[plain(rand(&[7, 7], 40))], 0.0);

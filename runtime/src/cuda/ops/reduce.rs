@@ -249,6 +249,16 @@ fn partials(l: &Lowering, k: usize) -> Result<Option<(DevPtr, u64)>, String> {
     }
 }
 
+/// How a reduction's finished accumulator `a` is written to out[o].
+fn final_store(acc: Acc, op: ReduceOp) -> &'static str {
+    match (acc, op) {
+        (Acc::SumF64, ReduceOp::Mean) => "tsr_store(out, o, (float)(a * scale))",
+        (Acc::SumF64, _) => "tsr_store(out, o, (float)a)",
+        (Acc::MaxF32, _) => "tsr_store(out, o, a)",
+        _ => "out[o] = a",
+    }
+}
+
 /// `Reduce { op, axes, keepdim }`.
 fn reduce(l: &mut Lowering, k: usize, op: ReduceOp, axes: &[usize], keepdim: bool) -> Result<(), String> {
     let x = l.input(k, 0)?;
@@ -280,12 +290,7 @@ fn reduce(l: &mut Lowering, k: usize, op: ReduceOp, axes: &[usize], keepdim: boo
         (DType::I64, ReduceOp::Mean) => return Err("mean of an i64 tensor (cast it to a float first)".into()),
         (d, _) => return Err(format!("{d} inputs are not supported by the CUDA backend")),
     };
-    let store = match (acc, op) {
-        (Acc::SumF64, ReduceOp::Mean) => "tsr_store(out, o, (float)(a * scale))",
-        (Acc::SumF64, _) => "tsr_store(out, o, (float)a)",
-        (Acc::MaxF32, _) => "tsr_store(out, o, a)",
-        _ => "out[o] = a",
-    };
+    let store = final_store(acc, op);
     let count: u64 = axes.iter().map(|&a| x.shape[a]).product();
     let scale = 1.0 / count as f64;
     let strides = contiguous(&x.shape);
@@ -306,45 +311,31 @@ fn reduce(l: &mut Lowering, k: usize, op: ReduceOp, axes: &[usize], keepdim: boo
     };
     let space = partials(l, k)?;
     let slices = wanted.min(space.map_or(0, |(_, bytes)| bytes / (8 * n_out)));
-    let (x_type, out_type) = (c_type(x.dtype)?, c_type(out.dtype)?);
-    if slices <= 1 {
-        return Pass {
-            acc,
-            x: x.ptr,
-            x_type,
-            load: acc.load(x.dtype, AT),
-            out: out.ptr,
-            out_type,
-            store,
-            kept,
-            reduced,
-            slices: 1,
-            chunk: n_red,
-            per_block,
-            scale,
-        }
-        .launch(l, k);
-    }
-    let (at, _) = space.ok_or("no partials")?;
-    let chunk = n_red.div_ceil(slices);
-    let slices = n_red.div_ceil(chunk);
-    Pass {
+    let one_pass = Pass {
         acc,
         x: x.ptr,
-        x_type,
+        x_type: c_type(x.dtype)?,
         load: acc.load(x.dtype, AT),
-        out: at,
-        out_type: acc.c_type(),
-        store: "out[o * slices + s] = a",
+        out: out.ptr,
+        out_type: c_type(out.dtype)?,
+        store,
         kept,
         reduced,
-        slices,
-        chunk,
+        slices: 1,
+        chunk: n_red,
         per_block,
         scale,
+    };
+    match space {
+        Some((at, _)) if slices > 1 => {
+            let chunk = n_red.div_ceil(slices);
+            let slices = n_red.div_ceil(chunk);
+            let partial = "out[o * slices + s] = a";
+            Pass { out: at, out_type: acc.c_type(), store: partial, slices, chunk, ..one_pass }.launch(l, k)?;
+            fold_partials(l, k, acc, at, n_out, slices, &out, store, scale)
+        }
+        _ => one_pass.launch(l, k),
     }
-    .launch(l, k)?;
-    fold_partials(l, k, acc, at, n_out, slices, &out, store, scale)
 }
 
 /// `SumOfSquares (x_1, ..., x_n) -> []`: the first pass cuts each launch's

@@ -9,7 +9,9 @@
 //! device) or by a thread (an inner axis with many lanes, read coalesced).
 //! cross_entropy's mean is two passes through the `partials` scratch (a
 //! block's rows, then the ordered fold of the blocks), so it is bitwise
-//! deterministic.
+//! deterministic. A class index outside 0..K, which the CPU refuses with an
+//! error, cannot stop a kernel: it makes the loss (and its row of the
+//! gradient) NaN instead.
 
 use super::super::device::{Arg, Launch};
 use super::super::lower::{c_type, Lowering, Val};
@@ -112,10 +114,10 @@ fn cross_entropy(l: &mut Lowering, k: usize, smoothing: f64) -> Result<(), Strin
     }
     float("the result", out.dtype)?;
     let (at, bytes) = l.scratch(k, "partials")?;
-    let blocks = n.clamp(1, bytes / 8);
-    if blocks == 0 {
+    if bytes < 8 {
         return Err("the plan's `partials` scratch holds no partial sum".into());
     }
+    let blocks = n.clamp(1, bytes / 8);
     let (xt, tt) = (c_type(x.dtype)?, c_type(target.dtype)?);
     let params = vec![
         param("double*", "partials"),
