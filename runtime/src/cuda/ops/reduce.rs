@@ -127,8 +127,8 @@ impl Axes {
     /// The kernel's `tsr_axes_<rank>` struct, padded with outer size-1 dims.
     fn bytes(&self, rank: usize) -> Vec<u8> {
         let pad = rank - self.size.len();
-        let sizes = std::iter::repeat(1i64).take(pad).chain(self.size.iter().map(|&n| n as i64));
-        let strides = std::iter::repeat(0i64).take(pad).chain(self.stride.iter().copied());
+        let sizes = std::iter::repeat_n(1i64, pad).chain(self.size.iter().map(|&n| n as i64));
+        let strides = std::iter::repeat_n(0i64, pad).chain(self.stride.iter().copied());
         sizes.chain(strides).flat_map(|v| v.to_ne_bytes()).collect()
     }
 }
