@@ -18,9 +18,17 @@
 //!   [O, N*H'*W']);
 //! - attention_grad: `lse` and `delta` (one f32 per query row: the forward's
 //!   log-sum-exp recomputed, and rowsum(dO * O), FlashAttention-2's D);
-//! - reductions to few values (sum, mean, max over many elements, sum of
-//!   squares, cross-entropy's mean): `partials`, one f32 per block of the
-//!   first pass, so the result is summed in a fixed order (no atomics);
+//! - reductions to few values, so that results are summed in a fixed order
+//!   by a second pass (no atomics): `partials`, 8 bytes (an f64 sum, an f32
+//!   max or an i64) per item of the first pass. sum / mean / max: when the
+//!   outputs are too few to fill the device, each output's reduced range is
+//!   cut into slices, one item each: up to REDUCE_BLOCKS items in all when
+//!   the innermost input dim is reduced (a block per item, slices of at
+//!   least 2048 elements), up to 256 * REDUCE_BLOCKS when it is kept (a
+//!   thread per item, slices of at least 64 elements, e.g. a bias gradient);
+//!   none when one slice per output suffices. sum_of_squares:
+//!   REDUCE_BLOCKS blocks; cross_entropy: one per block of rows,
+//!   min(N, REDUCE_BLOCKS);
 //! - batch statistics (batch_norm, batch_standardize and its gradient,
 //!   running_stat): `stats`, two f32 per channel.
 
@@ -133,7 +141,25 @@ pub fn scratch(plan: &Plan, k: usize) -> Scratch {
             let rows = rows_of(shape(0));
             s.with("lse", rows * 4).with("delta", rows * 4)
         }
-        Op::Reduce { .. } | Op::SumOfSquares | Op::CrossEntropy { .. } => s.with("partials", REDUCE_BLOCKS * 4),
+        Op::Reduce { axes, .. } => {
+            // Slices per output, as runtime::cuda::ops::reduce cuts them
+            // (it uses fewer when given less).
+            let x = shape(0);
+            let n_out = out.numel();
+            let n_red: u64 = axes.iter().map(|&a| x.get(a).copied().unwrap_or(1)).product();
+            let inner_reduced = x.iter().rposition(|&d| d > 1).is_some_and(|d| axes.contains(&d));
+            let slices = match n_out {
+                0 => 0,
+                _ if inner_reduced => REDUCE_BLOCKS.div_ceil(n_out).min(n_red.div_ceil(2048)),
+                _ => (256 * REDUCE_BLOCKS).div_ceil(n_out).min(n_red.div_ceil(64)),
+            };
+            s.with("partials", if slices > 1 { n_out * slices * 8 } else { 0 })
+        }
+        Op::SumOfSquares => s.with("partials", REDUCE_BLOCKS * 8),
+        Op::CrossEntropy { .. } => {
+            let rows = shape(0).first().copied().unwrap_or(1);
+            s.with("partials", rows.clamp(1, REDUCE_BLOCKS) * 8)
+        }
         Op::BatchNorm { .. } | Op::BatchStandardize { .. } | Op::BatchStandardizeGrad { .. } | Op::RunningStat { .. } => {
             let c = match &kernel.op {
                 Op::RunningStat { .. } => shape(0)[0],
