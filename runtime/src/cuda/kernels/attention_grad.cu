@@ -1,0 +1,99 @@
+// The backward of self-attention (q, k, v, dy all [heads, n, D]), after the
+// statistics kernel (attention_rows.cu) wrote lse and delta per query row.
+// With P_ij = exp(s_ij - lse_i) recomputed, f_ij the dropout factor
+// (element (qrow * n + j) of the mask's stream) and dp_ij = dy_i . v_j:
+//   dS_ij = P_ij * (f_ij * dp_ij - delta_i) * scale,
+{% if dkv %}// here dk_j = sum_i dS_ij q_i and dv_j = sum_i P_ij f_ij dy_i: one block
+// per key row `row` (= head * n + j, grid-stride), the queries in tiles of
+// blockDim.x, one query per thread (its dS and P~ into shared memory), then
+// threads split the D columns, each summing the tile's queries in order.
+// Reads q, k, v, dy, lse, delta; writes out[1] (dk) and out[2] (dv) rows.
+{% else %}// here dq_i = sum_j dS_ij k_j: one block per query row `row` (= head * n + i,
+// grid-stride), the keys in tiles of blockDim.x, one key per thread (its dS
+// into shared memory), then threads split the D columns, each summing the
+// tile's keys in order. Reads q, k, v, dy, lse, delta; writes out[0] (dq) rows.
+{% endif %}// out is [3, rows, D]. Launch: min(rows, 8192) blocks of blockDim.x threads
+// (at most TSR_MAX_THREADS; the host device: one).
+
+// a[0..n) . b[at..at + n), in f32, in order.
+template <typename T>
+__device__ __forceinline__ float tsr_attn_dot(const float* a, const T* b, i64 at, i64 n) {
+    float s = 0.0f;
+    for (i64 c = 0; c < n; ++c) { s += a[c] * tsr_load(b, at + c); }
+    return s;
+}
+
+TSR_GLOBAL void {{ name }}({{ signature }}) {
+    const i64 D = {{ d }};
+    const i64 per = rows * D;  // elements of each of dq, dk, dv
+    __shared__ float ds[TSR_MAX_THREADS];
+{% if dkv %}    __shared__ float pt[TSR_MAX_THREADS];
+    __shared__ float krow[{{ d_alloc }}], vrow[{{ d_alloc }}], dk[{{ d_alloc }}], dv[{{ d_alloc }}];
+{% else %}    __shared__ float qrow[{{ d_alloc }}], dyrow[{{ d_alloc }}], dq[{{ d_alloc }}];
+{% endif %}{% if dropout %}    const u64 seed = rng->seed, step = rng->step;
+{% endif %}    for (i64 row = blockIdx.x; row < rows; row += gridDim.x) {
+        const i64 first = (row / n) * n;  // the head's first row
+{% if dkv %}        const i64 j = row - first;
+        for (i64 c = threadIdx.x; c < D; c += blockDim.x) {
+            krow[c] = tsr_load(k, row * D + c);
+            vrow[c] = tsr_load(v, row * D + c);
+            dk[c] = 0.0f;
+            dv[c] = 0.0f;
+        }
+        __syncthreads();
+        for (i64 i0 = 0; i0 < n; i0 += blockDim.x) {
+            const i64 qi = first + i0 + threadIdx.x;  // this thread's query row
+            if (i0 + threadIdx.x < n) {
+                const float pr = expf(tsr_attn_dot(krow, q, qi * D, D) * scale - lse[qi]);
+{% if dropout %}                const float f = tsr_drop_factor(seed, step, key, (u64)(qi * n + j), keep, drop_scale);
+{% else %}                const float f = 1.0f;
+{% endif %}                const float dp = tsr_attn_dot(vrow, dy, qi * D, D);
+                pt[threadIdx.x] = pr * f;
+                ds[threadIdx.x] = pr * (dp * f - delta[qi]) * scale;
+            }
+            __syncthreads();
+            const i64 tile = n - i0 < (i64)blockDim.x ? n - i0 : (i64)blockDim.x;
+            for (i64 c = threadIdx.x; c < D; c += blockDim.x) {
+                float a = dk[c], b = dv[c];
+                for (i64 t = 0; t < tile; ++t) {
+                    a += ds[t] * tsr_load(q, (first + i0 + t) * D + c);
+                    b += pt[t] * tsr_load(dy, (first + i0 + t) * D + c);
+                }
+                dk[c] = a;
+                dv[c] = b;
+            }
+            __syncthreads();
+        }
+        for (i64 c = threadIdx.x; c < D; c += blockDim.x) {
+            tsr_store(out, per + row * D + c, dk[c]);
+            tsr_store(out, 2 * per + row * D + c, dv[c]);
+        }
+{% else %}        for (i64 c = threadIdx.x; c < D; c += blockDim.x) {
+            qrow[c] = tsr_load(q, row * D + c);
+            dyrow[c] = tsr_load(dy, row * D + c);
+            dq[c] = 0.0f;
+        }
+        const float lse_i = lse[row], delta_i = delta[row];
+        __syncthreads();
+        for (i64 j0 = 0; j0 < n; j0 += blockDim.x) {
+            const i64 j = j0 + threadIdx.x;
+            if (j < n) {
+                const float pr = expf(tsr_attn_dot(qrow, k, (first + j) * D, D) * scale - lse_i);
+{% if dropout %}                const float f = tsr_drop_factor(seed, step, key, (u64)(row * n + j), keep, drop_scale);
+{% else %}                const float f = 1.0f;
+{% endif %}                const float dp = tsr_attn_dot(dyrow, v, (first + j) * D, D);
+                ds[threadIdx.x] = pr * (dp * f - delta_i) * scale;
+            }
+            __syncthreads();
+            const i64 tile = n - j0 < (i64)blockDim.x ? n - j0 : (i64)blockDim.x;
+            for (i64 c = threadIdx.x; c < D; c += blockDim.x) {
+                float a = dq[c];
+                for (i64 t = 0; t < tile; ++t) { a += ds[t] * tsr_load(k, (first + j0 + t) * D + c); }
+                dq[c] = a;
+            }
+            __syncthreads();
+        }
+        for (i64 c = threadIdx.x; c < D; c += blockDim.x) { tsr_store(out, row * D + c, dq[c]); }
+{% endif %}        __syncthreads();  // the next row overwrites the shared rows
+    }
+}
