@@ -22,7 +22,8 @@
 //!   squares, cross-entropy's mean): `partials`, one f32 per block of the
 //!   first pass, so the result is summed in a fixed order (no atomics);
 //! - batch statistics (batch_norm, batch_standardize and its gradient,
-//!   running_stat): `stats`, two f32 per channel.
+//!   running_stat): none (one block per channel computes the channel's
+//!   statistics and uses them in the same launch).
 
 use crate::memory::align;
 use crate::op::Op;
@@ -134,13 +135,11 @@ pub fn scratch(plan: &Plan, k: usize) -> Scratch {
             s.with("lse", rows * 4).with("delta", rows * 4)
         }
         Op::Reduce { .. } | Op::SumOfSquares | Op::CrossEntropy { .. } => s.with("partials", REDUCE_BLOCKS * 4),
-        Op::BatchNorm { .. } | Op::BatchStandardize { .. } | Op::BatchStandardizeGrad { .. } | Op::RunningStat { .. } => {
-            let c = match &kernel.op {
-                Op::RunningStat { .. } => shape(0)[0],
-                _ => shape(0).get(1).copied().unwrap_or(1),
-            };
-            s.with("stats", 2 * c * 4).with("partials", REDUCE_BLOCKS * 4 * 2)
-        }
+        // One block per channel computes its statistics and uses them in the same launch.
+        Op::BatchNorm { .. }
+        | Op::BatchStandardize { .. }
+        | Op::BatchStandardizeGrad { .. }
+        | Op::RunningStat { .. } => s,
         _ => s,
     }
 }
