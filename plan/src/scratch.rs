@@ -30,7 +30,8 @@
 //!   REDUCE_BLOCKS blocks; cross_entropy: one per block of rows,
 //!   min(N, REDUCE_BLOCKS);
 //! - batch statistics (batch_norm, batch_standardize and its gradient,
-//!   running_stat): `stats`, two f32 per channel.
+//!   running_stat): none (one block per channel computes the channel's
+//!   statistics and uses them in the same launch).
 
 use crate::memory::align;
 use crate::op::Op;
@@ -160,13 +161,11 @@ pub fn scratch(plan: &Plan, k: usize) -> Scratch {
             let rows = shape(0).first().copied().unwrap_or(1);
             s.with("partials", rows.clamp(1, REDUCE_BLOCKS) * 8)
         }
-        Op::BatchNorm { .. } | Op::BatchStandardize { .. } | Op::BatchStandardizeGrad { .. } | Op::RunningStat { .. } => {
-            let c = match &kernel.op {
-                Op::RunningStat { .. } => shape(0)[0],
-                _ => shape(0).get(1).copied().unwrap_or(1),
-            };
-            s.with("stats", 2 * c * 4).with("partials", REDUCE_BLOCKS * 4 * 2)
-        }
+        // One block per channel computes its statistics and uses them in the same launch.
+        Op::BatchNorm { .. }
+        | Op::BatchStandardize { .. }
+        | Op::BatchStandardizeGrad { .. }
+        | Op::RunningStat { .. } => s,
         _ => s,
     }
 }

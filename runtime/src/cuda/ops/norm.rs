@@ -1,8 +1,10 @@
 //! Normalisation on the GPU: row normalisation over the last axis
 //! (layer_norm, normalize, normalize_grad, and the prologue of
 //! layer_norm_linear) in `kernels/norm_rows.cu`, one block per row with
-//! f64 statistics as the CPU backend; batch statistics (batch_norm and its
-//! parts) per channel.
+//! f64 statistics as the CPU backend; batch statistics (batch_norm,
+//! batch_standardize and its gradient, running_stat) per channel in
+//! `kernels/batch_norm.cu`, one block per channel computing its statistics
+//! and using them in the same launch (so no scratch).
 
 use super::super::device::{Arg, Launch};
 use super::super::lower::{c_type, Lowering, Val};
@@ -10,6 +12,7 @@ use super::super::source::{param, KernelSource};
 use tessera_plan::Op;
 
 const ROWS: &str = include_str!("../kernels/norm_rows.cu");
+const BATCH: &str = include_str!("../kernels/batch_norm.cu");
 const THREADS: u32 = 256;
 
 fn rows_launch(rows: u64) -> Launch {
@@ -91,6 +94,87 @@ pub fn lower(l: &mut Lowering, k: usize, op: &Op) -> Result<(), String> {
             let [g, xv] = &x[..] else { return Err("normalize_grad takes (g, x)".into()) };
             normalize_grad(l, k, &out, g, xv, eps)
         }
+        Op::BatchNorm { eps, .. } => {
+            let [x, w, b, rm, rv] = &x[..] else {
+                return Err("batch_norm takes (x, w, b, running_mean, running_var)".into());
+            };
+            if !matches!(x.shape.len(), 2 | 4) {
+                return Err(format!("batch_norm's input must be [N, C] or [N, C, H, W], got {:?}", x.shape));
+            }
+            let mut c = tera::Context::new();
+            c.insert("training", &l.plan.training);
+            let channel = [(w, "w"), (b, "b"), (rm, "running_mean"), (rv, "running_var")];
+            batch_kernel(l, k, "batch_norm", c, &out, &[(x, "x")], &channel, ("eps", eps))
+        }
+        Op::BatchStandardize { eps } => {
+            let [x] = &x[..] else { return Err("batch_standardize takes (x)".into()) };
+            batch_kernel(l, k, "batch_standardize", tera::Context::new(), &out, &[(x, "x")], &[], ("eps", eps))
+        }
+        Op::BatchStandardizeGrad { eps } => {
+            let [g, xv] = &x[..] else { return Err("batch_standardize_grad takes (g, x)".into()) };
+            if g.shape != xv.shape {
+                return Err(format!("g {:?} and x {:?} must have one shape", g.shape, xv.shape));
+            }
+            let full = [(xv, "x"), (g, "g")];
+            batch_kernel(l, k, "batch_standardize_grad", tera::Context::new(), &out, &full, &[], ("eps", eps))
+        }
+        Op::RunningStat { momentum, unbiased_var } => {
+            let [running, xv] = &x[..] else { return Err("running_stat takes (running, x)".into()) };
+            let mut c = tera::Context::new();
+            c.insert("unbiased_var", &unbiased_var);
+            let channel = [(running, "running")];
+            batch_kernel(l, k, "running_stat", c, &out, &[(xv, "x")], &channel, ("momentum", momentum))
+        }
         ref other => Err(format!("{} is not implemented by the CUDA backend yet", other.name())),
     }
+}
+
+/// Per-channel batch statistics: one launch of `kernels/batch_norm.cu` for
+/// op `mode` (its name), with x (the first of `full`, which all have x's
+/// shape) viewed as [N, C, S]; every operand of `per_channel` must be [C].
+/// The result is x's shape, or [C] for running_stat.
+#[allow(clippy::too_many_arguments)]
+fn batch_kernel(
+    l: &mut Lowering,
+    k: usize,
+    mode: &str,
+    mut c: tera::Context,
+    out: &Val,
+    full: &[(&Val, &str)],
+    per_channel: &[(&Val, &str)],
+    (scalar, value): (&str, f64),
+) -> Result<(), String> {
+    let Some(&(x, _)) = full.first() else { return Err("batch statistics need an input".into()) };
+    let [n, ch, rest @ ..] = &x.shape[..] else {
+        return Err(format!("the input must be [N, C, ...], got {:?}", x.shape));
+    };
+    let (n, ch, s) = (*n, *ch, rest.iter().product::<u64>());
+    let want: &[u64] = if mode == "running_stat" { &[ch] } else { &x.shape };
+    if out.shape != want {
+        return Err(format!("the result is {:?}, expected {:?}", out.shape, want));
+    }
+    for (v, role) in per_channel {
+        if v.shape != [ch] {
+            return Err(format!("{role} must be [{ch}] for x {:?}, got {:?}", x.shape, v.shape));
+        }
+    }
+    let mut params = vec![param(&format!("{}*", c_type(out.dtype)?), "out")];
+    let mut args = vec![Arg::Ptr(out.ptr)];
+    for (v, role) in full.iter().chain(per_channel) {
+        params.push(param(&format!("const {}*", c_type(v.dtype)?), role));
+        args.push(Arg::Ptr(v.ptr));
+    }
+    params.extend([param("i64", "N"), param("i64", "C"), param("i64", "S"), param("double", scalar)]);
+    args.extend([Arg::I64(n as i64), Arg::I64(ch as i64), Arg::I64(s as i64), Arg::F64(value)]);
+    c.insert("mode", mode);
+    let src = KernelSource::render(mode, BATCH, c, params)?;
+    l.launch(k, src, batch_launch(ch, n * s), args);
+    Ok(())
+}
+
+/// One block per channel (grid-stride beyond 4096), with the smallest power
+/// of two of threads, from 32 to 256, that covers a channel's elements.
+fn batch_launch(channels: u64, per_channel: u64) -> Launch {
+    let threads = per_channel.next_power_of_two().clamp(32, THREADS as u64) as u32;
+    Launch::linear(channels.clamp(1, 4096) as u32, threads)
 }

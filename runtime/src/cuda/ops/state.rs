@@ -1,8 +1,120 @@
-//! (In progress.)
+//! Ops that compute new state: MoCo's queue (`kernels/queue.cu`).
+//! queue_push copies the old queue into its result (unless the memory plan
+//! placed the result over it) and writes the keys into the N columns from
+//! the pointer on; queue_advance moves the pointer. The pointer stays on the
+//! device: both kernels read it there, so a step never waits for it.
+//! Batch norm's running statistics (running_stat) are in `norm`.
+//!
+//! One rank only: with several ranks the keys of every rank are pushed,
+//! which needs the collectives this executor does not have yet.
 
-use super::super::lower::Lowering;
-use tessera_plan::Op;
+use super::super::device::{Arg, Launch};
+use super::super::lower::{c_type, Lowering, Val};
+use super::super::source::{param, KernelSource};
+use super::elementwise::grid_for;
+use tessera_plan::{DType, Op};
 
-pub fn lower(_l: &mut Lowering, _k: usize, op: &Op) -> Result<(), String> {
-    Err(format!("{} is not implemented by the CUDA backend yet", op.name()))
+const TEMPLATE: &str = include_str!("../kernels/queue.cu");
+
+pub fn lower(l: &mut Lowering, k: usize, op: &Op) -> Result<(), String> {
+    match *op {
+        Op::QueuePush { world } => {
+            single_rank(op, world)?;
+            push(l, k)
+        }
+        Op::QueueAdvance { world } => {
+            single_rank(op, world)?;
+            advance(l, k)
+        }
+        ref other => Err(format!("{} is not a queue op", other.name())),
+    }
+}
+
+fn single_rank(op: &Op, world: u64) -> Result<(), String> {
+    if world != 1 {
+        return Err(format!(
+            "{} over {world} ranks needs collectives over several ranks, which come later \
+             (this executor runs a single rank)",
+            op.name()
+        ));
+    }
+    Ok(())
+}
+
+/// `queue_push (queue [E, K], ptr [] i64, keys [N, E]) -> [E, K]`.
+fn push(l: &mut Lowering, k: usize) -> Result<(), String> {
+    let x = l.inputs(k)?;
+    let out = l.output(k)?;
+    let [queue, ptr, keys] = &x[..] else { return Err("queue_push takes (queue, ptr, keys)".into()) };
+    let (e, len, n) = queue_shapes(queue, ptr, keys)?;
+    if out.shape != queue.shape || out.dtype != queue.dtype {
+        return Err(format!("the result {:?} {} is not the queue's type", out.shape, out.dtype));
+    }
+    if n > len {
+        return Err(format!("{n} keys do not fit in a queue of length {len}"));
+    }
+    l.copy(k, out.ptr, queue.ptr, queue.bytes());
+    if n * e == 0 {
+        return Ok(());
+    }
+    let params = vec![
+        param(&format!("{}*", c_type(out.dtype)?), "out"),
+        param("const i64*", "ptr"),
+        param(&format!("const {}*", c_type(keys.dtype)?), "keys"),
+        param("i64", "E"),
+        param("i64", "K"),
+        param("i64", "N"),
+    ];
+    let args = vec![
+        Arg::Ptr(out.ptr),
+        Arg::Ptr(ptr.ptr),
+        Arg::Ptr(keys.ptr),
+        Arg::I64(e as i64),
+        Arg::I64(len as i64),
+        Arg::I64(n as i64),
+    ];
+    let mut c = tera::Context::new();
+    c.insert("advance", &false);
+    let src = KernelSource::render("queue_push", TEMPLATE, c, params)?;
+    l.launch(k, src, grid_for(n * e), args);
+    Ok(())
+}
+
+/// `queue_advance (ptr [] i64, keys [N, E], queue [E, K]) -> [] i64`.
+fn advance(l: &mut Lowering, k: usize) -> Result<(), String> {
+    let x = l.inputs(k)?;
+    let out = l.output(k)?;
+    let [ptr, keys, queue] = &x[..] else { return Err("queue_advance takes (ptr, keys, queue)".into()) };
+    let (_, len, n) = queue_shapes(queue, ptr, keys)?;
+    if !out.shape.is_empty() || out.dtype != DType::I64 {
+        return Err(format!("the result must be an i64 scalar [], got {:?} {}", out.shape, out.dtype));
+    }
+    if len == 0 {
+        return Err("the queue has length 0".into());
+    }
+    let params = vec![param("i64*", "out"), param("const i64*", "ptr"), param("i64", "n"), param("i64", "K")];
+    let args = vec![Arg::Ptr(out.ptr), Arg::Ptr(ptr.ptr), Arg::I64(n as i64), Arg::I64(len as i64)];
+    let mut c = tera::Context::new();
+    c.insert("advance", &true);
+    let src = KernelSource::render("queue_advance", TEMPLATE, c, params)?;
+    l.launch(k, src, Launch::linear(1, 1), args);
+    Ok(())
+}
+
+/// Checks queue [E, K], ptr [] i64 and keys [N, E]; returns (E, K, N).
+fn queue_shapes(queue: &Val, ptr: &Val, keys: &Val) -> Result<(u64, u64, u64), String> {
+    if !ptr.shape.is_empty() || ptr.dtype != DType::I64 {
+        return Err(format!("ptr must be an i64 scalar [], got {:?} {}", ptr.shape, ptr.dtype));
+    }
+    let ([e, len], [n, ke]) = (&queue.shape[..], &keys.shape[..]) else {
+        let (q, k) = (&queue.shape, &keys.shape);
+        return Err(format!("queue must be [dim, length] and keys [N, dim], got {q:?} and {k:?}"));
+    };
+    if ke != e {
+        return Err(format!("keys dim {ke} does not match queue dim {e}"));
+    }
+    if queue.dtype != keys.dtype {
+        return Err(format!("queue {} and keys {} differ in dtype", queue.dtype, keys.dtype));
+    }
+    Ok((*e, *len, *n))
 }

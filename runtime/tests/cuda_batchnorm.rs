@@ -1,0 +1,364 @@
+//! Batch statistics (batch_norm in training and eval, batch_standardize and
+//! its gradient, running_stat) and MoCo's queue (queue_push,
+//! queue_advance) on the CUDA host device against the CPU backend, in f32
+//! and in bf16 (operands cast to bf16 inside the graph), plus bitwise
+//! determinism of the host device. Needs the CUDA headers
+//! (scripts/setup-cuda-tools.sh).
+//!
+//! bf16 cases feed values that bf16 holds exactly, so both backends start
+//! from the same numbers; the CPU keeps bf16 values as unrounded f32, the
+//! CUDA backend rounds each result once, hence the tolerance 2^-8 (bf16's
+//! unit roundoff) relative to 1 + |y|.
+
+use std::collections::BTreeMap;
+use tessera_compiler::ir::{DType, Graph, Init, Op, Shape, TensorType, ValueId};
+use tessera_compiler::plan::Plan;
+use tessera_runtime::philox::Stream;
+use tessera_runtime::{Backend, Device, Executor, Tensor};
+
+const F32_TOL: f64 = 1e-5;
+const BF16_TOL: f64 = 1.0 / 256.0;
+
+fn shape(dims: &[usize]) -> Shape {
+    Shape::consts(&dims.iter().map(|&d| d as u64).collect::<Vec<_>>())
+}
+
+/// Uniform values in [lo, hi), from the Philox stream `key`; rounded to
+/// bf16 when `dtype` is bf16, so that a cast to bf16 is exact.
+fn values(dims: &[usize], key: u32, lo: f32, hi: f32, dtype: DType) -> Tensor {
+    let n: usize = dims.iter().product();
+    let s = Stream::new(11, 3, key);
+    let data = (0..n as u64)
+        .map(|i| {
+            let v = lo + (hi - lo) * s.uniform_at(i);
+            if dtype == DType::BF16 { half::bf16::from_f32(v).to_f32() } else { v }
+        })
+        .collect();
+    Tensor::f32(dims.to_vec(), data)
+}
+
+fn host() -> Backend {
+    Backend::open(&Device::CudaHost)
+        .unwrap_or_else(|e| panic!("the CUDA host device cannot open ({e}); run scripts/setup-cuda-tools.sh"))
+}
+
+/// Host-device executors are built one at a time: two threads compiling or
+/// loading the same kernel at once collide on the host device's temporary
+/// file names (the g++ directory and the loaded library are named by
+/// process and kernel, not by thread).
+static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn host_executor(plan: Plan) -> Result<Executor, tessera_runtime::RuntimeError> {
+    let _one_at_a_time = BUILD.lock().unwrap_or_else(|p| p.into_inner());
+    host().executor(plan, 7)
+}
+
+fn plan_of(g: &Graph, training: bool) -> Plan {
+    let mut plan = tessera_compiler::plan::lower(g, 1, training).unwrap_or_else(|e| panic!("{e}"));
+    plan.memory = Some(tessera_compiler::memory::plan_memory(&plan));
+    plan
+}
+
+/// The CPU and host-device executors of one plan, same seed.
+fn pair(plan: Plan) -> (Executor, Executor) {
+    let cpu = Backend::Cpu.executor(plan.clone(), 7).unwrap_or_else(|e| panic!("cpu: {e}"));
+    let gpu = host_executor(plan).unwrap_or_else(|e| panic!("cuda-host: {e}"));
+    (cpu, gpu)
+}
+
+fn run(e: &mut Executor, inputs: &[(&str, Tensor)], who: &str) -> BTreeMap<String, Tensor> {
+    e.run(inputs, None).unwrap_or_else(|err| panic!("{who}: {err}"))
+}
+
+#[track_caller]
+fn assert_close(what: &str, cpu: &Tensor, gpu: &Tensor, tol: f64) {
+    assert_eq!(cpu.shape, gpu.shape, "{what}: shapes");
+    match (cpu.as_f32(), gpu.as_f32()) {
+        (Some(a), Some(b)) => {
+            assert_eq!(a.len(), b.len(), "{what}: lengths");
+            for (i, (&x, &y)) in a.iter().zip(b).enumerate() {
+                let err = (x as f64 - y as f64).abs() / (1.0 + (x as f64).abs());
+                let both_nan = x.is_nan() && y.is_nan();
+                assert!(both_nan || err <= tol, "{what}[{i}]: cpu {x} vs cuda {y} (rel {err:.2e} > {tol:.0e})");
+            }
+        }
+        _ => assert_eq!(cpu.as_i64(), gpu.as_i64(), "{what}"),
+    }
+}
+
+/// Graph inputs named `names`, f32, cast to `dtype` when it is bf16.
+fn inputs_as(g: &mut Graph, names: &[&str], dims: &[&[usize]], dtype: DType) -> Vec<ValueId> {
+    names
+        .iter()
+        .zip(dims)
+        .map(|(n, d)| {
+            let v = g.add_input(n, shape(d), DType::F32).unwrap();
+            if dtype == DType::BF16 { g.add_op(Op::Cast { dtype }, &[v], "").unwrap() } else { v }
+        })
+        .collect()
+}
+
+/// `op` over inputs x0, x1, ... (values from `ranges`), run on both
+/// backends; returns the CPU's and the host device's `y`.
+fn op_on_both(op: Op, dims: &[&[usize]], ranges: &[(f32, f32)], dtype: DType, training: bool) -> (Tensor, Tensor) {
+    let names: Vec<String> = (0..dims.len()).map(|i| format!("x{i}")).collect();
+    let refs: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
+    let mut g = Graph::new();
+    let ids = inputs_as(&mut g, &refs, dims, dtype);
+    let y = g.add_op(op, &ids, "test").unwrap_or_else(|e| panic!("{e}"));
+    g.set_output("y", y);
+    let feed: Vec<(&str, Tensor)> = (0..dims.len())
+        .map(|i| (refs[i], values(dims[i], i as u32 + 1, ranges[i].0, ranges[i].1, dtype)))
+        .collect();
+    let (mut cpu, mut gpu) = pair(plan_of(&g, training));
+    let (a, b) = (run(&mut cpu, &feed, "cpu"), run(&mut gpu, &feed, "cuda-host"));
+    (a["y"].clone(), b["y"].clone())
+}
+
+fn tol(dtype: DType) -> f64 {
+    if dtype == DType::BF16 { BF16_TOL } else { F32_TOL }
+}
+
+#[test]
+fn batch_norm_matches_the_cpu_in_training_and_eval() {
+    for dims in [&[6usize, 5][..], &[3, 4, 5, 7], &[40, 3]] {
+        let c = dims[1];
+        let all: [&[usize]; 5] = [dims, &[c], &[c], &[c], &[c]];
+        // x off centre, so that the mean matters; a positive running variance.
+        let ranges = [(-0.5, 2.0), (0.5, 1.5), (-1.0, 1.0), (-0.5, 0.5), (0.25, 2.0)];
+        for dtype in [DType::F32, DType::BF16] {
+            for training in [true, false] {
+                let op = Op::BatchNorm { eps: 1e-5, momentum: 0.1 };
+                let (a, b) = op_on_both(op, &all, &ranges, dtype, training);
+                let what = format!("batch_norm {dims:?} {dtype} training={training}");
+                assert_close(&what, &a, &b, tol(dtype));
+                // Standardised per channel in training: the result is not x.
+                assert!(a.as_f32().unwrap().iter().any(|v| v.abs() > 0.1), "{what}: a trivial result");
+            }
+        }
+    }
+}
+
+#[test]
+fn batch_standardize_and_its_gradient_match_the_cpu() {
+    for dims in [&[8usize, 3][..], &[2, 3, 4, 5], &[1, 6, 3, 3]] {
+        for dtype in [DType::F32, DType::BF16] {
+            let (a, b) = op_on_both(Op::BatchStandardize { eps: 1e-5 }, &[dims], &[(0.0, 3.0)], dtype, true);
+            assert_close(&format!("batch_standardize {dims:?} {dtype}"), &a, &b, tol(dtype));
+            let ranges = [(-1.0, 1.0), (-2.0, 1.0)];
+            let (a, b) = op_on_both(Op::BatchStandardizeGrad { eps: 1e-5 }, &[dims, dims], &ranges, dtype, true);
+            assert_close(&format!("batch_standardize_grad {dims:?} {dtype}"), &a, &b, tol(dtype));
+        }
+    }
+}
+
+#[test]
+fn running_stat_matches_the_cpu() {
+    // [1, 3]: one element per channel, where the unbiased variance is NaN.
+    for dims in [&[5usize, 4][..], &[2, 3, 4, 4], &[1, 3]] {
+        let c = dims[1];
+        for dtype in [DType::F32, DType::BF16] {
+            for unbiased_var in [false, true] {
+                let op = Op::RunningStat { momentum: 0.1, unbiased_var };
+                let (a, b) = op_on_both(op, &[&[c], dims], &[(0.0, 1.0), (-1.0, 3.0)], dtype, true);
+                let what = format!("running_stat {dims:?} {dtype} unbiased_var={unbiased_var}");
+                assert_close(&what, &a, &b, tol(dtype));
+                let nan = a.as_f32().unwrap().iter().any(|v| v.is_nan());
+                assert_eq!(nan, unbiased_var && dims[0] == 1, "{what}: NaN where PyTorch gives NaN");
+            }
+        }
+    }
+}
+
+/// batch_norm with running statistics as buffers updated by running_stat
+/// (what the training step makes), over three steps: outputs and buffers.
+#[test]
+fn batch_norm_with_running_statistics_over_steps_matches_the_cpu() {
+    for (dims, dtype) in [(&[6usize, 4, 3, 2][..], DType::F32), (&[10, 8][..], DType::BF16)] {
+        let c = dims[1];
+        let mut g = Graph::new();
+        let ty = TensorType::new(shape(&[c]), dtype);
+        let w = g.add_param("bn.weight", ty.clone(), Init::Normal { std: 1.0 }, true, "bn").unwrap();
+        let b = g.add_param("bn.bias", ty.clone(), Init::Normal { std: 1.0 }, true, "bn").unwrap();
+        let rm = g.add_buffer("bn.running_mean", ty.clone(), Init::Zeros, "bn").unwrap();
+        let rv = g.add_buffer("bn.running_var", ty, Init::Ones, "bn").unwrap();
+        let x = inputs_as(&mut g, &["x"], &[dims], dtype)[0];
+        let y = g.add_op(Op::BatchNorm { eps: 1e-5, momentum: 0.1 }, &[x, w, b, rm, rv], "bn").unwrap();
+        let new_mean = g.add_op(Op::RunningStat { momentum: 0.1, unbiased_var: false }, &[rm, x], "bn").unwrap();
+        let new_var = g.add_op(Op::RunningStat { momentum: 0.1, unbiased_var: true }, &[rv, x], "bn").unwrap();
+        g.set_output("y", y);
+        g.add_state_update("bn.running_mean", new_mean);
+        g.add_state_update("bn.running_var", new_var);
+        let (mut cpu, mut gpu) = pair(plan_of(&g, true));
+        // The CPU keeps bf16 state unrounded: both start from values bf16 holds.
+        for (i, name) in ["bn.weight", "bn.bias"].into_iter().enumerate() {
+            let t = values(&[c], 30 + i as u32, -1.0, 1.5, dtype);
+            cpu.write_state(name, t.clone()).unwrap();
+            gpu.write_state(name, t).unwrap();
+        }
+        for step in 0..3u32 {
+            let feed = [("x", values(dims, 20 + step, -1.0, 2.0, dtype))];
+            let (a, b) = (run(&mut cpu, &feed, "cpu"), run(&mut gpu, &feed, "cuda-host"));
+            assert_close(&format!("y at step {step}"), &a["y"], &b["y"], tol(dtype));
+            for name in ["bn.running_mean", "bn.running_var"] {
+                let (sa, sb) = (cpu.read_state(name).unwrap().unwrap(), gpu.read_state(name).unwrap().unwrap());
+                assert_close(&format!("{name} after step {step}"), &sa, &sb, tol(dtype));
+            }
+        }
+        // The buffers moved from their initial zeros and ones.
+        let mean = cpu.read_state("bn.running_mean").unwrap().unwrap();
+        assert!(mean.as_f32().unwrap().iter().all(|&v| v != 0.0), "running mean not updated");
+    }
+}
+
+/// MoCo's queue over steps: push N keys at the device-side pointer, then
+/// advance it; K = 10 and N = 4 wrap around at steps 2 and 4.
+#[test]
+fn queue_push_and_advance_match_the_cpu_with_wrap_around() {
+    let (e, len, n) = (3usize, 10usize, 4usize);
+    for dtype in [DType::F32, DType::BF16] {
+        let mut g = Graph::new();
+        // The CPU keeps bf16 state unrounded: a bf16 queue starts from a value bf16 holds.
+        let init = if dtype == DType::BF16 { Init::Constant(0.375) } else { Init::Normal { std: 1.0 } };
+        let queue = g.add_buffer("queue", TensorType::new(shape(&[e, len]), dtype), init, "").unwrap();
+        let ptr = g.add_buffer("queue_ptr", TensorType::new(shape(&[]), DType::I64), Init::Zeros, "").unwrap();
+        let keys = inputs_as(&mut g, &["keys"], &[&[n, e]], dtype)[0];
+        let pushed = g.add_op(Op::QueuePush { world: 1 }, &[queue, ptr, keys], "").unwrap();
+        let next = g.add_op(Op::QueueAdvance { world: 1 }, &[ptr, keys, queue], "").unwrap();
+        g.set_output("queue", pushed);
+        g.set_output("ptr", next);
+        g.add_state_update("queue", pushed);
+        g.add_state_update("queue_ptr", next);
+        let (mut cpu, mut gpu) = pair(plan_of(&g, true));
+        let mut at = 0usize;
+        for step in 0..5u32 {
+            let k = values(&[n, e], 40 + step, -1.0, 1.0, dtype);
+            let feed = [("keys", k.clone())];
+            let (a, b) = (run(&mut cpu, &feed, "cpu"), run(&mut gpu, &feed, "cuda-host"));
+            let what = format!("{dtype} step {step}");
+            assert_close(&format!("queue, {what}"), &a["queue"], &b["queue"], 0.0);
+            assert_close(&format!("ptr, {what}"), &a["ptr"], &b["ptr"], 0.0);
+            for name in ["queue", "queue_ptr"] {
+                let (sa, sb) = (cpu.read_state(name).unwrap().unwrap(), gpu.read_state(name).unwrap().unwrap());
+                assert_close(&format!("state {name}, {what}"), &sa, &sb, 0.0);
+            }
+            // Key i sits in column (at + i) mod K of the pushed queue.
+            let (q, kd) = (b["queue"].as_f32().unwrap(), k.as_f32().unwrap());
+            for i in 0..n {
+                for d in 0..e {
+                    assert_eq!(q[d * len + (at + i) % len], kd[i * e + d], "{what}: key {i}, dim {d}");
+                }
+            }
+            at = (at + n) % len;
+            assert_eq!(b["ptr"].as_i64().unwrap(), &[at as i64], "{what}");
+        }
+    }
+}
+
+#[test]
+fn queue_ops_over_several_ranks_are_an_error() {
+    let mut g = Graph::new();
+    let queue = g.add_input("queue", shape(&[3, 8]), DType::F32).unwrap();
+    let ptr = g.add_input("ptr", shape(&[]), DType::I64).unwrap();
+    let keys = g.add_input("keys", shape(&[2, 3]), DType::F32).unwrap();
+    let pushed = g.add_op(Op::QueuePush { world: 2 }, &[queue, ptr, keys], "").unwrap();
+    g.set_output("queue", pushed);
+    let Err(e) = host_executor(plan_of(&g, true)) else { panic!("queue_push over 2 ranks ran") };
+    assert!(e.to_string().contains("2 ranks"), "{e}");
+    let mut g = Graph::new();
+    let queue = g.add_input("queue", shape(&[3, 8]), DType::F32).unwrap();
+    let ptr = g.add_input("ptr", shape(&[]), DType::I64).unwrap();
+    let keys = g.add_input("keys", shape(&[2, 3]), DType::F32).unwrap();
+    let next = g.add_op(Op::QueueAdvance { world: 2 }, &[ptr, keys, queue], "").unwrap();
+    g.set_output("ptr", next);
+    let Err(e) = host_executor(plan_of(&g, true)) else { panic!("queue_advance over 2 ranks ran") };
+    assert!(e.to_string().contains("2 ranks"), "{e}");
+}
+
+/// The same plan twice on the host device (two executors, and one executor
+/// stepping twice from the same state): bitwise equal results.
+#[test]
+fn batch_statistics_are_bitwise_deterministic() {
+    let dims = [24usize, 70, 3, 5];
+    let c = dims[1];
+    let mut g = Graph::new();
+    let ids = inputs_as(&mut g, &["x", "g", "w", "b", "rm", "rv"], &[&dims, &dims, &[c], &[c], &[c], &[c]], DType::F32);
+    let (x, gr) = (ids[0], ids[1]);
+    let bn = g.add_op(Op::BatchNorm { eps: 1e-5, momentum: 0.1 }, &[x, ids[2], ids[3], ids[4], ids[5]], "").unwrap();
+    let st = g.add_op(Op::BatchStandardize { eps: 1e-5 }, &[x], "").unwrap();
+    let dx = g.add_op(Op::BatchStandardizeGrad { eps: 1e-5 }, &[gr, x], "").unwrap();
+    let rs = g.add_op(Op::RunningStat { momentum: 0.1, unbiased_var: true }, &[ids[5], x], "").unwrap();
+    for (name, v) in [("bn", bn), ("st", st), ("dx", dx), ("rs", rs)] {
+        g.set_output(name, v);
+    }
+    let ranges = [(-1.0, 3.0), (-1.0, 1.0), (0.5, 1.5), (-1.0, 1.0), (-0.5, 0.5), (0.5, 2.0)];
+    let names = ["x", "g", "w", "b", "rm", "rv"];
+    let all_dims: [&[usize]; 6] = [&dims, &dims, &[c], &[c], &[c], &[c]];
+    let feed: Vec<(&str, Tensor)> =
+        (0..6).map(|i| (names[i], values(all_dims[i], 60 + i as u32, ranges[i].0, ranges[i].1, DType::F32))).collect();
+    let plan = plan_of(&g, true);
+    let mut first = host_executor(plan.clone()).unwrap();
+    let mut second = host_executor(plan).unwrap();
+    let a = run(&mut first, &feed, "first");
+    let b = run(&mut second, &feed, "second");
+    let again = run(&mut first, &feed, "first, again");
+    let bits = |t: &Tensor| t.as_f32().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
+    for name in ["bn", "st", "dx", "rs"] {
+        assert_eq!(bits(&a[name]), bits(&b[name]), "{name}: two executors differ");
+        assert_eq!(bits(&a[name]), bits(&again[name]), "{name}: two steps differ");
+    }
+}
+
+/// Every kernel these ops render (f32 and bf16, training and eval) compiles
+/// with NVRTC for sm_90, as a GPU would load it (no GPU needed).
+#[test]
+fn the_kernels_compile_with_nvrtc_for_sm_90() {
+    use tessera_runtime::cuda::device::{DevPtr, Target};
+    use tessera_runtime::cuda::{arena, lower::Lowering, nvrtc};
+    let families = ["batch_norm_", "batch_standardize_", "batch_standardize_grad_", "running_stat_", "queue_"];
+    let mut compiled = std::collections::BTreeSet::new();
+    for dtype in [DType::F32, DType::BF16] {
+        for training in [true, false] {
+            let (dims, c) = ([4usize, 6, 3, 3], 6usize);
+            let mut g = Graph::new();
+            let names = ["x", "g", "w", "b", "rm", "rv", "queue", "keys"];
+            let all: [&[usize]; 8] = [&dims, &dims, &[c], &[c], &[c], &[c], &[5, 16], &[4, 5]];
+            let v = inputs_as(&mut g, &names, &all, dtype);
+            let ptr = g.add_input("ptr", shape(&[]), DType::I64).unwrap();
+            let ops = [
+                (Op::BatchNorm { eps: 1e-5, momentum: 0.1 }, vec![v[0], v[2], v[3], v[4], v[5]]),
+                (Op::BatchStandardize { eps: 1e-5 }, vec![v[0]]),
+                (Op::BatchStandardizeGrad { eps: 1e-5 }, vec![v[1], v[0]]),
+                (Op::RunningStat { momentum: 0.1, unbiased_var: false }, vec![v[4], v[0]]),
+                (Op::RunningStat { momentum: 0.1, unbiased_var: true }, vec![v[5], v[0]]),
+                (Op::QueuePush { world: 1 }, vec![v[6], ptr, v[7]]),
+                (Op::QueueAdvance { world: 1 }, vec![ptr, v[7], v[6]]),
+            ];
+            for (i, (op, xs)) in ops.into_iter().enumerate() {
+                let y = g.add_op(op, &xs, "").unwrap();
+                g.set_output(&format!("y{i}"), y);
+            }
+            let plan = plan_of(&g, training);
+            let memory = plan.memory.clone().unwrap();
+            let slots: Vec<(usize, DevPtr)> = arena::inline_constants(&plan, &memory)
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| (v, DevPtr(0x1000 + 8 * i as u64)))
+                .collect();
+            let base = DevPtr(1 << 32);
+            let addr = arena::addresses(&plan, &memory, base, &slots);
+            let mut l = Lowering::new(&plan, &memory, &addr, base, DevPtr(0x1000));
+            l.lower_all().unwrap_or_else(|e| panic!("lowering: {e}"));
+            for s in l.sources.iter().filter(|s| families.iter().any(|f| s.name.starts_with(f))) {
+                if compiled.insert(s.name.clone()) {
+                    let unit = s.unit(&Target::Nvrtc { sm: 90 });
+                    let out = nvrtc::compile(&unit, &s.name, "sm_90").unwrap_or_else(|e| panic!("{e}"));
+                    assert!(!out.cubin.is_empty(), "{}: no CUBIN", s.name);
+                }
+            }
+        }
+    }
+    // batch_norm (training, eval) x 2 dtypes, standardize, grad and
+    // running_stat (biased, unbiased) x 2, queue push and advance x 2 (advance shared).
+    assert!(compiled.len() >= 15, "only {} kernels: {compiled:?}", compiled.len());
+}
