@@ -398,7 +398,8 @@ pub fn multi_tensor(l: &mut Lowering, k: usize, op: &Op) -> Result<(), String> {
     let total: u64 = numels.iter().sum();
     // Operand slot j: its dtype, the same in every set; read at i or at 0.
     let slot_types: Vec<DType> = (0..arity).map(|j| sets[0][j].dtype).collect();
-    let packed = l.output(k)?;
+    // The packed result is stored nowhere (its parts are): its dtype only.
+    let packed_dtype = l.plan.values[l.plan.kernels[k].output].dtype;
     for (s, set) in sets.iter().enumerate() {
         for (j, v) in set.iter().enumerate() {
             if v.dtype != slot_types[j] {
@@ -419,7 +420,7 @@ pub fn multi_tensor(l: &mut Lowering, k: usize, op: &Op) -> Result<(), String> {
         }
         lines.push(format!("        if (out{r}) {{ tsr_store(out{r}, i, r{reg}); }}"));
     }
-    let out_ty = c_type(packed.dtype)?;
+    let out_ty = c_type(packed_dtype)?;
     let mut offset = 0u64;
     for (chunk_index, chunk) in sets.chunks(SETS_PER_LAUNCH).enumerate() {
         let first = chunk_index * SETS_PER_LAUNCH;
