@@ -2,8 +2,10 @@
 # The test command of the README: installs what the tests need, builds, and
 # runs every test.
 #
-# Besides a Rust toolchain (cargo) it needs python3 with pip, gcc and access
-# to PyPI on the first run: scripts/setup-libtorch.sh installs libtorch 2.13.0
+# Besides a Rust toolchain (cargo) it needs python3 with pip, gcc/g++ and access
+# to PyPI on the first run: scripts/setup-cuda-tools.sh installs NVRTC, the
+# CUDA headers and ptxas of CUDA 13.0 (the CUDA backend's kernels are
+# compiled and run on the CPU in its tests); scripts/setup-libtorch.sh installs libtorch 2.13.0
 # (a ~530 MB download, ~550 MB under ${TESSERA_CACHE:-~/.cache/tessera}, once;
 # later runs reuse it) as the numerical oracle of the parity tests, which are
 # built with `--features torch-oracle`. If libtorch cannot be installed this
@@ -27,6 +29,15 @@ libtorch_env="$(./scripts/setup-libtorch.sh)" || {
     echo "test.sh: libtorch setup failed (see above); the torch-oracle parity tests cannot run" >&2
     exit 1
 }
+
+# The CUDA tools (NVRTC, the CUDA headers, ptxas; ~360 MB from PyPI, once):
+# the CUDA backend's tests compile every kernel with them and run the CUDA
+# executor on the host device. No GPU is needed.
+cuda_env="$(./scripts/setup-cuda-tools.sh)" || {
+    echo "test.sh: the CUDA tools could not be installed (see above); the CUDA backend's tests cannot run" >&2
+    exit 1
+}
+eval "$cuda_env"
 
 # The default build and tests: no libtorch involved. A failure here still lets
 # the parity tests below run (and report); the script fails at the end.

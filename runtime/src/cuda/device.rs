@@ -147,7 +147,11 @@ pub trait DeviceApi: Send + Sync {
     fn upload(&self, dst: DevPtr, src: &[u8]) -> DResult<()>;
     fn download(&self, src: DevPtr, dst: &mut [u8]) -> DResult<()>;
     fn copy(&self, dst: DevPtr, src: DevPtr, bytes: u64) -> DResult<()>;
-    fn zero(&self, dst: DevPtr, bytes: u64) -> DResult<()>;
+    fn zero(&self, dst: DevPtr, bytes: u64) -> DResult<()> {
+        self.fill(dst, 0, bytes)
+    }
+    /// Sets `bytes` bytes at `dst` to `byte`.
+    fn fill(&self, dst: DevPtr, byte: u8, bytes: u64) -> DResult<()>;
     /// Host memory for `upload_async` (page-locked on a GPU).
     fn alloc_host(&self, bytes: usize) -> DResult<HostBuf>;
     /// # Safety

@@ -176,9 +176,9 @@ impl DeviceApi for GpuDevice {
             .map_err(|e| err("cuMemcpyDtoDAsync", e))
     }
 
-    fn zero(&self, dst: DevPtr, bytes: u64) -> DResult<()> {
+    fn fill(&self, dst: DevPtr, byte: u8, bytes: u64) -> DResult<()> {
         self.current()?;
-        unsafe { drv::memset_d8_async(dst.0, 0, bytes as usize, self.stream) }.map_err(|e| err("cuMemsetD8Async", e))
+        unsafe { drv::memset_d8_async(dst.0, byte, bytes as usize, self.stream) }.map_err(|e| err("cuMemsetD8Async", e))
     }
 
     fn alloc_host(&self, bytes: usize) -> DResult<HostBuf> {

@@ -49,6 +49,11 @@ pub struct CudaExecutor {
     inputs_base: DevPtr,
     inputs_bytes: u64,
     staging: Vec<HostBuf>,
+    /// The arena and workspace (offset, bytes in the allocation), filled with
+    /// NaN bytes before every step under TESSERA_POOL_POISON=1 (the test
+    /// script sets it), so a kernel that leaves an element unwritten fails
+    /// the numeric tests instead of passing on stale data.
+    poison: Option<(DevPtr, u64)>,
     poisoned: Option<String>,
 }
 
@@ -118,6 +123,8 @@ impl CudaExecutor {
             inputs_base: base.add(layout.inputs),
             inputs_bytes: memory.parts.inputs,
             staging: Vec::new(),
+            poison: (std::env::var("TESSERA_POOL_POISON").as_deref() == Ok("1"))
+                .then(|| (base.add(layout.arena), layout.total - layout.arena)),
             poisoned: None,
         };
         for _ in 0..2 {
@@ -333,6 +340,9 @@ impl CudaExecutor {
         let rng: Vec<u8> = [self.seed, self.step].iter().flat_map(|x| x.to_ne_bytes()).collect();
         bytes[n..n + 16].copy_from_slice(&rng);
         let device = self.backend.device();
+        if let Some((at, bytes)) = self.poison {
+            device.fill(at, 0xff, bytes).map_err(dev)?;
+        }
         let uploaded = device
             .upload_async(self.inputs_base, buf, 0, n)
             .and_then(|_| device.upload_async(self.rng, buf, n, 16));

@@ -121,10 +121,10 @@ impl DeviceApi for HostDevice {
         Ok(())
     }
 
-    fn zero(&self, dst: DevPtr, bytes: u64) -> DResult<()> {
-        self.check_range(dst, bytes, "zero")?;
+    fn fill(&self, dst: DevPtr, byte: u8, bytes: u64) -> DResult<()> {
+        self.check_range(dst, bytes, "fill")?;
         // SAFETY: checked to lie in one allocation.
-        unsafe { std::ptr::write_bytes(dst.0 as *mut u8, 0, bytes as usize) };
+        unsafe { std::ptr::write_bytes(dst.0 as *mut u8, byte, bytes as usize) };
         Ok(())
     }
 
