@@ -3,13 +3,14 @@
 //! GEMMs on cuBLASLt's descriptors): every op family on small shapes, in
 //! f32 (within 1e-5 relative) and bf16 (within 2^-7 relative, one bf16
 //! rounding, against the CPU's f32 result). Needs the CUDA headers
-//! (scripts/setup-cuda-tools.sh, which scripts/test.sh runs).
+//! (scripts/setup-cuda-tools.sh, which scripts/test.sh runs). With
+//! TESSERA_CUDA_TEST_DEVICE=gpu, GPU 0 instead of the host device.
 
 use std::collections::BTreeMap;
 use tessera_compiler::ir::fused::Instr;
 use tessera_compiler::ir::{BinaryOp, DType, Dim, Graph, Init, Op, ReduceOp, Shape, TensorType, UnaryOp};
 use tessera_runtime::philox::Stream;
-use tessera_runtime::{Backend, Device, Tensor};
+use tessera_runtime::{Backend, Tensor};
 
 fn consts(dims: &[u64]) -> Shape {
     Shape::consts(dims)
@@ -22,7 +23,7 @@ fn rand(shape: &[usize], seed: u32) -> Tensor {
 }
 
 fn host() -> Backend {
-    Backend::open(&Device::CudaHost).unwrap_or_else(|e| {
+    crate::open_cuda().unwrap_or_else(|e| {
         panic!("the CUDA host device cannot open ({e}); run scripts/setup-cuda-tools.sh")
     })
 }

@@ -17,14 +17,7 @@ use tessera_compiler::ir::DType;
 use tessera_compiler::pipeline::training_plan_for;
 use tessera_compiler::plan::{Plan, Source, Target};
 use tessera_runtime::philox::Stream;
-use tessera_runtime::{Backend, Device, Executor, Tensor};
-
-fn device() -> Device {
-    match std::env::var("TESSERA_CUDA_TEST_DEVICE").as_deref() {
-        Ok("gpu") => Device::Cuda { ordinal: 0 },
-        _ => Device::CudaHost,
-    }
-}
+use tessera_runtime::{Backend, Executor, Tensor};
 
 /// The inputs of step `step` for `plan`: images uniform in [-1, 1], class
 /// targets below the model's output width, soft targets that sum to 1,
@@ -140,7 +133,7 @@ fn compare(name: &str, overrides: &[&str], batch: u64) -> [(f64, String); 3] {
     let prog = Program::load(&[]).unwrap();
     let (plan, _) = training_plan_for(&prog, cfg.tree(), batch, Target::Cuda).unwrap_or_else(|e| panic!("{name}: {e}"));
     let mut cpu = Backend::Cpu.executor(plan.clone(), 3).unwrap();
-    let gpu_backend = Backend::open(&device()).unwrap_or_else(|e| panic!("{e}"));
+    let gpu_backend = crate::open_cuda().unwrap_or_else(|e| panic!("{e}"));
     let mut gpu = gpu_backend.executor(plan.clone(), 3).unwrap_or_else(|e| panic!("{name}: {e}"));
     let steps = 3;
     let a = train(&mut cpu, &plan, steps);

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use tessera_compiler::ir::{DType, Graph, Init, Op, Shape, TensorType, ValueId};
 use tessera_compiler::plan::Plan;
 use tessera_runtime::philox::Stream;
-use tessera_runtime::{Backend, Device, Executor, Tensor};
+use tessera_runtime::{Backend, Executor, Tensor};
 
 const F32_TOL: f64 = 1e-5;
 const BF16_TOL: f64 = 1.0 / 256.0;
@@ -38,7 +38,7 @@ fn values(dims: &[usize], key: u32, lo: f32, hi: f32, dtype: DType) -> Tensor {
 }
 
 fn host() -> Backend {
-    Backend::open(&Device::CudaHost)
+    crate::open_cuda()
         .unwrap_or_else(|e| panic!("the CUDA host device cannot open ({e}); run scripts/setup-cuda-tools.sh"))
 }
 

@@ -13,7 +13,7 @@ use tessera_runtime::cuda::device::{DevPtr, Target};
 use tessera_runtime::cuda::lower::Lowering;
 use tessera_runtime::cuda::nvrtc;
 use tessera_runtime::philox::Stream;
-use tessera_runtime::{Backend, Device, Executor, Tensor};
+use tessera_runtime::{Backend, Executor, Tensor};
 
 fn rand(shape: &[usize], seed: u32) -> Tensor {
     let n: usize = shape.iter().product();
@@ -22,7 +22,7 @@ fn rand(shape: &[usize], seed: u32) -> Tensor {
 }
 
 fn host() -> Backend {
-    Backend::open(&Device::CudaHost)
+    crate::open_cuda()
         .unwrap_or_else(|e| panic!("the CUDA host device cannot open ({e}); run scripts/setup-cuda-tools.sh"))
 }
 

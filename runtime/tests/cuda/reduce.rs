@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use tessera_compiler::ir::{DType, Graph, Op, ReduceOp, Shape};
 use tessera_compiler::plan::Plan;
 use tessera_runtime::philox::Stream;
-use tessera_runtime::{Backend, Device, Tensor};
+use tessera_runtime::{Backend, Tensor};
 
 fn rand(shape: &[usize], seed: u32) -> Tensor {
     let n: usize = shape.iter().product();
@@ -35,7 +35,7 @@ fn with(mut t: Tensor, set: &[(usize, f32)]) -> Tensor {
 }
 
 fn host() -> Backend {
-    Backend::open(&Device::CudaHost).unwrap_or_else(|e| {
+    crate::open_cuda().unwrap_or_else(|e| {
         panic!("the CUDA host device cannot open ({e}); run scripts/setup-cuda-tools.sh")
     })
 }
