@@ -10,6 +10,7 @@ use tessera_compiler::elaborate::Program;
 use tessera_compiler::summary::summarize;
 use tessera_runtime::weights::WeightsFormat;
 
+mod bench;
 mod infer;
 mod memory_report;
 mod train;
@@ -156,6 +157,27 @@ enum Command {
         /// version or target.
         #[arg(long, value_name = "FILE_OR_DIR")]
         plan: Option<PathBuf>,
+    },
+    /// Time a config's training step on a device with random inputs: the
+    /// median step time, images per second, the planned peak memory and
+    /// (on a GPU) the device memory the executor took.
+    Bench {
+        #[arg(required = true, value_name = "config=NAME [OVERRIDES]")]
+        args: Vec<String>,
+        /// cpu, gpu (GPU 0), cuda:N or cuda-host.
+        #[arg(long, default_value = "gpu")]
+        device: String,
+        /// Batch size per replica (default: DATA.TRAIN.BATCHSIZE_PER_REPLICA).
+        #[arg(long)]
+        batch: Option<u64>,
+        /// Timed steps.
+        #[arg(long, default_value_t = 20)]
+        steps: u64,
+        /// Untimed steps first (kernel compilation, caches).
+        #[arg(long, default_value_t = 3)]
+        warmup: u64,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
     },
     /// Datasets.
     Data {
@@ -543,6 +565,11 @@ fn run(cli: Cli) -> Result<()> {
                 .map(|d| tessera_runtime::Device::parse(&d).map_err(|e| anyhow::anyhow!("--device: {e}")))
                 .transpose()?;
             train::run(train::TrainArgs { name, overrides, models, max_steps, quiet, device, plan })
+        }
+        Command::Bench { args, device, batch, steps, warmup, format } => {
+            let (name, overrides) = split_args(&args)?;
+            let device = tessera_runtime::Device::parse(&device).map_err(|e| anyhow::anyhow!("--device: {e}"))?;
+            bench::run(bench::BenchArgs { name, overrides, device, batch, steps, warmup, json: format == Format::Json })
         }
         Command::Data {
             command: DataCommand::Synth { out, image_size, classes, train_per_class, val_per_class, seed },

@@ -109,7 +109,7 @@ fn compare_model(config_name: &str, overrides: &[&str], targets: Targets, pertur
         }
     };
     let out = ex
-        .run(&[("data", Tensor::f32(vec![BATCH, 3, img, img], data)), ("target", target)])
+        .run(&[("data", Tensor::f32(vec![BATCH, 3, img, img], data.clone())), ("target", target.clone())])
         .unwrap_or_else(|e| panic!("{config_name}: {e}"));
 
     // The same weights in libtorch, trainable ones with requires_grad.
@@ -125,6 +125,12 @@ fn compare_model(config_name: &str, overrides: &[&str], targets: Targets, pertur
     let loss = models::loss(&spec, &logits, &target_t);
     loss.backward();
 
+    if let (Ok(dir), Targets::Hard) = (std::env::var("TESSERA_FIXTURES_OUT"), targets) {
+        let slug = format!("{config_name}{}{}", overrides.join(" "), if perturbation > 0.0 { " perturbed" } else { "" });
+        let expected: Vec<(String, &TT)> =
+            std::iter::once(("logits".to_string(), &logits)).chain([("loss".to_string(), &loss)]).collect();
+        export_fixture(&dir, &slug, config_name, overrides, &ex, &all_params, &data, img, &target, &expected, &params, &trainable);
+    }
     let mut o = Outcome { compared: vec![], problems: vec![] };
     let check = |what: String, a: &Tensor, e: &TT, o: &mut Outcome| {
         let shape: Vec<i64> = a.shape.iter().map(|&d| d as i64).collect();
@@ -184,6 +190,66 @@ fn compare_model(config_name: &str, overrides: &[&str], targets: Targets, pertur
         o.problems.push(format!("loss {lv} is not finite"));
     }
     o
+}
+
+/// With TESSERA_FIXTURES_OUT=DIR, a compared case is also written as a
+/// fixture for `tessera infer` on another device (scripts/gpu-check.sh):
+/// `DIR/<case>/` holds the weights (tessera names), `input`, `target`
+/// (class indices as f32), libtorch's `logits`, `loss` and `grad.<name>`
+/// (expected.safetensors) and case.json (config, overrides, tolerance).
+#[allow(clippy::too_many_arguments)]
+fn export_fixture(
+    dir: &str,
+    slug: &str,
+    config_name: &str,
+    overrides: &[&str],
+    ex: &CpuExecutor,
+    all_params: &[(String, bool)],
+    data: &[f32],
+    img: usize,
+    target: &Tensor,
+    expected: &[(String, &TT)],
+    params: &Params,
+    trainable: &[String],
+) {
+    use tessera_runtime::weights::{write_safetensors, NamedTensor};
+    // The config's name and a hash of the whole case: short, distinct.
+    let hash = slug.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3));
+    let name = format!("{}-{:08x}", config_name.replace('/', "_"), hash as u32);
+    let root = std::path::Path::new(dir).join(name);
+    std::fs::create_dir_all(&root).unwrap();
+    let meta = BTreeMap::new();
+    let weights: Vec<NamedTensor> = all_params
+        .iter()
+        .map(|(n, _)| {
+            let t = ex.state(n).unwrap();
+            NamedTensor::new(n.clone(), t.shape.clone(), t.as_f32().unwrap().to_vec())
+        })
+        .collect();
+    write_safetensors(&root.join("weights.safetensors"), &weights, &meta).unwrap();
+    let input = NamedTensor::new("input".to_string(), vec![BATCH, 3, img, img], data.to_vec());
+    write_safetensors(&root.join("input.safetensors"), &[input], &meta).unwrap();
+    let labels: Vec<f32> = target.as_i64().unwrap().iter().map(|&v| v as f32).collect();
+    write_safetensors(&root.join("target.safetensors"), &[NamedTensor::new("target".to_string(), vec![BATCH], labels)], &meta)
+        .unwrap();
+    let mut exp: Vec<NamedTensor> = expected
+        .iter()
+        .map(|(n, t)| NamedTensor::new(n.clone(), t.size().iter().map(|&d| d as usize).collect(), to_vec(t)))
+        .collect();
+    for n in trainable {
+        let g = params.get(n).grad();
+        if g.defined() {
+            exp.push(NamedTensor::new(format!("grad.{n}"), g.size().iter().map(|&d| d as usize).collect(), to_vec(&g)));
+        }
+    }
+    write_safetensors(&root.join("expected.safetensors"), &exp, &meta).unwrap();
+    let case = serde_json::json!({
+        "config": config_name,
+        "overrides": overrides,
+        "max_rel": MAX_REL,
+        "zero_grad": ZERO_GRAD,
+    });
+    std::fs::write(root.join("case.json"), case.to_string()).unwrap();
 }
 
 fn assert_ok(o: Outcome, what: &str) {
