@@ -178,10 +178,26 @@ fn fused_and_unfused_training_steps_agree() {
         // exact arithmetic, such as a bias before BatchNorm).
         let plain: Vec<&str> = overrides.iter().copied().filter(|o| !o.contains("CHECKPOINT")).collect();
         let (lu, su) = train(plan(name, &plain, passes::FORWARD));
+        // AMP against this f32 reference: the CPU rounds bf16 values as a
+        // GPU does, so losses move by bf16 roundings (8 significant bits),
+        // and each AdamW step moves a parameter by at most about lr (here
+        // 1e-3, |m^/sqrt(v^)| <= 1 over three steps), so two runs whose
+        // gradients differ stay within 2 lr per step; the moments of
+        // near-zero gradients are rounding noise and are not compared.
+        let bf16 = overrides == amp;
+        let loss_tol = if bf16 { 2e-2 } else { 1e-5 };
         for (a, b) in lf.iter().zip(&lu) {
-            assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{name} {overrides:?}: losses {lf:?} vs {lu:?}");
+            assert!((a - b).abs() <= loss_tol * b.abs().max(1.0), "{name} {overrides:?}: losses {lf:?} vs {lu:?}");
         }
         assert_eq!(sf.keys().collect::<Vec<_>>(), su.keys().collect::<Vec<_>>(), "{name}: same state");
+        if bf16 {
+            for (k, a) in sf.iter().filter(|(k, _)| !k.starts_with("optim.")) {
+                let (Some(a), Some(b)) = (a.as_f32(), su[k].as_f32()) else { continue };
+                let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+                assert!(worst <= 3.0 * 2.0 * 1e-3 + 1e-5, "{name} {overrides:?}: parameter {k} moved {worst} apart");
+            }
+            continue;
+        }
         for (k, a) in &sf {
             let (a, b) = (a.as_f32(), su[k].as_f32());
             let (Some(a), Some(b)) = (a, b) else { continue };

@@ -10,8 +10,9 @@
 //! for every case; `--nocapture` prints each case's largest differences.
 //! Forward only: reduce max, maximum, minimum, heaviside (no gradient rule).
 //! Not covered: queue_push / queue_advance (MoCo's queue, no libtorch op),
-//! casts to bf16/f16 (the CPU backend keeps them in f32 without rounding),
-//! and the gradient ops autodiff emits, which are covered through backward.
+//! casts to f16 (no plan computes in f16; the CPU copies them), and the
+//! gradient ops autodiff emits, which are covered through backward. Casts
+//! to bf16 round to nearest even on both sides (the gradient too).
 //!
 //! Run: `eval "$(./scripts/setup-libtorch.sh)" && cargo test --release --features torch-oracle --test torch_parity_ops`
 #![cfg(feature = "torch-oracle")]
@@ -482,6 +483,15 @@ fn elementwise_ops_match_libtorch() {
             |p, _| p[0].heaviside(&p[0].zeros_like()),
         )
         .forward_only(),
+        Case::new(
+            "cast to bf16 and back",
+            vec![n(&[3, 7])],
+            |g, p, _| {
+                let b = op(g, Op::Cast { dtype: DType::BF16 }, &[p[0]]);
+                op(g, Op::Cast { dtype: DType::F32 }, &[b])
+            },
+            |p, _| p[0].to_kind(Kind::BFloat16).to_kind(Kind::Float),
+        ),
         Case::new(
             "add broadcast [2,3,4]+[1,4]",
             vec![n(&[2, 3, 4]), n(&[1, 4])],

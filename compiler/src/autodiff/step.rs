@@ -4,6 +4,10 @@
 //! recompilation:
 //! - `optim.lr.<group>`, `optim.weight_decay.<group>` per parameter group,
 //! - `optim.bias_correction1`, `optim.bias_correction2` (AdamW: 1 - beta^t).
+//!
+//! Every op added after backward is scoped under `optim` (`optim.clip`,
+//! `optim.<param>`): the precision pass keeps those in f32 (PyTorch clips
+//! and steps on the f32 .grad, outside autocast).
 
 use super::backward;
 use super::rules::Builder;

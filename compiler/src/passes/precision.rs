@@ -8,11 +8,17 @@
 //! - elementwise ops promote to the widest float of their non-scalar
 //!   operands (scalars such as the lr never widen a tensor);
 //! - parameters, gradients handed to the optimizer, and optimizer state stay
-//!   f32 (master weights): every output and state update keeps its dtype.
+//!   f32 (master weights): every output and state update keeps its dtype;
+//! - the optimizer step (gradient clipping and the update, every op
+//!   `autodiff::step` scopes under `optim`) runs in f32 on the f32 copy of
+//!   each gradient, as PyTorch's clip_grad_norm_ and optimizer.step run
+//!   outside autocast on the f32 .grad: a bf16 gradient is cast to f32 once,
+//!   and the clip's sum of squares, coefficient and products read that cast.
 //!
 //! Each (value, dtype) is cast once and the cast is shared by its readers.
-//! The CPU backend stores every float dtype as f32, so casts are copies there
-//! and results equal the f32 plan's; the memory plan counts bf16 as 2 bytes.
+//! The CPU backend holds bf16 values as f32 numbers rounded to bf16, so it
+//! computes what a backend storing bf16 in 2 bytes does; the memory plan
+//! counts bf16 as 2 bytes.
 
 use super::{mapped, rebuild, Step};
 use crate::ir::{DType, Graph, IrError, Op, ValueId};
@@ -61,6 +67,14 @@ fn class(op: &Op) -> Class {
         | Op::AllReduce { .. } => Class::Full,
         _ => Class::Promote,
     }
+}
+
+/// Whether an op belongs to the optimizer step: `autodiff::step` builds
+/// clipping in scope `optim.clip` and each update (and SwAV's prototype
+/// renormalisation) in `optim.<param>`; no model scope starts with `optim`
+/// (they are `trunk`, `heads`, `loss`).
+fn in_optimizer_step(scope: &str) -> bool {
+    scope.split('.').next() == Some("optim")
 }
 
 fn rank_of_float(dt: DType) -> u8 {
@@ -166,7 +180,8 @@ fn assign(
     }
     let floats: Vec<usize> = (0..operands.len()).filter(|&i| new.ty(operands[i]).dtype.is_float()).collect();
     let mut args = operands.clone();
-    match class(&node.op) {
+    let class = if in_optimizer_step(&node.scope) { Class::Full } else { class(&node.op) };
+    match class {
         Class::NormProduct(full) => {
             *low_ops += 1;
             for &i in &floats {
@@ -231,5 +246,46 @@ mod tests {
             assert!(ops.iter().any(|o| o == want), "{want} missing: {ops:?}");
         }
         assert!(report.starts_with("1 ops in bf16"), "{report}");
+    }
+
+    #[test]
+    fn gradient_clipping_stays_in_f32_on_the_f32_gradients() {
+        use crate::autodiff::{training_step, Optimizer, StepOptions};
+        use crate::ir::ReduceOp;
+        use crate::param_groups::ParamGroup;
+        let mut g = Graph::new();
+        let x = g.add_input("x", Shape::consts(&[4, 8]), DType::F32).unwrap();
+        let w = g.add_param("w", TensorType::f32(Shape::consts(&[8, 8])), crate::ir::Init::Zeros, true, "").unwrap();
+        let y = g.add_op(Op::Linear, &[x, w], "").unwrap();
+        let loss = g.add_op(Op::Reduce { op: ReduceOp::Sum, axes: vec![0, 1], keepdim: false }, &[y], "").unwrap();
+        g.set_output("loss", loss);
+        let groups =
+            [ParamGroup { name: "all".into(), weight_decay: 0.0, head_lr: false, params: vec!["w".into()] }];
+        let opts = StepOptions {
+            optimizer: Optimizer::AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8 },
+            clip_max_norm: Some(1.0),
+            late_start: vec![],
+            normalize_prototypes: false,
+        };
+        let mut g = training_step(g, &groups, &opts).unwrap();
+        super::run_bf16(&mut g).unwrap();
+        g.verify().unwrap();
+        // The weight gradient is a bf16 product; clipping reads its f32 cast.
+        let clipped = g.outputs().iter().find(|(n, _)| n == "grad.w").unwrap().1;
+        assert!(matches!(g.node(clipped).op, Op::Binary(BinaryOp::Mul)), "{}", g.node(clipped).op.name());
+        let [grad, coef] = g.operands(clipped)[..] else { panic!("a mul of two operands") };
+        let types = (g.ty(clipped).dtype, g.ty(grad).dtype, g.ty(coef).dtype);
+        assert_eq!(types, (DType::F32, DType::F32, DType::F32));
+        assert!(matches!(g.node(grad).op, Op::Cast { dtype: DType::F32 }));
+        assert_eq!(g.ty(g.operands(grad)[0]).dtype, DType::BF16, "the gradient itself is made in bf16");
+        // The norm reads the same f32 gradient, and nothing of the step is bf16.
+        let norm = g.node_ids().into_iter().find(|&v| matches!(g.node(v).op, Op::SumOfSquares)).unwrap();
+        assert_eq!(g.operands(norm), vec![grad]);
+        for v in g.node_ids() {
+            let node = g.node(v);
+            if node.scope.starts_with("optim") {
+                assert_eq!(g.ty(v).dtype, DType::F32, "{} in {} is {}", node.op.name(), node.scope, g.ty(v).dtype);
+            }
+        }
     }
 }

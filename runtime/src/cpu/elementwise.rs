@@ -286,15 +286,91 @@ pub fn pow_scalar(x: &[&Tensor], exponent: f64) -> Result<Tensor, KernelError> {
     Ok(Tensor::f32(t.shape.clone(), out))
 }
 
+/// `v` rounded to the nearest bf16 (ties to even), held as f32: bitwise
+/// `half::bf16::from_f32(v).to_f32()`, a NaN staying NaN (quiet, its sign
+/// and high payload kept), overflow going to infinity. Branch-free, so the
+/// slice loops that call it vectorise.
+#[inline(always)]
+pub fn round_bf16(v: f32) -> f32 {
+    let b = v.to_bits();
+    // Adding 0x7FFF (+1 when the kept part is odd) carries into the kept
+    // half exactly when the dropped half is above the tie, or at it and odd.
+    let rounded = b.wrapping_add(0x7FFF + ((b >> 16) & 1)) & 0xFFFF_0000;
+    let nan = (b | 0x0040_0000) & 0xFFFF_0000;
+    f32::from_bits(if v.is_nan() { nan } else { rounded })
+}
+
+/// In place: every element rounded to bf16 (`round_bf16`), in parallel for
+/// large slices. How the CPU stores a bf16 value: f32 numbers that bf16 holds.
+pub fn round_to_bf16(x: &mut [f32]) {
+    let body = |x: &mut [f32]| {
+        vectorized(
+            #[inline(always)]
+            || x.iter_mut().for_each(|v| *v = round_bf16(*v)),
+        )
+    };
+    if x.len() >= PAR_MIN {
+        x.par_chunks_mut(PAR_CHUNK).for_each(body);
+    } else {
+        body(x);
+    }
+}
+
 /// `Cast`: f32 <-> i64 with Rust's `as` (truncation toward zero, saturating);
-/// between float dtypes a copy, since bf16/f16 are held as f32 on the CPU.
+/// to bf16 rounded to nearest even (bf16 is held as f32 numbers bf16 can
+/// hold); to f32 or f16 a copy (f16 is not rounded: no plan computes in it).
 pub fn cast(x: &[&Tensor], dtype: DType) -> Result<Tensor, KernelError> {
     let [t] = operands(x, ["input"])?;
-    let data = match (&t.data, stored_as_f32(dtype)) {
+    let mut data = match (&t.data, stored_as_f32(dtype)) {
         (Data::F32(v), true) => Data::F32(super::pool::copy(v)),
         (Data::F32(v), false) => Data::I64(v.iter().map(|&x| x as i64).collect()),
         (Data::I64(v), true) => Data::F32(v.iter().map(|&x| x as f32).collect()),
         (Data::I64(v), false) => Data::I64(v.clone()),
     };
+    if let (Data::F32(v), DType::BF16) = (&mut data, dtype) {
+        round_to_bf16(v);
+    }
     Ok(Tensor { shape: t.shape.clone(), data })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{round_bf16, round_to_bf16};
+
+    /// half's conversion, the definition `round_bf16` must match bit for bit.
+    fn half_round(v: f32) -> f32 {
+        half::bf16::from_f32(v).to_f32()
+    }
+
+    #[test]
+    fn round_bf16_is_halfs_conversion_bit_for_bit() {
+        // Every sign, exponent and kept mantissa (the high 16 bits), each
+        // with the dropped halves that decide rounding: zero, just above
+        // zero, just below, at and just above the tie, the largest, and
+        // scattered others.
+        let lows = [0u32, 1, 0x3FFF, 0x7FFF, 0x8000, 0x8001, 0xC000, 0xFFFF, 0x1234, 0x9ABC];
+        let mut checked = 0;
+        for hi in 0..=0xFFFFu32 {
+            for &lo in &lows {
+                let v = f32::from_bits(hi << 16 | lo);
+                let (got, want) = (round_bf16(v), half_round(v));
+                assert_eq!(got.to_bits(), want.to_bits(), "{v:e} ({:#010x})", v.to_bits());
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, 65536 * lows.len());
+    }
+
+    #[test]
+    fn the_slice_rounding_rounds_every_element_serial_and_parallel() {
+        for n in [7usize, super::PAR_MIN + 3] {
+            let x: Vec<f32> = (0..n).map(|i| (i as f32 * 0.3183).sin() * 1e3 + 1.0 / (i as f32 + 1.0)).collect();
+            let mut y = x.clone();
+            round_to_bf16(&mut y);
+            for (a, b) in x.iter().zip(&y) {
+                assert_eq!(b.to_bits(), half_round(*a).to_bits(), "{a}");
+            }
+            assert!(x.iter().zip(&y).any(|(a, b)| a != b), "some value must have moved");
+        }
+    }
 }

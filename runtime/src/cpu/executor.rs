@@ -7,17 +7,24 @@
 //! goes back to `pool` for the next kernels and steps. Ops that pass
 //! their operand through (reshape, stop_gradient, eval-mode dropout, ...)
 //! move a dying operand instead of copying it.
+//!
+//! bf16 values are held as f32 numbers that bf16 can hold: every kernel
+//! result, multi-tensor part, fill, input and state whose plan dtype is bf16
+//! is rounded to nearest even where it is stored (`store_as`), so the CPU
+//! computes a bf16 plan as a backend storing 2 bytes does; f32 values pass
+//! untouched.
 
 use crate::error::RuntimeError;
 use super::init::init_tensor;
 use super::kernel::Ctx;
 use super::layout::reshaped;
 use super::pool;
-use crate::tensor::{describe_type, Tensor};
+use super::elementwise::round_to_bf16;
+use crate::tensor::{describe_type, Data, Tensor};
 use super::{passes_data_through, run_kernel};
 use crate::error::KernelError;
 use std::collections::{BTreeMap, HashMap};
-use tessera_plan::Op;
+use tessera_plan::{DType, Op};
 use tessera_plan::plan::{Plan, Source};
 
 pub struct CpuExecutor {
@@ -35,6 +42,22 @@ pub struct CpuExecutor {
     kept: Vec<usize>,
     /// Per kernel, the values that are parts of its packed result, by offset.
     parts: Vec<HashMap<u64, usize>>,
+}
+
+/// `t` as a value of plan type `dtype` is stored: rounded to bf16 for bf16
+/// (a no-op for anything else, so f32 plans pay one comparison per value).
+fn store_as(mut t: Tensor, dtype: DType) -> Tensor {
+    if dtype == DType::BF16 {
+        if let Data::F32(v) = &mut t.data {
+            round_to_bf16(v);
+        }
+    }
+    t
+}
+
+/// A fill's tensor, as its dtype holds the value.
+fn filled(shape: &[usize], dtype: DType, value: f64) -> Tensor {
+    store_as(Tensor::full(shape.to_vec(), dtype, value), dtype)
 }
 
 /// A value during a run: borrowed (inputs, state), owned (kernel results and
@@ -74,7 +97,7 @@ impl CpuExecutor {
                     let t = init_tensor(name, init, &shapes[i], v.dtype, seed).map_err(|message| {
                         RuntimeError::Init { name: name.clone(), init: init.to_string(), message }
                     })?;
-                    states[i] = Some(t);
+                    states[i] = Some(store_as(t, v.dtype));
                 }
                 Source::Input { name } => {
                     if input_names.insert(name.clone(), i).is_some() {
@@ -152,7 +175,7 @@ impl CpuExecutor {
                 got: t.describe(),
             });
         }
-        self.states[i] = Some(t);
+        self.states[i] = Some(store_as(t, dtype));
         Ok(())
     }
 
@@ -205,7 +228,13 @@ impl CpuExecutor {
                         });
                     }
                     used += 1;
-                    Slot::Borrowed(t)
+                    // A bf16 input is used as bf16 holds it (a rounded copy;
+                    // compiled plans take f32 inputs, so this is rare).
+                    if v.dtype == DType::BF16 {
+                        Slot::Owned(store_as((*t).clone(), v.dtype))
+                    } else {
+                        Slot::Borrowed(t)
+                    }
                 }
                 Source::Param { .. } | Source::Buffer { .. } => {
                     Slot::Borrowed(self.states[i].as_ref().expect("every state is initialised in new"))
@@ -228,7 +257,7 @@ impl CpuExecutor {
             };
             for &i in &kernel.inputs {
                 if let (Slot::Empty, Source::Fill { value }) = (&slots[i], &plan.values[i].source) {
-                    slots[i] = Slot::Owned(Tensor::full(self.shapes[i].clone(), plan.values[i].dtype, *value));
+                    slots[i] = Slot::Owned(filled(&self.shapes[i], plan.values[i].dtype, *value));
                 }
             }
             let out_index = kernel.output;
@@ -260,7 +289,7 @@ impl CpuExecutor {
                                 ))));
                             }
                             if self.last_use[v].is_some() || self.kept[v] > 0 {
-                                placed.push((v, t));
+                                placed.push((v, store_as(t, plan.values[v].dtype)));
                                 continue;
                             }
                         }
@@ -274,8 +303,16 @@ impl CpuExecutor {
                 self.free_dead_operands(k, &mut slots);
                 continue;
             }
+            let (shape, dtype) = (&self.shapes[out_index], plan.values[out_index].dtype);
+            // The dtype the result already holds: a moved operand's, a cast's
+            // (the cast kernel rounds); anything else is rounded below if bf16.
+            let mut stored_as = match kernel.op {
+                Op::Cast { dtype } => Some(dtype),
+                _ => None,
+            };
             let result = match self.movable_operand(k, &kernel.op, &ctx, &slots) {
                 Some(i) => {
+                    stored_as = Some(plan.values[i].dtype);
                     let Slot::Owned(t) = std::mem::replace(&mut slots[i], Slot::Empty) else {
                         unreachable!("movable_operand only picks owned slots")
                     };
@@ -294,7 +331,6 @@ impl CpuExecutor {
                     run_kernel(&kernel.op, &x, &ctx).map_err(fail)?
                 }
             };
-            let (shape, dtype) = (&self.shapes[out_index], plan.values[out_index].dtype);
             if !result.has_type(shape, dtype) {
                 return Err(fail(KernelError::Invalid(format!(
                     "produced {}, but the plan says {}",
@@ -303,6 +339,7 @@ impl CpuExecutor {
                 ))));
             }
             if self.last_use[out_index].is_some() || self.kept[out_index] > 0 {
+                let result = if stored_as == Some(dtype) { result } else { store_as(result, dtype) };
                 slots[out_index] = Slot::Owned(result);
             }
             self.free_dead_operands(k, &mut slots);
@@ -319,7 +356,7 @@ impl CpuExecutor {
                 Slot::Owned(t) => t.clone(),
                 Slot::Borrowed(t) => (*t).clone(),
                 Slot::Empty => match &plan.values[v].source {
-                    Source::Fill { value } => Tensor::full(self.shapes[v].clone(), plan.values[v].dtype, *value),
+                    Source::Fill { value } => filled(&self.shapes[v], plan.values[v].dtype, *value),
                     _ => unreachable!("kept values are never freed"),
                 },
             }

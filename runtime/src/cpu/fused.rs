@@ -6,7 +6,7 @@
 //! slice function as its unfused kernel, so fused and unfused plans agree.
 
 use super::broadcast::{broadcast_shape, broadcast_strides, coalesce};
-use super::elementwise::{binary_into, gelu_grad_into, pow_into, unary_into};
+use super::elementwise::{binary_into, gelu_grad_into, pow_into, round_bf16, unary_into};
 use crate::error::{invalid, KernelError};
 use super::kernel::{f32_of, Ctx, PAR_CHUNK, PAR_MIN};
 use super::pool;
@@ -14,7 +14,7 @@ use super::random::DropMask;
 use super::simd::vectorized;
 use crate::tensor::{show_shape, Tensor};
 use rayon::prelude::*;
-use tessera_plan::Instr;
+use tessera_plan::{DType, Instr};
 
 /// Elements per block: 16 registers of 512 f32 are 32 KiB.
 const BLOCK: usize = 512;
@@ -240,7 +240,9 @@ impl Program<'_> {
                     dst.iter_mut().zip(reg(a)).for_each(|(o, &v)| *o = v + c);
                 }
                 Instr::PowScalar(e, a) => pow_into(e, reg(a), dst),
-                // Every float dtype is stored as f32 on the CPU.
+                // bf16 registers hold f32 numbers bf16 can hold (as the
+                // unfused cast); f32 and f16 are copies.
+                Instr::Cast(DType::BF16, a) => dst.iter_mut().zip(reg(a)).for_each(|(o, &v)| *o = round_bf16(v)),
                 Instr::Cast(_, a) => dst.copy_from_slice(reg(a)),
                 Instr::GeluGrad(x, g) => gelu_grad_into(reg(x), reg(g), dst),
                 Instr::Dropout { x, .. } => {
