@@ -680,7 +680,7 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
         None => Device::Cpu,
     };
     let backend = Backend::open(&device).map_err(|e| EngineError::Runtime(e.to_string()))?;
-    let target = if device == Device::Cpu { PlanTarget::Cpu } else { PlanTarget::Cuda };
+    let target = if matches!(device, Device::Cpu | Device::CpuArena) { PlanTarget::Cpu } else { PlanTarget::Cuda };
     let mut log = RunLog::open(&dir, tb_dir, setup.quiet)
         .map_err(|e| EngineError::Logs { dir: dir.clone(), message: e.to_string() })?;
     log.info(&format!("device: {}", backend.describe()));
