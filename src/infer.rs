@@ -50,7 +50,7 @@ pub fn run(
     let batch = x.shape[0] as u64;
     let prog = Program::load(&[]).map_err(|e| anyhow!("{e}"))?;
     let backend = Backend::open(device).map_err(|e| anyhow!("{e}"))?;
-    let plan_target = if *device == Device::Cpu { Target::Cpu } else { Target::Cuda };
+    let plan_target = if matches!(device, Device::Cpu | Device::CpuArena) { Target::Cpu } else { Target::Cuda };
     let (plan, _) =
         inference_plan_for(&prog, cfg.tree(), batch, target.is_some(), plan_target).map_err(|e| anyhow!("{e}"))?;
     let expected = model_tensors(&plan);

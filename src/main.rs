@@ -88,8 +88,9 @@ enum Command {
         /// Where to write `logits` (`logits.0`, ... for several outputs), `loss`, `grad.<name>`.
         #[arg(long)]
         output: PathBuf,
-        /// Where to run: cpu (default), gpu (GPU 0), cuda:N, or cuda-host (the
-        /// CUDA executor emulated on the CPU).
+        /// Where to run: cpu (default), gpu (GPU 0), cuda:N, cuda-host (the
+        /// CUDA executor emulated on the CPU) or cpu-arena (the CPU executing
+        /// the memory plan).
         #[arg(long, default_value = "cpu")]
         device: String,
     },
@@ -149,7 +150,8 @@ enum Command {
         #[arg(long)]
         models: Vec<PathBuf>,
         /// Where to train, overriding MACHINE.DEVICE: cpu, gpu (GPU 0),
-        /// cuda:N, or cuda-host (the CUDA executor emulated on the CPU).
+        /// cuda:N, cuda-host (the CUDA executor emulated on the CPU) or
+        /// cpu-arena (the CPU executing the memory plan).
         #[arg(long)]
         device: Option<String>,
         /// Run the plans of this compiled run (`tessera compile --emit plan`)
@@ -164,7 +166,7 @@ enum Command {
     Bench {
         #[arg(required = true, value_name = "config=NAME [OVERRIDES]")]
         args: Vec<String>,
-        /// cpu, gpu (GPU 0), cuda:N or cuda-host.
+        /// cpu, gpu (GPU 0), cuda:N, cuda-host or cpu-arena.
         #[arg(long, default_value = "gpu")]
         device: String,
         /// Batch size per replica (default: DATA.TRAIN.BATCHSIZE_PER_REPLICA).

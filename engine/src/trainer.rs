@@ -619,7 +619,7 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
         None if device == "gpu" => Device::Cuda { ordinal: 0 },
         None => Device::Cpu,
     };
-    let target = if device == Device::Cpu { PlanTarget::Cpu } else { PlanTarget::Cuda };
+    let target = if matches!(device, Device::Cpu | Device::CpuArena) { PlanTarget::Cpu } else { PlanTarget::Cuda };
     // A compiled run that does not fit is refused before anything else.
     if let Some(run) = &setup.plans {
         run.check(cfg, target).map_err(EngineError::Config)?;

@@ -1,17 +1,18 @@
 //! The backend seam: what the engine and the CLI need of an executor, for
-//! every backend. A `Backend` is an opened device (the CPU, a CUDA GPU, or
-//! the CUDA executor emulated on the host); it builds one `Executor` per
-//! plan. Executors of one model hand their state to each other
-//! (`move_state_to`), so plans for several batch sizes, stages and the eval
-//! forward all train one model.
+//! every backend. A `Backend` is an opened device (the CPU, the CPU with the
+//! memory plan executed in a host arena, a CUDA GPU, or the CUDA executor
+//! emulated on the host); it builds one `Executor` per plan. Executors of
+//! one model hand their state to each other (`move_state_to`), so plans for
+//! several batch sizes, stages and the eval forward all train one model.
 //!
 //! Invariants: host tensors (`crate::tensor`) are the only thing that crosses
 //! the seam; an executor's `run` either completes (outputs returned, state
-//! updated, step advanced) or changes nothing the caller can observe; state
-//! moves between executors of one backend without a round trip through the
-//! host.
+//! updated, step advanced) or changes nothing the caller can observe, except
+//! that a kernel or device failure in the middle of a step leaves an arena or
+//! CUDA executor unusable (its state may be half updated in place); state
+//! moves between executors of one GPU without a round trip through the host.
 
-use crate::cpu::CpuExecutor;
+use crate::cpu::{ArenaExecutor, CpuExecutor};
 use crate::cuda::{self, CudaBackend, CudaExecutor};
 use crate::error::RuntimeError;
 use crate::tensor::Tensor;
@@ -25,6 +26,10 @@ use tessera_plan::Plan;
 pub enum Device {
     /// The reference backend (f32 on the host, rayon threads).
     Cpu,
+    /// The CPU kernels with every value at its place in the plan's memory
+    /// plan (one host buffer, values in their dtype's bytes): the memory
+    /// plan executed without a GPU, for CI.
+    CpuArena,
     /// CUDA GPU `ordinal` (cuBLASLt, NVRTC kernels).
     Cuda { ordinal: usize },
     /// The CUDA executor with its device layer on the host: the same kernel
@@ -35,15 +40,16 @@ pub enum Device {
 }
 
 impl Device {
-    /// `cpu`, `gpu` / `cuda` (GPU 0), `cuda:N`, `cuda-host`.
+    /// `cpu`, `cpu-arena`, `gpu` / `cuda` (GPU 0), `cuda:N`, `cuda-host`.
     pub fn parse(s: &str) -> Result<Device, String> {
         match s {
             "cpu" => Ok(Device::Cpu),
+            "cpu-arena" => Ok(Device::CpuArena),
             "gpu" | "cuda" => Ok(Device::Cuda { ordinal: 0 }),
             "cuda-host" => Ok(Device::CudaHost),
             _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
                 Some(Ok(ordinal)) => Ok(Device::Cuda { ordinal }),
-                _ => Err(format!("unknown device `{s}`: use cpu, gpu (GPU 0), cuda:N or cuda-host")),
+                _ => Err(format!("unknown device `{s}`: use cpu, cpu-arena, gpu (GPU 0), cuda:N or cuda-host")),
             },
         }
     }
@@ -53,6 +59,7 @@ impl fmt::Display for Device {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Device::Cpu => write!(f, "cpu"),
+            Device::CpuArena => write!(f, "cpu-arena"),
             Device::Cuda { ordinal } => write!(f, "cuda:{ordinal}"),
             Device::CudaHost => write!(f, "cuda-host"),
         }
@@ -63,6 +70,7 @@ impl fmt::Display for Device {
 #[derive(Clone)]
 pub enum Backend {
     Cpu,
+    CpuArena,
     Cuda(Arc<CudaBackend>),
 }
 
@@ -72,6 +80,7 @@ impl Backend {
     pub fn open(device: &Device) -> Result<Backend, RuntimeError> {
         match device {
             Device::Cpu => Ok(Backend::Cpu),
+            Device::CpuArena => Ok(Backend::CpuArena),
             Device::Cuda { ordinal } => Ok(Backend::Cuda(Arc::new(CudaBackend::gpu(*ordinal)?))),
             Device::CudaHost => Ok(Backend::Cuda(Arc::new(CudaBackend::host()?))),
         }
@@ -81,6 +90,9 @@ impl Backend {
     pub fn describe(&self) -> String {
         match self {
             Backend::Cpu => format!("cpu ({} threads)", rayon::current_num_threads()),
+            Backend::CpuArena => {
+                format!("cpu-arena ({} threads, the memory plan executed)", rayon::current_num_threads())
+            }
             Backend::Cuda(c) => c.describe(),
         }
     }
@@ -88,7 +100,7 @@ impl Backend {
     /// Device memory (free, total) in bytes, where the backend knows it.
     pub fn memory(&self) -> Option<(u64, u64)> {
         match self {
-            Backend::Cpu => None,
+            Backend::Cpu | Backend::CpuArena => None,
             Backend::Cuda(c) => c.memory(),
         }
     }
@@ -98,6 +110,7 @@ impl Backend {
     pub fn executor(&self, plan: Plan, seed: u64) -> Result<Executor, RuntimeError> {
         match self {
             Backend::Cpu => Ok(Executor::Cpu(CpuExecutor::new(plan, seed)?)),
+            Backend::CpuArena => Ok(Executor::CpuArena(ArenaExecutor::new(plan, seed)?)),
             Backend::Cuda(c) => Ok(Executor::Cuda(Box::new(CudaExecutor::new(c.clone(), plan, seed)?))),
         }
     }
@@ -106,6 +119,7 @@ impl Backend {
 /// A plan ready to run on a backend, holding the model's state.
 pub enum Executor {
     Cpu(CpuExecutor),
+    CpuArena(ArenaExecutor),
     Cuda(Box<CudaExecutor>),
 }
 
@@ -113,6 +127,7 @@ impl Executor {
     pub fn plan(&self) -> &Plan {
         match self {
             Executor::Cpu(e) => e.plan(),
+            Executor::CpuArena(e) => e.plan(),
             Executor::Cuda(e) => e.plan(),
         }
     }
@@ -120,6 +135,7 @@ impl Executor {
     pub fn seed(&self) -> u64 {
         match self {
             Executor::Cpu(e) => e.seed(),
+            Executor::CpuArena(e) => e.seed(),
             Executor::Cuda(e) => e.seed(),
         }
     }
@@ -128,6 +144,7 @@ impl Executor {
     pub fn step(&self) -> u64 {
         match self {
             Executor::Cpu(e) => e.step(),
+            Executor::CpuArena(e) => e.step(),
             Executor::Cuda(e) => e.step(),
         }
     }
@@ -135,6 +152,7 @@ impl Executor {
     pub fn set_step(&mut self, s: u64) {
         match self {
             Executor::Cpu(e) => e.set_step(s),
+            Executor::CpuArena(e) => e.set_step(s),
             Executor::Cuda(e) => e.set_step(s),
         }
     }
@@ -143,6 +161,7 @@ impl Executor {
     pub fn state_names(&self) -> Vec<String> {
         match self {
             Executor::Cpu(e) => e.state_names(),
+            Executor::CpuArena(e) => e.state_names(),
             Executor::Cuda(e) => e.state_names(),
         }
     }
@@ -152,6 +171,7 @@ impl Executor {
     pub fn read_state(&self, name: &str) -> Result<Option<Tensor>, RuntimeError> {
         match self {
             Executor::Cpu(e) => Ok(e.state(name).cloned()),
+            Executor::CpuArena(e) => e.read_state(name),
             Executor::Cuda(e) => e.read_state(name),
         }
     }
@@ -161,13 +181,14 @@ impl Executor {
     pub fn write_state(&mut self, name: &str, t: Tensor) -> Result<(), RuntimeError> {
         match self {
             Executor::Cpu(e) => e.set_state(name, t),
+            Executor::CpuArena(e) => e.write_state(name, t),
             Executor::Cuda(e) => e.write_state(name, t),
         }
     }
 
     /// Hands every state both executors hold to `to` (the CPU moves its
     /// tensors; the GPU copies device to device). Executors of different
-    /// backends go through the host.
+    /// backends, and arena executors, go through the host.
     pub fn move_state_to(&mut self, to: &mut Executor) -> Result<(), RuntimeError> {
         match (self, to) {
             (Executor::Cpu(from), Executor::Cpu(to)) => {
@@ -205,6 +226,7 @@ impl Executor {
                 }
                 Ok(out)
             }
+            Executor::CpuArena(e) => e.run(inputs, wanted),
             Executor::Cuda(e) => e.run(inputs, wanted),
         }
     }

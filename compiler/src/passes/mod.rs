@@ -119,9 +119,10 @@ pub fn default_for(amp: bool) -> Vec<&'static str> {
 
 /// The pipeline for the CPU backend: `DEFAULT` without `fuse-into-matmul`
 /// and without mixed precision. Both trade arithmetic for memory (GELU and
-/// layer norm recomputed inside two products each; casts that the CPU, which
-/// stores every float as f32, only copies), a trade that pays on a GPU's
-/// memory but not on a CPU whose tensors of this size sit in cache.
+/// layer norm recomputed inside two products each; bf16 values the CPU
+/// computes in f32 and rounds, paying for the casts without the bandwidth
+/// they save), a trade that pays on a GPU's memory but not on a CPU whose
+/// tensors of this size sit in cache.
 pub fn default_for_cpu() -> Vec<&'static str> {
     DEFAULT.iter().copied().filter(|&p| p != "fuse-into-matmul").collect()
 }

@@ -2,6 +2,8 @@
 //! kernel per IR op (f32 compute, rayon threads, matrix products on `gemm`).
 //!
 //! Module map: `executor` runs a plan (state, inputs, buffer lifetimes);
+//! `arena` runs it too, with every value at its place in the plan's memory
+//! plan (one host buffer, as the CUDA backend lays out its allocation);
 //! `dispatch` (below) maps each `Op` to its kernel; one module per family of
 //! kernels (`matmul`, `conv`, `attention`, `elementwise`, `reduce`, `norm`,
 //! `softmax`, `loss`, `layout`, `random`, `collective`, `state`); `init`
@@ -13,6 +15,7 @@
 //! checks each kernel's result against the plan's type, so a kernel bug
 //! surfaces as an error naming the kernel, not as a wrong shape downstream.
 
+mod arena;
 mod attention;
 mod broadcast;
 mod collective;
@@ -37,6 +40,7 @@ pub mod special;
 mod state;
 
 use crate::error::{self, KernelError};
+pub use arena::ArenaExecutor;
 pub use executor::CpuExecutor;
 pub use fused::multi_tensor;
 pub use kernel::Ctx;

@@ -15,8 +15,8 @@ use super::lower::{Lowering, Step};
 use super::CudaBackend;
 use crate::cpu::init::init_tensor;
 use crate::error::RuntimeError;
-use crate::tensor::{describe_type, Data, Tensor};
-use half::bf16;
+use crate::memory_layout::check_placements;
+use crate::tensor::{describe_type, Tensor};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use tessera_plan::{DType, Plan, Source};
@@ -62,24 +62,13 @@ fn dev(e: super::device::DeviceError) -> RuntimeError {
 }
 
 /// Host bytes of a tensor stored as `dtype` (floats rounded to bf16 where
-/// the plan says bf16).
-fn to_bytes(t: &Tensor, dtype: DType) -> Vec<u8> {
-    match (&t.data, dtype) {
-        (Data::F32(v), DType::BF16) => v.iter().flat_map(|x| bf16::from_f32(*x).to_bits().to_ne_bytes()).collect(),
-        (Data::F32(v), _) => v.iter().flat_map(|x| x.to_ne_bytes()).collect(),
-        (Data::I64(v), _) => v.iter().flat_map(|x| x.to_ne_bytes()).collect(),
-    }
+/// the plan says bf16); the tensor's type was checked against the plan.
+fn to_bytes(t: &Tensor, dtype: DType) -> Result<Vec<u8>, RuntimeError> {
+    crate::memory_layout::to_bytes(t, dtype).map_err(RuntimeError::InvalidPlan)
 }
 
-fn from_bytes(b: &[u8], shape: Vec<usize>, dtype: DType) -> Tensor {
-    let data = match dtype {
-        DType::BF16 => {
-            Data::F32(b.chunks_exact(2).map(|c| bf16::from_bits(u16::from_ne_bytes([c[0], c[1]])).to_f32()).collect())
-        }
-        DType::I64 => Data::I64(b.chunks_exact(8).map(|c| i64::from_ne_bytes(c.try_into().expect("8 bytes"))).collect()),
-        _ => Data::F32(b.chunks_exact(4).map(|c| f32::from_ne_bytes(c.try_into().expect("4 bytes"))).collect()),
-    };
-    Tensor { shape, data }
+fn from_bytes(b: &[u8], shape: Vec<usize>, dtype: DType) -> Result<Tensor, RuntimeError> {
+    crate::memory_layout::from_bytes(b, shape, dtype).map_err(RuntimeError::Device)
 }
 
 fn usize_shape(s: &[u64]) -> Vec<usize> {
@@ -92,15 +81,10 @@ impl CudaExecutor {
         let memory = plan.memory.clone().ok_or_else(|| {
             RuntimeError::InvalidPlan("the plan has no memory plan (the CUDA backend executes it)".into())
         })?;
+        check_placements(&plan, &memory).map_err(|e| RuntimeError::InvalidPlan(format!("memory plan: {e}")))?;
         memory.simulate(&plan).map_err(|e| RuntimeError::InvalidPlan(format!("memory plan: {e}")))?;
         let device = backend.device();
         let layout = Layout::of(&memory);
-        if layout.total != memory.peak_bytes {
-            return Err(RuntimeError::InvalidPlan(format!(
-                "the memory plan's regions add up to {} bytes, its peak says {}",
-                layout.total, memory.peak_bytes
-            )));
-        }
         let base = device.alloc(layout.total).map_err(dev)?;
         // The table: (seed, step) first, then one 8-byte slot per scalar constant.
         let constants = inline_constants(&plan, &memory);
@@ -138,7 +122,7 @@ impl CudaExecutor {
             let value = &ex.plan.values[v];
             let Source::Fill { value: c } = value.source else { unreachable!("inline constants are fills") };
             let t = Tensor::full(vec![1], value.dtype, c);
-            let b = to_bytes(&t, value.dtype);
+            let b = to_bytes(&t, value.dtype)?;
             blob[8 * i..8 * i + b.len()].copy_from_slice(&b);
         }
         device.upload(table.add(16), &blob).map_err(dev)?;
@@ -154,7 +138,7 @@ impl CudaExecutor {
                         RuntimeError::Init { name: name.clone(), init: init.to_string(), message }
                     })?;
                     let at = ex.addr[i].ok_or_else(|| RuntimeError::InvalidPlan(format!("state `{name}` has no storage")))?;
-                    device.upload(at, &to_bytes(&t, v.dtype)).map_err(dev)?;
+                    device.upload(at, &to_bytes(&t, v.dtype)?).map_err(dev)?;
                 }
                 Source::Input { name } => {
                     if ex.inputs.iter().any(|(n, _)| n == name) {
@@ -220,7 +204,7 @@ impl CudaExecutor {
         let at = self.addr[v].ok_or_else(|| RuntimeError::InvalidPlan(format!("value {v} has no storage")))?;
         let mut bytes = vec![0u8; (value.numel() * value.dtype.size_bytes()) as usize];
         self.backend.device().download(at, &mut bytes).map_err(dev)?;
-        Ok(from_bytes(&bytes, usize_shape(&value.shape), value.dtype))
+        from_bytes(&bytes, usize_shape(&value.shape), value.dtype)
     }
 
     pub fn read_state(&self, name: &str) -> Result<Option<Tensor>, RuntimeError> {
@@ -242,7 +226,7 @@ impl CudaExecutor {
             });
         }
         let at = self.addr[i].expect("states have storage");
-        self.backend.device().upload(at, &to_bytes(&t, v.dtype)).map_err(dev)
+        self.backend.device().upload(at, &to_bytes(&t, v.dtype)?).map_err(dev)
     }
 
     /// Copies every state `to` has from this executor, device to device.
@@ -328,13 +312,16 @@ impl CudaExecutor {
         // Every input into the staging buffer at its planned offset in the
         // inputs region, (seed, step) after them: two copies, no wait.
         let n = self.inputs_bytes as usize;
-        let mut staging = std::mem::take(&mut self.staging);
-        let buf = &mut staging[(self.step % 2) as usize];
-        let bytes = buf.as_mut_slice();
+        let mut encoded = Vec::with_capacity(self.inputs.len());
         for (name, v) in &self.inputs {
             let value = &self.plan.values[*v];
             let at = (self.addr[*v].expect("inputs have storage").0 - self.inputs_base.0) as usize;
-            let b = to_bytes(given[name.as_str()], value.dtype);
+            encoded.push((at, to_bytes(given[name.as_str()], value.dtype)?));
+        }
+        let mut staging = std::mem::take(&mut self.staging);
+        let buf = &mut staging[(self.step % 2) as usize];
+        let bytes = buf.as_mut_slice();
+        for (at, b) in encoded {
             bytes[at..at + b.len()].copy_from_slice(&b);
         }
         let rng: Vec<u8> = [self.seed, self.step].iter().flat_map(|x| x.to_ne_bytes()).collect();
