@@ -7,7 +7,7 @@
 
 use super::elementwise::{same_shape, scale_by_gelu_grad, unary};
 use crate::error::KernelError;
-use super::kernel::{f32_of, operands};
+use super::kernel::{f32_of, operands, Ctx};
 use super::matmul::{linear, matmul};
 use super::norm::layer_norm;
 use super::pool;
@@ -23,12 +23,24 @@ fn rows_of(shape: &[usize]) -> Vec<usize> {
     }
 }
 
+/// Rounds a transformed operand to bf16 when the product reads bf16 (`ctx`
+/// bit `operand`): the GPU writes it in the GEMM's input dtype, as
+/// PyTorch's autocast casts a linear layer's input.
+fn as_product_input(mut t: Tensor, ctx: &Ctx, operand: u32) -> Tensor {
+    if ctx.bf16_operands & (1 << operand) != 0 {
+        if let Data::F32(v) = &mut t.data {
+            super::elementwise::round_to_bf16(v);
+        }
+    }
+    t
+}
+
 /// `GeluLinear (z, w, b?)`: linear(gelu(z), w, b).
-pub fn gelu_linear(x: &[&Tensor]) -> Result<Tensor, KernelError> {
+pub fn gelu_linear(x: &[&Tensor], ctx: &Ctx) -> Result<Tensor, KernelError> {
     let Some((z, rest)) = x.split_first() else {
         return linear(x);
     };
-    let h = unary(&[z], UnaryOp::Gelu)?;
+    let h = as_product_input(unary(&[z], UnaryOp::Gelu)?, ctx, 1);
     let mut args: Vec<&Tensor> = vec![&h];
     args.extend_from_slice(rest);
     let y = linear(&args);
@@ -37,9 +49,9 @@ pub fn gelu_linear(x: &[&Tensor]) -> Result<Tensor, KernelError> {
 }
 
 /// `MatmulGeluRhs (a, b)`: a @ gelu(b), either read transposed.
-pub fn matmul_gelu_rhs(x: &[&Tensor], ta: bool, tb: bool) -> Result<Tensor, KernelError> {
+pub fn matmul_gelu_rhs(x: &[&Tensor], ta: bool, tb: bool, ctx: &Ctx) -> Result<Tensor, KernelError> {
     let [a, b] = operands(x, ["a", "b"])?;
-    let mut h = unary(&[b], UnaryOp::Gelu)?;
+    let mut h = as_product_input(unary(&[b], UnaryOp::Gelu)?, ctx, 0);
     h.shape = rows_of(&h.shape);
     let y = matmul(&[a, &h], ta, tb);
     pool::recycle(h);
@@ -47,14 +59,14 @@ pub fn matmul_gelu_rhs(x: &[&Tensor], ta: bool, tb: bool) -> Result<Tensor, Kern
 }
 
 /// `LayerNormLinear (x, g, b, w, bias?)`: linear(layer_norm(x, g, b), w, bias).
-pub fn layer_norm_linear(x: &[&Tensor], eps: f64) -> Result<Tensor, KernelError> {
+pub fn layer_norm_linear(x: &[&Tensor], eps: f64, ctx: &Ctx) -> Result<Tensor, KernelError> {
     if x.len() < 4 {
         return Err(crate::error::invalid(format!(
             "expects 4 or 5 operands (x, ln weight, ln bias, weight, bias?), got {}",
             x.len()
         )));
     }
-    let normed = layer_norm(&x[..3], eps)?;
+    let normed = as_product_input(layer_norm(&x[..3], eps)?, ctx, 3);
     let mut args: Vec<&Tensor> = vec![&normed];
     args.extend_from_slice(&x[3..]);
     let y = linear(&args);
@@ -63,22 +75,28 @@ pub fn layer_norm_linear(x: &[&Tensor], eps: f64) -> Result<Tensor, KernelError>
 }
 
 /// `MatmulLayerNormRhs (a, x, g, b)`: a @ layer_norm(x, g, b), either read transposed.
-pub fn matmul_layer_norm_rhs(x: &[&Tensor], eps: f64, ta: bool, tb: bool) -> Result<Tensor, KernelError> {
+pub fn matmul_layer_norm_rhs(x: &[&Tensor], eps: f64, ta: bool, tb: bool, ctx: &Ctx) -> Result<Tensor, KernelError> {
     let [a, xi, g, b] = operands(x, ["a", "x", "ln weight", "ln bias"])?;
-    let mut normed = layer_norm(&[xi, g, b], eps)?;
+    let mut normed = as_product_input(layer_norm(&[xi, g, b], eps)?, ctx, 0);
     normed.shape = rows_of(&normed.shape);
     let y = matmul(&[a, &normed], ta, tb);
     pool::recycle(normed);
     y
 }
 
-/// `MatmulGeluGrad (a, b, z)`: (a @ b) * GELU'(z).
-pub fn matmul_gelu_grad(x: &[&Tensor], ta: bool, tb: bool) -> Result<Tensor, KernelError> {
+/// `MatmulGeluGrad (a, b, z)`: (a @ b) * GELU'(z). A bf16 result is the
+/// bf16 product times GELU'(z), rounded: the GPU's GEMM writes the product
+/// in the result's dtype and scales it in place (PyTorch's autocast takes
+/// the bf16 product into GELU's backward alike).
+pub fn matmul_gelu_grad(x: &[&Tensor], ta: bool, tb: bool, ctx: &Ctx) -> Result<Tensor, KernelError> {
     let [a, b, z] = operands(x, ["a", "b", "z"])?;
     let mut y = matmul(&[a, b], ta, tb)?;
     same_shape(&y, z, "a @ b", "z")?;
     let zd = f32_of(z, "z")?;
     let Data::F32(out) = &mut y.data else { unreachable!("matmul makes f32") };
+    if ctx.bf16_result {
+        super::elementwise::round_to_bf16(out);
+    }
     scale_by_gelu_grad(zd, out);
     Ok(y)
 }

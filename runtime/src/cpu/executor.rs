@@ -247,7 +247,7 @@ impl CpuExecutor {
             let unknown = given.keys().find(|n| !known(n)).expect("some given input is not a plan input");
             return Err(RuntimeError::UnknownInput { name: unknown.to_string(), expected: self.input_names() });
         }
-        let ctx = Ctx { training: plan.training, seed: self.seed, step: self.step };
+        let ctx = Ctx { training: plan.training, seed: self.seed, step: self.step, bf16_operands: 0, bf16_result: false };
         for (k, kernel) in plan.kernels.iter().enumerate() {
             let fail = |source: KernelError| RuntimeError::Kernel {
                 index: k,
@@ -328,7 +328,7 @@ impl CpuExecutor {
                             fail(KernelError::Invalid(format!("operand value {i} is not available")))
                         })?);
                     }
-                    run_kernel(&kernel.op, &x, &ctx).map_err(fail)?
+                    run_kernel(&kernel.op, &x, &super::typed(&ctx, plan, k)).map_err(fail)?
                 }
             };
             if !result.has_type(shape, dtype) {

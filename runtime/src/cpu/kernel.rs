@@ -11,6 +11,13 @@ pub struct Ctx {
     pub training: bool,
     pub seed: u64,
     pub step: u64,
+    /// Bit i: operand i has the plan type bf16 (its values are bf16
+    /// numbers). The fused products round their transformed operand to
+    /// the product's input dtype, as the GPU writes it (and PyTorch's
+    /// autocast casts it) before the GEMM.
+    pub bf16_operands: u32,
+    /// The result has the plan type bf16.
+    pub bf16_result: bool,
 }
 
 impl Ctx {

@@ -59,6 +59,15 @@ fn fixed_shape(s: &tessera_plan::Shape) -> Result<Vec<usize>, KernelError> {
     s.dims().iter().map(|&d| fixed(d)).collect()
 }
 
+/// `ctx` with the bf16 facts of kernel `k` of `plan` (which operands and
+/// whether the result have the plan type bf16).
+pub fn typed(ctx: &Ctx, plan: &tessera_plan::Plan, k: usize) -> Ctx {
+    let kernel = &plan.kernels[k];
+    let bf16 = |v: usize| plan.values[v].dtype == tessera_plan::DType::BF16;
+    let bits = kernel.inputs.iter().take(32).enumerate().fold(0u32, |m, (i, &v)| if bf16(v) { m | (1 << i) } else { m });
+    Ctx { bf16_operands: bits, bf16_result: bf16(kernel.output), ..*ctx }
+}
+
 /// Runs the kernel of `op` on `x`. This is the one place that maps ops to
 /// kernels; operand order follows each op's definition in the IR.
 pub fn run_kernel(op: &Op, x: &[&Tensor], ctx: &Ctx) -> Result<Tensor, KernelError> {
@@ -99,13 +108,17 @@ pub fn run_kernel(op: &Op, x: &[&Tensor], ctx: &Ctx) -> Result<Tensor, KernelErr
         Op::QueueAdvance { world } => state::queue_advance(x, *world),
         Op::GeluGrad => elementwise::gelu_grad(x),
         Op::Fused { body } => fused::fused(x, body, ctx),
-        Op::GeluLinear => epilogue::gelu_linear(x),
-        Op::LayerNormLinear { eps } => epilogue::layer_norm_linear(x, *eps),
+        Op::GeluLinear => epilogue::gelu_linear(x, ctx),
+        Op::LayerNormLinear { eps } => epilogue::layer_norm_linear(x, *eps, ctx),
         Op::MatmulLayerNormRhs { eps, transpose_a, transpose_b } => {
-            epilogue::matmul_layer_norm_rhs(x, *eps, *transpose_a, *transpose_b)
+            epilogue::matmul_layer_norm_rhs(x, *eps, *transpose_a, *transpose_b, ctx)
         }
-        Op::MatmulGeluRhs { transpose_a, transpose_b } => epilogue::matmul_gelu_rhs(x, *transpose_a, *transpose_b),
-        Op::MatmulGeluGrad { transpose_a, transpose_b } => epilogue::matmul_gelu_grad(x, *transpose_a, *transpose_b),
+        Op::MatmulGeluRhs { transpose_a, transpose_b } => {
+            epilogue::matmul_gelu_rhs(x, *transpose_a, *transpose_b, ctx)
+        }
+        Op::MatmulGeluGrad { transpose_a, transpose_b } => {
+            epilogue::matmul_gelu_grad(x, *transpose_a, *transpose_b, ctx)
+        }
         Op::AttentionGrad { scale, dropout, key } => attention::attention_grad(x, *scale, *dropout, *key, ctx),
         Op::Normalize { eps } => norm::normalize(x, *eps),
         Op::NormalizeGrad { eps } => norm::normalize_grad(x, *eps),

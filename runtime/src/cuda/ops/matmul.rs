@@ -20,7 +20,7 @@ use super::super::lower::{c_type, Lowering, Val};
 use super::super::source::{param, KernelSource};
 use super::elementwise::{apply, broadcast_strides, grid_for, Ins};
 use super::layout::{contiguous, strided_copy};
-use tessera_plan::{BinaryOp, DType, Instr, Op, UnaryOp};
+use tessera_plan::{DType, Instr, Op, UnaryOp};
 
 const CONV: &str = include_str!("../kernels/conv.cu");
 
@@ -44,6 +44,27 @@ pub fn product(
     tb: bool,
     out: &Val,
     bias: Option<&Val>,
+) -> Result<(), String> {
+    product_with(l, k, a, b, ta, tb, out, bias, 0.0)
+}
+
+/// `out += a @ b` (beta = 1: the GEMM reads the result's current values,
+/// adds the product in f32 and rounds once).
+fn product_accumulate(l: &mut Lowering, k: usize, a: &Val, b: &Val, ta: bool, tb: bool, out: &Val) -> Result<(), String> {
+    product_with(l, k, a, b, ta, tb, out, None, 1.0)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn product_with(
+    l: &mut Lowering,
+    k: usize,
+    a: &Val,
+    b: &Val,
+    ta: bool,
+    tb: bool,
+    out: &Val,
+    bias: Option<&Val>,
+    beta: f32,
 ) -> Result<(), String> {
     let (ra, rb) = (a.shape.len(), b.shape.len());
     if ra < 2 || rb < 2 {
@@ -99,6 +120,7 @@ pub fn product(
     }
     let (ws_ptr, ws_bytes) = workspace.unwrap_or((super::super::device::DevPtr::NULL, 0));
     desc.workspace = ws_bytes;
+    desc.beta = beta;
     // The remaining outer dims loop, one GEMM each.
     let outer: u64 = dims.iter().map(|d| d.0).product();
     for o in 0..outer {
@@ -248,14 +270,18 @@ fn conv2d(l: &mut Lowering, k: usize, x: &[Val], out: &Val, stride: [u64; 2], pa
     // out_n [O, HW] = W [O, CKK] @ cols_n^T, per image.
     let w2 = Val { ptr: w.ptr, shape: vec![o, ckk], dtype: w.dtype };
     let out3 = Val { ptr: out.ptr, shape: vec![n, o, hw], dtype: out.dtype };
-    product(l, k, &w2, &cols, false, true, &out3, None)?;
-    if let Some(b) = x.get(2) {
-        // out += b per channel, in place.
-        let b3 = Val { ptr: b.ptr, shape: vec![o, 1], dtype: b.dtype };
-        let body = [Ins::Plan(Instr::Operand(0)), Ins::Plan(Instr::Operand(1)), Ins::Plan(Instr::Binary(BinaryOp::Add, 0, 1))];
-        apply(l, k, &out3, &[out3.clone(), b3], &body)?;
+    match x.get(2) {
+        Some(b) => {
+            // The bias per channel is a row of each image's [O, HW] result,
+            // not what cuBLASLt's BIAS epilogue adds (a column): the result
+            // is first filled with it, then the GEMM adds the product
+            // (beta = 1) and rounds once, as the CPU does.
+            let b3 = Val { ptr: b.ptr, shape: vec![o, 1], dtype: b.dtype };
+            apply(l, k, &out3, &[b3], &[Ins::Plan(Instr::Operand(0))])?;
+            product_accumulate(l, k, &w2, &cols, false, true, &out3)
+        }
+        None => product(l, k, &w2, &cols, false, true, &out3, None),
     }
-    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
