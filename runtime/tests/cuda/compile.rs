@@ -85,5 +85,19 @@ fn every_kernel_of_every_shipped_config_compiles_for_sm90_without_spills() {
         }
     }
     eprintln!("{} distinct kernels compiled for sm_90; most registers: {} ({})", results.len(), most.0, most.1);
+    // scripts/gpu-prepare.sh: also leave each kernel's sm_90 CUBIN in the
+    // kernel cache (TESSERA_KERNEL_CACHE), so a GPU run loads instead of
+    // compiling (the cache key holds NVRTC's version, 13.0 on both sides).
+    if std::env::var("TESSERA_PRECOMPILE_SM").as_deref() == Ok("90") {
+        let target = tessera_runtime::cuda::device::Target::Nvrtc { sm: 90 };
+        let failed: Vec<String> = kernels
+            .values()
+            .collect::<Vec<_>>()
+            .par_iter()
+            .filter_map(|(k, _)| tessera_runtime::cuda::source::compile(k, &target).err())
+            .collect();
+        assert!(failed.is_empty(), "CUBINs that did not compile:\n{}", failed.join("\n"));
+        eprintln!("{} CUBINs for sm_90 in {}", kernels.len(), tessera_runtime::cuda::source::cache_dir().display());
+    }
     assert!(bad.is_empty(), "{} of {} kernels failed:\n{}", bad.len(), results.len(), bad.join("\n"));
 }
