@@ -246,3 +246,35 @@ fn a_compiled_run_trains_as_compiling_would_and_is_refused_when_it_does_not_fit(
     let out = run(&b);
     assert!(!out.status.success() && text(&out).contains("no training step for batch 8"), "{}", text(&out));
 }
+
+/// The CUDA executor (on the host device here; a GPU with --device gpu)
+/// trains through `tessera train`, and its checkpoints are the CPU's files:
+/// a run started on one backend resumes on the other, and the losses of the
+/// steps after the resume follow the uninterrupted CPU run (f32, within
+/// 1e-4: two backends sum in different orders).
+#[test]
+fn a_checkpoint_resumes_across_backends() {
+    let root = tmpdir("across");
+    let data = synth_folder(&root, 4, 32, 8);
+    let extra = ["CHECKPOINT.CHECKPOINT_ITER_FREQUENCY=4"];
+    let whole = root.join("whole");
+    ok(&run(&args(&data, &whole, 2, &extra)));
+    let expect = losses(&whole);
+    for (first, then) in [("cpu", "cuda-host"), ("cuda-host", "cpu")] {
+        let dir = root.join(format!("{first}-then-{then}"));
+        let mut a = args(&data, &dir, 2, &extra);
+        a.extend(["--device".into(), first.into(), "--max-steps".into(), "4".into()]);
+        ok(&run(&a));
+        let mut b = args(&data, &dir, 2, &extra);
+        b.extend(["--device".into(), then.into()]);
+        ok(&run(&b));
+        let log = std::fs::read_to_string(dir.join("log.txt")).unwrap();
+        assert!(log.contains("resuming from"), "{first} then {then}: {log}");
+        let got = losses(&dir);
+        assert_eq!(got.len(), expect.len(), "{first} then {then}: every step logged");
+        for (i, want) in &expect {
+            let (w, g): (f64, f64) = (want.parse().unwrap(), got[i].parse().unwrap());
+            assert!((w - g).abs() <= 1e-4 * (1.0 + w.abs()), "{first} then {then}: step {i}: {g} vs {w}");
+        }
+    }
+}
