@@ -44,6 +44,12 @@ eval "$cuda_env"
 cargo build --locked --release --bins
 status=0
 cargo test --locked --release --workspace || status=$?
+# The CUDA kernels' race check: the op families again on the host device
+# with each block's threads as real threads (__syncthreads a barrier,
+# shared memory shared), which a one-thread-per-block run cannot catch.
+echo "test.sh: CUDA kernels with real threads per block (race check)" >&2
+TESSERA_CUDA_TEST_DEVICE=host-threads cargo test --locked --release -p tessera-runtime --test cuda -- \
+    ops:: reduce:: attention:: batchnorm:: || status=$?
 
 # Every test file of the root package that needs the oracle: those mentioning
 # the `torch-oracle` feature (tests/NAME.rs or tests/NAME/main.rs).

@@ -37,19 +37,24 @@ pub enum Device {
     /// block, GEMMs by a host routine that reads cuBLASLt's descriptors.
     /// What CI runs in place of a GPU.
     CudaHost,
+    /// The host device's race check: each block's threads (up to 16) as
+    /// real threads, `__syncthreads` a barrier, shared memory shared.
+    CudaHostThreads,
 }
 
 impl Device {
-    /// `cpu`, `cpu-arena`, `gpu` / `cuda` (GPU 0), `cuda:N`, `cuda-host`.
+    /// `cpu`, `cpu-arena`, `gpu` / `cuda` (GPU 0), `cuda:N`, `cuda-host`,
+    /// `cuda-host-threads`.
     pub fn parse(s: &str) -> Result<Device, String> {
         match s {
             "cpu" => Ok(Device::Cpu),
             "cpu-arena" => Ok(Device::CpuArena),
             "gpu" | "cuda" => Ok(Device::Cuda { ordinal: 0 }),
             "cuda-host" => Ok(Device::CudaHost),
+            "cuda-host-threads" => Ok(Device::CudaHostThreads),
             _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
                 Some(Ok(ordinal)) => Ok(Device::Cuda { ordinal }),
-                _ => Err(format!("unknown device `{s}`: use cpu, cpu-arena, gpu (GPU 0), cuda:N or cuda-host")),
+                _ => Err(format!("unknown device `{s}`: use cpu, cpu-arena, gpu (GPU 0), cuda:N, cuda-host or cuda-host-threads")),
             },
         }
     }
@@ -62,6 +67,7 @@ impl fmt::Display for Device {
             Device::CpuArena => write!(f, "cpu-arena"),
             Device::Cuda { ordinal } => write!(f, "cuda:{ordinal}"),
             Device::CudaHost => write!(f, "cuda-host"),
+            Device::CudaHostThreads => write!(f, "cuda-host-threads"),
         }
     }
 }
@@ -83,6 +89,7 @@ impl Backend {
             Device::CpuArena => Ok(Backend::CpuArena),
             Device::Cuda { ordinal } => Ok(Backend::Cuda(Arc::new(CudaBackend::gpu(*ordinal)?))),
             Device::CudaHost => Ok(Backend::Cuda(Arc::new(CudaBackend::host()?))),
+            Device::CudaHostThreads => Ok(Backend::Cuda(Arc::new(CudaBackend::host_threads(16)?))),
         }
     }
 

@@ -45,6 +45,9 @@ pub enum Target {
     Nvrtc { sm: u32 },
     /// The system C++ compiler, for the host device.
     Host,
+    /// The host device's race check: each block's threads as real threads
+    /// (`__syncthreads` a barrier, shared memory shared), blocks in order.
+    HostThreads,
 }
 
 /// A kernel argument as `cuLaunchKernel` takes it: the bytes of one

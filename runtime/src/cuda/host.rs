@@ -17,11 +17,20 @@ use std::ffi::c_void;
 use std::sync::Mutex;
 
 type BlockEntry = unsafe extern "C" fn(*const u32, *const u32, *const *mut c_void);
+type GridEntry = unsafe extern "C" fn(*const u32, *const *mut c_void, u32);
+
+/// A loaded kernel: one block at a time (one thread), or a whole grid with
+/// real threads per block (the race check).
+#[derive(Clone, Copy)]
+enum Entry {
+    Block(BlockEntry),
+    Grid(GridEntry),
+}
 
 #[derive(Default)]
 struct State {
     allocations: HashMap<u64, Layout>,
-    functions: Vec<(String, BlockEntry)>,
+    functions: Vec<(String, Entry)>,
     gemms: Vec<GemmDesc>,
     libraries: Vec<libloading::Library>,
 }
@@ -29,6 +38,9 @@ struct State {
 #[derive(Default)]
 pub struct HostDevice {
     state: Mutex<State>,
+    /// The race check: this many real threads per block (at most the
+    /// launch's), blocks one after another.
+    threads: Option<u32>,
 }
 
 const ALIGN: usize = 256;
@@ -36,6 +48,11 @@ const ALIGN: usize = 256;
 impl HostDevice {
     pub fn new() -> HostDevice {
         HostDevice::default()
+    }
+
+    /// The race check: every block run by up to `threads` real threads.
+    pub fn with_threads(threads: u32) -> HostDevice {
+        HostDevice { state: Mutex::new(State::default()), threads: Some(threads.max(1)) }
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -70,11 +87,18 @@ impl SendPtrs {
 
 impl DeviceApi for HostDevice {
     fn describe(&self) -> String {
-        "host emulation of the CUDA executor (one thread per block)".into()
+        match self.threads {
+            None => "host emulation of the CUDA executor (one thread per block)".into(),
+            Some(t) => format!("host emulation of the CUDA executor ({t} threads per block, blocks in order)"),
+        }
     }
 
     fn target(&self) -> Target {
-        Target::Host
+        if self.threads.is_some() {
+            Target::HostThreads
+        } else {
+            Target::Host
+        }
     }
 
     fn memory(&self) -> Option<(u64, u64)> {
@@ -154,8 +178,8 @@ impl DeviceApi for HostDevice {
     }
 
     fn load(&self, binary: &Binary) -> DResult<Vec<Function>> {
-        if binary.target != Target::Host {
-            return Err(DeviceError("the host device loads host libraries only".into()));
+        if binary.target != self.target() {
+            return Err(DeviceError(format!("this host device loads {:?} libraries only", self.target())));
         }
         // A file of its own per load (threads may load one module at once).
         static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -171,13 +195,17 @@ impl DeviceApi for HostDevice {
         let mut s = self.state();
         let mut out = Vec::new();
         for name in &binary.kernels {
-            let symbol = format!("tsr_block_{name}");
-            // SAFETY: the symbol is a block entry with the `BlockEntry` signature (source.rs).
-            let f: BlockEntry = unsafe {
-                *lib.get::<BlockEntry>(symbol.as_bytes())
-                    .map_err(|e| DeviceError(format!("kernel module lacks {symbol}: {e}")))?
+            let lacks = |symbol: &str, e: libloading::Error| DeviceError(format!("kernel module lacks {symbol}: {e}"));
+            let entry = if self.threads.is_some() {
+                let symbol = format!("tsr_grid_{name}");
+                // SAFETY: the symbol is a grid entry with the `GridEntry` signature (source.rs).
+                Entry::Grid(unsafe { *lib.get::<GridEntry>(symbol.as_bytes()).map_err(|e| lacks(&symbol, e))? })
+            } else {
+                let symbol = format!("tsr_block_{name}");
+                // SAFETY: the symbol is a block entry with the `BlockEntry` signature (source.rs).
+                Entry::Block(unsafe { *lib.get::<BlockEntry>(symbol.as_bytes()).map_err(|e| lacks(&symbol, e))? })
             };
-            s.functions.push((name.clone(), f));
+            s.functions.push((name.clone(), entry));
             out.push(Function(s.functions.len() - 1));
         }
         s.libraries.push(lib);
@@ -202,6 +230,18 @@ impl DeviceApi for HostDevice {
             .collect();
         let ptrs = &SendPtrs(aligned.iter_mut().map(|w| w.as_mut_ptr() as *mut c_void).collect());
         let g = shape.grid;
+        let entry = match entry {
+            Entry::Grid(f) => {
+                if shape.block[1] != 1 || shape.block[2] != 1 {
+                    return Err(DeviceError(format!("a block of {:?} threads: kernels use blockDim.x only", shape.block)));
+                }
+                let threads = shape.block[0].min(self.threads.unwrap_or(1)).max(1);
+                // SAFETY: the entry unpacks exactly the kernel's parameters from `ptrs`.
+                unsafe { f(g.as_ptr(), ptrs.get(), threads) };
+                return Ok(());
+            }
+            Entry::Block(f) => f,
+        };
         let blocks = g[0] as u64 * g[1] as u64 * g[2] as u64;
         (0..blocks).into_par_iter().for_each(|i| {
             let b = [(i % g[0] as u64) as u32, ((i / g[0] as u64) % g[1] as u64) as u32, (i / (g[0] as u64 * g[1] as u64)) as u32];

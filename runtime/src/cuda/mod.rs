@@ -66,6 +66,14 @@ impl CudaBackend {
         Ok(CudaBackend { device: Arc::new(host::HostDevice::new()), loaded: Mutex::new(HashMap::new()) })
     }
 
+    /// The host device's race check: each block run by up to `threads` real
+    /// threads with a barrier for `__syncthreads` and shared memory shared.
+    pub fn host_threads(threads: u32) -> Result<CudaBackend, RuntimeError> {
+        libs::include_dir().map_err(RuntimeError::Device)?;
+        let d = host::HostDevice::with_threads(threads);
+        Ok(CudaBackend { device: Arc::new(d), loaded: Mutex::new(HashMap::new()) })
+    }
+
     pub fn device(&self) -> &dyn DeviceApi {
         self.device.as_ref()
     }

@@ -80,15 +80,40 @@ impl KernelSource {
         )
     }
 
+    /// The race check's entry for a whole grid: `threads` real threads run
+    /// every block in order, a barrier after each (shared memory is one
+    /// static copy).
+    fn host_threads_entry(&self) -> String {
+        let args: Vec<String> =
+            self.params.iter().enumerate().map(|(i, p)| format!("*({} *)a[{i}]", p.ty)).collect();
+        format!(
+            "#include <thread>\n#include <vector>\n\
+             extern \"C\" void tsr_grid_{name}(const unsigned* g, void** a, unsigned threads) {{\n    \
+             std::barrier<> bar(threads);\n    tsr_barrier = &bar;\n    std::vector<std::thread> team;\n    \
+             for (unsigned t = 0; t < threads; ++t) {{\n        team.emplace_back([&, t] {{\n            \
+             for (unsigned z = 0; z < g[2]; ++z) for (unsigned y = 0; y < g[1]; ++y) for (unsigned x = 0; x < g[0]; ++x) {{\n                \
+             gridDim = {{g[0], g[1], g[2]}}; blockDim = {{threads, 1, 1}}; blockIdx = {{x, y, z}}; threadIdx = {{t, 0, 0}};\n                \
+             {name}({});\n                bar.arrive_and_wait();\n            }}\n        }});\n    }}\n    \
+             for (auto& th : team) {{ th.join(); }}\n}}\n",
+            args.join(", "),
+            name = self.name
+        )
+    }
+
     /// The whole translation unit for `target`.
     pub fn unit(&self, target: &Target) -> String {
-        let mut s = String::with_capacity(PRELUDE.len() + self.text.len() + 512);
+        let mut s = String::with_capacity(PRELUDE.len() + self.text.len() + 1024);
+        if *target == Target::HostThreads {
+            s.push_str("#define TSR_HOST_THREADS 1\n");
+        }
         s.push_str(PRELUDE);
         s.push('\n');
         s.push_str(&self.text);
         s.push('\n');
-        if *target == Target::Host {
-            s.push_str(&self.host_entry());
+        match target {
+            Target::Host => s.push_str(&self.host_entry()),
+            Target::HostThreads => s.push_str(&self.host_threads_entry()),
+            Target::Nvrtc { .. } => {}
         }
         s
     }
@@ -144,6 +169,7 @@ pub fn compile(k: &KernelSource, target: &Target) -> Result<Binary, String> {
     let unit = k.unit(target);
     let (key, ext) = match target {
         Target::Host => (format!("host {}", cxx_version()?), "so"),
+        Target::HostThreads => (format!("host-threads {}", cxx_version()?), "so"),
         Target::Nvrtc { sm } => (format!("nvrtc {} sm_{sm}", super::nvrtc::version()?), "cubin"),
     };
     let h = hash128(&[unit.as_bytes(), key.as_bytes()]);
@@ -152,7 +178,7 @@ pub fn compile(k: &KernelSource, target: &Target) -> Result<Binary, String> {
         return Ok(Binary { target: target.clone(), bytes, kernels: vec![k.name.clone()] });
     }
     let bytes = match target {
-        Target::Host => compile_host(&unit, &k.name)?,
+        Target::Host | Target::HostThreads => compile_host(&unit, &k.name)?,
         Target::Nvrtc { sm } => super::nvrtc::compile(&unit, &k.name, &format!("sm_{sm}"))?.cubin,
     };
     write_atomic(&path, &bytes)?;
@@ -171,7 +197,7 @@ fn compile_host(unit: &str, name: &str) -> Result<Vec<u8>, String> {
     std::fs::write(&src, unit).map_err(|e| format!("cannot write {}: {e}", src.display()))?;
     let cxx = libs::cxx();
     let result = Command::new(&cxx)
-        .args(["-O2", "-std=c++17", "-shared", "-fPIC", "-w", "-fno-fast-math", "-ffp-contract=off"])
+        .args(["-O2", "-std=c++20", "-pthread", "-shared", "-fPIC", "-w", "-fno-fast-math", "-ffp-contract=off"])
         .arg("-I")
         .arg(&include)
         .arg(&src)

@@ -7,7 +7,8 @@
 //! They run the CUDA executor on the host device (the GPU's kernel sources
 //! compiled by g++, one thread per block), which needs the CUDA headers
 //! (scripts/setup-cuda-tools.sh); with TESSERA_CUDA_TEST_DEVICE=gpu they
-//! run on GPU 0 instead.
+//! run on GPU 0 instead, with TESSERA_CUDA_TEST_DEVICE=host-threads on the
+//! host device's race check (each block's threads as real threads).
 
 mod attention;
 mod batchnorm;
@@ -23,6 +24,9 @@ use tessera_runtime::{Backend, Device, RuntimeError};
 pub fn cuda_device() -> Device {
     match std::env::var("TESSERA_CUDA_TEST_DEVICE").as_deref() {
         Ok("gpu") => Device::Cuda { ordinal: 0 },
+        // The race check: blocks run by real threads (scripts/test.sh runs
+        // the op families this way too).
+        Ok("host-threads") => Device::CudaHostThreads,
         _ => Device::CudaHost,
     }
 }

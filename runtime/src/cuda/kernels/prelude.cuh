@@ -17,9 +17,20 @@ typedef __nv_bfloat16 bf16;
 #include <cstdint>
 struct tsr_dim3 { unsigned x, y, z; };
 static thread_local tsr_dim3 threadIdx, blockIdx, blockDim, gridDim;
-#define __syncthreads() ((void)0)
 #define TSR_GLOBAL static inline
 #define TSR_INF __builtin_huge_valf()
+#ifdef TSR_HOST_THREADS
+// The race check: a block's threads are real threads, __syncthreads a
+// barrier, shared memory one static copy (blocks run one after another).
+#include <barrier>
+static std::barrier<>* tsr_barrier;
+#define __syncthreads() tsr_barrier->arrive_and_wait()
+#undef __shared__
+#define __shared__ static
+#else
+// One thread per block: a barrier has nothing to wait for.
+#define __syncthreads() ((void)0)
+#endif
 #endif
 
 
