@@ -310,28 +310,38 @@ impl CudaExecutor {
 
     fn issue(&mut self, given: &HashMap<&str, &Tensor>) -> Result<(), RuntimeError> {
         // Every input into the staging buffer at its planned offset in the
-        // inputs region, (seed, step) after them: two copies, no wait.
+        // inputs region, (seed, step) after them: two copies, no wait. (The
+        // staging buffer goes back into place on every path: a failed step
+        // leaves the executor able to report it.)
         let n = self.inputs_bytes as usize;
-        let mut encoded = Vec::with_capacity(self.inputs.len());
-        for (name, v) in &self.inputs {
-            let value = &self.plan.values[*v];
-            let at = (self.addr[*v].expect("inputs have storage").0 - self.inputs_base.0) as usize;
-            encoded.push((at, to_bytes(given[name.as_str()], value.dtype)?));
-        }
         let mut staging = std::mem::take(&mut self.staging);
         let buf = &mut staging[(self.step % 2) as usize];
         let bytes = buf.as_mut_slice();
-        for (at, b) in encoded {
-            bytes[at..at + b.len()].copy_from_slice(&b);
+        let mut encoded = Ok(());
+        for (name, v) in &self.inputs {
+            let value = &self.plan.values[*v];
+            let at = (self.addr[*v].expect("inputs have storage").0 - self.inputs_base.0) as usize;
+            let len = (value.numel() * value.dtype.size_bytes()) as usize;
+            // Straight from the host tensor into page-locked memory: one copy.
+            encoded = crate::memory_layout::encode(given[name.as_str()], value.dtype, &mut bytes[at..at + len])
+                .map_err(RuntimeError::InvalidPlan);
+            if encoded.is_err() {
+                break;
+            }
+        }
+        if let Err(e) = encoded {
+            self.staging = staging;
+            return Err(e);
         }
         let rng: Vec<u8> = [self.seed, self.step].iter().flat_map(|x| x.to_ne_bytes()).collect();
         bytes[n..n + 16].copy_from_slice(&rng);
         let device = self.backend.device();
-        if let Some((at, bytes)) = self.poison {
-            device.fill(at, 0xff, bytes).map_err(dev)?;
-        }
-        let uploaded = device
-            .upload_async(self.inputs_base, buf, 0, n)
+        let poisoned = match self.poison {
+            Some((at, bytes)) => device.fill(at, 0xff, bytes),
+            None => Ok(()),
+        };
+        let uploaded = poisoned
+            .and_then(|_| device.upload_async(self.inputs_base, buf, 0, n))
             .and_then(|_| device.upload_async(self.rng, buf, n, 16));
         self.staging = staging;
         uploaded.map_err(dev)?;
