@@ -11,10 +11,8 @@ use serde_json::json;
 use std::time::Instant;
 use tessera_compiler::config;
 use tessera_compiler::elaborate::Program;
-use tessera_compiler::ir::DType;
 use tessera_compiler::pipeline::training_plan_for;
-use tessera_compiler::plan::{Plan, Source, Target};
-use tessera_runtime::philox::Stream;
+use tessera_compiler::plan::Target;
 use tessera_runtime::{Backend, Device, Executor, Tensor};
 
 pub struct BenchArgs {
@@ -25,45 +23,6 @@ pub struct BenchArgs {
     pub steps: u64,
     pub warmup: u64,
     pub json: bool,
-}
-
-/// Random inputs of `plan`'s types for step `step`: images in [-1, 1],
-/// class targets below the output width, soft targets summing to 1,
-/// AdamW's scalars as the engine computes them.
-pub fn random_inputs(plan: &Plan, step: u64) -> Vec<(String, Tensor)> {
-    let classes = ["output", "output.0"]
-        .iter()
-        .find_map(|n| plan.output(n))
-        .map(|v| *plan.values[v].shape.last().unwrap_or(&2) as usize)
-        .unwrap_or(2)
-        .max(1);
-    let mut out = Vec::new();
-    for (i, v) in plan.values.iter().enumerate() {
-        let Source::Input { name } = &v.source else { continue };
-        let shape: Vec<usize> = v.shape.iter().map(|&d| d as usize).collect();
-        let n: usize = shape.iter().product();
-        let s = Stream::new(11, step, i as u32);
-        let t = if v.dtype == DType::I64 {
-            Tensor::i64(shape, (0..n as u64).map(|j| (s.u32_at(j) as usize % classes) as i64).collect())
-        } else if name.starts_with("optim.lr") {
-            Tensor::full(shape, v.dtype, 1e-3)
-        } else if name.starts_with("optim.weight_decay") {
-            Tensor::full(shape, v.dtype, 0.05)
-        } else if name.starts_with("optim.bias_correction1") {
-            Tensor::full(shape, v.dtype, 1.0 - 0.9f64.powi(step as i32 + 1))
-        } else if name.starts_with("optim.bias_correction2") {
-            Tensor::full(shape, v.dtype, 1.0 - 0.999f64.powi(step as i32 + 1))
-        } else if name == "loss.moco_momentum" {
-            Tensor::full(shape, v.dtype, 0.99)
-        } else if name == "target" {
-            let k = shape.last().copied().unwrap_or(1).max(1);
-            Tensor::full(shape, v.dtype, 1.0 / k as f64)
-        } else {
-            Tensor::f32(shape, (0..n as u64).map(|j| s.uniform_at(j) * 2.0 - 1.0).collect())
-        };
-        out.push((name.clone(), t));
-    }
-    out
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -101,7 +60,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         _ => None,
     };
     let step = |ex: &mut Executor, i: u64| -> Result<f32> {
-        let given = random_inputs(&plan, i);
+        let given = tessera_runtime::synthetic::step_inputs(&plan, i);
         let named: Vec<(&str, Tensor)> = given.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
         let wanted = |n: &str| n == "loss";
         let out = ex.run(&named, Some(&wanted)).map_err(|e| anyhow!("step {i}: {e}"))?;

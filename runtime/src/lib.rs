@@ -13,6 +13,7 @@ pub mod cuda;
 pub mod error;
 pub mod memory_layout;
 pub mod philox;
+pub mod synthetic;
 pub mod tensor;
 pub mod weights;
 

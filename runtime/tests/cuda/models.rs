@@ -13,57 +13,9 @@
 use std::collections::BTreeMap;
 use tessera_compiler::config;
 use tessera_compiler::elaborate::Program;
-use tessera_compiler::ir::DType;
 use tessera_compiler::pipeline::training_plan_for;
-use tessera_compiler::plan::{Plan, Source, Target};
-use tessera_runtime::philox::Stream;
+use tessera_compiler::plan::{Plan, Target};
 use tessera_runtime::{Backend, Executor, Tensor};
-
-/// The inputs of step `step` for `plan`: images uniform in [-1, 1], class
-/// targets below the model's output width, soft targets that sum to 1,
-/// AdamW's scalars as the engine computes them.
-fn inputs(plan: &Plan, step: u64) -> Vec<(String, Tensor)> {
-    let classes = plan
-        .output("output")
-        .or_else(|| plan.output("output.0"))
-        .map(|v| *plan.values[v].shape.last().unwrap_or(&2) as usize)
-        .unwrap_or(2);
-    let mut out = Vec::new();
-    for v in &plan.values {
-        let Source::Input { name } = &v.source else { continue };
-        let shape: Vec<usize> = v.shape.iter().map(|&d| d as usize).collect();
-        let n: usize = shape.iter().product();
-        // Keyed by the input's name: plans of one model (f32, bf16) get one batch.
-        let key = name.bytes().fold(0x811c_9dc5u32, |h, b| (h ^ b as u32).wrapping_mul(0x0100_0193));
-        let s = Stream::new(77, step, key);
-        let t = if v.dtype == DType::I64 {
-            Tensor::i64(shape, (0..n as u64).map(|j| (s.u32_at(j) as usize % classes) as i64).collect())
-        } else if name.starts_with("optim.lr") {
-            Tensor::full(shape, v.dtype, 1e-3)
-        } else if name.starts_with("optim.weight_decay") {
-            Tensor::full(shape, v.dtype, 0.05)
-        } else if name.starts_with("optim.bias_correction1") {
-            Tensor::full(shape, v.dtype, 1.0 - 0.9f64.powi(step as i32 + 1))
-        } else if name.starts_with("optim.bias_correction2") {
-            Tensor::full(shape, v.dtype, 1.0 - 0.999f64.powi(step as i32 + 1))
-        } else if name == "loss.moco_momentum" {
-            Tensor::full(shape, v.dtype, if step == 0 { 0.0 } else { 0.99 })
-        } else if name == "target" {
-            // Soft targets (cutmixup): positive rows that sum to 1.
-            let k = *shape.last().unwrap_or(&1);
-            let raw: Vec<f32> = (0..n as u64).map(|j| s.uniform_at(j) + 0.05).collect();
-            let data = raw.chunks(k).flat_map(|r| {
-                let sum: f32 = r.iter().sum();
-                r.iter().map(move |x| x / sum).collect::<Vec<_>>()
-            });
-            Tensor::f32(shape, data.collect())
-        } else {
-            Tensor::f32(shape, (0..n as u64).map(|j| s.uniform_at(j) * 2.0 - 1.0).collect())
-        };
-        out.push((name.clone(), t));
-    }
-    out
-}
 
 /// Losses of `steps` steps, the gradients of the first, and the state after.
 struct Trained {
@@ -76,7 +28,7 @@ fn train(ex: &mut Executor, plan: &Plan, steps: u64) -> Trained {
     let mut losses = Vec::new();
     let mut grads = BTreeMap::new();
     for step in 0..steps {
-        let given = inputs(plan, step);
+        let given = tessera_runtime::synthetic::step_inputs(plan, step);
         let named: Vec<(&str, Tensor)> = given.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
         let wanted = |n: &str| n == "loss" || (step == 0 && n.starts_with("grad."));
         let mut out = ex.run(&named, Some(&wanted)).unwrap_or_else(|e| panic!("step {step}: {e}"));
