@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The CUDA backend on a GPU, in one run that reports every failure at once
-# (no stop at the first) and writes runs/gpu-check/gpu-check.json:
+# (no stop at the first) and writes runs/gpu-check/gpu-check.json; every
+# step has a time limit (13 minutes in all at worst; about 5 expected on an
+# H100, most of it the CPU's reference quickstart):
 #
 #   ops+models  every op family against the CPU (f32 within 1e-5; bf16 as
 #               accurate as the CPU's bf16 plan), and three training steps
@@ -83,14 +85,14 @@ record device ok 0 "$(printf '%s' "$GPU" | json_str)"
 
 # --- ops and models against the CPU --------------------------------------
 t=$SECONDS
-timeout 420 "$CUDA_TESTS" --skip compile:: --test-threads 1 >"$OUT/ops_models.log" 2>&1
+timeout 180 "$CUDA_TESTS" --skip compile:: --test-threads 1 >"$OUT/ops_models.log" 2>&1
 rc=$?
 summary="$(grep -E '^test result|FAILED|panicked' "$OUT/ops_models.log" | head -40 | json_str)"
 record ops_and_models "$([ $rc = 0 ] && echo ok || echo FAILED)" $((SECONDS - t)) "$summary"
 
 # --- libtorch parity fixtures through tessera infer ----------------------
 t=$SECONDS
-timeout 240 python3 scripts/gpu/parity.py "$T" "$B/fixtures" "$DEVICE" "$OUT/parity.json" >"$OUT/parity.log" 2>&1
+timeout 60 python3 scripts/gpu/parity.py "$T" "$B/fixtures" "$DEVICE" "$OUT/parity.json" >"$OUT/parity.log" 2>&1
 rc=$?
 record parity "$([ $rc = 0 ] && echo ok || echo FAILED)" $((SECONDS - t)) "$(json_str <"$OUT/parity.log")"
 
@@ -102,7 +104,7 @@ LIMIT=()
 [ $QUICK = 1 ] && LIMIT=(DATA.TRAIN.DATA_LIMIT=640 DATA.TEST.DATA_LIMIT=200)
 "$T" data synth --out "$OUT/data" >/dev/null 2>&1
 qs() { # DEVICE DIR
-    timeout 300 "$T" train config=quickstart/vit_tiny "DATA.TRAIN.DATA_PATHS=[$OUT/data/train]" \
+    timeout 90 "$T" train config=quickstart/vit_tiny "DATA.TRAIN.DATA_PATHS=[$OUT/data/train]" \
         "DATA.TEST.DATA_PATHS=[$OUT/data/val]" "OPTIMIZER.num_epochs=$EPOCHS" "CHECKPOINT.DIR=$2" \
         "${LIMIT[@]}" --device "$1" -q >"$2.log" 2>&1
 }
@@ -120,7 +122,7 @@ t=$SECONDS
 SLOW=(MODEL.TRUNK.VISION_TRANSFORMERS.NUM_LAYERS=6 MODEL.TRUNK.VISION_TRANSFORMERS.DROPOUT_RATE=0.1
     OPTIMIZER.num_epochs=1 LOG_FREQUENCY=1 TEST_MODEL=false CHECKPOINT.CHECKPOINT_ITER_FREQUENCY=3
     "DATA.TRAIN.DATA_PATHS=[$OUT/data/train]" "DATA.TEST.DATA_PATHS=[$OUT/data/val]" "${LIMIT[@]}")
-run_slow() { "$T" train config=quickstart/vit_tiny "${SLOW[@]}" "CHECKPOINT.DIR=$1" --device "$DEVICE" -q; }
+run_slow() { timeout 60 "$T" train config=quickstart/vit_tiny "${SLOW[@]}" "CHECKPOINT.DIR=$1" --device "$DEVICE" -q; }
 run_slow "$OUT/rs-full" >"$OUT/rs-full.log" 2>&1
 run_slow "$OUT/rs-killed" >"$OUT/rs-killed.log" 2>&1 &
 pid=$!
@@ -162,11 +164,11 @@ else
         MODEL.TRUNK.VISION_TRANSFORMERS.QKV_BIAS=true MODEL.TRUNK.VISION_TRANSFORMERS.DROP_PATH_RATE=0
         MODEL.AMP_PARAMS.USE_AMP=true --batch 256 --steps 10 --warmup 3)
 fi
-timeout 420 "$T" bench "${BENCH[@]}" --device "$DEVICE" --format json >"$OUT/bench.json" 2>"$OUT/bench.log"
+timeout 120 "$T" bench "${BENCH[@]}" --device "$DEVICE" --format json >"$OUT/bench.json" 2>"$OUT/bench.log"
 rc_b=$?
 torch_json='null'
 if [ $QUICK = 0 ] && [ "$DEVICE" = gpu ]; then
-    timeout 240 python3 scripts/gpu/torch_bench.py vit_base_patch16_224 256 20 >"$OUT/torch.json" 2>"$OUT/torch.log" &&
+    timeout 90 python3 scripts/gpu/torch_bench.py vit_base_patch16_224 256 20 >"$OUT/torch.json" 2>"$OUT/torch.log" &&
         torch_json="$(tail -1 "$OUT/torch.json")"
 fi
 bench="$(python3 - "$OUT/bench.json" "$torch_json" $rc_b <<'PY'

@@ -278,3 +278,31 @@ fn a_checkpoint_resumes_across_backends() {
         }
     }
 }
+
+/// The CUDA executor is deterministic (no floating-point atomics; masks
+/// from the CPU's Philox streams), so a run stopped mid-epoch and resumed
+/// repeats an uninterrupted run bitwise, as on the CPU (here on the host
+/// device; scripts/gpu-check.sh kills and resumes a run on a GPU).
+#[test]
+fn a_cuda_run_stopped_mid_epoch_resumes_bitwise() {
+    let root = tmpdir("cuda-resume");
+    let data = synth_folder(&root, 4, 32, 8);
+    let extra = [
+        "CHECKPOINT.CHECKPOINT_ITER_FREQUENCY=3",
+        "MODEL.TRUNK.VISION_TRANSFORMERS.DROPOUT_RATE=0.1",
+        "--device",
+        "cuda-host",
+    ];
+    let whole = root.join("whole");
+    ok(&run(&args(&data, &whole, 2, &extra)));
+    let expect = losses(&whole);
+    assert_eq!(expect.len(), 16, "2 epochs of 8 steps");
+    let stopped = root.join("stopped");
+    let mut a = args(&data, &stopped, 2, &extra);
+    a.extend(["--max-steps".to_string(), "5".to_string()]);
+    ok(&run(&a));
+    assert_eq!(losses(&stopped).len(), 5);
+    ok(&run(&args(&data, &stopped, 2, &extra)));
+    assert!(std::fs::read_to_string(stopped.join("log.txt")).unwrap().contains("resuming from"));
+    assert_eq!(losses(&stopped), expect, "the resumed run's losses differ from the uninterrupted run's");
+}
