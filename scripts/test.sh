@@ -48,7 +48,7 @@ cargo test --locked --release --workspace || status=$?
 # with each block's threads as real threads (__syncthreads a barrier,
 # shared memory shared), which a one-thread-per-block run cannot catch.
 echo "test.sh: CUDA kernels with real threads per block (race check)" >&2
-TESSERA_CUDA_TEST_DEVICE=host-threads cargo test --locked --release -p tessera-runtime --test cuda -- \
+TESSERA_CUDA_TEST_DEVICE=host-threads cargo test --locked --release --workspace --test cuda -- \
     ops:: reduce:: attention:: batchnorm:: || status=$?
 
 # Every test file of the root package that needs the oracle: those mentioning
