@@ -501,6 +501,36 @@ impl Optim {
     }
 }
 
+/// The inputs of the training step at `iteration` besides the images: the
+/// optimizer's scalars, the targets when the plan takes them, MoCo's
+/// momentum (0 at the first step: the key encoder starts as a copy of the
+/// online model, reference 4.1); and the lr, for the logs.
+fn step_scalars(
+    optim: &Optim,
+    iteration: u64,
+    total: u64,
+    per_epoch: u64,
+    labels: &Labels,
+    needs: &dyn Fn(&str) -> bool,
+    moco_momentum: f64,
+) -> (Vec<(String, Tensor)>, f64) {
+    let (mut inputs, lr_now) = optim.scalars(iteration, total, per_epoch);
+    if needs("target") {
+        inputs.push((
+            "target".into(),
+            match labels {
+                Labels::Hard(y) => Tensor::i64(vec![y.len()], y.clone()),
+                Labels::Soft { classes, data } => Tensor::f32(vec![data.len() / classes, *classes], data.clone()),
+            },
+        ));
+    }
+    if needs(MOCO_MOMENTUM) {
+        let m = if iteration == 0 { 0.0 } else { moco_momentum };
+        inputs.push((MOCO_MOMENTUM.into(), Tensor::scalar_f32(m as f32)));
+    }
+    (inputs, lr_now)
+}
+
 /// What a test phase needs besides the model.
 struct TestPhase<'a, 'b> {
     prog: &'a Program,
@@ -832,7 +862,7 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
             }
         }
         let mut window = (Instant::now(), 0u64);
-        let mut batches = setup.train.epoch(epoch, skip);
+        let mut batches = setup.train.epoch(epoch, skip).peekable();
         while let Some(b) = batches.next() {
             let stopping = setup.stop.load(Ordering::SeqCst);
             if stopping || setup.max_steps.is_some_and(|m| state.iteration >= m) {
@@ -850,34 +880,35 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
                 return Ok(Outcome::Stopped { checkpoint: path, iteration: state.iteration, reason });
             }
             let Batch { images, labels, size } = b.map_err(EngineError::Data)?;
+            let same_stage_next = steps.stages.id(state.iteration + 1) == steps.stages.id(state.iteration);
             let ex = steps.get(size as u64, state.iteration)?;
             let needs = |name: &str| ex.plan().input(name).is_some();
-            let (mut inputs, lr_now) = optim.scalars(state.iteration, total, per_epoch);
+            let iteration = state.iteration;
+            let (mut inputs, lr_now) = step_scalars(&optim, iteration, total, per_epoch, &labels, &needs, moco_momentum);
             inputs.extend(images);
-            if needs("target") {
-                inputs.push((
-                    "target".into(),
-                    match &labels {
-                        Labels::Hard(y) => Tensor::i64(vec![y.len()], y.clone()),
-                        Labels::Soft { classes, data } => {
-                            Tensor::f32(vec![data.len() / classes, *classes], data.clone())
-                        }
-                    },
-                ));
-            }
-            if needs(MOCO_MOMENTUM) {
-                // The key encoder starts as a copy of the online model (reference 4.1).
-                let m = if state.iteration == 0 { 0.0 } else { moco_momentum };
-                inputs.push((MOCO_MOMENTUM.into(), Tensor::scalar_f32(m as f32)));
-            }
             let (names, tensors): (Vec<String>, Vec<Tensor>) = inputs.into_iter().unzip();
             let given: Vec<(&str, Tensor)> = names.iter().map(String::as_str).zip(tensors).collect();
+            // The next step's inputs when the same plan runs it (same batch
+            // size and stage): a GPU copies them over while this step computes.
+            let next_scalars = match batches.peek() {
+                Some(Ok(nb)) if nb.size == size && same_stage_next => {
+                    let (s, _) = step_scalars(&optim, iteration + 1, total, per_epoch, &nb.labels, &needs, moco_momentum);
+                    Some(s)
+                }
+                _ => None,
+            };
+            let next: Option<Vec<(&str, &Tensor)>> = match (batches.peek(), &next_scalars) {
+                (Some(Ok(nb)), Some(s)) => {
+                    Some(s.iter().chain(&nb.images).map(|(n, t)| (n.as_str(), t)).collect())
+                }
+                _ => None,
+            };
             // Read back only what the loop uses: the loss, and the model's
             // outputs when the training meter is on (not the gradients).
             let meter_on = meter.is_some() && train_meter;
             let wanted = |name: &str| name == "loss" || (meter_on && name.starts_with("output"));
             let out = ex
-                .run(&given, Some(&wanted))
+                .run_next(&given, next.as_deref(), Some(&wanted))
                 .map_err(|e| EngineError::Runtime(format!("iteration {}: {e}", state.iteration)))?;
             let loss = out.get("loss").and_then(|t| t.as_f32()).map(|v| v[0]).unwrap_or(f32::NAN);
             if !loss.is_finite() {

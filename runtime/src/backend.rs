@@ -225,6 +225,18 @@ impl Executor {
         inputs: &[(&str, Tensor)],
         wanted: Option<&dyn Fn(&str) -> bool>,
     ) -> Result<BTreeMap<String, Tensor>, RuntimeError> {
+        self.run_next(inputs, None, wanted)
+    }
+
+    /// `run`, given the inputs of the next run as well (which the next call
+    /// must be given again): a GPU copies them over while this step
+    /// computes. The CPU backends have nothing to overlap and ignore them.
+    pub fn run_next(
+        &mut self,
+        inputs: &[(&str, Tensor)],
+        next: Option<&[(&str, &Tensor)]>,
+        wanted: Option<&dyn Fn(&str) -> bool>,
+    ) -> Result<BTreeMap<String, Tensor>, RuntimeError> {
         match self {
             Executor::Cpu(e) => {
                 let mut out = e.run(inputs)?;
@@ -234,7 +246,10 @@ impl Executor {
                 Ok(out)
             }
             Executor::CpuArena(e) => e.run(inputs, wanted),
-            Executor::Cuda(e) => e.run(inputs, wanted),
+            Executor::Cuda(e) => {
+                let given: Vec<(&str, &Tensor)> = inputs.iter().map(|(n, t)| (*n, t)).collect();
+                e.run_next(&given, next, wanted)
+            }
         }
     }
 }

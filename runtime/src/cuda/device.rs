@@ -164,6 +164,15 @@ pub trait DeviceApi: Send + Sync {
     /// `src` must not change until the stream has passed this point (the
     /// executor alternates two staging buffers and synchronises every step).
     fn upload_async(&self, dst: DevPtr, src: &HostBuf, offset: usize, bytes: usize) -> DResult<()>;
+    /// The next step's inputs, while this step computes: waits until the
+    /// previous prefetch into `dst` has been consumed, then copies `bytes`
+    /// from `src` to `dst` on a stream of its own (a GPU's copy engine
+    /// works beside the compute stream).
+    fn prefetch(&self, dst: DevPtr, src: &HostBuf, offset: usize, bytes: usize) -> DResult<()>;
+    /// Takes a prefetch in stream order: the compute stream waits for it,
+    /// copies `bytes` from `src` (where it landed) to `dst`, and marks it
+    /// consumed.
+    fn consume_prefetch(&self, dst: DevPtr, src: DevPtr, bytes: u64) -> DResult<()>;
     /// Loads a module; its kernels in the order of `binary.kernels`.
     fn load(&self, binary: &Binary) -> DResult<Vec<Function>>;
     fn launch(&self, f: Function, shape: Launch, args: &[Arg]) -> DResult<()>;

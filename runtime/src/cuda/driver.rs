@@ -39,6 +39,11 @@ pub struct GpuDevice {
     sm: u32,
     ctx: sys::CUcontext,
     stream: sys::CUstream,
+    /// The prefetch stream (the next step's inputs) and its two events:
+    /// `ready` (the copy landed), `consumed` (the compute stream took it).
+    copies: sys::CUstream,
+    ready: sys::CUevent,
+    consumed: sys::CUevent,
     blas: lt::cublasLtHandle_t,
     state: Mutex<State>,
 }
@@ -70,6 +75,13 @@ impl GpuDevice {
         let ctx = unsafe { drv::primary_ctx::retain(dev) }.map_err(|e| format!("cuDevicePrimaryCtxRetain: {e:?}"))?;
         unsafe { drv::ctx::set_current(ctx) }.map_err(|e| format!("cuCtxSetCurrent: {e:?}"))?;
         let stream = drv::stream::create(drv::stream::StreamKind::NonBlocking).map_err(|e| format!("cuStreamCreate: {e:?}"))?;
+        let copies = drv::stream::create(drv::stream::StreamKind::NonBlocking).map_err(|e| format!("cuStreamCreate: {e:?}"))?;
+        let event = || {
+            drv::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING).map_err(|e| format!("cuEventCreate: {e:?}"))
+        };
+        let (ready, consumed) = (event()?, event()?);
+        // Nothing to wait for before the first prefetch.
+        unsafe { drv::event::record(consumed, stream) }.map_err(|e| format!("cuEventRecord: {e:?}"))?;
         let blas = cudarc::cublaslt::result::create_handle().map_err(|e| format!("cublasLtCreate: {e:?}"))?;
         Ok(GpuDevice {
             ordinal,
@@ -77,6 +89,9 @@ impl GpuDevice {
             sm: (major * 10 + minor) as u32,
             ctx,
             stream,
+            copies,
+            ready,
+            consumed,
             blas,
             state: Mutex::new(State { functions: Vec::new(), modules: Vec::new(), gemms: Vec::new() }),
         })
@@ -202,6 +217,30 @@ impl DeviceApi for GpuDevice {
         // Page-locked source: a true asynchronous copy, ordered on the stream.
         let src = unsafe { std::slice::from_raw_parts(src.ptr.add(offset), bytes) };
         unsafe { drv::memcpy_htod_async(dst.0, src, self.stream) }.map_err(|e| err("cuMemcpyHtoDAsync", e))
+    }
+
+    fn prefetch(&self, dst: DevPtr, src: &HostBuf, offset: usize, bytes: usize) -> DResult<()> {
+        if offset + bytes > src.bytes {
+            return Err(DeviceError(format!("prefetch of {offset}+{bytes} bytes from a {}-byte staging buffer", src.bytes)));
+        }
+        self.current()?;
+        let wait = sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT;
+        unsafe {
+            drv::stream::wait_event(self.copies, self.consumed, wait).map_err(|e| err("cuStreamWaitEvent", e))?;
+            let src = std::slice::from_raw_parts(src.ptr.add(offset), bytes);
+            drv::memcpy_htod_async(dst.0, src, self.copies).map_err(|e| err("cuMemcpyHtoDAsync", e))?;
+            drv::event::record(self.ready, self.copies).map_err(|e| err("cuEventRecord", e))
+        }
+    }
+
+    fn consume_prefetch(&self, dst: DevPtr, src: DevPtr, bytes: u64) -> DResult<()> {
+        self.current()?;
+        let wait = sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT;
+        unsafe {
+            drv::stream::wait_event(self.stream, self.ready, wait).map_err(|e| err("cuStreamWaitEvent", e))?;
+            drv::memcpy_dtod_async(dst.0, src.0, bytes as usize, self.stream).map_err(|e| err("cuMemcpyDtoDAsync", e))?;
+            drv::event::record(self.consumed, self.stream).map_err(|e| err("cuEventRecord", e))
+        }
     }
 
     fn load(&self, binary: &Binary) -> DResult<Vec<Function>> {
@@ -343,7 +382,11 @@ impl Drop for GpuDevice {
             for m in s.modules.drain(..) {
                 let _ = drv::module::unload(m);
             }
+            let _ = drv::stream::synchronize(self.copies);
             let _ = cudarc::cublaslt::result::destroy_handle(self.blas);
+            let _ = drv::event::destroy(self.ready);
+            let _ = drv::event::destroy(self.consumed);
+            let _ = drv::stream::destroy(self.copies);
             let _ = drv::stream::destroy(self.stream);
         }
     }

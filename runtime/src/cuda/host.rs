@@ -177,6 +177,15 @@ impl DeviceApi for HostDevice {
         self.upload(dst, unsafe { std::slice::from_raw_parts(src.ptr.add(offset), bytes) })
     }
 
+    fn prefetch(&self, dst: DevPtr, src: &HostBuf, offset: usize, bytes: usize) -> DResult<()> {
+        // One stream of work on the host: the copy happens now.
+        self.upload_async(dst, src, offset, bytes)
+    }
+
+    fn consume_prefetch(&self, dst: DevPtr, src: DevPtr, bytes: u64) -> DResult<()> {
+        self.copy(dst, src, bytes)
+    }
+
     fn load(&self, binary: &Binary) -> DResult<Vec<Function>> {
         if binary.target != self.target() {
             return Err(DeviceError(format!("this host device loads {:?} libraries only", self.target())));

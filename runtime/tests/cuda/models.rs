@@ -270,3 +270,34 @@ fn every_reference_model_trains_like_the_cpu_with_mixed_precision() {
 
 
 
+
+/// Prefetching the next step's inputs (`run_next`) changes nothing: the
+/// same losses bitwise; a prefetch of other inputs than the next run's is
+/// not used.
+#[test]
+fn prefetched_inputs_give_the_same_steps() {
+    let prog = Program::load(&[]).unwrap();
+    let cfg = config::load("quickstart/vit_tiny", &["DATA.TRAIN.BATCHSIZE_PER_REPLICA=4".to_string()]).unwrap();
+    let plan = training_plan_for(&prog, cfg.tree(), 4, Target::Cuda).unwrap().0;
+    let backend = crate::open_cuda().unwrap();
+    let inputs: Vec<Vec<(String, Tensor)>> = (0..4).map(|s| tessera_runtime::synthetic::step_inputs(&plan, s)).collect();
+    let named = |i: usize| -> Vec<(&str, Tensor)> { inputs[i].iter().map(|(n, t)| (n.as_str(), t.clone())).collect() };
+    let refs = |i: usize| -> Vec<(&str, &Tensor)> { inputs[i].iter().map(|(n, t)| (n.as_str(), t)).collect() };
+    let wanted = |n: &str| n == "loss";
+    let loss = |o: &std::collections::BTreeMap<String, Tensor>| o["loss"].as_f32().unwrap()[0];
+    let mut plain = backend.executor(plan.clone(), 5).unwrap();
+    let expect: Vec<f32> = (0..4).map(|i| loss(&plain.run(&named(i), Some(&wanted)).unwrap())).collect();
+    let mut ahead = backend.executor(plan.clone(), 5).unwrap();
+    let got: Vec<f32> = (0..4)
+        .map(|i| {
+            let next = (i + 1 < 4).then(|| refs(i + 1));
+            loss(&ahead.run_next(&named(i), next.as_deref(), Some(&wanted)).unwrap())
+        })
+        .collect();
+    assert_eq!(got, expect, "prefetching changed the steps");
+    // A prefetch of step 3's inputs, then step 1's inputs run: not used.
+    let mut wrong = backend.executor(plan, 5).unwrap();
+    let first = wrong.run_next(&named(0), Some(&refs(3)), Some(&wanted)).unwrap();
+    let second = wrong.run(&named(1), Some(&wanted)).unwrap();
+    assert_eq!([loss(&first), loss(&second)], [expect[0], expect[1]]);
+}
