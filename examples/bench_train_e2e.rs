@@ -134,8 +134,8 @@ fn main() {
             max_steps: None,
             stop: Arc::new(AtomicBool::new(false)),
             quiet: true,
-        device: None,
-        plans: None,
+            device: None,
+            plans: None,
         })
         .unwrap_or_else(|e| panic!("{e}"));
         images / start.elapsed().as_secs_f64()

@@ -7,8 +7,8 @@ use tessera_compiler::config;
 use tessera_compiler::elaborate::Program;
 use tessera_compiler::pipeline::training_plan;
 use tessera_runtime::cpu::CpuExecutor;
-use tessera_runtime::Tensor;
 use tessera_runtime::philox::Stream;
+use tessera_runtime::Tensor;
 
 /// Runs `steps` training steps and returns the loss of each.
 pub fn train(steps: usize, verbose: bool) -> Vec<f32> {

@@ -38,7 +38,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let mut tree = cfg.tree().clone();
     tree["DISTRIBUTED"]["NUM_NODES"] = 1.into();
     tree["DISTRIBUTED"]["NUM_PROC_PER_NODE"] = 1.into();
-    let batch = a.batch.or_else(|| tree.pointer("/DATA/TRAIN/BATCHSIZE_PER_REPLICA").and_then(|v| v.as_u64())).unwrap_or(1);
+    let batch =
+        a.batch.or_else(|| tree.pointer("/DATA/TRAIN/BATCHSIZE_PER_REPLICA").and_then(|v| v.as_u64())).unwrap_or(1);
     let target = if matches!(a.device, Device::Cpu | Device::CpuArena) { Target::Cpu } else { Target::Cuda };
     let prog = Program::load(&[]).map_err(|e| anyhow!("{e}"))?;
     let compile_start = Instant::now();

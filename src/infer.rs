@@ -10,11 +10,11 @@ use tessera_compiler::config;
 use tessera_compiler::elaborate::Program;
 use tessera_compiler::pipeline::inference_plan_for;
 use tessera_compiler::plan::Target;
-use tessera_runtime::{Backend, Device, Tensor};
 use tessera_runtime::weights::{
     detect_format, export, match_weights_with, model_tensors, read_safetensors, write_safetensors, MatchOptions,
     NamedTensor, WeightsFormat,
 };
+use tessera_runtime::{Backend, Device, Tensor};
 
 /// The one tensor called `name` in a safetensors file.
 fn read_one(path: &Path, name: &str) -> Result<NamedTensor> {
@@ -71,7 +71,9 @@ pub fn run(
         let v = ex.plan().state(&t.name).ok_or_else(|| anyhow!("the model has no tensor `{}`", t.name))?;
         // Integer buffers (BatchNorm's num_batches_tracked) come back from files as f32.
         let value = match ex.plan().values[v].dtype {
-            tessera_compiler::ir::DType::I64 => Tensor::i64(t.shape.clone(), t.data.iter().map(|&v| v as i64).collect()),
+            tessera_compiler::ir::DType::I64 => {
+                Tensor::i64(t.shape.clone(), t.data.iter().map(|&v| v as i64).collect())
+            }
             _ => Tensor::f32(t.shape.clone(), t.data),
         };
         ex.write_state(&t.name, value).map_err(|e| anyhow!("{e}"))?;

@@ -367,7 +367,8 @@ fn run(cli: Cli) -> Result<()> {
                 bail!("--batch: batch sizes must be at least 1");
             }
             let batch = batches[0];
-            let target = tessera_compiler::plan::Target::parse(&target).map_err(|e| anyhow::anyhow!("--target: {e}"))?;
+            let target =
+                tessera_compiler::plan::Target::parse(&target).map_err(|e| anyhow::anyhow!("--target: {e}"))?;
             let passes_given = passes.is_some();
             let pass_names = chosen_passes(passes, tessera_compiler::pipeline::uses_amp(cfg.tree()))?;
             let step =
@@ -437,10 +438,21 @@ fn run(cli: Cli) -> Result<()> {
                     let test_model = cfg.get("TEST_MODEL").and_then(|v| v.as_bool()).unwrap_or(false);
                     let eval = eval_batch.unwrap_or_else(|| {
                         let b = cfg.get("DATA.TEST.BATCHSIZE_PER_REPLICA").and_then(|v| v.as_u64()).unwrap_or(1);
-                        if test_model { vec![b] } else { vec![] }
+                        if test_model {
+                            vec![b]
+                        } else {
+                            vec![]
+                        }
                     });
-                    let run = tessera_engine::compiled::CompiledRun::compile(&prog, cfg.name(), cfg.tree(), target, &batches, &eval)
-                        .map_err(|e| anyhow::anyhow!("{e}"))?;
+                    let run = tessera_engine::compiled::CompiledRun::compile(
+                        &prog,
+                        cfg.name(),
+                        cfg.tree(),
+                        target,
+                        &batches,
+                        &eval,
+                    )
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
                     serde_json::to_string(&run)?
                 }
                 (Emit::Kernels, _) => step()?.0.kernel_listing(),
@@ -547,7 +559,10 @@ fn run(cli: Cli) -> Result<()> {
                     run.eval.len()
                 );
                 for s in &run.steps {
-                    out += &format!("\n# training step, batch {}, stage {} (from iteration {})\n", s.batch, s.stage, s.first_iteration);
+                    out += &format!(
+                        "\n# training step, batch {}, stage {} (from iteration {})\n",
+                        s.batch, s.stage, s.first_iteration
+                    );
                     out += &s.plan.summary();
                 }
                 for e in &run.eval {

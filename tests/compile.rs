@@ -396,7 +396,12 @@ fn cli_emits_a_plan_and_shows_it() {
     assert!(ok, "{e}");
     let (ok, out, e) = tessera(&["plan", "show", plan.to_str().unwrap()]);
     assert!(ok, "{e}");
-    assert!(out.starts_with("compiled run of quickstart/vit_tiny for the cpu target: 1 training step(s), 1 eval forward(s)"), "{out}");
+    assert!(
+        out.starts_with(
+            "compiled run of quickstart/vit_tiny for the cpu target: 1 training step(s), 1 eval forward(s)"
+        ),
+        "{out}"
+    );
     assert!(out.contains("plan v3  batch 4  training") && out.contains("plan v3  batch 100  eval"), "{out}");
     // 30 trainable tensors in the tiny ViT, each with a gradient and an update.
     assert!(out.contains("in 30 tensors, 30 gradients"), "{out}");

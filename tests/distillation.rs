@@ -10,10 +10,10 @@
 use std::path::{Path, PathBuf};
 use tessera_compiler::{compose::compile, config, elaborate::Program, pipeline::inference_plan, plan::Source};
 use tessera_runtime::cpu::CpuExecutor;
-use tessera_runtime::Tensor;
 use tessera_runtime::weights::{
     export, model_tensors, read_safetensors, write_safetensors, NamedTensor, WeightsFormat,
 };
+use tessera_runtime::Tensor;
 
 mod cli;
 use cli::{run, synth_folder, text, tmpdir};

@@ -6,8 +6,8 @@
 use tessera_compiler::autodiff::backward;
 use tessera_compiler::ir::{BinaryOp, DType, Dim, Graph, Init, Op, ReduceOp, Shape, TensorType, UnaryOp, ValueId};
 use tessera_runtime::cpu::CpuExecutor;
-use tessera_runtime::Tensor;
 use tessera_runtime::philox::Stream;
+use tessera_runtime::Tensor;
 
 const B: u64 = 3;
 

@@ -7,11 +7,11 @@ use std::path::Path;
 use std::process::Command;
 use tessera_compiler::{config, elaborate::Program, pipeline::inference_plan};
 use tessera_runtime::cpu::CpuExecutor;
-use tessera_runtime::Tensor;
 use tessera_runtime::philox::Stream;
 use tessera_runtime::weights::{
     export, model_tensors, read_safetensors, write_safetensors, NamedTensor, WeightsFormat,
 };
+use tessera_runtime::Tensor;
 
 const B: usize = 2;
 

@@ -13,8 +13,8 @@ use tessera_compiler::elaborate::Program;
 use tessera_compiler::pipeline::training_plan;
 use tessera_compiler::Compiled;
 use tessera_runtime::cpu::CpuExecutor;
-use tessera_runtime::Tensor;
 use tessera_runtime::weights::{read_safetensors, NamedTensor};
+use tessera_runtime::Tensor;
 
 mod cli;
 use cli::{ok, run, synth_folder, tmpdir};

@@ -26,8 +26,8 @@ use tessera_compiler::config;
 use tessera_compiler::elaborate::Program;
 use tessera_compiler::pipeline::inference_plan;
 use tessera_runtime::cpu::CpuExecutor;
-use tessera_runtime::Tensor;
 use tessera_runtime::weights::{read_safetensors, write_safetensors, NamedTensor};
+use tessera_runtime::Tensor;
 
 /// The bound on max |tessera - torch| / max |torch| of every compared tensor.
 const MAX_REL: f64 = 1e-4;

@@ -126,10 +126,24 @@ fn compare_model(config_name: &str, overrides: &[&str], targets: Targets, pertur
     loss.backward();
 
     if let (Ok(dir), Targets::Hard) = (std::env::var("TESSERA_FIXTURES_OUT"), targets) {
-        let slug = format!("{config_name}{}{}", overrides.join(" "), if perturbation > 0.0 { " perturbed" } else { "" });
+        let slug =
+            format!("{config_name}{}{}", overrides.join(" "), if perturbation > 0.0 { " perturbed" } else { "" });
         let expected: Vec<(String, &TT)> =
             std::iter::once(("logits".to_string(), &logits)).chain([("loss".to_string(), &loss)]).collect();
-        export_fixture(&dir, &slug, config_name, overrides, &ex, &all_params, &data, img, &target, &expected, &params, &trainable);
+        export_fixture(
+            &dir,
+            &slug,
+            config_name,
+            overrides,
+            &ex,
+            &all_params,
+            &data,
+            img,
+            &target,
+            &expected,
+            &params,
+            &trainable,
+        );
     }
     let mut o = Outcome { compared: vec![], problems: vec![] };
     let check = |what: String, a: &Tensor, e: &TT, o: &mut Outcome| {
@@ -230,8 +244,12 @@ fn export_fixture(
     let input = NamedTensor::new("input".to_string(), vec![BATCH, 3, img, img], data.to_vec());
     write_safetensors(&root.join("input.safetensors"), &[input], &meta).unwrap();
     let labels: Vec<f32> = target.as_i64().unwrap().iter().map(|&v| v as f32).collect();
-    write_safetensors(&root.join("target.safetensors"), &[NamedTensor::new("target".to_string(), vec![BATCH], labels)], &meta)
-        .unwrap();
+    write_safetensors(
+        &root.join("target.safetensors"),
+        &[NamedTensor::new("target".to_string(), vec![BATCH], labels)],
+        &meta,
+    )
+    .unwrap();
     let mut exp: Vec<NamedTensor> = expected
         .iter()
         .map(|(n, t)| NamedTensor::new(n.clone(), t.size().iter().map(|&d| d as usize).collect(), to_vec(t)))

@@ -24,8 +24,8 @@ use tch::{Kind, Reduction, Tensor as TT};
 use tessera_compiler::autodiff::{backward, training_step, Optimizer, StepOptions};
 use tessera_compiler::ir::{BinaryOp, DType, Dim, Graph, Init, Op, ReduceOp, Shape, TensorType, UnaryOp, ValueId};
 use tessera_runtime::cpu::CpuExecutor;
-use tessera_runtime::Tensor;
 use tessera_runtime::philox::Stream;
+use tessera_runtime::Tensor;
 
 const RTOL: f32 = 1e-5;
 const ATOL: f32 = 1e-6;
@@ -235,7 +235,8 @@ fn run_case(idx: usize, case: &Case) -> Vec<String> {
         probe = Some((Tensor::f32(dims.clone(), pv.clone()), tensor_from(&pv, &shape_i64(&dims))));
     }
     g.verify().unwrap_or_else(|e| panic!("{}: {e}", case.name));
-    let plan = tessera_compiler::plan::lower(&g, 1, case.training).unwrap_or_else(|e| panic!("{}: lower: {e}", case.name));
+    let plan =
+        tessera_compiler::plan::lower(&g, 1, case.training).unwrap_or_else(|e| panic!("{}: lower: {e}", case.name));
     let mut ex = CpuExecutor::new(plan, 3).unwrap();
 
     // Same values on both sides.

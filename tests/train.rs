@@ -187,7 +187,10 @@ fn a_gpu_config_without_a_gpu_is_an_error_that_names_what_is_missing() {
     let t = text(&out);
     assert!(!out.status.success(), "a ViT config asking for a GPU must not train on the CPU silently: {t}");
     assert!(t.contains("MACHINE.DEVICE=cpu"), "the message names the override: {t}");
-    assert!(t.contains("not found") || t.contains("driver") || t.contains("GPU"), "the message names what is missing: {t}");
+    assert!(
+        t.contains("not found") || t.contains("driver") || t.contains("GPU"),
+        "the message names what is missing: {t}"
+    );
     assert!(!ckpt.join("checkpoint.json").exists(), "nothing was trained");
 }
 

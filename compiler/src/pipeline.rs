@@ -71,7 +71,12 @@ pub fn training_plan(prog: &Program, cfg: &J, batch: u64) -> Result<(Plan, Compi
 }
 
 /// The training step compiled with `target`'s pass pipeline, memory planned.
-pub fn training_plan_for(prog: &Program, cfg: &J, batch: u64, target: Target) -> Result<(Plan, Compiled), CompileError> {
+pub fn training_plan_for(
+    prog: &Program,
+    cfg: &J,
+    batch: u64,
+    target: Target,
+) -> Result<(Plan, Compiled), CompileError> {
     training_plan_with(prog, cfg, batch, PassChoice::for_target(cfg, target)).map(|(p, c, _)| (p, c))
 }
 

@@ -37,12 +37,7 @@ pub fn lower(g: &Graph, batch: u64, training: bool) -> Result<Plan, String> {
             }
             op => {
                 let inputs = g.operands(v).iter().map(|o| index[o]).collect();
-                kernels.push(Kernel {
-                    op: fix_op(op, batch),
-                    inputs,
-                    output: values.len(),
-                    scope: node.scope.clone(),
-                });
+                kernels.push(Kernel { op: fix_op(op, batch), inputs, output: values.len(), scope: node.scope.clone() });
                 Source::Kernel(kernels.len() - 1)
             }
         };
@@ -55,24 +50,11 @@ pub fn lower(g: &Graph, batch: u64, training: bool) -> Result<Plan, String> {
     for (i, v) in values.iter().enumerate() {
         match &v.source {
             Source::Param { name, .. } => tables.params.push((name.clone(), i)),
-            Source::Buffer { name, .. } if name.starts_with("optim.") => {
-                tables.optimizer_state.push((name.clone(), i))
-            }
+            Source::Buffer { name, .. } if name.starts_with("optim.") => tables.optimizer_state.push((name.clone(), i)),
             Source::Buffer { name, .. } => tables.buffers.push((name.clone(), i)),
             _ => {}
         }
     }
-    tables.grads =
-        outputs.iter().filter_map(|(n, v)| n.strip_prefix("grad.").map(|p| (p.to_string(), *v))).collect();
-    Ok(Plan {
-        version: PLAN_VERSION,
-        batch,
-        training,
-        values,
-        kernels,
-        outputs,
-        state_updates,
-        tables,
-        memory: None,
-    })
+    tables.grads = outputs.iter().filter_map(|(n, v)| n.strip_prefix("grad.").map(|p| (p.to_string(), *v))).collect();
+    Ok(Plan { version: PLAN_VERSION, batch, training, values, kernels, outputs, state_updates, tables, memory: None })
 }

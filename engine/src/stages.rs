@@ -58,7 +58,6 @@ impl Stages {
     }
 }
 
-
 impl Stages {
     /// The first iteration of every stage, in order (stage i starts at the i-th).
     pub fn starts(&self) -> Vec<u64> {

@@ -26,14 +26,14 @@ use std::sync::Arc;
 use std::time::Instant;
 use tessera_compiler::autodiff::{bias_correction_inputs, Optimizer, StepOptions};
 use tessera_compiler::elaborate::Program;
+use tessera_compiler::ir::DType;
 use tessera_compiler::param_groups::ParamGroup;
 use tessera_compiler::pipeline::{inference_plan_for, training_plan_for};
 use tessera_compiler::plan::{Source, Target as PlanTarget};
-use tessera_runtime::{Backend, Device, Executor, Tensor};
-use tessera_compiler::ir::DType;
 use tessera_runtime::weights::{
     detect_format, load_weights, match_weights_with, model_tensors, MatchOptions, NamedTensor, WeightsFormat,
 };
+use tessera_runtime::{Backend, Device, Executor, Tensor};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -713,7 +713,9 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
                 .map_err(|e| EngineError::Config(e.to_string()))?;
             (plan, composed)
         }
-        None => training_plan_for(setup.prog, &staged, batch, target).map_err(|e| EngineError::Config(e.to_string()))?,
+        None => {
+            training_plan_for(setup.prog, &staged, batch, target).map_err(|e| EngineError::Config(e.to_string()))?
+        }
     };
     if staged != *cfg {
         // The optimizer's groups are the full model's (every parameter
@@ -884,7 +886,8 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
             let ex = steps.get(size as u64, state.iteration)?;
             let needs = |name: &str| ex.plan().input(name).is_some();
             let iteration = state.iteration;
-            let (mut inputs, lr_now) = step_scalars(&optim, iteration, total, per_epoch, &labels, &needs, moco_momentum);
+            let (mut inputs, lr_now) =
+                step_scalars(&optim, iteration, total, per_epoch, &labels, &needs, moco_momentum);
             inputs.extend(images);
             let (names, tensors): (Vec<String>, Vec<Tensor>) = inputs.into_iter().unzip();
             let given: Vec<(&str, Tensor)> = names.iter().map(String::as_str).zip(tensors).collect();
@@ -892,15 +895,14 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
             // size and stage): a GPU copies them over while this step computes.
             let next_scalars = match batches.peek() {
                 Some(Ok(nb)) if nb.size == size && same_stage_next => {
-                    let (s, _) = step_scalars(&optim, iteration + 1, total, per_epoch, &nb.labels, &needs, moco_momentum);
+                    let (s, _) =
+                        step_scalars(&optim, iteration + 1, total, per_epoch, &nb.labels, &needs, moco_momentum);
                     Some(s)
                 }
                 _ => None,
             };
             let next: Option<Vec<(&str, &Tensor)>> = match (batches.peek(), &next_scalars) {
-                (Some(Ok(nb)), Some(s)) => {
-                    Some(s.iter().chain(&nb.images).map(|(n, t)| (n.as_str(), t)).collect())
-                }
+                (Some(Ok(nb)), Some(s)) => Some(s.iter().chain(&nb.images).map(|(n, t)| (n.as_str(), t)).collect()),
                 _ => None,
             };
             // Read back only what the loop uses: the loss, and the model's

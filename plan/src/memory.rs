@@ -267,4 +267,3 @@ pub fn human_bytes(b: u64) -> String {
         format!("{v:.2} {}", UNITS[u])
     }
 }
-

@@ -106,7 +106,9 @@ pub fn scratch(plan: &Plan, k: usize) -> Scratch {
         Op::LayerNormLinear { .. } => {
             s.with("gemm", gemm(last(shape(0)))).with("normalized", numel(0) * size(value(3).dtype))
         }
-        Op::MatmulGeluRhs { .. } => s.with("gemm", gemm(rows_of(shape(1)))).with("gelu", numel(1) * size(value(0).dtype)),
+        Op::MatmulGeluRhs { .. } => {
+            s.with("gemm", gemm(rows_of(shape(1)))).with("gelu", numel(1) * size(value(0).dtype))
+        }
         Op::MatmulLayerNormRhs { .. } => {
             s.with("gemm", gemm(rows_of(shape(1)))).with("normalized", numel(1) * size(value(0).dtype))
         }

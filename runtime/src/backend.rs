@@ -54,7 +54,9 @@ impl Device {
             "cuda-host-threads" => Ok(Device::CudaHostThreads),
             _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
                 Some(Ok(ordinal)) => Ok(Device::Cuda { ordinal }),
-                _ => Err(format!("unknown device `{s}`: use cpu, cpu-arena, gpu (GPU 0), cuda:N, cuda-host or cuda-host-threads")),
+                _ => Err(format!(
+                    "unknown device `{s}`: use cpu, cpu-arena, gpu (GPU 0), cuda:N, cuda-host or cuda-host-threads"
+                )),
             },
         }
     }

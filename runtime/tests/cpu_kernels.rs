@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use tessera_compiler::ir::{BinaryOp, DType, Dim, Graph, Init, Op, ReduceOp, Shape, TensorType, UnaryOp};
 use tessera_compiler::plan::Plan;
 use tessera_runtime::cpu::CpuExecutor;
-use tessera_runtime::{RuntimeError, Tensor};
 use tessera_runtime::philox::Stream;
+use tessera_runtime::{RuntimeError, Tensor};
 
 // ---------------------------------------------------------------- harness
 

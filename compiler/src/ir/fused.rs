@@ -118,4 +118,3 @@ pub(super) fn infer_multi(
     let dtype = dtype.expect("at least one set and one result");
     Ok(TensorType::new(Shape::consts(&[total * results.len() as u64]), dtype))
 }
-

@@ -13,11 +13,11 @@
 //! parameters and buffers are declared by name and referenced as `@name`.
 
 use super::graph::{Graph, ValueId};
-use tessera_plan::op::attributes;
-use tessera_plan::Op;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::fmt::Write;
+use tessera_plan::op::attributes;
+use tessera_plan::Op;
 
 /// Nodes in print order: creation (index) order, except that a node never
 /// comes before its operands. The two differ only after a pass removed nodes

@@ -259,8 +259,7 @@ mod tests {
         let y = g.add_op(Op::Linear, &[x, w], "").unwrap();
         let loss = g.add_op(Op::Reduce { op: ReduceOp::Sum, axes: vec![0, 1], keepdim: false }, &[y], "").unwrap();
         g.set_output("loss", loss);
-        let groups =
-            [ParamGroup { name: "all".into(), weight_decay: 0.0, head_lr: false, params: vec!["w".into()] }];
+        let groups = [ParamGroup { name: "all".into(), weight_decay: 0.0, head_lr: false, params: vec!["w".into()] }];
         let opts = StepOptions {
             optimizer: Optimizer::AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8 },
             clip_max_norm: Some(1.0),

@@ -352,7 +352,13 @@ impl ArenaExecutor {
         for (name, v) in &self.inputs {
             self.storage.write(*v, &self.plan.values[*v], given[name.as_str()]).map_err(invalid)?;
         }
-        let ctx = Ctx { training: self.plan.training, seed: self.seed, step: self.step, bf16_operands: 0, bf16_result: false };
+        let ctx = Ctx {
+            training: self.plan.training,
+            seed: self.seed,
+            step: self.step,
+            bf16_operands: 0,
+            bf16_result: false,
+        };
         for k in 0..self.plan.kernels.len() {
             self.execute(k, &ctx).map_err(|source| {
                 let kernel = &self.plan.kernels[k];

@@ -4,12 +4,12 @@
 //! probabilities `[.., H, Nq, Nk]`, the same index a `Dropout` op with this
 //! key uses on a tensor of that shape (which is how autodiff replays it).
 
-use crate::error::{invalid, KernelError};
 use super::kernel::{f32_of, operands, Ctx};
 use super::matmul::{gemm_into, parallelism, Mat};
 use super::pool;
 use super::simd::{sum2_f64, vectorized};
 use super::softmax::softmax_row;
+use crate::error::{invalid, KernelError};
 use crate::tensor::{show_shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;

@@ -2,8 +2,8 @@
 //! all-reduce and all-gather's gradient are identities; a plan for more ranks
 //! needs a collective backend, which is reported as such.
 
-use crate::error::{invalid, KernelError};
 use super::kernel::operands;
+use crate::error::{invalid, KernelError};
 use crate::tensor::Tensor;
 
 /// Fails unless `world == 1`.

@@ -7,9 +7,9 @@
 //! runs of `kw` contiguous pixels, copied whole (a reshape), and the product
 //! reads them transposed.
 
-use crate::error::{invalid, KernelError};
 use super::kernel::{f32_of, operands};
 use super::matmul::{gemm_into, parallelism, Mat};
+use crate::error::{invalid, KernelError};
 use crate::tensor::{show_shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;

@@ -2,11 +2,11 @@
 //! affine ops, casts and GELU's gradient.
 
 use super::broadcast::{broadcast_shape, zip};
-use crate::error::{invalid, KernelError};
 use super::fast_math::{gelu_f32, gelu_grad_f32};
 use super::kernel::{f32_of, operands, PAR_CHUNK, PAR_MIN};
 use super::pool;
 use super::simd::{has_fma, vectorized};
+use crate::error::{invalid, KernelError};
 use crate::tensor::{show_shape, stored_as_f32, Data, Tensor};
 use rayon::prelude::*;
 use tessera_plan::{BinaryOp, DType, UnaryOp};

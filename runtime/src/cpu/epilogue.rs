@@ -6,11 +6,11 @@
 //! while it is hot.
 
 use super::elementwise::{same_shape, scale_by_gelu_grad, unary};
-use crate::error::KernelError;
 use super::kernel::{f32_of, operands, Ctx};
 use super::matmul::{linear, matmul};
 use super::norm::layer_norm;
 use super::pool;
+use crate::error::KernelError;
 use crate::tensor::{Data, Tensor};
 use tessera_plan::UnaryOp;
 

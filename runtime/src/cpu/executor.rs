@@ -14,18 +14,18 @@
 //! computes a bf16 plan as a backend storing 2 bytes does; f32 values pass
 //! untouched.
 
-use crate::error::RuntimeError;
+use super::elementwise::round_to_bf16;
 use super::init::init_tensor;
 use super::kernel::Ctx;
 use super::layout::reshaped;
 use super::pool;
-use super::elementwise::round_to_bf16;
-use crate::tensor::{describe_type, Data, Tensor};
 use super::{passes_data_through, run_kernel};
 use crate::error::KernelError;
+use crate::error::RuntimeError;
+use crate::tensor::{describe_type, Data, Tensor};
 use std::collections::{BTreeMap, HashMap};
-use tessera_plan::{DType, Op};
 use tessera_plan::plan::{Plan, Source};
+use tessera_plan::{DType, Op};
 
 pub struct CpuExecutor {
     plan: Plan,
@@ -247,7 +247,8 @@ impl CpuExecutor {
             let unknown = given.keys().find(|n| !known(n)).expect("some given input is not a plan input");
             return Err(RuntimeError::UnknownInput { name: unknown.to_string(), expected: self.input_names() });
         }
-        let ctx = Ctx { training: plan.training, seed: self.seed, step: self.step, bf16_operands: 0, bf16_result: false };
+        let ctx =
+            Ctx { training: plan.training, seed: self.seed, step: self.step, bf16_operands: 0, bf16_result: false };
         for (k, kernel) in plan.kernels.iter().enumerate() {
             let fail = |source: KernelError| RuntimeError::Kernel {
                 index: k,

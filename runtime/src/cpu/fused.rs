@@ -7,11 +7,11 @@
 
 use super::broadcast::{broadcast_shape, broadcast_strides, coalesce};
 use super::elementwise::{binary_into, gelu_grad_into, pow_into, round_bf16, unary_into};
-use crate::error::{invalid, KernelError};
 use super::kernel::{f32_of, Ctx, PAR_CHUNK, PAR_MIN};
 use super::pool;
 use super::random::DropMask;
 use super::simd::vectorized;
+use crate::error::{invalid, KernelError};
 use crate::tensor::{show_shape, Tensor};
 use rayon::prelude::*;
 use tessera_plan::{DType, Instr};

@@ -9,8 +9,8 @@
 //! and lie strictly inside (0, 1), so logarithms and quantiles stay finite.
 
 use super::special::{normal_cdf_precise, normal_quantile};
-use crate::tensor::{stored_as_f32, Data, Tensor};
 use crate::philox::Stream;
+use crate::tensor::{stored_as_f32, Data, Tensor};
 use rayon::prelude::*;
 use std::f64::consts::PI;
 use tessera_plan::{DType, Init};

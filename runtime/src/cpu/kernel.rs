@@ -1,8 +1,8 @@
 //! What every kernel shares: the run context, operand checks, and the
 //! thresholds above which work is split across the rayon pool.
 
-use crate::error::{invalid, KernelError};
 use super::random::DropMask;
+use crate::error::{invalid, KernelError};
 use crate::tensor::{show_shape, Tensor};
 
 /// Per-run facts a kernel may need: train/eval mode and the random stream keys.

@@ -2,9 +2,9 @@
 //! expand (broadcast) and zero padding.
 
 use super::broadcast::{broadcast_strides, coalesce, expand as broadcast_to};
-use crate::error::{invalid, KernelError};
 use super::kernel::{check_axis, operands, split_at_axis, PAR_CHUNK, PAR_MIN};
 use super::pool::Elem;
+use crate::error::{invalid, KernelError};
 use crate::tensor::{show_shape, Data, Tensor};
 use rayon::prelude::*;
 

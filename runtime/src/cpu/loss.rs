@@ -3,9 +3,9 @@
 //! given (reference 4.4); the contrastive losses' self-similarity mask.
 
 use super::collective::single_rank;
-use crate::error::{invalid, KernelError};
 use super::kernel::{f32_of, operands};
 use super::softmax::{log_sum_exp_parts, softmax_row};
+use crate::error::{invalid, KernelError};
 use crate::tensor::{show_shape, Data, Tensor};
 use rayon::prelude::*;
 

@@ -7,9 +7,9 @@
 //! each gemm single-threaded, which is faster for attention-sized matrices.
 
 use super::broadcast::{broadcast_shape, broadcast_strides};
-use crate::error::{invalid, KernelError};
 use super::kernel::{f32_of, operands};
 use super::pool;
+use crate::error::{invalid, KernelError};
 use crate::tensor::{show_shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;

@@ -40,11 +40,11 @@ pub mod special;
 mod state;
 
 use crate::error::{self, KernelError};
+use crate::tensor::Tensor;
 pub use arena::ArenaExecutor;
 pub use executor::CpuExecutor;
 pub use fused::multi_tensor;
 pub use kernel::Ctx;
-use crate::tensor::Tensor;
 
 use tessera_plan::{Dim, Op};
 
@@ -64,7 +64,8 @@ fn fixed_shape(s: &tessera_plan::Shape) -> Result<Vec<usize>, KernelError> {
 pub fn typed(ctx: &Ctx, plan: &tessera_plan::Plan, k: usize) -> Ctx {
     let kernel = &plan.kernels[k];
     let bf16 = |v: usize| plan.values[v].dtype == tessera_plan::DType::BF16;
-    let bits = kernel.inputs.iter().take(32).enumerate().fold(0u32, |m, (i, &v)| if bf16(v) { m | (1 << i) } else { m });
+    let bits =
+        kernel.inputs.iter().take(32).enumerate().fold(0u32, |m, (i, &v)| if bf16(v) { m | (1 << i) } else { m });
     Ctx { bf16_operands: bits, bf16_result: bf16(kernel.output), ..*ctx }
 }
 
@@ -113,9 +114,7 @@ pub fn run_kernel(op: &Op, x: &[&Tensor], ctx: &Ctx) -> Result<Tensor, KernelErr
         Op::MatmulLayerNormRhs { eps, transpose_a, transpose_b } => {
             epilogue::matmul_layer_norm_rhs(x, *eps, *transpose_a, *transpose_b, ctx)
         }
-        Op::MatmulGeluRhs { transpose_a, transpose_b } => {
-            epilogue::matmul_gelu_rhs(x, *transpose_a, *transpose_b, ctx)
-        }
+        Op::MatmulGeluRhs { transpose_a, transpose_b } => epilogue::matmul_gelu_rhs(x, *transpose_a, *transpose_b, ctx),
         Op::MatmulGeluGrad { transpose_a, transpose_b } => {
             epilogue::matmul_gelu_grad(x, *transpose_a, *transpose_b, ctx)
         }

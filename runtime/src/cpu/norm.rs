@@ -7,10 +7,10 @@
 //! dx = (g - mean(g) - xhat * mean(g * xhat)) / sigma.
 
 use super::elementwise::same_shape;
-use crate::error::{invalid, KernelError};
 use super::kernel::{expect_shape, f32_of, operands, PAR_MIN};
 use super::pool;
 use super::simd::{sum2_f64, sum_f64, sum_map_f64, vectorized};
+use crate::error::{invalid, KernelError};
 use crate::tensor::{show_shape, Tensor};
 use rayon::prelude::*;
 

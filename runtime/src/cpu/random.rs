@@ -4,10 +4,10 @@
 //! Autodiff re-applies `Dropout { p, key }` to the upstream gradient, which
 //! is exactly the backward because the mask depends on nothing else.
 
-use crate::error::KernelError;
 use super::kernel::{f32_of, operands, Ctx, PAR_CHUNK, PAR_MIN};
-use crate::tensor::Tensor;
+use crate::error::KernelError;
 use crate::philox::{philox4x32_10, Stream};
+use crate::tensor::Tensor;
 use rayon::prelude::*;
 
 /// A Bernoulli(1-p) keep mask with the inverted-dropout scale 1/(1-p).

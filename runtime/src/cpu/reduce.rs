@@ -6,8 +6,8 @@
 //! f32 sums accumulate in f64.
 
 use super::broadcast::coalesce;
-use crate::error::{invalid, KernelError};
 use super::kernel::{operands, PAR_CHUNK, PAR_MIN};
+use crate::error::{invalid, KernelError};
 use crate::tensor::{show_shape, Data, Tensor};
 use rayon::prelude::*;
 use tessera_plan::ReduceOp;

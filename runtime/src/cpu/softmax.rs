@@ -2,11 +2,11 @@
 //! viewed as `[outer, n, inner]`; `inner == 1` (the last axis) runs on
 //! contiguous rows, any other axis gathers each lane into a scratch row.
 
-use crate::error::KernelError;
 use super::fast_math::exp_f32;
 use super::kernel::{check_axis, f32_of, operands, split_at_axis, PAR_MIN};
 use super::pool;
 use super::simd::{has_fma, max_f32, sum_f64, vectorized};
+use crate::error::KernelError;
 use crate::tensor::Tensor;
 use rayon::prelude::*;
 

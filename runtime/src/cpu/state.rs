@@ -2,8 +2,8 @@
 //! reference 4.1) and batch norm's running statistics.
 
 use super::collective::single_rank;
-use crate::error::{invalid, KernelError};
 use super::kernel::{f32_of, i64_of, operands};
+use crate::error::{invalid, KernelError};
 use crate::tensor::{show_shape, Tensor};
 use rayon::prelude::*;
 

@@ -59,7 +59,8 @@ impl GpuDevice {
     /// primary context, makes a stream and a cuBLASLt handle.
     pub fn open(ordinal: usize) -> Result<GpuDevice, String> {
         libs::load_gpu_libraries()?;
-        drv::init().map_err(|e| format!("the CUDA driver did not initialise ({e:?}): is there an NVIDIA GPU and driver?"))?;
+        drv::init()
+            .map_err(|e| format!("the CUDA driver did not initialise ({e:?}): is there an NVIDIA GPU and driver?"))?;
         let count = drv::device::get_count().map_err(|e| format!("cuDeviceGetCount: {e:?}"))?;
         if ordinal as i32 >= count {
             return Err(format!("GPU {ordinal} does not exist: this machine has {count} CUDA device(s)"));
@@ -74,8 +75,10 @@ impl GpuDevice {
         // SAFETY: `dev` is a valid device; the context is released in Drop.
         let ctx = unsafe { drv::primary_ctx::retain(dev) }.map_err(|e| format!("cuDevicePrimaryCtxRetain: {e:?}"))?;
         unsafe { drv::ctx::set_current(ctx) }.map_err(|e| format!("cuCtxSetCurrent: {e:?}"))?;
-        let stream = drv::stream::create(drv::stream::StreamKind::NonBlocking).map_err(|e| format!("cuStreamCreate: {e:?}"))?;
-        let copies = drv::stream::create(drv::stream::StreamKind::NonBlocking).map_err(|e| format!("cuStreamCreate: {e:?}"))?;
+        let stream =
+            drv::stream::create(drv::stream::StreamKind::NonBlocking).map_err(|e| format!("cuStreamCreate: {e:?}"))?;
+        let copies =
+            drv::stream::create(drv::stream::StreamKind::NonBlocking).map_err(|e| format!("cuStreamCreate: {e:?}"))?;
         let event = || {
             drv::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING).map_err(|e| format!("cuEventCreate: {e:?}"))
         };
@@ -139,8 +142,13 @@ fn layout(l: &super::gemm::Layout, batch: u64) -> DResult<lt::cublasLtMatrixLayo
 }
 
 unsafe fn set_desc<T>(d: lt::cublasLtMatmulDesc_t, attr: lt::cublasLtMatmulDescAttributes_t, v: &T) -> DResult<()> {
-    cudarc::cublaslt::result::set_matmul_desc_attribute(d, attr, v as *const T as *const c_void, std::mem::size_of::<T>())
-        .map_err(|e| err("cublasLtMatmulDescSetAttribute", e))
+    cudarc::cublaslt::result::set_matmul_desc_attribute(
+        d,
+        attr,
+        v as *const T as *const c_void,
+        std::mem::size_of::<T>(),
+    )
+    .map_err(|e| err("cublasLtMatmulDescSetAttribute", e))
 }
 
 impl DeviceApi for GpuDevice {
@@ -211,7 +219,10 @@ impl DeviceApi for GpuDevice {
 
     fn upload_async(&self, dst: DevPtr, src: &HostBuf, offset: usize, bytes: usize) -> DResult<()> {
         if offset + bytes > src.bytes {
-            return Err(DeviceError(format!("upload of {offset}+{bytes} bytes from a {}-byte staging buffer", src.bytes)));
+            return Err(DeviceError(format!(
+                "upload of {offset}+{bytes} bytes from a {}-byte staging buffer",
+                src.bytes
+            )));
         }
         self.current()?;
         // Page-locked source: a true asynchronous copy, ordered on the stream.
@@ -221,7 +232,10 @@ impl DeviceApi for GpuDevice {
 
     fn prefetch(&self, dst: DevPtr, src: &HostBuf, offset: usize, bytes: usize) -> DResult<()> {
         if offset + bytes > src.bytes {
-            return Err(DeviceError(format!("prefetch of {offset}+{bytes} bytes from a {}-byte staging buffer", src.bytes)));
+            return Err(DeviceError(format!(
+                "prefetch of {offset}+{bytes} bytes from a {}-byte staging buffer",
+                src.bytes
+            )));
         }
         self.current()?;
         let wait = sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT;
@@ -238,7 +252,8 @@ impl DeviceApi for GpuDevice {
         let wait = sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT;
         unsafe {
             drv::stream::wait_event(self.stream, self.ready, wait).map_err(|e| err("cuStreamWaitEvent", e))?;
-            drv::memcpy_dtod_async(dst.0, src.0, bytes as usize, self.stream).map_err(|e| err("cuMemcpyDtoDAsync", e))?;
+            drv::memcpy_dtod_async(dst.0, src.0, bytes as usize, self.stream)
+                .map_err(|e| err("cuMemcpyDtoDAsync", e))?;
             drv::event::record(self.consumed, self.stream).map_err(|e| err("cuEventRecord", e))
         }
     }
@@ -307,7 +322,8 @@ impl DeviceApi for GpuDevice {
             }
         }
         let (a, b, d) = (layout(&desc.a, desc.batch)?, layout(&desc.b, desc.batch)?, layout(&desc.d, desc.batch)?);
-        let pref = cudarc::cublaslt::result::create_matmul_pref().map_err(|e| err("cublasLtMatmulPreferenceCreate", e))?;
+        let pref =
+            cudarc::cublaslt::result::create_matmul_pref().map_err(|e| err("cublasLtMatmulPreferenceCreate", e))?;
         let ws = desc.workspace as usize;
         unsafe {
             cudarc::cublaslt::result::set_matmul_pref_attribute(
@@ -318,8 +334,9 @@ impl DeviceApi for GpuDevice {
             )
             .map_err(|e| err("workspace preference", e))?;
         }
-        let heuristic = unsafe { cudarc::cublaslt::result::get_matmul_algo_heuristic(self.blas, matmul, a, b, d, d, pref) }
-            .map_err(|e| DeviceError(format!("cuBLASLt has no algorithm for {desc:?}: {e:?}")))?;
+        let heuristic =
+            unsafe { cudarc::cublaslt::result::get_matmul_algo_heuristic(self.blas, matmul, a, b, d, d, pref) }
+                .map_err(|e| DeviceError(format!("cuBLASLt has no algorithm for {desc:?}: {e:?}")))?;
         unsafe {
             let _ = cudarc::cublaslt::result::destroy_matmul_pref(pref);
         }

@@ -144,7 +144,8 @@ impl CudaExecutor {
                     let t = init_tensor(name, init, &usize_shape(&v.shape), v.dtype, seed).map_err(|message| {
                         RuntimeError::Init { name: name.clone(), init: init.to_string(), message }
                     })?;
-                    let at = ex.addr[i].ok_or_else(|| RuntimeError::InvalidPlan(format!("state `{name}` has no storage")))?;
+                    let at = ex.addr[i]
+                        .ok_or_else(|| RuntimeError::InvalidPlan(format!("state `{name}` has no storage")))?;
                     device.upload(at, &to_bytes(&t, v.dtype)?).map_err(dev)?;
                 }
                 Source::Input { name } => {
@@ -318,7 +319,11 @@ impl CudaExecutor {
                     format!("`{n}` {}", describe_type(&usize_shape(&value.shape), value.dtype))
                 })
                 .collect();
-            if names.is_empty() { "none".to_string() } else { names.join(", ") }
+            if names.is_empty() {
+                "none".to_string()
+            } else {
+                names.join(", ")
+            }
         };
         let mut given: HashMap<&str, &Tensor> = HashMap::new();
         for (name, t) in inputs {
@@ -444,9 +449,13 @@ impl CudaExecutor {
         };
         for s in &self.steps {
             match s {
-                Linked::Launch { kernel, f, shape, args } => device.launch(*f, *shape, args).map_err(|e| fail(*kernel, e))?,
+                Linked::Launch { kernel, f, shape, args } => {
+                    device.launch(*f, *shape, args).map_err(|e| fail(*kernel, e))?
+                }
                 Linked::Gemm { kernel, h, ptrs } => device.gemm(*h, ptrs).map_err(|e| fail(*kernel, e))?,
-                Linked::Copy { kernel, dst, src, bytes } => device.copy(*dst, *src, *bytes).map_err(|e| fail(*kernel, e))?,
+                Linked::Copy { kernel, dst, src, bytes } => {
+                    device.copy(*dst, *src, *bytes).map_err(|e| fail(*kernel, e))?
+                }
                 Linked::Zero { kernel, dst, bytes } => device.zero(*dst, *bytes).map_err(|e| fail(*kernel, e))?,
             }
         }

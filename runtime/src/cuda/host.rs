@@ -171,7 +171,10 @@ impl DeviceApi for HostDevice {
 
     fn upload_async(&self, dst: DevPtr, src: &HostBuf, offset: usize, bytes: usize) -> DResult<()> {
         if offset + bytes > src.bytes {
-            return Err(DeviceError(format!("upload of {offset}+{bytes} bytes from a {}-byte staging buffer", src.bytes)));
+            return Err(DeviceError(format!(
+                "upload of {offset}+{bytes} bytes from a {}-byte staging buffer",
+                src.bytes
+            )));
         }
         // SAFETY: the staging buffer holds `bytes` bytes.
         self.upload(dst, unsafe { std::slice::from_raw_parts(src.ptr.add(offset), bytes) })
@@ -242,7 +245,10 @@ impl DeviceApi for HostDevice {
         let entry = match entry {
             Entry::Grid(f) => {
                 if shape.block[1] != 1 || shape.block[2] != 1 {
-                    return Err(DeviceError(format!("a block of {:?} threads: kernels use blockDim.x only", shape.block)));
+                    return Err(DeviceError(format!(
+                        "a block of {:?} threads: kernels use blockDim.x only",
+                        shape.block
+                    )));
                 }
                 let threads = shape.block[0].min(self.threads.unwrap_or(1)).max(1);
                 // SAFETY: the entry unpacks exactly the kernel's parameters from `ptrs`.
@@ -253,7 +259,11 @@ impl DeviceApi for HostDevice {
         };
         let blocks = g[0] as u64 * g[1] as u64 * g[2] as u64;
         (0..blocks).into_par_iter().for_each(|i| {
-            let b = [(i % g[0] as u64) as u32, ((i / g[0] as u64) % g[1] as u64) as u32, (i / (g[0] as u64 * g[1] as u64)) as u32];
+            let b = [
+                (i % g[0] as u64) as u32,
+                ((i / g[0] as u64) % g[1] as u64) as u32,
+                (i / (g[0] as u64 * g[1] as u64)) as u32,
+            ];
             // SAFETY: the entry unpacks exactly the kernel's parameters from
             // `ptrs`, which outlive this loop.
             unsafe { entry(b.as_ptr(), g.as_ptr(), ptrs.get()) };
@@ -270,9 +280,8 @@ impl DeviceApi for HostDevice {
 
     fn gemm(&self, h: GemmHandle, ptrs: &GemmPtrs) -> DResult<()> {
         let desc = *self.state().gemms.get(h.0).ok_or_else(|| DeviceError(format!("no GEMM {}", h.0)))?;
-        let span = |l: &super::gemm::Layout| {
-            ((desc.batch - 1) * l.batch_stride + (l.cols - 1) * l.ld + l.rows) * l.ty.size()
-        };
+        let span =
+            |l: &super::gemm::Layout| ((desc.batch - 1) * l.batch_stride + (l.cols - 1) * l.ld + l.rows) * l.ty.size();
         self.check_range(ptrs.a, span(&desc.a), "GEMM operand A")?;
         self.check_range(ptrs.b, span(&desc.b), "GEMM operand B")?;
         self.check_range(ptrs.d, span(&desc.d), "GEMM result D")?;

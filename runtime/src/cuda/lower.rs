@@ -67,13 +67,7 @@ pub struct Lowering<'a> {
 }
 
 impl<'a> Lowering<'a> {
-    pub fn new(
-        plan: &'a Plan,
-        memory: &'a MemoryPlan,
-        addr: &'a [Option<DevPtr>],
-        base: DevPtr,
-        rng: DevPtr,
-    ) -> Self {
+    pub fn new(plan: &'a Plan, memory: &'a MemoryPlan, addr: &'a [Option<DevPtr>], base: DevPtr, rng: DevPtr) -> Self {
         let layout = Layout::of(memory);
         Lowering {
             plan,

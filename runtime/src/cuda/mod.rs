@@ -54,9 +54,8 @@ pub struct CudaBackend {
 impl CudaBackend {
     /// GPU `ordinal`; an error names what is missing (driver, library, device).
     pub fn gpu(ordinal: usize) -> Result<CudaBackend, RuntimeError> {
-        let d = driver::GpuDevice::open(ordinal).map_err(|e| {
-            RuntimeError::Device(format!("{e}. To train on the CPU instead, set MACHINE.DEVICE=cpu"))
-        })?;
+        let d = driver::GpuDevice::open(ordinal)
+            .map_err(|e| RuntimeError::Device(format!("{e}. To train on the CPU instead, set MACHINE.DEVICE=cpu")))?;
         Ok(CudaBackend { device: Arc::new(d), loaded: Mutex::new(HashMap::new()) })
     }
 

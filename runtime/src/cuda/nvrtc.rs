@@ -51,7 +51,9 @@ pub fn compile(unit: &str, name: &str, arch: &str) -> Result<Output, String> {
         Err(e) => Err(format!("NVRTC ({arch}) failed on kernel {name}: {e:?}\n{log}")),
         Ok(()) if arch.starts_with("sm_") => {
             let mut size = 0usize;
-            unsafe { sys::nvrtcGetCUBINSize(prog, &mut size) }.result().map_err(|e| format!("nvrtcGetCUBINSize: {e:?}"))?;
+            unsafe { sys::nvrtcGetCUBINSize(prog, &mut size) }
+                .result()
+                .map_err(|e| format!("nvrtcGetCUBINSize: {e:?}"))?;
             let mut cubin = vec![0u8; size];
             unsafe { sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr() as *mut _) }
                 .result()

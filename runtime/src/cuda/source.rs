@@ -54,7 +54,12 @@ impl KernelSource {
     /// Renders `template` (tera) with `context`; the kernel is named
     /// `<family>_<hash of its text>`, so equal kernels share a name and a
     /// cache entry. The template writes `{{ name }}` and `{{ signature }}`.
-    pub fn render(family: &str, template: &str, mut context: tera::Context, params: Vec<Param>) -> Result<Self, String> {
+    pub fn render(
+        family: &str,
+        template: &str,
+        mut context: tera::Context,
+        params: Vec<Param>,
+    ) -> Result<Self, String> {
         let signature: Vec<String> = params.iter().map(|p| format!("{} {}", p.ty, p.name)).collect();
         context.insert("signature", &signature.join(", "));
         context.insert("name", "TSR_KERNEL_NAME");
@@ -69,8 +74,7 @@ impl KernelSource {
     /// indices (one thread per block) and calls the kernel with the
     /// arguments of a `void**` array.
     fn host_entry(&self) -> String {
-        let args: Vec<String> =
-            self.params.iter().enumerate().map(|(i, p)| format!("*({} *)a[{i}]", p.ty)).collect();
+        let args: Vec<String> = self.params.iter().enumerate().map(|(i, p)| format!("*({} *)a[{i}]", p.ty)).collect();
         format!(
             "extern \"C\" void tsr_block_{name}(const unsigned* b, const unsigned* g, void** a) {{\n    \
              blockIdx = {{b[0], b[1], b[2]}}; gridDim = {{g[0], g[1], g[2]}};\n    \
@@ -84,8 +88,7 @@ impl KernelSource {
     /// every block in order, a barrier after each (shared memory is one
     /// static copy).
     fn host_threads_entry(&self) -> String {
-        let args: Vec<String> =
-            self.params.iter().enumerate().map(|(i, p)| format!("*({} *)a[{i}]", p.ty)).collect();
+        let args: Vec<String> = self.params.iter().enumerate().map(|(i, p)| format!("*({} *)a[{i}]", p.ty)).collect();
         format!(
             "#include <thread>\n#include <vector>\n\
              extern \"C\" void tsr_grid_{name}(const unsigned* g, void** a, unsigned threads) {{\n    \

@@ -31,7 +31,11 @@ fn values(dims: &[usize], key: u32, lo: f32, hi: f32, dtype: DType) -> Tensor {
     let data = (0..n as u64)
         .map(|i| {
             let v = lo + (hi - lo) * s.uniform_at(i);
-            if dtype == DType::BF16 { half::bf16::from_f32(v).to_f32() } else { v }
+            if dtype == DType::BF16 {
+                half::bf16::from_f32(v).to_f32()
+            } else {
+                v
+            }
         })
         .collect();
     Tensor::f32(dims.to_vec(), data)
@@ -93,7 +97,11 @@ fn inputs_as(g: &mut Graph, names: &[&str], dims: &[&[usize]], dtype: DType) -> 
         .zip(dims)
         .map(|(n, d)| {
             let v = g.add_input(n, shape(d), DType::F32).unwrap();
-            if dtype == DType::BF16 { g.add_op(Op::Cast { dtype }, &[v], "").unwrap() } else { v }
+            if dtype == DType::BF16 {
+                g.add_op(Op::Cast { dtype }, &[v], "").unwrap()
+            } else {
+                v
+            }
         })
         .collect()
 }
@@ -107,16 +115,19 @@ fn op_on_both(op: Op, dims: &[&[usize]], ranges: &[(f32, f32)], dtype: DType, tr
     let ids = inputs_as(&mut g, &refs, dims, dtype);
     let y = g.add_op(op, &ids, "test").unwrap_or_else(|e| panic!("{e}"));
     g.set_output("y", y);
-    let feed: Vec<(&str, Tensor)> = (0..dims.len())
-        .map(|i| (refs[i], values(dims[i], i as u32 + 1, ranges[i].0, ranges[i].1, dtype)))
-        .collect();
+    let feed: Vec<(&str, Tensor)> =
+        (0..dims.len()).map(|i| (refs[i], values(dims[i], i as u32 + 1, ranges[i].0, ranges[i].1, dtype))).collect();
     let (mut cpu, mut gpu) = pair(plan_of(&g, training));
     let (a, b) = (run(&mut cpu, &feed, "cpu"), run(&mut gpu, &feed, "cuda-host"));
     (a["y"].clone(), b["y"].clone())
 }
 
 fn tol(dtype: DType) -> f64 {
-    if dtype == DType::BF16 { BF16_TOL } else { F32_TOL }
+    if dtype == DType::BF16 {
+        BF16_TOL
+    } else {
+        F32_TOL
+    }
 }
 
 #[test]

@@ -16,7 +16,10 @@ use tessera_runtime::cuda::source::KernelSource;
 
 /// The configs whose plans we render: every embedded experiment config.
 fn configs() -> Vec<String> {
-    config::embedded_config_names().into_iter().filter(|n| !n.ends_with("defaults") && !n.contains("/models/")).collect()
+    config::embedded_config_names()
+        .into_iter()
+        .filter(|n| !n.ends_with("defaults") && !n.contains("/models/"))
+        .collect()
 }
 
 #[test]
@@ -66,8 +69,12 @@ fn every_kernel_of_every_shipped_config_compiles_for_sm90_without_spills() {
     }
     assert!(failures.is_empty(), "plans the CUDA backend cannot lower:\n{}", failures.join("\n"));
     let ptxas = ptxas().unwrap_or_else(|e| panic!("{e}"));
-    let results: Vec<_> =
-        kernels.values().collect::<Vec<_>>().par_iter().map(|(k, from)| (k.name.clone(), from.clone(), assemble(k, 90, &ptxas))).collect();
+    let results: Vec<_> = kernels
+        .values()
+        .collect::<Vec<_>>()
+        .par_iter()
+        .map(|(k, from)| (k.name.clone(), from.clone(), assemble(k, 90, &ptxas)))
+        .collect();
     let mut bad = Vec::new();
     let mut most = (0, String::new());
     for (name, from, r) in &results {

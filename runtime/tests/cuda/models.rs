@@ -143,7 +143,11 @@ fn compare(name: &str, overrides: &[&str], batch: u64) -> [(f64, String); 3] {
             let d = match relative(*p, *q) {
                 // Adam's bound: no element moves more than lr per step.
                 d if noise && d > 0.0 => {
-                    if (*p as f64 - *q as f64).abs() <= 2.0 * lr * steps as f64 { 0.0 } else { f64::INFINITY }
+                    if (*p as f64 - *q as f64).abs() <= 2.0 * lr * steps as f64 {
+                        0.0
+                    } else {
+                        f64::INFINITY
+                    }
                 }
                 d => d,
             };
@@ -237,7 +241,13 @@ fn compare_bf16(name: &str, overrides: &[&str], batch: u64) -> Vec<String> {
             bad.push(format!("{name}: state {n} is not finite on the CUDA device"));
         }
     }
-    eprintln!("{name} (bf16): {} tensors checked; losses f32 {:?}, cpu bf16 {:?}, cuda bf16 {:?}", r.grads.len() + r.state.len(), r.losses, c.losses, g.losses);
+    eprintln!(
+        "{name} (bf16): {} tensors checked; losses f32 {:?}, cpu bf16 {:?}, cuda bf16 {:?}",
+        r.grads.len() + r.state.len(),
+        r.losses,
+        c.losses,
+        g.losses
+    );
     bad
 }
 
@@ -268,9 +278,6 @@ fn every_reference_model_trains_like_the_cpu_with_mixed_precision() {
     assert!(bad.is_empty(), "bf16 plans less accurate on the CUDA device than on the CPU:\n{}", bad.join("\n"));
 }
 
-
-
-
 /// Prefetching the next step's inputs (`run_next`) changes nothing: the
 /// same losses bitwise; a prefetch of other inputs than the next run's is
 /// not used.
@@ -280,7 +287,8 @@ fn prefetched_inputs_give_the_same_steps() {
     let cfg = config::load("quickstart/vit_tiny", &["DATA.TRAIN.BATCHSIZE_PER_REPLICA=4".to_string()]).unwrap();
     let plan = training_plan_for(&prog, cfg.tree(), 4, Target::Cuda).unwrap().0;
     let backend = crate::open_cuda().unwrap();
-    let inputs: Vec<Vec<(String, Tensor)>> = (0..4).map(|s| tessera_runtime::synthetic::step_inputs(&plan, s)).collect();
+    let inputs: Vec<Vec<(String, Tensor)>> =
+        (0..4).map(|s| tessera_runtime::synthetic::step_inputs(&plan, s)).collect();
     let named = |i: usize| -> Vec<(&str, Tensor)> { inputs[i].iter().map(|(n, t)| (n.as_str(), t.clone())).collect() };
     let refs = |i: usize| -> Vec<(&str, &Tensor)> { inputs[i].iter().map(|(n, t)| (n.as_str(), t)).collect() };
     let wanted = |n: &str| n == "loss";

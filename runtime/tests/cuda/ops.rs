@@ -23,9 +23,8 @@ fn rand(shape: &[usize], seed: u32) -> Tensor {
 }
 
 fn host() -> Backend {
-    crate::open_cuda().unwrap_or_else(|e| {
-        panic!("the CUDA host device cannot open ({e}); run scripts/setup-cuda-tools.sh")
-    })
+    crate::open_cuda()
+        .unwrap_or_else(|e| panic!("the CUDA host device cannot open ({e}); run scripts/setup-cuda-tools.sh"))
 }
 
 /// Runs `g` (lowered for batch 1, memory planned) on the CPU and on the
@@ -47,7 +46,10 @@ fn assert_close(what: &str, cpu: &Tensor, gpu: &Tensor, tol: f64) {
         (Some(a), Some(b)) => {
             for (i, (x, y)) in a.iter().zip(b).enumerate() {
                 let err = (*x as f64 - *y as f64).abs() / (1.0 + (*x as f64).abs());
-                assert!(err <= tol || (x.is_nan() && y.is_nan()), "{what}[{i}]: cpu {x} vs cuda {y} (rel {err:.2e} > {tol:.0e})");
+                assert!(
+                    err <= tol || (x.is_nan() && y.is_nan()),
+                    "{what}[{i}]: cpu {x} vs cuda {y} (rel {err:.2e} > {tol:.0e})"
+                );
             }
         }
         _ => assert_eq!(cpu.as_i64(), gpu.as_i64(), "{what}"),
@@ -75,7 +77,16 @@ fn check_op(op: Op, shapes: &[&[usize]], training: bool, tol: f64) {
 
 #[test]
 fn elementwise_ops_and_fused_programs_match_the_cpu() {
-    for u in [UnaryOp::Gelu, UnaryOp::Relu, UnaryOp::Tanh, UnaryOp::Sigmoid, UnaryOp::Exp, UnaryOp::Neg, UnaryOp::Square, UnaryOp::Heaviside] {
+    for u in [
+        UnaryOp::Gelu,
+        UnaryOp::Relu,
+        UnaryOp::Tanh,
+        UnaryOp::Sigmoid,
+        UnaryOp::Exp,
+        UnaryOp::Neg,
+        UnaryOp::Square,
+        UnaryOp::Heaviside,
+    ] {
         check_op(Op::Unary(u), &[&[3, 17]], true, 1e-5);
     }
     for b in [BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul, BinaryOp::Div, BinaryOp::Max, BinaryOp::Min] {

@@ -22,7 +22,10 @@ fn rand(shape: &[usize], seed: u32) -> Tensor {
 /// Class indices in 0..classes.
 fn classes(n: usize, classes: usize, seed: u32) -> Tensor {
     let s = Stream::new(7, 1, seed);
-    Tensor::i64(vec![n], (0..n as u64).map(|i| ((s.uniform_at(i) * classes as f32) as i64).min(classes as i64 - 1)).collect())
+    Tensor::i64(
+        vec![n],
+        (0..n as u64).map(|i| ((s.uniform_at(i) * classes as f32) as i64).min(classes as i64 - 1)).collect(),
+    )
 }
 
 /// `t` with element `i` set to `v` for each (i, v).
@@ -35,9 +38,8 @@ fn with(mut t: Tensor, set: &[(usize, f32)]) -> Tensor {
 }
 
 fn host() -> Backend {
-    crate::open_cuda().unwrap_or_else(|e| {
-        panic!("the CUDA host device cannot open ({e}); run scripts/setup-cuda-tools.sh")
-    })
+    crate::open_cuda()
+        .unwrap_or_else(|e| panic!("the CUDA host device cannot open ({e}); run scripts/setup-cuda-tools.sh"))
 }
 
 /// One operand of the op under test: a tensor fed as a graph input (f32 or
@@ -89,7 +91,8 @@ fn plan_of(op: &Op, operands: &[Operand]) -> (Plan, Vec<(String, Tensor)>) {
 fn lowered(plan: &Plan) -> tessera_runtime::cuda::lower::Lowering<'_> {
     use tessera_runtime::cuda::device::DevPtr;
     let memory = plan.memory.as_ref().unwrap();
-    let addr: Vec<Option<DevPtr>> = (0..plan.values.len()).map(|v| Some(DevPtr(0x10_0000 + 0x1_0000 * v as u64))).collect();
+    let addr: Vec<Option<DevPtr>> =
+        (0..plan.values.len()).map(|v| Some(DevPtr(0x10_0000 + 0x1_0000 * v as u64))).collect();
     let addr: &'static [Option<DevPtr>] = Box::leak(addr.into_boxed_slice());
     let mut l = tessera_runtime::cuda::lower::Lowering::new(plan, memory, addr, DevPtr(0x1000_0000), DevPtr(0x800));
     l.lower_all().unwrap_or_else(|e| panic!("{e}"));
@@ -152,13 +155,13 @@ const OPS: [ReduceOp; 3] = [ReduceOp::Sum, ReduceOp::Mean, ReduceOp::Max];
 #[test]
 fn reductions_over_any_axes_match_the_cpu() {
     let cases: &[(&[usize], &[usize])] = &[
-        (&[6, 37], &[1]),       // rows, a block per output
-        (&[6, 37], &[0]),       // columns, a thread per output
-        (&[6, 37], &[0, 1]),    // everything
-        (&[3, 4, 5], &[0, 2]),  // two axes that do not merge
-        (&[3, 4, 5], &[1]),     // a middle axis
-        (&[3, 4, 5], &[2, 1]),  // axes in any order
-        (&[2, 1, 3], &[1]),     // a size-1 axis
+        (&[6, 37], &[1]),      // rows, a block per output
+        (&[6, 37], &[0]),      // columns, a thread per output
+        (&[6, 37], &[0, 1]),   // everything
+        (&[3, 4, 5], &[0, 2]), // two axes that do not merge
+        (&[3, 4, 5], &[1]),    // a middle axis
+        (&[3, 4, 5], &[2, 1]), // axes in any order
+        (&[2, 1, 3], &[1]),    // a size-1 axis
         (&[7], &[0]),
     ];
     for (shape, axes) in cases {
@@ -175,8 +178,13 @@ fn reductions_over_any_axes_match_the_cpu() {
 fn reductions_of_many_elements_to_few_outputs_take_two_passes_and_match_the_cpu() {
     // Columns (a bias gradient), rows of few outputs, everything to a scalar,
     // everything of a 2-d tensor: each output cut into slices, then folded.
-    let cases: &[(&[usize], &[usize])] =
-        &[(&[3000, 24], &[0]), (&[5, 10000], &[1]), (&[40000], &[0]), (&[300, 170], &[0, 1]), (&[40, 30, 500], &[0, 2])];
+    let cases: &[(&[usize], &[usize])] = &[
+        (&[3000, 24], &[0]),
+        (&[5, 10000], &[1]),
+        (&[40000], &[0]),
+        (&[300, 170], &[0, 1]),
+        (&[40, 30, 500], &[0, 2]),
+    ];
     for (shape, axes) in cases {
         for op in OPS {
             let what = format!("{shape:?} over {axes:?}");
@@ -185,8 +193,16 @@ fn reductions_of_many_elements_to_few_outputs_take_two_passes_and_match_the_cpu(
             check(&what, reduce(op, axes, false), &[x()], 1e-5);
         }
     }
-    assert_eq!(launches_of(&reduce(ReduceOp::Sum, &[1], false), &[plain(rand(&[6, 37], 1))]), 1, "few elements: one pass");
-    assert_eq!(launches_of(&reduce(ReduceOp::Sum, &[0], false), &[plain(rand(&[60, 5000], 1))]), 1, "many outputs: one pass");
+    assert_eq!(
+        launches_of(&reduce(ReduceOp::Sum, &[1], false), &[plain(rand(&[6, 37], 1))]),
+        1,
+        "few elements: one pass"
+    );
+    assert_eq!(
+        launches_of(&reduce(ReduceOp::Sum, &[0], false), &[plain(rand(&[60, 5000], 1))]),
+        1,
+        "many outputs: one pass"
+    );
     // Sums of positive numbers: the mean of 40000 values near 0.5 is tested
     // for its relative accuracy, not only against 1 + |x|.
     let pos = Tensor::f32(vec![40000], rand(&[40000], 3).as_f32().unwrap().iter().map(|v| v.abs() * 1000.0).collect());
@@ -217,7 +233,12 @@ fn max_and_sum_propagate_nan_like_the_cpu() {
 fn reductions_of_bf16_and_i64_inputs_match_the_cpu() {
     for (shape, axes) in [(&[6, 37][..], &[1][..]), (&[3000, 24], &[0]), (&[40000], &[0]), (&[3, 4, 5], &[0, 2])] {
         for op in OPS {
-            let y = check(&format!("bf16 {shape:?} over {axes:?}"), reduce(op, axes, false), &[bf16_in(rand(shape, 7))], 1e-2);
+            let y = check(
+                &format!("bf16 {shape:?} over {axes:?}"),
+                reduce(op, axes, false),
+                &[bf16_in(rand(shape, 7))],
+                1e-2,
+            );
             assert!(y.as_f32().is_some());
         }
     }
@@ -243,7 +264,8 @@ fn sum_of_squares_matches_the_cpu() {
     let ops: Vec<Operand> = (0..75).map(|i| plain(rand(&[(i * 67) % 5000 + 1], i as u32))).collect();
     check("75 tensors", Op::SumOfSquares, &ops, 1e-5);
     // A NaN anywhere makes the norm NaN.
-    let y = check("a NaN", Op::SumOfSquares, &[plain(rand(&[10], 1)), plain(with(rand(&[300], 2), &[(5, f32::NAN)]))], 0.0);
+    let y =
+        check("a NaN", Op::SumOfSquares, &[plain(rand(&[10], 1)), plain(with(rand(&[300], 2), &[(5, f32::NAN)]))], 0.0);
     assert!(y.as_f32().unwrap()[0].is_nan());
 }
 
@@ -251,8 +273,15 @@ fn sum_of_squares_matches_the_cpu() {
 fn softmax_log_softmax_and_l2_normalize_match_the_cpu() {
     // (shape, axis): the last axis; an inner axis with few lanes (a block
     // per lane, strided) and with many (a thread per lane); axis 0; long rows.
-    let cases: &[(&[usize], usize)] =
-        &[(&[5, 37], 1), (&[4, 300, 5], 1), (&[64, 7, 40], 1), (&[6, 9], 0), (&[3, 5000], 1), (&[2, 3, 4], 2), (&[11], 0)];
+    let cases: &[(&[usize], usize)] = &[
+        (&[5, 37], 1),
+        (&[4, 300, 5], 1),
+        (&[64, 7, 40], 1),
+        (&[6, 9], 0),
+        (&[3, 5000], 1),
+        (&[2, 3, 4], 2),
+        (&[11], 0),
+    ];
     for (shape, axis) in cases {
         let what = format!("{shape:?} along {axis}");
         let x = || plain(with(rand(shape, 20), &[(0, 30.0), (1, -25.0)]));
@@ -269,7 +298,9 @@ fn softmax_log_softmax_and_l2_normalize_match_the_cpu() {
     let inf = f32::NEG_INFINITY;
     let odd = with(rand(&[3, 6], 22), &[(0, inf), (1, inf), (2, inf), (3, inf), (4, inf), (5, inf), (7, inf)]);
     let y = check("-inf rows", Op::Softmax { axis: 1 }, &[plain(odd.clone())], 1e-5);
-    assert!(y.as_f32().unwrap()[..6].iter().all(|v| v.is_nan()) && y.as_f32().unwrap()[6..].iter().all(|v| !v.is_nan()));
+    assert!(
+        y.as_f32().unwrap()[..6].iter().all(|v| v.is_nan()) && y.as_f32().unwrap()[6..].iter().all(|v| !v.is_nan())
+    );
     check("-inf rows", Op::LogSoftmax { axis: 1 }, &[plain(odd)], 1e-5);
     let zero = with(rand(&[2, 4], 23), &[(0, 0.0), (1, 0.0), (2, 0.0), (3, 0.0)]);
     check("a zero row", Op::L2Normalize { axis: 1, eps: 1e-3 }, &[plain(zero)], 1e-5);
@@ -292,7 +323,12 @@ fn cross_entropy_and_its_gradient_match_the_cpu() {
             check(&format!("soft {what}"), grad.clone(), &[plain(logits()), plain(soft()), dloss()], 1e-5);
             check(&format!("bf16 {what}"), ce.clone(), &[bf16_in(logits()), plain(classes(n, k, 32))], 1e-2);
             check(&format!("bf16 soft {what}"), ce, &[bf16_in(logits()), bf16_in(soft())], 1e-2);
-            check(&format!("bf16 {what}"), grad, &[bf16_in(logits()), plain(classes(n, k, 32)), bf16_in(Tensor::scalar_f32(0.75))], 1e-2);
+            check(
+                &format!("bf16 {what}"),
+                grad,
+                &[bf16_in(logits()), plain(classes(n, k, 32)), bf16_in(Tensor::scalar_f32(0.75))],
+                1e-2,
+            );
         }
     }
     // Large logits (the max is subtracted) and a -inf logit.
@@ -387,8 +423,14 @@ fn every_kernel_variant_compiles_with_nvrtc() {
         (Op::SumOfSquares, vec![bf16_in(t(&[3, 4])), bf16_in(t(&[17]))]),
         (Op::CrossEntropy { label_smoothing: 0.1 }, vec![plain(t(&[37, 11])), plain(classes(37, 11, 1))]),
         (Op::CrossEntropy { label_smoothing: 0.0 }, vec![bf16_in(t(&[37, 11])), bf16_in(t(&[37, 11]))]),
-        (Op::CrossEntropyGrad { label_smoothing: 0.1 }, vec![plain(t(&[37, 11])), plain(classes(37, 11, 1)), plain(Tensor::scalar_f32(1.0))]),
-        (Op::CrossEntropyGrad { label_smoothing: 0.0 }, vec![bf16_in(t(&[37, 11])), bf16_in(t(&[37, 11])), bf16_in(Tensor::scalar_f32(1.0))]),
+        (
+            Op::CrossEntropyGrad { label_smoothing: 0.1 },
+            vec![plain(t(&[37, 11])), plain(classes(37, 11, 1)), plain(Tensor::scalar_f32(1.0))],
+        ),
+        (
+            Op::CrossEntropyGrad { label_smoothing: 0.0 },
+            vec![bf16_in(t(&[37, 11])), bf16_in(t(&[37, 11])), bf16_in(Tensor::scalar_f32(1.0))],
+        ),
         (Op::ZeroDiagonal { world: 1 }, vec![bf16_in(t(&[5, 5]))]),
     ];
     let mut cases = cases;

@@ -310,7 +310,13 @@ fn push_scalar_params(prog: &Program, params: &mut Vec<Param>, args: &mut Vec<Ar
     }
 }
 
-fn render(rank: usize, strided: bool, prog: &Program, body: String, params: Vec<Param>) -> Result<KernelSource, String> {
+fn render(
+    rank: usize,
+    strided: bool,
+    prog: &Program,
+    body: String,
+    params: Vec<Param>,
+) -> Result<KernelSource, String> {
     let mut c = tera::Context::new();
     c.insert("rank", &if strided { rank } else { 0 });
     c.insert("scalars", &prog.scalars.len());
@@ -337,11 +343,16 @@ fn integer(l: &mut Lowering, k: usize, op: &Op, x: &[Val], out: &Val) -> Result<
             ))
         }
     };
-    let store = if out.dtype == DType::I64 { format!("out[i] = {expr};") } else { format!("tsr_store(out, i, {expr});") };
+    let store =
+        if out.dtype == DType::I64 { format!("out[i] = {expr};") } else { format!("tsr_store(out, i, {expr});") };
     let template = "__device__ __forceinline__ i64 tsr_f2i(float v) {\n    if (v != v) { return 0; }\n    if (v >= 9223372036854775807.0f) { return 9223372036854775807LL; }\n    if (v <= -9223372036854775808.0f) { return (-9223372036854775807LL - 1); }\n    return (i64)v;\n}\nTSR_GLOBAL void {{ name }}({{ signature }}) {\n    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {\n        {{ store }}\n    }\n}\n";
     let mut c = tera::Context::new();
     c.insert("store", &store);
-    let params = vec![param(&format!("{}*", c_type(out.dtype)?), "out"), param("i64", "n"), param(&format!("const {ty_in}*"), "x0")];
+    let params = vec![
+        param(&format!("{}*", c_type(out.dtype)?), "out"),
+        param("i64", "n"),
+        param(&format!("const {ty_in}*"), "x0"),
+    ];
     let src = KernelSource::render("cast", template, c, params)?;
     l.launch(k, src, grid_for(out.numel()), vec![Arg::Ptr(out.ptr), Arg::I64(out.numel() as i64), Arg::Ptr(x[0].ptr)]);
     Ok(())

@@ -47,7 +47,8 @@ pub fn strided_copy(
         return Ok(());
     }
     // Rank 0 copies one element; the kernel wants at least one dim.
-    let (dims, so, si) = if dims.is_empty() { (vec![1], vec![0], vec![0]) } else { (dims.to_vec(), so.to_vec(), si.to_vec()) };
+    let (dims, so, si) =
+        if dims.is_empty() { (vec![1], vec![0], vec![0]) } else { (dims.to_vec(), so.to_vec(), si.to_vec()) };
     let rank = dims.len();
     let t = c_type(out.dtype)?;
     let dty = format!("tsr_dims_{rank}");

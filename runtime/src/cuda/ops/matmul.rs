@@ -50,7 +50,15 @@ pub fn product(
 
 /// `out += a @ b` (beta = 1: the GEMM reads the result's current values,
 /// adds the product in f32 and rounds once).
-fn product_accumulate(l: &mut Lowering, k: usize, a: &Val, b: &Val, ta: bool, tb: bool, out: &Val) -> Result<(), String> {
+fn product_accumulate(
+    l: &mut Lowering,
+    k: usize,
+    a: &Val,
+    b: &Val,
+    ta: bool,
+    tb: bool,
+    out: &Val,
+) -> Result<(), String> {
     product_with(l, k, a, b, ta, tb, out, None, 1.0)
 }
 
@@ -80,13 +88,17 @@ fn product_with(
     }
     let batch_shape = &out.shape[..ro - 2];
     // Batch strides in elements, per operand.
-    let sa: Vec<i64> = broadcast_strides(&a.shape[..ra - 2], batch_shape)?.iter().map(|s| s * (m * kk) as i64).collect();
-    let sb: Vec<i64> = broadcast_strides(&b.shape[..rb - 2], batch_shape)?.iter().map(|s| s * (kk * n) as i64).collect();
+    let sa: Vec<i64> =
+        broadcast_strides(&a.shape[..ra - 2], batch_shape)?.iter().map(|s| s * (m * kk) as i64).collect();
+    let sb: Vec<i64> =
+        broadcast_strides(&b.shape[..rb - 2], batch_shape)?.iter().map(|s| s * (kk * n) as i64).collect();
     let so: Vec<i64> = contiguous(batch_shape).iter().map(|s| s * (m * n) as i64).collect();
     // Batch dims, the unit ones dropped, adjacent ones merged where every
     // operand's strides allow (the inner one then covers both).
-    let mut dims: Vec<(u64, [i64; 3])> =
-        (0..batch_shape.len()).filter(|&d| batch_shape[d] != 1).map(|d| (batch_shape[d], [sa[d], sb[d], so[d]])).collect();
+    let mut dims: Vec<(u64, [i64; 3])> = (0..batch_shape.len())
+        .filter(|&d| batch_shape[d] != 1)
+        .map(|d| (batch_shape[d], [sa[d], sb[d], so[d]]))
+        .collect();
     let mut i = dims.len();
     while i >= 2 {
         let (outer, inner) = (dims[i - 2], dims[i - 1]);
@@ -101,7 +113,8 @@ fn product_with(
     let workspace = l.scratch(k, "gemm").ok();
     // b shared by every batch entry and a's batch contiguous: one GEMM over
     // batch * M rows (what a linear layer is).
-    let fold = !ta && strides[1] == 0 && strides[0] == (m * kk) as i64 && strides[2] == (m * n) as i64 && dims.is_empty();
+    let fold =
+        !ta && strides[1] == 0 && strides[0] == (m * kk) as i64 && strides[2] == (m * n) as i64 && dims.is_empty();
     let (m_eff, count, strides) = if fold { (m * count, 1, [0, 0, 0]) } else { (m, count, strides) };
     let mut desc = GemmDesc::row_major(
         m_eff,
@@ -114,7 +127,10 @@ fn product_with(
     );
     if let Some(bias) = bias {
         if bias.dtype != out.dtype || bias.numel() != n {
-            return Err(format!("bias {:?} {} does not fit a product of {n} columns of {}", bias.shape, bias.dtype, out.dtype));
+            return Err(format!(
+                "bias {:?} {} does not fit a product of {n} columns of {}",
+                bias.shape, bias.dtype, out.dtype
+            ));
         }
         desc.epilogue = Epilogue::Bias;
     }
@@ -166,7 +182,13 @@ fn scratch_val(l: &Lowering, k: usize, piece: &str, shape: Vec<u64>, dtype: DTyp
 /// GELU of `z` into the `gelu` scratch, in `dtype`.
 fn gelu_into_scratch(l: &mut Lowering, k: usize, z: &Val, dtype: DType) -> Result<Val, String> {
     let g = scratch_val(l, k, "gelu", z.shape.clone(), dtype)?;
-    apply(l, k, &g, std::slice::from_ref(z), &[Ins::Plan(Instr::Operand(0)), Ins::Plan(Instr::Unary(UnaryOp::Gelu, 0))])?;
+    apply(
+        l,
+        k,
+        &g,
+        std::slice::from_ref(z),
+        &[Ins::Plan(Instr::Operand(0)), Ins::Plan(Instr::Unary(UnaryOp::Gelu, 0))],
+    )?;
     Ok(g)
 }
 

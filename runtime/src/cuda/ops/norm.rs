@@ -34,10 +34,8 @@ pub fn layer_norm_rows(
         return Err(format!("result {:?} is not the input's shape {:?}", out.shape, x.shape));
     }
     let rows = x.numel() / d.max(1);
-    let mut params = vec![
-        param(&format!("{}*", c_type(out.dtype)?), "out"),
-        param(&format!("const {}*", c_type(x.dtype)?), "x"),
-    ];
+    let mut params =
+        vec![param(&format!("{}*", c_type(out.dtype)?), "out"), param(&format!("const {}*", c_type(x.dtype)?), "x")];
     let mut args = vec![Arg::Ptr(out.ptr), Arg::Ptr(x.ptr)];
     if let Some((w, b)) = affine {
         if w.numel() != d || b.numel() != d {
@@ -72,7 +70,14 @@ fn normalize_grad(l: &mut Lowering, k: usize, out: &Val, g: &Val, x: &Val, eps: 
         param("i64", "d"),
         param("double", "eps"),
     ];
-    let args = vec![Arg::Ptr(out.ptr), Arg::Ptr(x.ptr), Arg::Ptr(g.ptr), Arg::I64(rows as i64), Arg::I64(d as i64), Arg::F64(eps)];
+    let args = vec![
+        Arg::Ptr(out.ptr),
+        Arg::Ptr(x.ptr),
+        Arg::Ptr(g.ptr),
+        Arg::I64(rows as i64),
+        Arg::I64(d as i64),
+        Arg::F64(eps),
+    ];
     let mut c = tera::Context::new();
     c.insert("affine", &false);
     c.insert("grad", &true);

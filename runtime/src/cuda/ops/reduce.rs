@@ -393,7 +393,11 @@ fn sum_of_squares(l: &mut Lowering, k: usize) -> Result<(), String> {
         c.insert("count", &count);
         c.insert("bounds", &(count + 1));
         c.insert("t", c_type(group[0].dtype)?);
-        let params = vec![param(&format!("tsr_tensors_{count}"), "tensors"), param("double*", "partials"), param("i64", "first")];
+        let params = vec![
+            param(&format!("tsr_tensors_{count}"), "tensors"),
+            param("double*", "partials"),
+            param("i64", "first"),
+        ];
         let src = KernelSource::render("sum_of_squares", SQUARES, c, params)?;
         ptrs.extend(starts);
         let args = vec![Arg::Bytes(ptrs), Arg::Ptr(at), Arg::I64(first as i64)];

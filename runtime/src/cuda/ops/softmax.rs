@@ -64,8 +64,14 @@ fn along_axis(l: &mut Lowering, k: usize, op: &str, axis: usize, eps: f64) -> Re
         param("i64", "inner"),
         param("double", "eps"),
     ];
-    let args =
-        vec![Arg::Ptr(out.ptr), Arg::Ptr(x.ptr), Arg::I64(lanes as i64), Arg::I64(n as i64), Arg::I64(inner as i64), Arg::F64(eps)];
+    let args = vec![
+        Arg::Ptr(out.ptr),
+        Arg::Ptr(x.ptr),
+        Arg::I64(lanes as i64),
+        Arg::I64(n as i64),
+        Arg::I64(inner as i64),
+        Arg::F64(eps),
+    ];
     let mut c = tera::Context::new();
     c.insert("op", op);
     c.insert("rows", &rows);
@@ -127,7 +133,14 @@ fn cross_entropy(l: &mut Lowering, k: usize, smoothing: f64) -> Result<(), Strin
         param("i64", "k"),
         param("double", "smoothing"),
     ];
-    let args = vec![Arg::Ptr(at), Arg::Ptr(x.ptr), Arg::Ptr(target.ptr), Arg::I64(n as i64), Arg::I64(classes as i64), Arg::F64(smoothing)];
+    let args = vec![
+        Arg::Ptr(at),
+        Arg::Ptr(x.ptr),
+        Arg::Ptr(target.ptr),
+        Arg::I64(n as i64),
+        Arg::I64(classes as i64),
+        Arg::F64(smoothing),
+    ];
     let src = loss_source(false, hard, xt, params)?;
     l.launch(k, src, Launch::linear(blocks as u32, threads_for(classes)), args);
     fold_partials(l, k, Acc::SumF64, at, 1, blocks, &out, "tsr_store(out, o, (float)(a / scale))", n.max(1) as f64)
@@ -190,7 +203,10 @@ fn zero_diagonal(l: &mut Lowering, k: usize, world: u64) -> Result<(), String> {
     float("x", x.dtype)?;
     let [n, cols] = x.shape[..] else { return Err(format!("x must be [N, N], got {:?}", x.shape)) };
     if cols != n * world || out.shape != x.shape || out.dtype != x.dtype {
-        return Err(format!("x must be [N, N] like the result, got {:?} {} and {:?} {}", x.shape, x.dtype, out.shape, out.dtype));
+        return Err(format!(
+            "x must be [N, N] like the result, got {:?} {} and {:?} {}",
+            x.shape, x.dtype, out.shape, out.dtype
+        ));
     }
     let t = c_type(x.dtype)?;
     let params = vec![
