@@ -892,9 +892,11 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
             let (names, tensors): (Vec<String>, Vec<Tensor>) = inputs.into_iter().unzip();
             let given: Vec<(&str, Tensor)> = names.iter().map(String::as_str).zip(tensors).collect();
             // The next step's inputs when the same plan runs it (same batch
-            // size and stage): a GPU copies them over while this step computes.
+            // size and stage): a GPU copies them over while this step
+            // computes (the CPU backends have nothing to overlap).
+            let overlaps = matches!(ex, Executor::Cuda(_));
             let next_scalars = match batches.peek() {
-                Some(Ok(nb)) if nb.size == size && same_stage_next => {
+                Some(Ok(nb)) if overlaps && nb.size == size && same_stage_next => {
                     let (s, _) =
                         step_scalars(&optim, iteration + 1, total, per_epoch, &nb.labels, &needs, moco_momentum);
                     Some(s)
