@@ -130,7 +130,7 @@ pub fn lower(l: &mut Lowering, k: usize, op: &Op) -> Result<(), String> {
             let channel = [(running, "running")];
             batch_kernel(l, k, "running_stat", c, &out, &[(xv, "x")], &channel, ("momentum", momentum))
         }
-        ref other => Err(format!("{} is not implemented by the CUDA backend yet", other.name())),
+        ref other => Err(format!("{} is not a normalisation op", other.name())),
     }
 }
 
