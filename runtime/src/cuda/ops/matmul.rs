@@ -48,21 +48,9 @@ pub fn product(
     product_with(l, k, a, b, ta, tb, out, bias, 0.0)
 }
 
-/// `out += a @ b` (beta = 1: the GEMM reads the result's current values,
-/// adds the product in f32 and rounds once).
-fn product_accumulate(
-    l: &mut Lowering,
-    k: usize,
-    a: &Val,
-    b: &Val,
-    ta: bool,
-    tb: bool,
-    out: &Val,
-) -> Result<(), String> {
-    product_with(l, k, a, b, ta, tb, out, None, 1.0)
-}
-
 #[allow(clippy::too_many_arguments)]
+/// `product`, the result scaled by `beta` added (1: the GEMM reads the
+/// result's current values, adds the product in f32 and rounds once).
 fn product_with(
     l: &mut Lowering,
     k: usize,
@@ -300,7 +288,7 @@ fn conv2d(l: &mut Lowering, k: usize, x: &[Val], out: &Val, stride: [u64; 2], pa
             // (beta = 1) and rounds once, as the CPU does.
             let b3 = Val { ptr: b.ptr, shape: vec![o, 1], dtype: b.dtype };
             apply(l, k, &out3, &[b3], &[Ins::Plan(Instr::Operand(0))])?;
-            product_accumulate(l, k, &w2, &cols, false, true, &out3)
+            product_with(l, k, &w2, &cols, false, true, &out3, None, 1.0)
         }
         None => product(l, k, &w2, &cols, false, true, &out3, None),
     }
