@@ -10,6 +10,7 @@
 pub mod backend;
 pub mod cpu;
 pub mod cuda;
+pub mod dist;
 pub mod error;
 pub mod memory_layout;
 pub mod philox;

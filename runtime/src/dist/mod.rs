@@ -1,0 +1,160 @@
+//! Data parallelism's communication: a rendezvous store and collectives
+//! across the processes of one run (PyTorch's TCPStore and process group).
+//!
+//! `store` is a key-value server that rank 0 (or the launcher) hosts: ranks
+//! exchange their addresses and NCCL's unique id through it and wait at
+//! barriers. `ring` is the CPU collective: every rank talks to its two ring
+//! neighbours over TCP (loopback or the network), so no rank is a
+//! bottleneck. The executor's collective ops (`all_reduce`, `all_gather`,
+//! the gradient all-reduce the compiler inserts) run through `Collective`.
+//!
+//! Invariants: every call either completes on every rank with the same
+//! result (bitwise: each reduced element is computed once and forwarded), or
+//! fails on every rank within the timeout. A peer that exits closes its
+//! sockets, which its neighbours see at once; one that hangs is noticed
+//! when a read waits longer than `timeout`. Ranks that disagree on a
+//! message's size (they run different plans) get an error, never a hang.
+
+pub mod ring;
+pub mod store;
+mod wire;
+
+use std::time::Duration;
+
+pub use ring::RingCollective;
+pub use store::{StoreClient, StoreServer};
+
+/// A failed collective or rendezvous; the message names the peer rank and
+/// the operation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct DistError(pub String);
+
+impl DistError {
+    pub fn new(message: impl Into<String>) -> DistError {
+        DistError(message.into())
+    }
+}
+
+/// Element-wise reduction across ranks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reduction {
+    Sum,
+    /// The sum divided by the world size (DDP's gradient average).
+    Mean,
+    Max,
+}
+
+/// The numbers collectives carry (f32 tensors, f64 metric sums).
+pub trait Element: Copy + Default + Send + Sync + 'static {
+    const BYTES: usize;
+    fn write_le(self, out: &mut [u8]);
+    fn read_le(b: &[u8]) -> Self;
+    fn combine(self, other: Self, r: Reduction) -> Self;
+    fn divide(self, n: usize) -> Self;
+}
+
+impl Element for f32 {
+    const BYTES: usize = 4;
+    fn write_le(self, out: &mut [u8]) {
+        out.copy_from_slice(&self.to_le_bytes());
+    }
+    fn read_le(b: &[u8]) -> Self {
+        f32::from_le_bytes(b.try_into().expect("4 bytes"))
+    }
+    fn combine(self, other: Self, r: Reduction) -> Self {
+        match r {
+            Reduction::Sum | Reduction::Mean => self + other,
+            // NaN wins, as torch.max propagates it.
+            Reduction::Max => {
+                if self.is_nan() || other.is_nan() {
+                    f32::NAN
+                } else {
+                    self.max(other)
+                }
+            }
+        }
+    }
+    fn divide(self, n: usize) -> Self {
+        self / n as f32
+    }
+}
+
+impl Element for f64 {
+    const BYTES: usize = 8;
+    fn write_le(self, out: &mut [u8]) {
+        out.copy_from_slice(&self.to_le_bytes());
+    }
+    fn read_le(b: &[u8]) -> Self {
+        f64::from_le_bytes(b.try_into().expect("8 bytes"))
+    }
+    fn combine(self, other: Self, r: Reduction) -> Self {
+        match r {
+            Reduction::Sum | Reduction::Mean => self + other,
+            Reduction::Max => {
+                if self.is_nan() || other.is_nan() {
+                    f64::NAN
+                } else {
+                    self.max(other)
+                }
+            }
+        }
+    }
+    fn divide(self, n: usize) -> Self {
+        self / n as f64
+    }
+}
+
+/// The collectives a data-parallel step needs, the same on every backend.
+/// Results are in rank order (`all_gather`: rank 0's block first).
+pub trait Collective: Send + Sync {
+    fn rank(&self) -> usize;
+    fn world(&self) -> usize;
+    fn all_reduce_f32(&self, data: &mut [f32], op: Reduction) -> Result<(), DistError>;
+    fn all_reduce_f64(&self, data: &mut [f64], op: Reduction) -> Result<(), DistError>;
+    /// Every rank's `data` (all the same length), concatenated in rank order.
+    fn all_gather_f32(&self, data: &[f32]) -> Result<Vec<f32>, DistError>;
+    /// Rank `root`'s `data` on every rank.
+    fn broadcast_f32(&self, data: &mut [f32], root: usize) -> Result<(), DistError>;
+    /// Returns once every rank has called it.
+    fn barrier(&self) -> Result<(), DistError> {
+        self.all_reduce_f32(&mut [0.0], Reduction::Sum)
+    }
+}
+
+/// One process alone: every collective is the identity.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SingleProcess;
+
+impl Collective for SingleProcess {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world(&self) -> usize {
+        1
+    }
+    fn all_reduce_f32(&self, _: &mut [f32], _: Reduction) -> Result<(), DistError> {
+        Ok(())
+    }
+    fn all_reduce_f64(&self, _: &mut [f64], _: Reduction) -> Result<(), DistError> {
+        Ok(())
+    }
+    fn all_gather_f32(&self, data: &[f32]) -> Result<Vec<f32>, DistError> {
+        Ok(data.to_vec())
+    }
+    fn broadcast_f32(&self, _: &mut [f32], _: usize) -> Result<(), DistError> {
+        Ok(())
+    }
+}
+
+/// How long a collective or rendezvous waits for a peer before it gives up:
+/// `TESSERA_DIST_TIMEOUT` seconds, else `default`.
+pub fn timeout_from_env(default: Duration) -> Result<Duration, DistError> {
+    match std::env::var("TESSERA_DIST_TIMEOUT") {
+        Err(_) => Ok(default),
+        Ok(s) => match s.trim().parse::<f64>() {
+            Ok(t) if t > 0.0 && t.is_finite() => Ok(Duration::from_secs_f64(t)),
+            _ => Err(DistError::new(format!("TESSERA_DIST_TIMEOUT is `{s}`; it must be a positive number of seconds"))),
+        },
+    }
+}
