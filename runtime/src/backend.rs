@@ -14,6 +14,7 @@
 
 use crate::cpu::{ArenaExecutor, CpuExecutor};
 use crate::cuda::{self, CudaBackend, CudaExecutor};
+use crate::dist::Collective;
 use crate::error::RuntimeError;
 use crate::tensor::Tensor;
 use std::collections::BTreeMap;
@@ -156,6 +157,24 @@ impl Executor {
             Executor::CpuArena(e) => e.step(),
             Executor::Cuda(e) => e.step(),
         }
+    }
+
+    /// Makes this executor one process of a data-parallel run: its
+    /// collectives and the random streams' rank term go through `comm`.
+    /// GPUs need NCCL for that, which they do not have yet.
+    pub fn set_collective(&mut self, comm: Arc<dyn Collective>) -> Result<(), RuntimeError> {
+        match self {
+            Executor::Cpu(e) => e.set_collective(comm),
+            Executor::CpuArena(e) => e.set_collective(comm),
+            Executor::Cuda(_) if comm.world() == 1 => {}
+            Executor::Cuda(_) => {
+                return Err(RuntimeError::Device(format!(
+                    "data-parallel training over {} processes on GPUs needs NCCL collectives, which this build does not have yet; train with MACHINE.DEVICE=cpu, or with one process (DISTRIBUTED.NUM_NODES=1 DISTRIBUTED.NUM_PROC_PER_NODE=1)",
+                    comm.world()
+                )))
+            }
+        }
+        Ok(())
     }
 
     pub fn set_step(&mut self, s: u64) {

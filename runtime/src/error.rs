@@ -9,10 +9,13 @@ pub enum KernelError {
     #[error("{0}")]
     Invalid(String),
     #[error(
-        "{op} over {world} ranks needs a collective backend, which is not implemented yet \
-         (this executor runs a single rank)"
+        "{op} over {world} ranks needs the run's collective, and this executor has none \
+         (it runs one process; start the run with DISTRIBUTED.NUM_PROC_PER_NODE or a launcher)"
     )]
     NeedsCollectives { op: &'static str, world: u64 },
+    /// A collective failed (a peer exited, hangs, or runs another plan).
+    #[error("{0}")]
+    Collective(String),
 }
 
 /// Shorthand for a kernel's precondition failure.

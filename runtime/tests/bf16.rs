@@ -289,7 +289,7 @@ fn an_amp_step_is_the_f32_computation_with_bf16_results_rounded() {
     let amp = ["MODEL.AMP_PARAMS.USE_AMP=true"];
     let (plan, out) = run_exposed(step_plan("quickstart/vit_tiny", &amp, amp_unfused()));
     let value = |i: usize| &out[&format!("v{i}")];
-    let ctx = Ctx { training: true, seed: SEED, step: 0, bf16_operands: 0, bf16_result: false };
+    let ctx = Ctx::single(true, SEED, 0);
     let (mut low, mut moved) = (0, 0);
     for (k, kernel) in plan.kernels.iter().enumerate() {
         // Each kernel again, on the operands the step gave it, in f32 (a

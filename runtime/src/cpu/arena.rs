@@ -25,7 +25,9 @@
 //! is written. A kernel error during a step leaves the executor unusable
 //! (`poisoned`), since state may already be half updated in place.
 
-use super::kernel::Ctx;
+use super::kernel::{Ctx, Dist};
+use crate::dist::Collective;
+use std::sync::Arc;
 use super::{init::init_tensor, multi_tensor, passes_data_through, pool, run_kernel};
 use crate::error::{KernelError, RuntimeError};
 use crate::memory_layout::{check_placements, decode_f32, encode, from_bytes, inline_constants, offsets, Layout};
@@ -138,6 +140,8 @@ pub struct ArenaExecutor {
     state_index: HashMap<String, usize>,
     inputs: Vec<(String, usize)>,
     poisoned: Option<String>,
+    /// The collective of a data-parallel run (`None`: one process).
+    comm: Option<Arc<dyn Collective>>,
 }
 
 fn invalid(message: String) -> RuntimeError {
@@ -182,6 +186,7 @@ impl ArenaExecutor {
             state_index: HashMap::new(),
             inputs: Vec::new(),
             poisoned: None,
+            comm: None,
             plan,
         };
         for &v in &constants {
@@ -226,6 +231,11 @@ impl ArenaExecutor {
 
     pub fn plan(&self) -> &Plan {
         &self.plan
+    }
+
+    /// Runs the plan's collectives through `comm` (see `CpuExecutor::set_collective`).
+    pub fn set_collective(&mut self, comm: Arc<dyn Collective>) {
+        self.comm = Some(comm);
     }
 
     pub fn seed(&self) -> u64 {
@@ -352,12 +362,10 @@ impl ArenaExecutor {
         for (name, v) in &self.inputs {
             self.storage.write(*v, &self.plan.values[*v], given[name.as_str()]).map_err(invalid)?;
         }
+        let comm = self.comm.clone();
         let ctx = Ctx {
-            training: self.plan.training,
-            seed: self.seed,
-            step: self.step,
-            bf16_operands: 0,
-            bf16_result: false,
+            dist: comm.as_deref().map(|comm| Dist { comm, batch: self.plan.batch }),
+            ..Ctx::single(self.plan.training, self.seed, self.step)
         };
         for k in 0..self.plan.kernels.len() {
             self.execute(k, &ctx).map_err(|source| {

@@ -50,7 +50,8 @@ pub fn attention(x: &[&Tensor], scale: f64, dropout: f64, key: u32, ctx: &Ctx) -
     }
     let (nq, d, nk, dv) = (qt.shape[r - 2], qt.shape[r - 1], kt.shape[r - 2], vt.shape[r - 1]);
     let heads: usize = qt.shape[..r - 2].iter().product();
-    let mask = ctx.drop_mask(dropout, key)?;
+    let rows = if r > 2 { qt.shape[0] } else { 1 };
+    let mask = ctx.drop_mask(dropout, key, rows, heads / rows.max(1) * nq * nk)?;
     let scale = scale as f32;
     let mut shape = qt.shape.clone();
     shape[r - 1] = dv;
@@ -100,7 +101,8 @@ pub fn attention_grad(x: &[&Tensor], scale: f64, dropout: f64, key: u32, ctx: &C
     let (qd, kd, vd, gd) = (f32_of(qt, "q")?, f32_of(kt, "k")?, f32_of(vt, "v")?, f32_of(gt, "dy")?);
     let (n, d) = (qt.shape[r - 2], qt.shape[r - 1]);
     let heads: usize = qt.shape[..r - 2].iter().product();
-    let mask = ctx.drop_mask(dropout, key)?;
+    let rows = if r > 2 { qt.shape[0] } else { 1 };
+    let mask = ctx.drop_mask(dropout, key, rows, heads / rows.max(1) * n * n)?;
     let scale = scale as f32;
     let mut shape = vec![3];
     shape.extend_from_slice(&qt.shape);

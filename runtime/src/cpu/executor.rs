@@ -16,7 +16,9 @@
 
 use super::elementwise::round_to_bf16;
 use super::init::init_tensor;
-use super::kernel::Ctx;
+use super::kernel::{Ctx, Dist};
+use crate::dist::Collective;
+use std::sync::Arc;
 use super::layout::reshaped;
 use super::pool;
 use super::{passes_data_through, run_kernel};
@@ -42,6 +44,8 @@ pub struct CpuExecutor {
     kept: Vec<usize>,
     /// Per kernel, the values that are parts of its packed result, by offset.
     parts: Vec<HashMap<u64, usize>>,
+    /// The collective of a data-parallel run (`None`: one process).
+    comm: Option<Arc<dyn Collective>>,
 }
 
 /// `t` as a value of plan type `dtype` is stored: rounded to bf16 for bf16
@@ -126,11 +130,17 @@ impl CpuExecutor {
         for (_, v) in plan.outputs.iter().chain(&plan.state_updates) {
             kept[*v] += 1;
         }
-        Ok(CpuExecutor { plan, seed, step: 0, shapes, states, state_index, last_use, kept, parts })
+        Ok(CpuExecutor { plan, seed, step: 0, shapes, states, state_index, last_use, kept, parts, comm: None })
     }
 
     pub fn plan(&self) -> &Plan {
         &self.plan
+    }
+
+    /// Runs the plan's collectives (and the random streams' rank term)
+    /// through `comm`: this executor is one process of a data-parallel run.
+    pub fn set_collective(&mut self, comm: Arc<dyn Collective>) {
+        self.comm = Some(comm);
     }
 
     pub fn seed(&self) -> u64 {
@@ -247,8 +257,10 @@ impl CpuExecutor {
             let unknown = given.keys().find(|n| !known(n)).expect("some given input is not a plan input");
             return Err(RuntimeError::UnknownInput { name: unknown.to_string(), expected: self.input_names() });
         }
-        let ctx =
-            Ctx { training: plan.training, seed: self.seed, step: self.step, bf16_operands: 0, bf16_result: false };
+        let ctx = Ctx {
+            dist: self.comm.as_deref().map(|comm| Dist { comm, batch: plan.batch }),
+            ..Ctx::single(plan.training, self.seed, self.step)
+        };
         for (k, kernel) in plan.kernels.iter().enumerate() {
             let fail = |source: KernelError| RuntimeError::Kernel {
                 index: k,

@@ -77,6 +77,8 @@ pub fn fused(x: &[&Tensor], body: &[Instr], ctx: &Ctx) -> Result<Tensor, KernelE
     let (shape, srcs) = sources(x)?;
     let numel: usize = shape.iter().product();
     let mut masks: Vec<Option<DropMask>> = Vec::with_capacity(body.len());
+    // Rows (axis 0) for the masks' data-parallel rank term.
+    let rows = shape.first().copied().unwrap_or(1);
     for (i, instr) in body.iter().enumerate() {
         let reads_ok = instr.args().iter().all(|&a| (a as usize) < i);
         let operand_ok = !matches!(instr, Instr::Operand(k) if *k as usize >= x.len());
@@ -86,7 +88,8 @@ pub fn fused(x: &[&Tensor], body: &[Instr], ctx: &Ctx) -> Result<Tensor, KernelE
             )));
         }
         masks.push(match instr {
-            Instr::Dropout { p, key, .. } | Instr::DropPath { p, key, .. } => ctx.drop_mask(*p, *key)?,
+            Instr::Dropout { p, key, .. } => ctx.drop_mask(*p, *key, rows, numel / rows.max(1))?,
+            Instr::DropPath { p, key, .. } => ctx.drop_mask(*p, *key, rows, 1)?,
             _ => None,
         });
     }

@@ -1,13 +1,15 @@
 //! What every kernel shares: the run context, operand checks, and the
 //! thresholds above which work is split across the rayon pool.
 
-use super::random::DropMask;
+use super::random::{DropMask, RowMap};
+use crate::dist::Collective;
 use crate::error::{invalid, KernelError};
 use crate::tensor::{show_shape, Tensor};
 
-/// Per-run facts a kernel may need: train/eval mode and the random stream keys.
-#[derive(Clone, Copy, Debug)]
-pub struct Ctx {
+/// Per-run facts a kernel may need: train/eval mode, the random stream
+/// keys, and this process's place in a data-parallel run.
+#[derive(Clone, Copy)]
+pub struct Ctx<'a> {
     pub training: bool,
     pub seed: u64,
     pub step: u64,
@@ -18,19 +20,50 @@ pub struct Ctx {
     pub bf16_operands: u32,
     /// The result has the plan type bf16.
     pub bf16_result: bool,
+    /// The collective of a run of several processes (`None`: one process).
+    pub dist: Option<Dist<'a>>,
 }
 
-impl Ctx {
+/// A data-parallel run as a kernel sees it.
+#[derive(Clone, Copy)]
+pub struct Dist<'a> {
+    pub comm: &'a dyn Collective,
+    /// The plan's batch per process.
+    pub batch: u64,
+}
+
+impl<'a> Ctx<'a> {
+    /// One process's context.
+    pub fn single(training: bool, seed: u64, step: u64) -> Ctx<'static> {
+        Ctx { training, seed, step, bf16_operands: 0, bf16_result: false, dist: None }
+    }
+
     /// The dropout mask of op `key` with drop probability `p`, or `None` when
-    /// dropout is the identity (eval mode, or p == 0).
-    pub fn drop_mask(&self, p: f64, key: u32) -> Result<Option<DropMask>, KernelError> {
+    /// dropout is the identity (eval mode, or p == 0), for a tensor of
+    /// `rows` rows (axis 0) of `row_len` mask indices each.
+    ///
+    /// With several processes a row of the local batch draws the mask the
+    /// same sample draws in one process with the whole global batch: the
+    /// sampler gives rank r the samples r, r + W, r + 2W, ... of the global
+    /// batch, so local row i of each batch-sized block is global row
+    /// i * W + r (the rank term of the random streams).
+    pub fn drop_mask(&self, p: f64, key: u32, rows: usize, row_len: usize) -> Result<Option<DropMask>, KernelError> {
         if !(0.0..1.0).contains(&p) {
             return Err(invalid(format!("drop probability {p} must be in [0, 1)")));
         }
         if !self.training || p == 0.0 {
             return Ok(None);
         }
-        Ok(Some(DropMask::new(self.seed, self.step, key, p)))
+        let mask = DropMask::new(self.seed, self.step, key, p);
+        Ok(Some(match self.dist {
+            Some(d) if d.comm.world() > 1 && d.batch > 0 && rows as u64 % d.batch == 0 => mask.sharded(RowMap {
+                block: d.batch,
+                world: d.comm.world() as u64,
+                rank: d.comm.rank() as u64,
+                row_len: row_len.max(1) as u64,
+            }),
+            _ => mask,
+        }))
     }
 }
 

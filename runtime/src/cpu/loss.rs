@@ -2,7 +2,8 @@
 //! targets (label smoothing s: t = s/K + (1-s) onehot) or soft targets used as
 //! given (reference 4.4); the contrastive losses' self-similarity mask.
 
-use super::collective::single_rank;
+use super::collective::comm;
+use super::kernel::Ctx;
 use super::kernel::{f32_of, operands};
 use super::softmax::{log_sum_exp_parts, softmax_row};
 use crate::error::{invalid, KernelError};
@@ -94,20 +95,24 @@ pub fn cross_entropy_grad(x: &[&Tensor], smoothing: f64) -> Result<Tensor, Kerne
     Ok(Tensor::f32(lt.shape.clone(), out))
 }
 
-/// `ZeroDiagonal (x [N, N]) -> [N, N]`: x with x[i, i] = 0, a row's
-/// similarity to itself left out of SimCLR's denominator (reference 4.3).
-/// One rank only: with several, this rank's block would need the rank.
-pub fn zero_diagonal(x: &[&Tensor], world: u64) -> Result<Tensor, KernelError> {
-    single_rank("zero_diagonal", world)?;
+/// `ZeroDiagonal (x [N, N * world]) -> [N, N * world]`: x with
+/// x[i, rank * N + i] = 0, a row's similarity to itself (its column among
+/// the gathered rows of every rank) left out of SimCLR's denominator
+/// (reference 4.3).
+pub fn zero_diagonal(x: &[&Tensor], world: u64, ctx: &Ctx) -> Result<Tensor, KernelError> {
+    let rank = comm(ctx, "zero_diagonal", world)?.map_or(0, |c| c.rank());
     let [xt] = operands(x, ["x"])?;
     let data = f32_of(xt, "x")?;
     let n = match xt.shape[..] {
-        [n, k] if n == k => n,
-        _ => return Err(invalid(format!("x must be [N, N], got {}", show_shape(&xt.shape)))),
+        [n, k] if n as u64 * world == k as u64 => n,
+        _ => {
+            return Err(invalid(format!("x must be [N, N * {world}], got {}", show_shape(&xt.shape))));
+        }
     };
+    let k = n * world as usize;
     let mut out = super::pool::copy(data);
     for i in 0..n {
-        out[i * n + i] = 0.0;
+        out[i * k + rank * n + i] = 0.0;
     }
-    Ok(Tensor::f32(vec![n, n], out))
+    Ok(Tensor::f32(xt.shape.clone(), out))
 }

@@ -61,7 +61,7 @@ fn fixed_shape(s: &tessera_plan::Shape) -> Result<Vec<usize>, KernelError> {
 
 /// `ctx` with the bf16 facts of kernel `k` of `plan` (which operands and
 /// whether the result have the plan type bf16).
-pub fn typed(ctx: &Ctx, plan: &tessera_plan::Plan, k: usize) -> Ctx {
+pub fn typed<'a>(ctx: &Ctx<'a>, plan: &tessera_plan::Plan, k: usize) -> Ctx<'a> {
     let kernel = &plan.kernels[k];
     let bf16 = |v: usize| plan.values[v].dtype == tessera_plan::DType::BF16;
     let bits =
@@ -101,11 +101,11 @@ pub fn run_kernel(op: &Op, x: &[&Tensor], ctx: &Ctx) -> Result<Tensor, KernelErr
         Op::Slice { axis, start, end } => layout::slice(x, *axis, fixed(*start)?, fixed(*end)?),
         Op::Expand { shape } => layout::expand(x, &fixed_shape(shape)?),
         Op::StopGradient => kernel::operands(x, ["input"]).map(|[t]| pool::pooled_clone(t)),
-        Op::AllGather { world } => collective::identity_on_one_rank(x, "all_gather", *world),
-        Op::AllReduce { world, .. } => collective::identity_on_one_rank(x, "all_reduce", *world),
-        Op::AllGatherGrad { world } => collective::identity_on_one_rank(x, "all_gather_grad", *world),
-        Op::QueuePush { world } => state::queue_push(x, *world),
-        Op::ZeroDiagonal { world } => loss::zero_diagonal(x, *world),
+        Op::AllGather { world } => collective::all_gather(x, *world, ctx),
+        Op::AllReduce { op, world } => collective::all_reduce(x, *op, *world, ctx),
+        Op::AllGatherGrad { world } => collective::all_gather_grad(x, *world, ctx),
+        Op::QueuePush { world } => state::queue_push(x, *world, ctx),
+        Op::ZeroDiagonal { world } => loss::zero_diagonal(x, *world, ctx),
         Op::QueueAdvance { world } => state::queue_advance(x, *world),
         Op::GeluGrad => elementwise::gelu_grad(x),
         Op::Fused { body } => fused::fused(x, body, ctx),

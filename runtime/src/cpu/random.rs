@@ -23,6 +23,29 @@ pub struct DropMask {
     op: u32,
     keep: f32,
     scale: f32,
+    /// Where this process's rows sit in the global batch (`None`: one process).
+    rows: Option<RowMap>,
+}
+
+/// Local mask indices to global ones in a data-parallel run: a tensor's rows
+/// (axis 0) come in blocks of `block` (the per-process batch; several blocks
+/// for stacked crops or views), and local row i of block c is row
+/// c * block * world + i * world + rank of one process's global batch.
+#[derive(Clone, Copy, Debug)]
+pub struct RowMap {
+    pub block: u64,
+    pub world: u64,
+    pub rank: u64,
+    /// Mask indices per row.
+    pub row_len: u64,
+}
+
+impl RowMap {
+    fn global(&self, index: u64) -> u64 {
+        let (row, within) = (index / self.row_len, index % self.row_len);
+        let (c, i) = (row / self.block, row % self.block);
+        (c * self.block * self.world + i * self.world + self.rank) * self.row_len + within
+    }
 }
 
 impl DropMask {
@@ -34,12 +57,19 @@ impl DropMask {
             op: key,
             keep: (1.0 - p) as f32,
             scale: (1.0 / (1.0 - p)) as f32,
+            rows: None,
         }
+    }
+
+    /// This mask as one process of a data-parallel run draws it.
+    pub fn sharded(self, rows: RowMap) -> Self {
+        DropMask { rows: Some(rows), ..self }
     }
 
     /// The factor element `index` is multiplied by: 1/(1-p) if kept, else 0.
     #[inline]
     pub fn factor(&self, index: u64) -> f32 {
+        let index = self.rows.map_or(index, |m| m.global(index));
         if self.stream.keep_at(index, self.keep) {
             self.scale
         } else {
@@ -66,6 +96,18 @@ impl DropMask {
 
     /// Multiplies `values`, which start at flat index `first`, by the mask.
     pub fn apply(&self, values: &mut [f32], first: u64) {
+        let Some(m) = self.rows else { return self.apply_contiguous(values, first) };
+        // Row by row: each local row is contiguous in the global indices.
+        let mut i = 0;
+        while i < values.len() {
+            let index = first + i as u64;
+            let len = ((m.row_len - index % m.row_len) as usize).min(values.len() - i);
+            self.apply_contiguous(&mut values[i..i + len], m.global(index));
+            i += len;
+        }
+    }
+
+    fn apply_contiguous(&self, values: &mut [f32], first: u64) {
         let mut i = 0;
         while i < values.len() {
             let index = first + i as u64;
@@ -83,7 +125,8 @@ impl DropMask {
 pub fn dropout(x: &[&Tensor], p: f64, key: u32, ctx: &Ctx) -> Result<Tensor, KernelError> {
     let [t] = operands(x, ["input"])?;
     let data = f32_of(t, "input")?;
-    let Some(mask) = ctx.drop_mask(p, key)? else {
+    let rows = t.shape.first().copied().unwrap_or(1);
+    let Some(mask) = ctx.drop_mask(p, key, rows, t.numel() / rows.max(1))? else {
         return Ok(super::pool::pooled_clone(t));
     };
     let mut out = super::pool::copy(data);
@@ -103,7 +146,7 @@ pub fn drop_path(x: &[&Tensor], p: f64, key: u32, ctx: &Ctx) -> Result<Tensor, K
     if t.rank() == 0 {
         return Err(crate::error::invalid("drop_path needs a sample axis, got a scalar []"));
     }
-    let Some(mask) = ctx.drop_mask(p, key)? else {
+    let Some(mask) = ctx.drop_mask(p, key, t.shape[0], 1)? else {
         return Ok(super::pool::pooled_clone(t));
     };
     let per_sample = t.shape[1..].iter().product::<usize>();
@@ -131,6 +174,26 @@ mod tests {
                 assert_eq!(v, mask.factor(first + i as u64), "element {i} of seed {seed} step {step} key {key}");
             }
             assert!(values.contains(&0.0) && values.iter().any(|&v| v > 1.0));
+        }
+    }
+
+    #[test]
+    fn a_rank_draws_the_rows_of_its_samples_in_the_global_batch() {
+        // Global batch of 6 = 3 ranks x 2, two stacked views (12 rows of 5).
+        let (world, block, row_len) = (3u64, 2u64, 5u64);
+        let global = DropMask::new(9, 4, 2, 0.5);
+        let mut all = vec![1.0f32; (2 * world * block * row_len) as usize];
+        global.apply(&mut all, 0);
+        for rank in 0..world {
+            let mask = global.sharded(RowMap { block, world, rank, row_len });
+            let mut mine = vec![1.0f32; (2 * block * row_len) as usize];
+            mask.apply(&mut mine[1..], 1);
+            mine[0] = mask.factor(0);
+            for (row, r) in mine.chunks(row_len as usize).enumerate() {
+                let (view, i) = (row as u64 / block, row as u64 % block);
+                let g = (view * block * world + i * world + rank) as usize;
+                assert_eq!(r, &all[g * row_len as usize..][..row_len as usize], "rank {rank} row {row}");
+            }
         }
     }
 }

@@ -1,7 +1,8 @@
 //! Kernels that compute new state: MoCo's queue (push and pointer advance,
 //! reference 4.1) and batch norm's running statistics.
 
-use super::collective::single_rank;
+use super::collective::comm;
+use super::kernel::Ctx;
 use super::kernel::{f32_of, i64_of, operands};
 use crate::error::{invalid, KernelError};
 use crate::tensor::{show_shape, Tensor};
@@ -16,10 +17,19 @@ fn pointer(t: &Tensor) -> Result<i64, KernelError> {
 }
 
 /// `QueuePush (queue [E, K], ptr [] i64, keys [N, E]) -> [E, K]`: the queue with
-/// keys^T in columns ptr..ptr+N, modulo K.
-pub fn queue_push(x: &[&Tensor], world: u64) -> Result<Tensor, KernelError> {
-    single_rank("queue_push", world)?;
+/// the keys of every rank (gathered in rank order, N * world of them)
+/// transposed into columns ptr.., modulo K (MoCo's enqueue, reference 4.1).
+pub fn queue_push(x: &[&Tensor], world: u64, ctx: &Ctx) -> Result<Tensor, KernelError> {
     let [qt, pt, kt] = operands(x, ["queue", "ptr", "keys"])?;
+    if let Some(c) = comm(ctx, "queue_push", world)? {
+        let all = c.all_gather_f32(f32_of(kt, "keys")?).map_err(|e| KernelError::Collective(e.to_string()))?;
+        let mut shape = kt.shape.clone();
+        if let Some(n) = shape.first_mut() {
+            *n *= world as usize;
+        }
+        let gathered = Tensor::f32(shape, all);
+        return queue_push(&[qt, pt, &gathered], 1, ctx);
+    }
     let (queue, keys) = (f32_of(qt, "queue")?, f32_of(kt, "keys")?);
     let ([e, k], [n, ke]) = (&qt.shape[..], &kt.shape[..]) else {
         return Err(invalid(format!(
