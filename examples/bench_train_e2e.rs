@@ -136,6 +136,7 @@ fn main() {
             quiet: true,
             device: None,
             plans: None,
+            world: None,
         })
         .unwrap_or_else(|e| panic!("{e}"));
         images / start.elapsed().as_secs_f64()

@@ -12,6 +12,7 @@ use tessera_runtime::weights::WeightsFormat;
 
 mod bench;
 mod infer;
+mod launch;
 mod memory_report;
 mod train;
 
@@ -159,6 +160,10 @@ enum Command {
         /// version or target.
         #[arg(long, value_name = "FILE_OR_DIR")]
         plan: Option<PathBuf>,
+        /// This machine's node rank in a multi-node run (DISTRIBUTED.NUM_NODES
+        /// > 1 with RUN_ID host:port); overrides DISTRIBUTED.NODE_ID.
+        #[arg(long)]
+        node_rank: Option<usize>,
     },
     /// Time a config's training step on a device with random inputs: the
     /// median step time, images per second, the planned peak memory and
@@ -576,12 +581,12 @@ fn run(cli: Cli) -> Result<()> {
             plan.validate().map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
             write_out(&None, &plan.summary())
         }
-        Command::Train { args, max_steps, quiet, models, device, plan } => {
+        Command::Train { args, max_steps, quiet, models, device, plan, node_rank } => {
             let (name, overrides) = split_args(&args)?;
             let device = device
                 .map(|d| tessera_runtime::Device::parse(&d).map_err(|e| anyhow::anyhow!("--device: {e}")))
                 .transpose()?;
-            train::run(train::TrainArgs { name, overrides, models, max_steps, quiet, device, plan })
+            train::run(train::TrainArgs { name, overrides, models, max_steps, quiet, device, plan, node_rank })
         }
         Command::Bench { args, device, batch, steps, warmup, format } => {
             let (name, overrides) = split_args(&args)?;

@@ -22,32 +22,51 @@ pub struct TrainArgs {
     pub device: Option<tessera_runtime::Device>,
     /// A compiled run (`tessera compile --emit plan`) to run as it is.
     pub plan: Option<PathBuf>,
+    /// This node's rank in a multi-node run (else DISTRIBUTED.NODE_ID).
+    pub node_rank: Option<usize>,
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
     let cfg = config::load(&a.name, &a.overrides).map_err(|e| anyhow!("{e}"))?;
     let tree = cfg.tree();
     let prog = Program::load(&a.models).map_err(|e| anyhow!("{e}"))?;
-    let seed = tree.pointer("/SEED_VALUE").and_then(|v| v.as_u64()).unwrap_or(0);
-    let catalog = catalog_path().map_err(|e| anyhow!(e))?;
-    // Data errors (missing paths, empty class folders) surface here, before training.
-    let train_src = PipelineSource::from_config(tree, "TRAIN", seed, &catalog).map_err(|e| anyhow!("{e}"))?;
-    let test_model = tree.pointer("/TEST_MODEL").and_then(|v| v.as_bool()).unwrap_or(false);
-    let test_src = if test_model {
-        Some(PipelineSource::from_config(tree, "TEST", seed, &catalog).map_err(|e| anyhow!("{e}"))?)
-    } else {
-        None
-    };
-    let plans = match &a.plan {
-        Some(p) => Some(tessera_engine::compiled::CompiledRun::read(p).map_err(|e| anyhow!("--plan: {e}"))?),
-        None => None,
-    };
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         // A second signal while stopping ends the process at once.
         signal_hook::flag::register_conditional_shutdown(sig, 130, Arc::clone(&stop))?;
         signal_hook::flag::register(sig, Arc::clone(&stop))?;
     }
+    // A worker started by a launcher (ours, torchrun, srun) joins its run;
+    // otherwise DISTRIBUTED asking for several processes makes this the
+    // launcher of this node's workers.
+    let run_id = tree.pointer("/DISTRIBUTED/RUN_ID").and_then(|v| v.as_str()).unwrap_or("auto");
+    let place = tessera_engine::distributed::place_from_env(run_id).map_err(|e| anyhow!("{e}"))?;
+    if place.is_none() {
+        if let Some(l) = crate::launch::from_config(tree, a.node_rank)? {
+            return crate::launch::run(&l, stop, std::time::Duration::from_secs(10));
+        }
+    }
+    let world = match place {
+        Some(p) => {
+            let rank = p.rank;
+            Some(tessera_engine::distributed::World::join(p).map_err(|e| anyhow!("rank {rank}: {e}"))?)
+        }
+        None => None,
+    };
+    let (rank, size) = world.as_ref().map_or((0, 1), |w| (w.rank(), w.size()));
+    let seed = tree.pointer("/SEED_VALUE").and_then(|v| v.as_u64()).unwrap_or(0);
+    let catalog = catalog_path().map_err(|e| anyhow!(e))?;
+    // Data errors (missing paths, empty class folders) surface here, before training.
+    let shard = |split: &str| {
+        PipelineSource::shard_from_config(tree, split, seed, &catalog, rank, size).map_err(|e| anyhow!("{e}"))
+    };
+    let train_src = shard("TRAIN")?;
+    let test_model = tree.pointer("/TEST_MODEL").and_then(|v| v.as_bool()).unwrap_or(false);
+    let test_src = if test_model { Some(shard("TEST")?) } else { None };
+    let plans = match &a.plan {
+        Some(p) => Some(tessera_engine::compiled::CompiledRun::read(p).map_err(|e| anyhow!("--plan: {e}"))?),
+        None => None,
+    };
     let outcome = train(TrainSetup {
         cfg: tree,
         prog: &prog,
@@ -58,8 +77,13 @@ pub fn run(a: TrainArgs) -> Result<()> {
         quiet: a.quiet,
         device: a.device,
         plans,
+        world: world.as_ref(),
     })
-    .map_err(|e| anyhow!("{e}"))?;
+    .map_err(|e| if size > 1 { anyhow!("rank {rank}: {e}") } else { anyhow!("{e}") })?;
+    // Rank 0 reports the outcome for the run.
+    if rank != 0 {
+        return Ok(());
+    }
     match outcome {
         Outcome::Finished { checkpoint } => {
             eprintln!("tessera train: finished; final checkpoint {}", checkpoint.display());

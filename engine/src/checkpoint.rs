@@ -68,6 +68,13 @@ pub struct EngineState {
     pub num_epochs: u64,
     #[serde(default)]
     pub batch: u64,
+    /// Processes of the run (data-parallel world size).
+    #[serde(default = "one")]
+    pub world: u64,
+}
+
+fn one() -> u64 {
+    1
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -284,6 +291,7 @@ mod tests {
                 steps_per_epoch: 10,
                 num_epochs: 2,
                 batch: 8,
+                world: 1,
             },
         }
     }

@@ -34,8 +34,21 @@ pub struct PipelineSource {
 impl PipelineSource {
     /// The loader of `split` (`TRAIN` or `TEST`) of the config `tree`.
     pub fn from_config(tree: &serde_json::Value, split: &str, seed: u64, catalog: &Path) -> Result<Self, String> {
+        PipelineSource::shard_from_config(tree, split, seed, catalog, 0, 1)
+    }
+
+    /// Rank `rank`'s shard (of `world`) of `split`: the DistributedSampler's
+    /// share (reference 5.1).
+    pub fn shard_from_config(
+        tree: &serde_json::Value,
+        split: &str,
+        seed: u64,
+        catalog: &Path,
+        rank: usize,
+        world: usize,
+    ) -> Result<Self, String> {
         let data = tree.get("DATA").ok_or("the config has no DATA section")?;
-        let options = LoaderOptions { seed, ..LoaderOptions::default() };
+        let options = LoaderOptions { seed, rank, world_size: world, ..LoaderOptions::default() };
         let loader = Loader::from_config(data, split, catalog, &options).map_err(|e| e.to_string())?;
         Ok(PipelineSource { loader, warnings: Vec::new() })
     }

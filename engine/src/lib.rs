@@ -5,6 +5,7 @@
 pub mod checkpoint;
 pub mod compiled;
 pub mod data_source;
+pub mod distributed;
 pub mod logs;
 pub mod meters;
 pub mod schedule;

@@ -56,6 +56,22 @@ impl AccuracyListMeter {
         self.scores.len()
     }
 
+    /// Every count as one vector (for a sum across the ranks of a run).
+    pub fn counts(&self) -> Vec<f64> {
+        self.scores.iter().flatten().copied().chain(self.samples.iter().map(|&n| n as f64)).collect()
+    }
+
+    /// Puts back counts from `counts` (the same layout).
+    pub fn set_counts(&mut self, counts: &[f64]) {
+        let mut it = counts.iter();
+        for s in self.scores.iter_mut().flatten() {
+            *s = *it.next().expect("counts of this meter");
+        }
+        for n in &mut self.samples {
+            *n = it.next().expect("counts of this meter").round() as u64;
+        }
+    }
+
     pub fn reset(&mut self) {
         self.scores.iter_mut().for_each(|s| s.fill(0.0));
         self.samples.fill(0);

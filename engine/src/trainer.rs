@@ -13,6 +13,7 @@
 //! from a checkpoint computes exactly the steps an uninterrupted run does.
 
 use crate::checkpoint::{self, Checkpoint, EngineState, IntTensor, FORMAT_VERSION};
+use crate::distributed::World;
 use crate::logs::{Progress, RunLog};
 use crate::meters::{AccuracyListMeter, Target};
 use crate::schedule::{self, ParamSchedule, RunShape};
@@ -30,6 +31,7 @@ use tessera_compiler::ir::DType;
 use tessera_compiler::param_groups::ParamGroup;
 use tessera_compiler::pipeline::{inference_plan_for, training_plan_for};
 use tessera_compiler::plan::{Source, Target as PlanTarget};
+use tessera_runtime::dist::{Collective, DistError, Reduction};
 use tessera_runtime::weights::{
     detect_format, load_weights, match_weights_with, model_tensors, MatchOptions, NamedTensor, WeightsFormat,
 };
@@ -81,6 +83,9 @@ pub struct TrainSetup<'a> {
     /// Plans compiled ahead of time (`tessera compile --emit plan`), run as
     /// they are instead of compiling; checked against the config and target.
     pub plans: Option<crate::compiled::CompiledRun>,
+    /// The data-parallel run this process is one rank of (`None`: alone).
+    /// The data sources must be this rank's shards.
+    pub world: Option<&'a World>,
 }
 
 /// The config the trainer compiles: one replica (DISTRIBUTED 1 x 1; its
@@ -90,6 +95,80 @@ pub fn one_replica(cfg: &Value) -> Value {
     c["DISTRIBUTED"]["NUM_NODES"] = 1.into();
     c["DISTRIBUTED"]["NUM_PROC_PER_NODE"] = 1.into();
     c
+}
+
+/// The config a rank of a data-parallel run compiles: DISTRIBUTED as the
+/// run's actual shape (what the launcher started), which the losses'
+/// collectives, MoCo's queue and the learning-rate scaling read.
+pub fn for_world(cfg: &Value, num_nodes: usize, procs_per_node: usize) -> Value {
+    let mut c = cfg.clone();
+    c["DISTRIBUTED"]["NUM_NODES"] = (num_nodes as u64).into();
+    c["DISTRIBUTED"]["NUM_PROC_PER_NODE"] = (procs_per_node as u64).into();
+    c
+}
+
+/// This process's share in a data-parallel run: the collective, and
+/// whether it is rank 0 (which logs, writes metrics and checkpoints).
+#[derive(Clone)]
+struct Share {
+    comm: Option<Arc<dyn Collective>>,
+    rank: usize,
+    size: usize,
+}
+
+impl Share {
+    fn main(&self) -> bool {
+        self.rank == 0
+    }
+
+    fn failed(e: DistError) -> EngineError {
+        EngineError::Runtime(e.to_string())
+    }
+
+    /// The sum over the ranks.
+    fn sum(&self, v: &mut [f64]) -> Result<(), EngineError> {
+        match &self.comm {
+            Some(c) => c.all_reduce_f64(v, Reduction::Sum).map_err(Share::failed),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether any rank asks to stop (a signal reaches the ranks at
+    /// different steps; all stop at the same one).
+    fn any(&self, flag: bool) -> Result<bool, EngineError> {
+        let mut v = [f64::from(u8::from(flag))];
+        self.sum(&mut v)?;
+        Ok(v[0] > 0.0)
+    }
+
+    /// The meter with every rank's counts.
+    fn meter(&self, m: &AccuracyListMeter) -> Result<AccuracyListMeter, EngineError> {
+        let mut counts = m.counts();
+        self.sum(&mut counts)?;
+        let mut out = m.clone();
+        out.set_counts(&counts);
+        Ok(out)
+    }
+
+    /// Rank 0's values of the float states `names` on every rank.
+    fn broadcast_states(&self, ex: &mut Executor, names: &[String]) -> Result<(), EngineError> {
+        let Some(c) = &self.comm else { return Ok(()) };
+        for name in names {
+            let Some(mut t) = ex.read_state(name).map_err(|e| EngineError::Runtime(e.to_string()))? else { continue };
+            if let tessera_runtime::Data::F32(v) = &mut t.data {
+                c.broadcast_f32(v, 0).map_err(Share::failed)?;
+                ex.write_state(name, t).map_err(|e| EngineError::Runtime(e.to_string()))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn attach(&self, ex: &mut Executor) -> Result<(), EngineError> {
+        match &self.comm {
+            Some(c) => ex.set_collective(c.clone()).map_err(|e| EngineError::Runtime(e.to_string())),
+            None => Ok(()),
+        }
+    }
 }
 
 fn get<'a>(cfg: &'a Value, key: &str) -> Option<&'a Value> {
@@ -148,6 +227,7 @@ struct Steps<'a> {
     by_key: HashMap<(u64, usize), Executor>,
     /// The executor that holds the current state.
     current: (u64, usize),
+    share: Share,
 }
 
 impl Steps<'_> {
@@ -164,7 +244,8 @@ impl Steps<'_> {
                         .0
                 }
             };
-            let ex = self.backend.executor(plan, self.seed).map_err(|e| EngineError::Runtime(e.to_string()))?;
+            let mut ex = self.backend.executor(plan, self.seed).map_err(|e| EngineError::Runtime(e.to_string()))?;
+            self.share.attach(&mut ex)?;
             self.by_key.insert(key, ex);
         }
         if key != self.current {
@@ -554,6 +635,26 @@ impl TestPhase<'_, '_> {
     ) -> Result<(), EngineError> {
         let mut m = meter.clone();
         m.reset();
+        // DDP's BROADCAST_BUFFERS: every forward uses rank 0's buffers (batch
+        // norm's running statistics). Training forwards read batch
+        // statistics, so only the evaluation sees them: they are broadcast
+        // before it (rank 0's, which checkpoints hold, are never changed).
+        if get(self.cfg, "DISTRIBUTED.BROADCAST_BUFFERS").and_then(Value::as_bool).unwrap_or(true) {
+            let ex = steps.active_mut();
+            let buffers: Vec<String> = ex
+                .plan()
+                .values
+                .iter()
+                .filter_map(|v| match &v.source {
+                    Source::Buffer { name, .. } if !name.starts_with("loss.") && !name.starts_with("optim.") => {
+                        Some(name.clone())
+                    }
+                    _ => None,
+                })
+                .collect();
+            let share = steps.share.clone();
+            share.broadcast_states(steps.active_mut(), &buffers)?;
+        }
         let mut holder: Option<u64> = None;
         let mut result = Ok(());
         for b in test.epoch(epoch, 0) {
@@ -569,7 +670,10 @@ impl TestPhase<'_, '_> {
                                 .0
                         }
                     };
-                    v.insert(steps.backend.executor(plan, self.seed).map_err(|e| EngineError::Runtime(e.to_string()))?);
+                    let mut ex =
+                        steps.backend.executor(plan, self.seed).map_err(|e| EngineError::Runtime(e.to_string()))?;
+                    steps.share.attach(&mut ex)?;
+                    v.insert(ex);
                 }
                 if holder != Some(size) {
                     match holder {
@@ -604,6 +708,8 @@ impl TestPhase<'_, '_> {
         for w in test.take_warnings() {
             self.log.warn(&w);
         }
+        // Every rank evaluated its shard of the test set.
+        let m = steps.share.meter(&m)?;
         self.log.phase(&json!({
             "iteration": state.iteration,
             "phase_idx": state.phase_idx,
@@ -618,10 +724,15 @@ impl TestPhase<'_, '_> {
 /// After the test phase that followed checkpoint `last`: the checkpoint now
 /// records it as done (and, after the last epoch, the run as finished), so
 /// a resume neither repeats nor skips it.
-fn finish_test(last: &Option<PathBuf>, state: &mut EngineState, num_epochs: u64) -> Result<(), EngineError> {
+fn finish_test(
+    last: &Option<PathBuf>,
+    state: &mut EngineState,
+    num_epochs: u64,
+    main: bool,
+) -> Result<(), EngineError> {
     state.test_pending = false;
     state.finished = state.train_phase_idx == num_epochs;
-    if let Some(path) = last {
+    if let (Some(path), true) = (last, main) {
         checkpoint::update_engine_state(path, |s| {
             s.test_pending = false;
             s.phase_idx = state.phase_idx;
@@ -634,11 +745,19 @@ fn finish_test(last: &Option<PathBuf>, state: &mut EngineState, num_epochs: u64)
 /// Runs training as the config says. Returns how it ended; a checkpoint
 /// exists for every outcome.
 pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
-    // One process trains here: the model is compiled for one replica (its
-    // collectives are identities, MoCo's queue takes one replica's keys).
+    // Alone, the model is compiled for one replica (its collectives are
+    // identities, MoCo's queue takes one replica's keys); a rank of a
+    // data-parallel run compiles it for the run's actual shape.
     let replicas = get_u64(setup.cfg, "DISTRIBUTED.NUM_NODES")? * get_u64(setup.cfg, "DISTRIBUTED.NUM_PROC_PER_NODE")?;
-    let one = one_replica(setup.cfg);
-    let cfg = &one;
+    let share = match setup.world {
+        Some(w) => Share { comm: Some(w.comm.clone()), rank: w.rank(), size: w.size() },
+        None => Share { comm: None, rank: 0, size: 1 },
+    };
+    let shaped = match setup.world {
+        Some(w) => for_world(setup.cfg, w.place.num_nodes(), w.place.local_world),
+        None => one_replica(setup.cfg),
+    };
+    let cfg = &shaped;
     let device = get_str(cfg, "MACHINE.DEVICE");
     if device != "cpu" && device != "gpu" {
         return Err(EngineError::Config(format!("config key `MACHINE.DEVICE` is `{device}`; use cpu or gpu")));
@@ -646,9 +765,23 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
     // The device: MACHINE.DEVICE (gpu: GPU 0), unless the caller chose one.
     let device = match &setup.device {
         Some(d) => d.clone(),
-        None if device == "gpu" => Device::Cuda { ordinal: 0 },
+        None if device == "gpu" => Device::Cuda { ordinal: setup.world.map_or(0, |w| w.place.local_rank) },
         None => Device::Cpu,
     };
+    if share.size > 1 {
+        if setup.plans.is_some() {
+            return Err(EngineError::Config(
+                "a compiled run (--plan) holds one process's plans; a data-parallel run compiles its own (drop --plan)"
+                    .into(),
+            ));
+        }
+        if get_bool(cfg, "MODEL.SYNC_BN_CONFIG.CONVERT_BN_TO_SYNC_BN") {
+            return Err(EngineError::Config(format!(
+                "config key `MODEL.SYNC_BN_CONFIG.CONVERT_BN_TO_SYNC_BN` is true: batch norm synchronised across the {} processes is not implemented yet; set it to false (each process then normalises over its own batch, as VISSL's swav/deit_b_2nodes does)",
+                share.size
+            )));
+        }
+    }
     let target = if matches!(device, Device::Cpu | Device::CpuArena) { PlanTarget::Cpu } else { PlanTarget::Cuda };
     // A compiled run that does not fit is refused before anything else.
     if let Some(run) = &setup.plans {
@@ -677,8 +810,12 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
     });
 
     // What a killed writer left behind (a replacement interrupted between
-    // its two renames is restored).
-    checkpoint::sweep_stale(&dir);
+    // its two renames is restored). Rank 0 sweeps; the others wait for it
+    // (checkpoints are on a file system every node shares, as in VISSL).
+    if share.main() {
+        checkpoint::sweep_stale(&dir);
+    }
+    share.any(false)?;
     // A finished run is not repeated (VISSL: a final checkpoint means done).
     let overwrite = get_bool(cfg, "CHECKPOINT.OVERWRITE_EXISTING");
     let resume_from =
@@ -695,9 +832,35 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
     // A GPU that cannot be opened is an error naming what is missing, never
     // a silent CPU run.
     let backend = Backend::open(&device).map_err(|e| EngineError::Runtime(e.to_string()))?;
-    let mut log = RunLog::open(&dir, tb_dir, setup.quiet)
-        .map_err(|e| EngineError::Logs { dir: dir.clone(), message: e.to_string() })?;
-    log.info(&format!("device: {}", backend.describe()));
+    // Rank 0 writes the run's files; every other rank keeps its own log
+    // (ranks/<rank>/log.txt) for debugging, and prints nothing.
+    let mut log = if share.main() {
+        RunLog::open(&dir, tb_dir, setup.quiet)
+    } else {
+        RunLog::open(&dir.join("ranks").join(share.rank.to_string()), None, true)
+    }
+    .map_err(|e| EngineError::Logs { dir: dir.clone(), message: e.to_string() })?;
+    match setup.world {
+        Some(w) => {
+            let p = &w.place;
+            let me = format!("{} (node {}, local rank {})", backend.describe(), p.node(), p.local_rank);
+            w.store.set(&format!("device/{}", p.rank), me.as_bytes()).map_err(Share::failed)?;
+            log.info(&format!(
+                "world size {}: {} node(s) x {} process(es) per node; this is rank {}",
+                p.world,
+                p.num_nodes(),
+                p.local_world,
+                p.rank
+            ));
+            if share.main() {
+                for r in 0..p.world {
+                    let d = w.store.get(&format!("device/{r}")).map_err(Share::failed)?;
+                    log.info(&format!("rank {r}: {}", String::from_utf8_lossy(&d)));
+                }
+            }
+        }
+        None => log.info(&format!("device: {}", backend.describe())),
+    }
 
     // The model: a training step for the batch size, and the optimizer's inputs.
     // The first plan is the one of the iteration the run starts at (a
@@ -726,12 +889,17 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
     }
     // The global batch is one replica's, and auto-scaled learning rates
     // follow it (reference 6.3).
-    if replicas > 1 {
+    if replicas > 1 && setup.world.is_none() {
         log.warn(&format!(
             "DISTRIBUTED asks for {replicas} replicas; this run is one process, so the global batch is {batch} (auto-scaled learning rates use it)"
         ));
     }
-    let world = RunShape { batch_per_replica: batch, num_nodes: 1, procs_per_node: 1, num_epochs };
+    let world = RunShape {
+        batch_per_replica: batch,
+        num_nodes: get_u64(cfg, "DISTRIBUTED.NUM_NODES")?,
+        procs_per_node: get_u64(cfg, "DISTRIBUTED.NUM_PROC_PER_NODE")?,
+        num_epochs,
+    };
     let lr = schedule::from_config(cfg, "lr", world).map_err(|e| EngineError::Config(e.to_string()))?;
     let lr_head = if get_bool(cfg, "OPTIMIZER.head_optimizer_params.use_different_lr") {
         Some(schedule::from_config(cfg, "lr_head", world).map_err(|e| EngineError::Config(e.to_string()))?)
@@ -746,7 +914,8 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
     late_starts.sort();
     late_starts.dedup();
     let optim = Optim { groups: compiled.param_groups.clone(), lr, lr_head, adam, late_starts };
-    let first = backend.executor(plan, seed).map_err(|e| EngineError::Runtime(e.to_string()))?;
+    let mut first = backend.executor(plan, seed).map_err(|e| EngineError::Runtime(e.to_string()))?;
+    share.attach(&mut first)?;
     let key = (batch, stages.id(start_at));
     let mut steps = Steps {
         prog: setup.prog,
@@ -758,6 +927,7 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
         compiled: setup.plans.as_ref(),
         by_key: HashMap::from([(key, first)]),
         current: key,
+        share: share.clone(),
     };
 
     let mut meter = meter_of(cfg, &compiled.composition.features)?;
@@ -778,10 +948,19 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
         steps_per_epoch: per_epoch,
         num_epochs,
         batch,
+        world: share.size as u64,
     };
     let mut last_checkpoint: Option<PathBuf> = None;
     if let (Some(c), Some(p)) = (resumed, &resume_from) {
         let e = &c.engine;
+        if e.world != share.size as u64 {
+            return Err(EngineError::Config(format!(
+                "checkpoint {} was written by a run of {} process(es); this run has {}. The data each process saw and its position in the epoch depend on the world size: resume with the same DISTRIBUTED.NUM_NODES x NUM_PROC_PER_NODE, or set CHECKPOINT.OVERWRITE_EXISTING=true (or another CHECKPOINT.DIR) to start over (MODEL.WEIGHTS_INIT.PARAMS_FILE can take the checkpoint's weights)",
+                p.display(),
+                e.world,
+                share.size
+            )));
+        }
         if e.steps_per_epoch != 0 && (e.steps_per_epoch, e.num_epochs, e.batch) != (per_epoch, num_epochs, batch) {
             return Err(EngineError::Config(format!(
                 "checkpoint {} is of a run with {} epochs of {} steps of batch {}; this config makes {num_epochs} epochs of {per_epoch} steps of batch {batch}. Resume with the same data and OPTIMIZER.num_epochs / BATCHSIZE_PER_REPLICA, or set CHECKPOINT.OVERWRITE_EXISTING=true (or another CHECKPOINT.DIR) to start over",
@@ -794,7 +973,10 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
         restore(steps.active_mut(), &c, p)?;
         state = c.engine;
         state.int_state.clear();
-        if let (Some(m), Ok(saved)) = (&mut meter, serde_json::from_value::<AccuracyListMeter>(state.meters.clone())) {
+        // The saved meter holds every rank's counts: rank 0 takes it over.
+        if let (Some(m), Ok(saved), true) =
+            (&mut meter, serde_json::from_value::<AccuracyListMeter>(state.meters.clone()), share.main())
+        {
             if saved.topk == m.topk && saved.num_meters() == m.num_meters() {
                 *m = saved;
             }
@@ -816,6 +998,12 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
         weights_init(steps.active_mut(), cfg, &mut log)?;
         teacher_init(steps.active_mut(), cfg, &mut log)?;
     }
+    // Every rank starts from rank 0's model (as DDP broadcasts it): the
+    // same seed initialises the same values, and this makes sure of it.
+    if share.size > 1 {
+        let names = steps.active().state_names();
+        share.broadcast_states(steps.active_mut(), &names)?;
+    }
 
     let moco_momentum = get(cfg, "LOSS.moco_loss.momentum").and_then(Value::as_f64).unwrap_or(0.999);
     let ckpt_freq = get_u64(cfg, "CHECKPOINT.CHECKPOINT_FREQUENCY")?.max(1);
@@ -828,10 +1016,16 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
     let test_every = get_u64(cfg, "TEST_EVERY_NUM_EPOCH")?.max(1);
     let mut eval: HashMap<u64, Executor> = HashMap::new();
 
+    // Rank 0 writes (with every rank's meter counts); the others name the
+    // file it writes.
     let write_checkpoint =
         |steps: &Steps, state: &EngineState, meter: &Option<AccuracyListMeter>, name: String, log: &mut RunLog| {
             let mut s = state.clone();
             s.rng_step = steps.active().step();
+            let meter = meter.as_ref().map(|m| share.meter(m)).transpose()?;
+            if !share.main() {
+                return Ok(dir.join(&name));
+            }
             s.meters =
                 meter.as_ref().map(|m| serde_json::to_value(m).expect("meters serialise")).unwrap_or(Value::Null);
             log.flush();
@@ -853,7 +1047,7 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
         let mut ctx = TestPhase { prog: setup.prog, cfg, seed, eval: &mut eval, log: &mut log };
         let test = setup.test.as_mut().expect("a pending test phase implies a test source");
         ctx.run(test.as_mut(), &mut steps, meter.as_ref().expect("test phases need a meter"), &mut state, epoch)?;
-        finish_test(&last_checkpoint, &mut state, num_epochs)?;
+        finish_test(&last_checkpoint, &mut state, num_epochs, share.main())?;
     }
     for epoch in state.train_phase_idx..num_epochs {
         let skip = state.iteration_in_epoch;
@@ -866,7 +1060,7 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
         let mut window = (Instant::now(), 0u64);
         let mut batches = setup.train.epoch(epoch, skip).peekable();
         while let Some(b) = batches.next() {
-            let stopping = setup.stop.load(Ordering::SeqCst);
+            let stopping = share.any(setup.stop.load(Ordering::SeqCst))?;
             if stopping || setup.max_steps.is_some_and(|m| state.iteration >= m) {
                 let reason = if stopping { "signal" } else { "step limit" };
                 drop(batches);
@@ -915,6 +1109,15 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
                 .run_next(&given, next.as_deref(), Some(&wanted))
                 .map_err(|e| EngineError::Runtime(format!("iteration {}: {e}", state.iteration)))?;
             let loss = out.get("loss").and_then(|t| t.as_f32()).map(|v| v[0]).unwrap_or(f32::NAN);
+            // The logged loss is the mean of every rank's (each a mean over
+            // its own samples), the global batch's loss.
+            let loss = if share.size > 1 {
+                let mut v = [loss as f64];
+                share.sum(&mut v)?;
+                (v[0] / share.size as f64) as f32
+            } else {
+                loss
+            };
             if !loss.is_finite() {
                 log.end_progress();
                 log.flush();
@@ -925,8 +1128,14 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
             }
             state.iteration += 1;
             state.iteration_in_epoch += 1;
+            // The launcher names a failed rank's last step from this.
+            if let Some(w) = setup.world {
+                w.store
+                    .set(&format!("step/{}", w.rank()), state.iteration.to_string().as_bytes())
+                    .map_err(Share::failed)?;
+            }
             state.losses.push(loss as f64);
-            window.1 += size as u64;
+            window.1 += size as u64 * share.size as u64;
             let elapsed = started.elapsed().as_secs_f64();
             let done_here = (state.iteration - start_iteration).max(1);
             let eta = elapsed / done_here as f64 * total.saturating_sub(state.iteration) as f64;
@@ -986,7 +1195,7 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
             "loss": mean_loss,
         });
         if let (Some(m), true) = (&meter, train_meter) {
-            record["train_accuracy_list_meter"] = m.to_json();
+            record["train_accuracy_list_meter"] = share.meter(m)?.to_json();
         }
         log.phase(&record);
         state.phase_idx += 1;
@@ -1003,7 +1212,7 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
             let test = setup.test.as_mut().expect("test_model implies a test source");
             ctx.run(test.as_mut(), &mut steps, meter.as_ref().expect("test phases need a meter"), &mut state, epoch)?;
             if checkpoint_after(epoch) {
-                finish_test(&last_checkpoint, &mut state, num_epochs)?;
+                finish_test(&last_checkpoint, &mut state, num_epochs, share.main())?;
             } else {
                 state.test_pending = false;
             }

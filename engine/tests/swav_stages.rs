@@ -72,6 +72,7 @@ fn run_to(cfg: &Value, prog: &Program, steps: u64) -> Checkpoint {
         quiet: true,
         device: None,
         plans: None,
+        world: None,
     })
     .unwrap_or_else(|e| panic!("{e}"));
     let path = match out {

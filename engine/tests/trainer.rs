@@ -81,6 +81,7 @@ fn run(cfg: &Value, prog: &Program, max_steps: Option<u64>, poison: bool) -> Res
         quiet: true,
         device: None,
         plans: None,
+        world: None,
     })
 }
 

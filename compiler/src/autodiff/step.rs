@@ -11,7 +11,7 @@
 
 use super::backward;
 use super::rules::Builder;
-use crate::ir::{BinaryOp, DType, Graph, Init, IrError, Op, Shape, TensorType, UnaryOp, ValueId};
+use crate::ir::{BinaryOp, DType, Graph, Init, IrError, Op, ReduceOp, Shape, TensorType, UnaryOp, ValueId};
 use crate::param_groups::ParamGroup;
 use serde_json::Value as J;
 
@@ -35,6 +35,9 @@ pub struct StepOptions {
     /// SwAV's `normalize_last_layer`: L2-normalise each prototype row after
     /// every step (NormalizePrototypesHook, reference 4.2).
     pub normalize_prototypes: bool,
+    /// Processes of a data-parallel run (`DISTRIBUTED.NUM_NODES` x
+    /// `NUM_PROC_PER_NODE`); above 1 the gradients are averaged across them.
+    pub world: u64,
 }
 
 impl StepOptions {
@@ -76,7 +79,15 @@ impl StepOptions {
         let late_start = temp_frozen(cfg)?;
         let normalize_prototypes = get("LOSS.name").and_then(|v| v.as_str()) == Some("swav_loss")
             && get("LOSS.swav_loss.normalize_last_layer").and_then(|v| v.as_bool()).unwrap_or(true);
-        Ok(StepOptions { optimizer, clip_max_norm, late_start, normalize_prototypes })
+        let count = |k: &str| get(k).and_then(|v| v.as_u64()).unwrap_or(1);
+        let world = count("DISTRIBUTED.NUM_NODES") * count("DISTRIBUTED.NUM_PROC_PER_NODE");
+        if world == 0 {
+            return Err("`DISTRIBUTED.NUM_NODES` and `DISTRIBUTED.NUM_PROC_PER_NODE` must be at least 1".into());
+        }
+        if world > 1 && get("DISTRIBUTED.MANUAL_GRADIENT_REDUCTION").and_then(|v| v.as_bool()) == Some(true) {
+            return Err("`DISTRIBUTED.MANUAL_GRADIENT_REDUCTION` is true: tessera always reduces gradients inside the training step, each as the backward pass produces it (set it to false)".into());
+        }
+        Ok(StepOptions { optimizer, clip_max_norm, late_start, normalize_prototypes, world })
     }
 }
 
@@ -112,8 +123,9 @@ fn scalar_input(g: &mut Graph, name: &str) -> Result<ValueId, IrError> {
 }
 
 /// Turns the forward graph `g` (with an output named `loss`) into the
-/// training step. Gradients are also graph outputs `grad.<param>` (after
-/// clipping), for checks against other frameworks.
+/// training step. Gradients are also graph outputs `grad.<param>`: the
+/// gradients the optimizer applies (averaged over the ranks of a
+/// data-parallel run, then clipped), for checks against other frameworks.
 pub fn training_step(mut g: Graph, groups: &[ParamGroup], opts: &StepOptions) -> Result<Graph, IrError> {
     let loss = g
         .outputs()
@@ -123,6 +135,9 @@ pub fn training_step(mut g: Graph, groups: &[ParamGroup], opts: &StepOptions) ->
         .ok_or_else(|| IrError::Invalid("the forward graph has no `loss` output".into()))?;
     batch_norm_updates(&mut g)?;
     let mut grads = backward(&mut g, loss)?;
+    if opts.world > 1 {
+        average_across_ranks(&mut g, &mut grads, opts.world)?;
+    }
     if let Some(max_norm) = opts.clip_max_norm {
         clip(&mut g, &mut grads, max_norm)?;
     }
@@ -191,6 +206,19 @@ fn batch_norm_updates(g: &mut Graph) -> Result<(), IrError> {
             let new = g.add_op(Op::RunningStat { momentum, unbiased_var }, &[xs[i], xs[0]], &scope)?;
             g.add_state_update(&name, new);
         }
+    }
+    Ok(())
+}
+
+/// DDP's gradient average: each gradient all-reduced (mean) over the
+/// `world` ranks as soon as the backward pass has produced it, so that the
+/// reduction of late layers overlaps the backward of early ones; clipping
+/// and the optimizer then see what one process with the global batch would
+/// (each rank's loss is a mean over its own samples).
+fn average_across_ranks(g: &mut Graph, grads: &mut [(String, ValueId)], world: u64) -> Result<(), IrError> {
+    let mut b = Builder { g, scope: "optim.all_reduce".into() };
+    for (_, d) in grads.iter_mut() {
+        *d = b.op(Op::AllReduce { op: ReduceOp::Mean, world }, &[*d])?;
     }
     Ok(())
 }

@@ -241,7 +241,13 @@ mod tests {
         training_step(
             g,
             &groups,
-            &StepOptions { optimizer, clip_max_norm: Some(1.0), late_start: vec![], normalize_prototypes: false },
+            &StepOptions {
+                optimizer,
+                clip_max_norm: Some(1.0),
+                late_start: vec![],
+                normalize_prototypes: false,
+                world: 1,
+            },
         )
         .unwrap()
     }

@@ -26,13 +26,13 @@
 //! (`poisoned`), since state may already be half updated in place.
 
 use super::kernel::{Ctx, Dist};
-use crate::dist::Collective;
-use std::sync::Arc;
 use super::{init::init_tensor, multi_tensor, passes_data_through, pool, run_kernel};
+use crate::dist::Collective;
 use crate::error::{KernelError, RuntimeError};
 use crate::memory_layout::{check_placements, decode_f32, encode, from_bytes, inline_constants, offsets, Layout};
 use crate::tensor::{describe_type, Tensor};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use tessera_plan::memory::{MemoryPlan, Region};
 use tessera_plan::{DType, Op, Plan, Source, Value};
 

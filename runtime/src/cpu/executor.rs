@@ -17,15 +17,15 @@
 use super::elementwise::round_to_bf16;
 use super::init::init_tensor;
 use super::kernel::{Ctx, Dist};
-use crate::dist::Collective;
-use std::sync::Arc;
 use super::layout::reshaped;
 use super::pool;
 use super::{passes_data_through, run_kernel};
+use crate::dist::Collective;
 use crate::error::KernelError;
 use crate::error::RuntimeError;
 use crate::tensor::{describe_type, Data, Tensor};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use tessera_plan::plan::{Plan, Source};
 use tessera_plan::{DType, Op};
 

@@ -241,10 +241,12 @@ impl Collective for RingCollective {
                 bytes.resize(piece.len() * 4, 0);
                 match wire::recv_exact(&mut links.1, &mut bytes) {
                     Ok(Ok(())) => {}
-                    Ok(Err(len)) => return Err(DistError::new(format!(
+                    Ok(Err(len)) => {
+                        return Err(DistError::new(format!(
                         "{what}: rank {prev} sent {len} bytes where {} were expected (the ranks run different plans)",
                         bytes.len()
-                    ))),
+                    )))
+                    }
                     Err(e) => return Err(describe(&e, &format!("rank {prev}"), &what, self.timeout)),
                 }
                 for (x, b) in piece.iter_mut().zip(bytes.chunks_exact(4)) {

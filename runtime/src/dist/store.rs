@@ -36,6 +36,7 @@ pub struct StoreServer {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    table: Arc<Table>,
 }
 
 impl StoreServer {
@@ -49,6 +50,7 @@ impl StoreServer {
         let addr = listener.local_addr().map_err(|e| DistError::new(format!("store address: {e}")))?;
         let stop = Arc::new(AtomicBool::new(false));
         let table = Arc::new(Table::default());
+        let shared = table.clone();
         let flag = stop.clone();
         let thread = std::thread::Builder::new()
             .name("tessera-store".into())
@@ -65,12 +67,17 @@ impl StoreServer {
                 }
             })
             .map_err(|e| DistError::new(format!("store thread: {e}")))?;
-        Ok(StoreServer { addr, stop, thread: Some(thread) })
+        Ok(StoreServer { addr, stop, thread: Some(thread), table: shared })
     }
 
     /// The port it listens on.
     pub fn port(&self) -> u16 {
         self.addr.port()
+    }
+
+    /// The value of `key` now, if set (the host reads without a connection).
+    pub fn peek(&self, key: &str) -> Option<Vec<u8>> {
+        self.table.map.lock().unwrap_or_else(|p| p.into_inner()).get(key).cloned()
     }
 }
 
