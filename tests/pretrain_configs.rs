@@ -50,6 +50,9 @@ fn tiny_overrides(name: &str, data: &Path, ckpt: &Path) -> Vec<String> {
         "LOG_FREQUENCY=1".into(),
         // The seed's configs say gpu; this test trains on the CPU.
         "MACHINE.DEVICE=cpu".into(),
+        // One process (the configs ask for up to 2 nodes of 8).
+        "DISTRIBUTED.NUM_NODES=1".into(),
+        "DISTRIBUTED.NUM_PROC_PER_NODE=1".into(),
     ];
     // Crops of 32 pixels wherever the pipeline sizes them.
     for split in ["TRAIN", "TEST"] {
@@ -121,5 +124,51 @@ fn every_pretrain_config_trains_two_steps_with_finite_losses() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+/// VISSL's 4-node MoCo config as 2 nodes x 2 processes on this machine
+/// (two launchers, one per node, meeting at DISTRIBUTED.RUN_ID): every rank
+/// trains, rank 0 logs finite losses of the global batch.
+#[test]
+fn moco_vit_b16_trains_as_two_nodes_of_two_processes() {
+    let root = std::env::temp_dir().join(format!("tessera-two-nodes-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let data = synth_folder(&root, 4, 8, 1);
+    let name = "pretrain/vision_transformer/moco/vit_b16";
+    let ckpt = root.join("run");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let node = |rank: usize| {
+        let mut args = vec!["train".to_string(), format!("config={name}")];
+        args.extend(tiny_overrides(name, &data, &ckpt));
+        args.extend([
+            "DISTRIBUTED.NUM_NODES=2".into(),
+            "DISTRIBUTED.NUM_PROC_PER_NODE=2".into(),
+            format!("DISTRIBUTED.RUN_ID=127.0.0.1:{port}"),
+            "--node-rank".into(),
+            rank.to_string(),
+            "--max-steps".into(),
+            "2".into(),
+            "-q".into(),
+        ]);
+        cli::command()
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (first, second) = (node(0), node(1));
+    let (a, b) = (first.wait_with_output().unwrap(), second.wait_with_output().unwrap());
+    assert!(a.status.success(), "node 0: {}", text(&a));
+    assert!(b.status.success(), "node 1: {}", text(&b));
+    let losses: Vec<f64> = records(&ckpt).iter().filter_map(|r| r["loss"].as_f64()).collect();
+    assert!(losses.len() == 2 && losses.iter().all(|l| l.is_finite()), "{losses:?}");
+    let log = std::fs::read_to_string(ckpt.join("log.txt")).unwrap();
+    assert!(log.contains("world size 4: 2 node(s) x 2 process(es) per node"), "{log}");
+    assert!(log.contains("rank 3: cpu") && log.contains("(node 1, local rank 1)"), "{log}");
+    for r in 1..4 {
+        assert!(ckpt.join("ranks").join(r.to_string()).join("log.txt").is_file(), "rank {r}'s log");
+    }
     std::fs::remove_dir_all(&root).unwrap();
 }

@@ -17,17 +17,30 @@ fn pointer(t: &Tensor) -> Result<i64, KernelError> {
 }
 
 /// `QueuePush (queue [E, K], ptr [] i64, keys [N, E]) -> [E, K]`: the queue with
-/// the keys of every rank (gathered in rank order, N * world of them)
-/// transposed into columns ptr.., modulo K (MoCo's enqueue, reference 4.1).
+/// the keys of every rank (N * world of them, in the global batch's sample
+/// order) transposed into columns ptr.., modulo K (MoCo's enqueue,
+/// reference 4.1).
 pub fn queue_push(x: &[&Tensor], world: u64, ctx: &Ctx) -> Result<Tensor, KernelError> {
     let [qt, pt, kt] = operands(x, ["queue", "ptr", "keys"])?;
     if let Some(c) = comm(ctx, "queue_push", world)? {
         let all = c.all_gather_f32(f32_of(kt, "keys")?).map_err(|e| KernelError::Collective(e.to_string()))?;
+        let (w, n) = (world as usize, kt.shape.first().copied().unwrap_or(0));
+        let row = kt.numel() / n.max(1);
+        // In the global batch's sample order (rank r's key i is sample
+        // i * world + r, as the sampler deals them), not rank-major as
+        // gathered: the queue then holds what one process with the whole
+        // batch would hold, column for column.
+        let mut keys = Vec::with_capacity(all.len());
+        for i in 0..n {
+            for r in 0..w {
+                keys.extend_from_slice(&all[(r * n + i) * row..][..row]);
+            }
+        }
         let mut shape = kt.shape.clone();
         if let Some(n) = shape.first_mut() {
-            *n *= world as usize;
+            *n *= w;
         }
-        let gathered = Tensor::f32(shape, all);
+        let gathered = Tensor::f32(shape, keys);
         return queue_push(&[qt, pt, &gathered], 1, ctx);
     }
     let (queue, keys) = (f32_of(qt, "queue")?, f32_of(kt, "keys")?);

@@ -1,0 +1,256 @@
+//! Data-parallel training as a user runs it, with CPU processes on this
+//! machine (loopback): N processes with batch b train as one process with
+//! batch N x b does (losses and weights within float tolerance), for a
+//! supervised ViT with dropout and drop path, MoCo (its queue takes every
+//! rank's keys), SimCLR (negatives gathered with gradient) and SwAV
+//! (Sinkhorn over all ranks, synchronised batch norm in its head); a killed
+//! rank, a rank that never joins and a wrong RUN_ID end the run within a
+//! bounded time with a message and no process left; a run whose ranks are
+//! all killed resumes to the losses of an uninterrupted one; VISSL's
+//! multi-node config (moco/vit_b16) trains as 2 nodes x 2 processes.
+
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+mod cli;
+use cli::{command, ok, records, run, synth_folder, text, tmpdir};
+
+/// `tessera train config=quickstart/NAME` on `data` with `procs` processes
+/// of batch `batch`, two epochs, every step logged.
+fn args(name: &str, data: &Path, ckpt: &Path, procs: usize, batch: usize, extra: &[&str]) -> Vec<String> {
+    let mut a = vec![
+        "train".to_string(),
+        format!("config=quickstart/{name}"),
+        format!("DATA.TRAIN.DATA_PATHS=[{}]", data.join("train").display()),
+        format!("DATA.TEST.DATA_PATHS=[{}]", data.join("val").display()),
+        format!("DATA.TRAIN.BATCHSIZE_PER_REPLICA={batch}"),
+        format!("DATA.TEST.BATCHSIZE_PER_REPLICA={batch}"),
+        format!("DISTRIBUTED.NUM_PROC_PER_NODE={procs}"),
+        "OPTIMIZER.num_epochs=2".into(),
+        format!("CHECKPOINT.DIR={}", ckpt.display()),
+        "LOG_FREQUENCY=1".into(),
+        "-q".into(),
+    ];
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+fn losses(dir: &Path) -> BTreeMap<u64, f64> {
+    records(dir).iter().map(|r| (r["iteration"].as_u64().unwrap(), r["loss"].as_f64().unwrap())).collect()
+}
+
+/// The model tensors of the run's latest checkpoint.
+fn weights(dir: &Path) -> BTreeMap<String, Vec<f32>> {
+    let pointer: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("checkpoint.json")).unwrap()).unwrap();
+    let latest = dir.join(pointer["latest"].as_str().unwrap()).join("model.safetensors");
+    tessera_runtime::weights::read_safetensors(&latest).unwrap().into_iter().map(|t| (t.name, t.data)).collect()
+}
+
+/// Trains `name` with 1 process of batch `procs x b` and with `procs`
+/// processes of batch b; asserts equal losses and weights.
+fn assert_equivalent(root: &Path, name: &str, data: &Path, b: usize, worlds: &[usize], extra: &[&str]) {
+    let one = root.join(format!("{name}-1"));
+    let wide = worlds.iter().max().unwrap() * b;
+    ok(&run(&args(name, data, &one, 1, wide, extra)));
+    let (expect, w1) = (losses(&one), weights(&one));
+    assert!(expect.len() >= 4, "{name}: too few steps to compare ({})", expect.len());
+    for &procs in worlds {
+        let dir = root.join(format!("{name}-{procs}"));
+        let o = run(&args(name, data, &dir, procs, wide / procs, extra));
+        ok(&o);
+        let got = losses(&dir);
+        assert_eq!(got.keys().collect::<Vec<_>>(), expect.keys().collect::<Vec<_>>(), "{name} x{procs}: steps");
+        for (it, l) in &expect {
+            let g = got[it];
+            assert!((g - l).abs() <= 1e-4 * l.abs().max(1.0), "{name} x{procs}: loss at step {it}: {g} vs {l}");
+        }
+        let w = weights(&dir);
+        assert_eq!(w.keys().collect::<Vec<_>>(), w1.keys().collect::<Vec<_>>(), "{name} x{procs}: tensors");
+        for (t, v) in &w1 {
+            let worst = v.iter().zip(&w[t]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(worst <= 2e-4, "{name} x{procs}: `{t}` differs by {worst}");
+        }
+        // The run's shape opens rank 0's log; every rank keeps its own.
+        let log = std::fs::read_to_string(dir.join("log.txt")).unwrap();
+        assert!(log.contains(&format!("world size {procs}: 1 node(s) x {procs} process(es) per node")), "{log}");
+        assert!(log.contains(&format!("rank {}: cpu", procs - 1)), "{log}");
+        assert!(dir.join("ranks").join((procs - 1).to_string()).join("log.txt").is_file());
+    }
+}
+
+const DROPOUT: [&str; 5] = [
+    "MODEL.HEAD.PARAMS=[[mlp, {dims: [64, 4]}]]",
+    "MODEL.TRUNK.VISION_TRANSFORMERS.DROPOUT_RATE=0.1",
+    "MODEL.TRUNK.VISION_TRANSFORMERS.ATTENTION_DROPOUT_RATE=0.1",
+    "MODEL.TRUNK.VISION_TRANSFORMERS.DROP_PATH_RATE=0.2",
+    "TEST_MODEL=True",
+];
+
+#[test]
+fn supervised_vit_with_dropout_trains_the_same_on_1_2_and_4_processes() {
+    let root = tmpdir("dp-supervised");
+    let data = synth_folder(&root, 4, 16, 4);
+    assert_equivalent(&root, "vit_tiny", &data, 4, &[2, 4], &DROPOUT);
+    // The test phase's meter counts every rank's shard.
+    let phases = |d: &str| -> Vec<Value> {
+        std::fs::read_to_string(root.join(d).join("metrics.json"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .filter_map(|r| r.get("test_accuracy_list_meter").cloned())
+            .collect()
+    };
+    assert_eq!(phases("vit_tiny-4").len(), 2);
+    assert_eq!(phases("vit_tiny-4"), phases("vit_tiny-1"));
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+#[test]
+fn moco_and_simclr_train_the_same_on_1_and_2_processes() {
+    let root = tmpdir("dp-ssl");
+    let data = synth_folder(&root, 4, 8, 1);
+    let drop = ["MODEL.TRUNK.VISION_TRANSFORMERS.DROP_PATH_RATE=0.1"];
+    assert_equivalent(&root, "moco_vit_tiny", &data, 4, &[2], &drop);
+    assert_equivalent(&root, "simclr_vit_tiny", &data, 4, &[2], &drop);
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+/// The pids of `parent`'s children.
+fn children(parent: u32) -> Vec<u32> {
+    let out = Command::new("pgrep").args(["-P", &parent.to_string()]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.trim().parse().ok()).collect()
+}
+
+fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z ")
+}
+
+fn wait_for_records(child: &mut Child, dir: &Path, n: usize) {
+    let start = Instant::now();
+    while records(dir).len() < n {
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be interrupted");
+        assert!(start.elapsed() < Duration::from_secs(120), "no progress");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A slower model, so that a run lasts long enough to be interrupted.
+const SLOW: [&str; 4] = [
+    "MODEL.HEAD.PARAMS=[[mlp, {dims: [64, 4]}]]",
+    "MODEL.TRUNK.VISION_TRANSFORMERS.NUM_LAYERS=6",
+    "MODEL.TRUNK.VISION_TRANSFORMERS.PATCH_SIZE=4",
+    "MODEL.TRUNK.VISION_TRANSFORMERS.DROPOUT_RATE=0.1",
+];
+
+#[test]
+fn a_killed_rank_stops_every_rank_with_a_message_and_leaves_no_process() {
+    let root = tmpdir("dp-kill");
+    let data = synth_folder(&root, 4, 16, 1);
+    let dir = root.join("run");
+    let mut a = args("vit_tiny", &data, &dir, 2, 8, &SLOW);
+    a.push("OPTIMIZER.num_epochs=50".into());
+    let mut launcher = command().args(&a).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    wait_for_records(&mut launcher, &dir, 3);
+    let workers = children(launcher.id());
+    assert_eq!(workers.len(), 2, "two workers: {workers:?}");
+    // Rank 1 is the second worker started.
+    let rank1 = *workers.iter().max().unwrap();
+    Command::new("kill").args(["-KILL", &rank1.to_string()]).status().unwrap();
+    let start = Instant::now();
+    let out = launcher.wait_with_output().unwrap();
+    let took = start.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(took < Duration::from_secs(30), "took {took:?}");
+    assert!(err.contains("rank 1 was killed (SIGKILL) after step"), "{err}");
+    assert!(workers.iter().all(|&p| !alive(p)), "a worker outlived the run");
+    // The last checkpoint is still whole: the run resumes from it.
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+#[test]
+fn a_rank_that_never_joins_or_a_wrong_run_id_ends_in_a_bounded_time() {
+    let root = tmpdir("dp-join");
+    let data = synth_folder(&root, 4, 4, 1);
+    // Rank 0 of 2 started alone (torchrun's variables): rank 1 never comes.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let start = Instant::now();
+    let o = command()
+        .args(args("vit_tiny", &data, &root.join("alone"), 2, 4, &SLOW))
+        .env("RANK", "0")
+        .env("WORLD_SIZE", "2")
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port.to_string())
+        .env("TESSERA_DIST_TIMEOUT", "3")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(start.elapsed() < Duration::from_secs(30));
+    let t = text(&o);
+    assert!(t.contains("rank 0") && t.contains("rank 1") && t.contains("within 3 s"), "{t}");
+    // Node 1 of 2 pointed at a store nobody hosts.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut a = args("vit_tiny", &data, &root.join("lost"), 2, 4, &SLOW);
+    a.extend([
+        "DISTRIBUTED.NUM_NODES=2".into(),
+        format!("DISTRIBUTED.RUN_ID=127.0.0.1:{port}"),
+        "--node-rank".into(),
+        "1".into(),
+    ]);
+    let start = Instant::now();
+    let o = command().args(&a).env("TESSERA_DIST_TIMEOUT", "3").output().unwrap();
+    assert!(!o.status.success());
+    assert!(start.elapsed() < Duration::from_secs(30));
+    let t = text(&o);
+    assert!(t.contains("cannot reach the rendezvous store") && t.contains("DISTRIBUTED.RUN_ID"), "{t}");
+    assert!(t.contains("before its first step"), "{t}");
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+#[test]
+fn a_multi_process_run_killed_whole_resumes_to_the_same_losses() {
+    let root = tmpdir("dp-resume");
+    let data = synth_folder(&root, 4, 16, 1);
+    let extra: Vec<&str> = SLOW.iter().copied().chain(["CHECKPOINT.CHECKPOINT_ITER_FREQUENCY=3"]).collect();
+    let a = |dir: &PathBuf| {
+        let mut a = args("vit_tiny", &data, dir, 2, 8, &extra);
+        a.push("OPTIMIZER.num_epochs=3".into());
+        a
+    };
+    let whole = root.join("whole");
+    ok(&run(&a(&whole)));
+    let expect: BTreeMap<u64, String> =
+        records(&whole).iter().map(|r| (r["iteration"].as_u64().unwrap(), r["loss"].to_string())).collect();
+    assert_eq!(expect.len(), 12, "3 epochs of 4 steps");
+    let killed = root.join("killed");
+    let mut launcher = command().args(a(&killed)).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    wait_for_records(&mut launcher, &killed, 5);
+    let workers = children(launcher.id());
+    // SIGKILL of every rank (and the launcher).
+    for p in &workers {
+        Command::new("kill").args(["-KILL", &p.to_string()]).status().unwrap();
+    }
+    launcher.kill().unwrap();
+    launcher.wait().unwrap();
+    assert!(records(&killed).len() < 12, "killed too late");
+    let o = run(&a(&killed));
+    ok(&o);
+    assert!(std::fs::read_to_string(killed.join("log.txt")).unwrap().contains("resuming from"));
+    let got: BTreeMap<u64, String> =
+        records(&killed).iter().map(|r| (r["iteration"].as_u64().unwrap(), r["loss"].to_string())).collect();
+    assert_eq!(got, expect, "resumed losses differ from the uninterrupted run's");
+    // Another world size is refused, naming both.
+    let part = root.join("part");
+    let mut first = a(&part);
+    first.extend(["--max-steps".into(), "2".into()]);
+    ok(&run(&first));
+    let mut other = args("vit_tiny", &data, &part, 4, 4, &extra);
+    other.push("OPTIMIZER.num_epochs=3".into());
+    let t = text(&run(&other));
+    assert!(t.contains("written by a run of 2 process(es); this run has 4"), "{t}");
+    std::fs::remove_dir_all(&root).unwrap();
+}
