@@ -54,6 +54,43 @@ impl PassChoice<'_> {
     }
 }
 
+/// The ranks each batch norm takes its statistics over (reference 6.6,
+/// `convert_sync_bn`): 0 without CONVERT_BN_TO_SYNC_BN or with one process;
+/// GROUP_SIZE -1: a node's processes, 0: every rank, N: min(N, world).
+pub fn sync_batch_norm_group(cfg: &J) -> Result<u64, String> {
+    let get = |k: &str| crate::elaborate::json_get(cfg, k);
+    if get("MODEL.SYNC_BN_CONFIG.CONVERT_BN_TO_SYNC_BN").and_then(|v| v.as_bool()) != Some(true) {
+        return Ok(0);
+    }
+    match get("MODEL.SYNC_BN_CONFIG.SYNC_BN_TYPE").and_then(|v| v.as_str()).unwrap_or("pytorch") {
+        "pytorch" | "apex" => {}
+        other => {
+            return Err(format!(
+                "`MODEL.SYNC_BN_CONFIG.SYNC_BN_TYPE` is `{other}`; use pytorch or apex (the statistics are the same)"
+            ))
+        }
+    }
+    let count = |k: &str| get(k).and_then(|v| v.as_u64()).unwrap_or(1);
+    let per_node = count("DISTRIBUTED.NUM_PROC_PER_NODE");
+    let world = count("DISTRIBUTED.NUM_NODES") * per_node;
+    let group = match get("MODEL.SYNC_BN_CONFIG.GROUP_SIZE").and_then(|v| v.as_i64()).unwrap_or(-1) {
+        -1 => per_node,
+        0 => world,
+        n if n > 0 => (n as u64).min(world),
+        n => {
+            return Err(format!(
+                "`MODEL.SYNC_BN_CONFIG.GROUP_SIZE` is {n}; use -1 (a node), 0 (every rank) or a positive size"
+            ))
+        }
+    };
+    if !world.is_multiple_of(group) {
+        return Err(format!(
+            "`MODEL.SYNC_BN_CONFIG.GROUP_SIZE` {group} does not divide the world size {world} into whole groups"
+        ));
+    }
+    Ok(if group > 1 { group } else { 0 })
+}
+
 /// MODEL.AMP_PARAMS.USE_AMP.
 pub fn uses_amp(cfg: &J) -> bool {
     crate::elaborate::json_get(cfg, "MODEL.AMP_PARAMS.USE_AMP").and_then(|v| v.as_bool()).unwrap_or(false)
@@ -88,7 +125,8 @@ pub fn training_plan_with(
     choice: PassChoice,
 ) -> Result<(Plan, Compiled, Vec<passes::Report>), CompileError> {
     let (step, c, reports) = training_graph(prog, cfg, choice)?;
-    let plan = lower_training(&step, batch)?;
+    let mut plan = lower_training(&step, batch)?;
+    plan.sync_batch_norm = sync_batch_norm_group(cfg).map_err(CompileError::Config)?;
     Ok((plan, c, reports))
 }
 

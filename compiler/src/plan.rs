@@ -56,5 +56,16 @@ pub fn lower(g: &Graph, batch: u64, training: bool) -> Result<Plan, String> {
         }
     }
     tables.grads = outputs.iter().filter_map(|(n, v)| n.strip_prefix("grad.").map(|p| (p.to_string(), *v))).collect();
-    Ok(Plan { version: PLAN_VERSION, batch, training, values, kernels, outputs, state_updates, tables, memory: None })
+    Ok(Plan {
+        version: PLAN_VERSION,
+        batch,
+        training,
+        values,
+        kernels,
+        outputs,
+        state_updates,
+        tables,
+        memory: None,
+        sync_batch_norm: 0,
+    })
 }

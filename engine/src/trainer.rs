@@ -775,12 +775,6 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
                     .into(),
             ));
         }
-        if get_bool(cfg, "MODEL.SYNC_BN_CONFIG.CONVERT_BN_TO_SYNC_BN") {
-            return Err(EngineError::Config(format!(
-                "config key `MODEL.SYNC_BN_CONFIG.CONVERT_BN_TO_SYNC_BN` is true: batch norm synchronised across the {} processes is not implemented yet; set it to false (each process then normalises over its own batch, as VISSL's swav/deit_b_2nodes does)",
-                share.size
-            )));
-        }
     }
     let target = if matches!(device, Device::Cpu | Device::CpuArena) { PlanTarget::Cpu } else { PlanTarget::Cuda };
     // A compiled run that does not fit is refused before anything else.

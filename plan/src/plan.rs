@@ -108,6 +108,15 @@ pub struct Plan {
     /// A backend with its own allocator (the CPU one) may ignore it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<crate::memory::MemoryPlan>,
+    /// Training batch norms take their statistics over groups of this many
+    /// consecutive ranks of a data-parallel run (VISSL's SyncBatchNorm,
+    /// `MODEL.SYNC_BN_CONFIG`); 0: over each process's own batch.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub sync_batch_norm: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// The parameter, gradient, optimizer-state and buffer tables: what a

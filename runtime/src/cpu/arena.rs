@@ -364,7 +364,11 @@ impl ArenaExecutor {
         }
         let comm = self.comm.clone();
         let ctx = Ctx {
-            dist: comm.as_deref().map(|comm| Dist { comm, batch: self.plan.batch }),
+            dist: comm.as_deref().map(|comm| Dist {
+                comm,
+                batch: self.plan.batch,
+                sync_batch_norm: self.plan.sync_batch_norm,
+            }),
             ..Ctx::single(self.plan.training, self.seed, self.step)
         };
         for k in 0..self.plan.kernels.len() {

@@ -258,7 +258,11 @@ impl CpuExecutor {
             return Err(RuntimeError::UnknownInput { name: unknown.to_string(), expected: self.input_names() });
         }
         let ctx = Ctx {
-            dist: self.comm.as_deref().map(|comm| Dist { comm, batch: plan.batch }),
+            dist: self.comm.as_deref().map(|comm| Dist {
+                comm,
+                batch: plan.batch,
+                sync_batch_norm: plan.sync_batch_norm,
+            }),
             ..Ctx::single(plan.training, self.seed, self.step)
         };
         for (k, kernel) in plan.kernels.iter().enumerate() {

@@ -30,9 +30,34 @@ pub struct Dist<'a> {
     pub comm: &'a dyn Collective,
     /// The plan's batch per process.
     pub batch: u64,
+    /// Batch norm statistics over groups of this many ranks (0: local).
+    pub sync_batch_norm: u64,
+}
+
+impl Dist<'_> {
+    /// Sums `v` over this rank's batch-norm group (consecutive ranks):
+    /// each group's values go in its own slot of one all-reduce, so every
+    /// rank of a group gets bitwise the same sums.
+    pub fn group_sum(&self, v: &mut [f64]) -> Result<(), KernelError> {
+        let group = self.sync_batch_norm as usize;
+        let slots = self.comm.world() / group;
+        let mine = self.comm.rank() / group;
+        let mut all = vec![0f64; slots * v.len()];
+        all[mine * v.len()..][..v.len()].copy_from_slice(v);
+        self.comm
+            .all_reduce_f64(&mut all, crate::dist::Reduction::Sum)
+            .map_err(|e| KernelError::Collective(format!("synchronised batch norm: {e}")))?;
+        v.copy_from_slice(&all[mine * v.len()..][..v.len()]);
+        Ok(())
+    }
 }
 
 impl<'a> Ctx<'a> {
+    /// The group batch norm statistics are reduced over, if any.
+    pub fn sync_batch_norm(&self) -> Option<Dist<'a>> {
+        self.dist.filter(|d| d.sync_batch_norm > 1 && self.training)
+    }
+
     /// One process's context.
     pub fn single(training: bool, seed: u64, step: u64) -> Ctx<'static> {
         Ctx { training, seed, step, bf16_operands: 0, bf16_result: false, dist: None }

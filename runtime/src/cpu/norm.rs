@@ -7,7 +7,7 @@
 //! dx = (g - mean(g) - xhat * mean(g * xhat)) / sigma.
 
 use super::elementwise::same_shape;
-use super::kernel::{expect_shape, f32_of, operands, PAR_MIN};
+use super::kernel::{expect_shape, f32_of, operands, Ctx, PAR_MIN};
 use super::pool;
 use super::simd::{sum2_f64, sum_f64, sum_map_f64, vectorized};
 use crate::error::{invalid, KernelError};
@@ -136,6 +136,37 @@ pub fn normalize_grad(x: &[&Tensor], eps: f64) -> Result<Tensor, KernelError> {
     Ok(Tensor::f32(xt.shape.clone(), out))
 }
 
+/// `BatchStandardizeGrad` with the group's statistics: mean(g) and
+/// mean(g * xhat) are sums over every sample of the group (SyncBatchNorm's
+/// backward all-reduces them).
+fn synced_standardize_grad(
+    gd: &[f32],
+    xd: &[f32],
+    dims: (usize, usize, usize),
+    eps: f64,
+    ctx: &Ctx,
+    shape: &[usize],
+) -> Result<Tensor, KernelError> {
+    let group = ctx.sync_batch_norm().expect("checked by the caller");
+    let (stats, count) = batch_stats(xd, dims, ctx)?;
+    let inv: Vec<f64> = stats.iter().map(|&(_, v)| 1.0 / (v + eps).sqrt()).collect();
+    let mut sums: Vec<f64> = (0..dims.1)
+        .into_par_iter()
+        .flat_map_iter(|c| {
+            let (mg, mgx) = grad_means(channel(gd, dims, c), channel(xd, dims, c), stats[c].0, inv[c], 1);
+            [mg, mgx]
+        })
+        .collect();
+    group.group_sum(&mut sums)?;
+    let n = 1.0 / count.max(1.0);
+    let out = per_channel_map(xd, dims, |ch, i, v| {
+        let (mean, s) = (stats[ch].0, inv[ch]);
+        let xhat = (v as f64 - mean) * s;
+        ((gd[i] as f64 - sums[2 * ch] * n - xhat * sums[2 * ch + 1] * n) * s) as f32
+    });
+    Ok(Tensor::f32(shape.to_vec(), out))
+}
+
 /// `[N, C, S...]` viewed as (N, C, S) with S the product of the trailing dims.
 fn ncs(t: &Tensor) -> Result<(usize, usize, usize), KernelError> {
     if t.rank() < 2 {
@@ -153,6 +184,28 @@ fn channel(x: &[f32], (n, c_count, s): (usize, usize, usize), c: usize) -> impl 
 fn channel_stats(x: &[f32], dims: (usize, usize, usize)) -> Vec<(f64, f64)> {
     let count = dims.0 * dims.2;
     (0..dims.1).into_par_iter().map(|c| mean_var(channel(x, dims, c), count)).collect()
+}
+
+/// Per-channel biased (mean, var) over the batch, or, with synchronised
+/// batch norm, over the batches of the rank's group (two passes, each sum
+/// reduced across the group, as one process with the group's samples
+/// computes them); and the number of values per channel.
+pub fn batch_stats(x: &[f32], dims: (usize, usize, usize), ctx: &Ctx) -> Result<(Vec<(f64, f64)>, f64), KernelError> {
+    let local = (dims.0 * dims.2) as f64;
+    let Some(group) = ctx.sync_batch_norm() else { return Ok((channel_stats(x, dims), local)) };
+    let c = dims.1;
+    let mut sums: Vec<f64> =
+        (0..c).into_par_iter().map(|ch| channel(x, dims, ch).flatten().map(|&v| v as f64).sum()).collect();
+    sums.push(local);
+    group.group_sum(&mut sums)?;
+    let count = sums[c];
+    let means: Vec<f64> = sums[..c].iter().map(|s| s / count.max(1.0)).collect();
+    let mut squares: Vec<f64> = (0..c)
+        .into_par_iter()
+        .map(|ch| channel(x, dims, ch).flatten().map(|&v| (v as f64 - means[ch]).powi(2)).sum())
+        .collect();
+    group.group_sum(&mut squares)?;
+    Ok((means.iter().zip(&squares).map(|(&m, &q)| (m, q / count.max(1.0))).collect(), count))
 }
 
 /// Writes `f(c, x)` for every element, in parallel over samples.
@@ -177,7 +230,7 @@ fn per_channel_map(
 
 /// `BatchNorm (x [N, C, ...], w, b, running_mean, running_var)`: batch
 /// statistics in training, running statistics in eval.
-pub fn batch_norm(x: &[&Tensor], eps: f64, training: bool) -> Result<Tensor, KernelError> {
+pub fn batch_norm(x: &[&Tensor], eps: f64, ctx: &Ctx) -> Result<Tensor, KernelError> {
     let [xt, wt, bt, rmt, rvt] = operands(x, ["input", "weight", "bias", "running_mean", "running_var"])?;
     let dims = ncs(xt)?;
     let c = dims.1;
@@ -186,8 +239,8 @@ pub fn batch_norm(x: &[&Tensor], eps: f64, training: bool) -> Result<Tensor, Ker
     }
     let xd = f32_of(xt, "input")?;
     let (w, b) = (f32_of(wt, "weight")?, f32_of(bt, "bias")?);
-    let stats: Vec<(f64, f64)> = if training {
-        channel_stats(xd, dims)
+    let stats: Vec<(f64, f64)> = if ctx.training {
+        batch_stats(xd, dims, ctx)?.0
     } else {
         let (rm, rv) = (f32_of(rmt, "running_mean")?, f32_of(rvt, "running_var")?);
         rm.iter().zip(rv).map(|(&m, &v)| (m as f64, v as f64)).collect()
@@ -206,22 +259,25 @@ pub fn batch_norm(x: &[&Tensor], eps: f64, training: bool) -> Result<Tensor, Ker
 }
 
 /// `BatchStandardize (x [N, C, ...])`: standardised per channel with batch statistics.
-pub fn batch_standardize(x: &[&Tensor], eps: f64) -> Result<Tensor, KernelError> {
+pub fn batch_standardize(x: &[&Tensor], eps: f64, ctx: &Ctx) -> Result<Tensor, KernelError> {
     let [xt] = operands(x, ["input"])?;
     let dims = ncs(xt)?;
     let xd = f32_of(xt, "input")?;
     let stats: Vec<(f64, f64)> =
-        channel_stats(xd, dims).into_iter().map(|(m, v)| (m, 1.0 / (v + eps).sqrt())).collect();
+        batch_stats(xd, dims, ctx)?.0.into_iter().map(|(m, v)| (m, 1.0 / (v + eps).sqrt())).collect();
     let out = per_channel_map(xd, dims, |ch, _, v| ((v as f64 - stats[ch].0) * stats[ch].1) as f32);
     Ok(Tensor::f32(xt.shape.clone(), out))
 }
 
 /// `BatchStandardizeGrad (g, x) -> dx`.
-pub fn batch_standardize_grad(x: &[&Tensor], eps: f64) -> Result<Tensor, KernelError> {
+pub fn batch_standardize_grad(x: &[&Tensor], eps: f64, ctx: &Ctx) -> Result<Tensor, KernelError> {
     let [gt, xt] = operands(x, ["g", "x"])?;
     same_shape(gt, xt, "g", "x")?;
     let dims = ncs(xt)?;
     let (gd, xd) = (f32_of(gt, "g")?, f32_of(xt, "x")?);
+    if ctx.sync_batch_norm().is_some() {
+        return synced_standardize_grad(gd, xd, dims, eps, ctx, &xt.shape);
+    }
     let count = dims.0 * dims.2;
     // (mean, 1/sigma, mean(g), mean(g * xhat)) per channel.
     let per: Vec<(f64, f64, f64, f64)> = (0..dims.1)

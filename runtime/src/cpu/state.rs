@@ -96,7 +96,7 @@ pub fn queue_advance(x: &[&Tensor], world: u64) -> Result<Tensor, KernelError> {
 /// `RunningStat (running [C], x [N, C, ...]) -> [C]`: (1 - m) running + m stat,
 /// stat the batch mean, or with `unbiased_var` the unbiased batch variance
 /// (PyTorch's BatchNorm running-statistics update).
-pub fn running_stat(x: &[&Tensor], momentum: f64, unbiased_var: bool) -> Result<Tensor, KernelError> {
+pub fn running_stat(x: &[&Tensor], momentum: f64, unbiased_var: bool, ctx: &Ctx) -> Result<Tensor, KernelError> {
     let [rt, xt] = operands(x, ["running", "x"])?;
     let (running, xd) = (f32_of(rt, "running")?, f32_of(xt, "x")?);
     if xt.rank() < 2 || rt.shape != [xt.shape[1]] {
@@ -107,6 +107,20 @@ pub fn running_stat(x: &[&Tensor], momentum: f64, unbiased_var: bool) -> Result<
         )));
     }
     let (n, c, s) = (xt.shape[0], xt.shape[1], xt.shape[2..].iter().product::<usize>());
+    if ctx.sync_batch_norm().is_some() {
+        // SyncBatchNorm's running statistics: the group's mean and its
+        // unbiased variance (the group's count less one).
+        let (stats, count) = super::norm::batch_stats(xd, (n, c, s), ctx)?;
+        let out = stats
+            .iter()
+            .zip(running)
+            .map(|(&(mean, var), &r)| {
+                let stat = if unbiased_var { var * count / (count - 1.0) } else { mean };
+                ((1.0 - momentum) * r as f64 + momentum * stat) as f32
+            })
+            .collect();
+        return Ok(Tensor::f32(vec![c], out));
+    }
     let count = n * s;
     let out = (0..c)
         .into_par_iter()
