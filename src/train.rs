@@ -43,7 +43,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let place = tessera_engine::distributed::place_from_env(run_id).map_err(|e| anyhow!("{e}"))?;
     if place.is_none() {
         if let Some(l) = crate::launch::from_config(tree, a.node_rank)? {
-            return crate::launch::run(&l, stop, std::time::Duration::from_secs(10));
+            return crate::launch::run(&l, stop, std::time::Duration::from_secs(5));
         }
     }
     let world = match place {

@@ -76,9 +76,10 @@ fn assert_equivalent(root: &Path, name: &str, data: &Path, b: usize, worlds: &[u
         assert_eq!(w.keys().collect::<Vec<_>>(), w1.keys().collect::<Vec<_>>(), "{name} x{procs}: tensors");
         for (t, v) in &w1 {
             // SwAV's embedding queue is each rank's own share (VISSL's
-            // local_emb_queue): rank 0 holds 1/procs of it.
+            // local_emb_queue); the checkpoint holds every rank's, as column
+            // blocks: the same embeddings as one process's, in another order.
             if t.contains("local_emb_queue") && t.ends_with(".emb") {
-                assert_eq!(w[t].len() * procs, v.len(), "{name} x{procs}: `{t}` is rank 0's share");
+                assert_same_columns(v, &w[t], 16, &format!("{name} x{procs}: `{t}`"));
                 continue;
             }
             // A bias that a batch norm follows has a zero gradient in exact
@@ -94,6 +95,20 @@ fn assert_equivalent(root: &Path, name: &str, data: &Path, b: usize, worlds: &[u
         assert!(log.contains(&format!("world size {procs}: 1 node(s) x {procs} process(es) per node")), "{log}");
         assert!(log.contains(&format!("rank {}: cpu", procs - 1)), "{log}");
         assert!(dir.join("ranks").join((procs - 1).to_string()).join("log.txt").is_file());
+    }
+}
+
+/// `a` and `b` ([rows, columns] row-major) hold the same columns, in any order.
+fn assert_same_columns(a: &[f32], b: &[f32], rows: usize, what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: sizes");
+    let cols = a.len() / rows;
+    let column = |m: &[f32], j: usize| (0..rows).map(|i| m[i * cols + j]).collect::<Vec<f32>>();
+    let mut unmatched: Vec<Vec<f32>> = (0..cols).map(|j| column(b, j)).collect();
+    for j in 0..cols {
+        let c = column(a, j);
+        let at = unmatched.iter().position(|u| u.iter().zip(&c).all(|(x, y)| (x - y).abs() <= 2e-4));
+        assert!(at.is_some(), "{what}: column {j} of one has no match in the other");
+        unmatched.remove(at.unwrap());
     }
 }
 
@@ -244,46 +259,131 @@ fn a_rank_that_never_joins_or_a_wrong_run_id_ends_in_a_bounded_time() {
     std::fs::remove_dir_all(&root).unwrap();
 }
 
-#[test]
-fn a_multi_process_run_killed_whole_resumes_to_the_same_losses() {
-    let root = tmpdir("dp-resume");
-    let data = synth_folder(&root, 4, 16, 1);
-    let extra: Vec<&str> = SLOW.iter().copied().chain(["CHECKPOINT.CHECKPOINT_ITER_FREQUENCY=3"]).collect();
+/// Trains `name` with 2 processes for 3 epochs, kills every rank (and the
+/// launcher) with SIGKILL mid-run, resumes: the losses are bitwise those
+/// of an uninterrupted run.
+fn assert_resumes_bitwise(root: &Path, name: &str, data: &Path, extra: &[&str]) {
     let a = |dir: &PathBuf| {
-        let mut a = args("vit_tiny", &data, dir, 2, 8, &extra);
-        a.push("OPTIMIZER.num_epochs=3".into());
+        let mut a = args(name, data, dir, 2, 8, extra);
+        a.extend(["OPTIMIZER.num_epochs=3".into(), "CHECKPOINT.CHECKPOINT_ITER_FREQUENCY=3".into()]);
         a
     };
-    let whole = root.join("whole");
+    let loss_text = |dir: &Path| -> BTreeMap<u64, String> {
+        records(dir).iter().map(|r| (r["iteration"].as_u64().unwrap(), r["loss"].to_string())).collect()
+    };
+    let whole = root.join(format!("{name}-whole"));
     ok(&run(&a(&whole)));
-    let expect: BTreeMap<u64, String> =
-        records(&whole).iter().map(|r| (r["iteration"].as_u64().unwrap(), r["loss"].to_string())).collect();
-    assert_eq!(expect.len(), 12, "3 epochs of 4 steps");
-    let killed = root.join("killed");
+    let expect = loss_text(&whole);
+    assert_eq!(expect.len(), 12, "{name}: 3 epochs of 4 steps");
+    let killed = root.join(format!("{name}-killed"));
     let mut launcher = command().args(a(&killed)).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     wait_for_records(&mut launcher, &killed, 5);
     let workers = children(launcher.id());
-    // SIGKILL of every rank (and the launcher).
     for p in &workers {
         Command::new("kill").args(["-KILL", &p.to_string()]).status().unwrap();
     }
     launcher.kill().unwrap();
     launcher.wait().unwrap();
-    assert!(records(&killed).len() < 12, "killed too late");
-    let o = run(&a(&killed));
-    ok(&o);
+    assert!(records(&killed).len() < 12, "{name}: killed too late");
+    ok(&run(&a(&killed)));
     assert!(std::fs::read_to_string(killed.join("log.txt")).unwrap().contains("resuming from"));
-    let got: BTreeMap<u64, String> =
-        records(&killed).iter().map(|r| (r["iteration"].as_u64().unwrap(), r["loss"].to_string())).collect();
-    assert_eq!(got, expect, "resumed losses differ from the uninterrupted run's");
+    assert_eq!(loss_text(&killed), expect, "{name}: resumed losses differ from the uninterrupted run's");
+}
+
+#[test]
+fn a_multi_process_run_killed_whole_resumes_to_the_same_losses() {
+    let root = tmpdir("dp-resume");
+    let data = synth_folder(&root, 4, 16, 1);
+    assert_resumes_bitwise(&root, "vit_tiny", &data, &SLOW);
+    // SwAV's per-rank queues come back to their ranks.
+    let swav = ["MODEL.SYNC_BN_CONFIG.CONVERT_BN_TO_SYNC_BN=True", "LOSS.swav_loss.queue.queue_length=32"];
+    assert_resumes_bitwise(&root, "swav_vit_tiny", &data, &swav);
     // Another world size is refused, naming both.
     let part = root.join("part");
-    let mut first = a(&part);
+    let mut first = args("vit_tiny", &data, &part, 2, 8, &SLOW);
     first.extend(["--max-steps".into(), "2".into()]);
     ok(&run(&first));
-    let mut other = args("vit_tiny", &data, &part, 4, 4, &extra);
-    other.push("OPTIMIZER.num_epochs=3".into());
-    let t = text(&run(&other));
+    let t = text(&run(&args("vit_tiny", &data, &part, 4, 4, &SLOW)));
     assert!(t.contains("written by a run of 2 process(es); this run has 4"), "{t}");
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+#[test]
+fn a_hung_rank_is_noticed_within_the_timeout_and_every_rank_stops() {
+    let root = tmpdir("dp-hang");
+    let data = synth_folder(&root, 4, 16, 1);
+    let dir = root.join("run");
+    let mut a = args("vit_tiny", &data, &dir, 2, 8, &SLOW);
+    a.push("OPTIMIZER.num_epochs=50".into());
+    let mut launcher = command()
+        .args(&a)
+        .env("TESSERA_DIST_TIMEOUT", "3")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_records(&mut launcher, &dir, 3);
+    let workers = children(launcher.id());
+    let rank1 = *workers.iter().max().unwrap();
+    Command::new("kill").args(["-STOP", &rank1.to_string()]).status().unwrap();
+    let start = Instant::now();
+    let out = launcher.wait_with_output().unwrap();
+    let took = start.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(took < Duration::from_secs(30), "took {took:?}");
+    assert!(err.contains("nothing from rank 1 for 3 s"), "{err}");
+    assert!(workers.iter().all(|&p| !alive(p)), "a worker outlived the run");
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+/// Starts `world` workers as another launcher would, with `env(rank)` each.
+fn start_as_launched(a: &[String], world: usize, env: impl Fn(usize) -> Vec<(String, String)>) -> Vec<Child> {
+    (0..world)
+        .map(|r| command().args(a).envs(env(r)).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap())
+        .collect()
+}
+
+#[test]
+fn torchrun_and_srun_variables_start_the_same_run() {
+    let root = tmpdir("dp-env");
+    let data = synth_folder(&root, 4, 8, 1);
+    let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
+    // torchrun --nproc-per-node 2 --no-python tessera train ... (without its agent store).
+    let torchrun = root.join("torchrun");
+    let port = free();
+    let mut a = args("vit_tiny", &data, &torchrun, 1, 8, &[]);
+    a.extend(["--max-steps".into(), "2".into()]);
+    let kids = start_as_launched(&a, 2, |r| {
+        [("RANK", r.to_string()), ("LOCAL_RANK", r.to_string()), ("WORLD_SIZE", "2".into())]
+            .into_iter()
+            .chain([
+                ("LOCAL_WORLD_SIZE", "2".into()),
+                ("MASTER_ADDR", "127.0.0.1".into()),
+                ("MASTER_PORT", port.clone()),
+            ])
+            .map(|(k, v)| (k.to_string(), v))
+            .collect()
+    });
+    // srun --ntasks 2 --ntasks-per-node 2 tessera train ... DISTRIBUTED.RUN_ID=host:port
+    let srun = root.join("srun");
+    let mut b = args("vit_tiny", &data, &srun, 1, 8, &[]);
+    b.extend([format!("DISTRIBUTED.RUN_ID=127.0.0.1:{}", free()), "--max-steps".into(), "2".into()]);
+    let tasks = start_as_launched(&b, 2, |r| {
+        [("SLURM_PROCID", r.to_string()), ("SLURM_LOCALID", r.to_string()), ("SLURM_NTASKS", "2".into())]
+            .into_iter()
+            .chain([("SLURM_NTASKS_PER_NODE", "2".into())])
+            .map(|(k, v)| (k.to_string(), v))
+            .collect()
+    });
+    for (what, dir, procs) in [("torchrun", &torchrun, kids), ("srun", &srun, tasks)] {
+        for p in procs {
+            let o = p.wait_with_output().unwrap();
+            assert!(o.status.success(), "{what}: {}", String::from_utf8_lossy(&o.stderr));
+        }
+        let log = std::fs::read_to_string(dir.join("log.txt")).unwrap();
+        assert!(log.contains("world size 2: 1 node(s) x 2 process(es) per node"), "{what}: {log}");
+        assert_eq!(records(dir).len(), 2, "{what}");
+    }
     std::fs::remove_dir_all(&root).unwrap();
 }

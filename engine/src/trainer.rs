@@ -163,6 +163,20 @@ impl Share {
         Ok(())
     }
 
+    /// Every rank's rank-local states (`rank_local`), joined as column
+    /// blocks in rank order (collective: every rank calls it).
+    fn gather_local(&self, ex: &Executor) -> Result<HashMap<String, (Vec<usize>, Vec<f32>)>, EngineError> {
+        let mut out = HashMap::new();
+        let Some(c) = &self.comm else { return Ok(out) };
+        for name in ex.state_names().into_iter().filter(|n| rank_local(n)) {
+            let Some(t) = ex.read_state(&name).map_err(|e| EngineError::Runtime(e.to_string()))? else { continue };
+            let (Some(v), [e, l]) = (t.as_f32(), &t.shape[..]) else { continue };
+            let all = c.all_gather_f32(v).map_err(Share::failed)?;
+            out.insert(name, (vec![*e, l * self.size], join_columns(&all, self.size, *e, *l)));
+        }
+        Ok(out)
+    }
+
     fn attach(&self, ex: &mut Executor) -> Result<(), EngineError> {
         match &self.comm {
             Some(c) => ex.set_collective(c.clone()).map_err(|e| EngineError::Runtime(e.to_string())),
@@ -393,11 +407,38 @@ fn snapshot(ex: &Executor, engine: EngineState) -> Result<Checkpoint, EngineErro
     Ok(Checkpoint { model, optimizer, engine })
 }
 
-/// Loads a checkpoint's tensors into `ex` (every state of the plan must be there).
-fn restore(ex: &mut Executor, ckpt: &Checkpoint, path: &Path) -> Result<(), EngineError> {
+/// States that each rank holds for itself: SwAV's embedding queues
+/// (VISSL's local_emb_queue, of this rank's samples only). A checkpoint
+/// holds every rank's, as column blocks in rank order.
+fn rank_local(name: &str) -> bool {
+    name.contains("local_emb_queue") && name.ends_with(".emb")
+}
+
+/// `[E, L]` blocks of every rank, gathered in rank order, as one `[E, W*L]`.
+fn join_columns(gathered: &[f32], world: usize, e: usize, l: usize) -> Vec<f32> {
+    let mut out = vec![0f32; gathered.len()];
+    for r in 0..world {
+        for row in 0..e {
+            out[row * world * l + r * l..][..l].copy_from_slice(&gathered[(r * e + row) * l..][..l]);
+        }
+    }
+    out
+}
+
+/// Loads a checkpoint's tensors into `ex` (every state of the plan must be
+/// there); a rank-local state takes rank `rank`'s column block of `world`.
+fn restore(ex: &mut Executor, ckpt: &Checkpoint, path: &Path, rank: usize, world: usize) -> Result<(), EngineError> {
     let mut have: HashMap<&str, Tensor> = HashMap::new();
     for t in ckpt.model.iter().chain(&ckpt.optimizer) {
-        have.insert(&t.name, Tensor::f32(t.shape.clone(), t.data.clone()));
+        let tensor = match (&t.shape[..], rank_local(&t.name)) {
+            ([e, wl], true) if wl % world == 0 => {
+                let l = wl / world;
+                let data = (0..*e).flat_map(|row| t.data[row * wl + rank * l..][..l].iter().copied()).collect();
+                Tensor::f32(vec![*e, l], data)
+            }
+            _ => Tensor::f32(t.shape.clone(), t.data.clone()),
+        };
+        have.insert(&t.name, tensor);
     }
     for (name, t) in &ckpt.engine.int_state {
         have.insert(name, Tensor::i64(t.shape.clone(), t.data.clone()));
@@ -846,6 +887,12 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
                 p.local_world,
                 p.rank
             ));
+            if replicas != p.world as u64 {
+                log.info(&format!(
+                    "DISTRIBUTED asks for {replicas} process(es); the launcher started {}: its shape is the run's (global batch, learning-rate scaling, collectives)",
+                    p.world
+                ));
+            }
             if share.main() {
                 for r in 0..p.world {
                     let d = w.store.get(&format!("device/{r}")).map_err(Share::failed)?;
@@ -964,7 +1011,7 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
                 e.batch
             )));
         }
-        restore(steps.active_mut(), &c, p)?;
+        restore(steps.active_mut(), &c, p, share.rank, share.size)?;
         state = c.engine;
         state.int_state.clear();
         // The saved meter holds every rank's counts: rank 0 takes it over.
@@ -994,8 +1041,9 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
     }
     // Every rank starts from rank 0's model (as DDP broadcasts it): the
     // same seed initialises the same values, and this makes sure of it.
+    // Rank-local states (SwAV's queues) stay each rank's own.
     if share.size > 1 {
-        let names = steps.active().state_names();
+        let names: Vec<String> = steps.active().state_names().into_iter().filter(|n| !rank_local(n)).collect();
         share.broadcast_states(steps.active_mut(), &names)?;
     }
 
@@ -1017,13 +1065,20 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
             let mut s = state.clone();
             s.rng_step = steps.active().step();
             let meter = meter.as_ref().map(|m| share.meter(m)).transpose()?;
+            let local = share.gather_local(steps.active())?;
             if !share.main() {
                 return Ok(dir.join(&name));
             }
             s.meters =
                 meter.as_ref().map(|m| serde_json::to_value(m).expect("meters serialise")).unwrap_or(Value::Null);
             log.flush();
-            let path = checkpoint::write(&dir, &name, &snapshot(steps.active(), s)?)?;
+            let mut ckpt = snapshot(steps.active(), s)?;
+            for t in ckpt.model.iter_mut() {
+                if let Some((shape, data)) = local.get(&t.name) {
+                    (t.shape, t.data) = (shape.clone(), data.clone());
+                }
+            }
+            let path = checkpoint::write(&dir, &name, &ckpt)?;
             log.info(&format!("checkpoint {}", path.display()));
             Ok::<PathBuf, EngineError>(path)
         };
