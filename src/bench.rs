@@ -5,6 +5,12 @@
 //! images per second it implies, the planned peak memory and, on a GPU, the
 //! device memory the executor took (free memory before and after it was
 //! made). What scripts/gpu-check.sh sets beside PyTorch's figures.
+//!
+//! With DISTRIBUTED asking for several processes it launches them as
+//! `tessera train` does and times the data-parallel step (gradients
+//! averaged across the processes in the step); `--all-reduce N` times the
+//! collective alone (scripts/bench-ddp.sh sets both beside PyTorch DDP
+//! with Gloo).
 
 use anyhow::{anyhow, bail, Result};
 use serde_json::json;
@@ -23,6 +29,8 @@ pub struct BenchArgs {
     pub steps: u64,
     pub warmup: u64,
     pub json: bool,
+    /// Time an all-reduce of this many f32 instead of the step.
+    pub all_reduce: Option<usize>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -35,9 +43,26 @@ pub fn run(a: BenchArgs) -> Result<()> {
         bail!("--steps must be at least 1");
     }
     let cfg = config::load(&a.name, &a.overrides).map_err(|e| anyhow!("{e}"))?;
-    let mut tree = cfg.tree().clone();
-    tree["DISTRIBUTED"]["NUM_NODES"] = 1.into();
-    tree["DISTRIBUTED"]["NUM_PROC_PER_NODE"] = 1.into();
+    let run_id = cfg.tree().pointer("/DISTRIBUTED/RUN_ID").and_then(|v| v.as_str()).unwrap_or("auto");
+    let place = tessera_engine::distributed::place_from_env(run_id).map_err(|e| anyhow!("{e}"))?;
+    if place.is_none() {
+        if let Some(l) = crate::launch::from_config(cfg.tree(), None)? {
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            return crate::launch::run(&l, stop, std::time::Duration::from_secs(5));
+        }
+    }
+    let world = match place {
+        Some(p) => Some(tessera_engine::distributed::World::join(p).map_err(|e| anyhow!("{e}"))?),
+        None => None,
+    };
+    let (rank, size) = world.as_ref().map_or((0, 1), |w| (w.rank(), w.size()));
+    if let Some(n) = a.all_reduce {
+        return time_all_reduce(&a, world.as_ref(), n);
+    }
+    let tree = match &world {
+        Some(w) => tessera_engine::trainer::for_world(cfg.tree(), w.place.num_nodes(), w.place.local_world),
+        None => tessera_engine::trainer::one_replica(cfg.tree()),
+    };
     let batch =
         a.batch.or_else(|| tree.pointer("/DATA/TRAIN/BATCHSIZE_PER_REPLICA").and_then(|v| v.as_u64())).unwrap_or(1);
     let target = if matches!(a.device, Device::Cpu | Device::CpuArena) { Target::Cpu } else { Target::Cuda };
@@ -50,6 +75,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let before = backend.memory();
     let load_start = Instant::now();
     let mut ex = backend.executor(plan.clone(), 0).map_err(|e| anyhow!("{e}"))?;
+    if let Some(w) = &world {
+        ex.set_collective(w.comm.clone()).map_err(|e| anyhow!("{e}"))?;
+    }
     let load_ms = load_start.elapsed().as_secs_f64() * 1e3;
     let after = backend.memory();
     let taken = match (before, after) {
@@ -78,13 +106,17 @@ pub fn run(a: BenchArgs) -> Result<()> {
         times.push(t.elapsed().as_secs_f64());
     }
     let step_s = median(times);
+    if rank != 0 {
+        return Ok(());
+    }
     let report = json!({
         "config": cfg.name(),
         "device": backend.describe(),
+        "processes": size,
         "batch": batch,
         "steps": a.steps,
         "step_ms": step_s * 1e3,
-        "images_per_sec": batch as f64 / step_s,
+        "images_per_sec": (batch * size as u64) as f64 / step_s,
         "planned_peak_bytes": planned,
         "measured_device_bytes": taken,
         "kernels": plan.kernels.len(),
@@ -97,16 +129,62 @@ pub fn run(a: BenchArgs) -> Result<()> {
         println!("{report}");
     } else {
         println!(
-            "{} on {}: batch {batch}, median step {:.2} ms over {} steps = {:.1} img/s; planned peak {:.2} GiB{}; {} kernels{}",
+            "{} on {}{}: batch {batch}, median step {:.2} ms over {} steps = {:.1} img/s; planned peak {:.2} GiB{}; {} kernels{}",
             cfg.name(),
             backend.describe(),
+            if size > 1 { format!(" x {size} processes") } else { String::new() },
             step_s * 1e3,
             a.steps,
-            batch as f64 / step_s,
+            (batch * size as u64) as f64 / step_s,
             planned as f64 / (1u64 << 30) as f64,
             taken.map(|t| format!(", device memory taken {:.2} GiB", t as f64 / (1u64 << 30) as f64)).unwrap_or_default(),
             plan.kernels.len(),
             launches.map(|l| format!(" ({l} launches per step)")).unwrap_or_default(),
+        );
+    }
+    Ok(())
+}
+
+/// Times an all-reduce (sum) of `n` f32 across the run's processes: median
+/// time, algorithm bandwidth (bytes / time) and bus bandwidth (x 2(W-1)/W,
+/// the bytes each link carries in a ring: NCCL's and Gloo's convention).
+fn time_all_reduce(a: &BenchArgs, world: Option<&tessera_engine::distributed::World>, n: usize) -> Result<()> {
+    let Some(w) = world else { bail!("--all-reduce needs several processes (DISTRIBUTED.NUM_PROC_PER_NODE > 1)") };
+    let mut data: Vec<f32> = (0..n).map(|i| (i % 1000) as f32 * 1e-3).collect();
+    let mut times = Vec::new();
+    for i in 0..a.warmup + a.steps {
+        w.comm.barrier().map_err(|e| anyhow!("{e}"))?;
+        let t = Instant::now();
+        w.comm.all_reduce_f32(&mut data, tessera_runtime::dist::Reduction::Sum).map_err(|e| anyhow!("{e}"))?;
+        if i >= a.warmup {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    if w.rank() != 0 {
+        return Ok(());
+    }
+    let s = median(times);
+    let bytes = (n * 4) as f64;
+    let world = w.size() as f64;
+    let algbw = bytes / s / 1e9;
+    let busbw = algbw * 2.0 * (world - 1.0) / world;
+    let report = json!({
+        "collective": "all_reduce",
+        "processes": w.size(),
+        "elements": n,
+        "bytes": n * 4,
+        "time_ms": s * 1e3,
+        "algbw_gbps": algbw,
+        "busbw_gbps": busbw,
+    });
+    if a.json {
+        println!("{report}");
+    } else {
+        println!(
+            "all-reduce of {n} f32 ({:.1} MB) over {} processes: median {:.2} ms, algorithm bandwidth {algbw:.3} GB/s, bus bandwidth {busbw:.3} GB/s",
+            bytes / 1e6,
+            w.size(),
+            s * 1e3
         );
     }
     Ok(())

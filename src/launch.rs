@@ -115,7 +115,7 @@ pub fn run(l: &Launch, stop: Arc<AtomicBool>, grace: Duration) -> Result<()> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = (cores / l.per_node).max(1).to_string();
     eprintln!(
-        "tessera train: starting {} worker(s) on node {} of {} (world size {world}, store {addr})",
+        "tessera: starting {} worker(s) on node {} of {} (world size {world}, store {addr})",
         l.per_node, l.node, l.num_nodes
     );
     let mut workers = Vec::new();

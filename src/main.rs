@@ -185,6 +185,10 @@ enum Command {
         warmup: u64,
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
+        /// Time an all-reduce (sum) of this many f32 across the processes
+        /// of DISTRIBUTED instead of the step: its bus bandwidth.
+        #[arg(long, value_name = "ELEMENTS")]
+        all_reduce: Option<usize>,
     },
     /// Datasets.
     Data {
@@ -588,10 +592,11 @@ fn run(cli: Cli) -> Result<()> {
                 .transpose()?;
             train::run(train::TrainArgs { name, overrides, models, max_steps, quiet, device, plan, node_rank })
         }
-        Command::Bench { args, device, batch, steps, warmup, format } => {
+        Command::Bench { args, device, batch, steps, warmup, format, all_reduce } => {
             let (name, overrides) = split_args(&args)?;
             let device = tessera_runtime::Device::parse(&device).map_err(|e| anyhow::anyhow!("--device: {e}"))?;
-            bench::run(bench::BenchArgs { name, overrides, device, batch, steps, warmup, json: format == Format::Json })
+            let json = format == Format::Json;
+            bench::run(bench::BenchArgs { name, overrides, device, batch, steps, warmup, json, all_reduce })
         }
         Command::Data {
             command: DataCommand::Synth { out, image_size, classes, train_per_class, val_per_class, seed },

@@ -46,7 +46,11 @@ pub enum Reduction {
 }
 
 /// The numbers collectives carry (f32 tensors, f64 metric sums).
-pub trait Element: Copy + Default + Send + Sync + 'static {
+///
+/// # Safety
+/// Implemented only for plain floats: messages reinterpret a slice of them
+/// as bytes and back, so every bit pattern must be a valid value.
+pub unsafe trait Element: Copy + Default + Send + Sync + 'static {
     const BYTES: usize;
     fn write_le(self, out: &mut [u8]);
     fn read_le(b: &[u8]) -> Self;
@@ -54,7 +58,8 @@ pub trait Element: Copy + Default + Send + Sync + 'static {
     fn divide(self, n: usize) -> Self;
 }
 
-impl Element for f32 {
+// SAFETY: a plain float.
+unsafe impl Element for f32 {
     const BYTES: usize = 4;
     fn write_le(self, out: &mut [u8]) {
         out.copy_from_slice(&self.to_le_bytes());
@@ -80,7 +85,8 @@ impl Element for f32 {
     }
 }
 
-impl Element for f64 {
+// SAFETY: a plain float.
+unsafe impl Element for f64 {
     const BYTES: usize = 8;
     fn write_le(self, out: &mut [u8]) {
         out.copy_from_slice(&self.to_le_bytes());

@@ -11,6 +11,7 @@
 use super::store::StoreClient;
 use super::wire::{self, describe};
 use super::{Collective, DistError, Element, Reduction};
+use std::io::Read;
 use std::net::{TcpListener, TcpStream};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -111,30 +112,31 @@ impl RingCollective {
         (self.rank + self.world - 1) % self.world
     }
 
-    /// Sends `out` to the next rank while receiving exactly `into.len()`
-    /// bytes from the previous one.
-    fn exchange(
+    /// Sends `out` to the next rank while receiving a message of exactly
+    /// `into.len()` elements from the previous one, which is reduced into
+    /// `into` (or copied, `op` None) piece by piece as it arrives, so the
+    /// arithmetic overlaps the transfer.
+    fn exchange<T: Element>(
         &self,
         links: &mut (TcpStream, TcpStream),
-        out: &[u8],
-        into: &mut [u8],
+        out: &[T],
+        into: &mut [T],
+        op: Option<Reduction>,
         what: &str,
     ) -> Result<(), DistError> {
         let (next, prev) = links;
         let (n, p) = (self.next(), self.prev());
-        let fail_send = |e: std::io::Error| {
-            describe(&e, &format!("rank {n}"), &format!("{what} on rank {}", self.rank), self.timeout)
-        };
-        let fail_recv = |e: std::io::Error| {
-            describe(&e, &format!("rank {p}"), &format!("{what} on rank {}", self.rank), self.timeout)
-        };
-        let received = if out.len() <= INLINE {
-            wire::send(next, out).map_err(fail_send)?;
-            wire::recv_exact(prev, into).map_err(fail_recv)?
+        let context = format!("{what} on rank {}", self.rank);
+        let fail_send = |e: std::io::Error| describe(&e, &format!("rank {n}"), &context, self.timeout);
+        let fail_recv = |e: std::io::Error| describe(&e, &format!("rank {p}"), &context, self.timeout);
+        let bytes = as_bytes(out);
+        let received = if bytes.len() <= INLINE {
+            wire::send(next, bytes).map_err(fail_send)?;
+            receive(prev, into, op).map_err(fail_recv)?
         } else {
             std::thread::scope(|sc| {
-                let sender = sc.spawn(|| wire::send(next, out));
-                let got = wire::recv_exact(prev, into);
+                let sender = sc.spawn(|| wire::send(next, bytes));
+                let got = receive(prev, into, op);
                 let sent = sender.join().unwrap_or_else(|_| Err(std::io::Error::other("the sending thread panicked")));
                 sent.map_err(fail_send)?;
                 got.map_err(fail_recv)
@@ -142,9 +144,8 @@ impl RingCollective {
         };
         received.map_err(|len| {
             DistError::new(format!(
-                "{what} on rank {}: rank {p} sent {len} bytes where {} were expected (the ranks run different plans or configs)",
-                self.rank,
-                into.len()
+                "{context}: rank {p} sent {len} bytes where {} were expected (the ranks run different plans or configs)",
+                into.len() * T::BYTES
             ))
         })
     }
@@ -154,17 +155,10 @@ impl RingCollective {
         let mut links = links.lock().unwrap_or_else(|p| p.into_inner());
         let (w, r, n) = (self.world, self.rank, data.len());
         let range = |c: usize| c * n / w..(c + 1) * n / w;
-        let mut out = Vec::new();
-        let mut buf = Vec::new();
         // Reduce-scatter: after W-1 steps rank r holds chunk r+1 reduced.
         for s in 0..w - 1 {
-            let (send, recv) = (range((r + w - s) % w), range((r + 2 * w - s - 1) % w));
-            encode(&data[send], &mut out);
-            buf.resize(recv.len() * T::BYTES, 0);
-            self.exchange(&mut links, &out, &mut buf, "all_reduce")?;
-            for (x, b) in data[recv].iter_mut().zip(buf.chunks_exact(T::BYTES)) {
-                *x = x.combine(T::read_le(b), op);
-            }
+            let (send, recv) = two(data, range((r + w - s) % w), range((r + 2 * w - s - 1) % w));
+            self.exchange(&mut links, send, recv, Some(op), "all_reduce")?;
         }
         if op == Reduction::Mean {
             for x in &mut data[range((r + 1) % w)] {
@@ -173,23 +167,69 @@ impl RingCollective {
         }
         // All-gather of the reduced chunks.
         for s in 0..w - 1 {
-            let (send, recv) = (range((r + 1 + w - s) % w), range((r + w - s) % w));
-            encode(&data[send], &mut out);
-            buf.resize(recv.len() * T::BYTES, 0);
-            self.exchange(&mut links, &out, &mut buf, "all_reduce")?;
-            for (x, b) in data[recv].iter_mut().zip(buf.chunks_exact(T::BYTES)) {
-                *x = T::read_le(b);
-            }
+            let (send, recv) = two(data, range((r + 1 + w - s) % w), range((r + w - s) % w));
+            self.exchange(&mut links, send, recv, None, "all_reduce")?;
         }
         Ok(())
     }
 }
 
-fn encode<T: Element>(data: &[T], out: &mut Vec<u8>) {
-    out.resize(data.len() * T::BYTES, 0);
-    for (x, o) in data.iter().zip(out.chunks_exact_mut(T::BYTES)) {
-        x.write_le(o);
+// Messages carry the floats' own bytes (no encoding pass).
+#[cfg(not(target_endian = "little"))]
+compile_error!("the ring collective sends native little-endian floats");
+
+/// The elements' bytes (`Element` types are plain floats: every bit
+/// pattern is valid, no padding).
+fn as_bytes<T: Element>(v: &[T]) -> &[u8] {
+    // SAFETY: see above; the length is the slice's size in bytes.
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+}
+
+fn as_bytes_mut<T: Element>(v: &mut [T]) -> &mut [u8] {
+    // SAFETY: as `as_bytes`; any bytes written make a valid float.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, std::mem::size_of_val(v)) }
+}
+
+/// The disjoint ranges `a` (to read) and `b` (to write) of `data`.
+fn two<T>(data: &mut [T], a: std::ops::Range<usize>, b: std::ops::Range<usize>) -> (&[T], &mut [T]) {
+    if a.end <= b.start {
+        let (lo, hi) = data.split_at_mut(b.start);
+        (&lo[a], &mut hi[..b.len()])
+    } else {
+        debug_assert!(b.end <= a.start || b.is_empty() || a.is_empty(), "overlapping ranges {a:?} and {b:?}");
+        let at = a.start.max(b.end);
+        let (lo, hi) = data.split_at_mut(at);
+        (&hi[a.start - at..a.end - at], &mut lo[b])
     }
+}
+
+/// Elements per piece of a received message: reduced while the next
+/// piece is still on its way.
+const RECV_PIECE: usize = 1 << 16;
+
+/// Receives one message of `into.len()` elements into `into` (reduced with
+/// `op`, or copied); `Ok(Err(len))` for a message of another length.
+fn receive<T: Element>(s: &mut TcpStream, into: &mut [T], op: Option<Reduction>) -> std::io::Result<Result<(), u64>> {
+    let mut len = [0u8; 8];
+    s.read_exact(&mut len)?;
+    let len = u64::from_le_bytes(len);
+    if len != (into.len() * T::BYTES) as u64 {
+        return Ok(Err(len));
+    }
+    match op {
+        None => s.read_exact(as_bytes_mut(into))?,
+        Some(op) => {
+            let mut piece = vec![T::default(); RECV_PIECE.min(into.len())];
+            for chunk in into.chunks_mut(RECV_PIECE) {
+                let got = &mut piece[..chunk.len()];
+                s.read_exact(as_bytes_mut(got))?;
+                for (x, &y) in chunk.iter_mut().zip(got.iter()) {
+                    *x = x.combine(y, op);
+                }
+            }
+        }
+    }
+    Ok(Ok(()))
 }
 
 impl Collective for RingCollective {
@@ -215,14 +255,10 @@ impl Collective for RingCollective {
         let (w, r, l) = (self.world, self.rank, data.len());
         let mut all = vec![0f32; w * l];
         all[r * l..(r + 1) * l].copy_from_slice(data);
-        let (mut out, mut buf) = (Vec::new(), vec![0u8; l * 4]);
         for s in 0..w - 1 {
             let (send, recv) = ((r + w - s) % w, (r + 2 * w - s - 1) % w);
-            encode(&all[send * l..(send + 1) * l], &mut out);
-            self.exchange(&mut links, &out, &mut buf, "all_gather")?;
-            for (x, b) in all[recv * l..(recv + 1) * l].iter_mut().zip(buf.chunks_exact(4)) {
-                *x = f32::read_le(b);
-            }
+            let (out, into) = two(&mut all, send * l..(send + 1) * l, recv * l..(recv + 1) * l);
+            self.exchange(&mut links, out, into, None, "all_gather")?;
         }
         Ok(all)
     }
@@ -235,28 +271,19 @@ impl Collective for RingCollective {
         let mut links = links.lock().unwrap_or_else(|p| p.into_inner());
         let (next, prev) = (self.next(), self.prev());
         let what = format!("broadcast from rank {root} on rank {}", self.rank);
-        let mut bytes = Vec::new();
         for piece in data.chunks_mut(PIECE / 4) {
             if self.rank != root {
-                bytes.resize(piece.len() * 4, 0);
-                match wire::recv_exact(&mut links.1, &mut bytes) {
+                match receive(&mut links.1, piece, None) {
                     Ok(Ok(())) => {}
-                    Ok(Err(len)) => {
-                        return Err(DistError::new(format!(
+                    Ok(Err(len)) => return Err(DistError::new(format!(
                         "{what}: rank {prev} sent {len} bytes where {} were expected (the ranks run different plans)",
-                        bytes.len()
-                    )))
-                    }
+                        piece.len() * 4
+                    ))),
                     Err(e) => return Err(describe(&e, &format!("rank {prev}"), &what, self.timeout)),
                 }
-                for (x, b) in piece.iter_mut().zip(bytes.chunks_exact(4)) {
-                    *x = f32::read_le(b);
-                }
-            } else {
-                encode(piece, &mut bytes);
             }
             if next != root {
-                wire::send(&mut links.0, &bytes)
+                wire::send(&mut links.0, as_bytes(piece))
                     .map_err(|e| describe(&e, &format!("rank {next}"), &what, self.timeout))?;
             }
         }
