@@ -112,7 +112,10 @@ fn assert_same_columns(a: &[f32], b: &[f32], rows: usize, what: &str) {
     }
 }
 
-const DROPOUT: [&str; 5] = [
+const DROPOUT: [&str; 7] = [
+    // 2.3 MB of gradients in buckets of 1 MB: three all-reduces a step.
+    "DATA.DDP_BUCKET_CAP_MB=1",
+    "MODEL.TRUNK.VISION_TRANSFORMERS.MLP_DIM=2048",
     "MODEL.HEAD.PARAMS=[[mlp, {dims: [64, 4]}]]",
     "MODEL.TRUNK.VISION_TRANSFORMERS.DROPOUT_RATE=0.1",
     "MODEL.TRUNK.VISION_TRANSFORMERS.ATTENTION_DROPOUT_RATE=0.1",

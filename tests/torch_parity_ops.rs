@@ -810,6 +810,7 @@ fn batch_norm_training_step_matches_libtorch() {
             clip_max_norm: None,
             late_start: vec![],
             normalize_prototypes: false,
+            world: 1,
         };
         let g = training_step(g, &[], &opts).unwrap();
         let mut ex = CpuExecutor::new(tessera_compiler::plan::lower(&g, 1, true).unwrap(), 0).unwrap();

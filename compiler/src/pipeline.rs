@@ -54,6 +54,18 @@ impl PassChoice<'_> {
     }
 }
 
+/// DATA.DDP_BUCKET_CAP_MB in bytes: the size of the gradient buckets a
+/// data-parallel step sends (DDP's bucket_cap_mb, 25 by default).
+pub fn gradient_bucket_bytes(cfg: &J) -> Result<u64, String> {
+    match crate::elaborate::json_get(cfg, "DATA.DDP_BUCKET_CAP_MB") {
+        None => Ok(25 << 20),
+        Some(v) => match v.as_f64() {
+            Some(mb) if mb > 0.0 && mb.is_finite() => Ok((mb * (1u64 << 20) as f64) as u64),
+            _ => Err(format!("`DATA.DDP_BUCKET_CAP_MB` is {v}; it must be a positive number of megabytes")),
+        },
+    }
+}
+
 /// The ranks each batch norm takes its statistics over (reference 6.6,
 /// `convert_sync_bn`): 0 without CONVERT_BN_TO_SYNC_BN or with one process;
 /// GROUP_SIZE -1: a node's processes, 0: every rank, N: min(N, world).
@@ -127,6 +139,7 @@ pub fn training_plan_with(
     let (step, c, reports) = training_graph(prog, cfg, choice)?;
     let mut plan = lower_training(&step, batch)?;
     plan.sync_batch_norm = sync_batch_norm_group(cfg).map_err(CompileError::Config)?;
+    plan.gradient_bucket_bytes = gradient_bucket_bytes(cfg).map_err(CompileError::Config)?;
     Ok((plan, c, reports))
 }
 

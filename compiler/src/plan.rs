@@ -6,13 +6,39 @@ pub use tessera_plan::plan::*;
 use crate::ir::{Graph, Op, ValueId};
 use std::collections::HashMap;
 
+/// `order` with each gradient's all-reduce right after the kernel that
+/// produces the gradient: a data-parallel step then sends the gradients of
+/// the last layers while the backward of the first ones still runs (DDP's
+/// overlap), in the order the backward produces them.
+fn issue_gradients_early(g: &Graph, order: Vec<ValueId>) -> Vec<ValueId> {
+    let early = |v: ValueId| {
+        matches!(g.node(v).op, Op::AllReduce { .. }) && g.node(v).scope == tessera_plan::GRADIENT_ALL_REDUCE_SCOPE
+    };
+    let mut after: HashMap<ValueId, Vec<ValueId>> = HashMap::new();
+    for &v in order.iter().filter(|&&v| early(v)) {
+        after.entry(g.operands(v)[0]).or_default().push(v);
+    }
+    if after.is_empty() {
+        return order;
+    }
+    let mut out = Vec::with_capacity(order.len());
+    for v in order {
+        if early(v) {
+            continue;
+        }
+        out.push(v);
+        out.extend(after.remove(&v).unwrap_or_default());
+    }
+    out
+}
+
 /// Lowers `g` for batch size `batch` (per replica). Kernels follow a
 /// topological order of the graph (creation order where it is one).
 pub fn lower(g: &Graph, batch: u64, training: bool) -> Result<Plan, String> {
     if batch == 0 {
         return Err("the batch size must be at least 1".into());
     }
-    let order = g.topo_order().map_err(|e| e.to_string())?;
+    let order = issue_gradients_early(g, g.topo_order().map_err(|e| e.to_string())?);
     let mut index: HashMap<ValueId, usize> = HashMap::new();
     let mut values = Vec::with_capacity(order.len());
     let mut kernels: Vec<Kernel> = Vec::new();
@@ -67,5 +93,6 @@ pub fn lower(g: &Graph, batch: u64, training: bool) -> Result<Plan, String> {
         tables,
         memory: None,
         sync_batch_norm: 0,
+        gradient_bucket_bytes: 0,
     })
 }

@@ -22,5 +22,5 @@ pub mod types;
 pub use instr::Instr;
 pub use memory::{MemoryPlan, Placement, Region};
 pub use op::{BinaryOp, Op, ReduceOp, UnaryOp};
-pub use plan::{Kernel, Plan, Source, Tables, Target, Value, PLAN_VERSION};
+pub use plan::{Kernel, Plan, Source, Tables, Target, Value, GRADIENT_ALL_REDUCE_SCOPE, PLAN_VERSION};
 pub use types::{DType, Dim, Init, Shape, TensorType};

@@ -113,7 +113,17 @@ pub struct Plan {
     /// `MODEL.SYNC_BN_CONFIG`); 0: over each process's own batch.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub sync_batch_norm: u64,
+    /// A data-parallel step's gradient all-reduces (the kernels of scope
+    /// `GRADIENT_ALL_REDUCE_SCOPE`, in the order the backward produces
+    /// them) go out in buckets of about this many bytes (DDP's
+    /// `DATA.DDP_BUCKET_CAP_MB`); 0: one per gradient.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub gradient_bucket_bytes: u64,
 }
+
+/// The scope of the all-reduce (mean) the compiler puts on each gradient
+/// of a data-parallel step.
+pub const GRADIENT_ALL_REDUCE_SCOPE: &str = "optim.all_reduce";
 
 fn is_zero(n: &u64) -> bool {
     *n == 0

@@ -216,7 +216,7 @@ fn batch_norm_updates(g: &mut Graph) -> Result<(), IrError> {
 /// and the optimizer then see what one process with the global batch would
 /// (each rank's loss is a mean over its own samples).
 fn average_across_ranks(g: &mut Graph, grads: &mut [(String, ValueId)], world: u64) -> Result<(), IrError> {
-    let mut b = Builder { g, scope: "optim.all_reduce".into() };
+    let mut b = Builder { g, scope: tessera_plan::GRADIENT_ALL_REDUCE_SCOPE.into() };
     for (_, d) in grads.iter_mut() {
         *d = b.op(Op::AllReduce { op: ReduceOp::Mean, world }, &[*d])?;
     }

@@ -265,6 +265,7 @@ mod tests {
             clip_max_norm: Some(1.0),
             late_start: vec![],
             normalize_prototypes: false,
+            world: 1,
         };
         let mut g = training_step(g, &groups, &opts).unwrap();
         super::run_bf16(&mut g).unwrap();

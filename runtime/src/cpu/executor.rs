@@ -14,6 +14,7 @@
 //! computes a bf16 plan as a backend storing 2 bytes does; f32 values pass
 //! untouched.
 
+use super::buckets::{Buckets, Worker};
 use super::elementwise::round_to_bf16;
 use super::init::init_tensor;
 use super::kernel::{Ctx, Dist};
@@ -46,6 +47,10 @@ pub struct CpuExecutor {
     parts: Vec<HashMap<u64, usize>>,
     /// The collective of a data-parallel run (`None`: one process).
     comm: Option<Arc<dyn Collective>>,
+    /// The gradient all-reduces and their buckets, and the thread that
+    /// sends them while the backward runs (with a collective).
+    buckets: Buckets,
+    worker: Option<Worker>,
 }
 
 /// `t` as a value of plan type `dtype` is stored: rounded to bf16 for bf16
@@ -130,7 +135,21 @@ impl CpuExecutor {
         for (_, v) in plan.outputs.iter().chain(&plan.state_updates) {
             kept[*v] += 1;
         }
-        Ok(CpuExecutor { plan, seed, step: 0, shapes, states, state_index, last_use, kept, parts, comm: None })
+        let buckets = Buckets::of_plan(&plan);
+        Ok(CpuExecutor {
+            plan,
+            seed,
+            step: 0,
+            shapes,
+            states,
+            state_index,
+            last_use,
+            kept,
+            parts,
+            comm: None,
+            buckets,
+            worker: None,
+        })
     }
 
     pub fn plan(&self) -> &Plan {
@@ -140,6 +159,7 @@ impl CpuExecutor {
     /// Runs the plan's collectives (and the random streams' rank term)
     /// through `comm`: this executor is one process of a data-parallel run.
     pub fn set_collective(&mut self, comm: Arc<dyn Collective>) {
+        self.worker = (comm.world() > 1 && !self.buckets.last.is_empty()).then(|| Worker::start(comm.clone()));
         self.comm = Some(comm);
     }
 
@@ -257,6 +277,14 @@ impl CpuExecutor {
             let unknown = given.keys().find(|n| !known(n)).expect("some given input is not a plan input");
             return Err(RuntimeError::UnknownInput { name: unknown.to_string(), expected: self.input_names() });
         }
+        if let Some(w) = &self.worker {
+            w.drain();
+        }
+        // Gradients on their way: bucket being filled, buckets sent (in
+        // order, by their values), and each pending value's bucket.
+        let mut filling: (Vec<Tensor>, Vec<usize>) = (Vec::new(), Vec::new());
+        let mut sent: std::collections::VecDeque<(usize, Vec<usize>)> = Default::default();
+        let mut pending: HashMap<usize, usize> = HashMap::new();
         let ctx = Ctx {
             dist: self.comm.as_deref().map(|comm| Dist {
                 comm,
@@ -272,6 +300,35 @@ impl CpuExecutor {
                 scope: kernel.scope.clone(),
                 source,
             };
+            if let Some(w) = &self.worker {
+                // Averaged gradients come back before a kernel reads them.
+                while kernel.inputs.iter().any(|i| pending.contains_key(i)) {
+                    self.receive_bucket(w, &mut sent, &mut pending, &mut slots)?;
+                }
+                if let Some(&b) = self.buckets.of.get(&k) {
+                    // A gradient joins its bucket; the bucket goes out
+                    // after its last gradient.
+                    let i = kernel.inputs[0];
+                    let dying = self.last_use[i] == Some(k) && self.kept[i] == 0;
+                    let t = match std::mem::replace(&mut slots[i], Slot::Empty) {
+                        Slot::Owned(t) if dying => t,
+                        other => {
+                            let t = other.get().cloned();
+                            slots[i] = other;
+                            t.ok_or_else(|| fail(KernelError::Invalid(format!("operand value {i} is not available"))))?
+                        }
+                    };
+                    filling.0.push(t);
+                    filling.1.push(kernel.output);
+                    pending.insert(kernel.output, b);
+                    if self.buckets.last[b] == k {
+                        w.send(std::mem::take(&mut filling.0)).map_err(|e| fail(KernelError::Collective(e)))?;
+                        sent.push_back((b, std::mem::take(&mut filling.1)));
+                    }
+                    self.free_dead_operands(k, &mut slots);
+                    continue;
+                }
+            }
             for &i in &kernel.inputs {
                 if let (Slot::Empty, Source::Fill { value }) = (&slots[i], &plan.values[i].source) {
                     slots[i] = Slot::Owned(filled(&self.shapes[i], plan.values[i].dtype, *value));
@@ -361,6 +418,11 @@ impl CpuExecutor {
             }
             self.free_dead_operands(k, &mut slots);
         }
+        if let Some(w) = &self.worker {
+            while !sent.is_empty() {
+                self.receive_bucket(w, &mut sent, &mut pending, &mut slots)?;
+            }
+        }
         // Outputs and updates: the last reference takes an owned value, the others clone.
         let mut remaining = self.kept.clone();
         let mut take = |v: usize, slots: &mut Vec<Slot>| -> Tensor {
@@ -394,6 +456,34 @@ impl CpuExecutor {
         }
         self.step += 1;
         Ok(outputs)
+    }
+
+    /// Places the next bucket's averaged gradients (as their plan dtype
+    /// stores them) in their values' slots.
+    fn receive_bucket(
+        &self,
+        w: &Worker,
+        sent: &mut std::collections::VecDeque<(usize, Vec<usize>)>,
+        pending: &mut HashMap<usize, usize>,
+        slots: &mut [Slot],
+    ) -> Result<(), RuntimeError> {
+        let (b, values) = sent.pop_front().expect("a kernel reads a gradient of a bucket sent before it");
+        let last = self.buckets.last[b];
+        let grads = w.receive().map_err(|e| RuntimeError::Kernel {
+            index: last,
+            op: self.plan.kernels[last].op.name(),
+            scope: self.plan.kernels[last].scope.clone(),
+            source: KernelError::Collective(e),
+        })?;
+        for (v, t) in values.into_iter().zip(grads) {
+            pending.remove(&v);
+            if self.last_use[v].is_some() || self.kept[v] > 0 {
+                slots[v] = Slot::Owned(store_as(t, self.plan.values[v].dtype));
+            } else {
+                pool::recycle(t);
+            }
+        }
+        Ok(())
     }
 
     /// Returns to the pool the owned operands of kernel `k` that no later

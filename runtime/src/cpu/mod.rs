@@ -18,6 +18,7 @@
 mod arena;
 mod attention;
 mod broadcast;
+mod buckets;
 mod collective;
 mod conv;
 mod elementwise;

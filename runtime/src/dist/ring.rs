@@ -275,10 +275,12 @@ impl Collective for RingCollective {
             if self.rank != root {
                 match receive(&mut links.1, piece, None) {
                     Ok(Ok(())) => {}
-                    Ok(Err(len)) => return Err(DistError::new(format!(
+                    Ok(Err(len)) => {
+                        return Err(DistError::new(format!(
                         "{what}: rank {prev} sent {len} bytes where {} were expected (the ranks run different plans)",
                         piece.len() * 4
-                    ))),
+                    )))
+                    }
                     Err(e) => return Err(describe(&e, &format!("rank {prev}"), &what, self.timeout)),
                 }
             }
