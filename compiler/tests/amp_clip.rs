@@ -39,6 +39,14 @@ fn shipped_amp_configs_clip_f32_gradients_by_an_f32_coefficient() {
             let [d, c] = g.operands(*v)[..] else { panic!("{name}: {grad_name} has not two operands") };
             let types = (g.ty(*v).dtype, g.ty(d).dtype, g.ty(c).dtype);
             assert_eq!(types, (DType::F32, DType::F32, DType::F32), "{name}: {grad_name}");
+            // Configs for several processes average each gradient (in f32)
+            // before clipping.
+            let d = if matches!(g.node(d).op, Op::AllReduce { .. }) {
+                assert_eq!(g.ty(d).dtype, DType::F32, "{name}: {grad_name}'s all-reduce");
+                g.operands(d)[0]
+            } else {
+                d
+            };
             if matches!(g.node(d).op, Op::Cast { .. }) && g.ty(g.operands(d)[0]).dtype == DType::BF16 {
                 from_bf16 += 1;
             }

@@ -890,7 +890,7 @@ fn collectives_are_identities_on_one_rank_and_errors_on_more() {
     {
         let name = op.name();
         let err = OneOp::new(op, &[&x4], true).try_run(&[&x4]).unwrap_err().to_string();
-        assert!(err.contains("needs a collective backend") && err.contains(name), "{err}");
+        assert!(err.contains("needs the run's collective") && err.contains(name), "{err}");
     }
 }
 
@@ -1167,4 +1167,74 @@ fn sum_of_squares_covers_every_element_of_every_operand() {
     assert_eq!(got.shape, Vec::<usize>::new());
     let got = got.as_f32().unwrap()[0] as f64;
     assert!((got - want).abs() <= 1e-6 * want, "{got} vs {want}");
+}
+
+/// Runs `op` as one kernel on `world` ranks (threads joined in a TCP ring),
+/// rank r on `inputs(r)`; each rank's result.
+fn on_ranks(op: Op, world: usize, inputs: impl Fn(usize) -> Vec<Tensor> + Sync) -> Vec<Tensor> {
+    use std::sync::Arc;
+    use std::time::Duration;
+    use tessera_runtime::dist::{RingCollective, StoreClient, StoreServer};
+    let server = StoreServer::bind("127.0.0.1:0").unwrap();
+    let addr = format!("127.0.0.1:{}", server.port());
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..world)
+            .map(|r| {
+                let (addr, op, inputs) = (addr.clone(), op.clone(), &inputs);
+                s.spawn(move || {
+                    let store = StoreClient::connect(&addr, Duration::from_secs(10)).unwrap();
+                    let ring = RingCollective::join(&store, "ops", r, world, Duration::from_secs(10)).unwrap();
+                    let xs = inputs(r);
+                    let refs: Vec<&Tensor> = xs.iter().collect();
+                    let mut one = OneOp::new(op, &refs, true);
+                    one.ex.set_collective(Arc::new(ring));
+                    one.run(&refs)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+#[test]
+fn collectives_on_two_ranks_gather_reduce_and_take_this_ranks_block() {
+    let v32 = |t: &Tensor| t.as_f32().unwrap().to_vec();
+    let filled = |r: usize, shape: &[usize]| {
+        let n: usize = shape.iter().product();
+        Tensor::f32(shape.to_vec(), (0..n).map(|i| (r * 100 + i) as f32).collect())
+    };
+    // all_gather: rank 0's rows, then rank 1's.
+    let got = on_ranks(Op::AllGather { world: 2 }, 2, |r| vec![filled(r, &[2, 3])]);
+    let expect: Vec<f32> = (0..2).flat_map(|r| (0..6).map(move |i| (r * 100 + i) as f32)).collect();
+    for g in &got {
+        assert_eq!((g.shape.clone(), v32(g)), (vec![4, 3], expect.clone()));
+    }
+    // all_reduce: sum, mean and max over the ranks.
+    for (op, combine) in [
+        (ReduceOp::Sum, (|a: f32, b: f32| a + b) as fn(f32, f32) -> f32),
+        (ReduceOp::Mean, |a, b| (a + b) / 2.0),
+        (ReduceOp::Max, f32::max),
+    ] {
+        let got = on_ranks(Op::AllReduce { op, world: 2 }, 2, |r| vec![filled(r, &[5])]);
+        let expect: Vec<f32> = (0..5).map(|i| combine(i as f32, (100 + i) as f32)).collect();
+        assert!(got.iter().all(|g| v32(g) == expect), "{op:?}: {got:?}");
+    }
+    // all_gather_grad: the gathered gradient summed over the ranks, this rank's block.
+    let got = on_ranks(Op::AllGatherGrad { world: 2 }, 2, |r| vec![filled(r, &[4, 2])]);
+    for (r, g) in got.iter().enumerate() {
+        let expect: Vec<f32> = (0..4).map(|i| ((r * 4 + i) * 2 + 100) as f32).collect();
+        assert_eq!((g.shape.clone(), v32(g)), (vec![2, 2], expect), "rank {r}");
+    }
+    // zero_diagonal: row i's own column among both ranks' rows is rank * N + i.
+    let got = on_ranks(Op::ZeroDiagonal { world: 2 }, 2, |_| vec![Tensor::f32(vec![2, 4], vec![1.0; 8])]);
+    assert_eq!(v32(&got[0]), [0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0]);
+    assert_eq!(v32(&got[1]), [1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0]);
+    // queue_push: every rank's keys, in the global batch's sample order
+    // (rank r's key i is sample i * 2 + r), as columns from ptr.
+    let got = on_ranks(Op::QueuePush { world: 2 }, 2, |r| {
+        vec![Tensor::f32(vec![2, 6], vec![0.0; 12]), Tensor::scalar_i64(1), filled(r, &[2, 2])]
+    });
+    for g in &got {
+        assert_eq!(v32(g), [0.0, 0.0, 100.0, 2.0, 102.0, 0.0, 0.0, 1.0, 101.0, 3.0, 103.0, 0.0]);
+    }
 }
