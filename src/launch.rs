@@ -151,6 +151,12 @@ pub fn run(l: &Launch, stop: Arc<AtomicBool>, grace: Duration) -> Result<()> {
             .map(|v| format!("after step {}", String::from_utf8_lossy(&v)))
             .unwrap_or_else(|| "before its first step".into())
     };
+    // Failures seen, in order. A rank that dies makes its neighbours fail
+    // too (their collectives see it close): the report names a rank killed
+    // by a signal before one that exited with an error, looking at every
+    // exit within half a second of the first.
+    let mut failures: Vec<(usize, ExitStatus, String)> = Vec::new();
+    let mut first_failure: Option<Instant> = None;
     let mut failure: Option<String> = None;
     let mut forwarded = false;
     let mut deadline: Option<Instant> = None;
@@ -158,12 +164,20 @@ pub fn run(l: &Launch, stop: Arc<AtomicBool>, grace: Duration) -> Result<()> {
         for w in workers.iter_mut().filter(|w| w.status.is_none()) {
             if let Ok(Some(st)) = w.child.try_wait() {
                 w.status = Some(st);
-                if !st.success() && failure.is_none() {
-                    failure = Some(format!("rank {} {} {}", w.rank, describe(&st), last_step(w.rank)));
+                if !st.success() {
+                    failures.push((w.rank, st, last_step(w.rank)));
+                    first_failure.get_or_insert_with(Instant::now);
                 }
             }
         }
-        if workers.iter().all(|w| w.status.is_some()) {
+        let all_done = workers.iter().all(|w| w.status.is_some());
+        let settled = first_failure.is_some_and(|t| t.elapsed() >= Duration::from_millis(500)) || all_done;
+        if failure.is_none() && settled && !failures.is_empty() {
+            use std::os::unix::process::ExitStatusExt;
+            let (rank, st, step) = failures.iter().find(|(_, st, _)| st.signal().is_some()).unwrap_or(&failures[0]);
+            failure = Some(format!("rank {rank} {} {step}", describe(st)));
+        }
+        if all_done {
             break;
         }
         if stop.load(Ordering::SeqCst) && !forwarded {
@@ -171,7 +185,7 @@ pub fn run(l: &Launch, stop: Arc<AtomicBool>, grace: Duration) -> Result<()> {
             forwarded = true;
         }
         if let (Some(f), None) = (&failure, deadline) {
-            eprintln!("tessera train: {f}; stopping the other ranks");
+            eprintln!("tessera: {f}; stopping the other ranks");
             workers.iter().for_each(|w| signal(w, libc::SIGTERM));
             deadline = Some(Instant::now() + grace);
         }

@@ -16,7 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod cli;
-use cli::{command, ok, records, run, synth_folder, text, tmpdir};
+use cli::{command, ok, records, run, synth_folder, text, tmpdir, wait_for_records};
 
 /// `tessera train config=quickstart/NAME` on `data` with `procs` processes
 /// of batch `batch`, two epochs, every step logged.
@@ -180,15 +180,6 @@ fn alive(pid: u32) -> bool {
         && !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z ")
 }
 
-fn wait_for_records(child: &mut Child, dir: &Path, n: usize) {
-    let start = Instant::now();
-    while records(dir).len() < n {
-        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be interrupted");
-        assert!(start.elapsed() < Duration::from_secs(120), "no progress");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 /// A slower model, so that a run lasts long enough to be interrupted.
 const SLOW: [&str; 4] = [
     "MODEL.HEAD.PARAMS=[[mlp, {dims: [64, 4]}]]",
@@ -197,30 +188,44 @@ const SLOW: [&str; 4] = [
     "MODEL.TRUNK.VISION_TRANSFORMERS.DROPOUT_RATE=0.1",
 ];
 
-#[test]
-fn a_killed_rank_stops_every_rank_with_a_message_and_leaves_no_process() {
-    let root = tmpdir("dp-kill");
+/// Starts a long 2-process run, sends `signal` to rank 1 once it trains,
+/// and waits for the launcher; its standard error. Asserts that the run
+/// failed within 30 s of the signal and left no worker running.
+fn signal_rank_1(tag: &str, signal: &str, env: &[(&str, &str)]) -> String {
+    let root = tmpdir(tag);
     let data = synth_folder(&root, 4, 16, 1);
     let dir = root.join("run");
     let mut a = args("vit_tiny", &data, &dir, 2, 8, &SLOW);
     a.push("OPTIMIZER.num_epochs=50".into());
-    let mut launcher = command().args(&a).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut launcher =
+        command().args(&a).envs(env.iter().copied()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     wait_for_records(&mut launcher, &dir, 3);
     let workers = children(launcher.id());
     assert_eq!(workers.len(), 2, "two workers: {workers:?}");
     // Rank 1 is the second worker started.
     let rank1 = *workers.iter().max().unwrap();
-    Command::new("kill").args(["-KILL", &rank1.to_string()]).status().unwrap();
+    Command::new("kill").args([signal, &rank1.to_string()]).status().unwrap();
     let start = Instant::now();
     let out = launcher.wait_with_output().unwrap();
     let took = start.elapsed();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{err}");
     assert!(took < Duration::from_secs(30), "took {took:?}");
-    assert!(err.contains("rank 1 was killed (SIGKILL) after step"), "{err}");
     assert!(workers.iter().all(|&p| !alive(p)), "a worker outlived the run");
-    // The last checkpoint is still whole: the run resumes from it.
     std::fs::remove_dir_all(&root).unwrap();
+    err
+}
+
+#[test]
+fn a_killed_rank_stops_every_rank_with_a_message_and_leaves_no_process() {
+    let err = signal_rank_1("dp-kill", "-KILL", &[]);
+    assert!(err.contains("rank 1 was killed (SIGKILL) after step"), "{err}");
+}
+
+#[test]
+fn a_hung_rank_is_noticed_within_the_timeout_and_every_rank_stops() {
+    let err = signal_rank_1("dp-hang", "-STOP", &[("TESSERA_DIST_TIMEOUT", "3")]);
+    assert!(err.contains("nothing from rank 1 for 3 s"), "{err}");
 }
 
 #[test]
@@ -308,35 +313,6 @@ fn a_multi_process_run_killed_whole_resumes_to_the_same_losses() {
     ok(&run(&first));
     let t = text(&run(&args("vit_tiny", &data, &part, 4, 4, &SLOW)));
     assert!(t.contains("written by a run of 2 process(es); this run has 4"), "{t}");
-    std::fs::remove_dir_all(&root).unwrap();
-}
-
-#[test]
-fn a_hung_rank_is_noticed_within_the_timeout_and_every_rank_stops() {
-    let root = tmpdir("dp-hang");
-    let data = synth_folder(&root, 4, 16, 1);
-    let dir = root.join("run");
-    let mut a = args("vit_tiny", &data, &dir, 2, 8, &SLOW);
-    a.push("OPTIMIZER.num_epochs=50".into());
-    let mut launcher = command()
-        .args(&a)
-        .env("TESSERA_DIST_TIMEOUT", "3")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for_records(&mut launcher, &dir, 3);
-    let workers = children(launcher.id());
-    let rank1 = *workers.iter().max().unwrap();
-    Command::new("kill").args(["-STOP", &rank1.to_string()]).status().unwrap();
-    let start = Instant::now();
-    let out = launcher.wait_with_output().unwrap();
-    let took = start.elapsed();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(took < Duration::from_secs(30), "took {took:?}");
-    assert!(err.contains("nothing from rank 1 for 3 s"), "{err}");
-    assert!(workers.iter().all(|&p| !alive(p)), "a worker outlived the run");
     std::fs::remove_dir_all(&root).unwrap();
 }
 

@@ -8,11 +8,10 @@
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
 
 mod cli;
-use cli::{command, ok, records, run, synth_folder, text, tmpdir};
+use cli::{command, ok, records, run, synth_folder, text, tmpdir, wait_for_records};
 
 /// The quickstart ViT on `data`, 4 classes, batch 16, everything logged.
 fn args(data: &Path, ckpt: &Path, epochs: u32, extra: &[&str]) -> Vec<String> {
@@ -36,15 +35,6 @@ fn args(data: &Path, ckpt: &Path, epochs: u32, extra: &[&str]) -> Vec<String> {
 /// Loss by iteration; a redone step (after a resume) keeps its last record.
 fn losses(dir: &Path) -> BTreeMap<u64, String> {
     records(dir).iter().map(|r| (r["iteration"].as_u64().unwrap(), r["loss"].to_string())).collect()
-}
-
-fn wait_for_records(child: &mut Child, dir: &Path, n: usize) {
-    let start = Instant::now();
-    while records(dir).len() < n {
-        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be interrupted");
-        assert!(start.elapsed() < Duration::from_secs(120), "no progress");
-        std::thread::sleep(Duration::from_millis(2));
-    }
 }
 
 /// A bigger trunk, so that a run lasts long enough to be interrupted.

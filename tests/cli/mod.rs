@@ -9,7 +9,8 @@
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
 
 /// The binary under test, not started yet.
 pub fn command() -> Command {
@@ -58,4 +59,14 @@ pub fn records(dir: &Path) -> Vec<Value> {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
+}
+
+/// Waits until `dir` has `n` step records of the running `child`.
+pub fn wait_for_records(child: &mut Child, dir: &Path, n: usize) {
+    let start = Instant::now();
+    while records(dir).len() < n {
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be interrupted");
+        assert!(start.elapsed() < Duration::from_secs(120), "no progress");
+        std::thread::sleep(Duration::from_millis(2));
+    }
 }

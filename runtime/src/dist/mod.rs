@@ -58,58 +58,35 @@ pub unsafe trait Element: Copy + Default + Send + Sync + 'static {
     fn divide(self, n: usize) -> Self;
 }
 
-// SAFETY: a plain float.
-unsafe impl Element for f32 {
-    const BYTES: usize = 4;
-    fn write_le(self, out: &mut [u8]) {
-        out.copy_from_slice(&self.to_le_bytes());
-    }
-    fn read_le(b: &[u8]) -> Self {
-        f32::from_le_bytes(b.try_into().expect("4 bytes"))
-    }
-    fn combine(self, other: Self, r: Reduction) -> Self {
-        match r {
-            Reduction::Sum | Reduction::Mean => self + other,
-            // NaN wins, as torch.max propagates it.
-            Reduction::Max => {
-                if self.is_nan() || other.is_nan() {
-                    f32::NAN
-                } else {
-                    self.max(other)
+/// `Element` for a float type of `$bytes` bytes.
+macro_rules! float_element {
+    ($t:ty, $bytes:expr) => {
+        // SAFETY: a plain float.
+        unsafe impl Element for $t {
+            const BYTES: usize = $bytes;
+            fn write_le(self, out: &mut [u8]) {
+                out.copy_from_slice(&self.to_le_bytes());
+            }
+            fn read_le(b: &[u8]) -> Self {
+                <$t>::from_le_bytes(b.try_into().expect("one element's bytes"))
+            }
+            fn combine(self, other: Self, r: Reduction) -> Self {
+                match r {
+                    Reduction::Sum | Reduction::Mean => self + other,
+                    // NaN wins, as torch.max propagates it.
+                    Reduction::Max if self.is_nan() || other.is_nan() => <$t>::NAN,
+                    Reduction::Max => self.max(other),
                 }
             }
+            fn divide(self, n: usize) -> Self {
+                self / n as $t
+            }
         }
-    }
-    fn divide(self, n: usize) -> Self {
-        self / n as f32
-    }
+    };
 }
 
-// SAFETY: a plain float.
-unsafe impl Element for f64 {
-    const BYTES: usize = 8;
-    fn write_le(self, out: &mut [u8]) {
-        out.copy_from_slice(&self.to_le_bytes());
-    }
-    fn read_le(b: &[u8]) -> Self {
-        f64::from_le_bytes(b.try_into().expect("8 bytes"))
-    }
-    fn combine(self, other: Self, r: Reduction) -> Self {
-        match r {
-            Reduction::Sum | Reduction::Mean => self + other,
-            Reduction::Max => {
-                if self.is_nan() || other.is_nan() {
-                    f64::NAN
-                } else {
-                    self.max(other)
-                }
-            }
-        }
-    }
-    fn divide(self, n: usize) -> Self {
-        self / n as f64
-    }
-}
+float_element!(f32, 4);
+float_element!(f64, 8);
 
 /// The collectives a data-parallel step needs, the same on every backend.
 /// Results are in rank order (`all_gather`: rank 0's block first).
