@@ -43,13 +43,10 @@ pub fn all_gather(x: &[&Tensor], world: u64, ctx: &Ctx) -> Result<Tensor, Kernel
 pub fn all_gather_grad(x: &[&Tensor], world: u64, ctx: &Ctx) -> Result<Tensor, KernelError> {
     let [t] = operands(x, ["dy"])?;
     let Some(comm) = comm(ctx, "all_gather_grad", world)? else { return Ok(super::pool::pooled_clone(t)) };
-    let mut sum = f32_of(t, "dy")?.to_vec();
-    comm.all_reduce_f32(&mut sum, Reduction::Sum).map_err(failed)?;
-    let block = sum.len() / world as usize;
-    let r = comm.rank();
+    let mine = comm.reduce_scatter_f32(f32_of(t, "dy")?).map_err(failed)?;
     let mut shape = t.shape.clone();
     shape[0] /= world as usize;
-    Ok(Tensor::f32(shape, sum[r * block..(r + 1) * block].to_vec()))
+    Ok(Tensor::f32(shape, mine))
 }
 
 /// `AllReduce`: element-wise sum, mean or max over the ranks.

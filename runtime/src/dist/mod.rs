@@ -99,6 +99,26 @@ pub trait Collective: Send + Sync {
     fn all_gather_f32(&self, data: &[f32]) -> Result<Vec<f32>, DistError>;
     /// Rank `root`'s `data` on every rank.
     fn broadcast_f32(&self, data: &mut [f32], root: usize) -> Result<(), DistError>;
+    /// The element-wise sum over the ranks of `data` (W blocks of equal
+    /// length), block `rank` of it.
+    fn reduce_scatter_f32(&self, data: &[f32]) -> Result<Vec<f32>, DistError>;
+    /// Rank 0's `bytes` on every rank (ids such as NCCL's unique id).
+    fn broadcast_bytes(&self, bytes: &mut [u8]) -> Result<(), DistError> {
+        // Carried as floats: the ring moves their bytes unchanged.
+        let mut words: Vec<f32> = bytes
+            .chunks(4)
+            .map(|c| {
+                let mut w = [0u8; 4];
+                w[..c.len()].copy_from_slice(c);
+                f32::from_ne_bytes(w)
+            })
+            .collect();
+        self.broadcast_f32(&mut words, 0)?;
+        for (c, w) in bytes.chunks_mut(4).zip(&words) {
+            c.copy_from_slice(&w.to_ne_bytes()[..c.len()]);
+        }
+        Ok(())
+    }
     /// Returns once every rank has called it.
     fn barrier(&self) -> Result<(), DistError> {
         self.all_reduce_f32(&mut [0.0], Reduction::Sum)
@@ -127,6 +147,9 @@ impl Collective for SingleProcess {
     }
     fn broadcast_f32(&self, _: &mut [f32], _: usize) -> Result<(), DistError> {
         Ok(())
+    }
+    fn reduce_scatter_f32(&self, data: &[f32]) -> Result<Vec<f32>, DistError> {
+        Ok(data.to_vec())
     }
 }
 

@@ -249,6 +249,25 @@ impl Collective for RingCollective {
         self.all_reduce(data, op)
     }
 
+    fn reduce_scatter_f32(&self, data: &[f32]) -> Result<Vec<f32>, DistError> {
+        let Some(links) = &self.links else { return Ok(data.to_vec()) };
+        let (w, r) = (self.world, self.rank);
+        if !data.len().is_multiple_of(w) {
+            return Err(DistError::new(format!("reduce_scatter of {} elements over {w} ranks", data.len())));
+        }
+        let mut links = links.lock().unwrap_or_else(|p| p.into_inner());
+        let l = data.len() / w;
+        let mut acc = data.to_vec();
+        // The ring's reduce-scatter shifted by one block, so that rank r
+        // ends with block r summed over every rank.
+        for s in 0..w - 1 {
+            let (send, recv) = ((r + 2 * w - s - 1) % w, (r + 2 * w - s - 2) % w);
+            let (out, into) = two(&mut acc, send * l..(send + 1) * l, recv * l..(recv + 1) * l);
+            self.exchange(&mut links, out, into, Some(Reduction::Sum), "reduce_scatter")?;
+        }
+        Ok(acc[r * l..(r + 1) * l].to_vec())
+    }
+
     fn all_gather_f32(&self, data: &[f32]) -> Result<Vec<f32>, DistError> {
         let Some(links) = &self.links else { return Ok(data.to_vec()) };
         let mut links = links.lock().unwrap_or_else(|p| p.into_inner());
@@ -367,6 +386,17 @@ mod tests {
                 (gathered, b.iter().enumerate().all(|(i, &v)| v == i as f32), f[0])
             });
             let expect: Vec<f32> = (0..world).flat_map(|r| [r as f32, 10.0 + r as f32]).collect();
+            let scattered = on_ring(world, move |r, ring| {
+                let data: Vec<f32> = (0..2 * world).map(|i| (r * 10 + i) as f32).collect();
+                let mut id = if r == 0 { *b"unique-id\xff\x00\x7f\x80" } else { [0u8; 13] };
+                ring.broadcast_bytes(&mut id).unwrap();
+                assert_eq!(&id, b"unique-id\xff\x00\x7f\x80", "broadcast_bytes on rank {r}");
+                (r, ring.reduce_scatter_f32(&data).unwrap())
+            });
+            for (r, block) in scattered {
+                let sum = |i: usize| (0..world).map(|q| (q * 10 + i) as f32).sum::<f32>();
+                assert_eq!(block, [sum(2 * r), sum(2 * r + 1)], "reduce_scatter, rank {r} of {world}");
+            }
             for (g, b, f) in got {
                 assert_eq!(g, expect);
                 assert!(b, "broadcast");
