@@ -160,19 +160,13 @@ impl Executor {
     }
 
     /// Makes this executor one process of a data-parallel run: its
-    /// collectives and the random streams' rank term go through `comm`.
-    /// GPUs need NCCL for that, which they do not have yet.
+    /// collectives (and, on the CPU, the random streams' rank term) go
+    /// through `comm`; a GPU's through NCCL, set up from `comm`.
     pub fn set_collective(&mut self, comm: Arc<dyn Collective>) -> Result<(), RuntimeError> {
         match self {
             Executor::Cpu(e) => e.set_collective(comm),
             Executor::CpuArena(e) => e.set_collective(comm),
-            Executor::Cuda(_) if comm.world() == 1 => {}
-            Executor::Cuda(_) => {
-                return Err(RuntimeError::Device(format!(
-                    "data-parallel training over {} processes on GPUs needs NCCL collectives, which this build does not have yet; train with MACHINE.DEVICE=cpu, or with one process (DISTRIBUTED.NUM_NODES=1 DISTRIBUTED.NUM_PROC_PER_NODE=1)",
-                    comm.world()
-                )))
-            }
+            Executor::Cuda(e) => e.set_collective(comm)?,
         }
         Ok(())
     }

@@ -137,6 +137,37 @@ impl HostBuf {
     }
 }
 
+/// A collective on f32 device memory.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum CollectiveOp {
+    /// `dst` (count elements) = the reduction of every rank's `src`.
+    AllReduce(crate::dist::Reduction),
+    /// `dst` (count x world) = every rank's `src`, in rank order.
+    AllGather,
+    /// `dst` (count / world) = block `rank` of the sum of every rank's `src`.
+    ReduceScatter,
+}
+
+/// One collective of a step: `count` f32 elements of `src`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CollectiveStep {
+    pub op: CollectiveOp,
+    pub src: DevPtr,
+    pub dst: DevPtr,
+    pub count: u64,
+}
+
+impl CollectiveStep {
+    /// Elements of `dst` with `world` ranks.
+    pub fn dst_count(&self, world: usize) -> u64 {
+        match self.op {
+            CollectiveOp::AllReduce(_) => self.count,
+            CollectiveOp::AllGather => self.count * world as u64,
+            CollectiveOp::ReduceScatter => self.count / world as u64,
+        }
+    }
+}
+
 pub trait DeviceApi: Send + Sync {
     /// `NVIDIA H100 80GB HBM3 (cuda:0, sm_90)`, `host emulation of the CUDA executor`.
     fn describe(&self) -> String;
@@ -180,4 +211,8 @@ pub trait DeviceApi: Send + Sync {
     fn gemm(&self, h: GemmHandle, ptrs: &GemmPtrs) -> DResult<()>;
     /// Waits for everything issued so far.
     fn synchronize(&self) -> DResult<()>;
+    /// Runs `c` in stream order across the ranks of `comm` (a GPU: NCCL,
+    /// with a communicator made from `comm` on first use; the host: `comm`
+    /// itself on host memory).
+    fn collective(&self, comm: &dyn crate::dist::Collective, c: &CollectiveStep) -> DResult<()>;
 }

@@ -5,12 +5,15 @@
 //! plan is loaded (`prepare_gemm`), never per call.
 
 use super::device::{
-    Arg, Binary, DResult, DevPtr, DeviceApi, DeviceError, Function, GemmHandle, GemmPtrs, HostBuf, Launch, Target,
+    Arg, Binary, CollectiveOp, CollectiveStep, DResult, DevPtr, DeviceApi, DeviceError, Function, GemmHandle, GemmPtrs,
+    HostBuf, Launch, Target,
 };
 use super::gemm::{ElemType, Epilogue, GemmDesc};
 use super::libs;
 use cudarc::cublaslt::sys as lt;
 use cudarc::driver::{result as drv, sys};
+use cudarc::nccl::result as nccl_call;
+use cudarc::nccl::sys as nccl;
 use std::ffi::{c_void, CString};
 use std::sync::Mutex;
 
@@ -46,6 +49,9 @@ pub struct GpuDevice {
     consumed: sys::CUevent,
     blas: lt::cublasLtHandle_t,
     state: Mutex<State>,
+    /// The NCCL communicator of a data-parallel run (made on the first
+    /// collective, from the run's own collective), and its world size.
+    nccl: Mutex<Option<(nccl::ncclComm_t, usize)>>,
 }
 
 // SAFETY: every CUDA handle here is used with the context made current
@@ -97,6 +103,7 @@ impl GpuDevice {
             consumed,
             blas,
             state: Mutex::new(State { functions: Vec::new(), modules: Vec::new(), gemms: Vec::new() }),
+            nccl: Mutex::new(None),
         })
     }
 
@@ -380,6 +387,73 @@ impl DeviceApi for GpuDevice {
         self.current()?;
         unsafe { drv::stream::synchronize(self.stream) }.map_err(|e| err("cuStreamSynchronize (a kernel failed)", e))
     }
+
+    fn collective(&self, comm: &dyn crate::dist::Collective, c: &CollectiveStep) -> DResult<()> {
+        use crate::dist::Reduction;
+        self.current()?;
+        let nccl_comm = self.nccl_comm(comm)?;
+        let stream = self.stream as nccl::cudaStream_t;
+        let (src, dst) = (c.src.0 as *const c_void, c.dst.0 as *mut c_void);
+        let f32_ = nccl::ncclDataType_t::ncclFloat32;
+        // SAFETY: src and dst are device addresses of this context holding
+        // the counts the lowering checked; NCCL orders them on the stream.
+        let r = unsafe {
+            match c.op {
+                CollectiveOp::AllReduce(r) => {
+                    let op = match r {
+                        Reduction::Sum => nccl::ncclRedOp_t::ncclSum,
+                        Reduction::Mean => nccl::ncclRedOp_t::ncclAvg,
+                        Reduction::Max => nccl::ncclRedOp_t::ncclMax,
+                    };
+                    nccl_call::all_reduce(src, dst, c.count as usize, f32_, op, nccl_comm, stream)
+                }
+                CollectiveOp::AllGather => nccl_call::all_gather(src, dst, c.count as usize, f32_, nccl_comm, stream),
+                CollectiveOp::ReduceScatter => nccl_call::reduce_scatter(
+                    src,
+                    dst,
+                    c.count as usize / comm.world(),
+                    f32_,
+                    nccl::ncclRedOp_t::ncclSum,
+                    nccl_comm,
+                    stream,
+                ),
+            }
+        };
+        r.map(|_| ()).map_err(|e| err("NCCL collective", e))
+    }
+}
+
+impl GpuDevice {
+    /// The NCCL communicator of `comm`'s ranks: rank 0's unique id goes to
+    /// every rank through `comm`, then every rank joins (once).
+    fn nccl_comm(&self, comm: &dyn crate::dist::Collective) -> DResult<nccl::ncclComm_t> {
+        let mut held = self.nccl.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((c, world)) = *held {
+            if world == comm.world() {
+                return Ok(c);
+            }
+        }
+        libs::load_nccl().map_err(DeviceError)?;
+        let mut id = [0u8; 128];
+        if comm.rank() == 0 {
+            let unique = nccl_call::get_uniqueid().map_err(|e| err("ncclGetUniqueId", e))?;
+            for (b, c) in id.iter_mut().zip(unique.internal) {
+                *b = c as u8;
+            }
+        }
+        comm.broadcast_bytes(&mut id).map_err(|e| DeviceError(format!("sharing NCCL's unique id: {e}")))?;
+        let mut unique = nccl::ncclUniqueId { internal: [0; 128] };
+        for (c, b) in unique.internal.iter_mut().zip(id) {
+            *c = b as _;
+        }
+        let mut c: nccl::ncclComm_t = std::ptr::null_mut();
+        // SAFETY: `c` receives the communicator; every rank calls this with
+        // the same id and world size.
+        unsafe { nccl_call::comm_init_rank(&mut c, comm.world() as i32, unique, comm.rank() as i32) }
+            .map_err(|e| err("ncclCommInitRank", e))?;
+        *held = Some((c, comm.world()));
+        Ok(c)
+    }
 }
 
 impl Drop for GpuDevice {
@@ -405,6 +479,9 @@ impl Drop for GpuDevice {
             let _ = drv::event::destroy(self.consumed);
             let _ = drv::stream::destroy(self.copies);
             let _ = drv::stream::destroy(self.stream);
+            if let Some((c, _)) = self.nccl.get_mut().ok().and_then(|n| n.take()) {
+                let _ = nccl_call::comm_destroy(c);
+            }
         }
     }
 }

@@ -27,6 +27,7 @@ enum Linked {
     Gemm { kernel: usize, h: GemmHandle, ptrs: super::device::GemmPtrs },
     Copy { kernel: usize, dst: DevPtr, src: DevPtr, bytes: u64 },
     Zero { kernel: usize, dst: DevPtr, bytes: u64 },
+    Collective { kernel: usize, step: super::device::CollectiveStep },
 }
 
 pub struct CudaExecutor {
@@ -60,6 +61,8 @@ pub struct CudaExecutor {
     prefetch_buf: Option<DevPtr>,
     prefetched: Option<(u64, u64)>,
     poisoned: Option<String>,
+    /// The collective of a data-parallel run (`None`: one process).
+    comm: Option<Arc<dyn crate::dist::Collective>>,
 }
 
 fn dev(e: super::device::DeviceError) -> RuntimeError {
@@ -117,6 +120,7 @@ impl CudaExecutor {
             prefetch_buf: None,
             prefetched: None,
             poisoned: None,
+            comm: None,
         };
         for _ in 0..2 {
             let b = device.alloc_host(memory.parts.inputs as usize + 16).map_err(dev)?;
@@ -171,6 +175,7 @@ impl CudaExecutor {
                 }
                 Step::Copy { kernel, dst, src, bytes } => Linked::Copy { kernel, dst, src, bytes },
                 Step::Zero { kernel, dst, bytes } => Linked::Zero { kernel, dst, bytes },
+                Step::Collective { kernel, step } => Linked::Collective { kernel, step },
             });
         }
         Ok(ex)
@@ -186,6 +191,20 @@ impl CudaExecutor {
 
     pub fn step(&self) -> u64 {
         self.step
+    }
+
+    /// Makes this executor one rank of a data-parallel run: its
+    /// collectives run across `comm`'s ranks (NCCL on a GPU).
+    pub fn set_collective(&mut self, comm: Arc<dyn crate::dist::Collective>) -> Result<(), RuntimeError> {
+        let world = super::lower::plan_world(&self.plan);
+        if world > 1 && world != comm.world() as u64 {
+            return Err(RuntimeError::InvalidPlan(format!(
+                "the plan was compiled for {world} ranks, but this run has {}",
+                comm.world()
+            )));
+        }
+        self.comm = Some(comm);
+        Ok(())
     }
 
     pub fn set_step(&mut self, s: u64) {
@@ -457,6 +476,14 @@ impl CudaExecutor {
                     device.copy(*dst, *src, *bytes).map_err(|e| fail(*kernel, e))?
                 }
                 Linked::Zero { kernel, dst, bytes } => device.zero(*dst, *bytes).map_err(|e| fail(*kernel, e))?,
+                Linked::Collective { kernel, step } => {
+                    let comm = self.comm.as_deref().ok_or_else(|| {
+                        fail(*kernel, super::device::DeviceError(
+                            "a collective over several ranks needs the run's collective, and this executor has none (start the run with DISTRIBUTED.NUM_PROC_PER_NODE or a launcher)".into(),
+                        ))
+                    })?;
+                    device.collective(comm, step).map_err(|e| fail(*kernel, e))?
+                }
             }
         }
         // State updates the memory plan could not place over their state.

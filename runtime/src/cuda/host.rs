@@ -7,7 +7,8 @@
 //! descriptor cuBLASLt would get.
 
 use super::device::{
-    Arg, Binary, DResult, DevPtr, DeviceApi, DeviceError, Function, GemmHandle, GemmPtrs, HostBuf, Launch, Target,
+    Arg, Binary, CollectiveOp, CollectiveStep, DResult, DevPtr, DeviceApi, DeviceError, Function, GemmHandle, GemmPtrs,
+    HostBuf, Launch, Target,
 };
 use super::gemm::{host_gemm, GemmDesc};
 use rayon::prelude::*;
@@ -294,6 +295,28 @@ impl DeviceApi for HostDevice {
 
     fn synchronize(&self) -> DResult<()> {
         Ok(())
+    }
+
+    fn collective(&self, comm: &dyn crate::dist::Collective, c: &CollectiveStep) -> DResult<()> {
+        let w = comm.world();
+        let (n, m) = (c.count as usize, c.dst_count(w) as usize);
+        self.check_range(c.src, n as u64 * 4, "collective (source)")?;
+        self.check_range(c.dst, m as u64 * 4, "collective (destination)")?;
+        // SAFETY: both ranges lie in allocations (checked), hold f32 values,
+        // and the host device runs one call at a time.
+        let src = unsafe { std::slice::from_raw_parts(c.src.0 as *const f32, n) }.to_vec();
+        let dst = unsafe { std::slice::from_raw_parts_mut(c.dst.0 as *mut f32, m) };
+        let failed = |e: crate::dist::DistError| DeviceError(e.to_string());
+        match c.op {
+            CollectiveOp::AllReduce(r) => {
+                dst.copy_from_slice(&src);
+                comm.all_reduce_f32(dst, r).map_err(failed)
+            }
+            CollectiveOp::AllGather => comm.all_gather_f32(&src).map(|all| dst.copy_from_slice(&all)).map_err(failed),
+            CollectiveOp::ReduceScatter => {
+                comm.reduce_scatter_f32(&src).map(|mine| dst.copy_from_slice(&mine)).map_err(failed)
+            }
+        }
     }
 }
 

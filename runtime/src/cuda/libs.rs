@@ -143,6 +143,14 @@ pub fn load_nvrtc() -> Result<(), String> {
     .clone()
 }
 
+const NCCL: Needed = Needed { what: "NCCL 2 (libnccl.so.2)", names: &["libnccl.so.2", "libnccl.so"] };
+
+/// NCCL, loaded on a data-parallel run's first collective on a GPU.
+pub fn load_nccl() -> Result<(), String> {
+    static R: OnceLock<Result<(), String>> = OnceLock::new();
+    R.get_or_init(|| load_needed(&NCCL).map(|_| ())).clone()
+}
+
 /// Everything a GPU run needs: driver, NVRTC, cuBLASLt.
 pub fn load_gpu_libraries() -> Result<(), String> {
     static R: OnceLock<Result<(), String>> = OnceLock::new();

@@ -6,7 +6,7 @@
 //! place that maps an op to its family.
 
 use super::arena::Layout;
-use super::device::{Arg, DevPtr, GemmPtrs, Launch};
+use super::device::{Arg, CollectiveOp, CollectiveStep, DevPtr, GemmPtrs, Launch};
 use super::gemm::GemmDesc;
 use super::ops;
 use super::source::KernelSource;
@@ -18,10 +18,33 @@ use tessera_plan::{DType, Op, Plan};
 /// One entry of the launch list; `kernel` is the plan kernel it belongs to.
 #[derive(Clone, Debug)]
 pub enum Step {
-    Launch { kernel: usize, source: usize, shape: Launch, args: Vec<Arg> },
-    Gemm { kernel: usize, desc: GemmDesc, ptrs: GemmPtrs },
-    Copy { kernel: usize, dst: DevPtr, src: DevPtr, bytes: u64 },
-    Zero { kernel: usize, dst: DevPtr, bytes: u64 },
+    Launch {
+        kernel: usize,
+        source: usize,
+        shape: Launch,
+        args: Vec<Arg>,
+    },
+    Gemm {
+        kernel: usize,
+        desc: GemmDesc,
+        ptrs: GemmPtrs,
+    },
+    Copy {
+        kernel: usize,
+        dst: DevPtr,
+        src: DevPtr,
+        bytes: u64,
+    },
+    Zero {
+        kernel: usize,
+        dst: DevPtr,
+        bytes: u64,
+    },
+    /// A collective across the ranks of a data-parallel run.
+    Collective {
+        kernel: usize,
+        step: CollectiveStep,
+    },
 }
 
 /// A value as a kernel sees it.
@@ -154,6 +177,7 @@ impl<'a> Lowering<'a> {
 
     /// Lowers every kernel of the plan, in order.
     pub fn lower_all(&mut self) -> Result<(), String> {
+        not_yet_data_parallel(self.plan)?;
         for k in 0..self.plan.kernels.len() {
             self.materialise_fills(k)?;
             lower_kernel(self, k).map_err(|e| {
@@ -207,15 +231,10 @@ fn lower_kernel(l: &mut Lowering, k: usize) -> Result<(), String> {
         | Op::Slice { .. }
         | Op::Expand { .. }
         | Op::Pad { .. } => ops::layout::lower(l, k, &op),
-        Op::AllGather { world } | Op::AllReduce { world, .. } | Op::AllGatherGrad { world } => {
-            if *world != 1 {
-                return Err(format!(
-                    "{} over {world} ranks needs a collective backend, which is not implemented yet (this executor runs a single rank)",
-                    op.name()
-                ));
-            }
+        Op::AllGather { world } | Op::AllReduce { world, .. } | Op::AllGatherGrad { world } if *world == 1 => {
             ops::layout::identity(l, k)
         }
+        Op::AllGather { .. } | Op::AllReduce { .. } | Op::AllGatherGrad { .. } => collective(l, k, &op),
         Op::Linear
         | Op::Matmul { .. }
         | Op::GeluLinear
@@ -259,4 +278,85 @@ pub fn kernel_sources(plan: &Plan) -> Result<Vec<KernelSource>, String> {
     let mut l = Lowering::new(plan, memory, &addr, base, table);
     l.lower_all()?;
     Ok(l.sources)
+}
+
+/// The world size of a data-parallel plan (its collectives' `world`), 1
+/// for one process.
+pub fn plan_world(plan: &Plan) -> u64 {
+    plan.kernels
+        .iter()
+        .map(|k| match k.op {
+            Op::AllGather { world }
+            | Op::AllReduce { world, .. }
+            | Op::AllGatherGrad { world }
+            | Op::QueuePush { world }
+            | Op::ZeroDiagonal { world } => world,
+            _ => 1,
+        })
+        .max()
+        .unwrap_or(1)
+}
+
+/// What a data-parallel plan needs that the GPU kernels do not do yet: the
+/// random streams' rank term (dropout, drop path, attention dropout) and
+/// synchronised batch norm. Refused by name rather than run differently
+/// from the CPU.
+fn not_yet_data_parallel(plan: &Plan) -> Result<(), String> {
+    let world = plan_world(plan);
+    if world == 1 {
+        return Ok(());
+    }
+    if plan.sync_batch_norm > 0 {
+        return Err(format!(
+            "synchronised batch norm (MODEL.SYNC_BN_CONFIG) over {world} processes is not on GPUs yet; train with MACHINE.DEVICE=cpu, or without it"
+        ));
+    }
+    if plan.training {
+        let random = plan.kernels.iter().find(|k| match &k.op {
+            Op::Dropout { p, .. } | Op::DropPath { p, .. } => *p > 0.0,
+            Op::Attention { dropout, .. } | Op::AttentionGrad { dropout, .. } => *dropout > 0.0,
+            Op::Fused { body } => body.iter().any(|i| {
+                matches!(i, tessera_plan::Instr::Dropout { p, .. } | tessera_plan::Instr::DropPath { p, .. } if *p > 0.0)
+            }),
+            _ => false,
+        });
+        if let Some(k) = random {
+            return Err(format!(
+                "{} in `{}` over {world} processes needs the random streams' rank term, which the GPU kernels do not have yet; set the dropout and drop-path rates to 0, or train with MACHINE.DEVICE=cpu",
+                k.op.name(),
+                k.scope
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `all_reduce`, `all_gather` and `all_gather_grad` over several ranks:
+/// one collective of the run's communicator (NCCL on a GPU).
+fn collective(l: &mut Lowering, k: usize, op: &Op) -> Result<(), String> {
+    use crate::dist::Reduction;
+    let [x] = &l.inputs(k)?[..] else { return Err(format!("{} takes one operand", op.name())) };
+    let out = l.output(k)?;
+    if x.dtype != DType::F32 || out.dtype != DType::F32 {
+        return Err(format!("{} runs on f32 values, got {} -> {}", op.name(), x.dtype, out.dtype));
+    }
+    let (kind, world) = match *op {
+        Op::AllReduce { op: r, world } => (
+            CollectiveOp::AllReduce(match r {
+                tessera_plan::ReduceOp::Sum => Reduction::Sum,
+                tessera_plan::ReduceOp::Mean => Reduction::Mean,
+                tessera_plan::ReduceOp::Max => Reduction::Max,
+            }),
+            world,
+        ),
+        Op::AllGather { world } => (CollectiveOp::AllGather, world),
+        Op::AllGatherGrad { world } => (CollectiveOp::ReduceScatter, world),
+        _ => return Err(format!("{} is not a collective", op.name())),
+    };
+    let step = CollectiveStep { op: kind, src: x.ptr, dst: out.ptr, count: x.numel() };
+    if step.dst_count(world as usize) != out.numel() {
+        return Err(format!("{} of {:?} into {:?} over {world} ranks", op.name(), x.shape, out.shape));
+    }
+    l.steps.push(Step::Collective { kernel: k, step });
+    Ok(())
 }
