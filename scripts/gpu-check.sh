@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CUDA backend on a GPU, in one run that reports every failure at once
 # (no stop at the first) and writes runs/gpu-check/gpu-check.json; every
-# step has a time limit (13 minutes in all at worst; about 5 expected on an
+# step has a time limit (under 12 minutes in all at worst; about 5 expected on an
 # H100, most of it the CPU's reference quickstart):
 #
 #   ops+models  every op family against the CPU (f32 within 1e-5; bf16 as
@@ -13,6 +13,8 @@
 #   quickstart  the quickstart trained on the GPU reaching the CPU's accuracy
 #   resume      a run killed mid-epoch and resumed, losses bitwise equal to
 #               an uninterrupted run on the same device
+#   nccl        the data-parallel collective step through NCCL at world size
+#               1 (ViT-B/16's gradient all-reduced on the device, checked)
 #   vit_b16     ViT-B/16, batch 256, bf16: img/s and device memory beside
 #               the planned peak (within 5 %), beside PyTorch eager (timm,
 #               bf16 autocast, fused AdamW, clipping) measured in the same run
@@ -155,6 +157,22 @@ PY
 ok="$(python3 -c "import json,sys; d=json.loads(sys.argv[1]); print('ok' if d['resumed'] and int(sys.argv[2]) <= d['killed_after'] < d['steps'] and d['differ'] == 0 else 'FAILED')" "$cmp" "$KILL_AT" 2>/dev/null || echo FAILED)"
 record resume "$ok" $((SECONDS - t)) "$cmp"
 
+# --- NCCL: world size 1 ---------------------------------------------------
+# The executor's collective step on device memory (ViT-B/16's gradient size):
+# the NCCL communicator made from the run's collective, the all-reduce
+# issued on the compute stream, the result checked.
+t=$SECONDS
+if [ $QUICK = 1 ]; then AR=1000000; else AR=86567656; fi
+timeout 30 "$T" bench config=quickstart/vit_tiny --device "$DEVICE" --all-reduce $AR --steps 5 --warmup 1 \
+    --format json >"$OUT/nccl.json" 2>"$OUT/nccl.log"
+rc_n=$?
+nccl="$(tail -1 "$OUT/nccl.json" 2>/dev/null)"
+if [ $rc_n = 0 ] && python3 -c "import json,sys; sys.exit(0 if json.loads(sys.argv[1]).get('verified') else 1)" "$nccl" 2>/dev/null; then
+    record nccl ok $((SECONDS - t)) "$nccl"
+else
+    record nccl FAILED $((SECONDS - t)) "$(python3 -c "import json,sys; print(json.dumps({'exit': int(sys.argv[1]), 'log': open(sys.argv[2]).read()[-2000:]}))" $rc_n "$OUT/nccl.log")"
+fi
+
 # --- ViT-B/16: speed and memory beside PyTorch eager ---------------------
 t=$SECONDS
 if [ $QUICK = 1 ]; then
@@ -202,6 +220,8 @@ for r in rows:
     note = ""
     if r["check"] == "quickstart":
         note = f"top-1 device {d.get('top1_device')} vs cpu {d.get('top1_cpu')} ({d.get('epochs')} epochs)"
+    elif r["check"] == "nccl" and isinstance(d, dict) and "algbw_gbps" in d:
+        note = f"all-reduce of {d['bytes']/1e6:.0f} MB in {d['time_ms']:.2f} ms, result checked {d['verified']}"
     elif r["check"] == "resume":
         note = f"killed after {d.get('killed_after')} of {d.get('steps')} steps, resumed {d.get('resumed')}, {d.get('differ')} losses differ"
     elif r["check"] == "vit_b16" and isinstance(d, dict) and "tessera" in d:

@@ -148,44 +148,101 @@ pub fn run(a: BenchArgs) -> Result<()> {
 /// Times an all-reduce (sum) of `n` f32 across the run's processes: median
 /// time, algorithm bandwidth (bytes / time) and bus bandwidth (x 2(W-1)/W,
 /// the bytes each link carries in a ring: NCCL's and Gloo's convention).
+/// On a CUDA device the data is in device memory and the collective is the
+/// executor's (NCCL on a GPU; any world size, one process included), and
+/// the result is checked.
 fn time_all_reduce(a: &BenchArgs, world: Option<&tessera_engine::distributed::World>, n: usize) -> Result<()> {
-    let Some(w) = world else { bail!("--all-reduce needs several processes (DISTRIBUTED.NUM_PROC_PER_NODE > 1)") };
-    let mut data: Vec<f32> = (0..n).map(|i| (i % 1000) as f32 * 1e-3).collect();
+    use std::sync::Arc;
+    use tessera_runtime::cuda::device::{CollectiveOp, CollectiveStep};
+    use tessera_runtime::dist::{Collective, Reduction, SingleProcess};
+    let comm: Arc<dyn Collective> = match world {
+        Some(w) => w.comm.clone(),
+        None if !matches!(a.device, Device::Cpu | Device::CpuArena) => Arc::new(SingleProcess),
+        None => bail!("--all-reduce on the CPU needs several processes (DISTRIBUTED.NUM_PROC_PER_NODE > 1)"),
+    };
+    let (rank, size) = (comm.rank(), comm.world());
+    let data: Vec<f32> = (0..n).map(|i| (i % 1000) as f32 * 1e-3).collect();
     let mut times = Vec::new();
-    for i in 0..a.warmup + a.steps {
-        w.comm.barrier().map_err(|e| anyhow!("{e}"))?;
-        let t = Instant::now();
-        w.comm.all_reduce_f32(&mut data, tessera_runtime::dist::Reduction::Sum).map_err(|e| anyhow!("{e}"))?;
-        if i >= a.warmup {
-            times.push(t.elapsed().as_secs_f64());
+    let backend = Backend::open(&a.device).map_err(|e| anyhow!("{e}"))?;
+    let (on, verified) = match &backend {
+        Backend::Cuda(c) => {
+            let device = c.device();
+            let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_ne_bytes()).collect();
+            let p = device.alloc(bytes.len() as u64).map_err(|e| anyhow!("{e}"))?;
+            let step = CollectiveStep { op: CollectiveOp::AllReduce(Reduction::Sum), src: p, dst: p, count: n as u64 };
+            let mut check = vec![0u8; bytes.len()];
+            let run = (|| -> Result<bool> {
+                for i in 0..a.warmup + a.steps {
+                    // Each timed call sums the data as uploaded: every rank's
+                    // copy of it, so the result is `size` times it.
+                    device.upload(p, &bytes).map_err(|e| anyhow!("{e}"))?;
+                    device.synchronize().map_err(|e| anyhow!("{e}"))?;
+                    comm.barrier().map_err(|e| anyhow!("{e}"))?;
+                    let t = Instant::now();
+                    device.collective(comm.as_ref(), &step).map_err(|e| anyhow!("{e}"))?;
+                    device.synchronize().map_err(|e| anyhow!("{e}"))?;
+                    if i >= a.warmup {
+                        times.push(t.elapsed().as_secs_f64());
+                    }
+                }
+                device.download(p, &mut check).map_err(|e| anyhow!("{e}"))?;
+                Ok(check
+                    .chunks(4)
+                    .zip(&data)
+                    .all(|(b, &v)| f32::from_ne_bytes(b.try_into().expect("4 bytes")) == v * size as f32))
+            })();
+            // SAFETY: allocated above; nothing uses it after.
+            unsafe { device.free(p) };
+            (backend.describe(), Some(run?))
         }
-    }
-    if w.rank() != 0 {
+        _ => {
+            let mut data = data.clone();
+            for i in 0..a.warmup + a.steps {
+                comm.barrier().map_err(|e| anyhow!("{e}"))?;
+                let t = Instant::now();
+                comm.all_reduce_f32(&mut data, Reduction::Sum).map_err(|e| anyhow!("{e}"))?;
+                if i >= a.warmup {
+                    times.push(t.elapsed().as_secs_f64());
+                }
+            }
+            ("cpu".to_string(), None)
+        }
+    };
+    if rank != 0 {
         return Ok(());
     }
     let s = median(times);
     let bytes = (n * 4) as f64;
-    let world = w.size() as f64;
+    let world = size as f64;
     let algbw = bytes / s / 1e9;
     let busbw = algbw * 2.0 * (world - 1.0) / world;
     let report = json!({
         "collective": "all_reduce",
-        "processes": w.size(),
+        "device": on,
+        "processes": size,
         "elements": n,
         "bytes": n * 4,
         "time_ms": s * 1e3,
         "algbw_gbps": algbw,
         "busbw_gbps": busbw,
+        "verified": verified,
     });
     if a.json {
         println!("{report}");
     } else {
         println!(
-            "all-reduce of {n} f32 ({:.1} MB) over {} processes: median {:.2} ms, algorithm bandwidth {algbw:.3} GB/s, bus bandwidth {busbw:.3} GB/s",
+            "all-reduce of {n} f32 ({:.1} MB) over {size} process(es) on {on}: median {:.2} ms, algorithm bandwidth {algbw:.3} GB/s, bus bandwidth {busbw:.3} GB/s{}",
             bytes / 1e6,
-            w.size(),
-            s * 1e3
+            s * 1e3,
+            match verified {
+                Some(true) => "; result checked",
+                Some(false) => "; RESULT WRONG",
+                None => "",
+            }
         );
+    }
+    if verified == Some(false) {
+        bail!("the all-reduce's result is not the sum over the ranks");
     }
     Ok(())
 }
