@@ -370,14 +370,22 @@ fn torchrun_and_srun_variables_start_the_same_run() {
 #[test]
 fn the_cuda_executor_trains_data_parallel_as_one_process_does() {
     // The CUDA executor on the host device: its collectives are the ones a
-    // GPU runs through NCCL, here through the TCP ring on host memory.
+    // GPU runs through NCCL, here through the TCP ring on host memory; its
+    // dropout, attention dropout and drop path kernels draw the global
+    // batch's masks (the rank term in kernels/prelude.cuh).
     let root = tmpdir("dp-cuda-host");
     let data = synth_folder(&root, 4, 8, 1);
-    let head = ["MODEL.HEAD.PARAMS=[[mlp, {dims: [64, 4]}]]", "TEST_MODEL=False"];
+    let extra = [
+        "MODEL.HEAD.PARAMS=[[mlp, {dims: [64, 4]}]]",
+        "TEST_MODEL=False",
+        "MODEL.TRUNK.VISION_TRANSFORMERS.DROPOUT_RATE=0.1",
+        "MODEL.TRUNK.VISION_TRANSFORMERS.ATTENTION_DROPOUT_RATE=0.1",
+        "MODEL.TRUNK.VISION_TRANSFORMERS.DROP_PATH_RATE=0.2",
+    ];
     let one = root.join("cpu-1");
-    ok(&run(&args("vit_tiny", &data, &one, 1, 8, &head)));
+    ok(&run(&args("vit_tiny", &data, &one, 1, 8, &extra)));
     let two = root.join("cuda-host-2");
-    let mut a = args("vit_tiny", &data, &two, 2, 4, &head);
+    let mut a = args("vit_tiny", &data, &two, 2, 4, &extra);
     a.extend(["--device".into(), "cuda-host".into()]);
     ok(&run(&a));
     let (expect, got) = (losses(&one), losses(&two));
@@ -395,9 +403,10 @@ fn the_cuda_executor_trains_data_parallel_as_one_process_does() {
         .contains("rank 1: host emulation of the CUDA executor"));
     // What the GPU kernels do not do yet is refused by name, not run apart
     // from the CPU's semantics.
-    let mut a = args("vit_tiny", &data, &root.join("dropout"), 2, 4, &head);
-    a.extend(["MODEL.TRUNK.VISION_TRANSFORMERS.DROPOUT_RATE=0.1".into(), "--device".into(), "cuda-host".into()]);
+    let mut a =
+        args("swav_vit_tiny", &data, &root.join("sync-bn"), 2, 4, &["MODEL.SYNC_BN_CONFIG.CONVERT_BN_TO_SYNC_BN=True"]);
+    a.extend(["--device".into(), "cuda-host".into()]);
     let t = text(&run(&a));
-    assert!(t.contains("needs the random streams' rank term") && t.contains("MACHINE.DEVICE=cpu"), "{t}");
+    assert!(t.contains("synchronised batch norm") && t.contains("MACHINE.DEVICE=cpu"), "{t}");
     std::fs::remove_dir_all(&root).unwrap();
 }

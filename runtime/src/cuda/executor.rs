@@ -65,6 +65,10 @@ pub struct CudaExecutor {
     comm: Option<Arc<dyn crate::dist::Collective>>,
 }
 
+/// Bytes of the kernels' `tsr_rng` (kernels/prelude.cuh): seed, step,
+/// rank, world, batch per process.
+const RNG_BYTES: u64 = 40;
+
 fn dev(e: super::device::DeviceError) -> RuntimeError {
     RuntimeError::Device(e.0)
 }
@@ -96,7 +100,7 @@ impl CudaExecutor {
         let base = device.alloc(layout.total).map_err(dev)?;
         // The table: (seed, step) first, then one 8-byte slot per scalar constant.
         let constants = inline_constants(&plan, &memory);
-        let table = device.alloc(16 + 8 * constants.len() as u64).map_err(|e| {
+        let table = device.alloc(RNG_BYTES + 8 * constants.len() as u64).map_err(|e| {
             unsafe { device.free(base) };
             dev(e)
         })?;
@@ -123,11 +127,11 @@ impl CudaExecutor {
             comm: None,
         };
         for _ in 0..2 {
-            let b = device.alloc_host(memory.parts.inputs as usize + 16).map_err(dev)?;
+            let b = device.alloc_host(memory.parts.inputs as usize + RNG_BYTES as usize).map_err(dev)?;
             ex.staging.push(b);
         }
         let slots: Vec<(usize, DevPtr)> =
-            constants.iter().enumerate().map(|(i, &v)| (v, table.add(16 + 8 * i as u64))).collect();
+            constants.iter().enumerate().map(|(i, &v)| (v, table.add(RNG_BYTES + 8 * i as u64))).collect();
         let mut blob = vec![0u8; 8 * constants.len()];
         for (i, &v) in constants.iter().enumerate() {
             let value = &ex.plan.values[v];
@@ -136,7 +140,7 @@ impl CudaExecutor {
             let b = to_bytes(&t, value.dtype)?;
             blob[8 * i..8 * i + b.len()].copy_from_slice(&b);
         }
-        device.upload(table.add(16), &blob).map_err(dev)?;
+        device.upload(table.add(RNG_BYTES), &blob).map_err(dev)?;
         ex.addr = addresses(&ex.plan, &memory, base, &slots);
         // Parameters and buffers: the CPU backend's initial draws.
         for (i, v) in ex.plan.values.iter().enumerate() {
@@ -448,8 +452,12 @@ impl CudaExecutor {
             return Err(e);
         }
         let buf = &mut staging[slot];
-        let rng: Vec<u8> = [self.seed, self.step].iter().flat_map(|x| x.to_ne_bytes()).collect();
-        buf.as_mut_slice()[n..n + 16].copy_from_slice(&rng);
+        // The kernels' `tsr_rng`: seed, step, and this process's place for
+        // the random streams' rank term (rank, world, batch per process).
+        let (rank, world) = self.comm.as_ref().map_or((0, 1), |c| (c.rank() as u64, c.world() as u64));
+        let rng: Vec<u8> =
+            [self.seed, self.step, rank, world, self.plan.batch].iter().flat_map(|x| x.to_ne_bytes()).collect();
+        buf.as_mut_slice()[n..n + RNG_BYTES as usize].copy_from_slice(&rng);
         let device = self.backend.device();
         let poisoned = match self.poison {
             Some((at, bytes)) => device.fill(at, 0xff, bytes),
@@ -459,7 +467,7 @@ impl CudaExecutor {
             (true, Some(src)) => poisoned.and_then(|_| device.consume_prefetch(self.inputs_base, src, n as u64)),
             _ => poisoned.and_then(|_| device.upload_async(self.inputs_base, buf, 0, n)),
         };
-        let uploaded = inputs.and_then(|_| device.upload_async(self.rng, buf, n, 16));
+        let uploaded = inputs.and_then(|_| device.upload_async(self.rng, buf, n, RNG_BYTES as usize));
         self.staging = staging;
         uploaded.map_err(dev)?;
         let fail = |kernel: usize, e: super::device::DeviceError| {

@@ -297,8 +297,7 @@ pub fn plan_world(plan: &Plan) -> u64 {
         .unwrap_or(1)
 }
 
-/// What a data-parallel plan needs that the GPU kernels do not do yet: the
-/// random streams' rank term (dropout, drop path, attention dropout) and
+/// What a data-parallel plan needs that the GPU kernels do not do yet:
 /// synchronised batch norm. Refused by name rather than run differently
 /// from the CPU.
 fn not_yet_data_parallel(plan: &Plan) -> Result<(), String> {
@@ -310,23 +309,6 @@ fn not_yet_data_parallel(plan: &Plan) -> Result<(), String> {
         return Err(format!(
             "synchronised batch norm (MODEL.SYNC_BN_CONFIG) over {world} processes is not on GPUs yet; train with MACHINE.DEVICE=cpu, or without it"
         ));
-    }
-    if plan.training {
-        let random = plan.kernels.iter().find(|k| match &k.op {
-            Op::Dropout { p, .. } | Op::DropPath { p, .. } => *p > 0.0,
-            Op::Attention { dropout, .. } | Op::AttentionGrad { dropout, .. } => *dropout > 0.0,
-            Op::Fused { body } => body.iter().any(|i| {
-                matches!(i, tessera_plan::Instr::Dropout { p, .. } | tessera_plan::Instr::DropPath { p, .. } if *p > 0.0)
-            }),
-            _ => false,
-        });
-        if let Some(k) = random {
-            return Err(format!(
-                "{} in `{}` over {world} processes needs the random streams' rank term, which the GPU kernels do not have yet; set the dropout and drop-path rates to 0, or train with MACHINE.DEVICE=cpu",
-                k.op.name(),
-                k.scope
-            ));
-        }
     }
     Ok(())
 }

@@ -45,7 +45,7 @@ TSR_GLOBAL void {{ name }}({{ signature }}) {
             const i64 qi = first + i0 + threadIdx.x;  // this thread's query row
             if (i0 + threadIdx.x < n) {
                 const float pr = expf(tsr_attn_dot(krow, q, qi * D, D) * scale - lse[qi]);
-{% if dropout %}                const float f = tsr_drop_factor(seed, step, key, (u64)(qi * n + j), keep, drop_scale);
+{% if dropout %}                const float f = tsr_drop_factor(seed, step, key, tsr_global_index(rng, (u64)(qi * n + j), (u64)drop_rows, (u64)drop_row_len), keep, drop_scale);
 {% else %}                const float f = 1.0f;
 {% endif %}                const float dp = tsr_attn_dot(vrow, dy, qi * D, D);
                 pt[threadIdx.x] = pr * f;
@@ -79,7 +79,7 @@ TSR_GLOBAL void {{ name }}({{ signature }}) {
             const i64 j = j0 + threadIdx.x;
             if (j < n) {
                 const float pr = expf(tsr_attn_dot(qrow, k, (first + j) * D, D) * scale - lse_i);
-{% if dropout %}                const float f = tsr_drop_factor(seed, step, key, (u64)(row * n + j), keep, drop_scale);
+{% if dropout %}                const float f = tsr_drop_factor(seed, step, key, tsr_global_index(rng, (u64)(row * n + j), (u64)drop_rows, (u64)drop_row_len), keep, drop_scale);
 {% else %}                const float f = 1.0f;
 {% endif %}                const float dp = tsr_attn_dot(dyrow, v, (first + j) * D, D);
                 ds[threadIdx.x] = pr * (dp * f - delta_i) * scale;

@@ -59,7 +59,7 @@ TSR_GLOBAL void {{ name }}({{ signature }}) {
             // (m == mnew also covers a row of -inf so far: no rescaling.)
             const float corr = m == mnew ? 1.0f : expf(m - mnew);
             const float e = s == -TSR_INF ? 0.0f : expf(s - mnew);
-{% if dropout %}            const float f = j < nk ? tsr_drop_factor(seed, step, key, (u64)(row * nk + j), keep, drop_scale) : 0.0f;
+{% if dropout %}            const float f = j < nk ? tsr_drop_factor(seed, step, key, tsr_global_index(rng, (u64)(row * nk + j), (u64)drop_rows, (u64)drop_row_len), keep, drop_scale) : 0.0f;
 {% else %}            const float f = 1.0f;
 {% endif %}            l = l * (double)corr + tsr_block_sum((double)e, red);
 {% if stats %}            const float dp = j < nk ? tsr_attn_dot(dyrow, v, (kv + j) * DV, DV) : 0.0f;

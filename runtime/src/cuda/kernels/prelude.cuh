@@ -80,9 +80,23 @@ __device__ __forceinline__ float tsr_gelu_grad(float x, float dy) {
     return dy * (cdf + x * pdf);
 }
 
-// The run's random-stream position: seed and step, read from device memory
-// so that a launch list is fixed for the plan's lifetime.
-struct tsr_rng { u64 seed; u64 step; };
+// The run's random-stream position: seed and step, and this process's place
+// in a data-parallel run (rank, world, batch per process), read from device
+// memory so that a launch list is fixed for the plan's lifetime.
+struct tsr_rng { u64 seed; u64 step; u64 rank; u64 world; u64 block; };
+
+// The random streams' rank term (runtime/src/cpu/random.rs, RowMap): mask
+// index `index` of a tensor of `rows` rows of `row_len` indices, as one
+// process with the global batch draws it. Rows come in blocks of the
+// per-process batch; local row i of block c is global row
+// c * block * world + i * world + rank (the sampler's interleaving).
+__device__ __forceinline__ u64 tsr_global_index(const tsr_rng* rng, u64 index, u64 rows, u64 row_len) {
+    const u64 world = rng->world, block = rng->block;
+    if (world <= 1 || block == 0 || rows % block != 0) { return index; }
+    const u64 row = index / row_len, within = index % row_len;
+    const u64 c = row / block, i = row % block;
+    return (c * block * world + i * world + rng->rank) * row_len + within;
+}
 
 // The sum of `v` over the block's threads, in a fixed tree order (blockDim.x
 // a power of two, at most TSR_MAX_THREADS); every thread gets the sum.

@@ -58,6 +58,10 @@ struct Drop {
     key: u32,
     keep: f32,
     scale: f32,
+    /// The probabilities' rows (axis 0 of q) and mask indices per row, for
+    /// the random streams' rank term.
+    rows: u64,
+    row_len: u64,
 }
 
 fn dropout(l: &Lowering, p: f64, key: u32) -> Result<Option<Drop>, String> {
@@ -67,7 +71,16 @@ fn dropout(l: &Lowering, p: f64, key: u32) -> Result<Option<Drop>, String> {
     if !l.plan.training || p == 0.0 {
         return Ok(None);
     }
-    Ok(Some(Drop { key, keep: (1.0 - p) as f32, scale: (1.0 / (1.0 - p)) as f32 }))
+    Ok(Some(Drop { key, keep: (1.0 - p) as f32, scale: (1.0 / (1.0 - p)) as f32, rows: 1, row_len: 1 }))
+}
+
+/// `d` with the mask's rows: q's axis 0 (the batch) and the probabilities
+/// [.., H, Nq, `nk`] of each.
+fn masked_rows(d: Drop, q: &[u64], nk: u64) -> Drop {
+    let r = q.len();
+    let rows = if r > 2 { q[0] } else { 1 };
+    let per_row = q[..r - 1].iter().product::<u64>() / rows.max(1) * nk;
+    Drop { rows, row_len: per_row.max(1), ..d }
 }
 
 /// The trailing parameters every attention kernel takes: shape scalars,
@@ -92,8 +105,17 @@ fn push_common(
             param("u32", "key"),
             param("float", "keep"),
             param("float", "drop_scale"),
+            param("i64", "drop_rows"),
+            param("i64", "drop_row_len"),
         ]);
-        args.extend([Arg::Ptr(rng), Arg::U32(d.key), Arg::F32(d.keep), Arg::F32(d.scale)]);
+        args.extend([
+            Arg::Ptr(rng),
+            Arg::U32(d.key),
+            Arg::F32(d.keep),
+            Arg::F32(d.scale),
+            Arg::I64(d.rows as i64),
+            Arg::I64(d.row_len as i64),
+        ]);
     }
 }
 
@@ -133,7 +155,7 @@ fn forward(l: &mut Lowering, k: usize, scale: f64, p: f64, key: u32) -> Result<(
     }
     check_head_dim(d, "q")?;
     check_head_dim(dv, "v")?;
-    let drop = dropout(l, p, key)?;
+    let drop = dropout(l, p, key)?.map(|dr| masked_rows(dr, &q.shape, nk));
     let types = [float_type(&out, "the result")?, float_type(q, "q")?, float_type(kk, "k")?, float_type(v, "v")?];
     if out.numel() == 0 {
         return Ok(());
@@ -180,7 +202,7 @@ fn backward(l: &mut Lowering, k: usize, scale: f64, p: f64, key: u32) -> Result<
     }
     let (n, d) = (q.shape[r - 2], q.shape[r - 1]);
     check_head_dim(d, "q")?;
-    let drop = dropout(l, p, key)?;
+    let drop = dropout(l, p, key)?.map(|dr| masked_rows(dr, &q.shape, n));
     let types = [
         float_type(&out, "the result")?,
         float_type(q, "q")?,

@@ -202,11 +202,13 @@ fn render_body(
                         let scale = p.scalar((1.0 / (1.0 - prob)) as f32);
                         p.keys.push(key);
                         let k = format!("keys.v[{}]", p.keys.len() - 1);
+                        // The rank term: rows are axis 0 of the result, of
+                        // per_sample elements (dropout) or one sample each.
                         let index = if matches!(instr, Instr::DropPath { .. }) {
                             p.drop_path = true;
-                            "(u64)(i / per_sample)"
+                            "tsr_global_index(rng, (u64)(i / per_sample), (u64)drop_rows, 1)"
                         } else {
-                            "(u64)i"
+                            "tsr_global_index(rng, (u64)i, (u64)drop_rows, (u64)(n / (drop_rows > 0 ? drop_rows : 1)))"
                         };
                         format!("({x} * tsr_drop_factor(seed, step, {k}, {index}, {keep}, {scale}))")
                     }
@@ -307,6 +309,8 @@ fn push_scalar_params(prog: &Program, params: &mut Vec<Param>, args: &mut Vec<Ar
     if prog.random {
         params.push(param("const tsr_rng*", "rng"));
         args.push(Arg::Ptr(rng));
+        params.push(param("i64", "drop_rows"));
+        args.push(Arg::I64(out.shape.first().copied().unwrap_or(1) as i64));
     }
 }
 
