@@ -401,6 +401,27 @@ fn the_cuda_executor_trains_data_parallel_as_one_process_does() {
     assert!(std::fs::read_to_string(two.join("log.txt"))
         .unwrap()
         .contains("rank 1: host emulation of the CUDA executor"));
+    // MoCo (every rank's keys into the queue) and SimCLR (negatives gathered
+    // with gradient, this rank's diagonal) on the CUDA executor.
+    let drop = ["MODEL.TRUNK.VISION_TRANSFORMERS.DROP_PATH_RATE=0.1"];
+    for name in ["moco_vit_tiny", "simclr_vit_tiny"] {
+        let one = root.join(format!("{name}-cpu-1"));
+        ok(&run(&args(name, &data, &one, 1, 8, &drop)));
+        let two = root.join(format!("{name}-cuda-host-2"));
+        let mut a = args(name, &data, &two, 2, 4, &drop);
+        a.extend(["--device".into(), "cuda-host".into()]);
+        ok(&run(&a));
+        let (expect, got) = (losses(&one), losses(&two));
+        assert!(expect.len() >= 4 && got.len() == expect.len(), "{name}: {} and {} steps", expect.len(), got.len());
+        for (it, l) in &expect {
+            assert!((got[it] - l).abs() <= 1e-4 * l.abs().max(1.0), "{name}: loss at step {it}: {} vs {l}", got[it]);
+        }
+        let (w1, w2) = (weights(&one), weights(&two));
+        for (t, v) in &w1 {
+            let worst = v.iter().zip(&w2[t]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(worst <= 2e-4, "{name}: `{t}` differs by {worst}");
+        }
+    }
     // What the GPU kernels do not do yet is refused by name, not run apart
     // from the CPU's semantics.
     let mut a =

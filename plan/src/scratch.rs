@@ -144,6 +144,8 @@ pub fn scratch(plan: &Plan, k: usize) -> Scratch {
             let rows = rows_of(shape(0));
             s.with("lse", rows * 4).with("delta", rows * 4)
         }
+        // Every rank's keys (f32), gathered before they are written.
+        Op::QueuePush { world } if *world > 1 => s.with("gathered", numel(2) * world * 4),
         Op::Reduce { axes, .. } => {
             // Slices per output, as runtime::cuda::ops::reduce cuts them
             // (it uses fewer when given less).

@@ -307,6 +307,12 @@ impl CudaExecutor {
         if let Some(p) = &self.poisoned {
             return Err(RuntimeError::Device(format!("this executor failed earlier and cannot run: {p}")));
         }
+        let world = super::lower::plan_world(&self.plan);
+        if world > 1 && self.comm.is_none() {
+            return Err(RuntimeError::Device(format!(
+                "the plan is one rank of {world}: it needs the run's collective, and this executor has none (start the run with DISTRIBUTED.NUM_PROC_PER_NODE or a launcher)"
+            )));
+        }
         let given = self.checked(inputs)?;
         let mut result = self.issue(&given);
         if result.is_ok() {

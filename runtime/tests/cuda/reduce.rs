@@ -366,14 +366,14 @@ fn an_invalid_class_index_makes_the_loss_nan() {
 }
 
 #[test]
-fn zero_diagonal_matches_the_cpu_on_one_rank_and_refuses_several() {
+fn zero_diagonal_matches_the_cpu_on_one_rank_and_needs_the_collective_on_several() {
     let y = check("[7, 7]", Op::ZeroDiagonal { world: 1 }, &[plain(rand(&[7, 7], 40))], 0.0);
     assert!((0..7).all(|i| y.as_f32().unwrap()[i * 8] == 0.0));
     let y = check("bf16 [5, 5]", Op::ZeroDiagonal { world: 1 }, &[bf16_in(rand(&[5, 5], 41))], 1e-2);
     assert!((0..5).all(|i| y.as_f32().unwrap()[i * 6] == 0.0));
-    let (plan, _) = plan_of(&Op::ZeroDiagonal { world: 2 }, &[plain(rand(&[3, 6], 42))]);
-    let err = host().executor(plan, 42).err().expect("two ranks are refused").to_string();
-    assert!(err.contains("zero_diagonal") && err.contains("2 ranks") && err.contains("collective"), "{err}");
+    let (plan, inputs) = plan_of(&Op::ZeroDiagonal { world: 2 }, &[plain(rand(&[3, 6], 42))]);
+    let err = host().executor(plan, 42).unwrap().run(&refs(&inputs), None).err().expect("ran alone").to_string();
+    assert!(err.contains("one rank of 2") && err.contains("collective"), "{err}");
 }
 
 /// The host device runs a plan twice (one executor, then a fresh one) with

@@ -188,23 +188,19 @@ fn cross_entropy_grad(l: &mut Lowering, k: usize, smoothing: f64) -> Result<(), 
     Ok(())
 }
 
-/// `ZeroDiagonal { world }`: one rank only (rank 0's block is the diagonal).
+/// `ZeroDiagonal { world }`: this rank's block is the diagonal; the rank is
+/// read at run time from the run's `tsr_rng` (0 for one process).
 fn zero_diagonal(l: &mut Lowering, k: usize, world: u64) -> Result<(), String> {
     if world == 0 {
         return Err("world size must be at least 1".into());
     }
-    if world != 1 {
-        return Err(format!(
-            "zero_diagonal over {world} ranks needs this rank's index from a collective backend, which comes later (this executor runs a single rank)"
-        ));
-    }
     let x = l.input(k, 0)?;
     let out = l.output(k)?;
     float("x", x.dtype)?;
-    let [n, cols] = x.shape[..] else { return Err(format!("x must be [N, N], got {:?}", x.shape)) };
+    let [n, cols] = x.shape[..] else { return Err(format!("x must be [N, N * {world}], got {:?}", x.shape)) };
     if cols != n * world || out.shape != x.shape || out.dtype != x.dtype {
         return Err(format!(
-            "x must be [N, N] like the result, got {:?} {} and {:?} {}",
+            "x must be [N, N * {world}] like the result, got {:?} {} and {:?} {}",
             x.shape, x.dtype, out.shape, out.dtype
         ));
     }
@@ -214,9 +210,9 @@ fn zero_diagonal(l: &mut Lowering, k: usize, world: u64) -> Result<(), String> {
         param(&format!("const {t}*"), "x"),
         param("i64", "n"),
         param("i64", "cols"),
-        param("i64", "rank"),
+        param("const tsr_rng*", "rng"),
     ];
-    let args = vec![Arg::Ptr(out.ptr), Arg::Ptr(x.ptr), Arg::I64(n as i64), Arg::I64(cols as i64), Arg::I64(0)];
+    let args = vec![Arg::Ptr(out.ptr), Arg::Ptr(x.ptr), Arg::I64(n as i64), Arg::I64(cols as i64), Arg::Ptr(l.rng)];
     let src = KernelSource::render("zero_diagonal", ZERO_DIAGONAL, tera::Context::new(), params)?;
     l.launch(k, src, grid_for(n * cols), args);
     Ok(())

@@ -5,11 +5,14 @@
 //! device: both kernels read it there, so a step never waits for it.
 //! Batch norm's running statistics (running_stat) are in `norm`.
 //!
-//! One rank only: with several ranks the keys of every rank are pushed,
-//! which needs the collectives this executor does not have yet.
+//! With several ranks queue_push first gathers every rank's keys (one
+//! collective into its scratch piece `gathered`) and writes them in the
+//! global batch's sample order, as the CPU does; queue_advance moves the
+//! pointer by N * world.
 
 use super::super::device::{Arg, Launch};
-use super::super::lower::{c_type, Lowering, Val};
+use super::super::device::{CollectiveOp, CollectiveStep};
+use super::super::lower::{c_type, Lowering, Step, Val};
 use super::super::source::{param, KernelSource};
 use super::elementwise::grid_for;
 use tessera_plan::{DType, Op};
@@ -18,31 +21,17 @@ const TEMPLATE: &str = include_str!("../kernels/queue.cu");
 
 pub fn lower(l: &mut Lowering, k: usize, op: &Op) -> Result<(), String> {
     match *op {
-        Op::QueuePush { world } => {
-            single_rank(op, world)?;
-            push(l, k)
-        }
-        Op::QueueAdvance { world } => {
-            single_rank(op, world)?;
-            advance(l, k)
-        }
+        Op::QueuePush { world } => push(l, k, world),
+        Op::QueueAdvance { world } => advance(l, k, world),
         ref other => Err(format!("{} is not a queue op", other.name())),
     }
 }
 
-fn single_rank(op: &Op, world: u64) -> Result<(), String> {
-    if world != 1 {
-        return Err(format!(
-            "{} over {world} ranks needs collectives over several ranks, which come later \
-             (this executor runs a single rank)",
-            op.name()
-        ));
-    }
-    Ok(())
-}
-
 /// `queue_push (queue [E, K], ptr [] i64, keys [N, E]) -> [E, K]`.
-fn push(l: &mut Lowering, k: usize) -> Result<(), String> {
+fn push(l: &mut Lowering, k: usize, world: u64) -> Result<(), String> {
+    if world == 0 {
+        return Err("world size must be at least 1".into());
+    }
     let x = l.inputs(k)?;
     let out = l.output(k)?;
     let [queue, ptr, keys] = &x[..] else { return Err("queue_push takes (queue, ptr, keys)".into()) };
@@ -50,13 +39,31 @@ fn push(l: &mut Lowering, k: usize) -> Result<(), String> {
     if out.shape != queue.shape || out.dtype != queue.dtype {
         return Err(format!("the result {:?} {} is not the queue's type", out.shape, out.dtype));
     }
-    if n > len {
-        return Err(format!("{n} keys do not fit in a queue of length {len}"));
+    if n * world > len {
+        return Err(format!("{n} keys x {world} ranks do not fit in a queue of length {len}"));
     }
     l.copy(k, out.ptr, queue.ptr, queue.bytes());
     if n * e == 0 {
         return Ok(());
     }
+    // Every rank's keys, rank-major, in the scratch piece.
+    let keys_at = if world > 1 {
+        if keys.dtype != DType::F32 {
+            return Err(format!("the keys of a queue over {world} ranks must be f32, got {}", keys.dtype));
+        }
+        let (at, bytes) = l.scratch(k, "gathered")?;
+        if bytes < n * world * e * 4 {
+            return Err(format!(
+                "the scratch piece `gathered` has {bytes} bytes, the keys of {world} ranks need {}",
+                n * world * e * 4
+            ));
+        }
+        let step = CollectiveStep { op: CollectiveOp::AllGather, src: keys.ptr, dst: at, count: n * e };
+        l.steps.push(Step::Collective { kernel: k, step });
+        at
+    } else {
+        keys.ptr
+    };
     let params = vec![
         param(&format!("{}*", c_type(out.dtype)?), "out"),
         param("const i64*", "ptr"),
@@ -64,24 +71,26 @@ fn push(l: &mut Lowering, k: usize) -> Result<(), String> {
         param("i64", "E"),
         param("i64", "K"),
         param("i64", "N"),
+        param("i64", "W"),
     ];
     let args = vec![
         Arg::Ptr(out.ptr),
         Arg::Ptr(ptr.ptr),
-        Arg::Ptr(keys.ptr),
+        Arg::Ptr(keys_at),
         Arg::I64(e as i64),
         Arg::I64(len as i64),
         Arg::I64(n as i64),
+        Arg::I64(world as i64),
     ];
     let mut c = tera::Context::new();
     c.insert("advance", &false);
     let src = KernelSource::render("queue_push", TEMPLATE, c, params)?;
-    l.launch(k, src, grid_for(n * e), args);
+    l.launch(k, src, grid_for(n * world * e), args);
     Ok(())
 }
 
 /// `queue_advance (ptr [] i64, keys [N, E], queue [E, K]) -> [] i64`.
-fn advance(l: &mut Lowering, k: usize) -> Result<(), String> {
+fn advance(l: &mut Lowering, k: usize, world: u64) -> Result<(), String> {
     let x = l.inputs(k)?;
     let out = l.output(k)?;
     let [ptr, keys, queue] = &x[..] else { return Err("queue_advance takes (ptr, keys, queue)".into()) };
@@ -93,7 +102,7 @@ fn advance(l: &mut Lowering, k: usize) -> Result<(), String> {
         return Err("the queue has length 0".into());
     }
     let params = vec![param("i64*", "out"), param("const i64*", "ptr"), param("i64", "n"), param("i64", "K")];
-    let args = vec![Arg::Ptr(out.ptr), Arg::Ptr(ptr.ptr), Arg::I64(n as i64), Arg::I64(len as i64)];
+    let args = vec![Arg::Ptr(out.ptr), Arg::Ptr(ptr.ptr), Arg::I64((n * world) as i64), Arg::I64(len as i64)];
     let mut c = tera::Context::new();
     c.insert("advance", &true);
     let src = KernelSource::render("queue_advance", TEMPLATE, c, params)?;
