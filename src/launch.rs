@@ -144,12 +144,16 @@ pub fn run(l: &Launch, stop: Arc<AtomicBool>, grace: Duration) -> Result<()> {
         let child = cmd.spawn().map_err(|e| anyhow!("cannot start worker {rank}: {e}"))?;
         workers.push(Worker { rank, child, status: None });
     }
+    // Workers report their steps to the store; the first node's launcher
+    // hosts it and can name a failed rank's last step (other nodes cannot).
     let last_step = |rank: usize| -> String {
-        server
-            .as_ref()
-            .and_then(|s| s.peek(&format!("step/{rank}")))
-            .map(|v| format!("after step {}", String::from_utf8_lossy(&v)))
-            .unwrap_or_else(|| "before its first step".into())
+        match &server {
+            Some(s) => s
+                .peek(&format!("step/{rank}"))
+                .map(|v| format!(" after step {}", String::from_utf8_lossy(&v)))
+                .unwrap_or_else(|| " before its first step".into()),
+            None => String::new(),
+        }
     };
     // Failures seen, in order. A rank that dies makes its neighbours fail
     // too (their collectives see it close): the report names a rank killed
@@ -175,7 +179,7 @@ pub fn run(l: &Launch, stop: Arc<AtomicBool>, grace: Duration) -> Result<()> {
         if failure.is_none() && settled && !failures.is_empty() {
             use std::os::unix::process::ExitStatusExt;
             let (rank, st, step) = failures.iter().find(|(_, st, _)| st.signal().is_some()).unwrap_or(&failures[0]);
-            failure = Some(format!("rank {rank} {} {step}", describe(st)));
+            failure = Some(format!("rank {rank} {}{step}", describe(st)));
         }
         if all_done {
             break;

@@ -263,7 +263,7 @@ fn a_rank_that_never_joins_or_a_wrong_run_id_ends_in_a_bounded_time() {
     assert!(start.elapsed() < Duration::from_secs(30));
     let t = text(&o);
     assert!(t.contains("cannot reach the rendezvous store") && t.contains("DISTRIBUTED.RUN_ID"), "{t}");
-    assert!(t.contains("before its first step"), "{t}");
+    assert!(t.contains("rank 2 exited with status 1") || t.contains("rank 3 exited with status 1"), "{t}");
     std::fs::remove_dir_all(&root).unwrap();
 }
 
