@@ -9,9 +9,15 @@
 //! torchrun's agent: TORCHELASTIC_USE_AGENT_STORE, then rank 0 hosts it on
 //! MASTER_PORT + 1, as the agent's own store holds MASTER_PORT).
 
+use crate::meters::AccuracyListMeter;
+use crate::trainer::EngineError;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
-use tessera_runtime::dist::{timeout_from_env, Collective, DistError, RingCollective, StoreClient, StoreServer};
+use tessera_runtime::dist::{
+    timeout_from_env, Collective, DistError, Reduction, RingCollective, StoreClient, StoreServer,
+};
+use tessera_runtime::Executor;
 
 /// This process's place in the run.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -147,4 +153,100 @@ impl World {
     pub fn is_main(&self) -> bool {
         self.place.rank == 0
     }
+}
+
+/// This process's share in a data-parallel run: the collective, and
+/// whether it is rank 0 (which logs, writes metrics and checkpoints).
+#[derive(Clone)]
+pub struct Share {
+    pub comm: Option<Arc<dyn Collective>>,
+    pub rank: usize,
+    pub size: usize,
+}
+
+impl Share {
+    pub fn main(&self) -> bool {
+        self.rank == 0
+    }
+
+    pub fn failed(e: DistError) -> EngineError {
+        EngineError::Runtime(e.to_string())
+    }
+
+    /// The sum over the ranks.
+    pub fn sum(&self, v: &mut [f64]) -> Result<(), EngineError> {
+        match &self.comm {
+            Some(c) => c.all_reduce_f64(v, Reduction::Sum).map_err(Share::failed),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether any rank asks to stop (a signal reaches the ranks at
+    /// different steps; all stop at the same one).
+    pub fn any(&self, flag: bool) -> Result<bool, EngineError> {
+        let mut v = [f64::from(u8::from(flag))];
+        self.sum(&mut v)?;
+        Ok(v[0] > 0.0)
+    }
+
+    /// The meter with every rank's counts.
+    pub fn meter(&self, m: &AccuracyListMeter) -> Result<AccuracyListMeter, EngineError> {
+        let mut counts = m.counts();
+        self.sum(&mut counts)?;
+        let mut out = m.clone();
+        out.set_counts(&counts);
+        Ok(out)
+    }
+
+    /// Rank 0's values of the float states `names` on every rank.
+    pub fn broadcast_states(&self, ex: &mut Executor, names: &[String]) -> Result<(), EngineError> {
+        let Some(c) = &self.comm else { return Ok(()) };
+        for name in names {
+            let Some(mut t) = ex.read_state(name).map_err(|e| EngineError::Runtime(e.to_string()))? else { continue };
+            if let tessera_runtime::Data::F32(v) = &mut t.data {
+                c.broadcast_f32(v, 0).map_err(Share::failed)?;
+                ex.write_state(name, t).map_err(|e| EngineError::Runtime(e.to_string()))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every rank's rank-local states (`rank_local`), joined as column
+    /// blocks in rank order (collective: every rank calls it).
+    pub fn gather_local(&self, ex: &Executor) -> Result<HashMap<String, (Vec<usize>, Vec<f32>)>, EngineError> {
+        let mut out = HashMap::new();
+        let Some(c) = &self.comm else { return Ok(out) };
+        for name in ex.state_names().into_iter().filter(|n| rank_local(n)) {
+            let Some(t) = ex.read_state(&name).map_err(|e| EngineError::Runtime(e.to_string()))? else { continue };
+            let (Some(v), [e, l]) = (t.as_f32(), &t.shape[..]) else { continue };
+            let all = c.all_gather_f32(v).map_err(Share::failed)?;
+            out.insert(name, (vec![*e, l * self.size], join_columns(&all, self.size, *e, *l)));
+        }
+        Ok(out)
+    }
+
+    pub fn attach(&self, ex: &mut Executor) -> Result<(), EngineError> {
+        match &self.comm {
+            Some(c) => ex.set_collective(c.clone()).map_err(|e| EngineError::Runtime(e.to_string())),
+            None => Ok(()),
+        }
+    }
+}
+
+/// States that each rank holds for itself: SwAV's embedding queues
+/// (VISSL's local_emb_queue, of this rank's samples only). A checkpoint
+/// holds every rank's, as column blocks in rank order.
+pub fn rank_local(name: &str) -> bool {
+    name.contains("local_emb_queue") && name.ends_with(".emb")
+}
+
+/// `[E, L]` blocks of every rank, gathered in rank order, as one `[E, W*L]`.
+fn join_columns(gathered: &[f32], world: usize, e: usize, l: usize) -> Vec<f32> {
+    let mut out = vec![0f32; gathered.len()];
+    for r in 0..world {
+        for row in 0..e {
+            out[row * world * l + r * l..][..l].copy_from_slice(&gathered[(r * e + row) * l..][..l]);
+        }
+    }
+    out
 }

@@ -13,7 +13,7 @@
 //! from a checkpoint computes exactly the steps an uninterrupted run does.
 
 use crate::checkpoint::{self, Checkpoint, EngineState, IntTensor, FORMAT_VERSION};
-use crate::distributed::World;
+use crate::distributed::{rank_local, Share, World};
 use crate::logs::{Progress, RunLog};
 use crate::meters::{AccuracyListMeter, Target};
 use crate::schedule::{self, ParamSchedule, RunShape};
@@ -31,7 +31,6 @@ use tessera_compiler::ir::DType;
 use tessera_compiler::param_groups::ParamGroup;
 use tessera_compiler::pipeline::{inference_plan_for, training_plan_for};
 use tessera_compiler::plan::{Source, Target as PlanTarget};
-use tessera_runtime::dist::{Collective, DistError, Reduction};
 use tessera_runtime::weights::{
     detect_format, load_weights, match_weights_with, model_tensors, MatchOptions, NamedTensor, WeightsFormat,
 };
@@ -105,84 +104,6 @@ pub fn for_world(cfg: &Value, num_nodes: usize, procs_per_node: usize) -> Value 
     c["DISTRIBUTED"]["NUM_NODES"] = (num_nodes as u64).into();
     c["DISTRIBUTED"]["NUM_PROC_PER_NODE"] = (procs_per_node as u64).into();
     c
-}
-
-/// This process's share in a data-parallel run: the collective, and
-/// whether it is rank 0 (which logs, writes metrics and checkpoints).
-#[derive(Clone)]
-struct Share {
-    comm: Option<Arc<dyn Collective>>,
-    rank: usize,
-    size: usize,
-}
-
-impl Share {
-    fn main(&self) -> bool {
-        self.rank == 0
-    }
-
-    fn failed(e: DistError) -> EngineError {
-        EngineError::Runtime(e.to_string())
-    }
-
-    /// The sum over the ranks.
-    fn sum(&self, v: &mut [f64]) -> Result<(), EngineError> {
-        match &self.comm {
-            Some(c) => c.all_reduce_f64(v, Reduction::Sum).map_err(Share::failed),
-            None => Ok(()),
-        }
-    }
-
-    /// Whether any rank asks to stop (a signal reaches the ranks at
-    /// different steps; all stop at the same one).
-    fn any(&self, flag: bool) -> Result<bool, EngineError> {
-        let mut v = [f64::from(u8::from(flag))];
-        self.sum(&mut v)?;
-        Ok(v[0] > 0.0)
-    }
-
-    /// The meter with every rank's counts.
-    fn meter(&self, m: &AccuracyListMeter) -> Result<AccuracyListMeter, EngineError> {
-        let mut counts = m.counts();
-        self.sum(&mut counts)?;
-        let mut out = m.clone();
-        out.set_counts(&counts);
-        Ok(out)
-    }
-
-    /// Rank 0's values of the float states `names` on every rank.
-    fn broadcast_states(&self, ex: &mut Executor, names: &[String]) -> Result<(), EngineError> {
-        let Some(c) = &self.comm else { return Ok(()) };
-        for name in names {
-            let Some(mut t) = ex.read_state(name).map_err(|e| EngineError::Runtime(e.to_string()))? else { continue };
-            if let tessera_runtime::Data::F32(v) = &mut t.data {
-                c.broadcast_f32(v, 0).map_err(Share::failed)?;
-                ex.write_state(name, t).map_err(|e| EngineError::Runtime(e.to_string()))?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Every rank's rank-local states (`rank_local`), joined as column
-    /// blocks in rank order (collective: every rank calls it).
-    fn gather_local(&self, ex: &Executor) -> Result<HashMap<String, (Vec<usize>, Vec<f32>)>, EngineError> {
-        let mut out = HashMap::new();
-        let Some(c) = &self.comm else { return Ok(out) };
-        for name in ex.state_names().into_iter().filter(|n| rank_local(n)) {
-            let Some(t) = ex.read_state(&name).map_err(|e| EngineError::Runtime(e.to_string()))? else { continue };
-            let (Some(v), [e, l]) = (t.as_f32(), &t.shape[..]) else { continue };
-            let all = c.all_gather_f32(v).map_err(Share::failed)?;
-            out.insert(name, (vec![*e, l * self.size], join_columns(&all, self.size, *e, *l)));
-        }
-        Ok(out)
-    }
-
-    fn attach(&self, ex: &mut Executor) -> Result<(), EngineError> {
-        match &self.comm {
-            Some(c) => ex.set_collective(c.clone()).map_err(|e| EngineError::Runtime(e.to_string())),
-            None => Ok(()),
-        }
-    }
 }
 
 fn get<'a>(cfg: &'a Value, key: &str) -> Option<&'a Value> {
@@ -405,24 +326,6 @@ fn snapshot(ex: &Executor, engine: EngineState) -> Result<Checkpoint, EngineErro
         }
     }
     Ok(Checkpoint { model, optimizer, engine })
-}
-
-/// States that each rank holds for itself: SwAV's embedding queues
-/// (VISSL's local_emb_queue, of this rank's samples only). A checkpoint
-/// holds every rank's, as column blocks in rank order.
-fn rank_local(name: &str) -> bool {
-    name.contains("local_emb_queue") && name.ends_with(".emb")
-}
-
-/// `[E, L]` blocks of every rank, gathered in rank order, as one `[E, W*L]`.
-fn join_columns(gathered: &[f32], world: usize, e: usize, l: usize) -> Vec<f32> {
-    let mut out = vec![0f32; gathered.len()];
-    for r in 0..world {
-        for row in 0..e {
-            out[row * world * l + r * l..][..l].copy_from_slice(&gathered[(r * e + row) * l..][..l]);
-        }
-    }
-    out
 }
 
 /// Loads a checkpoint's tensors into `ex` (every state of the plan must be
