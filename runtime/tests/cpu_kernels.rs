@@ -1238,3 +1238,52 @@ fn collectives_on_two_ranks_gather_reduce_and_take_this_ranks_block() {
         assert_eq!(v32(g), [0.0, 0.0, 100.0, 2.0, 102.0, 0.0, 0.0, 1.0, 101.0, 3.0, 103.0, 0.0]);
     }
 }
+
+/// A gradient all-reduce read before its bucket is full (a kernel between
+/// two gradients of one bucket): the bucket goes out early, cut at the same
+/// place on every rank, and the results are the plain means.
+#[test]
+fn a_gradient_read_before_its_bucket_is_full_is_sent_early() {
+    use std::sync::Arc;
+    use std::time::Duration;
+    use tessera_runtime::dist::{RingCollective, StoreClient, StoreServer};
+    let mean = || Op::AllReduce { op: ReduceOp::Mean, world: 2 };
+    let mut g = Graph::new();
+    let x = g.add_input("x", consts(&[3]), DType::F32).unwrap();
+    let y = g.add_input("y", consts(&[3]), DType::F32).unwrap();
+    let a = g.add_op(mean(), &[x], "optim.all_reduce").unwrap();
+    let r = g.add_op(Op::Scale { factor: 2.0 }, &[a], "optim").unwrap();
+    let y2 = g.add_op(Op::Binary(BinaryOp::Add), &[r, y], "optim").unwrap();
+    let b = g.add_op(mean(), &[y2], "optim.all_reduce").unwrap();
+    g.set_output("r", r);
+    g.set_output("b", b);
+    let mut plan = tessera_compiler::plan::lower(&g, 1, true).unwrap();
+    plan.gradient_bucket_bytes = 1 << 20; // one bucket for both
+    let order: Vec<&str> = plan.kernels.iter().map(|k| k.op.name()).collect();
+    assert_eq!(order, ["all_reduce", "scale", "add", "all_reduce"], "the reader sits inside the bucket");
+    let server = StoreServer::bind("127.0.0.1:0").unwrap();
+    let addr = format!("127.0.0.1:{}", server.port());
+    let got: Vec<BTreeMap<String, Tensor>> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..2)
+            .map(|rank| {
+                let (addr, plan) = (addr.clone(), plan.clone());
+                s.spawn(move || {
+                    let store = StoreClient::connect(&addr, Duration::from_secs(10)).unwrap();
+                    let ring = RingCollective::join(&store, "early", rank, 2, Duration::from_secs(10)).unwrap();
+                    let mut ex = CpuExecutor::new(plan, 0).unwrap();
+                    ex.set_collective(Arc::new(ring));
+                    let v = |base: f32| Tensor::f32(vec![3], (0..3).map(|i| base + (rank * 10 + i) as f32).collect());
+                    ex.run(&[("x", v(0.0)), ("y", v(100.0))]).unwrap()
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for out in &got {
+        // mean(x) = 5 + i; r = 2 mean(x); b = mean(r + y) = r + 105 + i.
+        let r: Vec<f32> = (0..3).map(|i| 2.0 * (5.0 + i as f32)).collect();
+        let b: Vec<f32> = (0..3).map(|i| r[i] + 105.0 + i as f32).collect();
+        assert_eq!(out["r"].as_f32().unwrap(), &r[..]);
+        assert_eq!(out["b"].as_f32().unwrap(), &b[..]);
+    }
+}

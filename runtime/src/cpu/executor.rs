@@ -302,7 +302,15 @@ impl CpuExecutor {
             };
             if let Some(w) = &self.worker {
                 // Averaged gradients come back before a kernel reads them.
-                while kernel.inputs.iter().any(|i| pending.contains_key(i)) {
+                while let Some(&b) = kernel.inputs.iter().find_map(|i| pending.get(i)) {
+                    if sent.is_empty() {
+                        // A reader placed before its bucket's last gradient
+                        // (a schedule that moved it): the bucket goes out
+                        // as filled so far, cut at the same kernel on
+                        // every rank; the rest of it follows on its own.
+                        w.send(std::mem::take(&mut filling.0)).map_err(|e| fail(KernelError::Collective(e)))?;
+                        sent.push_back((b, std::mem::take(&mut filling.1)));
+                    }
                     self.receive_bucket(w, &mut sent, &mut pending, &mut slots)?;
                 }
                 if let Some(&b) = self.buckets.of.get(&k) {
@@ -321,7 +329,7 @@ impl CpuExecutor {
                     filling.0.push(t);
                     filling.1.push(kernel.output);
                     pending.insert(kernel.output, b);
-                    if self.buckets.last[b] == k {
+                    if self.buckets.last[b] == k && !filling.0.is_empty() {
                         w.send(std::mem::take(&mut filling.0)).map_err(|e| fail(KernelError::Collective(e)))?;
                         sent.push_back((b, std::mem::take(&mut filling.1)));
                     }
@@ -467,7 +475,9 @@ impl CpuExecutor {
         pending: &mut HashMap<usize, usize>,
         slots: &mut [Slot],
     ) -> Result<(), RuntimeError> {
-        let (b, values) = sent.pop_front().expect("a kernel reads a gradient of a bucket sent before it");
+        let Some((b, values)) = sent.pop_front() else {
+            return Err(RuntimeError::InvalidPlan("a gradient all-reduce was read before it was sent".into()));
+        };
         let last = self.buckets.last[b];
         let grads = w.receive().map_err(|e| RuntimeError::Kernel {
             index: last,
