@@ -1025,6 +1025,9 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
                 };
                 log.info(&format!("stopped ({reason}) at iteration {}", state.iteration));
                 log.flush();
+                // No rank leaves while another still reports to the store
+                // (rank 0 may host it).
+                share.any(false)?;
                 return Ok(Outcome::Stopped { checkpoint: path, iteration: state.iteration, reason });
             }
             let Batch { images, labels, size } = b.map_err(EngineError::Data)?;
@@ -1173,5 +1176,6 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
     log.flush();
     let checkpoint = last_checkpoint.expect("the last epoch writes the final checkpoint");
     log.info(&format!("done: {} iterations; final checkpoint {}", state.iteration, checkpoint.display()));
+    share.any(false)?;
     Ok(Outcome::Finished { checkpoint })
 }
