@@ -134,6 +134,8 @@ pub fn run(l: &Launch, stop: Arc<AtomicBool>, grace: Duration) -> Result<()> {
             cmd.env("RAYON_NUM_THREADS", &threads);
         }
         // A worker dies with the launcher (no orphans if it is killed).
+        // SAFETY: the closure runs between fork and exec and only calls
+        // prctl, which is async-signal-safe.
         unsafe {
             use std::os::unix::process::CommandExt;
             cmd.pre_exec(|| {
