@@ -211,12 +211,12 @@ impl Share {
         Ok(())
     }
 
-    /// Every rank's rank-local states (`rank_local`), joined as column
-    /// blocks in rank order (collective: every rank calls it).
+    /// Every rank's rank-local states (`Plan::rank_local_states`), joined
+    /// as column blocks in rank order (collective: every rank calls it).
     pub fn gather_local(&self, ex: &Executor) -> Result<HashMap<String, (Vec<usize>, Vec<f32>)>, EngineError> {
         let mut out = HashMap::new();
         let Some(c) = &self.comm else { return Ok(out) };
-        for name in ex.state_names().into_iter().filter(|n| rank_local(n)) {
+        for name in ex.plan().rank_local_states() {
             let Some(t) = ex.read_state(&name).map_err(|e| EngineError::Runtime(e.to_string()))? else { continue };
             let (Some(v), [e, l]) = (t.as_f32(), &t.shape[..]) else { continue };
             let all = c.all_gather_f32(v).map_err(Share::failed)?;
@@ -231,13 +231,6 @@ impl Share {
             None => Ok(()),
         }
     }
-}
-
-/// States that each rank holds for itself: SwAV's embedding queues
-/// (VISSL's local_emb_queue, of this rank's samples only). A checkpoint
-/// holds every rank's, as column blocks in rank order.
-pub fn rank_local(name: &str) -> bool {
-    name.contains("local_emb_queue") && name.ends_with(".emb")
 }
 
 /// `[E, L]` blocks of every rank, gathered in rank order, as one `[E, W*L]`.

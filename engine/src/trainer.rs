@@ -13,7 +13,7 @@
 //! from a checkpoint computes exactly the steps an uninterrupted run does.
 
 use crate::checkpoint::{self, Checkpoint, EngineState, IntTensor, FORMAT_VERSION};
-use crate::distributed::{rank_local, Share, World};
+use crate::distributed::{Share, World};
 use crate::logs::{Progress, RunLog};
 use crate::meters::{AccuracyListMeter, Target};
 use crate::schedule::{self, ParamSchedule, RunShape};
@@ -329,11 +329,13 @@ fn snapshot(ex: &Executor, engine: EngineState) -> Result<Checkpoint, EngineErro
 }
 
 /// Loads a checkpoint's tensors into `ex` (every state of the plan must be
-/// there); a rank-local state takes rank `rank`'s column block of `world`.
+/// there); a rank-local state (a checkpoint holds every rank's, as column
+/// blocks) takes rank `rank`'s block of `world`.
 fn restore(ex: &mut Executor, ckpt: &Checkpoint, path: &Path, rank: usize, world: usize) -> Result<(), EngineError> {
+    let local = ex.plan().rank_local_states();
     let mut have: HashMap<&str, Tensor> = HashMap::new();
     for t in ckpt.model.iter().chain(&ckpt.optimizer) {
-        let tensor = match (&t.shape[..], rank_local(&t.name)) {
+        let tensor = match (&t.shape[..], local.contains(&t.name)) {
             ([e, wl], true) if wl % world == 0 => {
                 let l = wl / world;
                 let data = (0..*e).flat_map(|row| t.data[row * wl + rank * l..][..l].iter().copied()).collect();
@@ -946,7 +948,8 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
     // same seed initialises the same values, and this makes sure of it.
     // Rank-local states (SwAV's queues) stay each rank's own.
     if share.size > 1 {
-        let names: Vec<String> = steps.active().state_names().into_iter().filter(|n| !rank_local(n)).collect();
+        let local = steps.active().plan().rank_local_states();
+        let names: Vec<String> = steps.active().state_names().into_iter().filter(|n| !local.contains(n)).collect();
         share.broadcast_states(steps.active_mut(), &names)?;
     }
 

@@ -290,6 +290,39 @@ impl Plan {
 }
 
 impl Plan {
+    /// The ranks of the data-parallel run this plan is one rank of (its
+    /// collectives' `world`); 1 for one process.
+    pub fn world(&self) -> u64 {
+        self.kernels
+            .iter()
+            .map(|k| match k.op {
+                Op::AllGather { world }
+                | Op::AllReduce { world, .. }
+                | Op::AllGatherGrad { world }
+                | Op::QueuePush { world }
+                | Op::ZeroDiagonal { world } => world,
+                _ => 1,
+            })
+            .max()
+            .unwrap_or(1)
+    }
+
+    /// The states each rank of a data-parallel plan holds for itself: the
+    /// queues a push over one rank fills while the plan spans several
+    /// (SwAV's local_emb_queue: this rank's samples only).
+    pub fn rank_local_states(&self) -> Vec<String> {
+        if self.world() == 1 {
+            return Vec::new();
+        }
+        self.state_updates
+            .iter()
+            .filter(|(_, v)| {
+                matches!(self.values[*v].source, Source::Kernel(k) if self.kernels[k].op == Op::QueuePush { world: 1 })
+            })
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
     /// A person-readable summary: what `tessera plan show` prints.
     /// One line per kernel, in execution order: `k7 = gelu(k6) : [4,65,384] f32  # scope`.
     /// Operands are kernel results (`kN`), parameters and buffers (`@name`),

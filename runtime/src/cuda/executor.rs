@@ -200,7 +200,7 @@ impl CudaExecutor {
     /// Makes this executor one rank of a data-parallel run: its
     /// collectives run across `comm`'s ranks (NCCL on a GPU).
     pub fn set_collective(&mut self, comm: Arc<dyn crate::dist::Collective>) -> Result<(), RuntimeError> {
-        let world = super::lower::plan_world(&self.plan);
+        let world = self.plan.world();
         if world > 1 && world != comm.world() as u64 {
             return Err(RuntimeError::InvalidPlan(format!(
                 "the plan was compiled for {world} ranks, but this run has {}",
@@ -307,7 +307,7 @@ impl CudaExecutor {
         if let Some(p) = &self.poisoned {
             return Err(RuntimeError::Device(format!("this executor failed earlier and cannot run: {p}")));
         }
-        let world = super::lower::plan_world(&self.plan);
+        let world = self.plan.world();
         if world > 1 && self.comm.is_none() {
             return Err(RuntimeError::Device(format!(
                 "the plan is one rank of {world}: it needs the run's collective, and this executor has none (start the run with DISTRIBUTED.NUM_PROC_PER_NODE or a launcher)"

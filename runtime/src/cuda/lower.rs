@@ -280,28 +280,11 @@ pub fn kernel_sources(plan: &Plan) -> Result<Vec<KernelSource>, String> {
     Ok(l.sources)
 }
 
-/// The world size of a data-parallel plan (its collectives' `world`), 1
-/// for one process.
-pub fn plan_world(plan: &Plan) -> u64 {
-    plan.kernels
-        .iter()
-        .map(|k| match k.op {
-            Op::AllGather { world }
-            | Op::AllReduce { world, .. }
-            | Op::AllGatherGrad { world }
-            | Op::QueuePush { world }
-            | Op::ZeroDiagonal { world } => world,
-            _ => 1,
-        })
-        .max()
-        .unwrap_or(1)
-}
-
 /// What a data-parallel plan needs that the GPU kernels do not do yet:
 /// synchronised batch norm. Refused by name rather than run differently
 /// from the CPU.
 fn not_yet_data_parallel(plan: &Plan) -> Result<(), String> {
-    let world = plan_world(plan);
+    let world = plan.world();
     if world == 1 {
         return Ok(());
     }
