@@ -418,3 +418,25 @@ fn the_cuda_executor_trains_data_parallel_as_one_process_does() {
     assert!(t.contains("synchronised batch norm") && t.contains("MACHINE.DEVICE=cpu"), "{t}");
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+#[test]
+fn sigterm_stops_every_rank_after_the_same_step_with_a_checkpoint() {
+    let root = tmpdir("dp-term");
+    let data = synth_folder(&root, 4, 16, 1);
+    let dir = root.join("run");
+    let mut a = args("vit_tiny", &data, &dir, 2, 8, &SLOW);
+    a.push("OPTIMIZER.num_epochs=50".into());
+    let mut launcher = command().args(&a).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    wait_for_records(&mut launcher, &dir, 3);
+    Command::new("kill").args(["-TERM", &launcher.id().to_string()]).status().unwrap();
+    let out = launcher.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    // The ranks agree on the step (one that went on alone would wait in a
+    // collective for the other and fail).
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("stopped by signal after iteration"), "{err}");
+    let pointer: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("checkpoint.json")).unwrap()).unwrap();
+    let name = pointer["latest"].as_str().unwrap().to_string();
+    assert!(name.starts_with("model_iteration") && dir.join(&name).join("model.safetensors").is_file(), "{name}");
+    std::fs::remove_dir_all(&root).unwrap();
+}

@@ -1004,6 +1004,9 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
         ctx.run(test.as_mut(), &mut steps, meter.as_ref().expect("test phases need a meter"), &mut state, epoch)?;
         finish_test(&last_checkpoint, &mut state, num_epochs, share.main())?;
     }
+    // With several ranks, whether any asks to stop travels with each step's
+    // loss (one collective a step); the first step of the run asks alone.
+    let mut agreed_stop: Option<bool> = None;
     for epoch in state.train_phase_idx..num_epochs {
         let skip = state.iteration_in_epoch;
         if skip == 0 {
@@ -1015,7 +1018,11 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
         let mut window = (Instant::now(), 0u64);
         let mut batches = setup.train.epoch(epoch, skip).peekable();
         while let Some(b) = batches.next() {
-            let stopping = share.any(setup.stop.load(Ordering::SeqCst))?;
+            let signalled = setup.stop.load(Ordering::SeqCst);
+            let stopping = match agreed_stop.take() {
+                Some(agreed) => agreed,
+                None => share.any(signalled)?,
+            };
             if stopping || setup.max_steps.is_some_and(|m| state.iteration >= m) {
                 let reason = if stopping { "signal" } else { "step limit" };
                 drop(batches);
@@ -1069,9 +1076,12 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
             let loss = out.get("loss").and_then(|t| t.as_f32()).map(|v| v[0]).unwrap_or(f32::NAN);
             // The logged loss is the mean of every rank's (each a mean over
             // its own samples), the global batch's loss.
+            // A signal reaches the ranks at different steps; all stop after
+            // the same one.
             let loss = if share.size > 1 {
-                let mut v = [loss as f64];
+                let mut v = [loss as f64, f64::from(u8::from(setup.stop.load(Ordering::SeqCst)))];
                 share.sum(&mut v)?;
+                agreed_stop = Some(v[1] > 0.0);
                 (v[0] / share.size as f64) as f32
             } else {
                 loss
