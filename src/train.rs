@@ -41,6 +41,20 @@ pub fn run(a: TrainArgs) -> Result<()> {
     // launcher of this node's workers.
     let run_id = tree.pointer("/DISTRIBUTED/RUN_ID").and_then(|v| v.as_str()).unwrap_or("auto");
     let place = tessera_engine::distributed::place_from_env(run_id).map_err(|e| anyhow!("{e}"))?;
+    // Under another launcher the node rank is the launcher's; one asked for
+    // here as well must agree with it.
+    if let Some(p) = &place {
+        let asked = a.node_rank.or_else(|| {
+            tree.pointer("/DISTRIBUTED/NODE_ID").and_then(|v| v.as_u64()).filter(|&n| n > 0).map(|n| n as usize)
+        });
+        if let Some(n) = asked.filter(|&n| n != p.node()) {
+            bail!(
+                "node rank {n} (--node-rank or DISTRIBUTED.NODE_ID) differs from the launcher's: rank {} is on node {}",
+                p.rank,
+                p.node()
+            );
+        }
+    }
     if place.is_none() {
         if let Some(l) = crate::launch::from_config(tree, a.node_rank)? {
             return crate::launch::run(&l, stop, std::time::Duration::from_secs(5));

@@ -360,6 +360,15 @@ fn torchrun_and_srun_variables_start_the_same_run() {
             .map(|(k, v)| (k.to_string(), v))
             .collect()
     });
+    // A node rank asked for beside the launcher's must agree with it.
+    let t = text(
+        &command()
+            .args(args("vit_tiny", &data, &root.join("node"), 1, 8, &["DISTRIBUTED.NODE_ID=1"]))
+            .envs([("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_PORT", "1")])
+            .output()
+            .unwrap(),
+    );
+    assert!(t.contains("node rank 1") && t.contains("differs from the launcher's"), "{t}");
     for (what, dir, procs) in [("torchrun", &torchrun, kids), ("srun", &srun, tasks)] {
         for p in procs {
             let o = p.wait_with_output().unwrap();
