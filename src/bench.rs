@@ -153,7 +153,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
 /// the result is checked.
 fn time_all_reduce(a: &BenchArgs, world: Option<&tessera_engine::distributed::World>, n: usize) -> Result<()> {
     use std::sync::Arc;
-    use tessera_runtime::cuda::device::{CollectiveOp, CollectiveStep};
+    use tessera_runtime::cuda::device::{CollectiveOp, CollectiveStep, Elem};
     use tessera_runtime::dist::{Collective, Reduction, SingleProcess};
     let comm: Arc<dyn Collective> = match world {
         Some(w) => w.comm.clone(),
@@ -169,7 +169,13 @@ fn time_all_reduce(a: &BenchArgs, world: Option<&tessera_engine::distributed::Wo
             let device = c.device();
             let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_ne_bytes()).collect();
             let p = device.alloc(bytes.len() as u64).map_err(|e| anyhow!("{e}"))?;
-            let step = CollectiveStep { op: CollectiveOp::AllReduce(Reduction::Sum), src: p, dst: p, count: n as u64 };
+            let step = CollectiveStep {
+                op: CollectiveOp::AllReduce(Reduction::Sum),
+                elem: Elem::F32,
+                src: p,
+                dst: p,
+                count: n as u64,
+            };
             let mut check = vec![0u8; bytes.len()];
             let run = (|| -> Result<bool> {
                 for i in 0..a.warmup + a.steps {

@@ -140,6 +140,10 @@ pub fn training_plan_with(
     let mut plan = lower_training(&step, batch)?;
     plan.sync_batch_norm = sync_batch_norm_group(cfg).map_err(CompileError::Config)?;
     plan.gradient_bucket_bytes = gradient_bucket_bytes(cfg).map_err(CompileError::Config)?;
+    if plan.sync_batch_norm > 1 {
+        // The group sums of synchronised batch norm take scratch.
+        plan.memory = Some(crate::memory::plan_memory(&plan));
+    }
     Ok((plan, c, reports))
 }
 

@@ -31,7 +31,9 @@
 //!   min(N, REDUCE_BLOCKS);
 //! - batch statistics (batch_norm, batch_standardize and its gradient,
 //!   running_stat): none (one block per channel computes the channel's
-//!   statistics and uses them in the same launch).
+//!   statistics and uses them in the same launch); with synchronised batch
+//!   norm the group's sums, collected between passes: `group_sums` and
+//!   `group_squares` (an f64 per channel and group), `group_grad_sums` (two).
 
 use crate::memory::align;
 use crate::op::Op;
@@ -79,6 +81,27 @@ impl Scratch {
             at += align(*b);
         }
         None
+    }
+}
+
+/// The group sums of a synchronised batch norm's statistics (when the
+/// plan has them): one f64 per channel and group slot for the sums and for
+/// the squared deviations, two more for the gradient's sums of g and g * xhat.
+fn group_pieces(plan: &Plan, x: &[u64], grad: bool, s: Scratch) -> Scratch {
+    let group = plan.sync_batch_norm;
+    if !plan.training || group <= 1 {
+        return s;
+    }
+    let world = plan.world();
+    if world <= 1 {
+        return s;
+    }
+    let per_slot = (world / group) * x.get(1).copied().unwrap_or(1) * 8;
+    let s = s.with("group_sums", per_slot).with("group_squares", per_slot);
+    if grad {
+        s.with("group_grad_sums", 2 * per_slot)
+    } else {
+        s
     }
 }
 
@@ -165,11 +188,11 @@ pub fn scratch(plan: &Plan, k: usize) -> Scratch {
             let rows = shape(0).first().copied().unwrap_or(1);
             s.with("partials", rows.clamp(1, REDUCE_BLOCKS) * 8)
         }
-        // One block per channel computes its statistics and uses them in the same launch.
-        Op::BatchNorm { .. }
-        | Op::BatchStandardize { .. }
-        | Op::BatchStandardizeGrad { .. }
-        | Op::RunningStat { .. } => s,
+        // One block per channel computes its statistics and uses them in
+        // the same launch, unless they are a group's (synchronised batch norm).
+        Op::BatchNorm { .. } | Op::BatchStandardize { .. } => group_pieces(plan, shape(0), false, s),
+        Op::BatchStandardizeGrad { .. } => group_pieces(plan, shape(1), true, s),
+        Op::RunningStat { .. } => group_pieces(plan, shape(1), false, s),
         _ => s,
     }
 }

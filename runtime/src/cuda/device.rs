@@ -137,7 +137,7 @@ impl HostBuf {
     }
 }
 
-/// A collective on f32 device memory.
+/// A collective on device memory.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum CollectiveOp {
     /// `dst` (count elements) = the reduction of every rank's `src`.
@@ -148,10 +148,31 @@ pub enum CollectiveOp {
     ReduceScatter,
 }
 
-/// One collective of a step: `count` f32 elements of `src`.
+/// The elements a collective moves: f32 or bf16 values (mixed-precision
+/// plans gather bf16 activations), or the f64 sums of synchronised batch
+/// norm's statistics (all-reduce only).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Elem {
+    F32,
+    BF16,
+    F64,
+}
+
+impl Elem {
+    pub fn size(self) -> u64 {
+        match self {
+            Elem::BF16 => 2,
+            Elem::F32 => 4,
+            Elem::F64 => 8,
+        }
+    }
+}
+
+/// One collective of a step: `count` elements of `src`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct CollectiveStep {
     pub op: CollectiveOp,
+    pub elem: Elem,
     pub src: DevPtr,
     pub dst: DevPtr,
     pub count: u64,

@@ -5,8 +5,8 @@
 //! plan is loaded (`prepare_gemm`), never per call.
 
 use super::device::{
-    Arg, Binary, CollectiveOp, CollectiveStep, DResult, DevPtr, DeviceApi, DeviceError, Function, GemmHandle, GemmPtrs,
-    HostBuf, Launch, Target,
+    Arg, Binary, CollectiveOp, CollectiveStep, DResult, DevPtr, DeviceApi, DeviceError, Elem, Function, GemmHandle,
+    GemmPtrs, HostBuf, Launch, Target,
 };
 use super::gemm::{ElemType, Epilogue, GemmDesc};
 use super::libs;
@@ -394,7 +394,11 @@ impl DeviceApi for GpuDevice {
         let nccl_comm = self.nccl_comm(comm)?;
         let stream = self.stream as nccl::cudaStream_t;
         let (src, dst) = (c.src.0 as *const c_void, c.dst.0 as *mut c_void);
-        let f32_ = nccl::ncclDataType_t::ncclFloat32;
+        let f32_ = match c.elem {
+            Elem::F32 => nccl::ncclDataType_t::ncclFloat32,
+            Elem::BF16 => nccl::ncclDataType_t::ncclBfloat16,
+            Elem::F64 => nccl::ncclDataType_t::ncclFloat64,
+        };
         // SAFETY: src and dst are device addresses of this context holding
         // the counts the lowering checked; NCCL orders them on the stream.
         let r = unsafe {

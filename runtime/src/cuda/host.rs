@@ -7,8 +7,8 @@
 //! descriptor cuBLASLt would get.
 
 use super::device::{
-    Arg, Binary, CollectiveOp, CollectiveStep, DResult, DevPtr, DeviceApi, DeviceError, Function, GemmHandle, GemmPtrs,
-    HostBuf, Launch, Target,
+    Arg, Binary, CollectiveOp, CollectiveStep, DResult, DevPtr, DeviceApi, DeviceError, Elem, Function, GemmHandle,
+    GemmPtrs, HostBuf, Launch, Target,
 };
 use super::gemm::{host_gemm, GemmDesc};
 use rayon::prelude::*;
@@ -300,23 +300,52 @@ impl DeviceApi for HostDevice {
     fn collective(&self, comm: &dyn crate::dist::Collective, c: &CollectiveStep) -> DResult<()> {
         let w = comm.world();
         let (n, m) = (c.count as usize, c.dst_count(w) as usize);
-        self.check_range(c.src, n as u64 * 4, "collective (source)")?;
-        self.check_range(c.dst, m as u64 * 4, "collective (destination)")?;
-        // SAFETY: both ranges lie in allocations (checked), hold f32 values,
-        // and the host device runs one call at a time.
-        let src = unsafe { std::slice::from_raw_parts(c.src.0 as *const f32, n) }.to_vec();
-        let dst = unsafe { std::slice::from_raw_parts_mut(c.dst.0 as *mut f32, m) };
+        let size = c.elem.size();
+        self.check_range(c.src, n as u64 * size, "collective (source)")?;
+        self.check_range(c.dst, m as u64 * size, "collective (destination)")?;
         let failed = |e: crate::dist::DistError| DeviceError(e.to_string());
-        match c.op {
-            CollectiveOp::AllReduce(r) => {
-                dst.copy_from_slice(&src);
-                comm.all_reduce_f32(dst, r).map_err(failed)
-            }
-            CollectiveOp::AllGather => comm.all_gather_f32(&src).map(|all| dst.copy_from_slice(&all)).map_err(failed),
-            CollectiveOp::ReduceScatter => {
-                comm.reduce_scatter_f32(&src).map(|mine| dst.copy_from_slice(&mine)).map_err(failed)
-            }
+        if c.elem == Elem::F64 {
+            let CollectiveOp::AllReduce(r) = c.op else {
+                return Err(DeviceError(format!("{:?} of f64 values is not a collective the device has", c.op)));
+            };
+            // SAFETY: both ranges lie in allocations (checked) and hold f64
+            // values; the host device runs one call at a time.
+            let src = unsafe { std::slice::from_raw_parts(c.src.0 as *const f64, n) }.to_vec();
+            let dst = unsafe { std::slice::from_raw_parts_mut(c.dst.0 as *mut f64, m) };
+            dst.copy_from_slice(&src);
+            return comm.all_reduce_f64(dst, r).map_err(failed);
         }
+        // bf16 values travel as f32 (exact), are reduced in f32 and rounded
+        // once, as NCCL's bf16 reductions accumulate in f32.
+        let src: Vec<f32> = if c.elem == Elem::BF16 {
+            // SAFETY: the range lies in an allocation (checked) and holds bf16 values.
+            let s = unsafe { std::slice::from_raw_parts(c.src.0 as *const half::bf16, n) };
+            s.iter().map(|v| v.to_f32()).collect()
+        } else {
+            // SAFETY: the range lies in an allocation (checked) and holds f32 values.
+            unsafe { std::slice::from_raw_parts(c.src.0 as *const f32, n) }.to_vec()
+        };
+        let result = match c.op {
+            CollectiveOp::AllReduce(r) => {
+                let mut all = src;
+                comm.all_reduce_f32(&mut all, r).map(|_| all)
+            }
+            CollectiveOp::AllGather => comm.all_gather_f32(&src),
+            CollectiveOp::ReduceScatter => comm.reduce_scatter_f32(&src),
+        }
+        .map_err(failed)?;
+        if result.len() != m {
+            return Err(DeviceError(format!("{:?} gave {} values, expected {m}", c.op, result.len())));
+        }
+        // SAFETY: the destination lies in an allocation (checked), holds
+        // `m` elements of the step's type, and nothing else runs meanwhile.
+        if c.elem == Elem::BF16 {
+            let dst = unsafe { std::slice::from_raw_parts_mut(c.dst.0 as *mut half::bf16, m) };
+            dst.iter_mut().zip(&result).for_each(|(d, &v)| *d = half::bf16::from_f32(v));
+        } else {
+            unsafe { std::slice::from_raw_parts_mut(c.dst.0 as *mut f32, m) }.copy_from_slice(&result);
+        }
+        Ok(())
     }
 }
 

@@ -6,7 +6,7 @@
 //! place that maps an op to its family.
 
 use super::arena::Layout;
-use super::device::{Arg, CollectiveOp, CollectiveStep, DevPtr, GemmPtrs, Launch};
+use super::device::{Arg, CollectiveOp, CollectiveStep, DevPtr, Elem, GemmPtrs, Launch};
 use super::gemm::GemmDesc;
 use super::ops;
 use super::source::KernelSource;
@@ -83,6 +83,8 @@ pub struct Lowering<'a> {
     pub rng: DevPtr,
     pub steps: Vec<Step>,
     pub sources: Vec<KernelSource>,
+    /// The plan's world size (`Plan::world`).
+    pub world: u64,
     by_name: HashMap<String, usize>,
     /// Kernels whose values already hold what a fill needs this step
     /// (non-scalar fills are materialised before their first reader).
@@ -100,6 +102,7 @@ impl<'a> Lowering<'a> {
             rng,
             steps: Vec::new(),
             sources: Vec::new(),
+            world: plan.world(),
             by_name: HashMap::new(),
             filled: vec![false; plan.values.len()],
         }
@@ -177,7 +180,6 @@ impl<'a> Lowering<'a> {
 
     /// Lowers every kernel of the plan, in order.
     pub fn lower_all(&mut self) -> Result<(), String> {
-        not_yet_data_parallel(self.plan)?;
         for k in 0..self.plan.kernels.len() {
             self.materialise_fills(k)?;
             lower_kernel(self, k).map_err(|e| {
@@ -280,31 +282,17 @@ pub fn kernel_sources(plan: &Plan) -> Result<Vec<KernelSource>, String> {
     Ok(l.sources)
 }
 
-/// What a data-parallel plan needs that the GPU kernels do not do yet:
-/// synchronised batch norm. Refused by name rather than run differently
-/// from the CPU.
-fn not_yet_data_parallel(plan: &Plan) -> Result<(), String> {
-    let world = plan.world();
-    if world == 1 {
-        return Ok(());
-    }
-    if plan.sync_batch_norm > 0 {
-        return Err(format!(
-            "synchronised batch norm (MODEL.SYNC_BN_CONFIG) over {world} processes is not on GPUs yet; train with MACHINE.DEVICE=cpu, or without it"
-        ));
-    }
-    Ok(())
-}
-
 /// `all_reduce`, `all_gather` and `all_gather_grad` over several ranks:
 /// one collective of the run's communicator (NCCL on a GPU).
 fn collective(l: &mut Lowering, k: usize, op: &Op) -> Result<(), String> {
     use crate::dist::Reduction;
     let [x] = &l.inputs(k)?[..] else { return Err(format!("{} takes one operand", op.name())) };
     let out = l.output(k)?;
-    if x.dtype != DType::F32 || out.dtype != DType::F32 {
-        return Err(format!("{} runs on f32 values, got {} -> {}", op.name(), x.dtype, out.dtype));
-    }
+    let elem = match (x.dtype, out.dtype) {
+        (DType::F32, DType::F32) => Elem::F32,
+        (DType::BF16, DType::BF16) => Elem::BF16,
+        (a, b) => return Err(format!("{} runs on f32 or bf16 values, got {a} -> {b}", op.name())),
+    };
     let (kind, world) = match *op {
         Op::AllReduce { op: r, world } => (
             CollectiveOp::AllReduce(match r {
@@ -318,7 +306,7 @@ fn collective(l: &mut Lowering, k: usize, op: &Op) -> Result<(), String> {
         Op::AllGatherGrad { world } => (CollectiveOp::ReduceScatter, world),
         _ => return Err(format!("{} is not a collective", op.name())),
     };
-    let step = CollectiveStep { op: kind, src: x.ptr, dst: out.ptr, count: x.numel() };
+    let step = CollectiveStep { op: kind, elem, src: x.ptr, dst: out.ptr, count: x.numel() };
     if step.dst_count(world as usize) != out.numel() {
         return Err(format!("{} of {:?} into {:?} over {world} ranks", op.name(), x.shape, out.shape));
     }

@@ -401,3 +401,87 @@ fn the_kernels_compile_with_nvrtc_for_sm_90() {
     // running_stat (biased, unbiased) x 2, queue push and advance x 2 (advance shared).
     assert!(compiled.len() >= 15, "only {} kernels: {compiled:?}", compiled.len());
 }
+
+/// Synchronised batch norm (SyncBatchNorm over a group of 2 ranks): two
+/// host-device executors, each with half the batch and joined in a TCP
+/// ring, give the rows one process with the whole batch gives on the CPU
+/// (batch_norm, the gradient of batch_standardize and the unbiased running
+/// variance, whose statistics are the group's; the f64 sums travel between
+/// the kernels' passes).
+#[test]
+fn synchronised_batch_norm_over_two_ranks_matches_one_process_with_both_batches() {
+    use std::sync::Arc;
+    use std::time::Duration;
+    use tessera_runtime::dist::{RingCollective, StoreClient, StoreServer};
+    let (n, c, hw) = (6usize, 3usize, [2usize, 3]);
+    let dims = |n: usize| vec![n, c, hw[0], hw[1]];
+    // The step of `n` samples; with `world` 2 a collective marks it a
+    // data-parallel plan, and its batch norms are synchronised.
+    let build = |n: usize, world: u64| -> Plan {
+        let mut g = Graph::new();
+        let x = g.add_input("x", shape(&dims(n)), DType::F32).unwrap();
+        let gr = g.add_input("g", shape(&dims(n)), DType::F32).unwrap();
+        let cs: Vec<ValueId> =
+            ["w", "b", "rm", "rv"].iter().map(|k| g.add_input(k, shape(&[c]), DType::F32).unwrap()).collect();
+        let y = g.add_op(Op::BatchNorm { eps: 1e-5, momentum: 0.1 }, &[x, cs[0], cs[1], cs[2], cs[3]], "").unwrap();
+        let dx = g.add_op(Op::BatchStandardizeGrad { eps: 1e-5 }, &[gr, x], "").unwrap();
+        let var = g.add_op(Op::RunningStat { momentum: 0.1, unbiased_var: true }, &[cs[3], x], "").unwrap();
+        let mean = g.add_op(Op::RunningStat { momentum: 0.1, unbiased_var: false }, &[cs[2], x], "").unwrap();
+        for (name, v) in [("y", y), ("dx", dx), ("var", var), ("mean", mean)] {
+            g.set_output(name, v);
+        }
+        if world > 1 {
+            let sum = g.add_op(Op::AllReduce { op: tessera_compiler::ir::ReduceOp::Sum, world }, &[cs[0]], "").unwrap();
+            g.set_output("w_sum", sum);
+        }
+        let mut plan = tessera_compiler::plan::lower(&g, 1, true).unwrap_or_else(|e| panic!("{e}"));
+        plan.sync_batch_norm = if world > 1 { 2 } else { 0 };
+        plan.memory = Some(tessera_compiler::memory::plan_memory(&plan));
+        plan
+    };
+    let x = values(&dims(n), 1, -0.5, 2.0, DType::F32);
+    let gr = values(&dims(n), 2, -1.0, 1.0, DType::F32);
+    let per_channel: Vec<Tensor> = (0..4).map(|i| values(&[c], 3 + i, 0.25, 1.5, DType::F32)).collect();
+    let feed = |x: Tensor, gr: Tensor| -> Vec<(&'static str, Tensor)> {
+        let mut f = vec![("x", x), ("g", gr)];
+        f.extend(["w", "b", "rm", "rv"].into_iter().zip(per_channel.iter().cloned()));
+        f
+    };
+    let whole = {
+        let mut cpu = Backend::Cpu.executor(build(n, 1), 7).unwrap();
+        let f = feed(x.clone(), gr.clone());
+        let given: Vec<(&str, Tensor)> = f.iter().map(|(k, t)| (*k, t.clone())).collect();
+        run(&mut cpu, &given, "cpu, whole batch")
+    };
+    let half = |t: &Tensor, r: usize| {
+        let per = t.as_f32().unwrap().len() / 2;
+        Tensor::f32(dims(n / 2), t.as_f32().unwrap()[r * per..][..per].to_vec())
+    };
+    let server = StoreServer::bind("127.0.0.1:0").unwrap();
+    let addr = format!("127.0.0.1:{}", server.port());
+    let ranks: Vec<BTreeMap<String, Tensor>> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..2)
+            .map(|r| {
+                let (addr, x, gr, feed, build, half) = (addr.clone(), &x, &gr, &feed, &build, &half);
+                s.spawn(move || {
+                    let store = StoreClient::connect(&addr, Duration::from_secs(20)).unwrap();
+                    let ring = RingCollective::join(&store, "bn", r, 2, Duration::from_secs(20)).unwrap();
+                    let mut ex = host_executor(build(n / 2, 2)).unwrap_or_else(|e| panic!("{e}"));
+                    ex.set_collective(Arc::new(ring)).unwrap();
+                    let f = feed(half(x, r), half(gr, r));
+                    let given: Vec<(&str, Tensor)> = f.iter().map(|(k, t)| (*k, t.clone())).collect();
+                    run(&mut ex, &given, &format!("cuda-host rank {r}"))
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (r, got) in ranks.iter().enumerate() {
+        for out in ["y", "dx"] {
+            assert_close(&format!("{out} rank {r}"), &half(&whole[out], r), &got[out], F32_TOL);
+        }
+        for out in ["var", "mean"] {
+            assert_close(&format!("{out} rank {r}"), &whole[out], &got[out], F32_TOL);
+        }
+    }
+}

@@ -27,16 +27,26 @@ fn every_kernel_of_every_shipped_config_compiles_for_sm90_without_spills() {
     let prog = Program::load(&[]).unwrap();
     let mut kernels: BTreeMap<String, (KernelSource, String)> = BTreeMap::new();
     let mut failures = Vec::new();
-    for name in configs() {
+    // One replica for every config; and the data-parallel steps (2 ranks:
+    // collectives, the random streams' rank term, SwAV's batch norm
+    // synchronised across ranks).
+    let mut cases: Vec<(String, Vec<String>)> = configs().into_iter().map(|n| (n, vec![])).collect();
+    for name in ["vit_tiny", "moco_vit_tiny", "simclr_vit_tiny", "swav_vit_tiny"] {
+        let sync = "MODEL.SYNC_BN_CONFIG.CONVERT_BN_TO_SYNC_BN=True".to_string();
+        cases.push((format!("quickstart/{name}"), vec![sync]));
+    }
+    for (name, extra) in cases {
+        let procs = if extra.is_empty() { 1 } else { 2 };
         for amp in [false, true] {
-            // One replica, as the trainer compiles (collectives over several
-            // ranks come with data-parallel training).
-            let overrides = vec![
+            let mut overrides = vec![
                 format!("MODEL.AMP_PARAMS.USE_AMP={amp}"),
                 "DISTRIBUTED.NUM_NODES=1".into(),
-                "DISTRIBUTED.NUM_PROC_PER_NODE=1".into(),
+                format!("DISTRIBUTED.NUM_PROC_PER_NODE={procs}"),
             ];
-            let cfg = match config::load(&name, &overrides) {
+            overrides.extend(extra.iter().cloned());
+            let name = if extra.is_empty() { name.clone() } else { format!("{name} x{procs}") };
+            let cfg_name = name.split(' ').next().unwrap_or(&name);
+            let cfg = match config::load(cfg_name, &overrides) {
                 Ok(c) => c,
                 Err(e) => {
                     failures.push(format!("{name}: {e}"));

@@ -13,6 +13,18 @@
 // - running_stat: out[c] = (1 - momentum) running[c] + momentum * (the batch mean,
 //   or the unbiased batch variance). Reads running, x; writes out [C].
 // Launch: min(C, 4096) blocks of a power of two (32..256) threads.
+//
+// Synchronised batch norm (`sync`, VISSL's SyncBatchNorm over groups of
+// `group` consecutive ranks): the statistics are sums over the group's
+// samples, so they come in passes with a collective between them, each
+// rank writing its channel sums into its group's slot (slot = rank / group)
+// of a zeroed f64 array that an all-reduce (sum) then fills for every group:
+// - group_sums: out[slot * C + c] = the sum of x over channel c;
+// - group_squares: out[slot * C + c] = the sum of (x - mean)^2, mean from `sums`;
+// - group_grad_sums: out[2 (slot * C + c) + 0 / 1] = the sums of g and of g * xhat;
+// and the four modes above read mean = sums / count, var = squares / count
+// (count: the group's values per channel) and, for the gradient, the means
+// of g and g * xhat from `grad_sums`, instead of their own batch's.
 
 // Walks the elements of channel c that one thread owns: j = threadIdx.x,
 // threadIdx.x + blockDim.x, ... < N * S, with j = n * S + s, as offsets
@@ -61,49 +73,72 @@ TSR_GLOBAL void {{ name }}({{ signature }}) {
     const i64 count = N * S;
     const double inv_count = 1.0 / (double)(count > 0 ? count : 1);
     for (i64 c = blockIdx.x; c < C; c += gridDim.x) {
+{% if sync %}        // This channel in this rank's group slot; the group's statistics.
+        const i64 at = (i64)(rng->rank / (u64)group) * C + c;
+        const double ginv = 1.0 / (group_count > 0.0 ? group_count : 1.0);
+{% if mode == "group_sums" %}        const double sum = bn_sum(x, N, C, S, c, red);
+        if (threadIdx.x == 0) { out[at] = sum; }
+        continue;
+{% else %}        const double mean = sums[at] * ginv;
+{% endif %}{% if mode == "group_squares" %}        const double sq = bn_sum_sq(x, N, C, S, c, mean, red);
+        if (threadIdx.x == 0) { out[at] = sq; }
+        continue;
+{% elif mode != "group_sums" %}        const double var = squares[at] * ginv;
+{% endif %}{% endif %}
 {% if mode == "running_stat" %}
-        const double mean = bn_sum(x, N, C, S, c, red) / (double)(count > 0 ? count : 1);
+{% if sync %}{% if unbiased_var %}        // The group's unbiased variance (its count less one), as SyncBatchNorm's.
+        const double stat = squares[at] / (group_count - 1.0);
+{% else %}        const double stat = mean;
+{% endif %}{% else %}        const double mean = bn_sum(x, N, C, S, c, red) / (double)(count > 0 ? count : 1);
 {% if unbiased_var %}        // With one element the unbiased variance is NaN, as PyTorch's.
         const double stat = bn_sum_sq(x, N, C, S, c, mean, red) / ((double)count - 1.0);
 {% else %}        const double stat = mean;
-{% endif %}        if (threadIdx.x == 0) {
+{% endif %}{% endif %}        if (threadIdx.x == 0) {
             tsr_store(out, c, (float)((1.0 - momentum) * (double)tsr_load(running, c) + momentum * stat));
         }
 {% elif mode == "batch_norm" %}
-{% if training %}        const double mean = bn_sum(x, N, C, S, c, red) * inv_count;
+{% if not sync %}{% if training %}        const double mean = bn_sum(x, N, C, S, c, red) * inv_count;
         const double var = bn_sum_sq(x, N, C, S, c, mean, red) * inv_count;
 {% else %}        const double mean = (double)tsr_load(running_mean, c);
         const double var = (double)tsr_load(running_var, c);
-{% endif %}        const double scale = (double)tsr_load(w, c) / sqrt(var + eps);
+{% endif %}{% endif %}        const double scale = (double)tsr_load(w, c) / sqrt(var + eps);
         const double shift = (double)tsr_load(b, c) - mean * scale;
         for (bn_walk e(N, C, S, c); e.more(); e.next()) {
             const i64 i = e.at();
             tsr_store(out, i, (float)((double)tsr_load(x, i) * scale + shift));
         }
 {% elif mode == "batch_standardize" %}
-        const double mean = bn_sum(x, N, C, S, c, red) * inv_count;
-        const double inv = 1.0 / sqrt(bn_sum_sq(x, N, C, S, c, mean, red) * inv_count + eps);
+{% if not sync %}        const double mean = bn_sum(x, N, C, S, c, red) * inv_count;
+        const double var = bn_sum_sq(x, N, C, S, c, mean, red) * inv_count;
+{% endif %}        const double inv = 1.0 / sqrt(var + eps);
         for (bn_walk e(N, C, S, c); e.more(); e.next()) {
             const i64 i = e.at();
             tsr_store(out, i, (float)(((double)tsr_load(x, i) - mean) * inv));
         }
-{% elif mode == "batch_standardize_grad" %}
-        const double mean = bn_sum(x, N, C, S, c, red) * inv_count;
-        const double inv = 1.0 / sqrt(bn_sum_sq(x, N, C, S, c, mean, red) * inv_count + eps);
-        double sg = 0.0, sgx = 0.0;
+{% elif mode == "batch_standardize_grad" or mode == "group_grad_sums" %}
+{% if not sync %}        const double mean = bn_sum(x, N, C, S, c, red) * inv_count;
+        const double var = bn_sum_sq(x, N, C, S, c, mean, red) * inv_count;
+{% endif %}        const double inv = 1.0 / sqrt(var + eps);
+{% if mode == "batch_standardize_grad" and sync %}        const double mg = grad_sums[2 * at] * ginv;
+        const double mgx = grad_sums[2 * at + 1] * ginv;
+{% else %}        double sg = 0.0, sgx = 0.0;
         for (bn_walk e(N, C, S, c); e.more(); e.next()) {
             const i64 i = e.at();
             const double gv = (double)tsr_load(g, i);
             sg += gv;
             sgx += gv * ((double)tsr_load(x, i) - mean) * inv;
         }
-        const double mg = tsr_block_sum(sg, red) * inv_count;
+{% if mode == "group_grad_sums" %}        sg = tsr_block_sum(sg, red);
+        sgx = tsr_block_sum(sgx, red);
+        if (threadIdx.x == 0) { out[2 * at] = sg; out[2 * at + 1] = sgx; }
+        continue;
+{% else %}        const double mg = tsr_block_sum(sg, red) * inv_count;
         const double mgx = tsr_block_sum(sgx, red) * inv_count;
-        for (bn_walk e(N, C, S, c); e.more(); e.next()) {
+{% endif %}{% endif %}{% if mode == "batch_standardize_grad" %}        for (bn_walk e(N, C, S, c); e.more(); e.next()) {
             const i64 i = e.at();
             const double xhat = ((double)tsr_load(x, i) - mean) * inv;
             tsr_store(out, i, (float)(((double)tsr_load(g, i) - mg - xhat * mgx) * inv));
         }
-{% endif %}
+{% endif %}{% endif %}
     }
 }

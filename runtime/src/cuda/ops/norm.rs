@@ -6,9 +6,11 @@
 //! `kernels/batch_norm.cu`, one block per channel computing its statistics
 //! and using them in the same launch (so no scratch).
 
-use super::super::device::{Arg, Launch};
-use super::super::lower::{c_type, Lowering, Val};
+use super::super::device::{Arg, CollectiveOp, CollectiveStep, Elem, Launch};
+use super::super::lower::{c_type, Lowering, Step, Val};
 use super::super::source::{param, KernelSource};
+use crate::dist::Reduction;
+use tessera_plan::DType;
 use tessera_plan::Op;
 
 const ROWS: &str = include_str!("../kernels/norm_rows.cu");
@@ -108,36 +110,116 @@ pub fn lower(l: &mut Lowering, k: usize, op: &Op) -> Result<(), String> {
             }
             let mut c = tera::Context::new();
             c.insert("training", &l.plan.training);
+            let group = group_statistics(l, k, x, None, eps)?;
             let channel = [(w, "w"), (b, "b"), (rm, "running_mean"), (rv, "running_var")];
-            batch_kernel(l, k, "batch_norm", c, &out, &[(x, "x")], &channel, ("eps", eps))
+            batch_kernel(l, k, "batch_norm", c, &out, &[(x, "x")], &channel, ("eps", eps), group.as_ref())
         }
         Op::BatchStandardize { eps } => {
             let [x] = &x[..] else { return Err("batch_standardize takes (x)".into()) };
-            batch_kernel(l, k, "batch_standardize", tera::Context::new(), &out, &[(x, "x")], &[], ("eps", eps))
+            let group = group_statistics(l, k, x, None, eps)?;
+            let c = tera::Context::new();
+            batch_kernel(l, k, "batch_standardize", c, &out, &[(x, "x")], &[], ("eps", eps), group.as_ref())
         }
         Op::BatchStandardizeGrad { eps } => {
             let [g, xv] = &x[..] else { return Err("batch_standardize_grad takes (g, x)".into()) };
             if g.shape != xv.shape {
                 return Err(format!("g {:?} and x {:?} must have one shape", g.shape, xv.shape));
             }
+            let group = group_statistics(l, k, xv, Some(g), eps)?;
             let full = [(xv, "x"), (g, "g")];
-            batch_kernel(l, k, "batch_standardize_grad", tera::Context::new(), &out, &full, &[], ("eps", eps))
+            let c = tera::Context::new();
+            batch_kernel(l, k, "batch_standardize_grad", c, &out, &full, &[], ("eps", eps), group.as_ref())
         }
         Op::RunningStat { momentum, unbiased_var } => {
             let [running, xv] = &x[..] else { return Err("running_stat takes (running, x)".into()) };
             let mut c = tera::Context::new();
             c.insert("unbiased_var", &unbiased_var);
+            let group = group_statistics(l, k, xv, None, 0.0)?;
             let channel = [(running, "running")];
-            batch_kernel(l, k, "running_stat", c, &out, &[(xv, "x")], &channel, ("momentum", momentum))
+            let scalar = ("momentum", momentum);
+            batch_kernel(l, k, "running_stat", c, &out, &[(xv, "x")], &channel, scalar, group.as_ref())
         }
         ref other => Err(format!("{} is not a normalisation op", other.name())),
     }
 }
 
+/// A synchronised batch norm's group statistics, filled in by the passes
+/// `group_statistics` emits: f64 arrays of one slot of C channels per group
+/// (two values per channel for `grad_sums`).
+struct Group {
+    sums: Val,
+    squares: Val,
+    grad_sums: Option<Val>,
+    /// Ranks per group, and the values per channel over the group.
+    size: u64,
+    count: f64,
+}
+
+/// For a training plan with synchronised batch norm (VISSL's SyncBatchNorm,
+/// reference 6.6): the passes that sum channel c's statistics over the
+/// rank's group, each an all-reduce (sum) of f64 slots in which each rank
+/// wrote its group's: sums of x, then of (x - mean)^2, then for the
+/// gradient the sums of g and g * xhat (what SyncBatchNorm's backward
+/// all-reduces). `None` when the statistics are the rank's own batch's.
+fn group_statistics(l: &mut Lowering, k: usize, x: &Val, g: Option<&Val>, eps: f64) -> Result<Option<Group>, String> {
+    let size = l.plan.sync_batch_norm;
+    if !l.plan.training || size <= 1 || l.world <= 1 {
+        return Ok(None);
+    }
+    let [n, ch, rest @ ..] = &x.shape[..] else {
+        return Err(format!("the input must be [N, C, ...], got {:?}", x.shape));
+    };
+    let slots = l.world / size;
+    let piece = |l: &Lowering, name: &str, per_channel: u64| -> Result<Val, String> {
+        let (ptr, bytes) = l.scratch(k, name)?;
+        let want = slots * ch * per_channel * 8;
+        if bytes < want {
+            return Err(format!(
+                "the scratch piece `{name}` has {bytes} bytes, {slots} groups of {ch} channels need {want}"
+            ));
+        }
+        Ok(Val { ptr, shape: vec![slots * ch * per_channel], dtype: DType::F32 })
+    };
+    let group = Group {
+        sums: piece(l, "group_sums", 1)?,
+        squares: piece(l, "group_squares", 1)?,
+        grad_sums: if g.is_some() { Some(piece(l, "group_grad_sums", 2)?) } else { None },
+        size,
+        count: (size * n * rest.iter().product::<u64>()) as f64,
+    };
+    let partial = group_sums_so_far(&group);
+    let pass = |l: &mut Lowering, mode: &str, into: &Val, full: &[(&Val, &str)], partial: &Group| {
+        l.zero(k, into.ptr, into.numel() * 8);
+        let out = Val { ptr: into.ptr, shape: x.shape.clone(), dtype: DType::F32 };
+        batch_kernel_into(l, k, mode, &out, "double*", full, ("eps", eps), Some(partial))?;
+        let step = CollectiveStep {
+            op: CollectiveOp::AllReduce(Reduction::Sum),
+            elem: Elem::F64,
+            src: into.ptr,
+            dst: into.ptr,
+            count: into.numel(),
+        };
+        l.steps.push(Step::Collective { kernel: k, step });
+        Ok::<(), String>(())
+    };
+    pass(l, "group_sums", &group.sums, &[(x, "x")], &partial)?;
+    pass(l, "group_squares", &group.squares, &[(x, "x")], &partial)?;
+    if let (Some(g), Some(into)) = (g, &group.grad_sums) {
+        pass(l, "group_grad_sums", into, &[(x, "x"), (g, "g")], &partial)?;
+    }
+    Ok(Some(group))
+}
+
+/// The group's arrays as the passes pass them to each other.
+fn group_sums_so_far(g: &Group) -> Group {
+    Group { sums: g.sums.clone(), squares: g.squares.clone(), grad_sums: None, size: g.size, count: g.count }
+}
+
 /// Per-channel batch statistics: one launch of `kernels/batch_norm.cu` for
 /// op `mode` (its name), with x (the first of `full`, which all have x's
 /// shape) viewed as [N, C, S]; every operand of `per_channel` must be [C].
-/// The result is x's shape, or [C] for running_stat.
+/// The result is x's shape, or [C] for running_stat. With `group`, the
+/// statistics are the group's (synchronised batch norm).
 #[allow(clippy::too_many_arguments)]
 fn batch_kernel(
     l: &mut Lowering,
@@ -148,31 +230,85 @@ fn batch_kernel(
     full: &[(&Val, &str)],
     per_channel: &[(&Val, &str)],
     (scalar, value): (&str, f64),
+    group: Option<&Group>,
 ) -> Result<(), String> {
     let Some(&(x, _)) = full.first() else { return Err("batch statistics need an input".into()) };
-    let [n, ch, rest @ ..] = &x.shape[..] else {
+    let [_, ch, ..] = &x.shape[..] else {
         return Err(format!("the input must be [N, C, ...], got {:?}", x.shape));
     };
-    let (n, ch, s) = (*n, *ch, rest.iter().product::<u64>());
-    let want: &[u64] = if mode == "running_stat" { &[ch] } else { &x.shape };
+    let want: &[u64] = if mode == "running_stat" { &[*ch] } else { &x.shape };
     if out.shape != want {
         return Err(format!("the result is {:?}, expected {:?}", out.shape, want));
     }
     for (v, role) in per_channel {
-        if v.shape != [ch] {
+        if v.shape != [*ch] {
             return Err(format!("{role} must be [{ch}] for x {:?}, got {:?}", x.shape, v.shape));
         }
     }
-    let mut params = vec![param(&format!("{}*", c_type(out.dtype)?), "out")];
+    let out_type = format!("{}*", c_type(out.dtype)?);
+    let operands: Vec<(&Val, &str)> = full.iter().chain(per_channel).copied().collect();
+    c.insert("mode", mode);
+    batch_launch_of(l, k, c, out, &out_type, &operands, (scalar, value), group)
+}
+
+/// A pass of a synchronised batch norm: `mode` writes f64 sums into `out.ptr`.
+#[allow(clippy::too_many_arguments)]
+fn batch_kernel_into(
+    l: &mut Lowering,
+    k: usize,
+    mode: &str,
+    out: &Val,
+    out_type: &str,
+    full: &[(&Val, &str)],
+    scalar: (&str, f64),
+    group: Option<&Group>,
+) -> Result<(), String> {
+    let mut c = tera::Context::new();
+    c.insert("mode", mode);
+    batch_launch_of(l, k, c, out, out_type, full, scalar, group)
+}
+
+/// Renders and launches one batch-statistics kernel: parameters `out`, the
+/// operands, N, C, S, the scalar, then with `group` the group's arrays, the
+/// run's `tsr_rng` (for the rank), the group size and count.
+#[allow(clippy::too_many_arguments)]
+fn batch_launch_of(
+    l: &mut Lowering,
+    k: usize,
+    mut c: tera::Context,
+    out: &Val,
+    out_type: &str,
+    operands: &[(&Val, &str)],
+    (scalar, value): (&str, f64),
+    group: Option<&Group>,
+) -> Result<(), String> {
+    let Some(&(x, _)) = operands.first() else { return Err("batch statistics need an input".into()) };
+    let [n, ch, rest @ ..] = &x.shape[..] else {
+        return Err(format!("the input must be [N, C, ...], got {:?}", x.shape));
+    };
+    let (n, ch, s) = (*n, *ch, rest.iter().product::<u64>());
+    let mut params = vec![param(out_type, "out")];
     let mut args = vec![Arg::Ptr(out.ptr)];
-    for (v, role) in full.iter().chain(per_channel) {
+    for (v, role) in operands {
         params.push(param(&format!("const {}*", c_type(v.dtype)?), role));
         args.push(Arg::Ptr(v.ptr));
     }
     params.extend([param("i64", "N"), param("i64", "C"), param("i64", "S"), param("double", scalar)]);
     args.extend([Arg::I64(n as i64), Arg::I64(ch as i64), Arg::I64(s as i64), Arg::F64(value)]);
-    c.insert("mode", mode);
-    let src = KernelSource::render(mode, BATCH, c, params)?;
+    c.insert("sync", &group.is_some());
+    if let Some(g) = group {
+        params.extend([param("const double*", "sums"), param("const double*", "squares")]);
+        args.extend([Arg::Ptr(g.sums.ptr), Arg::Ptr(g.squares.ptr)]);
+        if let Some(gs) = &g.grad_sums {
+            params.push(param("const double*", "grad_sums"));
+            args.push(Arg::Ptr(gs.ptr));
+        }
+        params.extend([param("const tsr_rng*", "rng"), param("i64", "group"), param("double", "group_count")]);
+        args.extend([Arg::Ptr(l.rng), Arg::I64(g.size as i64), Arg::F64(g.count)]);
+    }
+    let name = c.get("mode").and_then(|m| m.as_str()).unwrap_or("batch").to_string();
+    let name = if group.is_some() && !name.starts_with("group_") { format!("synced_{name}") } else { name };
+    let src = KernelSource::render(&name, BATCH, c, params)?;
     l.launch(k, src, batch_launch(ch, n * s), args);
     Ok(())
 }

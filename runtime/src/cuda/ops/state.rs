@@ -11,7 +11,7 @@
 //! pointer by N * world.
 
 use super::super::device::{Arg, Launch};
-use super::super::device::{CollectiveOp, CollectiveStep};
+use super::super::device::{CollectiveOp, CollectiveStep, Elem};
 use super::super::lower::{c_type, Lowering, Step, Val};
 use super::super::source::{param, KernelSource};
 use super::elementwise::grid_for;
@@ -58,7 +58,8 @@ fn push(l: &mut Lowering, k: usize, world: u64) -> Result<(), String> {
                 n * world * e * 4
             ));
         }
-        let step = CollectiveStep { op: CollectiveOp::AllGather, src: keys.ptr, dst: at, count: n * e };
+        let step =
+            CollectiveStep { op: CollectiveOp::AllGather, elem: Elem::F32, src: keys.ptr, dst: at, count: n * e };
         l.steps.push(Step::Collective { kernel: k, step });
         at
     } else {
