@@ -14,7 +14,8 @@
 #   resume      a run killed mid-epoch and resumed, losses bitwise equal to
 #               an uninterrupted run on the same device
 #   nccl        the data-parallel collective step through NCCL at world size
-#               1 (ViT-B/16's gradient all-reduced on the device, checked)
+#               1 (ViT-B/16's gradient all-reduced on the device on NCCL's
+#               own stream, joined by events, checked; then a broadcast)
 #   vit_b16     ViT-B/16, batch 256, bf16: img/s and device memory beside
 #               the planned peak (within 5 %), beside PyTorch eager (timm,
 #               bf16 autocast, fused AdamW, clipping) measured in the same run
@@ -160,7 +161,8 @@ record resume "$ok" $((SECONDS - t)) "$cmp"
 # --- NCCL: world size 1 ---------------------------------------------------
 # The executor's collective step on device memory (ViT-B/16's gradient size):
 # the NCCL communicator made from the run's collective, the all-reduce
-# issued on the compute stream, the result checked.
+# issued on the communication stream and joined back by events, the result
+# checked; then a broadcast from rank 0, checked.
 t=$SECONDS
 if [ $QUICK = 1 ]; then AR=1000000; else AR=86567656; fi
 timeout 30 "$T" bench config=quickstart/vit_tiny --device "$DEVICE" --all-reduce $AR --steps 5 --warmup 1 \

@@ -149,8 +149,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
 /// time, algorithm bandwidth (bytes / time) and bus bandwidth (x 2(W-1)/W,
 /// the bytes each link carries in a ring: NCCL's and Gloo's convention).
 /// On a CUDA device the data is in device memory and the collective is the
-/// executor's (NCCL on a GPU; any world size, one process included), and
-/// the result is checked.
+/// executor's (NCCL on a GPU, on its own stream as a step's gradient
+/// buckets run; any world size, one process included), and the result is
+/// checked, as is a broadcast from rank 0 after it.
 fn time_all_reduce(a: &BenchArgs, world: Option<&tessera_engine::distributed::World>, n: usize) -> Result<()> {
     use std::sync::Arc;
     use tessera_runtime::cuda::device::{CollectiveOp, CollectiveStep, Elem};
@@ -185,17 +186,28 @@ fn time_all_reduce(a: &BenchArgs, world: Option<&tessera_engine::distributed::Wo
                     device.synchronize().map_err(|e| anyhow!("{e}"))?;
                     comm.barrier().map_err(|e| anyhow!("{e}"))?;
                     let t = Instant::now();
-                    device.collective(comm.as_ref(), &step).map_err(|e| anyhow!("{e}"))?;
+                    // On the communication stream, joined back as a step's
+                    // gradient buckets are (NCCL's own stream on a GPU).
+                    device.collective_async(comm.as_ref(), &step, 0).map_err(|e| anyhow!("{e}"))?;
+                    device.wait_collective(0).map_err(|e| anyhow!("{e}"))?;
                     device.synchronize().map_err(|e| anyhow!("{e}"))?;
                     if i >= a.warmup {
                         times.push(t.elapsed().as_secs_f64());
                     }
                 }
                 device.download(p, &mut check).map_err(|e| anyhow!("{e}"))?;
-                Ok(check
-                    .chunks(4)
-                    .zip(&data)
-                    .all(|(b, &v)| f32::from_ne_bytes(b.try_into().expect("4 bytes")) == v * size as f32))
+                let value = |b: &[u8]| f32::from_ne_bytes(b.try_into().expect("4 bytes"));
+                let summed = check.chunks(4).zip(&data).all(|(b, &v)| value(b) == v * size as f32);
+                // The run's start: rank 0's values everywhere (each rank
+                // uploads its own multiple of the data).
+                let mine: Vec<u8> = data.iter().flat_map(|v| (v * (rank + 1) as f32).to_ne_bytes()).collect();
+                device.upload(p, &mine).map_err(|e| anyhow!("{e}"))?;
+                let cast = CollectiveStep { op: CollectiveOp::Broadcast { root: 0 }, ..step };
+                device.collective(comm.as_ref(), &cast).map_err(|e| anyhow!("{e}"))?;
+                device.synchronize().map_err(|e| anyhow!("{e}"))?;
+                device.download(p, &mut check).map_err(|e| anyhow!("{e}"))?;
+                let broadcast = check.chunks(4).zip(&data).all(|(b, &v)| value(b) == v);
+                Ok(summed && broadcast)
             })();
             // SAFETY: allocated above; nothing uses it after.
             unsafe { device.free(p) };
@@ -248,7 +260,7 @@ fn time_all_reduce(a: &BenchArgs, world: Option<&tessera_engine::distributed::Wo
         );
     }
     if verified == Some(false) {
-        bail!("the all-reduce's result is not the sum over the ranks");
+        bail!("the all-reduce's result is not the sum over the ranks, or the broadcast's not rank 0's values");
     }
     Ok(())
 }

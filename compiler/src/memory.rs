@@ -10,6 +10,8 @@
 //! - A reshape or stop_gradient aliases its operand (no storage of its own),
 //!   except when its result lives in another region (a gradient made by a
 //!   reshape): then placements differ and a backend copies.
+//! - A gradient all-reduce of a data-parallel step is in place in the
+//!   gradient region: the backward writes the gradient there.
 //! - An elementwise kernel whose operand dies there, with the same byte size,
 //!   writes in place over it; a state update writes over its state when no
 //!   later kernel reads the old value.
@@ -83,6 +85,34 @@ pub fn plan_memory(plan: &Plan) -> MemoryPlan {
             Source::Input { .. } => place(&mut placements, v, Region::Inputs),
             Source::Kernel(_) if grad_values.contains(&v) => place(&mut placements, v, Region::Grads),
             _ => {}
+        }
+    }
+    // A data-parallel step's gradient all-reduce runs in place: the
+    // backward writes the gradient straight into its slot of the gradient
+    // region, where the all-reduce (its only reader) averages it. So the
+    // slot is written by nothing else until the optimizer reads it, and a
+    // backend may run the all-reduce beside the rest of the backward
+    // (DDP's buckets over the flat gradients) without a copy kept alive.
+    let mut readers = vec![0usize; n];
+    for kernel in &plan.kernels {
+        for &i in &kernel.inputs {
+            readers[i] += 1;
+        }
+    }
+    for kernel in &plan.kernels {
+        let [d] = kernel.inputs[..] else { continue };
+        let out = kernel.output;
+        let gradient = kernel.scope == tessera_plan::GRADIENT_ALL_REDUCE_SCOPE
+            && matches!(kernel.op, Op::AllReduce { .. })
+            && placements[out].region == Region::Grads;
+        let private = matches!(plan.values[d].source, Source::Kernel(_))
+            && placements[d].region == Region::Inline
+            && readers[d] == 1
+            && !named.contains(&d)
+            && !state_of.contains_key(&d)
+            && bytes(d) == bytes(out);
+        if gradient && private {
+            placements[d] = placements[out].clone();
         }
     }
 

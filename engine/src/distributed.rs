@@ -201,14 +201,7 @@ impl Share {
     /// Rank 0's values of the float states `names` on every rank.
     pub fn broadcast_states(&self, ex: &mut Executor, names: &[String]) -> Result<(), EngineError> {
         let Some(c) = &self.comm else { return Ok(()) };
-        for name in names {
-            let Some(mut t) = ex.read_state(name).map_err(|e| EngineError::Runtime(e.to_string()))? else { continue };
-            if let tessera_runtime::Data::F32(v) = &mut t.data {
-                c.broadcast_f32(v, 0).map_err(Share::failed)?;
-                ex.write_state(name, t).map_err(|e| EngineError::Runtime(e.to_string()))?;
-            }
-        }
-        Ok(())
+        ex.broadcast_states(names, c.as_ref()).map_err(|e| EngineError::Runtime(e.to_string()))
     }
 
     /// Every rank's rank-local states (`Plan::rank_local_states`), joined

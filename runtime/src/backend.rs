@@ -198,6 +198,23 @@ impl Executor {
         }
     }
 
+    /// Rank 0's values of the float states `names` on every rank of the
+    /// run's collective (`set_collective`; none: nothing to do): on a GPU
+    /// device to device through NCCL, on the CPU through host tensors.
+    pub fn broadcast_states(&mut self, names: &[String], comm: &dyn Collective) -> Result<(), RuntimeError> {
+        if let Executor::Cuda(e) = self {
+            return e.broadcast_states(names, 0);
+        }
+        for name in names {
+            let Some(mut t) = self.read_state(name)? else { continue };
+            if let crate::tensor::Data::F32(v) = &mut t.data {
+                comm.broadcast_f32(v, 0).map_err(|e| RuntimeError::Device(format!("broadcasting `{name}`: {e}")))?;
+                self.write_state(name, t)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Replaces parameter or buffer `name` with a host tensor of its type
     /// (floats are rounded to the state's dtype).
     pub fn write_state(&mut self, name: &str, t: Tensor) -> Result<(), RuntimeError> {

@@ -8,8 +8,9 @@
 //! shapes and index arithmetic without a GPU.
 //!
 //! Invariants: a `DevPtr` is an address in the device's memory (on the
-//! host, a host address); every call is ordered after the previous ones (one
-//! stream); `download` returns after the data has arrived.
+//! host, a host address); every call is ordered after the previous ones on
+//! the compute stream, except `collective_async`, which runs beside it until
+//! its `wait_collective`; `download` returns after the data has arrived.
 
 use super::gemm::GemmDesc;
 use std::fmt;
@@ -146,6 +147,9 @@ pub enum CollectiveOp {
     AllGather,
     /// `dst` (count / world) = block `rank` of the sum of every rank's `src`.
     ReduceScatter,
+    /// `dst` (count elements) = rank `root`'s `src` (the run's start: every
+    /// rank takes rank 0's model, as DDP broadcasts it).
+    Broadcast { root: usize },
 }
 
 /// The elements a collective moves: f32 or bf16 values (mixed-precision
@@ -182,7 +186,7 @@ impl CollectiveStep {
     /// Elements of `dst` with `world` ranks.
     pub fn dst_count(&self, world: usize) -> u64 {
         match self.op {
-            CollectiveOp::AllReduce(_) => self.count,
+            CollectiveOp::AllReduce(_) | CollectiveOp::Broadcast { .. } => self.count,
             CollectiveOp::AllGather => self.count * world as u64,
             CollectiveOp::ReduceScatter => self.count / world as u64,
         }
@@ -236,4 +240,18 @@ pub trait DeviceApi: Send + Sync {
     /// with a communicator made from `comm` on first use; the host: `comm`
     /// itself on host memory).
     fn collective(&self, comm: &dyn crate::dist::Collective, c: &CollectiveStep) -> DResult<()>;
+    /// Starts `c` on the communication stream once the compute stream has
+    /// reached this point, and returns without waiting; the compute stream
+    /// waits for it at `wait_collective(slot)` (slots number a launch
+    /// list's collectives from 0). A device with one stream runs it in
+    /// order (the host device).
+    fn collective_async(&self, comm: &dyn crate::dist::Collective, c: &CollectiveStep, slot: usize) -> DResult<()> {
+        let _ = slot;
+        self.collective(comm, c)
+    }
+    /// Later work on the compute stream waits for collective `slot`.
+    fn wait_collective(&self, slot: usize) -> DResult<()> {
+        let _ = slot;
+        Ok(())
+    }
 }

@@ -48,6 +48,11 @@ pub struct GpuDevice {
     ready: sys::CUevent,
     consumed: sys::CUevent,
     blas: lt::cublasLtHandle_t,
+    /// The communication stream NCCL runs on, and per collective slot of
+    /// the launch list the events that order it with the compute stream:
+    /// (reached: the compute stream got there, done: the collective ended).
+    comms: sys::CUstream,
+    comm_events: Mutex<Vec<(sys::CUevent, sys::CUevent)>>,
     state: Mutex<State>,
     /// The NCCL communicator of a data-parallel run (made on the first
     /// collective, from the run's own collective), and its world size.
@@ -89,6 +94,8 @@ impl GpuDevice {
             drv::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING).map_err(|e| format!("cuEventCreate: {e:?}"))
         };
         let (ready, consumed) = (event()?, event()?);
+        let comms =
+            drv::stream::create(drv::stream::StreamKind::NonBlocking).map_err(|e| format!("cuStreamCreate: {e:?}"))?;
         // Nothing to wait for before the first prefetch.
         unsafe { drv::event::record(consumed, stream) }.map_err(|e| format!("cuEventRecord: {e:?}"))?;
         let blas = cudarc::cublaslt::result::create_handle().map_err(|e| format!("cublasLtCreate: {e:?}"))?;
@@ -102,6 +109,8 @@ impl GpuDevice {
             ready,
             consumed,
             blas,
+            comms,
+            comm_events: Mutex::new(Vec::new()),
             state: Mutex::new(State { functions: Vec::new(), modules: Vec::new(), gemms: Vec::new() }),
             nccl: Mutex::new(None),
         })
@@ -389,10 +398,49 @@ impl DeviceApi for GpuDevice {
     }
 
     fn collective(&self, comm: &dyn crate::dist::Collective, c: &CollectiveStep) -> DResult<()> {
-        use crate::dist::Reduction;
         self.current()?;
+        self.nccl_on(comm, c, self.stream)
+    }
+
+    fn collective_async(&self, comm: &dyn crate::dist::Collective, c: &CollectiveStep, slot: usize) -> DResult<()> {
+        self.current()?;
+        let (reached, done) = self.comm_events(slot)?;
+        let wait = sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT;
+        // SAFETY: the events and streams live as long as the device.
+        unsafe {
+            drv::event::record(reached, self.stream).map_err(|e| err("cuEventRecord", e))?;
+            drv::stream::wait_event(self.comms, reached, wait).map_err(|e| err("cuStreamWaitEvent", e))?;
+        }
+        self.nccl_on(comm, c, self.comms)?;
+        unsafe { drv::event::record(done, self.comms) }.map_err(|e| err("cuEventRecord", e))
+    }
+
+    fn wait_collective(&self, slot: usize) -> DResult<()> {
+        self.current()?;
+        let (_, done) = self.comm_events(slot)?;
+        let wait = sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT;
+        // SAFETY: the event and stream live as long as the device.
+        unsafe { drv::stream::wait_event(self.stream, done, wait) }.map_err(|e| err("cuStreamWaitEvent", e))
+    }
+}
+
+impl GpuDevice {
+    /// The events of collective slot `slot`, made on first use.
+    fn comm_events(&self, slot: usize) -> DResult<(sys::CUevent, sys::CUevent)> {
+        let mut events = self.comm_events.lock().unwrap_or_else(|p| p.into_inner());
+        while events.len() <= slot {
+            let event =
+                || drv::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING).map_err(|e| err("cuEventCreate", e));
+            events.push((event()?, event()?));
+        }
+        Ok(events[slot])
+    }
+
+    /// Issues `c` through NCCL on `stream`.
+    fn nccl_on(&self, comm: &dyn crate::dist::Collective, c: &CollectiveStep, stream: sys::CUstream) -> DResult<()> {
+        use crate::dist::Reduction;
         let nccl_comm = self.nccl_comm(comm)?;
-        let stream = self.stream as nccl::cudaStream_t;
+        let stream = stream as nccl::cudaStream_t;
         let (src, dst) = (c.src.0 as *const c_void, c.dst.0 as *mut c_void);
         let f32_ = match c.elem {
             Elem::F32 => nccl::ncclDataType_t::ncclFloat32,
@@ -412,6 +460,9 @@ impl DeviceApi for GpuDevice {
                     nccl_call::all_reduce(src, dst, c.count as usize, f32_, op, nccl_comm, stream)
                 }
                 CollectiveOp::AllGather => nccl_call::all_gather(src, dst, c.count as usize, f32_, nccl_comm, stream),
+                CollectiveOp::Broadcast { root } => {
+                    nccl_call::broadcast(src, dst, c.count as usize, f32_, root as i32, nccl_comm, stream)
+                }
                 CollectiveOp::ReduceScatter => nccl_call::reduce_scatter(
                     src,
                     dst,
@@ -478,10 +529,16 @@ impl Drop for GpuDevice {
                 let _ = drv::module::unload(m);
             }
             let _ = drv::stream::synchronize(self.copies);
+            let _ = drv::stream::synchronize(self.comms);
+            for (a, b) in self.comm_events.get_mut().map(std::mem::take).unwrap_or_default() {
+                let _ = drv::event::destroy(a);
+                let _ = drv::event::destroy(b);
+            }
             let _ = cudarc::cublaslt::result::destroy_handle(self.blas);
             let _ = drv::event::destroy(self.ready);
             let _ = drv::event::destroy(self.consumed);
             let _ = drv::stream::destroy(self.copies);
+            let _ = drv::stream::destroy(self.comms);
             let _ = drv::stream::destroy(self.stream);
             if let Some((c, _)) = self.nccl.get_mut().ok().and_then(|n| n.take()) {
                 let _ = nccl_call::comm_destroy(c);

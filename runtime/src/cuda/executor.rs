@@ -27,7 +27,8 @@ enum Linked {
     Gemm { kernel: usize, h: GemmHandle, ptrs: super::device::GemmPtrs },
     Copy { kernel: usize, dst: DevPtr, src: DevPtr, bytes: u64 },
     Zero { kernel: usize, dst: DevPtr, bytes: u64 },
-    Collective { kernel: usize, step: super::device::CollectiveStep },
+    Collective { kernel: usize, step: super::device::CollectiveStep, slot: usize },
+    WaitCollective { kernel: usize, slot: usize },
 }
 
 pub struct CudaExecutor {
@@ -179,7 +180,8 @@ impl CudaExecutor {
                 }
                 Step::Copy { kernel, dst, src, bytes } => Linked::Copy { kernel, dst, src, bytes },
                 Step::Zero { kernel, dst, bytes } => Linked::Zero { kernel, dst, bytes },
-                Step::Collective { kernel, step } => Linked::Collective { kernel, step },
+                Step::Collective { kernel, step, slot } => Linked::Collective { kernel, step, slot },
+                Step::WaitCollective { kernel, slot } => Linked::WaitCollective { kernel, slot },
             });
         }
         Ok(ex)
@@ -244,6 +246,31 @@ impl CudaExecutor {
             Some(&i) => self.read_value(i).map(Some),
             None => Ok(None),
         }
+    }
+
+    /// Rank `root`'s values of the float states `names` on every rank of
+    /// the run's collective, device to device (NCCL's broadcast on a GPU).
+    /// Unknown names and integer states are left alone.
+    pub fn broadcast_states(&mut self, names: &[String], root: usize) -> Result<(), RuntimeError> {
+        use super::device::{CollectiveOp, CollectiveStep, Elem};
+        let Some(comm) = self.comm.clone() else { return Ok(()) };
+        let device = self.backend.device();
+        for name in names {
+            let Some(&i) = self.state_index.get(name) else { continue };
+            let v = &self.plan.values[i];
+            let elem = match v.dtype {
+                DType::F32 => Elem::F32,
+                DType::BF16 => Elem::BF16,
+                _ => continue,
+            };
+            let at = self.addr[i].expect("states have storage");
+            let step =
+                CollectiveStep { op: CollectiveOp::Broadcast { root }, elem, src: at, dst: at, count: v.numel() };
+            device
+                .collective(comm.as_ref(), &step)
+                .map_err(|e| RuntimeError::Device(format!("broadcasting `{name}`: {}", e.0)))?;
+        }
+        device.synchronize().map_err(dev)
     }
 
     pub fn write_state(&mut self, name: &str, t: Tensor) -> Result<(), RuntimeError> {
@@ -490,13 +517,16 @@ impl CudaExecutor {
                     device.copy(*dst, *src, *bytes).map_err(|e| fail(*kernel, e))?
                 }
                 Linked::Zero { kernel, dst, bytes } => device.zero(*dst, *bytes).map_err(|e| fail(*kernel, e))?,
-                Linked::Collective { kernel, step } => {
+                Linked::WaitCollective { kernel, slot } => {
+                    device.wait_collective(*slot).map_err(|e| fail(*kernel, e))?
+                }
+                Linked::Collective { kernel, step, slot } => {
                     let comm = self.comm.as_deref().ok_or_else(|| {
                         fail(*kernel, super::device::DeviceError(
                             "a collective over several ranks needs the run's collective, and this executor has none (start the run with DISTRIBUTED.NUM_PROC_PER_NODE or a launcher)".into(),
                         ))
                     })?;
-                    device.collective(comm, step).map_err(|e| fail(*kernel, e))?
+                    device.collective_async(comm, step, *slot).map_err(|e| fail(*kernel, e))?
                 }
             }
         }

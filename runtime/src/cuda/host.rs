@@ -332,6 +332,10 @@ impl DeviceApi for HostDevice {
             }
             CollectiveOp::AllGather => comm.all_gather_f32(&src),
             CollectiveOp::ReduceScatter => comm.reduce_scatter_f32(&src),
+            CollectiveOp::Broadcast { root } => {
+                let mut all = src;
+                comm.broadcast_f32(&mut all, root).map(|_| all)
+            }
         }
         .map_err(failed)?;
         if result.len() != m {

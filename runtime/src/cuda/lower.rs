@@ -40,11 +40,32 @@ pub enum Step {
         dst: DevPtr,
         bytes: u64,
     },
-    /// A collective across the ranks of a data-parallel run.
+    /// A collective across the ranks of a data-parallel run, started on the
+    /// communication stream (`slot` numbers it in the list; see `overlap`).
     Collective {
         kernel: usize,
         step: CollectiveStep,
+        slot: usize,
     },
+    /// The compute stream waits for collective `slot` here.
+    WaitCollective {
+        kernel: usize,
+        slot: usize,
+    },
+}
+
+impl Step {
+    /// The plan kernel the step belongs to.
+    pub fn kernel(&self) -> usize {
+        match *self {
+            Step::Launch { kernel, .. }
+            | Step::Gemm { kernel, .. }
+            | Step::Copy { kernel, .. }
+            | Step::Zero { kernel, .. }
+            | Step::Collective { kernel, .. }
+            | Step::WaitCollective { kernel, .. } => kernel,
+        }
+    }
 }
 
 /// A value as a kernel sees it.
@@ -187,6 +208,10 @@ impl<'a> Lowering<'a> {
                 format!("kernel {k} ({}) in `{}`: {e}", kernel.op.name(), kernel.scope)
             })?;
         }
+        if self.world > 1 {
+            let fp = super::overlap::Footprints::new(self.plan, self.addr, self.workspace);
+            self.steps = super::overlap::schedule(std::mem::take(&mut self.steps), self.plan, self.world, &fp);
+        }
         Ok(())
     }
 
@@ -270,6 +295,18 @@ fn lower_kernel(l: &mut Lowering, k: usize) -> Result<(), String> {
 /// device: addresses as if the allocation started at a fixed base). What
 /// the compile checks (NVRTC, ptxas) render without a GPU.
 pub fn kernel_sources(plan: &Plan) -> Result<Vec<KernelSource>, String> {
+    on_paper(plan).map(|l| l.1)
+}
+
+/// A plan's launch list lowered on paper (as `kernel_sources`), with the
+/// addresses it was lowered for (per value) and the workspace's.
+#[allow(clippy::type_complexity)]
+pub fn launch_list(plan: &Plan) -> Result<(Vec<Step>, Vec<Option<DevPtr>>, DevPtr), String> {
+    on_paper(plan).map(|l| (l.0, l.2, l.3))
+}
+
+#[allow(clippy::type_complexity)]
+fn on_paper(plan: &Plan) -> Result<(Vec<Step>, Vec<KernelSource>, Vec<Option<DevPtr>>, DevPtr), String> {
     let memory = plan.memory.as_ref().ok_or("the plan has no memory plan")?;
     let base = DevPtr(1 << 40);
     let table = DevPtr(1 << 41);
@@ -279,7 +316,8 @@ pub fn kernel_sources(plan: &Plan) -> Result<Vec<KernelSource>, String> {
     let addr = super::arena::addresses(plan, memory, base, &slots);
     let mut l = Lowering::new(plan, memory, &addr, base, table);
     l.lower_all()?;
-    Ok(l.sources)
+    let workspace = l.workspace;
+    Ok((l.steps, l.sources, addr, workspace))
 }
 
 /// `all_reduce`, `all_gather` and `all_gather_grad` over several ranks:
@@ -310,6 +348,6 @@ fn collective(l: &mut Lowering, k: usize, op: &Op) -> Result<(), String> {
     if step.dst_count(world as usize) != out.numel() {
         return Err(format!("{} of {:?} into {:?} over {world} ranks", op.name(), x.shape, out.shape));
     }
-    l.steps.push(Step::Collective { kernel: k, step });
+    l.steps.push(Step::Collective { kernel: k, step, slot: 0 });
     Ok(())
 }

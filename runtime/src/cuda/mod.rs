@@ -33,6 +33,7 @@ pub mod libs;
 pub mod lower;
 pub mod nvrtc;
 pub mod ops;
+pub mod overlap;
 pub mod source;
 
 pub use executor::CudaExecutor;

@@ -485,3 +485,56 @@ fn synchronised_batch_norm_over_two_ranks_matches_one_process_with_both_batches(
         }
     }
 }
+
+/// The run's start on the CUDA executor: every rank takes rank 0's states
+/// device to device (NCCL's broadcast on a GPU; the TCP ring here), f32 and
+/// bf16 alike; integer states are left alone.
+#[test]
+fn states_broadcast_from_rank_0_device_to_device() {
+    use std::sync::Arc;
+    use std::time::Duration;
+    use tessera_runtime::dist::{RingCollective, StoreClient, StoreServer};
+    let build = || -> Plan {
+        let mut g = Graph::new();
+        let w =
+            g.add_param("w", TensorType::new(shape(&[5, 3]), DType::F32), Init::Normal { std: 1.0 }, true, "").unwrap();
+        let h =
+            g.add_param("h", TensorType::new(shape(&[4]), DType::BF16), Init::Normal { std: 1.0 }, true, "").unwrap();
+        let x = g.add_input("x", shape(&[3]), DType::F32).unwrap();
+        let s = g.add_op(Op::AllReduce { op: tessera_compiler::ir::ReduceOp::Sum, world: 2 }, &[x], "").unwrap();
+        g.set_output("w", w);
+        g.set_output("h", h);
+        g.set_output("s", s);
+        plan_of(&g, true)
+    };
+    let server = StoreServer::bind("127.0.0.1:0").unwrap();
+    let addr = format!("127.0.0.1:{}", server.port());
+    let got: Vec<(Tensor, Tensor, Tensor, Tensor)> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..2)
+            .map(|r| {
+                let (addr, build) = (addr.clone(), &build);
+                s.spawn(move || {
+                    let store = StoreClient::connect(&addr, Duration::from_secs(20)).unwrap();
+                    let ring = RingCollective::join(&store, "states", r, 2, Duration::from_secs(20)).unwrap();
+                    let _one_at_a_time = BUILD.lock().unwrap_or_else(|p| p.into_inner());
+                    // Another seed per rank: different initial weights.
+                    let mut ex = host().executor(build(), 7 + r as u64).unwrap_or_else(|e| panic!("{e}"));
+                    drop(_one_at_a_time);
+                    let ring: Arc<dyn tessera_runtime::dist::Collective> = Arc::new(ring);
+                    ex.set_collective(ring.clone()).unwrap();
+                    let before = (ex.read_state("w").unwrap().unwrap(), ex.read_state("h").unwrap().unwrap());
+                    ex.broadcast_states(&["w".into(), "h".into(), "absent".into()], ring.as_ref()).unwrap();
+                    let after = (ex.read_state("w").unwrap().unwrap(), ex.read_state("h").unwrap().unwrap());
+                    (before.0, before.1, after.0, after.1)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let v = |t: &Tensor| t.as_f32().unwrap().to_vec();
+    assert_ne!(v(&got[0].0), v(&got[1].0), "the ranks started alike: nothing to broadcast");
+    for (r, (_, _, w, h)) in got.iter().enumerate() {
+        assert_eq!(v(w), v(&got[0].0), "rank {r}: w");
+        assert_eq!(v(h), v(&got[0].1), "rank {r}: h (bf16)");
+    }
+}

@@ -2,7 +2,8 @@
 //! to a GPU machine): every op family against the CPU backend (`ops`,
 //! `reduce`, `attention`, `batchnorm`), every reference model trained three
 //! steps against the CPU (`models`), and every kernel of the shipped
-//! configs compiled for sm_90 with NVRTC and ptxas (`compile`).
+//! configs compiled for sm_90 with NVRTC and ptxas (`compile`); the
+//! data-parallel launch lists' buckets and joins (`overlap`).
 //!
 //! They run the CUDA executor on the host device (the GPU's kernel sources
 //! compiled by g++, one thread per block), which needs the CUDA headers
@@ -15,6 +16,7 @@ mod batchnorm;
 mod compile;
 mod models;
 mod ops;
+mod overlap;
 mod reduce;
 
 use tessera_runtime::{Backend, Device, RuntimeError};

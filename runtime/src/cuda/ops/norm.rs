@@ -199,7 +199,7 @@ fn group_statistics(l: &mut Lowering, k: usize, x: &Val, g: Option<&Val>, eps: f
             dst: into.ptr,
             count: into.numel(),
         };
-        l.steps.push(Step::Collective { kernel: k, step });
+        l.steps.push(Step::Collective { kernel: k, step, slot: 0 });
         Ok::<(), String>(())
     };
     pass(l, "group_sums", &group.sums, &[(x, "x")], &partial)?;

@@ -60,7 +60,7 @@ fn push(l: &mut Lowering, k: usize, world: u64) -> Result<(), String> {
         }
         let step =
             CollectiveStep { op: CollectiveOp::AllGather, elem: Elem::F32, src: keys.ptr, dst: at, count: n * e };
-        l.steps.push(Step::Collective { kernel: k, step });
+        l.steps.push(Step::Collective { kernel: k, step, slot: 0 });
         at
     } else {
         keys.ptr
