@@ -11,6 +11,7 @@ use tessera_compiler::summary::summarize;
 use tessera_runtime::weights::WeightsFormat;
 
 mod bench;
+mod cost_report;
 mod infer;
 mod launch;
 mod memory_report;
@@ -95,8 +96,8 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
-    /// Plan a config's training step and report its memory
-    /// (`tessera plan config=NAME --memory`), or summarise a plan file
+    /// Plan a config's training step and report its memory, bytes moved and
+    /// FLOPs (`tessera plan config=NAME --memory [--device h100]`), or summarise a plan file
     /// (`tessera plan show FILE`).
     #[command(args_conflicts_with_subcommands = true)]
     Plan {
@@ -131,6 +132,11 @@ enum Command {
         /// Extra directory of `.tsr` model files.
         #[arg(long)]
         models: Vec<PathBuf>,
+        /// With --memory: the roofline estimate of the step's time on this
+        /// GPU (h100 or h200: datasheet peaks), beside PyTorch's measured
+        /// figures for the same model where there are some.
+        #[arg(long, value_name = "h100|h200")]
+        device: Option<String>,
     },
     /// Train a config's model as VISSL's trainer does, on the CPU or a GPU
     /// (MACHINE.DEVICE: cpu | gpu): data pipeline, schedules, meters, logs
@@ -495,7 +501,18 @@ fn run(cli: Cli) -> Result<()> {
             passes,
             memory_budget,
             models,
+            device: gpu,
         } => {
+            let gpu = match gpu.as_deref() {
+                None => None,
+                Some(n) => Some(
+                    tessera_plan::cost::Device::named(n)
+                        .ok_or_else(|| anyhow::anyhow!("--device {n}: the roofline knows h100 and h200"))?,
+                ),
+            };
+            if gpu.is_some() && !memory {
+                bail!("--device gives the roofline estimate of `--memory`'s report: add --memory");
+            }
             if args.is_empty() {
                 bail!("give `config=NAME [OVERRIDES]` to plan a training step, or `tessera plan show FILE`");
             }
@@ -536,7 +553,13 @@ fn run(cli: Cli) -> Result<()> {
                 None if max_batch => bail!("--max-batch needs --device-memory SIZE (e.g. 80GiB)"),
                 None => None,
             };
-            let mut report = memory_report::report(&step, cfg.name(), batch, max_batch.then_some(device).flatten())?;
+            let mut report = memory_report::report(
+                &step,
+                (cfg.name(), cfg.tree()),
+                batch,
+                max_batch.then_some(device).flatten(),
+                gpu.as_ref(),
+            )?;
             if let Some((text, json)) = budget_note {
                 report.text += &text;
                 report.json["memory_budget"] = json;

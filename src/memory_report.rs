@@ -110,8 +110,14 @@ fn max_batch(step: &Graph, device: u64) -> Result<(u64, Option<u64>)> {
 }
 
 /// Also reports the peak of the same step in a plain topological order.
-pub fn report(step: &Graph, config: &str, batch: u64, device: Option<u64>) -> Result<Report> {
-    let (plan, m) = planned(step, batch)?;
+pub fn report(
+    step: &Graph,
+    (config, tree): (&str, &serde_json::Value),
+    batch: u64,
+    device: Option<u64>,
+    gpu: Option<&tessera_plan::cost::Device>,
+) -> Result<Report> {
+    let (mut plan, m) = planned(step, batch)?;
     let loss_kernel = plan.outputs.iter().find(|(n, _)| n == "loss").and_then(|(_, v)| match plan.values[*v].source {
         Source::Kernel(k) => Some(k),
         _ => None,
@@ -152,6 +158,13 @@ pub fn report(step: &Graph, config: &str, batch: u64, device: Option<u64>) -> Re
         "lower_bound_bytes": m.lower_bound_bytes,
         "in_place": m.in_place,
     });
+    // Bytes moved and FLOPs (tessera_plan::cost reads the memory plan).
+    plan.memory = Some(m.clone());
+    let (cost_text, cost_json) = crate::cost_report::section(&plan, batch, tree, gpu);
+    text += &cost_text;
+    if let (Some(obj), serde_json::Value::Object(extra)) = (json.as_object_mut(), cost_json) {
+        obj.extend(extra);
+    }
     {
         let plain = tessera_compiler::passes::plain_topological(step).map_err(|e| anyhow!("{e}"))?;
         let peak = planned(&plain, batch)?.1.peak_bytes;

@@ -470,6 +470,26 @@ fn cli_plans_memory_as_text_json_and_svg_and_finds_the_largest_batch() {
     let sum: u64 = parts.values().map(|p| p.as_u64().unwrap()).sum();
     assert_eq!(sum, v["peak_bytes"].as_u64().unwrap());
     assert!(v["arena_bytes"].as_u64() >= v["lower_bound_bytes"].as_u64());
+    // Bytes moved: by dtype and by kernel class, each adding up to the total.
+    let moved = &v["bytes_moved"];
+    let total = moved["total"].as_u64().unwrap();
+    let sum = |o: &serde_json::Value, f: &dyn Fn(&serde_json::Value) -> u64| -> u64 {
+        o.as_object().unwrap().values().map(f).sum()
+    };
+    assert_eq!(sum(&moved["by_dtype"], &|b| b.as_u64().unwrap()), total, "{json}");
+    assert_eq!(sum(&moved["by_class"], &|c| c["bytes"].as_u64().unwrap()), total, "{json}");
+    assert!(total > v["peak_bytes"].as_u64().unwrap() && v["flops"].as_u64().unwrap() > 0, "{json}");
+    // The roofline on a named GPU: batch over the estimated step time.
+    let (ok, json, e) = tessera(&["plan", cfg, "--memory", "--format", "json", "--batch", "8", "--device", "h100"]);
+    assert!(ok, "{e}");
+    let r = &serde_json::from_str::<serde_json::Value>(&json).unwrap()["roofline"];
+    let (ms, ips) = (r["step_ms"].as_f64().unwrap(), r["img_per_sec"].as_f64().unwrap());
+    assert!(ms > 0.0 && (ips - 8.0 / (ms / 1e3)).abs() < 1e-6 * ips, "{json}");
+    assert_eq!(r["device"], "h100");
+    let (ok, _, e) = tessera(&["plan", cfg, "--memory", "--device", "tpu"]);
+    assert!(!ok && e.contains("the roofline knows h100 and h200"), "{e}");
+    let (ok, _, e) = tessera(&["plan", cfg, "--memory-plot", "x.svg", "--device", "h100"]);
+    assert!(!ok && e.contains("add --memory"), "{e}");
 
     let (ok, json, e) = tessera(&["plan", cfg, "--max-batch", "--device-memory", "64MiB", "--format", "json"]);
     assert!(ok, "{e}");

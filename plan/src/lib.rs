@@ -12,6 +12,7 @@
 //! graph, no device pointer and no weights; `Plan::validate` and
 //! `MemoryPlan::check` are what a backend calls on a plan it did not make.
 
+pub mod cost;
 pub mod instr;
 pub mod memory;
 pub mod op;

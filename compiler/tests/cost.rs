@@ -1,0 +1,92 @@
+//! The step's cost on paper (`tessera_plan::cost`): bytes moved and matrix
+//! FLOPs per kernel against closed forms, views and folded constants
+//! moving nothing, the optimizer's parts counted, the forward FLOPs of
+//! ViT-B/16 equal to the graph's count (35.1 GFLOPs per image, fvcore's),
+//! and the roofline as the larger of the two bounds per kernel.
+
+use tessera_compiler::config;
+use tessera_compiler::elaborate::Program;
+use tessera_compiler::ir::{DType, Graph, Init, Op, Shape, TensorType};
+use tessera_compiler::memory::plan_memory;
+use tessera_compiler::pipeline::{inference_plan, training_plan};
+use tessera_compiler::plan::{lower, Plan};
+use tessera_plan::cost::{kernel_cost, KernelClass, StepCost, H100, H200};
+
+fn planned(g: &Graph, training: bool) -> Plan {
+    let mut p = lower(g, 1, training).unwrap_or_else(|e| panic!("{e}"));
+    p.memory = Some(plan_memory(&p));
+    p
+}
+
+fn kernel_of(p: &Plan, name: &str) -> usize {
+    p.kernels.iter().position(|k| k.op.name() == name).unwrap_or_else(|| panic!("no {name} kernel"))
+}
+
+#[test]
+fn a_linear_layer_moves_its_operands_and_result_and_does_2mnk() {
+    let mut g = Graph::new();
+    let x = g.add_input("x", Shape::consts(&[8, 16]), DType::F32).unwrap();
+    let w = g.add_param("w", TensorType::f32(Shape::consts(&[32, 16])), Init::Zeros, true, "").unwrap();
+    let b = g.add_param("b", TensorType::f32(Shape::consts(&[32])), Init::Zeros, true, "").unwrap();
+    let y = g.add_op(Op::Linear, &[x, w, b], "").unwrap();
+    // A view of y (no bytes) and a bf16 cast of it (f32 in, bf16 out).
+    let flat = g.add_op(Op::Reshape { shape: Shape::consts(&[256]) }, &[y], "").unwrap();
+    let half = g.add_op(Op::Cast { dtype: DType::BF16 }, &[flat], "").unwrap();
+    g.set_output("y", half);
+    let p = planned(&g, false);
+    let c = kernel_cost(&p, kernel_of(&p, "linear"));
+    assert_eq!(c.flops, 2 * 8 * 32 * 16);
+    assert!(!c.flops_bf16);
+    assert_eq!(c.bytes["f32"], 4 * (8 * 16 + 32 * 16 + 32 + 8 * 32));
+    assert_eq!(c.total_bytes(), c.bytes["f32"]);
+    let view = kernel_cost(&p, kernel_of(&p, "reshape"));
+    assert_eq!((view.total_bytes(), view.flops), (0, 0));
+    let cast = kernel_cost(&p, kernel_of(&p, "cast"));
+    assert_eq!((cast.bytes["f32"], cast.bytes["bf16"]), (256 * 4, 256 * 2));
+    assert_eq!(KernelClass::of(&p.kernels[kernel_of(&p, "cast")].op), KernelClass::Cast);
+    // The step is the sum of its kernels; a view costs nothing in the roofline.
+    let s = StepCost::of(&p);
+    assert_eq!(s.total.bytes_moved, c.total_bytes() + cast.total_bytes());
+    assert_eq!(s.total.flops, 2 * 8 * 32 * 16);
+    // Per kernel the larger bound: here every kernel is memory-bound on an H100.
+    let (secs, _) = s.seconds(&H100);
+    let by_bytes = s.total.bytes_moved as f64 / H100.bandwidth;
+    assert!((secs - by_bytes).abs() < 1e-15, "{secs} vs {by_bytes}");
+    assert!(s.seconds(&H200).0 < secs);
+}
+
+#[test]
+fn scalar_constants_fold_and_the_optimizer_writes_its_parts() {
+    // A training step of one linear layer: AdamW over w writes w and its two
+    // moments (parts of one multi-tensor kernel), reading w, its gradient
+    // and the moments; lr and the betas are folded scalars.
+    let prog = Program::load(&[]).unwrap();
+    let cfg = config::load("quickstart/vit_tiny", &[]).unwrap();
+    let (p, _) = training_plan(&prog, cfg.tree(), 2).unwrap();
+    let k = kernel_of(&p, "multi_tensor");
+    let c = kernel_cost(&p, k);
+    let params: u64 = p.tables.params.iter().map(|(_, v)| p.values[*v].numel()).sum();
+    // Reads: each parameter, its gradient, two moments (f32), plus the
+    // per-step scalars (the bias corrections); writes: parameter and moments.
+    let floor = 4 * params * (4 + 3);
+    assert!(c.total_bytes() >= floor && c.total_bytes() < floor + 4096, "{} vs {floor}", c.total_bytes());
+    assert_eq!(c.flops, 0);
+}
+
+#[test]
+fn vit_b16_forward_flops_are_the_graphs_35_1_gflops_per_image() {
+    let prog = Program::load(&[]).unwrap();
+    let cfg = config::load(
+        "pretrain/vision_transformer/supervised/16gpu_deit_b_example",
+        &["MODEL.HEAD.PARAMS=[[mlp, {dims: [768, 1000]}]]".into()],
+    )
+    .unwrap();
+    let (p, c) = inference_plan(&prog, cfg.tree(), 2, false).unwrap();
+    let s = StepCost::of(&p);
+    let graph = tessera_compiler::ir::flops::total_flops(&c.graph, 2);
+    assert_eq!(s.total.flops, graph);
+    assert_eq!(graph, 2 * 35_127_656_448);
+    // The products run in f32 (no AMP): compute-bound kernels at f32's peak.
+    let mm = &s.by_class[&KernelClass::MatrixProduct];
+    assert!(mm.flops * 100 >= s.total.flops * 95, "{} of {}", mm.flops, s.total.flops);
+}
