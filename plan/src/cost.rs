@@ -78,7 +78,7 @@ impl KernelClass {
             | Op::BatchStandardize { .. }
             | Op::BatchStandardizeGrad { .. }
             | Op::RunningStat { .. } => Normalization,
-            Op::Reduce { .. } | Op::SumOfSquares => Reduction,
+            Op::Reduce { .. } | Op::ReduceF32 { .. } | Op::SumOfSquares => Reduction,
             Op::Softmax { .. }
             | Op::LogSoftmax { .. }
             | Op::L2Normalize { .. }

@@ -150,6 +150,15 @@ pub enum Op {
         axes: Vec<usize>,
         keepdim: bool,
     },
+    /// `Reduce` of a float tensor of any float dtype with an f32 result,
+    /// accumulated in f32 or wider: what mixed precision makes of a sum of
+    /// a bf16 tensor (a bias gradient read straight from the bf16 gradient
+    /// of a matrix product, not from an f32 copy of it).
+    ReduceF32 {
+        op: ReduceOp,
+        axes: Vec<usize>,
+        keepdim: bool,
+    },
 
     // ---- layout ----
     Reshape {
@@ -407,6 +416,11 @@ impl Op {
                 ReduceOp::Mean => "mean",
                 ReduceOp::Max => "max",
             },
+            Op::ReduceF32 { op, .. } => match op {
+                ReduceOp::Sum => "sum_f32",
+                ReduceOp::Mean => "mean_f32",
+                ReduceOp::Max => "max_f32",
+            },
             Op::Reshape { .. } => "reshape",
             Op::Permute { .. } => "permute",
             Op::Concat { .. } => "concat",
@@ -514,7 +528,9 @@ pub fn attributes(op: &Op) -> Vec<(&'static str, String)> {
         ],
         Op::Part { offset, shape } => vec![("offset", offset.to_string()), ("shape", shape.to_string())],
         Op::Cast { dtype } => vec![("dtype", dtype.to_string())],
-        Op::Reduce { axes, keepdim, .. } => vec![("axes", list(axes)), ("keepdim", keepdim.to_string())],
+        Op::Reduce { axes, keepdim, .. } | Op::ReduceF32 { axes, keepdim, .. } => {
+            vec![("axes", list(axes)), ("keepdim", keepdim.to_string())]
+        }
         Op::Reshape { shape } | Op::Expand { shape } => vec![("shape", shape.to_string())],
         Op::Permute { perm } => vec![("perm", list(perm))],
         Op::Concat { axis } => vec![("axis", axis.to_string())],

@@ -169,7 +169,7 @@ pub fn scratch(plan: &Plan, k: usize) -> Scratch {
         }
         // Every rank's keys (f32), gathered before they are written.
         Op::QueuePush { world } if *world > 1 => s.with("gathered", numel(2) * world * 4),
-        Op::Reduce { axes, .. } => {
+        Op::Reduce { axes, .. } | Op::ReduceF32 { axes, .. } => {
             // Slices per output, as runtime::cuda::ops::reduce cuts them
             // (it uses fewer when given less).
             let x = shape(0);

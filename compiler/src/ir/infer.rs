@@ -48,6 +48,11 @@ pub(crate) fn infer(op: &Op, x: &[&TensorType]) -> Rule {
             Ok(TensorType::new(t.shape.clone(), *dtype))
         }
         Op::Reduce { op, axes, keepdim } => reduce(x, *op, axes, *keepdim),
+        Op::ReduceF32 { op, axes, keepdim } => {
+            let [t] = exactly(x, ["input"])?;
+            float("input", t)?;
+            reduce(x, *op, axes, *keepdim).map(|r| TensorType::new(r.shape, DType::F32))
+        }
         Op::Reshape { shape } => reshape(x, shape),
         Op::Permute { perm } => permute(x, perm),
         Op::Concat { axis } => concat(x, *axis),

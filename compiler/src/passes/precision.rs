@@ -4,7 +4,9 @@
 //! - matrix products, convolutions and attention (and their gradients) run
 //!   on bf16 operands and produce bf16;
 //! - LayerNorm / BatchNorm and their gradients, softmax, L2 normalisation,
-//!   losses and reductions run in f32 (statistics and sums in f32);
+//!   losses and reductions run in f32 (statistics and sums in f32); a
+//!   reduction of a bf16 tensor reads it as bf16 and sums in f32
+//!   (`reduce_f32`), so no f32 copy of a bf16 gradient is made for a bias;
 //! - elementwise ops promote to the widest float of their non-scalar
 //!   operands (scalars such as the lr never widen a tensor);
 //! - parameters, gradients handed to the optimizer, and optimizer state stay
@@ -181,6 +183,14 @@ fn assign(
     let floats: Vec<usize> = (0..operands.len()).filter(|&i| new.ty(operands[i]).dtype.is_float()).collect();
     let mut args = operands.clone();
     let class = if in_optimizer_step(&node.scope) { Class::Full } else { class(&node.op) };
+    // A reduction of a low-precision tensor reads it as it is and sums in
+    // f32 (a bias gradient from a bf16 product's gradient): no f32 copy.
+    if let (Class::Full, Op::Reduce { op, axes, keepdim }) = (&class, &node.op) {
+        if floats.len() == 1 && new.ty(operands[0]).dtype == low {
+            let wide = Op::ReduceF32 { op: *op, axes: axes.clone(), keepdim: *keepdim };
+            return new.add_op(wide, &operands, &node.scope);
+        }
+    }
     match class {
         Class::NormProduct(full) => {
             *low_ops += 1;
@@ -246,6 +256,26 @@ mod tests {
             assert!(ops.iter().any(|o| o == want), "{want} missing: {ops:?}");
         }
         assert!(report.starts_with("1 ops in bf16"), "{report}");
+    }
+
+    #[test]
+    fn a_sum_of_a_bf16_tensor_reads_it_as_it_is_and_sums_in_f32() {
+        use crate::ir::ReduceOp;
+        let mut g = Graph::new();
+        let x = g.add_input("x", Shape::consts(&[4, 8]), DType::F32).unwrap();
+        let w = g.add_param("w", TensorType::f32(Shape::consts(&[8, 8])), crate::ir::Init::Zeros, true, "").unwrap();
+        let y = g.add_op(Op::Linear, &[x, w], "").unwrap();
+        // A bias gradient's sum over the rows of a product's (bf16) result.
+        let s = g.add_op(Op::Reduce { op: ReduceOp::Sum, axes: vec![0], keepdim: false }, &[y], "").unwrap();
+        g.set_output("s", s);
+        super::run_bf16(&mut g).unwrap();
+        g.verify().unwrap();
+        let s = g.outputs()[0].1;
+        assert!(matches!(g.node(s).op, Op::ReduceF32 { op: ReduceOp::Sum, .. }), "{}", g.node(s).op.name());
+        assert_eq!((g.ty(s).dtype, g.ty(g.operands(s)[0]).dtype), (DType::F32, DType::BF16));
+        let casts =
+            g.node_ids().into_iter().filter(|&v| matches!(g.node(v).op, Op::Cast { dtype: DType::F32 })).count();
+        assert_eq!(casts, 0, "no f32 copy of the product");
     }
 
     #[test]

@@ -95,7 +95,10 @@ pub fn run_kernel(op: &Op, x: &[&Tensor], ctx: &Ctx) -> Result<Tensor, KernelErr
         Op::Dropout { p, key } => random::dropout(x, *p, *key, ctx),
         Op::DropPath { p, key } => random::drop_path(x, *p, *key, ctx),
         Op::Cast { dtype } => elementwise::cast(x, *dtype),
-        Op::Reduce { op, axes, keepdim } => reduce::reduce(x, *op, axes, *keepdim),
+        // bf16 values are f32 numbers here: the wide form is the same sum.
+        Op::Reduce { op, axes, keepdim } | Op::ReduceF32 { op, axes, keepdim } => {
+            reduce::reduce(x, *op, axes, *keepdim)
+        }
         Op::Reshape { shape } => layout::reshape(x, &fixed_shape(shape)?),
         Op::Permute { perm } => layout::permute(x, perm),
         Op::Concat { axis } => layout::concat(x, *axis),

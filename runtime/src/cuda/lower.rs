@@ -272,7 +272,7 @@ fn lower_kernel(l: &mut Lowering, k: usize) -> Result<(), String> {
         | Op::Conv2d { .. }
         | Op::Conv2dGradInput { .. }
         | Op::Conv2dGradWeight { .. } => ops::matmul::lower(l, k, &op),
-        Op::Reduce { .. } | Op::SumOfSquares => ops::reduce::lower(l, k, &op),
+        Op::Reduce { .. } | Op::ReduceF32 { .. } | Op::SumOfSquares => ops::reduce::lower(l, k, &op),
         Op::LayerNorm { .. }
         | Op::Normalize { .. }
         | Op::NormalizeGrad { .. }

@@ -451,3 +451,25 @@ fn every_kernel_variant_compiles_with_nvrtc() {
     }
     assert!(seen.iter().filter(|n| n.starts_with("reduce_")).count() >= 8, "{seen:?}");
 }
+
+/// reduce_f32 (what mixed precision makes of a bias gradient's sum): a bf16
+/// tensor read as it is, summed wide, an f32 result; the same numbers as
+/// the f32 reduction of its f32 copy, on both backends.
+#[test]
+fn reduce_f32_reads_bf16_and_gives_the_f32_reduction_of_its_copy() {
+    for (shape, axes) in [(&[3000usize, 24][..], &[0usize][..]), (&[6, 37], &[1]), (&[4, 5, 6], &[0, 1])] {
+        for op in OPS {
+            let wide = Op::ReduceF32 { op, axes: axes.to_vec(), keepdim: false };
+            let what = format!("{shape:?} over {axes:?}");
+            let (plan, _) = plan_of(&wide, &[bf16_in(rand(shape, 3))]);
+            let y = plan.outputs[0].1;
+            assert_eq!(plan.values[y].dtype, DType::F32, "{what}");
+            assert!(plan.kernels.iter().any(|k| k.inputs.iter().any(|&v| plan.values[v].dtype == DType::BF16)));
+            let got = check(&what, wide, &[bf16_in(rand(shape, 3))], 1e-5);
+            // The reference: the f32 reduction of the same (bf16-exact) values.
+            let exact = bf16_in(rand(shape, 3)).data;
+            let (want, _) = both(&reduce(op, axes, false), &[plain(exact)]);
+            assert_close(&format!("{what} against f32"), &want, &got, 1e-6);
+        }
+    }
+}

@@ -276,7 +276,11 @@ fn reduce(l: &mut Lowering, k: usize, op: ReduceOp, axes: &[usize], keepdim: boo
             true => None,
         })
         .collect();
-    if out.shape != expected || out.dtype != x.dtype {
+    // reduce_f32 (`Op::ReduceF32`): any float in, f32 out; the kernel
+    // accumulates in f64 (f32 for max) whatever it reads.
+    let wide = matches!(l.plan.kernels[k].op, Op::ReduceF32 { .. });
+    let dtype_fits = if wide { x.dtype.is_float() && out.dtype == DType::F32 } else { out.dtype == x.dtype };
+    if out.shape != expected || !dtype_fits {
         return Err(format!(
             "result {:?} {} does not fit input {:?} {} reduced over {axes:?}",
             out.shape, out.dtype, x.shape, x.dtype
@@ -409,7 +413,7 @@ fn sum_of_squares(l: &mut Lowering, k: usize) -> Result<(), String> {
 
 pub fn lower(l: &mut Lowering, k: usize, op: &Op) -> Result<(), String> {
     match op {
-        Op::Reduce { op, axes, keepdim } => reduce(l, k, *op, axes, *keepdim),
+        Op::Reduce { op, axes, keepdim } | Op::ReduceF32 { op, axes, keepdim } => reduce(l, k, *op, axes, *keepdim),
         Op::SumOfSquares => sum_of_squares(l, k),
         other => Err(format!("{} is not a reduction", other.name())),
     }

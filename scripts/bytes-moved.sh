@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The step's traffic on paper for the three models issue 14 tracks: bytes
+# moved per training step, kernels, the planned peak and the roofline
+# estimate on an H200 (`tessera plan --memory --device h200`; an estimate
+# from datasheet peaks, not a measurement), as one table.
+#
+#     ./scripts/bytes-moved.sh [h100|h200]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DEVICE="${1:-h200}"
+cargo build --release --quiet --bin tessera
+T=./target/release/tessera
+DEIT=config=pretrain/vision_transformer/supervised/16gpu_deit_b_example
+VT=MODEL.TRUNK.VISION_TRANSFORMERS
+AMP=(MODEL.AMP_PARAMS.USE_AMP=true "$VT.DROP_PATH_RATE=0")
+printf '%-30s %8s %12s %10s %12s %9s\n' model kernels "moved GiB" "peak GiB" "${DEVICE} ms" "img/s"
+row() {
+    local name="$1"
+    shift
+    "$T" plan "$@" --memory --format json --device "$DEVICE" | python3 -c '
+import json, sys
+d = json.load(sys.stdin)
+r = d["roofline"]
+moved, peak = d["bytes_moved"]["total"] / 2**30, d["peak_bytes"] / 2**30
+print("%-30s %8d %12.1f %10.2f %12.1f %9.0f" % (sys.argv[1], d["kernels"], moved, peak, r["step_ms"], r["img_per_sec"]))
+' "$name"
+}
+row "ViT-B/16 batch 256 bf16" "$DEIT" "$VT.QKV_BIAS=true" "${AMP[@]}" --batch 256
+row "ViT-L/16 batch 128 bf16" "$DEIT" "$VT.QKV_BIAS=true" "${AMP[@]}" "$VT.HIDDEN_DIM=1024" "$VT.NUM_LAYERS=24" \
+    "$VT.NUM_HEADS=16" "$VT.MLP_DIM=4096" "MODEL.HEAD.PARAMS=[[mlp, {dims: [1024, 1000]}]]" --batch 128
+row "ConViT-S batch 128 bf16" config=pretrain/vision_transformer/supervised/1gpu_convit_s_example "${AMP[@]}" --batch 128
