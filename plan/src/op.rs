@@ -229,7 +229,9 @@ pub enum Op {
         eps: f64,
     },
     /// `(g [..., D], x [..., D]) -> dx`: backward of `Normalize` for the upstream
-    /// gradient g (LayerNorm's dy * weight).
+    /// gradient g; `(dy, x, w [D]) -> dx`: the same for g = dy * w (LayerNorm's
+    /// input gradient in one pass; dy may be of another float dtype than x,
+    /// e.g. bf16 from a product, and dx has x's dtype).
     NormalizeGrad {
         eps: f64,
     },

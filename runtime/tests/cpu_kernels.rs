@@ -583,6 +583,14 @@ fn normalize_grad_matches_central_differences() {
     let mut fwd = OneOp::new(Op::Normalize { eps }, &[&x], true);
     let fd = central_differences(&x, 1e-2, |xp| dot(&fwd.run(&[xp]), &g));
     assert_close(&grad, &fd, 3e-3);
+    // The (dy, x, w) form is the gradient of normalize(x) * w: dy * w taken
+    // as the upstream gradient, formed inside the kernel.
+    let w = rand(&[6], 32);
+    let fused = run_op(Op::NormalizeGrad { eps }, &[&g, &x, &w]);
+    let zero = Tensor::f32(vec![6], vec![0.0; 6]);
+    let mut scaled = OneOp::new(Op::LayerNorm { eps }, &[&x, &w, &zero], true);
+    let fd = central_differences(&x, 1e-2, |xp| dot(&scaled.run(&[xp, &w, &zero]), &g));
+    assert_close(&fused, &fd, 3e-3);
 }
 
 #[test]

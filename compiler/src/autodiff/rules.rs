@@ -138,10 +138,10 @@ pub(super) fn grads(b: &mut Builder, v: ValueId, xs: &[ValueId], dy: ValueId) ->
         }
         Op::Attention { scale, dropout, key } => attention(b, xs, dy, scale, dropout, key)?,
         Op::LayerNorm { eps } => {
-            // y = xhat * w + b (reference 1.3): dx = NormalizeGrad(dy * w, x).
+            // y = xhat * w + b (reference 1.3): dx = NormalizeGrad(dy * w, x),
+            // dy * w formed as the kernel reads dy (one pass, no dy * w stored).
             let r = shape_of(b, 0).rank();
-            let gw = b.bin(BinaryOp::Mul, dy, xs[1])?;
-            let dx = b.op(Op::NormalizeGrad { eps }, &[gw, xs[0]])?;
+            let dx = b.op(Op::NormalizeGrad { eps }, &[dy, xs[0], xs[1]])?;
             let xhat = b.op(Op::Normalize { eps }, &[xs[0]])?;
             let prod = b.bin(BinaryOp::Mul, dy, xhat)?;
             let dw = b.sum(prod, (0..r - 1).collect(), false)?;

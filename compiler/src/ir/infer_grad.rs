@@ -37,6 +37,21 @@ pub(super) fn infer_grad(op: &Op, x: &[&TensorType]) -> Rule {
             }
             Ok(t)
         }
+        // LayerNorm's input gradient in one pass: g = dy * w read as it is.
+        Op::NormalizeGrad { .. } if x.len() == 3 => {
+            let [dy, t, w] = exactly(x, ["dy", "x", "w"])?;
+            for (role, v) in [("dy", dy), ("x", t), ("w", w)] {
+                super::infer::float(role, v)?;
+            }
+            if dy.shape != t.shape {
+                return Err(format!("dy {} and x {} must have the same shape", dy.shape, t.shape));
+            }
+            let d = t.shape.dims().last().copied();
+            if w.shape.dims().len() != 1 || w.shape.dims().first().copied() != d {
+                return Err(format!("w {} must be [D] for x {}", w.shape, t.shape));
+            }
+            Ok(t.clone())
+        }
         Op::NormalizeGrad { .. } | Op::BatchStandardizeGrad { .. } => same_pair(x, ["g", "x"]),
         Op::BatchStandardize { .. } => {
             let t = float_unary(x)?;

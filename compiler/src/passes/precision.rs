@@ -183,6 +183,16 @@ fn assign(
     let floats: Vec<usize> = (0..operands.len()).filter(|&i| new.ty(operands[i]).dtype.is_float()).collect();
     let mut args = operands.clone();
     let class = if in_optimizer_step(&node.scope) { Class::Full } else { class(&node.op) };
+    // LayerNorm's input gradient reads a low-precision dy as it is (its
+    // statistics and result stay f32): no f32 copy of dy.
+    if let (Class::Full, Op::NormalizeGrad { .. }, 3) = (&class, &node.op, operands.len()) {
+        for &i in &floats {
+            if i != 0 {
+                args[i] = cast(new, casts, operands[i], DType::F32, &node.scope)?;
+            }
+        }
+        return new.add_op(node.op.clone(), &args, &node.scope);
+    }
     // A reduction of a low-precision tensor reads it as it is and sums in
     // f32 (a bias gradient from a bf16 product's gradient): no f32 copy.
     if let (Class::Full, Op::Reduce { op, axes, keepdim }) = (&class, &node.op) {

@@ -109,13 +109,34 @@ fn standardize_rows(xt: &Tensor, d: usize, eps: f64, affine: Option<(&[f32], &[f
     Ok(Tensor::f32(xt.shape.clone(), out))
 }
 
-/// `NormalizeGrad (g [..., D], x [..., D]) -> dx`.
+/// `NormalizeGrad (g [..., D], x [..., D]) -> dx`, or `(dy, x, w [D])` for
+/// g = dy * w (LayerNorm's input gradient; the product rounded to f32 as
+/// a separate multiply would).
 pub fn normalize_grad(x: &[&Tensor], eps: f64) -> Result<Tensor, KernelError> {
-    let [gt, xt] = operands(x, ["g", "x"])?;
+    let (gt, xt, wt) = match x {
+        [g, x] => (*g, *x, None),
+        [g, x, w] => (*g, *x, Some(*w)),
+        _ => return Err(invalid(format!("expects (g, x) or (dy, x, w), got {} operands", x.len()))),
+    };
     same_shape(gt, xt, "g", "x")?;
     let d = last_dim(xt)?;
-    let mut out = pool::buffer(xt.numel());
     let (gd, xd) = (f32_of(gt, "g")?, f32_of(xt, "x")?);
+    let weighted = match wt {
+        None => None,
+        Some(w) => {
+            let wd = f32_of(w, "w")?;
+            if wd.len() != d {
+                return Err(invalid(format!("w must be [{d}], got {}", show_shape(&w.shape))));
+            }
+            let mut gw = pool::buffer(gd.len());
+            gw.par_chunks_mut(d.max(1)).zip(gd.par_chunks(d.max(1))).for_each(|(o, g)| {
+                o.iter_mut().zip(g).zip(wd).for_each(|((o, &g), &w)| *o = g * w);
+            });
+            Some(gw)
+        }
+    };
+    let gd: &[f32] = weighted.as_deref().unwrap_or(gd);
+    let mut out = pool::buffer(xt.numel());
     for_rows(&mut out, d, |r, row| {
         vectorized(
             #[inline(always)]
@@ -133,6 +154,9 @@ pub fn normalize_grad(x: &[&Tensor], eps: f64) -> Result<Tensor, KernelError> {
             },
         )
     });
+    if let Some(gw) = weighted {
+        pool::recycle(Tensor::f32(vec![gw.len()], gw));
+    }
     Ok(Tensor::f32(xt.shape.clone(), out))
 }
 

@@ -2,7 +2,8 @@
 // normalised operand of layer_norm_linear): one block per row (grid-stride
 // over rows); biased mean and variance accumulated in f64 (two passes,
 // as the CPU backend), then y = (x - mean) * rstd [* w + b] in f32.
-// {% if grad %}The gradient: dx = (g - mean(g) - xhat * mean(g * xhat)) * rstd.{% endif %}
+// {% if grad %}The gradient: dx = (g - mean(g) - xhat * mean(g * xhat)) * rstd{% if affine %},
+// g = dy * w formed in f32 as dy is read (LayerNorm's input gradient){% endif %}.{% endif %}
 // Launch: min(rows, 4096) blocks of 256 threads.
 TSR_GLOBAL void {{ name }}({{ signature }}) {
     __shared__ double red[TSR_MAX_THREADS];
@@ -20,9 +21,11 @@ TSR_GLOBAL void {{ name }}({{ signature }}) {
         const double inv = 1.0 / sqrt(var + (double)eps);
         const float m = (float)mean, rstd = (float)inv;
 {% if grad %}
-        double sg = 0.0, sgx = 0.0;
+{% if affine %}#define TSR_G(j) (tsr_load(g, base + (j)) * tsr_load(w, (j)))
+{% else %}#define TSR_G(j) tsr_load(g, base + (j))
+{% endif %}        double sg = 0.0, sgx = 0.0;
         for (i64 j = threadIdx.x; j < d; j += blockDim.x) {
-            const double gv = (double)tsr_load(g, base + j);
+            const double gv = (double)TSR_G(j);
             sg += gv;
             sgx += gv * ((double)tsr_load(x, base + j) - mean);
         }
@@ -30,8 +33,9 @@ TSR_GLOBAL void {{ name }}({{ signature }}) {
         const float mgx = (float)(tsr_block_sum(sgx, red) * inv / (double)d);
         for (i64 j = threadIdx.x; j < d; j += blockDim.x) {
             const float xv = tsr_load(x, base + j);
-            tsr_store(out, base + j, (tsr_load(g, base + j) - mg - (xv - m) * rstd * mgx) * rstd);
+            tsr_store(out, base + j, (TSR_G(j) - mg - (xv - m) * rstd * mgx) * rstd);
         }
+#undef TSR_G
 {% else %}
         for (i64 j = threadIdx.x; j < d; j += blockDim.x) {
             const float y = (tsr_load(x, base + j) - m) * rstd;

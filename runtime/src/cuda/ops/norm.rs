@@ -57,31 +57,39 @@ pub fn layer_norm_rows(
     Ok(())
 }
 
-/// `normalize_grad(g, x)`: the backward of (x - mean) * rstd over rows.
-fn normalize_grad(l: &mut Lowering, k: usize, out: &Val, g: &Val, x: &Val, eps: f64) -> Result<(), String> {
+/// `normalize_grad(g, x)`: the backward of (x - mean) * rstd over rows;
+/// with `w`, of g = dy * w formed as dy is read (LayerNorm's input gradient).
+fn normalize_grad(
+    l: &mut Lowering,
+    k: usize,
+    out: &Val,
+    g: &Val,
+    x: &Val,
+    w: Option<&Val>,
+    eps: f64,
+) -> Result<(), String> {
     let d = *x.shape.last().ok_or("normalize_grad needs at least one axis")?;
     if g.shape != x.shape || out.shape != x.shape {
         return Err(format!("g {:?}, x {:?} and the result {:?} must have one shape", g.shape, x.shape, out.shape));
     }
     let rows = x.numel() / d.max(1);
-    let params = vec![
+    let mut params = vec![
         param(&format!("{}*", c_type(out.dtype)?), "out"),
         param(&format!("const {}*", c_type(x.dtype)?), "x"),
         param(&format!("const {}*", c_type(g.dtype)?), "g"),
-        param("i64", "rows"),
-        param("i64", "d"),
-        param("double", "eps"),
     ];
-    let args = vec![
-        Arg::Ptr(out.ptr),
-        Arg::Ptr(x.ptr),
-        Arg::Ptr(g.ptr),
-        Arg::I64(rows as i64),
-        Arg::I64(d as i64),
-        Arg::F64(eps),
-    ];
+    let mut args = vec![Arg::Ptr(out.ptr), Arg::Ptr(x.ptr), Arg::Ptr(g.ptr)];
+    if let Some(w) = w {
+        if w.shape != [d] {
+            return Err(format!("w must be [{d}], got {:?}", w.shape));
+        }
+        params.push(param(&format!("const {}*", c_type(w.dtype)?), "w"));
+        args.push(Arg::Ptr(w.ptr));
+    }
+    params.extend([param("i64", "rows"), param("i64", "d"), param("double", "eps")]);
+    args.extend([Arg::I64(rows as i64), Arg::I64(d as i64), Arg::F64(eps)]);
     let mut c = tera::Context::new();
-    c.insert("affine", &false);
+    c.insert("affine", &w.is_some());
     c.insert("grad", &true);
     let src = KernelSource::render("normalize_grad", ROWS, c, params)?;
     l.launch(k, src, rows_launch(rows), args);
@@ -97,10 +105,11 @@ pub fn lower(l: &mut Lowering, k: usize, op: &Op) -> Result<(), String> {
             layer_norm_rows(l, k, &out, x, Some((w, b)), eps)
         }
         Op::Normalize { eps } => layer_norm_rows(l, k, &out, &x[0], None, eps),
-        Op::NormalizeGrad { eps } => {
-            let [g, xv] = &x[..] else { return Err("normalize_grad takes (g, x)".into()) };
-            normalize_grad(l, k, &out, g, xv, eps)
-        }
+        Op::NormalizeGrad { eps } => match &x[..] {
+            [g, xv] => normalize_grad(l, k, &out, g, xv, None, eps),
+            [dy, xv, w] => normalize_grad(l, k, &out, dy, xv, Some(w), eps),
+            _ => Err("normalize_grad takes (g, x) or (dy, x, w)".into()),
+        },
         Op::BatchNorm { eps, .. } => {
             let [x, w, b, rm, rv] = &x[..] else {
                 return Err("batch_norm takes (x, w, b, running_mean, running_var)".into());
