@@ -231,7 +231,8 @@ pub enum Op {
     /// `(g [..., D], x [..., D]) -> dx`: backward of `Normalize` for the upstream
     /// gradient g; `(dy, x, w [D]) -> dx`: the same for g = dy * w (LayerNorm's
     /// input gradient in one pass; dy may be of another float dtype than x,
-    /// e.g. bf16 from a product, and dx has x's dtype).
+    /// e.g. bf16 from a product, and dx has x's dtype); `(dy, x, w, r) -> dx + r`
+    /// adds r (the residual stream's gradient, x's type) as dx is written.
     NormalizeGrad {
         eps: f64,
     },

@@ -591,6 +591,11 @@ fn normalize_grad_matches_central_differences() {
     let mut scaled = OneOp::new(Op::LayerNorm { eps }, &[&x, &w, &zero], true);
     let fd = central_differences(&x, 1e-2, |xp| dot(&scaled.run(&[xp, &w, &zero]), &g));
     assert_close(&fused, &fd, 3e-3);
+    // (dy, x, w, r): r added to that gradient, exactly as an add would.
+    let r = rand(&[3, 6], 33);
+    let with_r = run_op(Op::NormalizeGrad { eps }, &[&g, &x, &w, &r]);
+    let (a, b, c) = (with_r.as_f32().unwrap(), fused.as_f32().unwrap(), r.as_f32().unwrap());
+    assert!(a.iter().zip(b).zip(c).all(|((a, b), c)| *a == c + b), "{a:?}");
 }
 
 #[test]

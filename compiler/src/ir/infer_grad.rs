@@ -38,10 +38,15 @@ pub(super) fn infer_grad(op: &Op, x: &[&TensorType]) -> Rule {
             Ok(t)
         }
         // LayerNorm's input gradient in one pass: g = dy * w read as it is.
-        Op::NormalizeGrad { .. } if x.len() == 3 => {
-            let [dy, t, w] = exactly(x, ["dy", "x", "w"])?;
+        Op::NormalizeGrad { .. } if x.len() == 3 || x.len() == 4 => {
+            let (dy, t, w) = (x[0], x[1], x[2]);
             for (role, v) in [("dy", dy), ("x", t), ("w", w)] {
                 super::infer::float(role, v)?;
+            }
+            if let Some(r) = x.get(3) {
+                if *r != t {
+                    return Err(format!("the residual gradient r {r} must be x's type {t}"));
+                }
             }
             if dy.shape != t.shape {
                 return Err(format!("dy {} and x {} must have the same shape", dy.shape, t.shape));

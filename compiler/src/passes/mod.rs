@@ -15,6 +15,7 @@ mod cse;
 mod fold;
 mod fuse;
 mod matmul_fusion;
+mod norm_epilogue;
 mod optimizer;
 mod patterns;
 mod precision;
@@ -58,6 +59,11 @@ pub const PASSES: &[Pass] = &[
         run: matmul_fusion::run,
     },
     Pass {
+        name: "norm-grad-epilogue",
+        why: "a layer norm's input gradient adds the residual gradient as it is written (one pass over the residual width fewer)",
+        run: norm_epilogue::run,
+    },
+    Pass {
         name: "amp-bf16",
         why: "mixed precision (MODEL.AMP_PARAMS.USE_AMP): bf16 matmuls and attention, f32 norms, softmax, losses, master weights",
         run: precision::run_bf16,
@@ -95,6 +101,7 @@ pub const DEFAULT: &[&str] = &[
     "fold",
     "dce",
     "fuse-into-matmul",
+    "norm-grad-epilogue",
     "fuse-elementwise",
     "fuse-optimizer",
 ];

@@ -185,7 +185,7 @@ fn assign(
     let class = if in_optimizer_step(&node.scope) { Class::Full } else { class(&node.op) };
     // LayerNorm's input gradient reads a low-precision dy as it is (its
     // statistics and result stay f32): no f32 copy of dy.
-    if let (Class::Full, Op::NormalizeGrad { .. }, 3) = (&class, &node.op, operands.len()) {
+    if let (Class::Full, Op::NormalizeGrad { .. }, 3 | 4) = (&class, &node.op, operands.len()) {
         for &i in &floats {
             if i != 0 {
                 args[i] = cast(new, casts, operands[i], DType::F32, &node.scope)?;

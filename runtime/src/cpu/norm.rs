@@ -113,11 +113,16 @@ fn standardize_rows(xt: &Tensor, d: usize, eps: f64, affine: Option<(&[f32], &[f
 /// g = dy * w (LayerNorm's input gradient; the product rounded to f32 as
 /// a separate multiply would).
 pub fn normalize_grad(x: &[&Tensor], eps: f64) -> Result<Tensor, KernelError> {
-    let (gt, xt, wt) = match x {
-        [g, x] => (*g, *x, None),
-        [g, x, w] => (*g, *x, Some(*w)),
-        _ => return Err(invalid(format!("expects (g, x) or (dy, x, w), got {} operands", x.len()))),
+    let (gt, xt, wt, rt) = match x {
+        [g, x] => (*g, *x, None, None),
+        [g, x, w] => (*g, *x, Some(*w), None),
+        [g, x, w, r] => (*g, *x, Some(*w), Some(*r)),
+        _ => return Err(invalid(format!("expects (g, x), (dy, x, w) or (dy, x, w, r), got {} operands", x.len()))),
     };
+    if let Some(r) = rt {
+        same_shape(r, xt, "r", "x")?;
+    }
+    let rd = rt.map(|r| f32_of(r, "r")).transpose()?;
     same_shape(gt, xt, "g", "x")?;
     let d = last_dim(xt)?;
     let (gd, xd) = (f32_of(gt, "g")?, f32_of(xt, "x")?);
@@ -150,6 +155,10 @@ pub fn normalize_grad(x: &[&Tensor], eps: f64) -> Result<Tensor, KernelError> {
                 let (m, s, mg, mgx) = (mean as f32, inv as f32, mg as f32, mgx as f32);
                 for ((o, &gv), &xv) in row.iter_mut().zip(g).zip(xs) {
                     *o = (gv - mg - (xv - m) * s * mgx) * s;
+                }
+                // The residual gradient, added as a separate add would (f32).
+                if let Some(rd) = rd {
+                    row.iter_mut().zip(&rd[r * d..][..d]).for_each(|(o, &rv)| *o = rv + *o);
                 }
             },
         )

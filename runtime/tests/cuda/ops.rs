@@ -175,6 +175,8 @@ fn row_normalisation_matches_the_cpu() {
     check_op(Op::NormalizeGrad { eps: 1e-5 }, &[&[5, 64], &[5, 64]], true, 1e-5);
     // LayerNorm's input gradient in one pass: g = dy * w formed as dy is read.
     check_op(Op::NormalizeGrad { eps: 1e-6 }, &[&[3, 4, 37], &[3, 4, 37], &[37]], true, 1e-5);
+    // ... plus the residual stream's gradient, added as dx is written.
+    check_op(Op::NormalizeGrad { eps: 1e-6 }, &[&[3, 4, 37], &[3, 4, 37], &[37], &[3, 4, 37]], true, 1e-5);
 }
 
 /// A small training step through both backends: parameters initialised

@@ -3,7 +3,8 @@
 // over rows); biased mean and variance accumulated in f64 (two passes,
 // as the CPU backend), then y = (x - mean) * rstd [* w + b] in f32.
 // {% if grad %}The gradient: dx = (g - mean(g) - xhat * mean(g * xhat)) * rstd{% if affine %},
-// g = dy * w formed in f32 as dy is read (LayerNorm's input gradient){% endif %}.{% endif %}
+// g = dy * w formed in f32 as dy is read (LayerNorm's input gradient){% endif %}{% if residual %},
+// plus r (the residual stream's gradient) as dx is written{% endif %}.{% endif %}
 // Launch: min(rows, 4096) blocks of 256 threads.
 TSR_GLOBAL void {{ name }}({{ signature }}) {
     __shared__ double red[TSR_MAX_THREADS];
@@ -33,7 +34,9 @@ TSR_GLOBAL void {{ name }}({{ signature }}) {
         const float mgx = (float)(tsr_block_sum(sgx, red) * inv / (double)d);
         for (i64 j = threadIdx.x; j < d; j += blockDim.x) {
             const float xv = tsr_load(x, base + j);
-            tsr_store(out, base + j, (TSR_G(j) - mg - (xv - m) * rstd * mgx) * rstd);
+{% if residual %}            tsr_store(out, base + j, tsr_load(r, base + j) + (TSR_G(j) - mg - (xv - m) * rstd * mgx) * rstd);
+{% else %}            tsr_store(out, base + j, (TSR_G(j) - mg - (xv - m) * rstd * mgx) * rstd);
+{% endif %}
         }
 #undef TSR_G
 {% else %}

@@ -59,6 +59,7 @@ pub fn layer_norm_rows(
 
 /// `normalize_grad(g, x)`: the backward of (x - mean) * rstd over rows;
 /// with `w`, of g = dy * w formed as dy is read (LayerNorm's input gradient).
+#[allow(clippy::too_many_arguments)]
 fn normalize_grad(
     l: &mut Lowering,
     k: usize,
@@ -66,6 +67,7 @@ fn normalize_grad(
     g: &Val,
     x: &Val,
     w: Option<&Val>,
+    r: Option<&Val>,
     eps: f64,
 ) -> Result<(), String> {
     let d = *x.shape.last().ok_or("normalize_grad needs at least one axis")?;
@@ -86,10 +88,18 @@ fn normalize_grad(
         params.push(param(&format!("const {}*", c_type(w.dtype)?), "w"));
         args.push(Arg::Ptr(w.ptr));
     }
+    if let Some(r) = r {
+        if r.shape != x.shape {
+            return Err(format!("the residual gradient {:?} must be x's shape {:?}", r.shape, x.shape));
+        }
+        params.push(param(&format!("const {}*", c_type(r.dtype)?), "r"));
+        args.push(Arg::Ptr(r.ptr));
+    }
     params.extend([param("i64", "rows"), param("i64", "d"), param("double", "eps")]);
     args.extend([Arg::I64(rows as i64), Arg::I64(d as i64), Arg::F64(eps)]);
     let mut c = tera::Context::new();
     c.insert("affine", &w.is_some());
+    c.insert("residual", &r.is_some());
     c.insert("grad", &true);
     let src = KernelSource::render("normalize_grad", ROWS, c, params)?;
     l.launch(k, src, rows_launch(rows), args);
@@ -106,9 +116,10 @@ pub fn lower(l: &mut Lowering, k: usize, op: &Op) -> Result<(), String> {
         }
         Op::Normalize { eps } => layer_norm_rows(l, k, &out, &x[0], None, eps),
         Op::NormalizeGrad { eps } => match &x[..] {
-            [g, xv] => normalize_grad(l, k, &out, g, xv, None, eps),
-            [dy, xv, w] => normalize_grad(l, k, &out, dy, xv, Some(w), eps),
-            _ => Err("normalize_grad takes (g, x) or (dy, x, w)".into()),
+            [g, xv] => normalize_grad(l, k, &out, g, xv, None, None, eps),
+            [dy, xv, w] => normalize_grad(l, k, &out, dy, xv, Some(w), None, eps),
+            [dy, xv, w, r] => normalize_grad(l, k, &out, dy, xv, Some(w), Some(r), eps),
+            _ => Err("normalize_grad takes (g, x), (dy, x, w) or (dy, x, w, r)".into()),
         },
         Op::BatchNorm { eps, .. } => {
             let [x, w, b, rm, rv] = &x[..] else {
