@@ -126,9 +126,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "last_loss": last_loss,
     });
     if a.json {
-        println!("{report}");
+        tessera_engine::outln!("{report}");
     } else {
-        println!(
+        tessera_engine::outln!(
             "{} on {}{}: batch {batch}, median step {:.2} ms over {} steps = {:.1} img/s; planned peak {:.2} GiB{}; {} kernels{}",
             cfg.name(),
             backend.describe(),
@@ -246,9 +246,9 @@ fn time_all_reduce(a: &BenchArgs, world: Option<&tessera_engine::distributed::Wo
         "verified": verified,
     });
     if a.json {
-        println!("{report}");
+        tessera_engine::outln!("{report}");
     } else {
-        println!(
+        tessera_engine::outln!(
             "all-reduce of {n} f32 ({:.1} MB) over {size} process(es) on {on}: median {:.2} ms, algorithm bandwidth {algbw:.3} GB/s, bus bandwidth {busbw:.3} GB/s{}",
             bytes / 1e6,
             s * 1e3,

@@ -124,7 +124,7 @@ pub fn run(
     meta.insert("tessera.config".to_string(), cfg.name().to_string());
     meta.insert("tessera.weights_format".to_string(), format.to_string());
     write_safetensors(output, &results, &meta)?;
-    eprintln!(
+    tessera_engine::errln!(
         "tessera infer: wrote {} tensors to {} ({} weights in {format} names)",
         results.len(),
         output.display(),

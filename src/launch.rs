@@ -114,9 +114,11 @@ pub fn run(l: &Launch, stop: Arc<AtomicBool>, grace: Duration) -> Result<()> {
     let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = (cores / l.per_node).max(1).to_string();
-    eprintln!(
+    tessera_engine::errln!(
         "tessera: starting {} worker(s) on node {} of {} (world size {world}, store {addr})",
-        l.per_node, l.node, l.num_nodes
+        l.per_node,
+        l.node,
+        l.num_nodes
     );
     let mut workers = Vec::new();
     for local in 0..l.per_node {
@@ -191,7 +193,7 @@ pub fn run(l: &Launch, stop: Arc<AtomicBool>, grace: Duration) -> Result<()> {
             forwarded = true;
         }
         if let (Some(f), None) = (&failure, deadline) {
-            eprintln!("tessera: {f}; stopping the other ranks");
+            tessera_engine::errln!("tessera: {f}; stopping the other ranks");
             workers.iter().for_each(|w| signal(w, libc::SIGTERM));
             deadline = Some(Instant::now() + grace);
         }

@@ -360,9 +360,14 @@ fn write_out(path: &Option<PathBuf>, text: &str) -> Result<()> {
         }
         None => {
             let mut out = std::io::stdout().lock();
-            out.write_all(text.as_bytes())?;
-            if !text.ends_with('\n') {
-                out.write_all(b"\n")?;
+            let written = out.write_all(text.as_bytes()).and_then(|_| match text.ends_with('\n') {
+                true => Ok(()),
+                false => out.write_all(b"\n"),
+            });
+            match written.and_then(|_| out.flush()) {
+                // A reader that stopped early (`| head`) has what it wanted.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+                r => r.context("cannot write to standard output")?,
             }
         }
     }
@@ -636,9 +641,9 @@ fn main() -> ExitCode {
         Err(e) => {
             let msg = format!("{e:#}");
             if msg.starts_with("error") {
-                eprintln!("{msg}");
+                tessera_engine::errln!("{msg}");
             } else {
-                eprintln!("error: {msg}");
+                tessera_engine::errln!("error: {msg}");
             }
             ExitCode::FAILURE
         }

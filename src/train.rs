@@ -100,10 +100,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
     }
     match outcome {
         Outcome::Finished { checkpoint } => {
-            eprintln!("tessera train: finished; final checkpoint {}", checkpoint.display());
+            tessera_engine::errln!("tessera train: finished; final checkpoint {}", checkpoint.display());
         }
         Outcome::AlreadyFinished { checkpoint } => {
-            eprintln!(
+            tessera_engine::errln!(
                 "tessera train: this run already finished ({}); set CHECKPOINT.OVERWRITE_EXISTING=true or another CHECKPOINT.DIR to train again",
                 checkpoint.display()
             );
@@ -114,7 +114,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             } else {
                 "run it again without --max-steps (or with a larger one) to continue"
             };
-            eprintln!(
+            tessera_engine::errln!(
                 "tessera train: stopped by {reason} after iteration {iteration}; checkpoint {}; {how}",
                 checkpoint.display()
             );
@@ -146,7 +146,7 @@ pub fn synth(a: SynthArgs) -> Result<()> {
     };
     let r = tessera_data::write_image_folder(Path::new(&a.out), &options).map_err(|e| anyhow!("{e}"))?;
     let what = if r.written { "wrote" } else { "already complete:" };
-    eprintln!(
+    tessera_engine::errln!(
         "tessera data synth: {what} {} training and {} validation images of {} classes ({}) in {} and {}",
         r.train_images,
         r.val_images,

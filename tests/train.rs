@@ -299,3 +299,40 @@ fn a_cuda_run_stopped_mid_epoch_resumes_bitwise() {
     assert!(std::fs::read_to_string(stopped.join("log.txt")).unwrap().contains("resuming from"));
     assert_eq!(losses(&stopped), expect, "the resumed run's losses differ from the uninterrupted run's");
 }
+
+/// Standard output closed by its reader (`tessera train ... | head -1`) or
+/// full (`> /dev/full`): the run trains on with its files, writes its final
+/// checkpoint, and exits 0 without a panic; a full standard output is said
+/// once on standard error, a closed pipe not at all.
+#[test]
+fn a_closed_or_full_standard_output_does_not_stop_the_run() {
+    use std::io::{BufRead, BufReader};
+    let root = tmpdir("closed-stdout");
+    let data = synth_folder(&root, 2, 4, 1);
+    // Not quiet: the step records go to standard output.
+    let args = |dir: &Path| -> Vec<String> {
+        let mut a = args(&data, dir, 3, &["DATA.TRAIN.BATCHSIZE_PER_REPLICA=2"]);
+        a.retain(|x| x != "-q");
+        a
+    };
+    // `| head -1`: read one record, then close the pipe.
+    let piped = root.join("piped");
+    let mut child = command().args(args(&piped)).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
+    assert!(first.contains("\"iteration\""), "{first}");
+    let out = child.wait_with_output().unwrap();
+    let e = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success() && !e.contains("panicked") && !e.contains("standard output"), "{e}");
+    assert!(records(&piped).len() >= 6, "every step still goes to stdout.json");
+    assert!(piped.join("checkpoint.json").is_file(), "{e}");
+    // `> /dev/full`.
+    let full = root.join("full");
+    let devfull = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+    let out = command().args(args(&full)).stdout(devfull).stderr(Stdio::piped()).output().unwrap();
+    let e = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success() && !e.contains("panicked"), "{e}");
+    assert_eq!(e.matches("standard output failed").count(), 1, "{e}");
+    assert!(full.join("checkpoint.json").is_file() && records(&full).len() >= 6, "{e}");
+    std::fs::remove_dir_all(&root).unwrap();
+}

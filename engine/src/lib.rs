@@ -4,6 +4,7 @@
 
 pub mod checkpoint;
 pub mod compiled;
+pub mod console;
 pub mod data_source;
 pub mod distributed;
 pub mod logs;

@@ -38,6 +38,8 @@ pub struct RunLog {
     terminal: bool,
     quiet: bool,
     bar_shown: bool,
+    /// The run files whose writes have failed (each said once).
+    failed: Vec<&'static str>,
 }
 
 fn append(path: &Path) -> std::io::Result<File> {
@@ -57,12 +59,25 @@ impl RunLog {
             terminal: std::io::stderr().is_terminal(),
             quiet,
             bar_shown: false,
+            failed: Vec::new(),
         })
+    }
+
+    /// A write to one of the run's files: a failure (a full disk) is said
+    /// on standard error, once per file, and the run goes on.
+    fn wrote(&mut self, file: &'static str, r: std::io::Result<()>) {
+        if let Err(e) = r {
+            if !self.failed.contains(&file) {
+                self.failed.push(file);
+                self.clear_bar();
+                crate::errln!("warning: cannot write {file} in the run's folder ({e}); its lines are being lost");
+            }
+        }
     }
 
     fn clear_bar(&mut self) {
         if self.bar_shown {
-            eprint!("\r\x1b[2K");
+            crate::err!("\r\x1b[2K");
             self.bar_shown = false;
         }
     }
@@ -70,28 +85,32 @@ impl RunLog {
     /// A plain-language line: log.txt, and standard error on a terminal.
     pub fn info(&mut self, line: &str) {
         let stamp = timestamp();
-        let _ = writeln!(self.log_txt, "{stamp} {line}");
+        let r = writeln!(self.log_txt, "{stamp} {line}");
+        self.wrote("log.txt", r);
         if self.terminal && !self.quiet {
             self.clear_bar();
-            eprintln!("{line}");
+            crate::errln!("{line}");
         }
     }
 
     /// A warning: as `info`, and also on standard error when not a terminal.
     pub fn warn(&mut self, line: &str) {
-        let _ = writeln!(self.log_txt, "{} WARNING {line}", timestamp());
+        let r = writeln!(self.log_txt, "{} WARNING {line}", timestamp());
+        self.wrote("log.txt", r);
         self.clear_bar();
-        eprintln!("warning: {line}");
+        crate::errln!("warning: {line}");
     }
 
     /// One logged training step: stdout.json (and standard output when not on
     /// a terminal), log.txt, TensorBoard.
     pub fn step(&mut self, record: &Value) {
         let line = record.to_string();
-        let _ = writeln!(self.stdout_json, "{line}");
-        let _ = writeln!(self.log_txt, "{} {}", timestamp(), step_text(record));
+        let r = writeln!(self.stdout_json, "{line}");
+        self.wrote("stdout.json", r);
+        let r = writeln!(self.log_txt, "{} {}", timestamp(), step_text(record));
+        self.wrote("log.txt", r);
         if !self.terminal && !self.quiet {
-            println!("{line}");
+            crate::outln!("{line}");
         }
         if let Some(tb) = &mut self.tensorboard {
             let it = record["iteration"].as_u64().unwrap_or(0);
@@ -118,18 +137,18 @@ impl RunLog {
         const WIDTH: u64 = 24;
         let filled = (done * WIDTH).checked_div(total).unwrap_or(0).min(WIDTH);
         let bar: String = (0..WIDTH).map(|i| if i < filled { '#' } else { '.' }).collect();
-        eprint!(
+        crate::err!(
             "\r\x1b[2Kepoch {}/{epochs} [{bar}] {done}/{total}  loss {loss:.4}  lr {lr:.3e}  {ips:.0} img/s  ETA {}",
             epoch + 1,
             human_duration(eta)
         );
-        let _ = std::io::stderr().flush();
         self.bar_shown = true;
     }
 
     /// One phase's meters: metrics.json (one line), log.txt, TensorBoard.
     pub fn phase(&mut self, record: &Value) {
-        let _ = writeln!(self.metrics_json, "{record}");
+        let r = writeln!(self.metrics_json, "{record}");
+        self.wrote("metrics.json", r);
         self.info(&format!("metrics: {record}"));
         if let Some(tb) = &mut self.tensorboard {
             let it = record["iteration"].as_u64().unwrap_or(0);
@@ -151,9 +170,12 @@ impl RunLog {
 
     /// Flushes everything to disk (before a checkpoint and at the end).
     pub fn flush(&mut self) {
-        let _ = self.log_txt.flush();
-        let _ = self.stdout_json.flush();
-        let _ = self.metrics_json.flush();
+        let r = self.log_txt.flush();
+        self.wrote("log.txt", r);
+        let r = self.stdout_json.flush();
+        self.wrote("stdout.json", r);
+        let r = self.metrics_json.flush();
+        self.wrote("metrics.json", r);
         if let Some(tb) = &mut self.tensorboard {
             let _ = tb.flush();
         }
@@ -162,7 +184,7 @@ impl RunLog {
     /// Ends the progress line.
     pub fn end_progress(&mut self) {
         if self.bar_shown {
-            eprintln!();
+            crate::errln!();
             self.bar_shown = false;
         }
     }

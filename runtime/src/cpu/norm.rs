@@ -158,7 +158,7 @@ pub fn normalize_grad(x: &[&Tensor], eps: f64) -> Result<Tensor, KernelError> {
                 }
                 // The residual gradient, added as a separate add would (f32).
                 if let Some(rd) = rd {
-                    row.iter_mut().zip(&rd[r * d..][..d]).for_each(|(o, &rv)| *o = rv + *o);
+                    row.iter_mut().zip(&rd[r * d..][..d]).for_each(|(o, &rv)| *o += rv);
                 }
             },
         )
