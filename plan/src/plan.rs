@@ -14,8 +14,10 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
 /// Bumped whenever the plan format changes incompatibly (3: the memory
-/// plan's workspace follows `scratch`, the backends' contract).
-pub const PLAN_VERSION: u32 = 3;
+/// plan's workspace follows `scratch`, the backends' contract; 4:
+/// `reduce_f32`, normalize_grad's (dy, x, w[, r]) forms, synchronised batch
+/// norm's scratch, gradient all-reduces in place).
+pub const PLAN_VERSION: u32 = 4;
 
 /// The backend a plan's pass pipeline was chosen for. Every backend runs
 /// every plan; the target only says which trade-offs the compiler made
