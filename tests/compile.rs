@@ -402,7 +402,11 @@ fn cli_emits_a_plan_and_shows_it() {
         ),
         "{out}"
     );
-    assert!(out.contains("plan v3  batch 4  training") && out.contains("plan v3  batch 100  eval"), "{out}");
+    let v = tessera_plan::PLAN_VERSION;
+    assert!(
+        out.contains(&format!("plan v{v}  batch 4  training")) && out.contains(&format!("plan v{v}  batch 100  eval")),
+        "{out}"
+    );
     // 30 trainable tensors in the tiny ViT, each with a gradient and an update.
     assert!(out.contains("in 30 tensors, 30 gradients"), "{out}");
     assert!(out.contains("conv2d_grad_weight") && out.contains("cross_entropy_grad"), "{out}");
