@@ -42,6 +42,16 @@ pub fn run(
     if target.is_some() {
         overrides.push("DATA.TRAIN.COLLATE_FUNCTION=default_collate".into());
     }
+    crate::check_output_target(output)?;
+    let same = |a: &Path, b: &Path| a == b || matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y);
+    for (given, role) in [(weights, "--weights"), (input, "--input")] {
+        if same(output, given) {
+            bail!(
+                "--output {} is the {role} file: the results would replace it; write them elsewhere",
+                output.display()
+            );
+        }
+    }
     let cfg = config::load(name, overrides).map_err(|e| anyhow!("{e}"))?;
     let x = read_one(input, "input")?;
     if x.shape.len() != 4 || x.shape[1] != 3 {

@@ -350,9 +350,33 @@ fn split_args(args: &[String]) -> Result<(String, Vec<String>)> {
     }
 }
 
+/// An output path may name a new file or replace a regular one; a device
+/// node, FIFO, directory or symlink there is refused (writing a temporary
+/// and renaming it over would replace it: as root, `-o /dev/full` replaced
+/// the machine's /dev/full).
+pub fn check_output_target(p: &std::path::Path) -> Result<()> {
+    match std::fs::symlink_metadata(p) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => bail!("cannot write {}: {e}", p.display()),
+        Ok(m) if m.file_type().is_file() => Ok(()),
+        Ok(m) => {
+            let what = match m.file_type() {
+                t if t.is_symlink() => "a symbolic link",
+                t if t.is_dir() => "a directory",
+                _ => "not a regular file (a device, FIFO or socket)",
+            };
+            bail!(
+                "{} is {what}; an output must be a new or regular file (write to standard output by leaving -o out)",
+                p.display()
+            )
+        }
+    }
+}
+
 fn write_out(path: &Option<PathBuf>, text: &str) -> Result<()> {
     match path {
         Some(p) => {
+            check_output_target(p)?;
             // Write then rename, so a failed run never leaves half a file.
             let tmp = p.with_extension("tmp-tessera");
             std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;

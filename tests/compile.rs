@@ -241,6 +241,37 @@ fn tessera(args: &[&str]) -> (bool, String, String) {
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
 
+/// `-o` writes a new file or replaces a regular one; a FIFO, a symlink or a
+/// directory there is refused and left alone (a temporary renamed over it
+/// would replace it).
+#[test]
+fn cli_output_refuses_what_is_not_a_regular_file() {
+    use std::os::unix::fs::FileTypeExt;
+    let dir = std::env::temp_dir().join(format!("tessera-output-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("fifo");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let link = dir.join("link");
+    std::os::unix::fs::symlink(dir.join("elsewhere"), &link).unwrap();
+    let emit = |to: &std::path::Path| {
+        tessera(&["compile", "config=quickstart/vit_tiny", "--emit", "kernels", "-o", to.to_str().unwrap()])
+    };
+    let (ok, _, e) = emit(&fifo);
+    assert!(!ok && e.contains("not a regular file"), "{e}");
+    let (ok, _, e) = emit(&link);
+    assert!(!ok && e.contains("a symbolic link"), "{e}");
+    let (ok, _, e) = emit(&dir);
+    assert!(!ok && e.contains("a directory"), "{e}");
+    assert!(std::fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo());
+    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+    // A regular file is replaced; a new one made.
+    let file = dir.join("kernels.txt");
+    std::fs::write(&file, "old").unwrap();
+    let (ok, _, e) = emit(&file);
+    assert!(ok && std::fs::read_to_string(&file).unwrap().starts_with("k0 = "), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 #[test]
 fn cli_json_summary_has_the_documented_keys() {
     let (ok, out, err) = tessera(&["compile", &format!("config={DEIT}"), "--emit", "summary", "--format", "json"]);

@@ -166,5 +166,22 @@ fn infer_reports_weights_that_do_not_fit() {
     );
     assert!(err.contains("trunk.extra"), "{err}");
     assert!(err.contains("trunk.norm.bias"), "{err}");
+    // --output naming the weights (or the input) would replace them with
+    // logits: refused, and the file is left as it was.
+    let before = std::fs::read(&w).unwrap();
+    for same in [&w, &xin] {
+        let (ok, err) = tessera(&[
+            "infer",
+            "config=quickstart/vit_tiny",
+            "--weights",
+            w.to_str().unwrap(),
+            "--input",
+            xin.to_str().unwrap(),
+            "--output",
+            same.to_str().unwrap(),
+        ]);
+        assert!(!ok && err.contains("the results would replace it"), "{err}");
+    }
+    assert_eq!(std::fs::read(&w).unwrap(), before);
     std::fs::remove_dir_all(&dir).ok();
 }
