@@ -198,12 +198,12 @@ impl Executor {
         }
     }
 
-    /// Rank 0's values of the float states `names` on every rank of the
-    /// run's collective (`set_collective`; none: nothing to do): on a GPU
-    /// device to device through NCCL, on the CPU through host tensors.
+    /// Rank 0's values of the float states `names` on every rank of `comm`:
+    /// on a GPU device to device through NCCL, on the CPU through host
+    /// tensors.
     pub fn broadcast_states(&mut self, names: &[String], comm: &dyn Collective) -> Result<(), RuntimeError> {
         if let Executor::Cuda(e) = self {
-            return e.broadcast_states(names, 0);
+            return e.broadcast_states(names, 0, comm);
         }
         for name in names {
             let Some(mut t) = self.read_state(name)? else { continue };

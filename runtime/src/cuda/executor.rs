@@ -249,11 +249,18 @@ impl CudaExecutor {
     }
 
     /// Rank `root`'s values of the float states `names` on every rank of
-    /// the run's collective, device to device (NCCL's broadcast on a GPU).
-    /// Unknown names and integer states are left alone.
-    pub fn broadcast_states(&mut self, names: &[String], root: usize) -> Result<(), RuntimeError> {
+    /// `comm`, device to device (NCCL's broadcast on a GPU). Unknown names
+    /// and integer states are left alone.
+    pub fn broadcast_states(
+        &mut self,
+        names: &[String],
+        root: usize,
+        comm: &dyn crate::dist::Collective,
+    ) -> Result<(), RuntimeError> {
         use super::device::{CollectiveOp, CollectiveStep, Elem};
-        let Some(comm) = self.comm.clone() else { return Ok(()) };
+        if comm.world() < 2 {
+            return Ok(());
+        }
         let device = self.backend.device();
         for name in names {
             let Some(&i) = self.state_index.get(name) else { continue };
@@ -267,7 +274,7 @@ impl CudaExecutor {
             let step =
                 CollectiveStep { op: CollectiveOp::Broadcast { root }, elem, src: at, dst: at, count: v.numel() };
             device
-                .collective(comm.as_ref(), &step)
+                .collective(comm, &step)
                 .map_err(|e| RuntimeError::Device(format!("broadcasting `{name}`: {}", e.0)))?;
         }
         device.synchronize().map_err(dev)
