@@ -6,11 +6,10 @@
 //! `kernels/batch_norm.cu`, one block per channel computing its statistics
 //! and using them in the same launch (so no scratch).
 
-use super::super::device::{Arg, CollectiveOp, CollectiveStep, Elem, Launch};
+use super::super::device::{Arg, CollectiveOp, CollectiveStep, DevPtr, Elem, Launch};
 use super::super::lower::{c_type, Lowering, Step, Val};
 use super::super::source::{param, KernelSource};
 use crate::dist::Reduction;
-use tessera_plan::DType;
 use tessera_plan::Op;
 
 const ROWS: &str = include_str!("../kernels/norm_rows.cu");
@@ -166,10 +165,11 @@ pub fn lower(l: &mut Lowering, k: usize, op: &Op) -> Result<(), String> {
 /// A synchronised batch norm's group statistics, filled in by the passes
 /// `group_statistics` emits: f64 arrays of one slot of C channels per group
 /// (two values per channel for `grad_sums`).
+#[derive(Clone, Copy)]
 struct Group {
-    sums: Val,
-    squares: Val,
-    grad_sums: Option<Val>,
+    sums: DevPtr,
+    squares: DevPtr,
+    grad_sums: Option<DevPtr>,
     /// Ranks per group, and the values per channel over the group.
     size: u64,
     count: f64,
@@ -190,7 +190,8 @@ fn group_statistics(l: &mut Lowering, k: usize, x: &Val, g: Option<&Val>, eps: f
         return Err(format!("the input must be [N, C, ...], got {:?}", x.shape));
     };
     let slots = l.world / size;
-    let piece = |l: &Lowering, name: &str, per_channel: u64| -> Result<Val, String> {
+    // A zeroed array of f64 slots, filled by one pass and summed over the ranks.
+    let piece = |l: &Lowering, name: &str, per_channel: u64| -> Result<(DevPtr, u64), String> {
         let (ptr, bytes) = l.scratch(k, name)?;
         let want = slots * ch * per_channel * 8;
         if bytes < want {
@@ -198,41 +199,30 @@ fn group_statistics(l: &mut Lowering, k: usize, x: &Val, g: Option<&Val>, eps: f
                 "the scratch piece `{name}` has {bytes} bytes, {slots} groups of {ch} channels need {want}"
             ));
         }
-        Ok(Val { ptr, shape: vec![slots * ch * per_channel], dtype: DType::F32 })
+        Ok((ptr, slots * ch * per_channel))
     };
-    let group = Group {
-        sums: piece(l, "group_sums", 1)?,
-        squares: piece(l, "group_squares", 1)?,
-        grad_sums: if g.is_some() { Some(piece(l, "group_grad_sums", 2)?) } else { None },
-        size,
-        count: (size * n * rest.iter().product::<u64>()) as f64,
-    };
-    let partial = group_sums_so_far(&group);
-    let pass = |l: &mut Lowering, mode: &str, into: &Val, full: &[(&Val, &str)], partial: &Group| {
-        l.zero(k, into.ptr, into.numel() * 8);
-        let out = Val { ptr: into.ptr, shape: x.shape.clone(), dtype: DType::F32 };
-        batch_kernel_into(l, k, mode, &out, "double*", full, ("eps", eps), Some(partial))?;
-        let step = CollectiveStep {
-            op: CollectiveOp::AllReduce(Reduction::Sum),
-            elem: Elem::F64,
-            src: into.ptr,
-            dst: into.ptr,
-            count: into.numel(),
-        };
+    let (sums, n_sums) = piece(l, "group_sums", 1)?;
+    let (squares, _) = piece(l, "group_squares", 1)?;
+    let grad = if g.is_some() { Some(piece(l, "group_grad_sums", 2)?) } else { None };
+    let count = (size * n * rest.iter().product::<u64>()) as f64;
+    // The passes read the sums before them; none reads the gradient's sums.
+    let before = Group { sums, squares, grad_sums: None, size, count };
+    let pass = |l: &mut Lowering, mode: &str, (into, slots): (DevPtr, u64), full: &[(&Val, &str)]| {
+        l.zero(k, into, slots * 8);
+        let mut c = tera::Context::new();
+        c.insert("mode", mode);
+        batch_launch_of(l, k, c, into, "double*", full, ("eps", eps), Some(&before))?;
+        let sum = CollectiveOp::AllReduce(Reduction::Sum);
+        let step = CollectiveStep { op: sum, elem: Elem::F64, src: into, dst: into, count: slots };
         l.steps.push(Step::Collective { kernel: k, step, slot: 0 });
         Ok::<(), String>(())
     };
-    pass(l, "group_sums", &group.sums, &[(x, "x")], &partial)?;
-    pass(l, "group_squares", &group.squares, &[(x, "x")], &partial)?;
-    if let (Some(g), Some(into)) = (g, &group.grad_sums) {
-        pass(l, "group_grad_sums", into, &[(x, "x"), (g, "g")], &partial)?;
+    pass(l, "group_sums", (sums, n_sums), &[(x, "x")])?;
+    pass(l, "group_squares", (squares, n_sums), &[(x, "x")])?;
+    if let (Some(g), Some(piece)) = (g, grad) {
+        pass(l, "group_grad_sums", piece, &[(x, "x"), (g, "g")])?;
     }
-    Ok(Some(group))
-}
-
-/// The group's arrays as the passes pass them to each other.
-fn group_sums_so_far(g: &Group) -> Group {
-    Group { sums: g.sums.clone(), squares: g.squares.clone(), grad_sums: None, size: g.size, count: g.count }
+    Ok(Some(Group { grad_sums: grad.map(|(p, _)| p), ..before }))
 }
 
 /// Per-channel batch statistics: one launch of `kernels/batch_norm.cu` for
@@ -268,24 +258,7 @@ fn batch_kernel(
     let out_type = format!("{}*", c_type(out.dtype)?);
     let operands: Vec<(&Val, &str)> = full.iter().chain(per_channel).copied().collect();
     c.insert("mode", mode);
-    batch_launch_of(l, k, c, out, &out_type, &operands, (scalar, value), group)
-}
-
-/// A pass of a synchronised batch norm: `mode` writes f64 sums into `out.ptr`.
-#[allow(clippy::too_many_arguments)]
-fn batch_kernel_into(
-    l: &mut Lowering,
-    k: usize,
-    mode: &str,
-    out: &Val,
-    out_type: &str,
-    full: &[(&Val, &str)],
-    scalar: (&str, f64),
-    group: Option<&Group>,
-) -> Result<(), String> {
-    let mut c = tera::Context::new();
-    c.insert("mode", mode);
-    batch_launch_of(l, k, c, out, out_type, full, scalar, group)
+    batch_launch_of(l, k, c, out.ptr, &out_type, &operands, (scalar, value), group)
 }
 
 /// Renders and launches one batch-statistics kernel: parameters `out`, the
@@ -296,7 +269,7 @@ fn batch_launch_of(
     l: &mut Lowering,
     k: usize,
     mut c: tera::Context,
-    out: &Val,
+    out: DevPtr,
     out_type: &str,
     operands: &[(&Val, &str)],
     (scalar, value): (&str, f64),
@@ -308,7 +281,7 @@ fn batch_launch_of(
     };
     let (n, ch, s) = (*n, *ch, rest.iter().product::<u64>());
     let mut params = vec![param(out_type, "out")];
-    let mut args = vec![Arg::Ptr(out.ptr)];
+    let mut args = vec![Arg::Ptr(out)];
     for (v, role) in operands {
         params.push(param(&format!("const {}*", c_type(v.dtype)?), role));
         args.push(Arg::Ptr(v.ptr));
@@ -318,10 +291,10 @@ fn batch_launch_of(
     c.insert("sync", &group.is_some());
     if let Some(g) = group {
         params.extend([param("const double*", "sums"), param("const double*", "squares")]);
-        args.extend([Arg::Ptr(g.sums.ptr), Arg::Ptr(g.squares.ptr)]);
-        if let Some(gs) = &g.grad_sums {
+        args.extend([Arg::Ptr(g.sums), Arg::Ptr(g.squares)]);
+        if let Some(gs) = g.grad_sums {
             params.push(param("const double*", "grad_sums"));
-            args.push(Arg::Ptr(gs.ptr));
+            args.push(Arg::Ptr(gs));
         }
         params.extend([param("const tsr_rng*", "rng"), param("i64", "group"), param("double", "group_count")]);
         args.extend([Arg::Ptr(l.rng), Arg::I64(g.size as i64), Arg::F64(g.count)]);
