@@ -419,6 +419,13 @@ mod tests {
             let mut v = vec![1.0f32; 8];
             ring.all_reduce_f32(&mut v, Reduction::Sum).err().map(|e| e.to_string())
         });
-        assert!(got[0].as_deref().is_some_and(|e| e.contains("rank 2 closed the connection")), "{got:?}");
+        // Every live rank fails; which neighbour it sees close first depends on
+        // timing (rank 1 may exit after its own error before rank 0 reads from it),
+        // but the rank next to the one that left names it.
+        assert!(got[..2].iter().all(|e| e.as_deref().is_some_and(|e| e.contains("closed the connection"))), "{got:?}");
+        assert!(
+            got.iter().any(|e| e.as_deref().is_some_and(|e| e.contains("rank 2 closed the connection"))),
+            "{got:?}"
+        );
     }
 }
