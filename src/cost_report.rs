@@ -62,8 +62,25 @@ pub fn section(plan: &Plan, batch: u64, cfg: &Value, device: Option<&Device>) ->
         }
         classes.insert(serde_json::to_value(class).unwrap_or_default().as_str().unwrap_or("?").to_string(), entry);
     }
+    // The ops that move the most, for finding the next waste to remove.
+    let mut by_op: std::collections::BTreeMap<&str, (usize, u64)> = Default::default();
+    for (k, (_, c)) in cost.kernels.iter().enumerate() {
+        let e = by_op.entry(plan.kernels[cost.kernel_index[k]].op.name()).or_default();
+        e.0 += 1;
+        e.1 += c.total_bytes();
+    }
+    let mut heaviest: Vec<_> = by_op.iter().collect();
+    heaviest.sort_by_key(|(name, (_, bytes))| (std::cmp::Reverse(*bytes), *name));
+    text += "    heaviest ops:";
+    for (name, (n, bytes)) in heaviest.iter().take(8) {
+        text += &format!(" {name} x{n} {};", human_bytes(*bytes));
+    }
+    text.pop();
+    text += "\n";
+    let by_op: serde_json::Map<String, Value> =
+        by_op.iter().map(|(name, (n, b))| (name.to_string(), json!({ "kernels": n, "bytes": b }))).collect();
     let mut j = json!({
-        "bytes_moved": { "total": t.bytes_moved, "by_dtype": t.bytes, "by_class": classes },
+        "bytes_moved": { "total": t.bytes_moved, "by_dtype": t.bytes, "by_class": classes, "by_op": by_op },
         "flops": t.flops,
         "kernels_costed": t.kernels,
     });

@@ -283,6 +283,67 @@ fn hand_written_attention_becomes_one_attention_op() {
     }
 }
 
+/// timm's attention core on qkv [2, 7, 3*3*4] (split by reshape, permute and
+/// slices; heads merged back by permute and reshape) and its backward for
+/// dy [2, 7, 12], with attention dropout: the same numbers before and after
+/// `packed-attention`, which leaves no permute or slice behind.
+#[test]
+fn packed_attention_keeps_the_numbers_of_the_split_it_replaces() {
+    use tessera_compiler::ir::{DType, Dim, Graph, Op, Shape};
+    let (b, n, h, d) = (2u64, 7u64, 3u64, 4u64);
+    let mut g = Graph::new();
+    let c = |x: &[u64]| Shape::consts(x);
+    let qkv = g.add_input("qkv", c(&[b, n, 3 * h * d]), DType::F32).unwrap();
+    let dy = g.add_input("dy", c(&[b, n, h * d]), DType::F32).unwrap();
+    let r = g.add_op(Op::Reshape { shape: c(&[b, n, 3, h, d]) }, &[qkv], "attn").unwrap();
+    let p = g.add_op(Op::Permute { perm: vec![2, 0, 3, 1, 4] }, &[r], "attn").unwrap();
+    let mut parts: Vec<_> = (0..3)
+        .map(|i| {
+            let s =
+                g.add_op(Op::Slice { axis: 0, start: Dim::Const(i), end: Dim::Const(i + 1) }, &[p], "attn").unwrap();
+            g.add_op(Op::Reshape { shape: c(&[b, h, n, d]) }, &[s], "attn").unwrap()
+        })
+        .collect();
+    let a = g.add_op(Op::Attention { scale: 0.5, dropout: 0.3, key: 9 }, &parts, "attn").unwrap();
+    let t = g.add_op(Op::Permute { perm: vec![0, 2, 1, 3] }, &[a], "attn").unwrap();
+    let y = g.add_op(Op::Reshape { shape: c(&[b, n, h * d]) }, &[t], "attn").unwrap();
+    let dr = g.add_op(Op::Reshape { shape: c(&[b, n, h, d]) }, &[dy], "attn").unwrap();
+    parts.push(g.add_op(Op::Permute { perm: vec![0, 2, 1, 3] }, &[dr], "attn").unwrap());
+    let ag = g.add_op(Op::AttentionGrad { scale: 0.5, dropout: 0.3, key: 9 }, &parts, "attn").unwrap();
+    let j = g.add_op(Op::Permute { perm: vec![1, 3, 0, 2, 4] }, &[ag], "attn").unwrap();
+    let dqkv = g.add_op(Op::Reshape { shape: c(&[b, n, 3 * h * d]) }, &[j], "attn").unwrap();
+    g.set_output("y", y);
+    g.set_output("dqkv", dqkv);
+    let inputs =
+        [("qkv", Tensor::f32(vec![2, 7, 36], values(504, 1))), ("dy", Tensor::f32(vec![2, 7, 12], values(168, 2)))];
+    let run = |g: &Graph| {
+        let plan = tessera_compiler::plan::lower(g, 1, true).unwrap();
+        let mut ex = CpuExecutor::new(plan, 3).unwrap();
+        let out = ex.run(&inputs).unwrap_or_else(|e| panic!("{e}"));
+        (out["y"].as_f32().unwrap().to_vec(), out["dqkv"].as_f32().unwrap().to_vec())
+    };
+    let (y0, d0) = run(&g);
+    let mut packed = g.clone();
+    let report = passes::run(&mut packed, &["packed-attention"], true, |_, _| {}).unwrap();
+    assert_eq!(
+        report[0].detail,
+        "1 attentions and 1 attention gradients read q, k and v in place from their packed product"
+    );
+    let ops: Vec<&str> = packed.node_ids().iter().map(|&v| packed.node(v).op.name()).collect();
+    assert!(!ops.iter().any(|o| ["permute", "slice", "reshape"].contains(o)), "{ops:?}");
+    let (y1, d1) = run(&packed);
+    close(&y1, &y0);
+    close(&d1, &d0);
+    // The mask is on: without dropout the result differs.
+    let mut plain = g.clone();
+    for v in plain.node_ids() {
+        if let Op::Attention { dropout, .. } = &mut plain.node_mut(v).op {
+            *dropout = 0.0;
+        }
+    }
+    assert_ne!(run(&plain).0, y0, "dropout 0.3 changes the attention");
+}
+
 #[test]
 fn hand_written_soft_target_cross_entropy_becomes_one_op() {
     use tessera_compiler::ir::{BinaryOp, DType, Graph, Op, ReduceOp, Shape, UnaryOp};
@@ -348,8 +409,13 @@ fn convit_gated_attention_is_split_into_content_attention_and_a_positional_produ
     // the rewritten model's logits and gradients against eager GPSA).
     assert_eq!(gated.detail, "2 gated attentions split into content attention and positional product");
     let fused = plan("quickstart/convit_tiny", &[], passes::DEFAULT);
-    let attention = fused.kernels.iter().filter(|k| k.op.name() == "attention").count();
-    assert_eq!(attention, 3, "2 GPSA blocks + 1 plain block, each one attention kernel");
+    let count = |name: &str| fused.kernels.iter().filter(|k| k.op.name() == name).count();
+    // The plain block's qkv is one packed product, read in place.
+    assert_eq!(
+        (count("attention"), count("attention_packed")),
+        (2, 1),
+        "2 GPSA blocks + 1 plain block, each one attention kernel"
+    );
     // No softmax over per-sample N x N scores is left in the forward pass.
     let softmax_over_batch =
         fused.kernels.iter().filter(|k| k.op.name() == "softmax" && fused.values[k.output].shape[0] == 2).count();

@@ -58,7 +58,10 @@ impl KernelClass {
             | Op::LayerNormLinear { .. }
             | Op::MatmulLayerNormRhs { .. }
             | Op::MatmulGeluGrad { .. } => MatrixProduct,
-            Op::Attention { .. } | Op::AttentionGrad { .. } => Attention,
+            Op::Attention { .. }
+            | Op::AttentionGrad { .. }
+            | Op::AttentionPacked { .. }
+            | Op::AttentionPackedGrad { .. } => Attention,
             Op::Cast { .. } => Cast,
             // Exhaustive rather than `is_elementwise`, so a new op must be classed here.
             Op::Unary(_)
@@ -74,6 +77,7 @@ impl KernelClass {
             Op::LayerNorm { .. }
             | Op::Normalize { .. }
             | Op::NormalizeGrad { .. }
+            | Op::LayerNormWeightGrad { .. }
             | Op::BatchNorm { .. }
             | Op::BatchStandardize { .. }
             | Op::BatchStandardizeGrad { .. }
@@ -207,6 +211,15 @@ fn flops(plan: &Plan, k: usize) -> u64 {
             let heads: u64 = q[..r - 2].iter().product();
             5 * 2 * heads * q[r - 2] * kk[r - 2] * q[r - 1]
         }
+        // qkv [B, N, 3*H*d]: per (batch, head) N x N scores of width d, as above.
+        Op::AttentionPacked { .. } => {
+            let qkv = shape(0);
+            2 * 2 * qkv[0] * qkv[1] * qkv[1] * (qkv[2] / 3)
+        }
+        Op::AttentionPackedGrad { .. } => {
+            let qkv = shape(0);
+            5 * 2 * qkv[0] * qkv[1] * qkv[1] * (qkv[2] / 3)
+        }
         _ => 0,
     }
 }
@@ -282,6 +295,8 @@ impl Totals {
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct StepCost {
     pub kernels: Vec<(KernelClass, KernelCost)>,
+    /// The plan kernel each entry of `kernels` costs (parts have none).
+    pub kernel_index: Vec<usize>,
     pub total: Totals,
     pub by_class: BTreeMap<KernelClass, Totals>,
 }
@@ -299,6 +314,7 @@ impl StepCost {
             s.total.add(&c);
             s.by_class.entry(class).or_default().add(&c);
             s.kernels.push((class, c));
+            s.kernel_index.push(k);
         }
         s
     }

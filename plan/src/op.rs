@@ -87,6 +87,19 @@ pub enum Op {
         dropout: f64,
         key: u32,
     },
+    /// `(qkv [B, N, 3*H*d]) -> [B, N, H*d]`: `Attention` of self-attention
+    /// read in place from the packed product a qkv linear writes (its last
+    /// axis is (3, H, d), timm's `reshape(B, N, 3, H, d)`), the result
+    /// written per token as (H, d), the layout the projection reads. The
+    /// numbers of reshape, permute [2,0,3,1,4], three slices, `Attention`
+    /// and the inverse permute, without their copies (pass `packed-attention`);
+    /// dropout's mask index is the unpacked op's.
+    AttentionPacked {
+        heads: u64,
+        scale: f64,
+        dropout: f64,
+        key: u32,
+    },
     /// `(x [..., D], w [D], b [D]) -> [..., D]`, normalised over the last axis.
     LayerNorm {
         eps: f64,
@@ -224,6 +237,15 @@ pub enum Op {
         dropout: f64,
         key: u32,
     },
+    /// `(qkv [B, N, 3*H*d], dy [B, N, H*d]) -> [B, N, 3*H*d]`: the backward
+    /// of `AttentionPacked`, dq, dk and dv written in qkv's own layout (the
+    /// gradient of the qkv product as its weight-gradient product reads it).
+    AttentionPackedGrad {
+        heads: u64,
+        scale: f64,
+        dropout: f64,
+        key: u32,
+    },
     /// `(x [..., D]) -> [..., D]`: (x - mean) / sqrt(var + eps) over the last axis.
     Normalize {
         eps: f64,
@@ -234,6 +256,14 @@ pub enum Op {
     /// e.g. bf16 from a product, and dx has x's dtype); `(dy, x, w, r) -> dx + r`
     /// adds r (the residual stream's gradient, x's type) as dx is written.
     NormalizeGrad {
+        eps: f64,
+    },
+    /// `(dy [..., D], x [..., D]) -> [D]`: the sum over every row of
+    /// dy * normalize(x), LayerNorm's weight gradient in one pass over dy
+    /// and x (each row's statistics recomputed as `Normalize` computes
+    /// them; no normalised copy of x, no product stored). dy may be of
+    /// another float dtype than x (bf16 from a product); the result is x's.
+    LayerNormWeightGrad {
         eps: f64,
     },
     /// `(x [N, C, ...]) -> x's shape`: batch standardisation over all axes but 1.
@@ -437,6 +467,8 @@ impl Op {
             Op::QueueAdvance { .. } => "queue_advance",
             Op::GeluGrad => "gelu_grad",
             Op::AttentionGrad { .. } => "attention_grad",
+            Op::AttentionPacked { .. } => "attention_packed",
+            Op::AttentionPackedGrad { .. } => "attention_packed_grad",
             Op::Fused { .. } => "fused",
             Op::MultiTensor { .. } => "multi_tensor",
             Op::Part { .. } => "part",
@@ -448,6 +480,7 @@ impl Op {
             Op::MatmulLayerNormRhs { .. } => "matmul_layer_norm_rhs",
             Op::Normalize { .. } => "normalize",
             Op::NormalizeGrad { .. } => "normalize_grad",
+            Op::LayerNormWeightGrad { .. } => "layer_norm_weight_grad",
             Op::BatchStandardize { .. } => "batch_standardize",
             Op::BatchStandardizeGrad { .. } => "batch_standardize_grad",
             Op::RunningStat { .. } => "running_stat",
@@ -494,6 +527,14 @@ pub fn attributes(op: &Op) -> Vec<(&'static str, String)> {
         Op::Attention { scale, dropout, key } | Op::AttentionGrad { scale, dropout, key } => {
             vec![("scale", scale.to_string()), ("dropout", dropout.to_string()), ("key", key.to_string())]
         }
+        Op::AttentionPacked { heads, scale, dropout, key } | Op::AttentionPackedGrad { heads, scale, dropout, key } => {
+            vec![
+                ("heads", heads.to_string()),
+                ("scale", scale.to_string()),
+                ("dropout", dropout.to_string()),
+                ("key", key.to_string()),
+            ]
+        }
         Op::LayerNorm { eps } => vec![("eps", eps.to_string())],
         Op::BatchNorm { eps, momentum } => vec![("eps", eps.to_string()), ("momentum", momentum.to_string())],
         Op::CrossEntropy { label_smoothing } => vec![("label_smoothing", label_smoothing.to_string())],
@@ -505,6 +546,7 @@ pub fn attributes(op: &Op) -> Vec<(&'static str, String)> {
         Op::Dropout { p, key } | Op::DropPath { p, key } => vec![("p", p.to_string()), ("key", key.to_string())],
         Op::Normalize { eps }
         | Op::NormalizeGrad { eps }
+        | Op::LayerNormWeightGrad { eps }
         | Op::BatchStandardize { eps }
         | Op::BatchStandardizeGrad { eps } => vec![("eps", eps.to_string())],
         Op::RunningStat { momentum, unbiased_var } => {

@@ -16,8 +16,9 @@ use std::collections::HashMap;
 /// Bumped whenever the plan format changes incompatibly (3: the memory
 /// plan's workspace follows `scratch`, the backends' contract; 4:
 /// `reduce_f32`, normalize_grad's (dy, x, w[, r]) forms, synchronised batch
-/// norm's scratch, gradient all-reduces in place).
-pub const PLAN_VERSION: u32 = 4;
+/// norm's scratch, gradient all-reduces in place; 5: `attention_packed`,
+/// `attention_packed_grad`, `layer_norm_weight_grad`).
+pub const PLAN_VERSION: u32 = 5;
 
 /// The backend a plan's pass pipeline was chosen for. Every backend runs
 /// every plan; the target only says which trade-offs the compiler made

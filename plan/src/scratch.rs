@@ -43,6 +43,20 @@ use crate::types::DType;
 /// Blocks of the first pass of a reduction to few values.
 pub const REDUCE_BLOCKS: u64 = 1024;
 
+/// `layer_norm_weight_grad` on the GPU: at most this many blocks of rows
+/// (each one f64 partial sum per column), and columns per launch (the
+/// partials of one launch sit in a block's shared memory; wider rows take
+/// several launches).
+pub const NORM_WEIGHT_GRAD_BLOCKS: u64 = 512;
+pub const NORM_WEIGHT_GRAD_COLS: u64 = 4096;
+
+/// The blocks of rows `layer_norm_weight_grad` cuts `rows` into: at least
+/// 64 rows each (fewer partials to write and add up), at most
+/// NORM_WEIGHT_GRAD_BLOCKS.
+pub fn norm_weight_grad_blocks(rows: u64) -> u64 {
+    rows.div_ceil(64).clamp(1, NORM_WEIGHT_GRAD_BLOCKS)
+}
+
 /// cuBLASLt's workspace for a product of `m x n x k`.
 pub fn gemm_workspace(m: u64, n: u64, k: u64) -> u64 {
     match m.saturating_mul(n).saturating_mul(k) {
@@ -167,6 +181,12 @@ pub fn scratch(plan: &Plan, k: usize) -> Scratch {
             let rows = rows_of(shape(0));
             s.with("lse", rows * 4).with("delta", rows * 4)
         }
+        // A row per (token, head): numel(dy) / d = B * N * H.
+        Op::AttentionPackedGrad { heads, .. } => {
+            let d = last(shape(1)) / (*heads).max(1);
+            let rows = numel(1) / d.max(1);
+            s.with("lse", rows * 4).with("delta", rows * 4)
+        }
         // Every rank's keys (f32), gathered before they are written.
         Op::QueuePush { world } if *world > 1 => s.with("gathered", numel(2) * world * 4),
         Op::Reduce { axes, .. } | Op::ReduceF32 { axes, .. } => {
@@ -184,6 +204,11 @@ pub fn scratch(plan: &Plan, k: usize) -> Scratch {
             s.with("partials", if slices > 1 { n_out * slices * 8 } else { 0 })
         }
         Op::SumOfSquares => s.with("partials", REDUCE_BLOCKS * 8),
+        Op::LayerNormWeightGrad { .. } => {
+            let d = last(shape(1));
+            let rows = numel(1) / d.max(1);
+            s.with("partials", norm_weight_grad_blocks(rows) * d.min(NORM_WEIGHT_GRAD_COLS) * 8)
+        }
         Op::CrossEntropy { .. } => {
             let rows = shape(0).first().copied().unwrap_or(1);
             s.with("partials", rows.clamp(1, REDUCE_BLOCKS) * 8)

@@ -598,6 +598,34 @@ fn normalize_grad_matches_central_differences() {
     assert!(a.iter().zip(b).zip(c).all(|((a, b), c)| *a == c + b), "{a:?}");
 }
 
+/// LayerNorm's weight gradient is the gradient of sum(dy * layer_norm(x, w, 0))
+/// with respect to w: sum over rows of dy * xhat (central differences in w),
+/// for rows cut into several of the kernel's blocks (300 rows) and one.
+#[test]
+fn layer_norm_weight_grad_is_the_gradient_in_w() {
+    for shape in [&[3usize, 6][..], &[3, 100, 5]] {
+        let d = *shape.last().unwrap();
+        let (x, dy, w) = (rand(shape, 34), rand(shape, 35), rand(&[d], 36));
+        let eps = 1e-5;
+        let dw = run_op(Op::LayerNormWeightGrad { eps }, &[&dy, &x]);
+        assert_eq!(dw.shape, [d]);
+        let zero = Tensor::f32(vec![d], vec![0.0; d]);
+        let mut ln = OneOp::new(Op::LayerNorm { eps }, &[&x, &w, &zero], true);
+        let fd = central_differences(&w, 1e-2, |wp| dot(&ln.run(&[&x, wp, &zero]), &dy));
+        assert_close(&dw, &fd, 1e-3);
+        // And exactly the closed form, in f64.
+        let (fx, fg) = (f(&x), f(&dy));
+        let mut want = vec![0.0; d];
+        for (row, g) in fx.chunks(d).zip(fg.chunks(d)) {
+            let (m, v) = mean_var(row);
+            for j in 0..d {
+                want[j] += g[j] * (row[j] - m) / (v + eps).sqrt();
+            }
+        }
+        assert_close(&dw, &want, 1e-5);
+    }
+}
+
 #[test]
 fn batch_standardize_and_batch_norm_use_statistics_over_all_axes_but_1() {
     let x = Tensor::f32(vec![4, 3, 2, 2], f(&rand(&[4, 3, 2, 2], 32)).iter().map(|v| (v * 2.0 + 0.5) as f32).collect());

@@ -141,10 +141,9 @@ pub(super) fn grads(b: &mut Builder, v: ValueId, xs: &[ValueId], dy: ValueId) ->
             // y = xhat * w + b (reference 1.3): dx = NormalizeGrad(dy * w, x),
             // dy * w formed as the kernel reads dy (one pass, no dy * w stored).
             let r = shape_of(b, 0).rank();
+            // dw = sum over rows of dy * xhat in one pass (no xhat stored).
             let dx = b.op(Op::NormalizeGrad { eps }, &[dy, xs[0], xs[1]])?;
-            let xhat = b.op(Op::Normalize { eps }, &[xs[0]])?;
-            let prod = b.bin(BinaryOp::Mul, dy, xhat)?;
-            let dw = b.sum(prod, (0..r - 1).collect(), false)?;
+            let dw = b.op(Op::LayerNormWeightGrad { eps }, &[dy, xs[0]])?;
             let db = b.sum(dy, (0..r - 1).collect(), false)?;
             vec![Some(dx), Some(dw), Some(db)]
         }

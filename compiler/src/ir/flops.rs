@@ -58,6 +58,15 @@ pub fn node_flops(g: &Graph, v: ValueId, batch: u64) -> u64 {
             let heads_and_batch: u64 = q[..r - 2].iter().product();
             5 * 2 * heads_and_batch * q[r - 2] * q[r - 2] * q[r - 1]
         }
+        // qkv [B, N, 3*H*d]: the same products, per (batch, head) of width d.
+        Op::AttentionPacked { .. } => {
+            let qkv = operand(0);
+            2 * 2 * qkv[0] * qkv[1] * qkv[1] * (qkv[2] / 3)
+        }
+        Op::AttentionPackedGrad { .. } => {
+            let qkv = operand(0);
+            5 * 2 * qkv[0] * qkv[1] * qkv[1] * (qkv[2] / 3)
+        }
         _ => 0,
     }
 }

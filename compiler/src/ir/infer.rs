@@ -21,6 +21,11 @@ pub(crate) fn infer(op: &Op, x: &[&TensorType]) -> Rule {
             probability("dropout", *dropout)?;
             attention(x)
         }
+        Op::AttentionPacked { heads, dropout, .. } => {
+            probability("dropout", *dropout)?;
+            let [qkv] = exactly(x, ["qkv"])?;
+            attention_packed(qkv, *heads)
+        }
         Op::LayerNorm { .. } => layer_norm(x),
         Op::BatchNorm { .. } => batch_norm(x),
         Op::CrossEntropy { label_smoothing } => cross_entropy(x, *label_smoothing),
@@ -129,8 +134,10 @@ pub(crate) fn infer(op: &Op, x: &[&TensorType]) -> Rule {
         }
         Op::GeluGrad
         | Op::AttentionGrad { .. }
+        | Op::AttentionPackedGrad { .. }
         | Op::Normalize { .. }
         | Op::NormalizeGrad { .. }
+        | Op::LayerNormWeightGrad { .. }
         | Op::BatchStandardize { .. }
         | Op::BatchStandardizeGrad { .. }
         | Op::RunningStat { .. }
@@ -388,6 +395,20 @@ pub(super) fn attention(x: &[&TensorType]) -> Rule {
     let mut out = q.shape.clone();
     out.0[r - 1] = v.shape.0[r - 1];
     Ok(TensorType::new(out, q.dtype))
+}
+
+/// `qkv [B, N, 3*H*d]` as `AttentionPacked` reads it: its result `[B, N, H*d]`.
+pub(super) fn attention_packed(qkv: &TensorType, heads: u64) -> Rule {
+    float("qkv", qkv)?;
+    let dims = qkv.shape.dims();
+    let packed = match dims {
+        [_, _, Dim::Const(c)] => *c,
+        _ => return Err(format!("qkv must be [batch, tokens, 3 * heads * head_dim], got {}", qkv.shape)),
+    };
+    if heads == 0 || packed % (3 * heads) != 0 {
+        return Err(format!("qkv's last axis {packed} is not 3 x {heads} heads x a head dim"));
+    }
+    Ok(TensorType::new(Shape(vec![dims[0], dims[1], Dim::Const(packed / 3)]), qkv.dtype))
 }
 
 /// `t [..., K]` as the matrix [product of its leading dims, K].

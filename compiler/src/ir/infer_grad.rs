@@ -1,7 +1,8 @@
 //! Shape rules of the gradient ops that autodiff emits (see `op.rs`).
 
 use super::infer::{
-    attention, check_axis, check_world, conv2d, cross_entropy, exactly, float, float_unary, floats_alike,
+    attention, attention_packed, check_axis, check_world, conv2d, cross_entropy, exactly, float, float_unary,
+    floats_alike,
 };
 use super::op::Op;
 use super::types::{Dim, Shape, TensorType};
@@ -29,6 +30,17 @@ pub(super) fn infer_grad(op: &Op, x: &[&TensorType]) -> Rule {
             let mut dims = vec![Dim::Const(3)];
             dims.extend_from_slice(q.shape.dims());
             Ok(TensorType::new(Shape(dims), q.dtype))
+        }
+        Op::AttentionPackedGrad { heads, dropout, .. } => {
+            let [qkv, dy] = exactly(x, ["qkv", "dy"])?;
+            if !(0.0..1.0).contains(dropout) {
+                return Err(format!("dropout must be in [0, 1), got {dropout}"));
+            }
+            let out = attention_packed(qkv, *heads)?;
+            if dy.shape != out.shape || dy.dtype != out.dtype {
+                return Err(format!("dy must be {} like the attention output, got {}", out, dy));
+            }
+            Ok(qkv.clone())
         }
         Op::Normalize { .. } => {
             let t = float_unary(x)?;
@@ -58,6 +70,18 @@ pub(super) fn infer_grad(op: &Op, x: &[&TensorType]) -> Rule {
             Ok(t.clone())
         }
         Op::NormalizeGrad { .. } | Op::BatchStandardizeGrad { .. } => same_pair(x, ["g", "x"]),
+        Op::LayerNormWeightGrad { .. } => {
+            let [dy, t] = exactly(x, ["dy", "x"])?;
+            super::infer::float("dy", dy)?;
+            super::infer::float("x", t)?;
+            if dy.shape != t.shape {
+                return Err(format!("dy {} and x {} must have the same shape", dy.shape, t.shape));
+            }
+            let Some(&d) = t.shape.dims().last() else {
+                return Err("x must have a feature axis, got a scalar []".into());
+            };
+            Ok(TensorType::new(Shape(vec![d]), t.dtype))
+        }
         Op::BatchStandardize { .. } => {
             let t = float_unary(x)?;
             if t.shape.rank() < 2 {

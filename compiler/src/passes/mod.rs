@@ -17,6 +17,7 @@ mod fuse;
 mod matmul_fusion;
 mod norm_epilogue;
 mod optimizer;
+mod packed_attention;
 mod patterns;
 mod precision;
 mod schedule;
@@ -53,6 +54,11 @@ pub const PASSES: &[Pass] = &[
         run: patterns::cross_entropy,
     },
     Pass { name: "fold", why: "evaluate elementwise ops on constants at compile time", run: fold::run },
+    Pass {
+        name: "packed-attention",
+        why: "self-attention and its gradient read q, k and v in place from the qkv product and write in the projection's layout (no permute or slice copies)",
+        run: packed_attention::run,
+    },
     Pass {
         name: "fuse-into-matmul",
         why: "GELU and layer norm applied by the matmuls that read them (never stored); GELU's gradient as a matmul epilogue",
@@ -100,6 +106,7 @@ pub const DEFAULT: &[&str] = &[
     "cse",
     "fold",
     "dce",
+    "packed-attention",
     "fuse-into-matmul",
     "norm-grad-epilogue",
     "fuse-elementwise",

@@ -48,6 +48,8 @@ fn class(op: &Op) -> Class {
         | Op::Conv2d { .. }
         | Op::Attention { .. }
         | Op::AttentionGrad { .. }
+        | Op::AttentionPacked { .. }
+        | Op::AttentionPackedGrad { .. }
         | Op::Conv2dGradInput { .. }
         | Op::Conv2dGradWeight { .. } => Class::Low,
         Op::LayerNormLinear { .. } => Class::NormProduct(&[0, 1, 2]),
@@ -55,6 +57,7 @@ fn class(op: &Op) -> Class {
         Op::LayerNorm { .. }
         | Op::Normalize { .. }
         | Op::NormalizeGrad { .. }
+        | Op::LayerNormWeightGrad { .. }
         | Op::BatchNorm { .. }
         | Op::BatchStandardize { .. }
         | Op::BatchStandardizeGrad { .. }
@@ -183,9 +186,14 @@ fn assign(
     let floats: Vec<usize> = (0..operands.len()).filter(|&i| new.ty(operands[i]).dtype.is_float()).collect();
     let mut args = operands.clone();
     let class = if in_optimizer_step(&node.scope) { Class::Full } else { class(&node.op) };
-    // LayerNorm's input gradient reads a low-precision dy as it is (its
-    // statistics and result stay f32): no f32 copy of dy.
-    if let (Class::Full, Op::NormalizeGrad { .. }, 3 | 4) = (&class, &node.op, operands.len()) {
+    // LayerNorm's input and weight gradients read a low-precision dy as it
+    // is (statistics and results stay f32): no f32 copy of dy.
+    let reads_dy_as_is = match node.op {
+        Op::NormalizeGrad { .. } => matches!(operands.len(), 3 | 4),
+        Op::LayerNormWeightGrad { .. } => true,
+        _ => false,
+    };
+    if matches!(class, Class::Full) && reads_dy_as_is {
         for &i in &floats {
             if i != 0 {
                 args[i] = cast(new, casts, operands[i], DType::F32, &node.scope)?;

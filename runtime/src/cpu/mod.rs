@@ -123,8 +123,15 @@ pub fn run_kernel(op: &Op, x: &[&Tensor], ctx: &Ctx) -> Result<Tensor, KernelErr
             epilogue::matmul_gelu_grad(x, *transpose_a, *transpose_b, ctx)
         }
         Op::AttentionGrad { scale, dropout, key } => attention::attention_grad(x, *scale, *dropout, *key, ctx),
+        Op::AttentionPacked { heads, scale, dropout, key } => {
+            attention::attention_packed(x, *heads, *scale, *dropout, *key, ctx)
+        }
+        Op::AttentionPackedGrad { heads, scale, dropout, key } => {
+            attention::attention_packed_grad(x, *heads, *scale, *dropout, *key, ctx)
+        }
         Op::Normalize { eps } => norm::normalize(x, *eps),
         Op::NormalizeGrad { eps } => norm::normalize_grad(x, *eps),
+        Op::LayerNormWeightGrad { eps } => norm::layer_norm_weight_grad(x, *eps),
         Op::BatchStandardize { eps } => norm::batch_standardize(x, *eps, ctx),
         Op::BatchStandardizeGrad { eps } => norm::batch_standardize_grad(x, *eps, ctx),
         Op::RunningStat { momentum, unbiased_var } => state::running_stat(x, *momentum, *unbiased_var, ctx),

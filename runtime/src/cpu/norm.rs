@@ -169,6 +169,51 @@ pub fn normalize_grad(x: &[&Tensor], eps: f64) -> Result<Tensor, KernelError> {
     Ok(Tensor::f32(xt.shape.clone(), out))
 }
 
+/// Rows per task of `layer_norm_weight_grad`: a fixed cut, so the sum's
+/// order (and its bits) does not depend on the thread count.
+const WEIGHT_GRAD_ROWS: usize = 64;
+
+/// `LayerNormWeightGrad (dy [..., D], x [..., D]) -> [D]`: the sum over rows
+/// of dy * xhat, xhat = (x - mean) * rstd formed in f32 as `normalize`
+/// forms it, each product rounded to f32 as a separate multiply would and
+/// summed in f64 (per block of rows, then the blocks in order).
+pub fn layer_norm_weight_grad(x: &[&Tensor], eps: f64) -> Result<Tensor, KernelError> {
+    let [gt, xt] = operands(x, ["dy", "x"])?;
+    same_shape(gt, xt, "dy", "x")?;
+    let d = last_dim(xt)?;
+    let (gd, xd) = (f32_of(gt, "dy")?, f32_of(xt, "x")?);
+    let block = |rows: std::ops::Range<usize>| {
+        let mut acc = vec![0.0f64; d];
+        vectorized(
+            #[inline(always)]
+            || {
+                for r in rows.clone() {
+                    let (g, xs) = (&gd[r * d..][..d], &xd[r * d..][..d]);
+                    let (mean, var) = row_mean_var(xs);
+                    let (m, s) = (mean as f32, (1.0 / (var + eps).sqrt()) as f32);
+                    for ((a, &gv), &xv) in acc.iter_mut().zip(g).zip(xs) {
+                        *a += (gv * ((xv - m) * s)) as f64;
+                    }
+                }
+            },
+        );
+        acc
+    };
+    let rows = if d == 0 { 0 } else { xd.len() / d };
+    let starts: Vec<usize> = (0..rows).step_by(WEIGHT_GRAD_ROWS).collect();
+    let cut = |&r0: &usize| r0..(r0 + WEIGHT_GRAD_ROWS).min(rows);
+    let partials: Vec<Vec<f64>> = if xd.len() >= PAR_MIN {
+        starts.par_iter().map(|r0| block(cut(r0))).collect()
+    } else {
+        starts.iter().map(|r0| block(cut(r0))).collect()
+    };
+    let mut out = pool::buffer(d);
+    for (c, o) in out.iter_mut().enumerate() {
+        *o = partials.iter().map(|p| p[c]).sum::<f64>() as f32;
+    }
+    Ok(Tensor::f32(vec![d], out))
+}
+
 /// `BatchStandardizeGrad` with the group's statistics: mean(g) and
 /// mean(g * xhat) are sums over every sample of the group (SyncBatchNorm's
 /// backward all-reduces them).

@@ -276,6 +276,7 @@ fn lower_kernel(l: &mut Lowering, k: usize) -> Result<(), String> {
         Op::LayerNorm { .. }
         | Op::Normalize { .. }
         | Op::NormalizeGrad { .. }
+        | Op::LayerNormWeightGrad { .. }
         | Op::BatchNorm { .. }
         | Op::BatchStandardize { .. }
         | Op::BatchStandardizeGrad { .. }
@@ -286,7 +287,10 @@ fn lower_kernel(l: &mut Lowering, k: usize) -> Result<(), String> {
         | Op::CrossEntropy { .. }
         | Op::CrossEntropyGrad { .. }
         | Op::ZeroDiagonal { .. } => ops::softmax::lower(l, k, &op),
-        Op::Attention { .. } | Op::AttentionGrad { .. } => ops::attention::lower(l, k, &op),
+        Op::Attention { .. }
+        | Op::AttentionGrad { .. }
+        | Op::AttentionPacked { .. }
+        | Op::AttentionPackedGrad { .. } => ops::attention::lower(l, k, &op),
         Op::QueuePush { .. } | Op::QueueAdvance { .. } => ops::state::lower(l, k, &op),
     }
 }

@@ -2,7 +2,8 @@
 //! on the host device (the same kernel sources compiled by g++ and run one
 //! thread per block): shapes with one, a few and many rows, Nq != Nk,
 //! dropout in training and in eval, several scales, bf16 operands, two
-//! steps (a step's mask differs), and bitwise-equal reruns. The kernels are
+//! steps (a step's mask differs), and bitwise-equal reruns; the packed
+//! forms (q, k, v read in place from qkv) likewise. The kernels are
 //! also compiled for sm_90 with NVRTC (no GPU needed). Needs the CUDA tools
 //! (scripts/setup-cuda-tools.sh).
 
@@ -146,6 +147,36 @@ fn attention_grad_matches_the_cpu_with_and_without_dropout() {
     }
 }
 
+/// qkv [B, N, 3*H*d] and dy [B, N, H*d] of the packed ops: N = 1, 5, 65;
+/// H = 1, 2, 3; d = 8, 16.
+const PACKED: &[(usize, usize, usize, usize)] = &[(1, 1, 1, 8), (2, 5, 3, 16), (1, 65, 2, 8), (3, 17, 2, 16)];
+
+#[test]
+fn packed_attention_and_its_gradient_match_the_cpu() {
+    for (i, &(b, n, h, d)) in PACKED.iter().enumerate() {
+        let scale = [0.125, 0.25, 1.0, 0.7][i];
+        let (qkv, out): (&[usize], &[usize]) = (&[b, n, 3 * h * d], &[b, n, h * d]);
+        for dtype in [DType::F32, DType::BF16] {
+            let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+            for p in [0.0, 0.25] {
+                let fwd = Op::AttentionPacked { heads: h as u64, scale, dropout: p, key: 11 };
+                let (cpu, _) = check(fwd, &[qkv], true, dtype, tol);
+                assert_eq!(cpu.shape, out, "the result's shape");
+                let grad = Op::AttentionPackedGrad { heads: h as u64, scale, dropout: p, key: 11 };
+                let (dqkv, _) = check(grad, &[qkv, out], true, dtype, tol);
+                // dk is not all zero (a kernel that skipped it would pass no check).
+                let dk = |t: &Tensor| {
+                    let v = t.as_f32().unwrap().to_vec();
+                    v.chunks(3 * h * d).flat_map(|row| row[h * d..2 * h * d].to_vec()).collect::<Vec<_>>()
+                };
+                if n > 1 {
+                    assert!(dk(&dqkv).iter().any(|&x| x != 0.0), "dk of {qkv:?} is zero");
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn bf16_operands_match_the_cpu_within_bf16_rounding() {
     for s in &FORWARD_SHAPES[1..4] {
@@ -184,9 +215,13 @@ fn the_kernels_compile_for_sm_90_with_nvrtc() {
     let mut names = Vec::new();
     for dtype in [DType::F32, DType::BF16] {
         for p in [0.0, 0.1] {
+            let packed = Op::AttentionPacked { heads: 3, scale: 0.125, dropout: p, key: 11 };
+            let packed_grad = Op::AttentionPackedGrad { heads: 3, scale: 0.125, dropout: p, key: 11 };
             for (op, shapes) in [
                 (attention(0.125, p), vec![s, &[2, 3, 5, 64], &[2, 3, 5, 32]]),
                 (attention_grad(0.125, p), vec![s, s, s, s]),
+                (packed, vec![&[2, 17, 3 * 3 * 64][..]]),
+                (packed_grad, vec![&[2, 17, 3 * 3 * 64][..], &[2, 17, 3 * 64]]),
             ] {
                 let (g, _) = one_op(op, &shapes, dtype);
                 let plan = planned(&g, true);
@@ -203,8 +238,8 @@ fn the_kernels_compile_for_sm_90_with_nvrtc() {
             }
         }
     }
-    // forward, stats, dq, dkv for each dtype and dropout setting.
+    // forward, stats, dq, dkv for each dtype and dropout setting, plain and packed.
     names.sort();
     names.dedup();
-    assert_eq!(names.len(), 2 * 2 * 4, "{names:?}");
+    assert_eq!(names.len(), 2 * 2 * 4 * 2, "{names:?}");
 }

@@ -12,7 +12,8 @@
 // grid-stride), the keys in tiles of blockDim.x, one key per thread (its dS
 // into shared memory), then threads split the D columns, each summing the
 // tile's keys in order. Reads q, k, v, dy, lse, delta; writes out[0] (dq) rows.
-{% endif %}// out is [3, rows, D]. Launch: min(rows, 8192) blocks of blockDim.x threads
+{% endif %}// out is [3, rows, D]{% if packed %}; packed (AttentionPackedGrad), q, k, v and out are
+// [B, n, 3, H, D] and dy [B, n, H, D], rows numbered head * n + i, head = b H + h{% endif %}. Launch: min(rows, 8192) blocks of blockDim.x threads
 // (at most TSR_MAX_THREADS; the host device: one).
 
 // a[0..n) . b[at..at + n), in f32, in order.
@@ -22,6 +23,21 @@ __device__ __forceinline__ float tsr_attn_dot(const float* a, const T* b, i64 at
     for (i64 c = 0; c < n; ++c) { s += a[c] * tsr_load(b, at + c); }
     return s;
 }
+
+// Where row r (= head * n + i) of operand w starts: 0 q, 1 k, 2 v, 3 dy.
+__device__ __forceinline__ i64 {{ name }}_at(i64 r, int w, i64 n) {
+{% if packed %}    const i64 H = {{ heads }}, D = {{ d }};
+    const i64 head = r / n, b = head / H, h = head - b * H, tok = b * n + (r - head * n);
+    return w < 3 ? (tok * 3 * H + w * H + h) * D : (tok * H + h) * D;
+{% else %}    return r * {{ d }};
+{% endif %}}
+
+// Where row r of dq (w 0), dk (1) or dv (2) goes in out: where q, k, v are
+// when packed, else block w of `per` elements.
+__device__ __forceinline__ i64 {{ name }}_out(i64 r, int w, i64 n, i64 per) {
+{% if packed %}    return {{ name }}_at(r, w, n);
+{% else %}    return w * per + r * {{ d }};
+{% endif %}}
 
 TSR_GLOBAL void {{ name }}({{ signature }}) {
     const i64 D = {{ d }};
@@ -34,9 +50,10 @@ TSR_GLOBAL void {{ name }}({{ signature }}) {
 {% endif %}    for (i64 row = blockIdx.x; row < rows; row += gridDim.x) {
         const i64 first = (row / n) * n;  // the head's first row
 {% if dkv %}        const i64 j = row - first;
+        const i64 k_at = {{ name }}_at(row, 1, n), v_at = {{ name }}_at(row, 2, n);
         for (i64 c = threadIdx.x; c < D; c += blockDim.x) {
-            krow[c] = tsr_load(k, row * D + c);
-            vrow[c] = tsr_load(v, row * D + c);
+            krow[c] = tsr_load(k, k_at + c);
+            vrow[c] = tsr_load(v, v_at + c);
             dk[c] = 0.0f;
             dv[c] = 0.0f;
         }
@@ -44,10 +61,10 @@ TSR_GLOBAL void {{ name }}({{ signature }}) {
         for (i64 i0 = 0; i0 < n; i0 += blockDim.x) {
             const i64 qi = first + i0 + threadIdx.x;  // this thread's query row
             if (i0 + threadIdx.x < n) {
-                const float pr = expf(tsr_attn_dot(krow, q, qi * D, D) * scale - lse[qi]);
+                const float pr = expf(tsr_attn_dot(krow, q, {{ name }}_at(qi, 0, n), D) * scale - lse[qi]);
 {% if dropout %}                const float f = tsr_drop_factor(seed, step, key, tsr_global_index(rng, (u64)(qi * n + j), (u64)drop_rows, (u64)drop_row_len), keep, drop_scale);
 {% else %}                const float f = 1.0f;
-{% endif %}                const float dp = tsr_attn_dot(vrow, dy, qi * D, D);
+{% endif %}                const float dp = tsr_attn_dot(vrow, dy, {{ name }}_at(qi, 3, n), D);
                 pt[threadIdx.x] = pr * f;
                 ds[threadIdx.x] = pr * (dp * f - delta[qi]) * scale;
             }
@@ -56,8 +73,8 @@ TSR_GLOBAL void {{ name }}({{ signature }}) {
             for (i64 c = threadIdx.x; c < D; c += blockDim.x) {
                 float a = dk[c], b = dv[c];
                 for (i64 t = 0; t < tile; ++t) {
-                    a += ds[t] * tsr_load(q, (first + i0 + t) * D + c);
-                    b += pt[t] * tsr_load(dy, (first + i0 + t) * D + c);
+                    a += ds[t] * tsr_load(q, {{ name }}_at(first + i0 + t, 0, n) + c);
+                    b += pt[t] * tsr_load(dy, {{ name }}_at(first + i0 + t, 3, n) + c);
                 }
                 dk[c] = a;
                 dv[c] = b;
@@ -65,12 +82,12 @@ TSR_GLOBAL void {{ name }}({{ signature }}) {
             __syncthreads();
         }
         for (i64 c = threadIdx.x; c < D; c += blockDim.x) {
-            tsr_store(out, per + row * D + c, dk[c]);
-            tsr_store(out, 2 * per + row * D + c, dv[c]);
+            tsr_store(out, {{ name }}_out(row, 1, n, per) + c, dk[c]);
+            tsr_store(out, {{ name }}_out(row, 2, n, per) + c, dv[c]);
         }
 {% else %}        for (i64 c = threadIdx.x; c < D; c += blockDim.x) {
-            qrow[c] = tsr_load(q, row * D + c);
-            dyrow[c] = tsr_load(dy, row * D + c);
+            qrow[c] = tsr_load(q, {{ name }}_at(row, 0, n) + c);
+            dyrow[c] = tsr_load(dy, {{ name }}_at(row, 3, n) + c);
             dq[c] = 0.0f;
         }
         const float lse_i = lse[row], delta_i = delta[row];
@@ -78,22 +95,22 @@ TSR_GLOBAL void {{ name }}({{ signature }}) {
         for (i64 j0 = 0; j0 < n; j0 += blockDim.x) {
             const i64 j = j0 + threadIdx.x;
             if (j < n) {
-                const float pr = expf(tsr_attn_dot(qrow, k, (first + j) * D, D) * scale - lse_i);
+                const float pr = expf(tsr_attn_dot(qrow, k, {{ name }}_at(first + j, 1, n), D) * scale - lse_i);
 {% if dropout %}                const float f = tsr_drop_factor(seed, step, key, tsr_global_index(rng, (u64)(row * n + j), (u64)drop_rows, (u64)drop_row_len), keep, drop_scale);
 {% else %}                const float f = 1.0f;
-{% endif %}                const float dp = tsr_attn_dot(dyrow, v, (first + j) * D, D);
+{% endif %}                const float dp = tsr_attn_dot(dyrow, v, {{ name }}_at(first + j, 2, n), D);
                 ds[threadIdx.x] = pr * (dp * f - delta_i) * scale;
             }
             __syncthreads();
             const i64 tile = n - j0 < (i64)blockDim.x ? n - j0 : (i64)blockDim.x;
             for (i64 c = threadIdx.x; c < D; c += blockDim.x) {
                 float a = dq[c];
-                for (i64 t = 0; t < tile; ++t) { a += ds[t] * tsr_load(k, (first + j0 + t) * D + c); }
+                for (i64 t = 0; t < tile; ++t) { a += ds[t] * tsr_load(k, {{ name }}_at(first + j0 + t, 1, n) + c); }
                 dq[c] = a;
             }
             __syncthreads();
         }
-        for (i64 c = threadIdx.x; c < D; c += blockDim.x) { tsr_store(out, row * D + c, dq[c]); }
+        for (i64 c = threadIdx.x; c < D; c += blockDim.x) { tsr_store(out, {{ name }}_out(row, 0, n, per) + c, dq[c]); }
 {% endif %}        __syncthreads();  // the next row overwrites the shared rows
     }
 }

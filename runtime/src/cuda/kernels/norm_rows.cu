@@ -10,16 +10,8 @@ TSR_GLOBAL void {{ name }}({{ signature }}) {
     __shared__ double red[TSR_MAX_THREADS];
     for (i64 row = blockIdx.x; row < rows; row += gridDim.x) {
         const i64 base = row * d;
-        double s = 0.0;
-        for (i64 j = threadIdx.x; j < d; j += blockDim.x) { s += (double)tsr_load(x, base + j); }
-        const double mean = tsr_block_sum(s, red) / (double)d;
-        double v = 0.0;
-        for (i64 j = threadIdx.x; j < d; j += blockDim.x) {
-            const double dv = (double)tsr_load(x, base + j) - mean;
-            v += dv * dv;
-        }
-        const double var = tsr_block_sum(v, red) / (double)d;
-        const double inv = 1.0 / sqrt(var + (double)eps);
+        double mean, inv;
+        tsr_row_stats(x, base, d, (double)eps, red, &mean, &inv);
         const float m = (float)mean, rstd = (float)inv;
 {% if grad %}
 {% if affine %}#define TSR_G(j) (tsr_load(g, base + (j)) * tsr_load(w, (j)))

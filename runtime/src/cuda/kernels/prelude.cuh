@@ -112,3 +112,21 @@ __device__ __forceinline__ double tsr_block_sum(double v, double* red) {
     __syncthreads();
     return r;
 }
+
+// The biased mean and 1 / sqrt(var + eps) of the d values of x from `base`,
+// accumulated in f64 in two passes (the CPU backend's row statistics); the
+// block's threads split the row and every thread gets both.
+template <typename T>
+__device__ __forceinline__ void tsr_row_stats(const T* x, i64 base, i64 d, double eps, double* red, double* mean,
+                                              double* inv) {
+    double s = 0.0;
+    for (i64 j = threadIdx.x; j < d; j += blockDim.x) { s += (double)tsr_load(x, base + j); }
+    const double m = tsr_block_sum(s, red) / (double)d;
+    double v = 0.0;
+    for (i64 j = threadIdx.x; j < d; j += blockDim.x) {
+        const double dv = (double)tsr_load(x, base + j) - m;
+        v += dv * dv;
+    }
+    *mean = m;
+    *inv = 1.0 / sqrt(tsr_block_sum(v, red) / (double)d + eps);
+}

@@ -127,7 +127,61 @@ fn context(d: u64, dv: u64, drop: &Option<Drop>) -> tera::Context {
     c.insert("d_alloc", &d.max(1));
     c.insert("dv_alloc", &dv.max(1));
     c.insert("dropout", &drop.is_some());
+    c.insert("packed", &false);
     c
+}
+
+/// `context` for the packed layout of `heads` heads (`AttentionPacked`).
+fn packed_context(d: u64, heads: u64, drop: &Option<Drop>) -> tera::Context {
+    let mut c = context(d, d, drop);
+    c.insert("packed", &true);
+    c.insert("heads", &heads);
+    c
+}
+
+/// `qkv [B, N, 3*H*d]` as (B, N, d), or an error naming its shape.
+fn packed_dims(qkv: &Val, heads: u64) -> Result<(u64, u64, u64), String> {
+    match qkv.shape[..] {
+        [b, n, c] if heads > 0 && c % (3 * heads) == 0 => Ok((b, n, c / (3 * heads))),
+        _ => Err(format!("qkv {:?} is not [batch, tokens, 3 x {heads} heads x head dim]", qkv.shape)),
+    }
+}
+
+/// `qkv [B, N, 3*H*d] -> [B, N, H*d]`: `forward`'s kernel reading q, k and v
+/// in place from the packed product and writing the tokens' (H, d) rows.
+fn forward_packed(l: &mut Lowering, k: usize, heads: u64, scale: f64, p: f64, key: u32) -> Result<(), String> {
+    let x = l.inputs(k)?;
+    let [qkv] = &x[..] else { return Err(format!("attention_packed takes (qkv), got {} operands", x.len())) };
+    let out = l.output(k)?;
+    let (b, n, d) = packed_dims(qkv, heads)?;
+    if out.shape != [b, n, heads * d] {
+        return Err(format!(
+            "the result is {:?}, attention of qkv {:?} gives {:?}",
+            out.shape,
+            qkv.shape,
+            [b, n, heads * d]
+        ));
+    }
+    check_head_dim(d, "q")?;
+    let drop = dropout(l, p, key)?.map(|dr| masked_rows(dr, &[b, heads, n, d], n));
+    let types = [float_type(&out, "the result")?, float_type(qkv, "qkv")?];
+    if out.numel() == 0 {
+        return Ok(());
+    }
+    let rows = b * heads * n;
+    let mut params = vec![
+        param(&format!("{}*", types[0]), "out"),
+        param(&format!("const {}*", types[1]), "q"),
+        param(&format!("const {}*", types[1]), "k"),
+        param(&format!("const {}*", types[1]), "v"),
+    ];
+    let mut args = vec![Arg::Ptr(out.ptr), Arg::Ptr(qkv.ptr), Arg::Ptr(qkv.ptr), Arg::Ptr(qkv.ptr)];
+    push_common(&mut params, &mut args, &[("rows", rows), ("nq", n), ("nk", n)], scale, &drop, l.rng);
+    let mut c = packed_context(d, heads, &drop);
+    c.insert("stats", &false);
+    let src = KernelSource::render("attention_packed", ROWS, c, params)?;
+    l.launch(k, src, rows_launch(rows), args);
+    Ok(())
 }
 
 /// `q [.., H, Nq, d], k [.., H, Nk, d], v [.., H, Nk, dv] -> [.., H, Nq, dv]`.
@@ -214,6 +268,53 @@ fn backward(l: &mut Lowering, k: usize, scale: f64, p: f64, key: u32) -> Result<
         return Ok(());
     }
     let rows = q.numel() / d;
+    let ptrs = [out.ptr, q.ptr, kk.ptr, v.ptr, dy.ptr];
+    backward_launches(l, k, rows, n, scale, &drop, ptrs, types, context(d, d, &drop))
+}
+
+/// `(qkv [B, N, 3*H*d], dy [B, N, H*d]) -> [B, N, 3*H*d]`: `backward`'s
+/// three launches on the packed layout, dq, dk, dv written where q, k, v sit.
+fn backward_packed(l: &mut Lowering, k: usize, heads: u64, scale: f64, p: f64, key: u32) -> Result<(), String> {
+    let x = l.inputs(k)?;
+    let [qkv, dy] = &x[..] else {
+        return Err(format!("attention_packed_grad takes (qkv, dy), got {} operands", x.len()));
+    };
+    let out = l.output(k)?;
+    let (b, n, d) = packed_dims(qkv, heads)?;
+    if dy.shape != [b, n, heads * d] || out.shape != qkv.shape {
+        return Err(format!(
+            "dy {:?} and the result {:?} must be [{b}, {n}, {}] and qkv's {:?}",
+            dy.shape,
+            out.shape,
+            heads * d,
+            qkv.shape
+        ));
+    }
+    check_head_dim(d, "q")?;
+    let drop = dropout(l, p, key)?.map(|dr| masked_rows(dr, &[b, heads, n, d], n));
+    let t = float_type(qkv, "qkv")?;
+    let types = [float_type(&out, "the result")?, t, t, t, float_type(dy, "dy")?];
+    if out.numel() == 0 {
+        return Ok(());
+    }
+    let ptrs = [out.ptr, qkv.ptr, qkv.ptr, qkv.ptr, dy.ptr];
+    backward_launches(l, k, b * heads * n, n, scale, &drop, ptrs, types, packed_context(d, heads, &drop))
+}
+
+/// The statistics launch, then dq by query rows and dk, dv by key rows;
+/// `ptrs` and `types` are (out, q, k, v, dy)'s, `c` the layout's context.
+#[allow(clippy::too_many_arguments)]
+fn backward_launches(
+    l: &mut Lowering,
+    k: usize,
+    rows: u64,
+    n: u64,
+    scale: f64,
+    drop: &Option<Drop>,
+    ptrs: [DevPtr; 5],
+    types: [&str; 5],
+    c: tera::Context,
+) -> Result<(), String> {
     let (lse, lse_bytes) = l.scratch(k, "lse")?;
     let (delta, delta_bytes) = l.scratch(k, "delta")?;
     if lse_bytes < rows * 4 || delta_bytes < rows * 4 {
@@ -230,17 +331,17 @@ fn backward(l: &mut Lowering, k: usize, scale: f64, p: f64, key: u32) -> Result<
             param(&format!("const {}*", types[4]), "dy"),
         ]);
     };
-    let operand_args = [Arg::Ptr(q.ptr), Arg::Ptr(kk.ptr), Arg::Ptr(v.ptr), Arg::Ptr(dy.ptr)];
+    let operand_args = [Arg::Ptr(ptrs[1]), Arg::Ptr(ptrs[2]), Arg::Ptr(ptrs[3]), Arg::Ptr(ptrs[4])];
 
     // 1. Per query row: lse and delta.
     let mut params = vec![param("float*", "lse"), param("float*", "delta")];
     operands(&mut params);
     let mut args = vec![Arg::Ptr(lse), Arg::Ptr(delta)];
     args.extend(operand_args.iter().cloned());
-    push_common(&mut params, &mut args, &[("rows", rows), ("nq", n), ("nk", n)], scale, &drop, l.rng);
-    let mut c = context(d, d, &drop);
-    c.insert("stats", &true);
-    let src = KernelSource::render("attention_stats", ROWS, c, params)?;
+    push_common(&mut params, &mut args, &[("rows", rows), ("nq", n), ("nk", n)], scale, drop, l.rng);
+    let mut stats = c.clone();
+    stats.insert("stats", &true);
+    let src = KernelSource::render("attention_stats", ROWS, stats, params)?;
     l.launch(k, src, rows_launch(rows), args);
 
     // 2. dq by query rows, 3. dk and dv by key rows.
@@ -248,11 +349,11 @@ fn backward(l: &mut Lowering, k: usize, scale: f64, p: f64, key: u32) -> Result<
         let mut params = vec![param(&format!("{}*", types[0]), "out")];
         operands(&mut params);
         params.extend([param("const float*", "lse"), param("const float*", "delta")]);
-        let mut args = vec![Arg::Ptr(out.ptr)];
+        let mut args = vec![Arg::Ptr(ptrs[0])];
         args.extend(operand_args.iter().cloned());
         args.extend([Arg::Ptr(lse), Arg::Ptr(delta)]);
-        push_common(&mut params, &mut args, &[("rows", rows), ("n", n)], scale, &drop, l.rng);
-        let mut c = context(d, d, &drop);
+        push_common(&mut params, &mut args, &[("rows", rows), ("n", n)], scale, drop, l.rng);
+        let mut c = c.clone();
         c.insert("dkv", &dkv);
         let src = KernelSource::render(family, GRAD, c, params)?;
         l.launch(k, src, rows_launch(rows), args);
@@ -264,6 +365,8 @@ pub fn lower(l: &mut Lowering, k: usize, op: &Op) -> Result<(), String> {
     match *op {
         Op::Attention { scale, dropout, key } => forward(l, k, scale, dropout, key),
         Op::AttentionGrad { scale, dropout, key } => backward(l, k, scale, dropout, key),
+        Op::AttentionPacked { heads, scale, dropout, key } => forward_packed(l, k, heads, scale, dropout, key),
+        Op::AttentionPackedGrad { heads, scale, dropout, key } => backward_packed(l, k, heads, scale, dropout, key),
         ref other => Err(format!("{} is not an attention op", other.name())),
     }
 }

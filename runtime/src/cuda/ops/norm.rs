@@ -1,7 +1,8 @@
 //! Normalisation on the GPU: row normalisation over the last axis
 //! (layer_norm, normalize, normalize_grad, and the prologue of
 //! layer_norm_linear) in `kernels/norm_rows.cu`, one block per row with
-//! f64 statistics as the CPU backend; batch statistics (batch_norm,
+//! f64 statistics as the CPU backend; LayerNorm's weight gradient in
+//! `kernels/norm_weight_grad.cu` (blocks of rows, f64 partials per column); batch statistics (batch_norm,
 //! batch_standardize and its gradient, running_stat) per channel in
 //! `kernels/batch_norm.cu`, one block per channel computing its statistics
 //! and using them in the same launch (so no scratch).
@@ -10,10 +11,12 @@ use super::super::device::{Arg, CollectiveOp, CollectiveStep, DevPtr, Elem, Laun
 use super::super::lower::{c_type, Lowering, Step, Val};
 use super::super::source::{param, KernelSource};
 use crate::dist::Reduction;
+use tessera_plan::scratch::{norm_weight_grad_blocks, NORM_WEIGHT_GRAD_COLS};
 use tessera_plan::Op;
 
 const ROWS: &str = include_str!("../kernels/norm_rows.cu");
 const BATCH: &str = include_str!("../kernels/batch_norm.cu");
+const WEIGHT_GRAD: &str = include_str!("../kernels/norm_weight_grad.cu");
 const THREADS: u32 = 256;
 
 fn rows_launch(rows: u64) -> Launch {
@@ -105,6 +108,81 @@ fn normalize_grad(
     Ok(())
 }
 
+/// `layer_norm_weight_grad(dy, x) -> [D]`: per launch of at most
+/// NORM_WEIGHT_GRAD_COLS columns, the blocks' f64 partial sums of dy * xhat
+/// into the `partials` scratch, then their sum per column in block order.
+fn layer_norm_weight_grad(l: &mut Lowering, k: usize, out: &Val, dy: &Val, x: &Val, eps: f64) -> Result<(), String> {
+    let d = *x.shape.last().ok_or("layer_norm_weight_grad needs at least one axis")?;
+    if dy.shape != x.shape || out.shape != [d] {
+        return Err(format!(
+            "dy {:?} must be x's shape {:?} and the result [{d}], got {:?}",
+            dy.shape, x.shape, out.shape
+        ));
+    }
+    let rows = x.numel() / d.max(1);
+    if d == 0 {
+        return Ok(());
+    }
+    if rows == 0 {
+        l.zero(k, out.ptr, out.bytes());
+        return Ok(());
+    }
+    let slices = norm_weight_grad_blocks(rows);
+    let width = d.min(NORM_WEIGHT_GRAD_COLS);
+    let (partials, bytes) = l.scratch(k, "partials")?;
+    if bytes < slices * width * 8 {
+        return Err(format!("the partials scratch holds {bytes} bytes, {} are needed", slices * width * 8));
+    }
+    let (ty_out, ty_dy, ty_x) = (c_type(out.dtype)?, c_type(dy.dtype)?, c_type(x.dtype)?);
+    for col0 in (0..d).step_by(width as usize) {
+        let cols = width.min(d - col0);
+        let params = vec![
+            param("double*", "partials"),
+            param(&format!("const {ty_dy}*"), "dy"),
+            param(&format!("const {ty_x}*"), "x"),
+            param("i64", "rows"),
+            param("i64", "d"),
+            param("i64", "col0"),
+            param("i64", "cols"),
+            param("double", "eps"),
+        ];
+        let args = vec![
+            Arg::Ptr(partials),
+            Arg::Ptr(dy.ptr),
+            Arg::Ptr(x.ptr),
+            Arg::I64(rows as i64),
+            Arg::I64(d as i64),
+            Arg::I64(col0 as i64),
+            Arg::I64(cols as i64),
+            Arg::F64(eps),
+        ];
+        let mut c = tera::Context::new();
+        c.insert("partials", &true);
+        c.insert("cols_alloc", &width);
+        let src = KernelSource::render("norm_weight_grad_partials", WEIGHT_GRAD, c, params)?;
+        l.launch(k, src, Launch::linear(slices as u32, THREADS), args);
+        let params = vec![
+            param(&format!("{ty_out}*"), "out"),
+            param("const double*", "partials"),
+            param("i64", "slices"),
+            param("i64", "col0"),
+            param("i64", "cols"),
+        ];
+        let args = vec![
+            Arg::Ptr(out.ptr),
+            Arg::Ptr(partials),
+            Arg::I64(slices as i64),
+            Arg::I64(col0 as i64),
+            Arg::I64(cols as i64),
+        ];
+        let mut c = tera::Context::new();
+        c.insert("partials", &false);
+        let src = KernelSource::render("norm_weight_grad_sum", WEIGHT_GRAD, c, params)?;
+        l.launch(k, src, Launch::linear(cols.div_ceil(THREADS as u64) as u32, THREADS), args);
+    }
+    Ok(())
+}
+
 pub fn lower(l: &mut Lowering, k: usize, op: &Op) -> Result<(), String> {
     let x = l.inputs(k)?;
     let out = l.output(k)?;
@@ -119,6 +197,10 @@ pub fn lower(l: &mut Lowering, k: usize, op: &Op) -> Result<(), String> {
             [dy, xv, w] => normalize_grad(l, k, &out, dy, xv, Some(w), None, eps),
             [dy, xv, w, r] => normalize_grad(l, k, &out, dy, xv, Some(w), Some(r), eps),
             _ => Err("normalize_grad takes (g, x), (dy, x, w) or (dy, x, w, r)".into()),
+        },
+        Op::LayerNormWeightGrad { eps } => match &x[..] {
+            [dy, xv] => layer_norm_weight_grad(l, k, &out, dy, xv, eps),
+            _ => Err("layer_norm_weight_grad takes (dy, x)".into()),
         },
         Op::BatchNorm { eps, .. } => {
             let [x, w, b, rm, rv] = &x[..] else {
