@@ -337,3 +337,64 @@ fn a_closed_or_full_standard_output_does_not_stop_the_run() {
     assert!(full.join("checkpoint.json").is_file() && records(&full).len() >= 6, "{e}");
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+/// Copies the directory tree `from` to `to`.
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        if e.file_type().unwrap().is_dir() {
+            copy_tree(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// A test phase that fails (an unreadable validation image with
+/// DATA.TEST.ERROR_ON_UNREADABLE_IMAGE) leaves its phase checkpoint with
+/// the test pending. Rerun without testing (TEST_MODEL=false, or no meter:
+/// METERS.name=''), the run skips that test phase with a warning naming it,
+/// trains on, and ends with the weights of a run that never tested.
+#[test]
+fn a_pending_test_phase_is_skipped_with_a_warning_when_the_rerun_does_not_test() {
+    let root = tmpdir("pending-test");
+    let data = synth_folder(&root, 4, 8, 2);
+    let class = std::fs::read_dir(data.join("val")).unwrap().flatten().next().unwrap().path();
+    let bad = std::fs::read_dir(&class).unwrap().flatten().next().unwrap().path();
+    std::fs::write(&bad, b"\x89PNG\r\n\x1a\n this is not an image").unwrap();
+    let never_tested = root.join("never-tested");
+    ok(&run(&args(&data, &never_tested, 2, &["TEST_MODEL=false"])));
+    let final_weights = |dir: &Path| {
+        tessera_runtime::weights::read_safetensors(&dir.join("model_final_checkpoint_phase1").join("model.safetensors"))
+            .unwrap()
+    };
+
+    let failed = root.join("failed");
+    let o = run(&args(&data, &failed, 2, &["DATA.TEST.ERROR_ON_UNREADABLE_IMAGE=true"]));
+    assert!(!o.status.success(), "the test phase reads an unreadable image: {}", text(&o));
+    let bad_name = bad.file_name().unwrap().to_string_lossy().to_string();
+    assert!(text(&o).contains(&bad_name), "{}", text(&o));
+    let pending = tessera_engine::checkpoint::read(&failed.join("model_phase0")).unwrap();
+    assert!(pending.engine.test_pending, "the checkpoint before the failed test phase records it as pending");
+    let no_meter = root.join("no-meter");
+    copy_tree(&failed, &no_meter);
+
+    for (dir, extra, why) in
+        [(&failed, "TEST_MODEL=false", "TEST_MODEL is off"), (&no_meter, "METERS.name=''", "no meter is configured")]
+    {
+        let o = run(&args(&data, dir, 2, &[extra]));
+        let t = text(&o);
+        assert!(o.status.success() && !t.contains("panicked"), "{extra}: {t}");
+        assert!(
+            t.contains("warning: the test phase after epoch 0 did not finish before checkpoint")
+                && t.contains("model_phase0")
+                && t.contains(why)
+                && t.contains("skipped"),
+            "{extra}: {t}"
+        );
+        assert_eq!(final_weights(dir), final_weights(&never_tested), "{extra}: the weights of a run without tests");
+        // The skipped test phase stays recorded as not run.
+        assert!(tessera_engine::checkpoint::read(&dir.join("model_phase0")).unwrap().engine.test_pending);
+    }
+    std::fs::remove_dir_all(&root).unwrap();
+}

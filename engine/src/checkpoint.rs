@@ -77,6 +77,31 @@ fn one() -> u64 {
     1
 }
 
+impl EngineState {
+    /// What a resume relies on and a damaged or hand-edited `engine.json`
+    /// could break: a pending test phase follows a train phase, the train
+    /// phases done are within the run's, and every integer state's values
+    /// fill its shape.
+    pub fn check(&self) -> Result<(), String> {
+        if self.test_pending && self.train_phase_idx == 0 {
+            return Err("a test phase is recorded as pending before any train phase (train_phase_idx 0)".into());
+        }
+        if self.num_epochs != 0 && self.train_phase_idx > self.num_epochs {
+            return Err(format!(
+                "train_phase_idx {} is beyond the run's {} epochs",
+                self.train_phase_idx, self.num_epochs
+            ));
+        }
+        for (name, t) in &self.int_state {
+            let numel = t.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+            if numel != Some(t.data.len()) {
+                return Err(format!("integer state `{name}` has shape {:?} but {} values", t.shape, t.data.len()));
+            }
+        }
+        Ok(())
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Checkpoint {
     pub model: Vec<NamedTensor>,
@@ -224,6 +249,7 @@ pub fn read(path: &Path) -> Result<Checkpoint, CheckpointError> {
     if engine.version != FORMAT_VERSION {
         return Err(fail(format!("{ENGINE} has format {} (this build reads {FORMAT_VERSION})", engine.version)));
     }
+    engine.check().map_err(|m| fail(format!("{ENGINE}: {m}")))?;
     Ok(Checkpoint { model, optimizer, engine })
 }
 
@@ -352,8 +378,34 @@ mod tests {
             fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into()).collect();
         assert!(names.iter().all(|n| !n.starts_with('.')), "{names:?}");
         assert_eq!(read(&dir.join("model_iteration10")).unwrap(), ckpt(10, 1.0));
-        update_engine_state(&dir.join("model_iteration10"), |s| s.test_pending = true).unwrap();
+        update_engine_state(&dir.join("model_iteration10"), |s| {
+            s.test_pending = true;
+            s.train_phase_idx = 1;
+        })
+        .unwrap();
         assert!(read(&dir.join("model_iteration10")).unwrap().engine.test_pending);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_inconsistent_engine_state_is_refused_naming_the_file_and_the_field() {
+        let dir = tmpdir("inconsistent");
+        let cases: [(&str, fn(&mut EngineState)); 3] = [
+            ("pending before any train phase", |s| {
+                s.test_pending = true;
+                s.train_phase_idx = 0;
+            }),
+            ("train_phase_idx 3 is beyond the run's 2 epochs", |s| s.train_phase_idx = 3),
+            ("`loss.queue_ptr` has shape [2] but 1 values", |s| {
+                s.int_state.get_mut("loss.queue_ptr").unwrap().shape = vec![2]
+            }),
+        ];
+        for (want, damage) in cases {
+            write(&dir, "model_phase0", &ckpt(10, 1.0)).unwrap();
+            update_engine_state(&dir.join("model_phase0"), damage).unwrap();
+            let e = read(&dir.join("model_phase0")).unwrap_err().to_string();
+            assert!(e.contains("model_phase0") && e.contains("engine.json") && e.contains(want), "{e}");
+        }
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -346,7 +346,13 @@ fn restore(ex: &mut Executor, ckpt: &Checkpoint, path: &Path, rank: usize, world
         have.insert(&t.name, tensor);
     }
     for (name, t) in &ckpt.engine.int_state {
-        have.insert(name, Tensor::i64(t.shape.clone(), t.data.clone()));
+        let tensor = Tensor::new(t.shape.clone(), tessera_runtime::Data::I64(t.data.clone())).map_err(|e| {
+            EngineError::Config(format!(
+                "checkpoint {}: integer state `{name}` in engine.json is damaged: {e}",
+                path.display()
+            ))
+        })?;
+        have.insert(name, tensor);
     }
     let mut missing = Vec::new();
     for name in ex.state_names() {
@@ -923,8 +929,13 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
         if let (Some(m), Ok(saved), true) =
             (&mut meter, serde_json::from_value::<AccuracyListMeter>(state.meters.clone()), share.main())
         {
-            if saved.topk == m.topk && saved.num_meters() == m.num_meters() {
+            if saved.topk == m.topk && saved.num_meters() == m.num_meters() && saved.is_consistent() {
                 *m = saved;
+            } else if state.iteration_in_epoch > 0 {
+                log.warn(&format!(
+                    "checkpoint {}: its meter state does not fit this run's meter (METERS); the epoch's training meter restarts from zero",
+                    p.display()
+                ));
             }
         }
         log.info(&format!(
@@ -996,13 +1007,38 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
     // test after train phase i when i % TEST_EVERY_NUM_EPOCH == 0 and after the last.
     let checkpoint_after = |epoch: u64| epoch.is_multiple_of(ckpt_freq) || epoch + 1 == num_epochs;
     let test_after = |epoch: u64| test_model && (epoch.is_multiple_of(test_every) || epoch + 1 == num_epochs);
-    // A test phase the last checkpoint was written before (a crash during it).
+    // A test phase the last checkpoint was written before (a crash during
+    // it, or a test phase that failed). A run that does not test (VISSL
+    // builds its phases from the config: with TEST_MODEL off there are none)
+    // skips it with a warning; the checkpoint keeps it pending, so a later
+    // run with testing on still runs it.
     if state.test_pending {
-        let epoch = state.train_phase_idx - 1;
-        let mut ctx = TestPhase { prog: setup.prog, cfg, seed, eval: &mut eval, log: &mut log };
-        let test = setup.test.as_mut().expect("a pending test phase implies a test source");
-        ctx.run(test.as_mut(), &mut steps, meter.as_ref().expect("test phases need a meter"), &mut state, epoch)?;
-        finish_test(&last_checkpoint, &mut state, num_epochs, share.main())?;
+        // `checkpoint::read` refuses a pending test phase before any epoch.
+        let epoch = state.train_phase_idx.saturating_sub(1);
+        match (test_model, setup.test.as_mut(), meter.as_ref()) {
+            (true, Some(test), Some(m)) => {
+                let mut ctx = TestPhase { prog: setup.prog, cfg, seed, eval: &mut eval, log: &mut log };
+                ctx.run(test.as_mut(), &mut steps, m, &mut state, epoch)?;
+                finish_test(&last_checkpoint, &mut state, num_epochs, share.main())?;
+            }
+            (_, test, m) => {
+                let why = if !get_bool(cfg, "TEST_MODEL") {
+                    "TEST_MODEL is off"
+                } else if m.is_none() {
+                    "no meter is configured (METERS.name is empty)"
+                } else if test.is_none() {
+                    "no test data was given"
+                } else {
+                    "this run does not test"
+                };
+                let at = last_checkpoint.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+                log.warn(&format!(
+                    "the test phase after epoch {epoch} did not finish before checkpoint {at} was written; {why}, so it is skipped (the checkpoint still records it as pending: a run with testing on runs it)"
+                ));
+                state.test_pending = false;
+                state.finished = state.train_phase_idx == num_epochs;
+            }
+        }
     }
     // With several ranks, whether any asks to stop travels with each step's
     // loss (one collective a step); the first step of the run asks alone.
