@@ -398,3 +398,52 @@ fn a_pending_test_phase_is_skipped_with_a_warning_when_the_rerun_does_not_test()
     }
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+/// A learning rate far too high (1e3) makes the weights non-finite within a
+/// few steps. No checkpoint is written from a non-finite state: the run
+/// stops with an error naming the last good checkpoint, and that one, the
+/// pointer's and every checkpoint on disk hold only finite values, so the
+/// run can be recovered from them.
+#[test]
+fn a_diverging_run_writes_no_non_finite_checkpoint_and_names_a_finite_one() {
+    let root = tmpdir("diverged");
+    let data = synth_folder(&root, 4, 32, 8);
+    let dir = root.join("run");
+    let o = run(&args(
+        &data,
+        &dir,
+        2,
+        &["OPTIMIZER.param_schedulers.lr.start_value=1e3", "CHECKPOINT.CHECKPOINT_ITER_FREQUENCY=1"],
+    ));
+    let t = text(&o);
+    assert!(!o.status.success() && !t.contains("panicked"), "{t}");
+    assert!(t.contains("not finite") || t.contains("the loss is"), "{t}");
+    let named = t
+        .split("The last good checkpoint is ")
+        .nth(1)
+        .and_then(|rest| rest.lines().next())
+        .map(|line| Path::new(line.trim_end().trim_end_matches('.')).to_path_buf())
+        .unwrap_or_else(|| panic!("no checkpoint named: {t}"));
+    let finite = |ckpt: &Path| {
+        for file in ["model.safetensors", "optimizer.safetensors"] {
+            let tensors = tessera_runtime::weights::read_safetensors(&ckpt.join(file)).unwrap();
+            let (bad, all): (usize, usize) = tensors
+                .iter()
+                .map(|x| (x.data.iter().filter(|v| !v.is_finite()).count(), x.data.len()))
+                .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+            assert_eq!(bad, 0, "{}: {bad} of {all} values are not finite", ckpt.join(file).display());
+        }
+    };
+    finite(&named);
+    let pointer: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("checkpoint.json")).unwrap()).unwrap();
+    assert_eq!(dir.join(pointer["latest"].as_str().unwrap()), named, "the pointer names the last good checkpoint");
+    let mut seen = 0;
+    for e in std::fs::read_dir(&dir).unwrap().flatten() {
+        if e.file_name().to_string_lossy().starts_with("model_") {
+            finite(&e.path());
+            seen += 1;
+        }
+    }
+    assert!(seen >= 1);
+    std::fs::remove_dir_all(&root).unwrap();
+}

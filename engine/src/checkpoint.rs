@@ -117,6 +117,43 @@ pub enum CheckpointError {
     Read { path: PathBuf, message: String },
 }
 
+/// Where a checkpoint's state is not finite: how many values are NaN or
+/// infinite, and the first tensor (and file) holding one.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NonFinite {
+    pub count: usize,
+    pub total: usize,
+    pub tensor: String,
+    pub file: &'static str,
+}
+
+impl std::fmt::Display for NonFinite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} of its {} values are NaN or infinite, the first in `{}` ({})",
+            self.count, self.total, self.tensor, self.file
+        )
+    }
+}
+
+/// The non-finite values of a checkpoint's model and optimizer tensors,
+/// if any.
+pub fn non_finite(model: &[NamedTensor], optimizer: &[NamedTensor]) -> Option<NonFinite> {
+    let (mut count, mut total, mut first) = (0, 0, None);
+    for (file, tensors) in [(MODEL, model), (OPTIMIZER, optimizer)] {
+        for t in tensors {
+            let bad = t.data.iter().filter(|v| !v.is_finite()).count();
+            if bad > 0 && first.is_none() {
+                first = Some((t.name.clone(), file));
+            }
+            count += bad;
+            total += t.data.len();
+        }
+    }
+    first.map(|(tensor, file)| NonFinite { count, total, tensor, file })
+}
+
 /// `model_phase{N}`, `model_iteration{I}`, `model_final_checkpoint_phase{N}`.
 pub fn phase_name(train_phase_idx: u64, last: bool) -> String {
     if last {
@@ -163,6 +200,10 @@ pub static FAIL_AFTER_MODEL_FILE: std::sync::Mutex<Option<PathBuf>> = std::sync:
 pub fn write(dir: &Path, name: &str, ckpt: &Checkpoint) -> Result<PathBuf, CheckpointError> {
     let target = dir.join(name);
     let fail = |message: String| CheckpointError::Write { path: target.clone(), message };
+    // A checkpoint is what a failed run goes back to: never a non-finite one.
+    if let Some(bad) = non_finite(&ckpt.model, &ckpt.optimizer) {
+        return Err(fail(format!("the state is not finite: {bad}")));
+    }
     fs::create_dir_all(dir).map_err(|e| fail(format!("cannot create {}: {e}", dir.display())))?;
     let tmp = dir.join(format!(".tmp-{name}-{}", std::process::id()));
     let _ = fs::remove_dir_all(&tmp);
@@ -250,6 +291,9 @@ pub fn read(path: &Path) -> Result<Checkpoint, CheckpointError> {
         return Err(fail(format!("{ENGINE} has format {} (this build reads {FORMAT_VERSION})", engine.version)));
     }
     engine.check().map_err(|m| fail(format!("{ENGINE}: {m}")))?;
+    if let Some(bad) = non_finite(&model, &optimizer) {
+        return Err(fail(format!("its state is not finite ({bad}): training cannot continue from it")));
+    }
     Ok(Checkpoint { model, optimizer, engine })
 }
 
@@ -406,6 +450,28 @@ mod tests {
             let e = read(&dir.join("model_phase0")).unwrap_err().to_string();
             assert!(e.contains("model_phase0") && e.contains("engine.json") && e.contains(want), "{e}");
         }
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_non_finite_state_is_never_written_nor_resumed_from() {
+        let dir = tmpdir("nonfinite");
+        write(&dir, "model_iteration10", &ckpt(10, 1.0)).unwrap();
+        let mut bad = ckpt(20, 2.0);
+        bad.optimizer[0].data[1] = f32::INFINITY;
+        let e = write(&dir, "model_iteration20", &bad).unwrap_err().to_string();
+        assert!(
+            e.contains("model_iteration20")
+                && e.contains("1 of its 4 values are NaN or infinite, the first in `optim.exp_avg.trunk.w` (optimizer.safetensors)"),
+            "{e}"
+        );
+        assert!(!dir.join("model_iteration20").exists());
+        assert_eq!(latest(&dir).unwrap(), dir.join("model_iteration10"));
+        // One written by an older build is refused on read.
+        let nan = vec![NamedTensor { name: "trunk.w".into(), shape: vec![2], data: vec![f32::NAN, 1.0] }];
+        write_safetensors(&dir.join("model_iteration10").join(MODEL), &nan, &BTreeMap::new()).unwrap();
+        let e = read(&dir.join("model_iteration10")).unwrap_err().to_string();
+        assert!(e.contains("model_iteration10") && e.contains("`trunk.w` (model.safetensors)"), "{e}");
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -47,6 +47,11 @@ pub enum EngineError {
         match last_checkpoint { Some(p) => format!("The last good checkpoint is {}.", p.display()), None => "No checkpoint was written yet.".into() }
     )]
     NonFinite { loss: f32, iteration: u64, epoch: u64, last_checkpoint: Option<PathBuf> },
+    #[error(
+        "the model's state is not finite after iteration {iteration}: {detail}. Checkpoint {checkpoint} was not written and training stopped. {}",
+        match last_checkpoint { Some(p) => format!("The last good checkpoint is {}.", p.display()), None => "No checkpoint was written yet.".into() }
+    )]
+    NonFiniteState { iteration: u64, detail: String, checkpoint: String, last_checkpoint: Option<PathBuf> },
     #[error(transparent)]
     Checkpoint(#[from] checkpoint::CheckpointError),
     #[error("{0}")]
@@ -977,28 +982,52 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
 
     // Rank 0 writes (with every rank's meter counts); the others name the
     // file it writes.
-    let write_checkpoint =
-        |steps: &Steps, state: &EngineState, meter: &Option<AccuracyListMeter>, name: String, log: &mut RunLog| {
-            let mut s = state.clone();
-            s.rng_step = steps.active().step();
-            let meter = meter.as_ref().map(|m| share.meter(m)).transpose()?;
-            let local = share.gather_local(steps.active())?;
-            if !share.main() {
-                return Ok(dir.join(&name));
-            }
-            s.meters =
-                meter.as_ref().map(|m| serde_json::to_value(m).expect("meters serialise")).unwrap_or(Value::Null);
-            log.flush();
-            let mut ckpt = snapshot(steps.active(), s)?;
-            for t in ckpt.model.iter_mut() {
-                if let Some((shape, data)) = local.get(&t.name) {
-                    (t.shape, t.data) = (shape.clone(), data.clone());
+    let write_checkpoint = |steps: &Steps,
+                            state: &EngineState,
+                            meter: &Option<AccuracyListMeter>,
+                            name: String,
+                            log: &mut RunLog,
+                            last: &Option<PathBuf>| {
+        let mut s = state.clone();
+        s.rng_step = steps.active().step();
+        let meter = meter.as_ref().map(|m| share.meter(m)).transpose()?;
+        let local = share.gather_local(steps.active())?;
+        // Rank 0 writes, and only a finite state: a checkpoint is what a
+        // failed run goes back to. Every rank learns whether it did, so
+        // all stop together when it could not.
+        let written = if share.main() {
+            (|| {
+                s.meters =
+                    meter.as_ref().map(|m| serde_json::to_value(m).expect("meters serialise")).unwrap_or(Value::Null);
+                log.flush();
+                let mut ckpt = snapshot(steps.active(), s)?;
+                for t in ckpt.model.iter_mut() {
+                    if let Some((shape, data)) = local.get(&t.name) {
+                        (t.shape, t.data) = (shape.clone(), data.clone());
+                    }
                 }
-            }
-            let path = checkpoint::write(&dir, &name, &ckpt)?;
-            log.info(&format!("checkpoint {}", path.display()));
-            Ok::<PathBuf, EngineError>(path)
+                if let Some(bad) = checkpoint::non_finite(&ckpt.model, &ckpt.optimizer) {
+                    return Err(EngineError::NonFiniteState {
+                        iteration: ckpt.engine.iteration,
+                        detail: bad.to_string(),
+                        checkpoint: name.clone(),
+                        last_checkpoint: last.clone(),
+                    });
+                }
+                let path = checkpoint::write(&dir, &name, &ckpt)?;
+                log.info(&format!("checkpoint {}", path.display()));
+                Ok::<PathBuf, EngineError>(path)
+            })()
+        } else {
+            Ok(dir.join(&name))
         };
+        if share.any(written.is_err())? && written.is_ok() {
+            return Err(EngineError::Runtime(format!(
+                "rank 0 could not write checkpoint {name} (its error says why); every rank stops"
+            )));
+        }
+        written
+    };
 
     let started = Instant::now();
     let start_iteration = state.iteration;
@@ -1067,7 +1096,7 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
                 let path = if last_checkpoint.as_ref().is_some_and(|p| p.ends_with(&name)) {
                     last_checkpoint.clone().expect("checked")
                 } else {
-                    write_checkpoint(&steps, &state, &meter, name, &mut log)?
+                    write_checkpoint(&steps, &state, &meter, name, &mut log, &last_checkpoint)?
                 };
                 log.info(&format!("stopped ({reason}) at iteration {}", state.iteration));
                 log.flush();
@@ -1180,6 +1209,7 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
                     &meter,
                     checkpoint::iteration_name(state.iteration),
                     &mut log,
+                    &last_checkpoint,
                 )?);
             }
         }
@@ -1208,8 +1238,14 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
         state.test_pending = test_after(epoch);
         state.finished = last && !state.test_pending;
         if checkpoint_after(epoch) {
-            last_checkpoint =
-                Some(write_checkpoint(&steps, &state, &meter, checkpoint::phase_name(epoch, last), &mut log)?);
+            last_checkpoint = Some(write_checkpoint(
+                &steps,
+                &state,
+                &meter,
+                checkpoint::phase_name(epoch, last),
+                &mut log,
+                &last_checkpoint,
+            )?);
         }
         if test_after(epoch) {
             let mut ctx = TestPhase { prog: setup.prog, cfg, seed, eval: &mut eval, log: &mut log };
