@@ -447,3 +447,75 @@ fn a_diverging_run_writes_no_non_finite_checkpoint_and_names_a_finite_one() {
     assert!(seen >= 1);
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+/// Two runs on one CHECKPOINT.DIR, started together: one locks the
+/// directory and trains, the other is refused at once with the holder
+/// named (pid, host, since when) and writes nothing there. The lock goes
+/// when its run ends (here by SIGTERM).
+#[test]
+fn two_runs_on_one_checkpoint_directory_cannot_both_proceed() {
+    let root = tmpdir("lock");
+    let data = synth_folder(&root, 4, 32, 8);
+    let dir = root.join("run");
+    let a = args(&data, &dir, 20, &SLOW);
+    let spawn = || command().args(&a).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut runs = [spawn(), spawn()];
+    let start = std::time::Instant::now();
+    let refused = loop {
+        if let Some(i) = (0..2).find(|&i| runs[i].try_wait().unwrap().is_some()) {
+            break i;
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(120), "neither run was refused");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    let [r0, r1] = runs;
+    let (refused_run, mut holder) = if refused == 0 { (r0, r1) } else { (r1, r0) };
+    let out = refused_run.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "{err}");
+    let host = tessera_engine::lock::hostname();
+    assert!(
+        err.contains("is in use by another run")
+            && err.contains(&format!("process {} on host {host} (since ", holder.id()))
+            && err.contains("tessera.lock"),
+        "{err}"
+    );
+    assert!(holder.try_wait().unwrap().is_none(), "the holder trains on");
+    wait_for_records(&mut holder, &dir, 2);
+    let log = std::fs::read_to_string(dir.join("log.txt")).unwrap();
+    assert_eq!(log.matches("training vision_transformer").count(), 1, "one run logs: {log}");
+    assert!(dir.join("tessera.lock").is_file());
+    let st = Command::new("kill").args(["-TERM", &holder.id().to_string()]).status().unwrap();
+    assert!(st.success());
+    let out = holder.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!dir.join("tessera.lock").exists(), "the lock goes with its run");
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+/// A lock left by a process that is gone (killed outright) is taken over,
+/// with a warning naming it, and removed when the run ends.
+#[test]
+fn a_stale_lock_of_a_dead_process_is_taken_over() {
+    let root = tmpdir("stale-lock");
+    let data = synth_folder(&root, 4, 8, 2);
+    let dir = root.join("run");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut gone = Command::new("true").spawn().unwrap();
+    let pid = gone.id();
+    gone.wait().unwrap();
+    let host = tessera_engine::lock::hostname();
+    let lock = serde_json::json!({ "pid": pid, "host": host, "since": 0, "token": "left-behind" });
+    std::fs::write(dir.join("tessera.lock"), lock.to_string()).unwrap();
+    let o = run(&args(&data, &dir, 1, &["TEST_MODEL=false"]));
+    ok(&o);
+    let t = text(&o);
+    assert!(
+        t.contains("took over the stale lock")
+            && t.contains(&format!("process {pid} on host {host} (since 1970-01-01 00:00:00 UTC)")),
+        "{t}"
+    );
+    assert!(dir.join("model_final_checkpoint_phase0").is_dir());
+    assert!(!dir.join("tessera.lock").exists(), "released at the end");
+    std::fs::remove_dir_all(&root).unwrap();
+}

@@ -14,6 +14,7 @@
 
 use crate::checkpoint::{self, Checkpoint, EngineState, IntTensor, FORMAT_VERSION};
 use crate::distributed::{Share, World};
+use crate::lock::DirLock;
 use crate::logs::{Progress, RunLog};
 use crate::meters::{AccuracyListMeter, Target};
 use crate::schedule::{self, ParamSchedule, RunShape};
@@ -760,13 +761,33 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
         base.join(get_str(cfg, "HOOKS.TENSORBOARD_SETUP.EXPERIMENT_LOG_DIR"))
     });
 
-    // What a killed writer left behind (a replacement interrupted between
-    // its two renames is restored). Rank 0 sweeps; the others wait for it
-    // (checkpoints are on a file system every node shares, as in VISSL).
-    if share.main() {
-        checkpoint::sweep_stale(&dir);
+    // One run at a time in a checkpoint directory: rank 0, the run's only
+    // writer, locks it until `train` returns (the lock is released when
+    // dropped: finished, stopped, failed). Then what a killed writer left
+    // behind is swept (a replacement interrupted between its two renames is
+    // restored), which only the lock's holder may do. The other ranks wait
+    // for it (checkpoints are on a file system every node shares, as in
+    // VISSL) and stop with it when it could not lock.
+    let lock = if share.main() {
+        let lock = DirLock::acquire(&dir);
+        if lock.is_ok() {
+            checkpoint::sweep_stale(&dir);
+        }
+        Some(lock)
+    } else {
+        None
+    };
+    let refused = matches!(lock, Some(Err(_)));
+    if share.any(refused)? && !refused {
+        return Err(EngineError::Config(format!(
+            "rank 0 could not lock the checkpoint directory {} (its error says why)",
+            dir.display()
+        )));
     }
-    share.any(false)?;
+    let (_lock, took_over) = match lock.transpose().map_err(|e| EngineError::Config(e.to_string()))? {
+        Some((l, note)) => (Some(l), note),
+        None => (None, None),
+    };
     // A finished run is not repeated (VISSL: a final checkpoint means done).
     let overwrite = get_bool(cfg, "CHECKPOINT.OVERWRITE_EXISTING");
     let resume_from =
@@ -791,6 +812,9 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
         RunLog::open(&dir.join("ranks").join(share.rank.to_string()), None, true)
     }
     .map_err(|e| EngineError::Logs { dir: dir.clone(), message: e.to_string() })?;
+    if let Some(note) = took_over {
+        log.warn(&note);
+    }
     match setup.world {
         Some(w) => {
             let p = &w.place;
