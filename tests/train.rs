@@ -519,3 +519,45 @@ fn a_stale_lock_of_a_dead_process_is_taken_over() {
     assert!(!dir.join("tessera.lock").exists(), "released at the end");
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+/// A bit flipped in the newest checkpoint's model file (a disk or copy
+/// error) fails its checksum: the resume warns, naming the checkpoint and
+/// the file, falls back to the previous checkpoint, and ends bitwise where
+/// an uninterrupted run does.
+#[test]
+fn a_flipped_bit_in_the_newest_checkpoint_falls_back_to_the_previous_one_and_resumes_bitwise() {
+    let root = tmpdir("bitflip");
+    let data = synth_folder(&root, 4, 32, 8);
+    let extra = ["CHECKPOINT.CHECKPOINT_ITER_FREQUENCY=3", "MODEL.TRUNK.VISION_TRANSFORMERS.DROPOUT_RATE=0.1"];
+    let whole = root.join("whole");
+    ok(&run(&args(&data, &whole, 2, &extra)));
+    let stopped = root.join("stopped");
+    let mut a = args(&data, &stopped, 2, &extra);
+    a.extend(["--max-steps".to_string(), "7".to_string()]);
+    ok(&run(&a));
+    let (newest, previous) = (stopped.join("model_iteration7"), stopped.join("model_iteration6"));
+    let model = newest.join("model.safetensors");
+    let mut bytes = std::fs::read(&model).unwrap();
+    let at = bytes.len() - 2; // a high mantissa bit of the last weight
+    bytes[at] ^= 0x40;
+    std::fs::write(&model, bytes).unwrap();
+
+    let o = run(&args(&data, &stopped, 2, &extra));
+    ok(&o);
+    let t = text(&o);
+    assert!(
+        t.contains(&format!("warning: checkpoint {} is damaged (model.safetensors", newest.display()))
+            && t.contains("checksum mismatch")
+            && t.contains(&format!("resuming from {}", previous.display())),
+        "{t}"
+    );
+    let log = std::fs::read_to_string(stopped.join("log.txt")).unwrap();
+    assert!(log.contains(&format!("resuming from {} (epoch 0, iteration 6)", previous.display())), "{log}");
+    assert_eq!(losses(&stopped), losses(&whole), "the resumed run's losses differ from the uninterrupted run's");
+    let last = |dir: &Path| {
+        tessera_runtime::weights::read_safetensors(&dir.join("model_final_checkpoint_phase1").join("model.safetensors"))
+            .unwrap()
+    };
+    assert_eq!(last(&stopped), last(&whole), "the final weights differ from the uninterrupted run's");
+    std::fs::remove_dir_all(&root).unwrap();
+}

@@ -389,9 +389,14 @@ fn weights_init(ex: &mut Executor, cfg: &Value, log: &mut RunLog) -> Result<(), 
     if file.is_empty() {
         return Ok(());
     }
-    // A checkpoint directory stands for its model.safetensors.
+    // A checkpoint directory stands for its model.safetensors, checked
+    // against the checkpoint's manifest.
     let path = match Path::new(file) {
-        p if p.is_dir() => p.join(checkpoint::MODEL),
+        p if p.is_dir() => {
+            checkpoint::verify_file(p, checkpoint::MODEL)
+                .map_err(|e| EngineError::Config(format!("MODEL.WEIGHTS_INIT.PARAMS_FILE: {e}")))?;
+            p.join(checkpoint::MODEL)
+        }
         p => p.to_path_buf(),
     };
     let skip: Vec<&str> = get(cfg, "MODEL.WEIGHTS_INIT.SKIP_LAYERS")
@@ -790,14 +795,31 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
     };
     // A finished run is not repeated (VISSL: a final checkpoint means done).
     let overwrite = get_bool(cfg, "CHECKPOINT.OVERWRITE_EXISTING");
-    let resume_from =
-        if get_bool(cfg, "CHECKPOINT.AUTO_RESUME") && !overwrite { checkpoint::latest(&dir) } else { None };
-    let resumed = match &resume_from {
-        Some(p) => Some(checkpoint::read(p)?),
-        None => None,
+    // The newest intact checkpoint: each file checked against its manifest;
+    // a damaged one is passed over, with a warning naming it and why.
+    let point =
+        if get_bool(cfg, "CHECKPOINT.AUTO_RESUME") && !overwrite { checkpoint::resume_point(&dir)? } else { None };
+    let mut resume_warnings = Vec::new();
+    let (resume_from, resumed) = match point {
+        Some(r) => {
+            resume_warnings = r.damaged;
+            if r.verified == checkpoint::Verified::Unverified {
+                resume_warnings.push(format!(
+                    "checkpoint {} was written before checkpoints carried checksums (format 1): its files are not verified",
+                    r.path.display()
+                ));
+            }
+            (Some(r.path), Some(r.checkpoint))
+        }
+        None => (None, None),
     };
     if let (Some(c), Some(p)) = (&resumed, &resume_from) {
         if c.engine.finished {
+            if share.main() {
+                for w in &resume_warnings {
+                    crate::errln!("warning: {w}");
+                }
+            }
             return Ok(Outcome::AlreadyFinished { checkpoint: p.clone() });
         }
     }
@@ -814,6 +836,9 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
     .map_err(|e| EngineError::Logs { dir: dir.clone(), message: e.to_string() })?;
     if let Some(note) = took_over {
         log.warn(&note);
+    }
+    for w in &resume_warnings {
+        log.warn(w);
     }
     match setup.world {
         Some(w) => {
