@@ -781,7 +781,8 @@ mod tests {
     #[test]
     fn an_inconsistent_engine_state_is_refused_naming_the_file_and_the_field() {
         let dir = tmpdir("inconsistent");
-        let cases: [(&str, fn(&mut EngineState)); 3] = [
+        type Damage = fn(&mut EngineState);
+        let cases: [(&str, Damage); 3] = [
             ("pending before any train phase", |s| {
                 s.test_pending = true;
                 s.train_phase_idx = 0;
@@ -835,7 +836,8 @@ mod tests {
         let dir = tmpdir("damage");
         write(&dir, "model_iteration10", &ckpt(10, 1.0)).unwrap();
         let (newest, older) = (dir.join("model_iteration20"), dir.join("model_iteration10"));
-        let cases: Vec<(&str, Box<dyn Fn()>)> =
+        type Damage = Box<dyn Fn()>;
+        let cases: Vec<(&str, Damage)> =
             vec![
             ("model.safetensors is not the file written with this checkpoint (checksum mismatch", {
                 let f = newest.join(MODEL);
@@ -847,7 +849,9 @@ mod tests {
             }),
             ("it was written at iteration 10, this checkpoint is of iteration 20", {
                 let (from, to) = (older.join(MODEL), newest.join(MODEL));
-                Box::new(move || drop(fs::copy(&from, &to).unwrap()))
+                Box::new(move || {
+                    fs::copy(&from, &to).unwrap();
+                })
             }),
             ("it stores F16 values, checkpoints store F32 (a converted copy?)", {
                 let f = newest.join(MODEL);
@@ -866,7 +870,9 @@ mod tests {
             }),
             ("engine.json is not the file written with this checkpoint", {
                 let (from, to) = (older.join(ENGINE), newest.join(ENGINE));
-                Box::new(move || drop(fs::copy(&from, &to).unwrap()))
+                Box::new(move || {
+                    fs::copy(&from, &to).unwrap();
+                })
             }),
             ("manifest.json is missing", {
                 let f = newest.join(MANIFEST);

@@ -90,7 +90,7 @@ pub enum LockError {
         lock.display(),
         if *other_host { format!(" If that process is gone (tessera cannot see processes of host {}), remove {}.", holder.host, lock.display()) } else { String::new() }
     )]
-    Held { dir: PathBuf, lock: PathBuf, holder: Holder, other_host: bool },
+    Held { dir: PathBuf, lock: PathBuf, holder: Box<Holder>, other_host: bool },
     #[error("cannot lock checkpoint directory {}: {}: {message}", dir.display(), lock.display())]
     Io { dir: PathBuf, lock: PathBuf, message: String },
 }
@@ -154,7 +154,12 @@ impl DirLock {
             };
             if holder.alive() {
                 let other_host = holder.host != me.host;
-                return Err(LockError::Held { dir: dir.to_path_buf(), lock: path, holder, other_host });
+                return Err(LockError::Held {
+                    dir: dir.to_path_buf(),
+                    lock: path,
+                    holder: Box::new(holder),
+                    other_host,
+                });
             }
             if remove_if_same(&path, &bytes, &me).map_err(|e| io(e.to_string()))? {
                 took_over = Some(format!(
@@ -290,6 +295,21 @@ mod tests {
         let e = DirLock::acquire(&dir).unwrap_err().to_string();
         assert!(e.contains("on host elsewhere") && e.contains("remove") && e.contains(LOCK), "{e}");
         assert_eq!(fs::read(dir.join(LOCK)).unwrap(), serde_json::to_vec(&remote).unwrap(), "left as it was");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_unreadable_lock_left_long_ago_is_removed() {
+        let dir = tmpdir("unreadable");
+        fs::create_dir_all(&dir).unwrap();
+        // A run that died between creating the lock and writing it.
+        let f = fs::File::create(dir.join(LOCK)).unwrap();
+        f.set_modified(SystemTime::now() - Duration::from_secs(60)).unwrap();
+        drop(f);
+        let (lock, note) = DirLock::acquire(&dir).unwrap();
+        assert!(note.unwrap().contains("removed the unreadable lock file"));
+        assert_eq!(lock.holder().pid, std::process::id());
+        drop(lock);
         fs::remove_dir_all(&dir).unwrap();
     }
 }
