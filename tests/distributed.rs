@@ -452,3 +452,31 @@ fn sigterm_stops_every_rank_after_the_same_step_with_a_checkpoint() {
     assert!(name.starts_with("model_iteration") && dir.join(&name).join("model.safetensors").is_file(), "{name}");
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+/// Rank 0 alone, the run's writer, locks CHECKPOINT.DIR (the other ranks
+/// share it and keep `ranks/<r>/` there): a data-parallel run trains
+/// with its ranks on one directory and leaves no lock, and one started on a
+/// directory another run holds stops on every rank, naming the holder.
+#[test]
+fn only_rank_0_locks_the_checkpoint_directory_and_a_held_one_stops_every_rank() {
+    let root = tmpdir("dp-lock");
+    let data = synth_folder(&root, 4, 8, 1);
+    let dir = root.join("run");
+    ok(&run(&args("vit_tiny", &data, &dir, 2, 8, &["TEST_MODEL=false"])));
+    assert!(!dir.join("tessera.lock").exists());
+    // Held by a live process of this host: this test.
+    let held = root.join("held");
+    std::fs::create_dir_all(&held).unwrap();
+    let host = tessera_engine::lock::hostname();
+    let me = std::process::id();
+    let lock = serde_json::json!({ "pid": me, "host": host, "since": 0, "token": "the-other-run" });
+    std::fs::write(held.join("tessera.lock"), lock.to_string()).unwrap();
+    let start = Instant::now();
+    let o = run(&args("vit_tiny", &data, &held, 2, 8, &["TEST_MODEL=false"]));
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(start.elapsed() < Duration::from_secs(60), "every rank stops at once");
+    assert!(text(&o).contains(&format!("in use by another run: process {me} on host {host}")), "{}", text(&o));
+    assert_eq!(std::fs::read_to_string(held.join("tessera.lock")).unwrap(), lock.to_string(), "left to its holder");
+    assert!(!held.join("checkpoint.json").exists() && !held.join("log.txt").exists());
+    std::fs::remove_dir_all(&root).unwrap();
+}

@@ -337,3 +337,227 @@ fn a_closed_or_full_standard_output_does_not_stop_the_run() {
     assert!(full.join("checkpoint.json").is_file() && records(&full).len() >= 6, "{e}");
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+/// Copies the directory tree `from` to `to`.
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        if e.file_type().unwrap().is_dir() {
+            copy_tree(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// A test phase that fails (an unreadable validation image with
+/// DATA.TEST.ERROR_ON_UNREADABLE_IMAGE) leaves its phase checkpoint with
+/// the test pending. Rerun without testing (TEST_MODEL=false, or no meter:
+/// METERS.name=''), the run skips that test phase with a warning naming it,
+/// trains on, and ends with the weights of a run that never tested.
+#[test]
+fn a_pending_test_phase_is_skipped_with_a_warning_when_the_rerun_does_not_test() {
+    let root = tmpdir("pending-test");
+    let data = synth_folder(&root, 4, 8, 2);
+    let class = std::fs::read_dir(data.join("val")).unwrap().flatten().next().unwrap().path();
+    let bad = std::fs::read_dir(&class).unwrap().flatten().next().unwrap().path();
+    std::fs::write(&bad, b"\x89PNG\r\n\x1a\n this is not an image").unwrap();
+    let never_tested = root.join("never-tested");
+    ok(&run(&args(&data, &never_tested, 2, &["TEST_MODEL=false"])));
+    let final_weights = |dir: &Path| {
+        tessera_runtime::weights::read_safetensors(&dir.join("model_final_checkpoint_phase1").join("model.safetensors"))
+            .unwrap()
+    };
+
+    let failed = root.join("failed");
+    let o = run(&args(&data, &failed, 2, &["DATA.TEST.ERROR_ON_UNREADABLE_IMAGE=true"]));
+    assert!(!o.status.success(), "the test phase reads an unreadable image: {}", text(&o));
+    let bad_name = bad.file_name().unwrap().to_string_lossy().to_string();
+    assert!(text(&o).contains(&bad_name), "{}", text(&o));
+    let pending = tessera_engine::checkpoint::read(&failed.join("model_phase0")).unwrap();
+    assert!(pending.engine.test_pending, "the checkpoint before the failed test phase records it as pending");
+    let no_meter = root.join("no-meter");
+    copy_tree(&failed, &no_meter);
+
+    for (dir, extra, why) in
+        [(&failed, "TEST_MODEL=false", "TEST_MODEL is off"), (&no_meter, "METERS.name=''", "no meter is configured")]
+    {
+        let o = run(&args(&data, dir, 2, &[extra]));
+        let t = text(&o);
+        assert!(o.status.success() && !t.contains("panicked"), "{extra}: {t}");
+        assert!(
+            t.contains("warning: the test phase after epoch 0 did not finish before checkpoint")
+                && t.contains("model_phase0")
+                && t.contains(why)
+                && t.contains("skipped"),
+            "{extra}: {t}"
+        );
+        assert_eq!(final_weights(dir), final_weights(&never_tested), "{extra}: the weights of a run without tests");
+        // The skipped test phase stays recorded as not run.
+        assert!(tessera_engine::checkpoint::read(&dir.join("model_phase0")).unwrap().engine.test_pending);
+    }
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+/// A learning rate far too high (1e3) makes the weights non-finite within a
+/// few steps. No checkpoint is written from a non-finite state: the run
+/// stops with an error naming the last good checkpoint, and that one, the
+/// pointer's and every checkpoint on disk hold only finite values, so the
+/// run can be recovered from them.
+#[test]
+fn a_diverging_run_writes_no_non_finite_checkpoint_and_names_a_finite_one() {
+    let root = tmpdir("diverged");
+    let data = synth_folder(&root, 4, 32, 8);
+    let dir = root.join("run");
+    let o = run(&args(
+        &data,
+        &dir,
+        2,
+        &["OPTIMIZER.param_schedulers.lr.start_value=1e3", "CHECKPOINT.CHECKPOINT_ITER_FREQUENCY=1"],
+    ));
+    let t = text(&o);
+    assert!(!o.status.success() && !t.contains("panicked"), "{t}");
+    assert!(t.contains("not finite") || t.contains("the loss is"), "{t}");
+    let named = t
+        .split("The last good checkpoint is ")
+        .nth(1)
+        .and_then(|rest| rest.lines().next())
+        .map(|line| Path::new(line.trim_end().trim_end_matches('.')).to_path_buf())
+        .unwrap_or_else(|| panic!("no checkpoint named: {t}"));
+    let finite = |ckpt: &Path| {
+        for file in ["model.safetensors", "optimizer.safetensors"] {
+            let tensors = tessera_runtime::weights::read_safetensors(&ckpt.join(file)).unwrap();
+            let (bad, all): (usize, usize) = tensors
+                .iter()
+                .map(|x| (x.data.iter().filter(|v| !v.is_finite()).count(), x.data.len()))
+                .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+            assert_eq!(bad, 0, "{}: {bad} of {all} values are not finite", ckpt.join(file).display());
+        }
+    };
+    finite(&named);
+    let pointer: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("checkpoint.json")).unwrap()).unwrap();
+    assert_eq!(dir.join(pointer["latest"].as_str().unwrap()), named, "the pointer names the last good checkpoint");
+    let mut seen = 0;
+    for e in std::fs::read_dir(&dir).unwrap().flatten() {
+        if e.file_name().to_string_lossy().starts_with("model_") {
+            finite(&e.path());
+            seen += 1;
+        }
+    }
+    assert!(seen >= 1);
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+/// Two runs on one CHECKPOINT.DIR, started together: one locks the
+/// directory and trains, the other is refused at once with the holder
+/// named (pid, host, since when) and writes nothing there. The lock goes
+/// when its run ends (here by SIGTERM).
+#[test]
+fn two_runs_on_one_checkpoint_directory_cannot_both_proceed() {
+    let root = tmpdir("lock");
+    let data = synth_folder(&root, 4, 32, 8);
+    let dir = root.join("run");
+    let a = args(&data, &dir, 20, &SLOW);
+    let spawn = || command().args(&a).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut runs = [spawn(), spawn()];
+    let start = std::time::Instant::now();
+    let refused = loop {
+        if let Some(i) = (0..2).find(|&i| runs[i].try_wait().unwrap().is_some()) {
+            break i;
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(120), "neither run was refused");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    let [r0, r1] = runs;
+    let (refused_run, mut holder) = if refused == 0 { (r0, r1) } else { (r1, r0) };
+    let out = refused_run.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "{err}");
+    let host = tessera_engine::lock::hostname();
+    assert!(
+        err.contains("is in use by another run")
+            && err.contains(&format!("process {} on host {host} (since ", holder.id()))
+            && err.contains("tessera.lock"),
+        "{err}"
+    );
+    assert!(holder.try_wait().unwrap().is_none(), "the holder trains on");
+    wait_for_records(&mut holder, &dir, 2);
+    let log = std::fs::read_to_string(dir.join("log.txt")).unwrap();
+    assert_eq!(log.matches("training vision_transformer").count(), 1, "one run logs: {log}");
+    assert!(dir.join("tessera.lock").is_file());
+    let st = Command::new("kill").args(["-TERM", &holder.id().to_string()]).status().unwrap();
+    assert!(st.success());
+    let out = holder.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!dir.join("tessera.lock").exists(), "the lock goes with its run");
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+/// A lock left by a process that is gone (killed outright) is taken over,
+/// with a warning naming it, and removed when the run ends.
+#[test]
+fn a_stale_lock_of_a_dead_process_is_taken_over() {
+    let root = tmpdir("stale-lock");
+    let data = synth_folder(&root, 4, 8, 2);
+    let dir = root.join("run");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut gone = Command::new("true").spawn().unwrap();
+    let pid = gone.id();
+    gone.wait().unwrap();
+    let host = tessera_engine::lock::hostname();
+    let lock = serde_json::json!({ "pid": pid, "host": host, "since": 0, "token": "left-behind" });
+    std::fs::write(dir.join("tessera.lock"), lock.to_string()).unwrap();
+    let o = run(&args(&data, &dir, 1, &["TEST_MODEL=false"]));
+    ok(&o);
+    let t = text(&o);
+    assert!(
+        t.contains("took over the stale lock")
+            && t.contains(&format!("process {pid} on host {host} (since 1970-01-01 00:00:00 UTC)")),
+        "{t}"
+    );
+    assert!(dir.join("model_final_checkpoint_phase0").is_dir());
+    assert!(!dir.join("tessera.lock").exists(), "released at the end");
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+/// A bit flipped in the newest checkpoint's model file (a disk or copy
+/// error) fails its checksum: the resume warns, naming the checkpoint and
+/// the file, falls back to the previous checkpoint, and ends bitwise where
+/// an uninterrupted run does.
+#[test]
+fn a_flipped_bit_in_the_newest_checkpoint_falls_back_to_the_previous_one_and_resumes_bitwise() {
+    let root = tmpdir("bitflip");
+    let data = synth_folder(&root, 4, 32, 8);
+    let extra = ["CHECKPOINT.CHECKPOINT_ITER_FREQUENCY=3", "MODEL.TRUNK.VISION_TRANSFORMERS.DROPOUT_RATE=0.1"];
+    let whole = root.join("whole");
+    ok(&run(&args(&data, &whole, 2, &extra)));
+    let stopped = root.join("stopped");
+    let mut a = args(&data, &stopped, 2, &extra);
+    a.extend(["--max-steps".to_string(), "7".to_string()]);
+    ok(&run(&a));
+    let (newest, previous) = (stopped.join("model_iteration7"), stopped.join("model_iteration6"));
+    let model = newest.join("model.safetensors");
+    let mut bytes = std::fs::read(&model).unwrap();
+    let at = bytes.len() - 2; // a high mantissa bit of the last weight
+    bytes[at] ^= 0x40;
+    std::fs::write(&model, bytes).unwrap();
+
+    let o = run(&args(&data, &stopped, 2, &extra));
+    ok(&o);
+    let t = text(&o);
+    assert!(
+        t.contains(&format!("warning: checkpoint {} is damaged (model.safetensors", newest.display()))
+            && t.contains("checksum mismatch")
+            && t.contains(&format!("resuming from {}", previous.display())),
+        "{t}"
+    );
+    let log = std::fs::read_to_string(stopped.join("log.txt")).unwrap();
+    assert!(log.contains(&format!("resuming from {} (epoch 0, iteration 6)", previous.display())), "{log}");
+    assert_eq!(losses(&stopped), losses(&whole), "the resumed run's losses differ from the uninterrupted run's");
+    let last = |dir: &Path| {
+        tessera_runtime::weights::read_safetensors(&dir.join("model_final_checkpoint_phase1").join("model.safetensors"))
+            .unwrap()
+    };
+    assert_eq!(last(&stopped), last(&whole), "the final weights differ from the uninterrupted run's");
+    std::fs::remove_dir_all(&root).unwrap();
+}

@@ -7,6 +7,7 @@ pub mod compiled;
 pub mod console;
 pub mod data_source;
 pub mod distributed;
+pub mod lock;
 pub mod logs;
 pub mod meters;
 pub mod schedule;

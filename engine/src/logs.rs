@@ -216,7 +216,11 @@ pub fn human_duration(s: f64) -> String {
 
 /// Seconds since the epoch, UTC, as `YYYY-MM-DD HH:MM:SS`.
 fn timestamp() -> String {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    utc(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0))
+}
+
+/// `YYYY-MM-DD hh:mm:ss` (UTC) of unix time `secs`.
+pub(crate) fn utc(secs: u64) -> String {
     let (days, rest) = (secs / 86400, secs % 86400);
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
     let z = days as i64 + 719_468;

@@ -52,6 +52,15 @@ impl AccuracyListMeter {
         self.names.get(m).cloned().unwrap_or_else(|| m.to_string())
     }
 
+    /// Whether the counts have the meter's layout (one score per k for each
+    /// output, one sample count per output, no name or one per output): a
+    /// meter read from a checkpoint is checked before it is used.
+    pub fn is_consistent(&self) -> bool {
+        self.samples.len() == self.scores.len()
+            && self.scores.iter().all(|s| s.len() == self.topk.len())
+            && (self.names.is_empty() || self.names.len() == self.scores.len())
+    }
+
     pub fn num_meters(&self) -> usize {
         self.scores.len()
     }

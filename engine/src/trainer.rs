@@ -14,6 +14,7 @@
 
 use crate::checkpoint::{self, Checkpoint, EngineState, IntTensor, FORMAT_VERSION};
 use crate::distributed::{Share, World};
+use crate::lock::DirLock;
 use crate::logs::{Progress, RunLog};
 use crate::meters::{AccuracyListMeter, Target};
 use crate::schedule::{self, ParamSchedule, RunShape};
@@ -47,6 +48,11 @@ pub enum EngineError {
         match last_checkpoint { Some(p) => format!("The last good checkpoint is {}.", p.display()), None => "No checkpoint was written yet.".into() }
     )]
     NonFinite { loss: f32, iteration: u64, epoch: u64, last_checkpoint: Option<PathBuf> },
+    #[error(
+        "the model's state is not finite after iteration {iteration}: {detail}. Checkpoint {checkpoint} was not written and training stopped. {}",
+        match last_checkpoint { Some(p) => format!("The last good checkpoint is {}.", p.display()), None => "No checkpoint was written yet.".into() }
+    )]
+    NonFiniteState { iteration: u64, detail: String, checkpoint: String, last_checkpoint: Option<PathBuf> },
     #[error(transparent)]
     Checkpoint(#[from] checkpoint::CheckpointError),
     #[error("{0}")]
@@ -346,7 +352,13 @@ fn restore(ex: &mut Executor, ckpt: &Checkpoint, path: &Path, rank: usize, world
         have.insert(&t.name, tensor);
     }
     for (name, t) in &ckpt.engine.int_state {
-        have.insert(name, Tensor::i64(t.shape.clone(), t.data.clone()));
+        let tensor = Tensor::new(t.shape.clone(), tessera_runtime::Data::I64(t.data.clone())).map_err(|e| {
+            EngineError::Config(format!(
+                "checkpoint {}: integer state `{name}` in engine.json is damaged: {e}",
+                path.display()
+            ))
+        })?;
+        have.insert(name, tensor);
     }
     let mut missing = Vec::new();
     for name in ex.state_names() {
@@ -377,9 +389,14 @@ fn weights_init(ex: &mut Executor, cfg: &Value, log: &mut RunLog) -> Result<(), 
     if file.is_empty() {
         return Ok(());
     }
-    // A checkpoint directory stands for its model.safetensors.
+    // A checkpoint directory stands for its model.safetensors, checked
+    // against the checkpoint's manifest.
     let path = match Path::new(file) {
-        p if p.is_dir() => p.join(checkpoint::MODEL),
+        p if p.is_dir() => {
+            checkpoint::verify_file(p, checkpoint::MODEL)
+                .map_err(|e| EngineError::Config(format!("MODEL.WEIGHTS_INIT.PARAMS_FILE: {e}")))?;
+            p.join(checkpoint::MODEL)
+        }
         p => p.to_path_buf(),
     };
     let skip: Vec<&str> = get(cfg, "MODEL.WEIGHTS_INIT.SKIP_LAYERS")
@@ -749,23 +766,60 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
         base.join(get_str(cfg, "HOOKS.TENSORBOARD_SETUP.EXPERIMENT_LOG_DIR"))
     });
 
-    // What a killed writer left behind (a replacement interrupted between
-    // its two renames is restored). Rank 0 sweeps; the others wait for it
-    // (checkpoints are on a file system every node shares, as in VISSL).
-    if share.main() {
-        checkpoint::sweep_stale(&dir);
+    // One run at a time in a checkpoint directory: rank 0, the run's only
+    // writer, locks it until `train` returns (the lock is released when
+    // dropped: finished, stopped, failed). Then what a killed writer left
+    // behind is swept (a replacement interrupted between its two renames is
+    // restored), which only the lock's holder may do. The other ranks wait
+    // for it (checkpoints are on a file system every node shares, as in
+    // VISSL) and stop with it when it could not lock.
+    let lock = if share.main() {
+        let lock = DirLock::acquire(&dir);
+        if lock.is_ok() {
+            checkpoint::sweep_stale(&dir);
+        }
+        Some(lock)
+    } else {
+        None
+    };
+    let refused = matches!(lock, Some(Err(_)));
+    if share.any(refused)? && !refused {
+        return Err(EngineError::Config(format!(
+            "rank 0 could not lock the checkpoint directory {} (its error says why)",
+            dir.display()
+        )));
     }
-    share.any(false)?;
+    let (_lock, took_over) = match lock.transpose().map_err(|e| EngineError::Config(e.to_string()))? {
+        Some((l, note)) => (Some(l), note),
+        None => (None, None),
+    };
     // A finished run is not repeated (VISSL: a final checkpoint means done).
     let overwrite = get_bool(cfg, "CHECKPOINT.OVERWRITE_EXISTING");
-    let resume_from =
-        if get_bool(cfg, "CHECKPOINT.AUTO_RESUME") && !overwrite { checkpoint::latest(&dir) } else { None };
-    let resumed = match &resume_from {
-        Some(p) => Some(checkpoint::read(p)?),
-        None => None,
+    // The newest intact checkpoint: each file checked against its manifest;
+    // a damaged one is passed over, with a warning naming it and why.
+    let point =
+        if get_bool(cfg, "CHECKPOINT.AUTO_RESUME") && !overwrite { checkpoint::resume_point(&dir)? } else { None };
+    let mut resume_warnings = Vec::new();
+    let (resume_from, resumed) = match point {
+        Some(r) => {
+            resume_warnings = r.damaged;
+            if r.verified == checkpoint::Verified::Unverified {
+                resume_warnings.push(format!(
+                    "checkpoint {} was written before checkpoints carried checksums (format 1): its files are not verified",
+                    r.path.display()
+                ));
+            }
+            (Some(r.path), Some(r.checkpoint))
+        }
+        None => (None, None),
     };
     if let (Some(c), Some(p)) = (&resumed, &resume_from) {
         if c.engine.finished {
+            if share.main() {
+                for w in &resume_warnings {
+                    crate::errln!("warning: {w}");
+                }
+            }
             return Ok(Outcome::AlreadyFinished { checkpoint: p.clone() });
         }
     }
@@ -780,6 +834,12 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
         RunLog::open(&dir.join("ranks").join(share.rank.to_string()), None, true)
     }
     .map_err(|e| EngineError::Logs { dir: dir.clone(), message: e.to_string() })?;
+    if let Some(note) = took_over {
+        log.warn(&note);
+    }
+    for w in &resume_warnings {
+        log.warn(w);
+    }
     match setup.world {
         Some(w) => {
             let p = &w.place;
@@ -923,8 +983,13 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
         if let (Some(m), Ok(saved), true) =
             (&mut meter, serde_json::from_value::<AccuracyListMeter>(state.meters.clone()), share.main())
         {
-            if saved.topk == m.topk && saved.num_meters() == m.num_meters() {
+            if saved.topk == m.topk && saved.num_meters() == m.num_meters() && saved.is_consistent() {
                 *m = saved;
+            } else if state.iteration_in_epoch > 0 {
+                log.warn(&format!(
+                    "checkpoint {}: its meter state does not fit this run's meter (METERS); the epoch's training meter restarts from zero",
+                    p.display()
+                ));
             }
         }
         log.info(&format!(
@@ -966,28 +1031,52 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
 
     // Rank 0 writes (with every rank's meter counts); the others name the
     // file it writes.
-    let write_checkpoint =
-        |steps: &Steps, state: &EngineState, meter: &Option<AccuracyListMeter>, name: String, log: &mut RunLog| {
-            let mut s = state.clone();
-            s.rng_step = steps.active().step();
-            let meter = meter.as_ref().map(|m| share.meter(m)).transpose()?;
-            let local = share.gather_local(steps.active())?;
-            if !share.main() {
-                return Ok(dir.join(&name));
-            }
-            s.meters =
-                meter.as_ref().map(|m| serde_json::to_value(m).expect("meters serialise")).unwrap_or(Value::Null);
-            log.flush();
-            let mut ckpt = snapshot(steps.active(), s)?;
-            for t in ckpt.model.iter_mut() {
-                if let Some((shape, data)) = local.get(&t.name) {
-                    (t.shape, t.data) = (shape.clone(), data.clone());
+    let write_checkpoint = |steps: &Steps,
+                            state: &EngineState,
+                            meter: &Option<AccuracyListMeter>,
+                            name: String,
+                            log: &mut RunLog,
+                            last: &Option<PathBuf>| {
+        let mut s = state.clone();
+        s.rng_step = steps.active().step();
+        let meter = meter.as_ref().map(|m| share.meter(m)).transpose()?;
+        let local = share.gather_local(steps.active())?;
+        // Rank 0 writes, and only a finite state: a checkpoint is what a
+        // failed run goes back to. Every rank learns whether it did, so
+        // all stop together when it could not.
+        let written = if share.main() {
+            (|| {
+                s.meters =
+                    meter.as_ref().map(|m| serde_json::to_value(m).expect("meters serialise")).unwrap_or(Value::Null);
+                log.flush();
+                let mut ckpt = snapshot(steps.active(), s)?;
+                for t in ckpt.model.iter_mut() {
+                    if let Some((shape, data)) = local.get(&t.name) {
+                        (t.shape, t.data) = (shape.clone(), data.clone());
+                    }
                 }
-            }
-            let path = checkpoint::write(&dir, &name, &ckpt)?;
-            log.info(&format!("checkpoint {}", path.display()));
-            Ok::<PathBuf, EngineError>(path)
+                if let Some(bad) = checkpoint::non_finite(&ckpt.model, &ckpt.optimizer) {
+                    return Err(EngineError::NonFiniteState {
+                        iteration: ckpt.engine.iteration,
+                        detail: bad.to_string(),
+                        checkpoint: name.clone(),
+                        last_checkpoint: last.clone(),
+                    });
+                }
+                let path = checkpoint::write(&dir, &name, &ckpt)?;
+                log.info(&format!("checkpoint {}", path.display()));
+                Ok::<PathBuf, EngineError>(path)
+            })()
+        } else {
+            Ok(dir.join(&name))
         };
+        if share.any(written.is_err())? && written.is_ok() {
+            return Err(EngineError::Runtime(format!(
+                "rank 0 could not write checkpoint {name} (its error says why); every rank stops"
+            )));
+        }
+        written
+    };
 
     let started = Instant::now();
     let start_iteration = state.iteration;
@@ -996,13 +1085,38 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
     // test after train phase i when i % TEST_EVERY_NUM_EPOCH == 0 and after the last.
     let checkpoint_after = |epoch: u64| epoch.is_multiple_of(ckpt_freq) || epoch + 1 == num_epochs;
     let test_after = |epoch: u64| test_model && (epoch.is_multiple_of(test_every) || epoch + 1 == num_epochs);
-    // A test phase the last checkpoint was written before (a crash during it).
+    // A test phase the last checkpoint was written before (a crash during
+    // it, or a test phase that failed). A run that does not test (VISSL
+    // builds its phases from the config: with TEST_MODEL off there are none)
+    // skips it with a warning; the checkpoint keeps it pending, so a later
+    // run with testing on still runs it.
     if state.test_pending {
-        let epoch = state.train_phase_idx - 1;
-        let mut ctx = TestPhase { prog: setup.prog, cfg, seed, eval: &mut eval, log: &mut log };
-        let test = setup.test.as_mut().expect("a pending test phase implies a test source");
-        ctx.run(test.as_mut(), &mut steps, meter.as_ref().expect("test phases need a meter"), &mut state, epoch)?;
-        finish_test(&last_checkpoint, &mut state, num_epochs, share.main())?;
+        // `checkpoint::read` refuses a pending test phase before any epoch.
+        let epoch = state.train_phase_idx.saturating_sub(1);
+        match (test_model, setup.test.as_mut(), meter.as_ref()) {
+            (true, Some(test), Some(m)) => {
+                let mut ctx = TestPhase { prog: setup.prog, cfg, seed, eval: &mut eval, log: &mut log };
+                ctx.run(test.as_mut(), &mut steps, m, &mut state, epoch)?;
+                finish_test(&last_checkpoint, &mut state, num_epochs, share.main())?;
+            }
+            (_, test, m) => {
+                let why = if !get_bool(cfg, "TEST_MODEL") {
+                    "TEST_MODEL is off"
+                } else if m.is_none() {
+                    "no meter is configured (METERS.name is empty)"
+                } else if test.is_none() {
+                    "no test data was given"
+                } else {
+                    "this run does not test"
+                };
+                let at = last_checkpoint.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+                log.warn(&format!(
+                    "the test phase after epoch {epoch} did not finish before checkpoint {at} was written; {why}, so it is skipped (the checkpoint still records it as pending: a run with testing on runs it)"
+                ));
+                state.test_pending = false;
+                state.finished = state.train_phase_idx == num_epochs;
+            }
+        }
     }
     // With several ranks, whether any asks to stop travels with each step's
     // loss (one collective a step); the first step of the run asks alone.
@@ -1031,7 +1145,7 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
                 let path = if last_checkpoint.as_ref().is_some_and(|p| p.ends_with(&name)) {
                     last_checkpoint.clone().expect("checked")
                 } else {
-                    write_checkpoint(&steps, &state, &meter, name, &mut log)?
+                    write_checkpoint(&steps, &state, &meter, name, &mut log, &last_checkpoint)?
                 };
                 log.info(&format!("stopped ({reason}) at iteration {}", state.iteration));
                 log.flush();
@@ -1144,6 +1258,7 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
                     &meter,
                     checkpoint::iteration_name(state.iteration),
                     &mut log,
+                    &last_checkpoint,
                 )?);
             }
         }
@@ -1172,8 +1287,14 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
         state.test_pending = test_after(epoch);
         state.finished = last && !state.test_pending;
         if checkpoint_after(epoch) {
-            last_checkpoint =
-                Some(write_checkpoint(&steps, &state, &meter, checkpoint::phase_name(epoch, last), &mut log)?);
+            last_checkpoint = Some(write_checkpoint(
+                &steps,
+                &state,
+                &meter,
+                checkpoint::phase_name(epoch, last),
+                &mut log,
+                &last_checkpoint,
+            )?);
         }
         if test_after(epoch) {
             let mut ctx = TestPhase { prog: setup.prog, cfg, seed, eval: &mut eval, log: &mut log };
