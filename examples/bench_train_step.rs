@@ -42,7 +42,7 @@ use tessera_compiler::elaborate::Program;
 use tessera_compiler::ir::Op;
 use tessera_compiler::pipeline::training_plan;
 use tessera_compiler::plan::Source;
-use tessera_runtime::cpu::{multi_tensor, pool, run_kernel, CpuExecutor, Ctx};
+use tessera_runtime::cpu::{multi_tensor, pool, run_kernel, typed, CpuExecutor, Ctx};
 use tessera_runtime::Tensor;
 
 const LR: f64 = 1e-3;
@@ -213,7 +213,14 @@ fn main() {
                 Source::Kernel(_) | Source::Part { .. } => None,
             })
             .collect();
-        let ctx = Ctx { training: plan.training, seed: ex.seed(), step: 1000 + rep };
+        let ctx = Ctx {
+            training: plan.training,
+            seed: ex.seed(),
+            step: 1000 + rep,
+            bf16_operands: 0,
+            bf16_result: false,
+            dist: None,
+        };
         for (i, k) in plan.kernels.iter().enumerate() {
             // As the executor: a reshape of a kernel result read for the last
             // time moves it; every other kernel runs on its operands.
@@ -233,7 +240,8 @@ fn main() {
                 Tensor::f32(vec![0], vec![])
             } else {
                 let xs: Vec<&Tensor> = k.inputs.iter().map(|&j| vals[j].as_ref().expect("operand computed")).collect();
-                run_kernel(&k.op, &xs, &ctx).unwrap_or_else(|e| panic!("kernel {i} {}: {e}", k.op.name()))
+                run_kernel(&k.op, &xs, &typed(&ctx, &plan, i))
+                    .unwrap_or_else(|e| panic!("kernel {i} {}: {e}", k.op.name()))
             };
             let dt = s.elapsed().as_secs_f64();
             vals[k.output] = Some(y);

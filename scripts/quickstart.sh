@@ -8,6 +8,12 @@
 # config overrides, e.g. OPTIMIZER.num_epochs=10.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --locked --release --bins --quiet
+# Cargo's own progress (crates compiled, the bar) is shown: a first build
+# compiles about 200 crates, several minutes on a laptop; later ones take
+# seconds.
+if [ ! -x ./target/release/tessera ]; then
+    echo "quickstart: building tessera (a first build compiles ~200 crates: several minutes; later runs take seconds)" >&2
+fi
+cargo build --locked --release --bins
 ./target/release/tessera data synth --out runs/data/quickstart
 exec ./target/release/tessera train config=quickstart/vit_tiny "$@"

@@ -39,37 +39,49 @@ cuda_env="$(./scripts/setup-cuda-tools.sh)" || {
 }
 eval "$cuda_env"
 
-# The default build and tests: no libtorch involved. A failure here still lets
-# the parity tests below run (and report); the script fails at the end.
-cargo build --locked --release --bins
+# One build for everything: the workspace with the `torch-oracle` feature,
+# so the parity tests run with the rest and no crate is built twice (a
+# second feature set would rebuild every crate that depends on the ones
+# tch changes). Only the tests use libtorch; the binary does not link it.
+eval "$libtorch_env"
+features=(--features torch-oracle)
+cargo build --locked --release --workspace "${features[@]}" --bins
+
+# Every test file of the root package that needs the oracle (those
+# mentioning the feature) must exist: the parity tests are never skipped.
+oracle=0
+for f in tests/*.rs tests/*/main.rs; do
+    [ -f "$f" ] && grep -q 'torch-oracle' "$f" && oracle=$((oracle + 1))
+done
+if [ "$oracle" -eq 0 ]; then
+    echo "test.sh: no test file uses the torch-oracle feature (expected tests/torch_oracle.rs)" >&2
+    exit 1
+fi
+
+# Each step's output is kept to sum the results at the end; a failing step
+# lets the others run (and report), the script fails at the end.
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
 status=0
-cargo test --locked --release --workspace || status=$?
+step() {
+    "$@" 2>&1 | tee -a "$log" || status=$?
+}
+echo "test.sh: every test of the workspace, the libtorch parity tests among them (LIBTORCH=$LIBTORCH)" >&2
+step cargo test --locked --release --workspace "${features[@]}" --no-fail-fast
 # The CUDA kernels' race check: the op families again on the host device
 # with each block's threads as real threads (__syncthreads a barrier,
 # shared memory shared), which a one-thread-per-block run cannot catch.
 echo "test.sh: CUDA kernels with real threads per block (race check)" >&2
-TESSERA_CUDA_TEST_DEVICE=host-threads cargo test --locked --release --workspace --test cuda -- \
-    ops:: reduce:: attention:: batchnorm:: || status=$?
+step env TESSERA_CUDA_TEST_DEVICE=host-threads cargo test --locked --release --workspace "${features[@]}" \
+    --test cuda -- ops:: reduce:: attention:: batchnorm::
 
-# Every test file of the root package that needs the oracle: those mentioning
-# the `torch-oracle` feature (tests/NAME.rs or tests/NAME/main.rs).
-oracle_tests=()
-for f in tests/*.rs tests/*/main.rs; do
-    [ -f "$f" ] && grep -q 'torch-oracle' "$f" || continue
-    case "$f" in
-    */main.rs) name="$(basename "$(dirname "$f")")" ;;
-    *) name="$(basename "$f" .rs)" ;;
-    esac
-    oracle_tests+=(--test "$name")
-done
-if [ ${#oracle_tests[@]} -eq 0 ]; then
-    echo "test.sh: no test file uses the torch-oracle feature (expected tests/torch_oracle.rs)" >&2
-    exit 1
-fi
-eval "$libtorch_env"
-echo "test.sh: libtorch parity tests (LIBTORCH=$LIBTORCH): ${oracle_tests[*]}" >&2
-cargo test --locked --release --features torch-oracle "${oracle_tests[@]}" || status=$?
+# One line for the whole run: the tests passed and failed, over every test
+# binary of every step (cargo prints a `test result:` line per binary).
+summary="$(awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed;?$/) p += $(i - 1); if ($(i) ~ /^failed;?$/) f += $(i - 1) } n++ }
+    END { printf "%d passed, %d failed (%d test binaries)", p, f, n }' "$log")"
 if [ "$status" -ne 0 ]; then
-    echo "test.sh: FAILED (see above)" >&2
+    echo "test.sh: FAILED: $summary (see above)" >&2
+else
+    echo "test.sh: $summary" >&2
 fi
 exit "$status"

@@ -13,7 +13,10 @@ use tessera_data::{BatchTensor, Loader, LoaderOptions};
 use tessera_runtime::Tensor;
 
 /// `configs/dataset_catalog.json` beside the working directory, else the
-/// copy built into the binary (written once to a temporary file).
+/// copy built into the binary, written to the temporary directory under a
+/// name that is its checksum: one file per catalog version, shared by every
+/// run (not one per process), and replaced atomically so a run never reads
+/// a half-written copy.
 pub fn catalog_path() -> Result<PathBuf, String> {
     let local = Path::new("configs/dataset_catalog.json");
     if local.is_file() {
@@ -21,8 +24,16 @@ pub fn catalog_path() -> Result<PathBuf, String> {
     }
     let bytes = tessera_compiler::config::embedded_file("dataset_catalog.json")
         .ok_or("no configs/dataset_catalog.json here and none built in")?;
-    let path = std::env::temp_dir().join(format!("tessera-dataset-catalog-{}.json", std::process::id()));
-    std::fs::write(&path, bytes).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    let name = format!("tessera-dataset-catalog-{:016x}.json", crate::checkpoint::checksum(bytes));
+    let path = std::env::temp_dir().join(name);
+    if std::fs::read(&path).is_ok_and(|have| have == bytes) {
+        return Ok(path);
+    }
+    let tmp = path.with_extension(format!("json.{}", std::process::id()));
+    std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, &path)).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        format!("cannot write the built-in dataset catalog to {}: {e}", path.display())
+    })?;
     Ok(path)
 }
 
@@ -150,5 +161,22 @@ impl Iterator for Reading<'_> {
                 None
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Runs (here: calls) share one copy of the built-in catalog, named by
+    /// its checksum, holding exactly its bytes; no file per process.
+    #[test]
+    fn the_built_in_catalog_is_one_shared_file_per_version() {
+        // The crate's directory has no configs/: the built-in copy is used.
+        assert!(!std::path::Path::new("configs/dataset_catalog.json").exists());
+        let (a, b) = (super::catalog_path().unwrap(), super::catalog_path().unwrap());
+        assert_eq!(a, b);
+        let name = a.file_name().unwrap().to_string_lossy().to_string();
+        let built_in = tessera_compiler::config::embedded_file("dataset_catalog.json").unwrap();
+        assert_eq!(name, format!("tessera-dataset-catalog-{:016x}.json", crate::checkpoint::checksum(built_in)));
+        assert_eq!(std::fs::read(&a).unwrap(), built_in);
     }
 }
