@@ -165,7 +165,61 @@ fn run(g: &mut Graph, low: DType) -> Result<String, IrError> {
     new.state_updates = retyped(&mut new, updates)?;
     let casts_made = casts.len();
     *g = new;
-    Ok(format!("{low_ops} ops in {low}, {casts_made} casts ({restored} back to the outputs' dtypes)"))
+    let narrowed = narrow_bias_sums(g, low)?;
+    Ok(format!(
+        "{low_ops} ops in {low}, {casts_made} casts ({restored} back to the outputs' dtypes), {narrowed} bias sums read the {low} copy"
+    ))
+}
+
+/// A sum of a layer norm's input gradient (the residual stream's gradient,
+/// f32) that is also cast to `low` for the products that read it becomes
+/// `reduce_f32` of that cast: the bias gradient of the linear whose output
+/// joined the stream is the sum of the low-precision gradient the linear's
+/// products read, as under PyTorch's autocast (the add's backward casts
+/// the gradient to the linear's bf16 output type), summed in f32; one read
+/// of half the bytes instead of the f32 tensor.
+fn narrow_bias_sums(g: &mut Graph, low: DType) -> Result<usize, IrError> {
+    let mut narrow: HashMap<ValueId, ValueId> = HashMap::new();
+    for v in g.node_ids() {
+        if matches!(g.node(v).op, Op::Cast { dtype } if dtype == low) {
+            let src = g.operands(v)[0];
+            if matches!(g.node(src).op, Op::NormalizeGrad { .. }) && g.ty(src).dtype == DType::F32 {
+                narrow.entry(src).or_insert(v);
+            }
+        }
+    }
+    let casts: std::collections::HashSet<ValueId> = narrow.values().copied().collect();
+    // Casts made early, for a sum that came before them in the order.
+    let mut made: HashMap<ValueId, ValueId> = HashMap::new();
+    let mut count = 0;
+    *g = rebuild(g, |old, v, new, map| {
+        let node = old.node(v);
+        if casts.contains(&v) {
+            if let Some(&c) = made.get(&v) {
+                return Ok(Step::Use(c));
+            }
+            let c = new.add_node_like(node, &mapped(old, v, map)?)?;
+            made.insert(v, c);
+            return Ok(Step::Use(c));
+        }
+        let Op::Reduce { op: op @ crate::ir::ReduceOp::Sum, axes, keepdim } = &node.op else { return Ok(Step::Copy) };
+        let Some(&cast) = narrow.get(&old.operands(v)[0]) else { return Ok(Step::Copy) };
+        if in_optimizer_step(&node.scope) {
+            return Ok(Step::Copy);
+        }
+        let c = match made.get(&cast) {
+            Some(&c) => c,
+            None => {
+                let c = new.add_node_like(old.node(cast), &mapped(old, cast, map)?)?;
+                made.insert(cast, c);
+                c
+            }
+        };
+        count += 1;
+        let wide = Op::ReduceF32 { op: *op, axes: axes.clone(), keepdim: *keepdim };
+        Ok(Step::Use(new.add_op(wide, &[c], &node.scope)?))
+    })?;
+    Ok(count)
 }
 
 /// Node `v` of `old` added to `new`, its float operands cast as its class says.
@@ -274,6 +328,41 @@ mod tests {
             assert!(ops.iter().any(|o| o == want), "{want} missing: {ops:?}");
         }
         assert!(report.starts_with("1 ops in bf16"), "{report}");
+    }
+
+    /// The residual stream's gradient (a layer norm's input gradient, f32)
+    /// is cast to bf16 for a product; its bias sum reads that cast (made
+    /// before the sum even when the product comes later), and a sum of an
+    /// f32 value that no product reads stays f32.
+    #[test]
+    fn a_bias_sum_of_the_residual_gradient_reads_its_bf16_copy() {
+        use crate::ir::ReduceOp;
+        let mut g = Graph::new();
+        let s3 = Shape::consts(&[2, 4, 8]);
+        let (dy, x) = (g.add_input("dy", s3.clone(), DType::F32).unwrap(), g.add_input("x", s3, DType::F32).unwrap());
+        let w = g.add_param("w", TensorType::f32(Shape::consts(&[8])), crate::ir::Init::Zeros, true, "").unwrap();
+        let dx = g.add_op(Op::NormalizeGrad { eps: 1e-6 }, &[dy, x, w], "").unwrap();
+        let sum =
+            |g: &mut Graph, v| g.add_op(Op::Reduce { op: ReduceOp::Sum, axes: vec![0, 1], keepdim: false }, &[v], "");
+        let db = sum(&mut g, dx).unwrap();
+        let m = g.add_param("m", TensorType::f32(Shape::consts(&[8, 8])), crate::ir::Init::Zeros, true, "").unwrap();
+        let y = g.add_op(Op::Matmul { transpose_a: false, transpose_b: false }, &[dx, m], "").unwrap();
+        let other = sum(&mut g, x).unwrap();
+        g.set_output("db", db);
+        g.set_output("y", y);
+        g.set_output("other", other);
+        let report = super::run_bf16(&mut g).unwrap();
+        g.verify().unwrap();
+        assert!(report.ends_with("1 bias sums read the bf16 copy"), "{report}");
+        let out = |name: &str| g.outputs().iter().find(|(n, _)| n == name).unwrap().1;
+        let db = out("db");
+        assert!(matches!(g.node(db).op, Op::ReduceF32 { .. }), "{}", g.node(db).op.name());
+        let read = g.operands(db)[0];
+        assert_eq!((g.ty(db).dtype, g.node(read).op.name(), g.ty(read).dtype), (DType::F32, "cast", DType::BF16));
+        // The product reads the same cast.
+        let product = g.node_ids().into_iter().find(|&v| matches!(g.node(v).op, Op::Matmul { .. })).unwrap();
+        assert_eq!(g.operands(product)[0], read);
+        assert!(matches!(g.node(out("other")).op, Op::Reduce { .. }));
     }
 
     #[test]
