@@ -56,6 +56,7 @@ impl KernelClass {
             | Op::GeluLinear
             | Op::MatmulGeluRhs { .. }
             | Op::LayerNormLinear { .. }
+            | Op::LinearResidual { .. }
             | Op::MatmulLayerNormRhs { .. }
             | Op::MatmulGeluGrad { .. } => MatrixProduct,
             Op::Attention { .. }
@@ -191,6 +192,7 @@ fn flops(plan: &Plan, k: usize) -> u64 {
     match &kernel.op {
         Op::Linear | Op::GeluLinear => 2 * numel(out) * shape(1).get(1).copied().unwrap_or(0),
         Op::LayerNormLinear { .. } => 2 * numel(out) * shape(3).get(1).copied().unwrap_or(0),
+        Op::LinearResidual { .. } => 2 * numel(out) * shape(1).get(1).copied().unwrap_or(0),
         Op::Matmul { transpose_a, .. }
         | Op::MatmulGeluRhs { transpose_a, .. }
         | Op::MatmulGeluGrad { transpose_a, .. }

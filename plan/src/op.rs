@@ -327,6 +327,16 @@ pub enum Op {
         transpose_a: bool,
         transpose_b: bool,
     },
+    /// `(x [..., I], w [O, I], b [O], r [..., O]) -> [..., O]`: `r + linear(x,
+    /// w, b)`, or `r + linear(gelu(x), w, b)` with `gelu`: a product whose
+    /// result joins the residual stream as it is written (the projection and
+    /// the MLP's second linear of a pre-norm block), so the product's own
+    /// result is never stored and read back. x and w share a dtype; b, r and
+    /// the result share another (mixed precision: bf16 operands, the f32
+    /// stream, the sum taken before any rounding to bf16).
+    LinearResidual {
+        gelu: bool,
+    },
     /// `(x [..., D], g [D], b [D], w [O, D], bias? [O]) -> [..., O]`:
     /// `linear(layer_norm(x, g, b), w, bias)`, x normalised (f32 statistics)
     /// as it is read, so the normalised activation is never stored. x, g and
@@ -477,6 +487,7 @@ impl Op {
             Op::MatmulGeluRhs { .. } => "matmul_gelu_rhs",
             Op::MatmulGeluGrad { .. } => "matmul_gelu_grad",
             Op::LayerNormLinear { .. } => "layer_norm_linear",
+            Op::LinearResidual { .. } => "linear_residual",
             Op::MatmulLayerNormRhs { .. } => "matmul_layer_norm_rhs",
             Op::Normalize { .. } => "normalize",
             Op::NormalizeGrad { .. } => "normalize_grad",
@@ -600,6 +611,7 @@ pub fn attributes(op: &Op) -> Vec<(&'static str, String)> {
             v
         }
         Op::LayerNormLinear { eps } => vec![("eps", eps.to_string())],
+        Op::LinearResidual { gelu } => vec![("gelu", gelu.to_string())],
         Op::MatmulLayerNormRhs { eps, transpose_a, transpose_b } => {
             let mut v = vec![("eps", eps.to_string())];
             if *transpose_a {

@@ -140,6 +140,10 @@ pub fn scratch(plan: &Plan, k: usize) -> Scratch {
             s.with("gemm", gemm(inner))
         }
         Op::GeluLinear => s.with("gemm", gemm(last(shape(0)))).with("gelu", numel(0) * size(value(1).dtype)),
+        Op::LinearResidual { gelu: false } => s.with("gemm", gemm(last(shape(0)))),
+        Op::LinearResidual { gelu: true } => {
+            s.with("gemm", gemm(last(shape(0)))).with("gelu", numel(0) * size(value(1).dtype))
+        }
         Op::LayerNormLinear { .. } => {
             s.with("gemm", gemm(last(shape(0)))).with("normalized", numel(0) * size(value(3).dtype))
         }

@@ -345,6 +345,29 @@ fn linear_matches_naive_loops() {
     }
 }
 
+/// `linear_residual(x, w, b, r)` = r + x w^T + b, and with `gelu` the
+/// product of GELU(x) (exact erf GELU), against naive loops in f64.
+#[test]
+fn linear_residual_adds_the_product_to_the_stream() {
+    let (xs, o) = (vec![2, 9, 13], 6);
+    let i = *xs.last().unwrap();
+    let (x, w, b, r) = (rand(&xs, 40), rand(&[o, i], 41), rand(&[o], 42), rand(&[2, 9, o], 43));
+    let (fx, fw, fb, fr) = (f(&x), f(&w), f(&b), f(&r));
+    let erf_gelu = |v: f64| 0.5 * v * (1.0 + erf_series(v / std::f64::consts::SQRT_2));
+    for gelu in [false, true] {
+        let act = |v: f64| if gelu { erf_gelu(v) } else { v };
+        let want: Vec<f64> = (0..18 * o)
+            .map(|e| {
+                let (row, c) = (e / o, e % o);
+                fr[e] + (0..i).map(|l| act(fx[row * i + l]) * fw[c * i + l]).sum::<f64>() + fb[c]
+            })
+            .collect();
+        let y = run_op(Op::LinearResidual { gelu }, &[&x, &w, &b, &r]);
+        assert_eq!(y.shape, [2, 9, o]);
+        assert_close(&y, &want, 1e-5);
+    }
+}
+
 /// Naive convolution in f64: [N, O, OH, OW].
 fn conv_ref(x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: [usize; 2], pad: [usize; 2]) -> (Vec<usize>, Vec<f64>) {
     let [n, c, h, wd] = x.shape[..] else { panic!() };

@@ -24,6 +24,7 @@ pub fn node_flops(g: &Graph, v: ValueId, batch: u64) -> u64 {
     let operand = |i: usize| eval(&g.ty(g.operands(v)[i]).shape, batch);
     let out = eval(&node.ty.shape, batch);
     match node.op {
+        Op::LinearResidual { .. } => 2 * out.iter().product::<u64>() * operand(1)[1],
         Op::LayerNormLinear { .. } => {
             let w = operand(3); // [O, I]
             2 * out.iter().product::<u64>() * w[1]

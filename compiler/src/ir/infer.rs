@@ -114,6 +114,18 @@ pub(crate) fn infer(op: &Op, x: &[&TensorType]) -> Rule {
             rest.extend_from_slice(&x[3..]);
             linear(&rest)
         }
+        Op::LinearResidual { .. } => {
+            let [xi, w, b, r] = exactly(x, ["x", "weight", "bias", "residual"])?;
+            // The product in the stream's dtype: its bias is the stream's too.
+            let as_r = |t: &TensorType| TensorType::new(t.shape.clone(), r.dtype);
+            floats_alike(&[("x", xi), ("weight", w)])?;
+            floats_alike(&[("bias", b), ("residual", r)])?;
+            let out = linear(&[&as_r(xi), &as_r(w), b])?;
+            if r.shape != out.shape {
+                return Err(format!("the residual {} must have the product's shape {}", r.shape, out.shape));
+            }
+            Ok(out)
+        }
         Op::MatmulLayerNormRhs { transpose_a, transpose_b, .. } => {
             let [a, xi, g, b] = exactly(x, ["a", "x", "ln weight", "ln bias"])?;
             let normed = layer_norm(&[xi, g, b])?;

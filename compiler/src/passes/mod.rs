@@ -14,6 +14,7 @@
 mod cse;
 mod fold;
 mod fuse;
+mod linear_residual;
 mod matmul_fusion;
 mod norm_epilogue;
 mod optimizer;
@@ -65,6 +66,11 @@ pub const PASSES: &[Pass] = &[
         run: matmul_fusion::run,
     },
     Pass {
+        name: "residual-into-linear",
+        why: "a product read only by a residual add writes into the stream (the GEMM reads the stream as C): its result is never stored and read back",
+        run: linear_residual::run,
+    },
+    Pass {
         name: "norm-grad-epilogue",
         why: "a layer norm's input gradient adds the residual gradient as it is written (one pass over the residual width fewer)",
         run: norm_epilogue::run,
@@ -108,6 +114,7 @@ pub const DEFAULT: &[&str] = &[
     "dce",
     "packed-attention",
     "fuse-into-matmul",
+    "residual-into-linear",
     "norm-grad-epilogue",
     "fuse-elementwise",
     "fuse-optimizer",

@@ -54,6 +54,8 @@ fn class(op: &Op) -> Class {
         | Op::Conv2dGradWeight { .. } => Class::Low,
         Op::LayerNormLinear { .. } => Class::NormProduct(&[0, 1, 2]),
         Op::MatmulLayerNormRhs { .. } => Class::NormProduct(&[1, 2, 3]),
+        // The bias and the residual stream stay full; the product reads low.
+        Op::LinearResidual { .. } => Class::NormProduct(&[2, 3]),
         Op::LayerNorm { .. }
         | Op::Normalize { .. }
         | Op::NormalizeGrad { .. }

@@ -48,6 +48,22 @@ pub fn gelu_linear(x: &[&Tensor], ctx: &Ctx) -> Result<Tensor, KernelError> {
     y
 }
 
+/// `LinearResidual (x, w, b, r)`: linear(x, w, b) + r (GELU of x first
+/// with `gelu`), in f32: the unfused product and add, bit for bit, except
+/// that the product is not rounded to the operands' bf16 (it never is
+/// stored). (The GPU's GEMM sums (x w^T + r) + b, its C before its bias
+/// epilogue: a last-bit difference.)
+pub fn linear_residual(x: &[&Tensor], gelu: bool, ctx: &Ctx) -> Result<Tensor, KernelError> {
+    let [xt, w, b, r] = operands(x, ["x", "weight", "bias", "residual"])?;
+    let mut y = if gelu { gelu_linear(&[xt, w, b], ctx)? } else { linear(&[xt, w, b])? };
+    same_shape(&y, r, "the product", "the residual")?;
+    let rd = f32_of(r, "residual")?;
+    if let Data::F32(v) = &mut y.data {
+        v.iter_mut().zip(rd).for_each(|(o, &rv)| *o += rv);
+    }
+    Ok(y)
+}
+
 /// `MatmulGeluRhs (a, b)`: a @ gelu(b), either read transposed.
 pub fn matmul_gelu_rhs(x: &[&Tensor], ta: bool, tb: bool, ctx: &Ctx) -> Result<Tensor, KernelError> {
     let [a, b] = operands(x, ["a", "b"])?;

@@ -114,6 +114,7 @@ pub fn run_kernel(op: &Op, x: &[&Tensor], ctx: &Ctx) -> Result<Tensor, KernelErr
         Op::GeluGrad => elementwise::gelu_grad(x),
         Op::Fused { body } => fused::fused(x, body, ctx),
         Op::GeluLinear => epilogue::gelu_linear(x, ctx),
+        Op::LinearResidual { gelu } => epilogue::linear_residual(x, *gelu, ctx),
         Op::LayerNormLinear { eps } => epilogue::layer_norm_linear(x, *eps, ctx),
         Op::MatmulLayerNormRhs { eps, transpose_a, transpose_b } => {
             epilogue::matmul_layer_norm_rhs(x, *eps, *transpose_a, *transpose_b, ctx)

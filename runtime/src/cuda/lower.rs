@@ -265,6 +265,7 @@ fn lower_kernel(l: &mut Lowering, k: usize) -> Result<(), String> {
         Op::Linear
         | Op::Matmul { .. }
         | Op::GeluLinear
+        | Op::LinearResidual { .. }
         | Op::LayerNormLinear { .. }
         | Op::MatmulGeluRhs { .. }
         | Op::MatmulLayerNormRhs { .. }

@@ -138,6 +138,10 @@ fn matrix_products_and_their_fused_forms_match_the_cpu() {
     // Two broadcast batch dims that do not merge: [2,1] x [1,3].
     check_op(Op::matmul(), &[&[2, 1, 4, 5], &[1, 3, 5, 2]], true, 1e-5);
     check_op(Op::GeluLinear, &[&[3, 8], &[5, 8], &[5]], true, 1e-5);
+    // The residual stream read as the GEMM's C, the bias as its epilogue.
+    for gelu in [false, true] {
+        check_op(Op::LinearResidual { gelu }, &[&[2, 3, 8], &[5, 8], &[5], &[2, 3, 5]], true, 1e-5);
+    }
     check_op(Op::LayerNormLinear { eps: 1e-6 }, &[&[2, 3, 8], &[8], &[8], &[5, 8], &[5]], true, 1e-5);
     check_op(Op::MatmulGeluRhs { transpose_a: true, transpose_b: false }, &[&[6, 4], &[2, 3, 5]], true, 1e-5);
     check_op(

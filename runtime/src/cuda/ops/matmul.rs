@@ -11,6 +11,10 @@
 //! - layer_norm_linear, matmul_layer_norm_rhs: the row-normalised operand
 //!   (f32 statistics) in the `normalized` scratch, then the GEMM;
 //! - matmul_gelu_grad: the GEMM, then its result times GELU'(z) in place;
+//! - linear_residual: the GEMM reading the residual stream as C (beta = 1)
+//!   and writing the new stream, the bias as its epilogue (GELU of the
+//!   input first into the `gelu` scratch when asked); bf16 operands, the
+//!   f32 stream, C, D and bias (cuBLASLt's f32-output bf16 GEMM);
 //! - conv2d: im2col into `cols`, one batched GEMM per image's columns,
 //!   the bias added after; its gradients as GEMMs around im2col / col2im.
 
@@ -45,12 +49,13 @@ pub fn product(
     out: &Val,
     bias: Option<&Val>,
 ) -> Result<(), String> {
-    product_with(l, k, a, b, ta, tb, out, bias, 0.0)
+    product_with(l, k, a, b, ta, tb, out, bias, 0.0, None)
 }
 
 #[allow(clippy::too_many_arguments)]
-/// `product`, the result scaled by `beta` added (1: the GEMM reads the
-/// result's current values, adds the product in f32 and rounds once).
+/// `product`, `beta` times C added (1: the GEMM reads C, adds the product
+/// in f32 and rounds once). C is `c` (out's shape and dtype), else the
+/// result's current values.
 fn product_with(
     l: &mut Lowering,
     k: usize,
@@ -61,7 +66,13 @@ fn product_with(
     out: &Val,
     bias: Option<&Val>,
     beta: f32,
+    c: Option<&Val>,
 ) -> Result<(), String> {
+    if let Some(c) = c {
+        if c.shape != out.shape || c.dtype != out.dtype {
+            return Err(format!("C {:?} {} must be the result's {:?} {}", c.shape, c.dtype, out.shape, out.dtype));
+        }
+    }
     let (ra, rb) = (a.shape.len(), b.shape.len());
     if ra < 2 || rb < 2 {
         return Err(format!("a {:?} and b {:?} must have rank >= 2", a.shape, b.shape));
@@ -140,7 +151,7 @@ fn product_with(
         let ptrs = GemmPtrs {
             a: b.ptr.add(off[1] as u64 * b.dtype.size_bytes()),
             b: a.ptr.add(off[0] as u64 * a.dtype.size_bytes()),
-            c: out.ptr.add(off[2] as u64 * out.dtype.size_bytes()),
+            c: c.unwrap_or(out).ptr.add(off[2] as u64 * out.dtype.size_bytes()),
             d: out.ptr.add(off[2] as u64 * out.dtype.size_bytes()),
             bias: bias.map(|b| b.ptr).unwrap_or_default(),
             workspace: ws_ptr,
@@ -200,6 +211,11 @@ pub fn lower(l: &mut Lowering, k: usize, op: &Op) -> Result<(), String> {
             let w = x.get(1).ok_or("gelu_linear needs (z, w, b?)")?;
             let g = gelu_into_scratch(l, k, &x[0], w.dtype)?;
             product(l, k, &as_rows(&g), w, false, true, &as_rows(&out), x.get(2))
+        }
+        Op::LinearResidual { gelu } => {
+            let [xi, w, b, r] = &x[..] else { return Err("linear_residual needs (x, w, b, r)".into()) };
+            let g = if gelu { gelu_into_scratch(l, k, xi, w.dtype)? } else { xi.clone() };
+            product_with(l, k, &as_rows(&g), w, false, true, &as_rows(&out), Some(b), 1.0, Some(&as_rows(r)))
         }
         Op::MatmulGeluRhs { transpose_a, transpose_b } => {
             let g = gelu_into_scratch(l, k, &x[1], x[0].dtype)?;
@@ -288,7 +304,7 @@ fn conv2d(l: &mut Lowering, k: usize, x: &[Val], out: &Val, stride: [u64; 2], pa
             // (beta = 1) and rounds once, as the CPU does.
             let b3 = Val { ptr: b.ptr, shape: vec![o, 1], dtype: b.dtype };
             apply(l, k, &out3, &[b3], &[Ins::Plan(Instr::Operand(0))])?;
-            product_with(l, k, &w2, &cols, false, true, &out3, None, 1.0)
+            product_with(l, k, &w2, &cols, false, true, &out3, None, 1.0, None)
         }
         None => product(l, k, &w2, &cols, false, true, &out3, None),
     }
