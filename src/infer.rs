@@ -71,7 +71,7 @@ pub fn run(
         bail!("`tessera infer --target` does not load a distillation teacher, so it cannot compute this loss: add LOSS.distillation.type=none for the class head's loss alone");
     }
 
-    let file = read_safetensors(weights)?;
+    let (file, _) = crate::export::read_weights(weights)?;
     let names: Vec<&str> = file.iter().map(|t| t.name.as_str()).collect();
     let format = format.unwrap_or_else(|| detect_format(&names));
     let matched = match_weights_with(&expected, file, format, MatchOptions::default())

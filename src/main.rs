@@ -12,6 +12,7 @@ use tessera_runtime::weights::WeightsFormat;
 
 mod bench;
 mod cost_report;
+mod export;
 mod infer;
 mod launch;
 mod memory_report;
@@ -75,7 +76,8 @@ enum Command {
     Infer {
         #[arg(required = true, value_name = "config=NAME [OVERRIDES]")]
         args: Vec<String>,
-        /// Weights (safetensors) in tessera's (VISSL's) or timm's names.
+        /// Weights (safetensors) in tessera's (VISSL's) or timm's names, a
+        /// checkpoint directory, or a run's CHECKPOINT.DIR (its newest checkpoint).
         #[arg(long)]
         weights: PathBuf,
         /// Names used by the weights file; detected when not given.
@@ -95,6 +97,20 @@ enum Command {
         /// the memory plan).
         #[arg(long, default_value = "cpu")]
         device: String,
+    },
+    /// Write a trained model's weights in timm's names (loads into timm's
+    /// model with `load_state_dict(strict=True)`) or tessera's: from a
+    /// checkpoint directory, a run's CHECKPOINT.DIR (its newest intact
+    /// checkpoint) or a weights file in tessera's names.
+    Export {
+        /// A checkpoint directory, a run's CHECKPOINT.DIR, or a .safetensors file.
+        source: PathBuf,
+        /// The names to write: timm (`cls_token`, `blocks.N.…`, `head.…`) or tessera (VISSL's `trunk.…`, `heads.N.…`).
+        #[arg(long, value_enum)]
+        format: WeightsFormatArg,
+        /// The safetensors file to write.
+        #[arg(short, long, value_name = "FILE.safetensors")]
+        output: PathBuf,
     },
     /// Plan a config's training step and report its memory, bytes moved and
     /// FLOPs (`tessera plan config=NAME --memory [--device h100]`), or summarise a plan file
@@ -508,6 +524,13 @@ fn run(cli: Cli) -> Result<()> {
             let (name, overrides) = split_args(&args)?;
             let cfg = config::load(&name, &overrides).map_err(|e| anyhow::anyhow!("{e}"))?;
             write_out(&None, &cfg.to_yaml())
+        }
+        Command::Export { source, format, output } => {
+            let format = match format {
+                WeightsFormatArg::Tessera => WeightsFormat::Tessera,
+                WeightsFormatArg::Timm => WeightsFormat::Timm,
+            };
+            export::run(&source, format, &output)
         }
         Command::Infer { args, weights, weights_format, input, target, output, device } => {
             let device = tessera_runtime::Device::parse(&device).map_err(|e| anyhow::anyhow!("--device: {e}"))?;

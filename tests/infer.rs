@@ -185,3 +185,126 @@ fn infer_reports_weights_that_do_not_fit() {
     assert_eq!(std::fs::read(&w).unwrap(), before);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `tessera export`: a run's checkpoint written in timm's names (and in
+/// tessera's) loads back through `tessera infer` to bitwise the logits of
+/// the checkpoint itself, for ViT, ConViT (its qk / pos_proj / gating
+/// layouts) and DeiT distilled (dist_token, head_dist); ViT's file holds
+/// exactly timm's state dict keys (what `load_state_dict(strict=True)`
+/// needs). Bad sources are refused with the reason.
+#[test]
+fn export_writes_a_checkpoint_that_loads_back_bitwise_in_timm_and_tessera_names() {
+    let dir = std::env::temp_dir().join(format!("tessera-export-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = |name: &str| dir.join(name).to_str().unwrap().to_string();
+    let x = Tensor::f32(vec![B, 3, 32, 32], random(B * 3 * 32 * 32, 5));
+    write_safetensors(
+        Path::new(&p("x.safetensors")),
+        &[NamedTensor::new("input", x.shape.clone(), x.as_f32().unwrap().to_vec())],
+        &BTreeMap::new(),
+    )
+    .unwrap();
+    let logits = |config: &str, weights: &str, out: &str| {
+        let (ok, err) = tessera(&[
+            "infer",
+            &format!("config={config}"),
+            "--weights",
+            weights,
+            "--input",
+            &p("x.safetensors"),
+            "--output",
+            &p(out),
+        ]);
+        assert!(ok, "{config} with {weights}: {err}");
+        read_safetensors(Path::new(&p(out))).unwrap().into_iter().find(|t| t.name == "logits").unwrap().data
+    };
+    // The ViT exported below (tessera names) teaches the distilled DeiT.
+    let teacher = format!("LOSS.distillation.teacher_weights={}", p("vit-tessera.safetensors"));
+    for (config, tag, extra) in [
+        ("quickstart/vit_tiny", "vit", None),
+        ("quickstart/convit_tiny", "convit", None),
+        ("quickstart/deit_tiny_distilled", "deit", Some(teacher.as_str())),
+    ] {
+        let run = p(&format!("run-{tag}"));
+        let mut args = vec![
+            "train".to_string(),
+            format!("config={config}"),
+            "DATA.TRAIN.DATA_SOURCES=[synthetic]".into(),
+            "DATA.TRAIN.LABEL_SOURCES=[synthetic]".into(),
+            "TEST_MODEL=false".into(),
+            format!("CHECKPOINT.DIR={run}"),
+            "--max-steps".into(),
+            "1".into(),
+            "-q".into(),
+        ];
+        args.extend(extra.map(String::from));
+        let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        let (ok, err) = tessera(&args);
+        assert!(ok, "{config}: {err}");
+        let want = logits(config, &run, &format!("{tag}-ckpt.safetensors"));
+        for format in ["timm", "tessera"] {
+            let file = p(&format!("{tag}-{format}.safetensors"));
+            let (ok, err) = tessera(&["export", &run, "--format", format, "-o", &file]);
+            assert!(ok, "{config} --format {format}: {err}");
+            assert!(err.contains(&format!("in {format} names to {file}")), "{err}");
+            assert_eq!(logits(config, &file, &format!("{tag}-{format}-y.safetensors")), want, "{config}, {format}");
+        }
+        let names: Vec<String> = read_safetensors(Path::new(&p(&format!("{tag}-timm.safetensors"))))
+            .unwrap()
+            .into_iter()
+            .map(|t| t.name)
+            .collect();
+        match tag {
+            "vit" => {
+                let mut timm: Vec<String> =
+                    ["cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight"]
+                        .iter()
+                        .chain(&["norm.bias", "head.weight", "head.bias"])
+                        .map(|s| s.to_string())
+                        .collect();
+                for b in 0..2 {
+                    for t in [
+                        "norm1.weight",
+                        "norm1.bias",
+                        "attn.qkv.weight",
+                        "attn.proj.weight",
+                        "attn.proj.bias",
+                        "norm2.weight",
+                        "norm2.bias",
+                        "mlp.fc1.weight",
+                        "mlp.fc1.bias",
+                        "mlp.fc2.weight",
+                        "mlp.fc2.bias",
+                    ] {
+                        timm.push(format!("blocks.{b}.{t}"));
+                    }
+                }
+                let (mut have, mut timm) = (names.clone(), timm);
+                have.sort();
+                timm.sort();
+                assert_eq!(have, timm, "timm's vit state dict keys");
+            }
+            "convit" => {
+                for n in ["blocks.0.attn.qk.weight", "blocks.0.attn.pos_proj.weight", "blocks.0.attn.gating_param"] {
+                    assert!(names.iter().any(|h| h == n), "{n} not in {names:?}");
+                }
+            }
+            _ => {
+                for n in ["dist_token", "head_dist.weight", "head.weight"] {
+                    assert!(names.iter().any(|h| h == n), "{n} not in {names:?}");
+                }
+            }
+        }
+    }
+    // Refused: a file already in timm's names, a directory with no
+    // checkpoint, and -o naming the source.
+    let (ok, err) = tessera(&["export", &p("vit-timm.safetensors"), "--format", "timm", "-o", &p("again.safetensors")]);
+    assert!(!ok && err.contains("already uses timm's names"), "{err}");
+    std::fs::create_dir_all(dir.join("empty")).unwrap();
+    let (ok, err) = tessera(&["export", &p("empty"), "--format", "timm", "-o", &p("e.safetensors")]);
+    assert!(!ok && err.contains("no checkpoint in it"), "{err}");
+    let src = p("vit-tessera.safetensors");
+    let (ok, err) = tessera(&["export", &src, "--format", "timm", "-o", &src]);
+    assert!(!ok && err.contains("is the source"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
