@@ -30,6 +30,7 @@
 mod collate;
 mod color;
 mod config;
+pub use config::{MAX_IMAGE_SIDE, MAX_RAND_AUGMENT_LAYERS, MAX_VIEWS};
 mod dataset;
 mod decode;
 mod error;
