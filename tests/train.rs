@@ -662,3 +662,39 @@ fn transform_sizes_and_rand_augment_layers_are_bounded() {
     assert!(t.contains("above the bound of 100"), "{t}");
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+/// Only regular files are read as images: a FIFO named `x.png` (which would
+/// block the read forever) and a symlink to /dev/zero named `y.png` (read
+/// until memory runs out) are unreadable samples, counted and named like a
+/// corrupt image, and the run finishes (issue 15, defect 9).
+#[test]
+fn a_fifo_or_a_device_named_like_an_image_is_an_unreadable_sample_not_a_hang() {
+    let root = tmpdir("special");
+    let data = synth_folder(&root, 4, 8, 2);
+    let class = data.join("train").join("circle");
+    assert!(Command::new("mkfifo").arg(class.join("x.png")).status().unwrap().success());
+    std::os::unix::fs::symlink("/dev/zero", class.join("y.png")).unwrap();
+    let ckpt = root.join("run");
+    let mut child = command()
+        .args(args(&data, &ckpt, 1, &["TEST_MODEL=false", "DATA.TRAIN.BATCHSIZE_PER_REPLICA=8"]))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > std::time::Duration::from_secs(300) {
+            child.kill().unwrap();
+            panic!("the run hangs on a FIFO or a device named like an image");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let log = std::fs::read_to_string(ckpt.join("log.txt")).unwrap();
+    assert!(log.contains("2 unreadable image(s) replaced by gray ones this epoch"), "{log}");
+    assert!(log.contains("x.png") && log.contains("a FIFO (named pipe)"), "{log}");
+    assert!(log.contains("y.png") && log.contains("a character device"), "{log}");
+    std::fs::remove_dir_all(&root).unwrap();
+}

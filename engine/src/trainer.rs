@@ -1141,6 +1141,10 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
     // With several ranks, whether any asks to stop travels with each step's
     // loss (one collective a step); the first step of the run asks alone.
     let mut agreed_stop: Option<bool> = None;
+    setup.train.interrupt_on(setup.stop.clone());
+    if let Some(t) = setup.test.as_mut() {
+        t.interrupt_on(setup.stop.clone());
+    }
     for epoch in state.train_phase_idx..num_epochs {
         let skip = state.iteration_in_epoch;
         if skip == 0 {
