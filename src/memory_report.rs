@@ -83,30 +83,9 @@ fn planned(step: &Graph, batch: u64) -> Result<(Plan, MemoryPlan)> {
     Ok((plan, memory))
 }
 
-/// The largest batch whose peak is at most `device` bytes (0 if not even 1),
-/// found by doubling then bisection; peaks grow with the batch.
+/// The largest batch whose peak is at most `device` bytes (0 if not even 1).
 fn max_batch(step: &Graph, device: u64) -> Result<(u64, Option<u64>)> {
-    let peak = |b: u64| -> Result<u64> { Ok(planned(step, b)?.1.peak_bytes) };
-    if peak(1)? > device {
-        return Ok((0, None));
-    }
-    let (mut lo, mut hi) = (1u64, 2u64);
-    while peak(hi)? <= device {
-        lo = hi;
-        hi *= 2;
-        if hi > 1 << 24 {
-            return Ok((lo, Some(peak(lo)?)));
-        }
-    }
-    while hi - lo > 1 {
-        let mid = lo + (hi - lo) / 2;
-        if peak(mid)? <= device {
-            lo = mid;
-        } else {
-            hi = mid;
-        }
-    }
-    Ok((lo, Some(peak(lo)?)))
+    tessera_compiler::pipeline::max_batch(step, device).map_err(|e| anyhow!("{e}"))
 }
 
 /// Also reports the peak of the same step in a plain topological order.

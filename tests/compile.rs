@@ -582,3 +582,40 @@ fn cli_memory_budget_recomputes_as_little_as_fits() {
     let (ok, _, e) = run("100MiB");
     assert!(!ok && e.contains("even recomputing every block the peak is"), "{e}");
 }
+
+/// `tessera compile` with a model file holding a very long expression (a
+/// chain of additions, of indexing, of field accesses, chains inside
+/// nested parentheses) prints an error at the expression and fails; it never
+/// overflows the stack (issue 15, defect 7). The expression is in a head the
+/// config uses, so it is evaluated; the binary runs on its default
+/// main-thread stack, as users run it.
+#[test]
+fn cli_long_expressions_in_a_model_file_are_errors() {
+    let dir = std::env::temp_dir().join(format!("tessera-long-expr-{}", std::process::id()));
+    let shapes = [
+        ("plus", format!("{}1", "1 + ".repeat(20_000))),
+        ("index", format!("x{}", "[0]".repeat(100_000))),
+        ("field", format!("cfg{}", ".A".repeat(20_000))),
+        ("parens", "(".repeat(100) + "1" + &format!("{})", " + 1".repeat(200)).repeat(100)),
+    ];
+    for (what, expr) in shapes {
+        let models = dir.join(what);
+        std::fs::create_dir_all(&models).unwrap();
+        let head = format!(
+            "head long_head(x: [B, D]) {{\n    a = {expr}\n    param w: [4, D] = zeros\n    return linear(x, w)\n}}\n"
+        );
+        std::fs::write(models.join("long.tsr"), head).unwrap();
+        let (ok, _, err) = tessera(&[
+            "compile",
+            "config=quickstart/vit_tiny",
+            "MODEL.HEAD.PARAMS=[[long_head, {}]]",
+            "--models",
+            models.to_str().unwrap(),
+        ]);
+        let shown: String = err.chars().take(400).collect();
+        assert!(!ok, "{what}: {shown}");
+        assert!(err.starts_with("error: expression nested more than 256 deep"), "{what}: {shown}");
+        assert!(err.contains("long.tsr:2:"), "{what}: {shown}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -561,3 +561,140 @@ fn a_flipped_bit_in_the_newest_checkpoint_falls_back_to_the_previous_one_and_res
     assert_eq!(last(&stopped), last(&whole), "the final weights differ from the uninterrupted run's");
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+/// `tessera train` limited to `limit` bytes of address space (`ulimit -v`),
+/// so that a step too big for memory fails the same on any machine, and a
+/// regression (an allocation that is not checked first) is an allocation
+/// failure here, never the machine's memory used up.
+fn run_limited(args: &[String], limit: u64) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = command();
+    cmd.args(args);
+    // SAFETY: setrlimit is async-signal-safe; nothing else runs in the child.
+    unsafe {
+        cmd.pre_exec(move || {
+            let l = libc::rlimit { rlim_cur: limit, rlim_max: limit };
+            if libc::setrlimit(libc::RLIMIT_AS, &l) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.output().unwrap()
+}
+
+/// A model or a transform too big for memory is refused before anything is
+/// allocated, with the step's peak, what is available and what would fit
+/// (issue 15, defect 8).
+#[test]
+fn a_step_too_big_for_memory_is_refused_before_it_allocates() {
+    let root = tmpdir("oom");
+    let data = synth_folder(&root, 4, 8, 2);
+    let limit = 6u64 << 30;
+    // A ViT of 32768 wide with MLPs of 131072: hundreds of GB of parameters.
+    let wide = [
+        "MODEL.TRUNK.VISION_TRANSFORMERS.HIDDEN_DIM=32768",
+        "MODEL.TRUNK.VISION_TRANSFORMERS.MLP_DIM=131072",
+        "MODEL.TRUNK.VISION_TRANSFORMERS.NUM_HEADS=8",
+        "MODEL.HEAD.PARAMS=[[mlp, {dims: [32768, 4]}]]",
+        "TEST_MODEL=false",
+    ];
+    let o = run_limited(&args(&data, &root.join("wide"), 1, &wide), limit);
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(t.contains("needs") && t.contains("at its peak"), "{t}");
+    assert!(t.contains("is available (the address-space limit"), "{t}");
+    assert!(t.contains("not even batch 1 fits"), "{t}");
+    assert!(t.contains("parameters in"), "{t}");
+    assert!(!t.contains("memory allocation of"), "{t}");
+
+    // A batch too big for memory names the largest one that fits.
+    let o = run_limited(
+        &args(
+            &data,
+            &root.join("batch"),
+            1,
+            &["DATA.TRAIN.BATCHSIZE_PER_REPLICA=100000", "DATA.TRAIN.DROP_LAST=false", "TEST_MODEL=false"],
+        ),
+        limit,
+    );
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(t.contains("the largest batch that fits is"), "{t}");
+    assert!(t.contains("DATA.TRAIN.BATCHSIZE_PER_REPLICA="), "{t}");
+
+    // A parameter of [200000000, 10] (8 GB) in a model file.
+    let models = root.join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    std::fs::write(
+        models.join("huge.tsr"),
+        "head huge_head(x: [B, D], dims: list) {\n    param table: [200000000, 10] = zeros\n    param w: [dims[1], D] = zeros\n    return linear(x, w)\n}\n",
+    )
+    .unwrap();
+    let mut a =
+        args(&data, &root.join("huge"), 1, &["MODEL.HEAD.PARAMS=[[huge_head, {dims: [192, 4]}]]", "TEST_MODEL=false"]);
+    a.extend(["--models".to_string(), models.display().to_string()]);
+    let o = run_limited(&a, limit);
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(t.contains("at its peak"), "{t}");
+    assert!(t.contains("`heads.0.table` [200000000,10] (2000000000 parameters)"), "{t}");
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+/// Transform sizes and RandAugment's num_layers are bounded, with an error
+/// naming the key and the bound (issue 15, defects 8 and 9).
+#[test]
+fn transform_sizes_and_rand_augment_layers_are_bounded() {
+    let root = tmpdir("transforms");
+    let data = synth_folder(&root, 4, 8, 2);
+    let crop = "DATA.TRAIN.TRANSFORMS=[{name: RandomResizedCrop, size: 100000}, {name: ToTensor}]";
+    let o = run(&args(&data, &root.join("crop"), 1, &[crop, "TEST_MODEL=false"]));
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(t.contains("RandomResizedCrop") && t.contains("key `size`"), "{t}");
+    assert!(t.contains("above the bound of 16384 pixels per side"), "{t}");
+    let ra = "DATA.TRAIN.TRANSFORMS=[{name: RandomResizedCrop, size: 32}, {name: RandAugment, num_layers: 1000000}, {name: ToTensor}]";
+    let o = run(&args(&data, &root.join("ra"), 1, &[ra, "TEST_MODEL=false"]));
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(t.contains("RandAugment") && t.contains("key `num_layers`"), "{t}");
+    assert!(t.contains("above the bound of 100"), "{t}");
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+/// Only regular files are read as images: a FIFO named `x.png` (which would
+/// block the read forever) and a symlink to /dev/zero named `y.png` (read
+/// until memory runs out) are unreadable samples, counted and named like a
+/// corrupt image, and the run finishes (issue 15, defect 9).
+#[test]
+fn a_fifo_or_a_device_named_like_an_image_is_an_unreadable_sample_not_a_hang() {
+    let root = tmpdir("special");
+    let data = synth_folder(&root, 4, 8, 2);
+    let class = data.join("train").join("circle");
+    assert!(Command::new("mkfifo").arg(class.join("x.png")).status().unwrap().success());
+    std::os::unix::fs::symlink("/dev/zero", class.join("y.png")).unwrap();
+    let ckpt = root.join("run");
+    let mut child = command()
+        .args(args(&data, &ckpt, 1, &["TEST_MODEL=false", "DATA.TRAIN.BATCHSIZE_PER_REPLICA=8"]))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > std::time::Duration::from_secs(300) {
+            child.kill().unwrap();
+            panic!("the run hangs on a FIFO or a device named like an image");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let log = std::fs::read_to_string(ckpt.join("log.txt")).unwrap();
+    assert!(log.contains("2 unreadable image(s) replaced by gray ones this epoch"), "{log}");
+    assert!(log.contains("x.png") && log.contains("a FIFO (named pipe)"), "{log}");
+    assert!(log.contains("y.png") && log.contains("a character device"), "{log}");
+    std::fs::remove_dir_all(&root).unwrap();
+}

@@ -103,13 +103,10 @@ fn parse_feature(name: &str) -> Option<(&'static str, i64)> {
 
 /// Freezes every parameter under `prefix` (no gradient, no optimizer state).
 pub fn freeze_prefix(g: &mut Graph, prefix: &str) {
-    let names: Vec<String> =
-        g.params().into_iter().filter(|(_, n, _)| n.starts_with(prefix)).map(|(_, n, _)| n.to_string()).collect();
-    for name in names {
-        if let Some(v) = g.state(&name) {
-            if let Op::Param { trainable, .. } = &mut g.node_mut(v).op {
-                *trainable = false;
-            }
+    let ids: Vec<_> = g.params().into_iter().filter(|(_, n, _)| n.starts_with(prefix)).map(|(v, _, _)| v).collect();
+    for v in ids {
+        if let Op::Param { trainable, .. } = &mut g.node_mut(v).op {
+            *trainable = false;
         }
     }
 }

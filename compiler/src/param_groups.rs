@@ -28,8 +28,7 @@ enum Kind {
     Other,
 }
 
-fn kind(g: &Graph, name: &str) -> Kind {
-    let Some(v) = g.state(name) else { return Kind::Other };
+fn kind(g: &Graph, v: crate::ir::ValueId) -> Kind {
     for user in g.users(v) {
         let pos = g.operands(user).iter().position(|&o| o == v);
         match (&g.node(user).op, pos) {
@@ -86,18 +85,19 @@ pub fn param_groups(g: &Graph, cfg: &J) -> Vec<ParamGroup> {
 
     // [trunk reg, trunk unreg, head reg, head unreg, remaining reg, remaining unreg]
     let mut lists: [Vec<String>; 6] = Default::default();
-    for (_, name, trainable) in g.params() {
+    for (v, name, trainable) in g.params() {
         if !trainable {
             continue;
         }
         let module = name.rsplit_once('.').map_or("", |(m, _)| m);
         let head = module.contains("head");
-        let regularized = match kind(g, name) {
+        let kind = kind(g, v);
+        let regularized = match kind {
             Kind::Affine { bias } => !bias || reg_bias,
             Kind::Norm { bias } => reg_bn && (!bias || reg_bias),
             Kind::Other => true,
         } && !matches_non_regularized(name, &non_reg);
-        let slot = match kind(g, name) {
+        let slot = match kind {
             Kind::Other => 4,
             _ if head => 2,
             _ => 0,

@@ -191,6 +191,36 @@ pub fn lower_training(step: &Graph, batch: u64) -> Result<Plan, CompileError> {
     Ok(plan)
 }
 
+/// The largest batch whose planned peak is at most `budget` bytes, and that
+/// peak (`(0, None)` if not even batch 1 fits), found by doubling then
+/// bisection: peaks grow with the batch. `tessera plan --max-batch` and the
+/// trainer's memory check (which names it when a run does not fit) use it.
+pub fn max_batch(step: &Graph, budget: u64) -> Result<(u64, Option<u64>), CompileError> {
+    let peak = |b: u64| -> Result<u64, CompileError> {
+        Ok(lower_training(step, b)?.memory.as_ref().map_or(0, |m| m.peak_bytes))
+    };
+    if peak(1)? > budget {
+        return Ok((0, None));
+    }
+    let (mut lo, mut hi) = (1u64, 2u64);
+    while peak(hi)? <= budget {
+        lo = hi;
+        hi *= 2;
+        if hi > 1 << 24 {
+            return Ok((lo, Some(peak(lo)?)));
+        }
+    }
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if peak(mid)? <= budget {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    Ok((lo, Some(peak(lo)?)))
+}
+
 /// The eval-mode forward of trunk and heads (outputs `output`, `output.0`,
 /// ...). With `with_grads`, also the loss and `grad.<param>` of every
 /// trainable parameter, still in eval mode (no dropout, BatchNorm on running

@@ -182,3 +182,62 @@ fn elaboration_errors_are_clear() {
         assert!(e.contains("--> models/m.tsr:"), "{e}");
     }
 }
+
+/// Long left-associative chains parse in a loop, so no bracket or prefix
+/// count sees them; the tree they build is refused at the expression
+/// before anything walks it recursively (issue 15, defect 7).
+#[test]
+fn long_chains_are_errors_at_the_expression_not_stack_overflows() {
+    let plus = format!("let a = {}1\n", "1 + ".repeat(20_000));
+    let index = format!("let a = x{}\n", "[0]".repeat(100_000));
+    let field = format!("let a = cfg{}\n", ".A".repeat(20_000));
+    // Chains inside parentheses inside chains.
+    let nested = format!("let a = {}\n", "(".repeat(100) + "1" + &" + 1 + 1 + 1)".repeat(100));
+    let call = format!("let a = {}\n", "f(1) * 2 + ".repeat(5_000) + "1");
+    let cond = format!("let a = {}\n", "if true then 1 else ".repeat(400) + "1");
+    for (what, text) in
+        [("plus", plus), ("index", index), ("field", field), ("nested", nested), ("call", call), ("cond", cond)]
+    {
+        let text = format!("# a long expression\n{text}");
+        let e = parse_str("models/long.tsr", &text).expect_err(what).to_string();
+        assert!(e.contains("--> models/long.tsr:2:"), "{what}: {e}");
+        assert!(e.contains("nested more than 256 deep"), "{what}: {e}");
+    }
+    // Below the bound a chain is an ordinary expression.
+    let ok = format!("let a = {}1\n", "1 + ".repeat(200));
+    assert!(parse_str("ok.tsr", &ok).is_ok());
+}
+
+#[test]
+fn deep_statement_nesting_is_an_error() {
+    let chain = "if true { x = 1 } else ".repeat(1_000);
+    let text = format!("block b(x: any) {{\n    {chain}{{ x = 2 }}\n    return x\n}}\n");
+    let e = parse_str("models/ifs.tsr", &text).expect_err("deep else-if").to_string();
+    assert!(e.contains("--> models/ifs.tsr:2:"), "{e}");
+    assert!(e.contains("statements nested more than 256 deep"), "{e}");
+}
+
+/// Expressions within the parser's bound can still nest without end across
+/// block calls; the elaborator bounds its own recursion.
+#[test]
+fn deep_evaluation_across_block_calls_is_an_error() {
+    let adds = " + 0".repeat(200);
+    let src = format!(
+        "block f(x: any, n: int) {{\n    return if n == 0 then x else f(x, n - 1){adds}\n}}\n\
+         trunk t(x: [B, C, D]) {{\n    return f(x, 60)\n}}\n"
+    );
+    let e = fails(&src, json!({}));
+    assert!(e.contains("nested more than 1024 deep"), "{e}");
+    assert!(e.contains("m.tsr:2:"), "{e}");
+}
+
+/// A loop can nest a list value in itself without bound; such a value is
+/// refused where it is built.
+#[test]
+fn deeply_nested_list_values_are_an_error() {
+    let src =
+        "trunk t(x: [B, C, D]) {\n    v = []\n    for i in 0..100000 {\n        v = [v]\n    }\n    return x\n}\n";
+    let e = fails(src, json!({}));
+    assert!(e.contains("nested more than 64 deep"), "{e}");
+    assert!(e.contains("m.tsr:4:"), "{e}");
+}

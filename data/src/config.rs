@@ -146,17 +146,43 @@ impl<'a> Params<'a> {
         ints.map(Some).ok_or_else(|| self.mistyped(key, "a list of positive integers", v))
     }
 
-    /// torchvision's `size`: an int, or a list of one or two positive ints.
+    /// torchvision's `size`: an int, or a list of one or two positive ints,
+    /// each at most `MAX_IMAGE_SIDE`.
     pub(crate) fn size(&self, key: &str) -> Result<Option<Vec<usize>>, Error> {
         let Some(v) = self.get(key) else { return Ok(None) };
         let expected = "a positive integer or a [height, width] list";
-        if let Some(i) = as_int(v) {
-            return if i > 0 { Ok(Some(vec![i as usize])) } else { Err(self.mistyped(key, expected, v)) };
+        let sizes = if let Some(i) = as_int(v) {
+            if i <= 0 {
+                return Err(self.mistyped(key, expected, v));
+            }
+            vec![i as usize]
+        } else {
+            match self.int_list(key) {
+                Ok(Some(s)) if s.len() == 1 || s.len() == 2 => s,
+                _ => return Err(self.mistyped(key, expected, v)),
+            }
+        };
+        self.sides_bounded(key, &sizes)?;
+        Ok(Some(sizes))
+    }
+
+    /// Image sides (in pixels) of `key` within `MAX_IMAGE_SIDE`.
+    pub(crate) fn sides_bounded(&self, key: &str, sides: &[usize]) -> Result<(), Error> {
+        match sides.iter().find(|&&s| s > MAX_IMAGE_SIDE) {
+            Some(s) => Err(self.invalid(
+                key,
+                &format!("{s} pixels is above the bound of {MAX_IMAGE_SIDE} pixels per side (an image that large does not fit in memory)"),
+            )),
+            None => Ok(()),
         }
-        match self.int_list(key) {
-            Ok(Some(s)) if s.len() == 1 || s.len() == 2 => Ok(Some(s)),
-            _ => Err(self.mistyped(key, expected, v)),
+    }
+
+    /// A count of at most `max` (`what` says what it counts).
+    pub(crate) fn count_bounded(&self, key: &str, n: i64, max: i64, what: &str) -> Result<(), Error> {
+        if n > max {
+            return Err(self.invalid(key, &format!("{n} is above the bound of {max} {what}")));
         }
+        Ok(())
     }
 
     pub(crate) fn size_required(&self, key: &str) -> Result<Vec<usize>, Error> {
@@ -188,6 +214,16 @@ impl<'a> Params<'a> {
         self.get(key)
     }
 }
+
+/// The largest side, in pixels, that a transform may produce (`size`,
+/// `size_crops`): 16384 x 16384 x 3 f32 is 3 GiB per view already.
+pub const MAX_IMAGE_SIDE: usize = 16384;
+
+/// The most ops RandAugment may chain per sample (`num_layers`).
+pub const MAX_RAND_AUGMENT_LAYERS: i64 = 100;
+
+/// The most views one sample may become (`num_times`, `total_num_crops`).
+pub const MAX_VIEWS: i64 = 256;
 
 /// An integer, also accepting floats with no fractional part (YAML `2.0`).
 fn as_int(v: &Value) -> Option<i64> {

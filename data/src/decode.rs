@@ -48,11 +48,58 @@ pub fn decode(bytes: &[u8], path: impl AsRef<Path>) -> Result<Image> {
     }
 }
 
+/// The largest image file read (256 MiB): a bigger file is an unreadable
+/// sample, not read until memory runs out (a symlink to `/dev/zero`, a
+/// runaway file).
+pub const MAX_IMAGE_FILE_BYTES: u64 = 256 << 20;
+
 /// Reads and decodes a file.
 pub fn decode_file(path: impl AsRef<Path>) -> Result<Image> {
     let path = path.as_ref();
-    let bytes = std::fs::read(path).map_err(|e| Error::Decode { path: path.to_path_buf(), reason: e.to_string() })?;
+    let bytes = read_image_file(path).map_err(|reason| Error::Decode { path: path.to_path_buf(), reason })?;
     decode(&bytes, path)
+}
+
+/// The bytes of an image file: only a regular file (after following
+/// symlinks) of at most `MAX_IMAGE_FILE_BYTES` is read. The file is opened
+/// without blocking (a FIFO would wait for a writer forever) and its type is
+/// checked on the opened file, so it cannot be swapped in between.
+pub fn read_image_file(path: &Path) -> std::result::Result<Vec<u8>, String> {
+    use std::io::Read;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let file =
+        std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path).map_err(|e| e.to_string())?;
+    let meta = file.metadata().map_err(|e| e.to_string())?;
+    let t = meta.file_type();
+    if !t.is_file() {
+        let what = if t.is_dir() {
+            "a directory"
+        } else if t.is_fifo() {
+            "a FIFO (named pipe)"
+        } else if t.is_char_device() {
+            "a character device"
+        } else if t.is_block_device() {
+            "a block device"
+        } else if t.is_socket() {
+            "a socket"
+        } else {
+            "not a file"
+        };
+        return Err(format!("not a regular file ({what}); only regular files are read as images"));
+    }
+    if meta.len() > MAX_IMAGE_FILE_BYTES {
+        return Err(format!(
+            "the file is {} bytes; image files above {MAX_IMAGE_FILE_BYTES} bytes (256 MiB) are not read",
+            meta.len()
+        ));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    // The file may grow while it is read: never more than the bound.
+    file.take(MAX_IMAGE_FILE_BYTES + 1).read_to_end(&mut bytes).map_err(|e| e.to_string())?;
+    if bytes.len() as u64 > MAX_IMAGE_FILE_BYTES {
+        return Err(format!("the file grew past {MAX_IMAGE_FILE_BYTES} bytes (256 MiB) while it was read"));
+    }
+    Ok(bytes)
 }
 
 fn check_size(width: usize, height: usize) -> std::result::Result<(), String> {

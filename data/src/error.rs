@@ -33,6 +33,10 @@ pub enum Error {
     #[error("{path}: {reason}")]
     Io { path: PathBuf, reason: String },
 
+    /// The wait for a batch was cut short by the caller's stop flag (a signal).
+    #[error("stopped while waiting for batch {batch} to load")]
+    Interrupted { batch: usize },
+
     /// A data-loader worker thread died (a bug: workers return errors as values).
     #[error("data-loader worker {worker} stopped unexpectedly: {reason}")]
     Worker { worker: usize, reason: String },

@@ -30,6 +30,7 @@
 mod collate;
 mod color;
 mod config;
+pub use config::{MAX_IMAGE_SIDE, MAX_RAND_AUGMENT_LAYERS, MAX_VIEWS};
 mod dataset;
 mod decode;
 mod error;
@@ -55,10 +56,10 @@ pub use dataset::{
     synthetic_image, Dataset, DatasetOptions, ImageWarning, Sample, DATA_SOURCES, ERROR_ON_UNREADABLE_IMAGE,
     IMG_EXTENSIONS, SYNTHETIC_DEFAULT_SIZE,
 };
-pub use decode::{decode, decode_file, MAX_PIXELS};
+pub use decode::{decode, decode_file, read_image_file, MAX_IMAGE_FILE_BYTES, MAX_PIXELS};
 pub use error::{Error, Result};
 pub use image::{Image, MEAN_GRAY};
-pub use loader::{Epoch, EpochReport, Loader, LoaderOptions, MAX_WARNINGS_KEPT};
+pub use loader::{recv_or_stop, Epoch, EpochReport, Loader, LoaderOptions, Wait, MAX_WARNINGS_KEPT};
 pub use pipeline::Pipeline;
 pub use rng::{philox4x32_10, SampleKey, SampleRng};
 pub use synth::{write_image_folder, SynthOptions, SynthReport};

@@ -12,12 +12,15 @@
 //! batch b's collator draws with key (seed, e, b·W + rank), so a batch is a
 //! pure function of (config, seed, epoch, b): identical for any worker count.
 //! Dropping an `Epoch` stops its workers (they check a flag between samples
-//! and their queues close) and joins them.
+//! and their queues close) and joins them; a worker still blocked in a read
+//! after `JOIN_WAIT` is left to finish on its own. With `Epoch::interrupt_on`
+//! the wait for a batch polls a stop flag (a signal), so a read that blocks
+//! (a hung network file system) never holds the caller.
 
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -33,6 +36,41 @@ use crate::split_config::SplitConfig;
 
 /// At most this many warnings are kept per epoch (all are counted).
 pub const MAX_WARNINGS_KEPT: usize = 1000;
+
+/// How often a wait for a batch looks at the stop flag.
+pub const STOP_POLL: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// How long dropping an epoch waits for a worker to finish before leaving it.
+pub const JOIN_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// What waiting for a worker's next result gave.
+#[derive(Debug, PartialEq)]
+pub enum Wait<T> {
+    Got(T),
+    /// The worker is gone without sending.
+    Closed,
+    /// `stop` was set before anything came.
+    Stopped,
+}
+
+/// Receives from `rx`, looking at `stop` every `STOP_POLL` (a blocking
+/// `recv` when there is no flag).
+pub fn recv_or_stop<T>(rx: &Receiver<T>, stop: Option<&AtomicBool>) -> Wait<T> {
+    let Some(stop) = stop else {
+        return rx.recv().map_or(Wait::Closed, Wait::Got);
+    };
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            // What is ready is still taken; only a wait is cut short.
+            return rx.try_recv().map_or(Wait::Stopped, Wait::Got);
+        }
+        match rx.recv_timeout(STOP_POLL) {
+            Ok(v) => return Wait::Got(v),
+            Err(RecvTimeoutError::Disconnected) => return Wait::Closed,
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+    }
+}
 
 /// What the engine sets outside the split's config node.
 #[derive(Clone, Debug)]
@@ -293,6 +331,7 @@ impl Loader {
             done: false,
             workers,
             stop,
+            interrupt: None,
             report: EpochReport::default(),
         }
     }
@@ -350,6 +389,8 @@ pub struct Epoch {
     done: bool,
     workers: Vec<Worker>,
     stop: Arc<AtomicBool>,
+    /// The caller's stop flag: a wait for a batch ends when it is set.
+    interrupt: Option<Arc<AtomicBool>>,
     report: EpochReport,
 }
 
@@ -364,14 +405,28 @@ impl Epoch {
         &self.report
     }
 
+    /// Ends the wait for a batch when `flag` is set (SIGINT/SIGTERM): `next`
+    /// then gives `Error::Interrupted` instead of waiting on.
+    pub fn interrupt_on(&mut self, flag: Arc<AtomicBool>) {
+        self.interrupt = Some(flag);
+    }
+
     fn shut_down(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         for w in &mut self.workers {
             w.rx = None; // a worker blocked on a full queue wakes with an error
         }
+        // A worker blocked in a read (a hung file system) is not waited for
+        // without end: after JOIN_WAIT it is left to finish on its own.
+        let deadline = std::time::Instant::now() + JOIN_WAIT;
         for w in &mut self.workers {
             if let Some(t) = w.thread.take() {
-                let _ = t.join();
+                while !t.is_finished() && std::time::Instant::now() < deadline {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                if t.is_finished() {
+                    let _ = t.join();
+                }
             }
         }
     }
@@ -390,8 +445,9 @@ impl Iterator for Epoch {
             load_batch(&self.shared, self.epoch, b, &self.batches[b], &self.stop)
         } else {
             let w = (b - self.first) % self.workers.len();
-            match self.workers[w].rx.as_ref().map(Receiver::recv) {
-                Some(Ok(loaded)) => loaded,
+            match self.workers[w].rx.as_ref().map(|rx| recv_or_stop(rx, self.interrupt.as_deref())) {
+                Some(Wait::Got(loaded)) => loaded,
+                Some(Wait::Stopped) => Loaded { batch: Err(Error::Interrupted { batch: b }), warnings: Vec::new() },
                 _ => Loaded {
                     batch: Err(Error::Worker { worker: w, reason: format!("exited before delivering batch {b}") }),
                     warnings: Vec::new(),

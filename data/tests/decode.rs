@@ -190,3 +190,59 @@ fn fallback_gray_image_is_vissl_mean_gray() {
     assert_eq!((img.width(), img.height()), (224, 224));
     assert!(img.as_rgb().iter().all(|&v| v == 128));
 }
+
+/// Only regular files are read, up to MAX_IMAGE_FILE_BYTES; a FIFO is
+/// refused without blocking, a device without reading it (issue 15, defect 9).
+#[test]
+fn only_regular_files_of_bounded_size_are_read() {
+    let dir = scratch_dir("special-files");
+    let fifo = dir.join("x.png");
+    let _ = std::fs::remove_file(&fifo);
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let zero = dir.join("y.png");
+    let _ = std::fs::remove_file(&zero);
+    std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+    let reason = |p: &std::path::Path| match decode_file(p) {
+        Err(Error::Decode { path, reason }) => {
+            assert_eq!(path, p);
+            reason
+        }
+        other => panic!("{other:?}"),
+    };
+    assert!(reason(&fifo).contains("not a regular file (a FIFO (named pipe))"), "{}", reason(&fifo));
+    assert!(reason(&zero).contains("not a regular file (a character device)"), "{}", reason(&zero));
+    assert!(reason(&dir).contains("not a regular file (a directory)"), "{}", reason(&dir));
+    // A sparse file over the bound is refused by its size, not read.
+    let big = dir.join("big.png");
+    let f = std::fs::File::create(&big).unwrap();
+    f.set_len(tessera_data::MAX_IMAGE_FILE_BYTES + 1).unwrap();
+    assert!(reason(&big).contains("are not read"), "{}", reason(&big));
+    std::fs::remove_file(&big).unwrap();
+}
+
+/// The wait for a batch ends when the stop flag is set, even if the worker
+/// never sends (a read blocked on a hung file system).
+#[test]
+fn a_wait_for_a_batch_ends_when_the_stop_flag_is_set() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use tessera_data::{recv_or_stop, Wait};
+    let (tx, rx) = std::sync::mpsc::sync_channel::<u32>(1);
+    let stop = Arc::new(AtomicBool::new(false));
+    let setter = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            stop.store(true, Ordering::SeqCst);
+        })
+    };
+    let start = std::time::Instant::now();
+    assert_eq!(recv_or_stop(&rx, Some(&stop)), Wait::Stopped);
+    assert!(start.elapsed() < std::time::Duration::from_secs(5));
+    setter.join().unwrap();
+    // What is ready is still delivered; a closed queue is reported.
+    tx.send(7).unwrap();
+    assert_eq!(recv_or_stop(&rx, Some(&stop)), Wait::Got(7));
+    drop(tx);
+    assert_eq!(recv_or_stop(&rx, None), Wait::Closed);
+}

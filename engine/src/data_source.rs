@@ -40,6 +40,8 @@ pub fn catalog_path() -> Result<PathBuf, String> {
 pub struct PipelineSource {
     loader: Loader,
     warnings: Vec<String>,
+    /// The run's stop flag: a wait for a batch ends when it is set.
+    interrupt: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl PipelineSource {
@@ -61,7 +63,7 @@ impl PipelineSource {
         let data = tree.get("DATA").ok_or("the config has no DATA section")?;
         let options = LoaderOptions { seed, rank, world_size: world, ..LoaderOptions::default() };
         let loader = Loader::from_config(data, split, catalog, &options).map_err(|e| e.to_string())?;
-        Ok(PipelineSource { loader, warnings: Vec::new() })
+        Ok(PipelineSource { loader, warnings: Vec::new(), interrupt: None })
     }
 
     pub fn loader(&self) -> &Loader {
@@ -121,15 +123,19 @@ impl DataSource for PipelineSource {
     }
 
     fn epoch(&mut self, epoch: u64, skip: u64) -> Batches<'_> {
-        Box::new(Reading {
-            epoch: self.loader.epoch_from(epoch, skip as usize),
-            warnings: &mut self.warnings,
-            done: false,
-        })
+        let mut reading = self.loader.epoch_from(epoch, skip as usize);
+        if let Some(flag) = &self.interrupt {
+            reading.interrupt_on(flag.clone());
+        }
+        Box::new(Reading { epoch: reading, warnings: &mut self.warnings, done: false })
     }
 
     fn take_warnings(&mut self) -> Vec<String> {
         std::mem::take(&mut self.warnings)
+    }
+
+    fn interrupt_on(&mut self, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+        self.interrupt = Some(stop);
     }
 }
 

@@ -9,6 +9,7 @@ pub mod data_source;
 pub mod distributed;
 pub mod lock;
 pub mod logs;
+pub mod memory_check;
 pub mod meters;
 pub mod schedule;
 pub mod source;

@@ -38,6 +38,10 @@ pub trait DataSource {
     fn take_warnings(&mut self) -> Vec<String> {
         Vec::new()
     }
+    /// Cuts a wait for a batch short when `stop` is set (SIGINT/SIGTERM), so
+    /// that a read that blocks cannot hold a run that was told to stop; the
+    /// epoch then yields an error and the trainer, seeing the flag, stops.
+    fn interrupt_on(&mut self, _stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {}
 }
 
 /// The same batches every epoch, from memory.

@@ -920,6 +920,26 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
     late_starts.sort();
     late_starts.dedup();
     let optim = Optim { groups: compiled.param_groups.clone(), lr, lr_head, adam, late_starts };
+    // A step that cannot fit in the memory there is is refused before
+    // anything (the parameters first) is allocated.
+    let available = match backend.memory() {
+        Some((free, _)) => {
+            Some(crate::memory_check::Available { bytes: free, source: "the device's free memory".to_string() })
+        }
+        None => crate::memory_check::host_available(),
+    };
+    if let Some(available) = &available {
+        let step = || {
+            tessera_compiler::pipeline::training_graph(
+                setup.prog,
+                &staged,
+                tessera_compiler::pipeline::PassChoice::for_target(&staged, target),
+            )
+            .map(|(g, _, _)| g)
+            .map_err(|e| e.to_string())
+        };
+        crate::memory_check::check(&plan, batch, available, &step, &compiled.graph).map_err(EngineError::Config)?;
+    }
     let mut first = backend.executor(plan, seed).map_err(|e| EngineError::Runtime(e.to_string()))?;
     share.attach(&mut first)?;
     let key = (batch, stages.id(start_at));
@@ -1121,6 +1141,10 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
     // With several ranks, whether any asks to stop travels with each step's
     // loss (one collective a step); the first step of the run asks alone.
     let mut agreed_stop: Option<bool> = None;
+    setup.train.interrupt_on(setup.stop.clone());
+    if let Some(t) = setup.test.as_mut() {
+        t.interrupt_on(setup.stop.clone());
+    }
     for epoch in state.train_phase_idx..num_epochs {
         let skip = state.iteration_in_epoch;
         if skip == 0 {

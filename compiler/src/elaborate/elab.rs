@@ -2,7 +2,7 @@
 //! and conditionals, and emits IR nodes, parameters and buffers.
 
 use super::program::{BlockRef, Program};
-use super::value::{from_json, join_key, json_get, Val, V};
+use super::value::{from_json, join_key, json_get, Val, MAX_VALUE_NESTING, V};
 use crate::ir::{BinaryOp, DType, Dim, Graph, Op, Shape, TensorType, UnaryOp, ValueId};
 use crate::syntax::ast::*;
 use crate::syntax::{Diagnostic, FileId, Span};
@@ -15,6 +15,12 @@ pub type R<T> = Result<T, Diagnostic>;
 const MAX_CALL_DEPTH: usize = 64;
 /// Loop iterations and block calls allowed in one elaboration.
 const FUEL: u64 = 2_000_000;
+/// Expression evaluations and statements open at once, across block calls:
+/// every recursion of the elaborator passes through `eval` or `exec`, so
+/// this bounds its stack (the parser bounds each expression to
+/// `MAX_EXPR_DEPTH` and each body to `MAX_STMT_DEPTH`; this bounds their
+/// sum over nested calls and constants).
+pub const MAX_NESTING: u32 = 1024;
 
 pub struct Env {
     pub vars: HashMap<String, Val>,
@@ -54,6 +60,8 @@ pub struct Elab<'a> {
     /// Call stack, for the notes of an error: (block, call site, scope).
     stack: Vec<(String, Option<Span>, String)>,
     fuel: u64,
+    /// `eval` and `exec` frames open now (see `MAX_NESTING`).
+    nesting: u32,
     /// The next random-stream key (one per dropout, drop-path and attention op).
     next_key: u32,
 }
@@ -71,6 +79,7 @@ impl<'a> Elab<'a> {
             eval_mode: false,
             stack: Vec::new(),
             fuel: FUEL,
+            nesting: 0,
             next_key: 0,
         }
     }
@@ -239,7 +248,7 @@ impl<'a> Elab<'a> {
             (ScalarType::Int, V::Int(_)) => true,
             (ScalarType::Float, V::Float(_)) => true,
             (ScalarType::Float, V::Int(i)) => {
-                return Ok(Val { v: V::Float(*i as f64), origin: v.origin });
+                return Ok(Val { v: V::Float(*i as f64), origin: v.origin, nest: 0 });
             }
             (ScalarType::Bool, V::Bool(_)) => true,
             (ScalarType::Str, V::Str(_)) => true,
@@ -333,7 +342,28 @@ impl<'a> Elab<'a> {
         Ok(Flow::Normal)
     }
 
+    /// Enters one more level of `eval` or `exec`, refused past `MAX_NESTING`.
+    fn enter(&mut self, span: Span) -> R<()> {
+        if self.nesting >= MAX_NESTING {
+            return Err(self.err(
+                span,
+                format!(
+                    "expressions, statements and block calls nested more than {MAX_NESTING} deep; split the expression or flatten the calls"
+                ),
+            ));
+        }
+        self.nesting += 1;
+        Ok(())
+    }
+
     fn exec(&mut self, env: &mut Env, stmt: &Stmt) -> R<Flow> {
+        self.enter(stmt.span)?;
+        let r = self.exec_stmt(env, stmt);
+        self.nesting -= 1;
+        r
+    }
+
+    fn exec_stmt(&mut self, env: &mut Env, stmt: &Stmt) -> R<Flow> {
         match &stmt.kind {
             StmtKind::Param { name, ty, init } | StmtKind::Buffer { name, ty, init } => {
                 let is_param = matches!(stmt.kind, StmtKind::Param { .. }) && !self.params_as_buffers;
@@ -537,6 +567,19 @@ impl<'a> Elab<'a> {
     }
 
     pub fn eval(&mut self, env: &mut Env, e: &Expr) -> R<Val> {
+        self.enter(e.span)?;
+        let r = self.eval_expr(env, e);
+        self.nesting -= 1;
+        match r {
+            Ok(v) if v.nest > MAX_VALUE_NESTING => Err(self.err(
+                e.span,
+                format!("this value is a list nested more than {MAX_VALUE_NESTING} deep (lists inside lists)"),
+            )),
+            r => r,
+        }
+    }
+
+    fn eval_expr(&mut self, env: &mut Env, e: &Expr) -> R<Val> {
         match &e.kind {
             ExprKind::Int(i) => Ok(Val::int(*i)),
             ExprKind::Float(f) => Ok(Val::new(V::Float(*f))),

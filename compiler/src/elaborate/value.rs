@@ -28,14 +28,30 @@ pub struct Val {
     pub v: V,
     /// The config key this value was read from, if any.
     pub origin: Option<Rc<str>>,
+    /// Lists inside lists down to the deepest item (0 for a scalar): the
+    /// elaborator refuses values nested deeper than `MAX_VALUE_NESTING`, so
+    /// dropping or printing one recurses a bounded number of times.
+    pub nest: u32,
+}
+
+/// The deepest nesting of lists a value may have (see `Val::nest`).
+pub const MAX_VALUE_NESTING: u32 = 64;
+
+fn nest_of(v: &V) -> u32 {
+    match v {
+        V::List(items) => items.iter().map(|i| i.nest).max().unwrap_or(0).saturating_add(1),
+        _ => 0,
+    }
 }
 
 impl Val {
     pub fn new(v: V) -> Self {
-        Val { v, origin: None }
+        let nest = nest_of(&v);
+        Val { v, origin: None, nest }
     }
     pub fn from_config(v: V, key: &str) -> Self {
-        Val { v, origin: Some(Rc::from(key)) }
+        let nest = nest_of(&v);
+        Val { v, origin: Some(Rc::from(key)), nest }
     }
     pub fn int(i: i64) -> Self {
         Val::new(V::Int(i))

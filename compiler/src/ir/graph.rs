@@ -36,6 +36,19 @@ pub struct Graph {
     pub(crate) outputs: Vec<(String, ValueId)>,
     /// New values of buffers after a step (queue updates), by buffer name.
     pub(crate) state_updates: Vec<(String, ValueId)>,
+    /// Parameters and buffers by name, so that `state` (called once per
+    /// declared parameter) is O(1) and compiling is linear in the model's
+    /// size. Built on first use; `push` and `remove_node` keep it, and
+    /// `node_mut` (which may rename) drops it to be built again.
+    #[serde(skip)]
+    states: std::sync::OnceLock<std::collections::HashMap<String, ValueId>>,
+}
+
+fn state_name(op: &Op) -> Option<&str> {
+    match op {
+        Op::Param { name, .. } | Op::Buffer { name, .. } => Some(name),
+        _ => None,
+    }
 }
 
 impl Graph {
@@ -44,7 +57,28 @@ impl Graph {
     }
 
     fn push(&mut self, op: Op, ty: TensorType, scope: &str) -> ValueId {
-        self.g.add_node(Node { op, ty, scope: scope.to_string() })
+        let name = state_name(&op).map(str::to_string);
+        let v = self.g.add_node(Node { op, ty, scope: scope.to_string() });
+        if let (Some(name), Some(index)) = (name, self.states.get_mut()) {
+            // The first node of a name is the one `state` finds.
+            let first = index.entry(name).or_insert(v);
+            if v < *first {
+                *first = v;
+            }
+        }
+        v
+    }
+
+    fn state_index(&self) -> &std::collections::HashMap<String, ValueId> {
+        self.states.get_or_init(|| {
+            let mut index = std::collections::HashMap::new();
+            for v in self.g.node_indices() {
+                if let Some(name) = state_name(&self.g[v].op) {
+                    index.entry(name.to_string()).or_insert(v);
+                }
+            }
+            index
+        })
     }
 
     /// A graph input. Inputs are unique by name.
@@ -135,6 +169,7 @@ impl Graph {
     }
 
     pub fn node_mut(&mut self, v: ValueId) -> &mut Node {
+        self.states = std::sync::OnceLock::new();
         &mut self.g[v]
     }
 
@@ -178,10 +213,7 @@ impl Graph {
 
     /// The parameter or buffer with this state-dict name.
     pub fn state(&self, name: &str) -> Option<ValueId> {
-        self.find_leaf(|op| match op {
-            Op::Param { name: n, .. } | Op::Buffer { name: n, .. } => n == name,
-            _ => false,
-        })
+        self.state_index().get(name).copied()
     }
 
     /// Parameters in creation order, as (id, name, trainable).
@@ -260,11 +292,64 @@ impl Graph {
 
     /// Removes a node and its edges (for passes).
     pub fn remove_node(&mut self, v: ValueId) -> Option<Node> {
-        self.g.remove_node(v)
+        let node = self.g.remove_node(v)?;
+        if let Some(name) = state_name(&node.op) {
+            if self.states.get().is_some_and(|index| index.get(name) == Some(&v)) {
+                // Another node of the same name (if any) becomes the one found.
+                self.states = std::sync::OnceLock::new();
+            }
+        }
+        Some(node)
     }
 
     /// Read access to the underlying petgraph (for passes and analyses).
     pub fn petgraph(&self) -> &StableGraph<Node, Operand, petgraph::Directed, u32> {
         &self.g
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ty(n: u64) -> TensorType {
+        TensorType::f32(Shape::consts(&[n]))
+    }
+
+    /// `state` answers from the name index (one lookup per declared
+    /// parameter keeps compiling linear in the model's size); the index
+    /// follows additions, removals, edits and copies of the graph.
+    #[test]
+    fn the_state_index_follows_every_change() {
+        let mut g = Graph::new();
+        let n = 5000;
+        let ids: Vec<ValueId> =
+            (0..n).map(|i| g.add_param(&format!("p{i}"), ty(1), Init::Zeros, true, "").unwrap()).collect();
+        let b = g.add_buffer("buf", ty(2), Init::Zeros, "").unwrap();
+        for (i, &v) in ids.iter().enumerate() {
+            assert_eq!(g.state(&format!("p{i}")), Some(v));
+        }
+        // Declaring a name again returns its value; another type is an error.
+        assert_eq!(g.add_param("p7", ty(1), Init::Zeros, true, "").unwrap(), ids[7]);
+        assert!(g.add_param("p7", ty(3), Init::Zeros, true, "").is_err());
+        assert_eq!(g.state("buf"), Some(b));
+        assert_eq!(g.state("nothing"), None);
+        g.remove_node(ids[3]);
+        assert_eq!(g.state("p3"), None);
+        // A rename through node_mut is seen.
+        if let Op::Param { name, .. } = &mut g.node_mut(ids[4]).op {
+            *name = "renamed".into();
+        }
+        assert_eq!(g.state("p4"), None);
+        assert_eq!(g.state("renamed"), Some(ids[4]));
+        // Copies and deserialized graphs answer the same.
+        let c = g.clone();
+        assert_eq!(c.state("p9"), Some(ids[9]));
+        let d: Graph = serde_json::from_str(&serde_json::to_string(&g).unwrap()).unwrap();
+        assert_eq!(d.state("p9"), Some(ids[9]));
+        assert_eq!(d.state("renamed"), Some(ids[4]));
+        // A removed name declared again is found at its new node.
+        let again = g.add_param("p3", ty(1), Init::Zeros, true, "").unwrap();
+        assert_eq!(g.state("p3"), Some(again));
     }
 }

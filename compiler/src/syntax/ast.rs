@@ -149,6 +149,55 @@ pub enum StmtKind {
 pub struct Expr {
     pub kind: ExprKind,
     pub span: Span,
+    /// Levels of nodes from here to the deepest leaf (1 for a leaf). The
+    /// parser refuses an expression deeper than its limit, so every walk of
+    /// the tree (evaluation, clone, drop) recurses a bounded number of times.
+    pub depth: u32,
+}
+
+impl Expr {
+    /// The depth of a node of this kind over its children (1 for a leaf).
+    pub fn depth_of(kind: &ExprKind) -> u32 {
+        let d = |e: &Expr| e.depth;
+        let opt = |e: &Option<Expr>| e.as_ref().map_or(0, d);
+        let items = |xs: &[IndexItem]| {
+            xs.iter()
+                .map(|i| match i {
+                    IndexItem::Expr(e) => d(e),
+                    IndexItem::Slice(a, b) => opt(a).max(opt(b)),
+                    IndexItem::Ellipsis => 0,
+                })
+                .max()
+                .unwrap_or(0)
+        };
+        let below = match kind {
+            ExprKind::Int(_)
+            | ExprKind::Float(_)
+            | ExprKind::Str(_)
+            | ExprKind::Bool(_)
+            | ExprKind::None
+            | ExprKind::Name(_) => 0,
+            ExprKind::List(xs) => xs.iter().map(d).max().unwrap_or(0),
+            ExprKind::Unary(_, x) | ExprKind::Field(x, _) => d(x),
+            ExprKind::Binary(_, a, b) => d(a).max(d(b)),
+            ExprKind::Cond(a, b, c) => d(a).max(d(b)).max(d(c)),
+            ExprKind::Index(x, ix) => d(x).max(items(ix)),
+            ExprKind::Call { args, scope, .. } => {
+                let a = args.iter().map(|a| d(&a.value)).max().unwrap_or(0);
+                let s = scope
+                    .iter()
+                    .flatten()
+                    .map(|s| match s {
+                        ScopeSeg::Name(_) => 0,
+                        ScopeSeg::Index(e) => d(e),
+                    })
+                    .max()
+                    .unwrap_or(0);
+                a.max(s)
+            }
+        };
+        below.saturating_add(1)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

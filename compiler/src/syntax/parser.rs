@@ -18,6 +18,14 @@ const MAX_FILE_BYTES: usize = 1 << 20;
 const MAX_BRACKET_DEPTH: usize = 128;
 const MAX_PREFIX_RUN: usize = 64;
 const MAX_CHAINED: usize = 2000;
+/// The deepest expression tree the parser builds (`Expr::depth`). Chains of
+/// left-associative operators (`1 + 1 + ...`), indexing (`x[0][0]...`) and
+/// field accesses (`cfg.A.A...`) parse in a loop, so the pre-scan does not
+/// see them; this bound is checked as each node is built, before anything
+/// (evaluation, clone, drop) walks the tree recursively.
+pub const MAX_EXPR_DEPTH: u32 = 256;
+/// The deepest nesting of statements (`if`/`else if`/`for` bodies).
+pub const MAX_STMT_DEPTH: u32 = 256;
 
 fn pratt() -> &'static PrattParser<Rule> {
     static PRATT: OnceLock<PrattParser<Rule>> = OnceLock::new();
@@ -49,7 +57,7 @@ pub fn parse_file(map: &SourceMap, file: FileId) -> Result<File, Diagnostic> {
     check_nesting(map, file, text)?;
     let mut pairs = TsrParser::parse(Rule::file, text).map_err(|e| pest_error(map, file, e))?;
     let root = pairs.next().ok_or_else(|| map.diagnostic(Span { file, start: 0, end: 0 }, "empty parse"))?;
-    let b = Builder { map, file };
+    let b = Builder { map, file, nest: std::cell::Cell::new(0) };
     b.file(root)
 }
 
@@ -206,6 +214,8 @@ fn rule_name(r: Rule) -> Option<&'static str> {
 struct Builder<'a> {
     map: &'a SourceMap,
     file: FileId,
+    /// Statements open around the one being built (see `MAX_STMT_DEPTH`).
+    nest: std::cell::Cell<u32>,
 }
 
 type R<T> = Result<T, Diagnostic>;
@@ -218,6 +228,21 @@ impl<'a> Builder<'a> {
 
     fn err<T>(&self, p: &Pair<Rule>, msg: impl Into<String>) -> R<T> {
         Err(self.map.diagnostic(self.span(p), msg))
+    }
+
+    /// An expression node, refused when the tree under it would be deeper
+    /// than `MAX_EXPR_DEPTH`.
+    fn node(&self, kind: ExprKind, span: Span) -> R<Expr> {
+        let depth = Expr::depth_of(&kind);
+        if depth > MAX_EXPR_DEPTH {
+            return Err(self.map.diagnostic(
+                span,
+                format!(
+                    "expression nested more than {MAX_EXPR_DEPTH} deep (a chain of operators, calls, indexing `x[0][0]...` or field accesses `a.b.c...`); split it into several statements"
+                ),
+            ));
+        }
+        Ok(Expr { kind, span, depth })
     }
 
     fn file(&self, root: Pair<Rule>) -> R<File> {
@@ -306,6 +331,22 @@ impl<'a> Builder<'a> {
     }
 
     fn stmt(&self, p: Pair<Rule>) -> R<Stmt> {
+        let depth = self.nest.get() + 1;
+        if depth > MAX_STMT_DEPTH {
+            return self.err(
+                &p,
+                format!(
+                    "statements nested more than {MAX_STMT_DEPTH} deep (`if`, `else if` and `for` inside one another)"
+                ),
+            );
+        }
+        self.nest.set(depth);
+        let s = self.stmt_inner(p);
+        self.nest.set(depth - 1);
+        s
+    }
+
+    fn stmt_inner(&self, p: Pair<Rule>) -> R<Stmt> {
         let span = self.span(&p);
         let rule = p.as_rule();
         let mut it = p.into_inner().filter(not_kw);
@@ -381,7 +422,7 @@ impl<'a> Builder<'a> {
                 let c = self.expr(it.next().expect("grammar: cond"))?;
                 let a = self.expr(it.next().expect("grammar: then"))?;
                 let b = self.expr(it.next().expect("grammar: else"))?;
-                Ok(Expr { kind: ExprKind::Cond(Box::new(c), Box::new(a), Box::new(b)), span })
+                self.node(ExprKind::Cond(Box::new(c), Box::new(a), Box::new(b)), span)
             }
             Rule::binary => self.binary(p),
             _ => self.postfix_expr(p),
@@ -395,7 +436,7 @@ impl<'a> Builder<'a> {
                 let rhs = rhs?;
                 let span = join(&self.span(&op), &rhs.span);
                 let u = if op.as_rule() == Rule::neg { UnOp::Neg } else { UnOp::Not };
-                Ok(Expr { kind: ExprKind::Unary(u, Box::new(rhs)), span })
+                self.node(ExprKind::Unary(u, Box::new(rhs)), span)
             })
             .map_infix(|lhs, op, rhs| {
                 let (lhs, rhs) = (lhs?, rhs?);
@@ -418,7 +459,7 @@ impl<'a> Builder<'a> {
                     _ => BinOp::Pow,
                 };
                 let span = join(&lhs.span, &rhs.span);
-                Ok(Expr { kind: ExprKind::Binary(b, Box::new(lhs), Box::new(rhs)), span })
+                self.node(ExprKind::Binary(b, Box::new(lhs), Box::new(rhs)), span)
             })
             .parse(p.into_inner().filter(not_kw))
     }
@@ -428,14 +469,14 @@ impl<'a> Builder<'a> {
         let mut e = self.primary(it.next().expect("grammar: primary"))?;
         for post in it {
             let span = Span { file: self.file, start: e.span.start, end: self.span(&post).end };
-            e = match post.as_rule() {
+            let kind = match post.as_rule() {
                 Rule::field => {
                     let name = post.into_inner().find(not_kw).expect("grammar: field").as_str().to_string();
-                    Expr { kind: ExprKind::Field(Box::new(e), name), span }
+                    ExprKind::Field(Box::new(e), name)
                 }
                 Rule::index => {
                     let items = post.into_inner().filter(not_kw).map(|i| self.index_item(i)).collect::<R<_>>()?;
-                    Expr { kind: ExprKind::Index(Box::new(e), items), span }
+                    ExprKind::Index(Box::new(e), items)
                 }
                 Rule::scope => {
                     let path = post.into_inner().find(not_kw).expect("grammar: scope path");
@@ -453,7 +494,7 @@ impl<'a> Builder<'a> {
                     }
                     match e.kind {
                         ExprKind::Call { callee, args, scope: None } => {
-                            Expr { kind: ExprKind::Call { callee, args, scope: Some(segs) }, span }
+                            ExprKind::Call { callee, args, scope: Some(segs) }
                         }
                         _ => {
                             return Err(self
@@ -464,6 +505,7 @@ impl<'a> Builder<'a> {
                 }
                 r => unreachable!("grammar: postfix {r:?}"),
             };
+            e = self.node(kind, span)?;
         }
         Ok(e)
     }
@@ -532,7 +574,7 @@ impl<'a> Builder<'a> {
             }
             _ => return self.expr(p),
         };
-        Ok(Expr { kind, span })
+        self.node(kind, span)
     }
 
     fn string(&self, p: &Pair<Rule>) -> R<String> {

@@ -111,6 +111,7 @@ impl Transform {
                 if n <= 0 {
                     return Err(p.invalid("num_times", &format!("must be greater than zero, got {n}")));
                 }
+                p.count_bounded("num_times", n, crate::config::MAX_VIEWS, "views per sample")?;
                 Transform::ImgReplicatePil(ImgReplicatePil { num_times: n as usize })
             }
             "ImgPilToMultiCrop" => {
@@ -131,6 +132,8 @@ impl Transform {
                         p.invalid("total_num_crops", &format!("{total} is not the sum of num_crops {num_crops:?}"))
                     );
                 }
+                p.sides_bounded("size_crops", &size_crops)?;
+                p.count_bounded("total_num_crops", total, crate::config::MAX_VIEWS, "views per sample")?;
                 if size_crops.len() != num_crops.len() || crop_scales.len() != num_crops.len() {
                     return Err(
                         p.invalid("size_crops", "num_crops, size_crops and crop_scales must have the same length")
@@ -239,6 +242,7 @@ impl Transform {
                 if num_layers < 0 {
                     return Err(p.invalid("num_layers", "must be non-negative"));
                 }
+                p.count_bounded("num_layers", num_layers, crate::config::MAX_RAND_AUGMENT_LAYERS, "ops per sample")?;
                 let weight_choice = match p.raw("weight_choice") {
                     None => None,
                     Some(_) => match p.int_or("weight_choice", 0)? {
