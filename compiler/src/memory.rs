@@ -47,8 +47,9 @@ pub fn plan_memory(plan: &Plan) -> MemoryPlan {
     }
     let grad_values: std::collections::HashSet<usize> = plan.tables.grads.iter().map(|(_, v)| *v).collect();
     let named: std::collections::HashSet<usize> = plan.outputs.iter().map(|(_, v)| *v).collect();
+    let states = plan.state_index();
     let state_of: std::collections::HashMap<usize, usize> =
-        plan.state_updates.iter().filter_map(|(name, v)| plan.state(name).map(|s| (*v, s))).collect();
+        plan.state_updates.iter().filter_map(|(name, v)| states.get(name.as_str()).map(|&s| (*v, s))).collect();
     // The last kernel that reads a state's old value through any view of it
     // (a reshape or stop_gradient of a parameter shares its storage); the
     // end of the step when the state or a view is a named output.

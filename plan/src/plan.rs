@@ -180,6 +180,18 @@ impl Plan {
         })
     }
 
+    /// Every state's value index by name (`state` for many names at once:
+    /// one pass over the values, not one per name).
+    pub fn state_index(&self) -> HashMap<&str, usize> {
+        let mut index = HashMap::new();
+        for (i, v) in self.values.iter().enumerate() {
+            if let Source::Param { name, .. } | Source::Buffer { name, .. } = &v.source {
+                index.entry(name.as_str()).or_insert(i);
+            }
+        }
+        index
+    }
+
     pub fn input(&self, name: &str) -> Option<usize> {
         self.values.iter().position(|v| matches!(&v.source, Source::Input { name: n } if n == name))
     }
@@ -272,18 +284,20 @@ impl Plan {
             }
         }
         let t = &self.tables;
+        let states = self.state_index();
+        let state = |name: &str| states.get(name).copied();
         for (name, v) in t.params.iter().chain(&t.optimizer_state).chain(&t.buffers) {
-            if self.state(name) != Some(*v) {
+            if state(name) != Some(*v) {
                 return Err(format!("the state table names `{name}` at value {v}, which does not hold it"));
             }
         }
         for (name, v) in &t.grads {
-            if self.state(name).map(|p| &self.values[p].shape) != self.values.get(*v).map(|g| &g.shape) {
+            if state(name).map(|p| &self.values[p].shape) != self.values.get(*v).map(|g| &g.shape) {
                 return Err(format!("the gradient table entry of `{name}` does not have its parameter's shape"));
             }
         }
         for (name, v) in &self.state_updates {
-            let s = self.state(name).ok_or_else(|| format!("state update of unknown state `{name}`"))?;
+            let s = state(name).ok_or_else(|| format!("state update of unknown state `{name}`"))?;
             if self.values[s].shape != self.values[*v].shape || self.values[s].dtype != self.values[*v].dtype {
                 return Err(format!("state update of `{name}` has the wrong type"));
             }
