@@ -149,7 +149,13 @@ impl RunLog {
     pub fn phase(&mut self, record: &Value) {
         let r = writeln!(self.metrics_json, "{record}");
         self.wrote("metrics.json", r);
-        self.info(&format!("metrics: {record}"));
+        // log.txt keeps the record whole; a person reads one line.
+        let r = writeln!(self.log_txt, "{} metrics: {record}", timestamp());
+        self.wrote("log.txt", r);
+        if self.terminal && !self.quiet {
+            self.clear_bar();
+            crate::errln!("{}", phase_text(record));
+        }
         if let Some(tb) = &mut self.tensorboard {
             let it = record["iteration"].as_u64().unwrap_or(0);
             for (key, prefix) in [("train_accuracy_list_meter", "Training"), ("test_accuracy_list_meter", "Testing")] {
@@ -202,6 +208,41 @@ fn step_text(r: &Value) -> String {
     )
 }
 
+/// A phase's record as one line: `epoch 3 val top-1 84.4 %  top-5 99.9 %`,
+/// `epoch 3 train loss 0.5321  top-1 80.1 %`; with several outputs (heads)
+/// each value is named by its output: `top-1 84.4 % (0), 80.2 % (1)`.
+pub fn phase_text(r: &Value) -> String {
+    let epoch = r["train_phase_idx"].as_u64().map_or("?".to_string(), |e| (e + 1).to_string());
+    let (split, meters) = match (r.get("test_accuracy_list_meter"), r.get("train_accuracy_list_meter")) {
+        (Some(m), _) => ("val", Some(m)),
+        (None, m) => ("train", m),
+    };
+    let mut parts = Vec::new();
+    if let Some(loss) = r["loss"].as_f64() {
+        parts.push(format!("loss {loss:.4}"));
+    }
+    let mut tops: Vec<(u64, String)> = meters
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+        .filter_map(|(k, per)| {
+            let k: u64 = k.strip_prefix("top_")?.parse().ok()?;
+            let per = per.as_object()?;
+            let values: Vec<String> = per
+                .iter()
+                .filter_map(|(output, v)| {
+                    let v = v.as_f64()?;
+                    Some(if per.len() > 1 { format!("{v:.1} % ({output})") } else { format!("{v:.1} %") })
+                })
+                .collect();
+            Some((k, format!("top-{k} {}", values.join(", "))))
+        })
+        .collect();
+    tops.sort();
+    parts.extend(tops.into_iter().map(|(_, t)| t));
+    format!("epoch {epoch} {split} {}", parts.join("  "))
+}
+
 /// `1h02m`, `3m05s`, `12s`.
 pub fn human_duration(s: f64) -> String {
     let s = s.max(0.0).round() as u64;
@@ -244,6 +285,19 @@ mod tests {
         assert_eq!(human_duration(12.4), "12s");
         assert_eq!(human_duration(185.0), "3m05s");
         assert_eq!(human_duration(3720.0), "1h02m");
+    }
+
+    #[test]
+    fn a_phase_reads_as_one_line() {
+        let test = serde_json::json!({"iteration": 80, "phase_idx": 3, "train_phase_idx": 1,
+            "test_accuracy_list_meter": {"top_5": {"0": 99.9}, "top_1": {"0": 84.4321}}});
+        assert_eq!(phase_text(&test), "epoch 2 val top-1 84.4 %  top-5 99.9 %");
+        let train = serde_json::json!({"iteration": 40, "phase_idx": 0, "train_phase_idx": 0, "loss": 1.23456,
+            "train_accuracy_list_meter": {"top_1": {"0": 50.0, "lastCLS": 25.0}}});
+        assert_eq!(phase_text(&train), "epoch 1 train loss 1.2346  top-1 50.0 % (0), 25.0 % (lastCLS)");
+        // A record with no meter: the loss alone.
+        let bare = serde_json::json!({"train_phase_idx": 4, "loss": 0.5});
+        assert_eq!(phase_text(&bare), "epoch 5 train loss 0.5000");
     }
 
     #[test]
