@@ -698,3 +698,41 @@ fn a_fifo_or_a_device_named_like_an_image_is_an_unreadable_sample_not_a_hang() {
     assert!(log.contains("y.png") && log.contains("a character device"), "{log}");
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+/// CHECKPOINT.KEEP_LAST_ITERATION_CHECKPOINTS=2 with a checkpoint every
+/// iteration: only the two newest iteration checkpoints stay (phase ones
+/// all stay), the pointer names one that exists, and the run resumes from
+/// it; 0 is refused naming the key.
+#[test]
+fn only_the_newest_iteration_checkpoints_are_kept_when_asked() {
+    let root = tmpdir("prune");
+    let data = synth_folder(&root, 4, 32, 8);
+    let dir = root.join("run");
+    let extra = ["CHECKPOINT.CHECKPOINT_ITER_FREQUENCY=1", "CHECKPOINT.KEEP_LAST_ITERATION_CHECKPOINTS=2"];
+    let mut a = args(&data, &dir, 2, &extra);
+    a.extend(["--max-steps".to_string(), "10".to_string()]);
+    ok(&run(&a));
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("model_"))
+        .collect();
+    names.sort();
+    // 128 images, batch 16: 8 steps per epoch, phase 0's checkpoint at 8.
+    assert_eq!(names, ["model_iteration10", "model_iteration9", "model_phase0"], "{names:?}");
+    let pointer: Value = serde_json::from_slice(&std::fs::read(dir.join("checkpoint.json")).unwrap()).unwrap();
+    assert_eq!(pointer["latest"], "model_iteration10");
+    let o = run(&args(&data, &dir, 2, &extra));
+    ok(&o);
+    let log = std::fs::read_to_string(dir.join("log.txt")).unwrap();
+    assert!(log.contains("resuming from") && log.contains("iteration 10)"), "{log}");
+    assert!(log.contains("KEEP_LAST_ITERATION_CHECKPOINTS=2"), "{log}");
+    let o = run(&args(&data, &root.join("zero"), 1, &["CHECKPOINT.KEEP_LAST_ITERATION_CHECKPOINTS=0"]));
+    assert!(
+        !o.status.success() && text(&o).contains("`CHECKPOINT.KEEP_LAST_ITERATION_CHECKPOINTS` is 0"),
+        "{}",
+        text(&o)
+    );
+    std::fs::remove_dir_all(&root).unwrap();
+}

@@ -452,6 +452,37 @@ pub fn update_engine_state(path: &Path, f: impl FnOnce(&mut EngineState)) -> Res
     })
 }
 
+/// Removes all but the newest `keep` iteration checkpoints of `dir`
+/// (`model_iteration{I}`, newest by I), never `current` (the one just
+/// written, which the pointer names); phase checkpoints are never removed.
+/// Each is first renamed to a `.tmp-` name, so a process killed while
+/// removing it leaves a temporary that the next run sweeps, not a partial
+/// checkpoint. Returns the names removed.
+pub fn prune_iterations(dir: &Path, keep: usize, current: &Path) -> Vec<String> {
+    let Ok(entries) = fs::read_dir(dir) else { return Vec::new() };
+    let mut found: Vec<(u64, String)> = entries
+        .flatten()
+        .filter(|e| e.path().is_dir() && e.path() != current)
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let i = name.strip_prefix("model_iteration")?.parse().ok()?;
+            Some((i, name))
+        })
+        .collect();
+    found.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+    // `current` is one of the `keep` newest.
+    let keep_others = keep.saturating_sub(1);
+    let mut removed = Vec::new();
+    for (_, name) in found.into_iter().skip(keep_others) {
+        let doomed = dir.join(format!(".tmp-prune-{name}-{}", std::process::id()));
+        if fs::rename(dir.join(&name), &doomed).is_ok() {
+            let _ = fs::remove_dir_all(&doomed);
+            removed.push(name);
+        }
+    }
+    removed
+}
+
 /// Removes the temporary directories of writes that a killed process left
 /// (`.tmp-NAME-PID`, `.old-NAME-PID`); an `.old-` one is moved back first
 /// when its checkpoint is missing (a crash between the two renames).

@@ -1041,6 +1041,16 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
     let moco_momentum = get(cfg, "LOSS.moco_loss.momentum").and_then(Value::as_f64).unwrap_or(0.999);
     let ckpt_freq = get_u64(cfg, "CHECKPOINT.CHECKPOINT_FREQUENCY")?.max(1);
     let iter_freq = get_i64(cfg, "CHECKPOINT.CHECKPOINT_ITER_FREQUENCY")?;
+    // tessera's key: keep only the newest K iteration checkpoints (-1: all).
+    let keep_iterations = match get_i64(cfg, "CHECKPOINT.KEEP_LAST_ITERATION_CHECKPOINTS")? {
+        -1 => None,
+        k if k >= 1 => Some(k as usize),
+        k => {
+            return Err(EngineError::Config(format!(
+                "config key `CHECKPOINT.KEEP_LAST_ITERATION_CHECKPOINTS` is {k}: give how many iteration checkpoints to keep (at least 1), or -1 to keep them all"
+            )))
+        }
+    };
     let log_freq = get_u64(cfg, "LOG_FREQUENCY")?;
     let test_model = get_bool(cfg, "TEST_MODEL") && setup.test.is_some() && meter.is_some();
     if get_bool(cfg, "TEST_MODEL") && meter.is_none() {
@@ -1085,6 +1095,15 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
                 }
                 let path = checkpoint::write(&dir, &name, &ckpt)?;
                 log.info(&format!("checkpoint {}", path.display()));
+                if let Some(keep) = keep_iterations {
+                    let removed = checkpoint::prune_iterations(&dir, keep, &path);
+                    if !removed.is_empty() {
+                        log.info(&format!(
+                            "removed {} (CHECKPOINT.KEEP_LAST_ITERATION_CHECKPOINTS={keep})",
+                            removed.join(", ")
+                        ));
+                    }
+                }
                 Ok::<PathBuf, EngineError>(path)
             })()
         } else {
