@@ -81,6 +81,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         Some(p) => Some(tessera_engine::compiled::CompiledRun::read(p).map_err(|e| anyhow!("--plan: {e}"))?),
         None => None,
     };
+    let started = std::time::Instant::now();
     let outcome = train(TrainSetup {
         cfg: tree,
         prog: &prog,
@@ -100,7 +101,22 @@ pub fn run(a: TrainArgs) -> Result<()> {
     }
     match outcome {
         Outcome::Finished { checkpoint } => {
-            tessera_engine::errln!("tessera train: finished; final checkpoint {}", checkpoint.display());
+            // One line even when output is piped: the last phase's result
+            // (metrics.json beside the checkpoint), the time, the checkpoint.
+            let last = checkpoint
+                .parent()
+                .and_then(|d| std::fs::read_to_string(d.join("metrics.json")).ok())
+                .and_then(|t| t.lines().rev().find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()))
+                .map(|r| format!("{}; ", tessera_engine::logs::phase_text(&r)))
+                .unwrap_or_default();
+            tessera_engine::errln!(
+                "tessera train: finished in {}: {last}final checkpoint {}",
+                tessera_engine::logs::human_duration(started.elapsed().as_secs_f64()),
+                checkpoint.display()
+            );
+        }
+        Outcome::Evaluated { weights, summary } => {
+            tessera_engine::errln!("tessera train: TEST_ONLY: {summary} ({weights})");
         }
         Outcome::AlreadyFinished { checkpoint } => {
             tessera_engine::errln!(

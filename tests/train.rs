@@ -736,3 +736,50 @@ fn only_the_newest_iteration_checkpoints_are_kept_when_asked() {
     );
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+/// TEST_ONLY=True runs the test phase alone on MODEL.WEIGHTS_INIT's weights
+/// (VISSL): no training step, no checkpoint, the test record of a trained
+/// run's final weights equal to that run's own last test phase; it needs
+/// weights to evaluate. A finished run ends with one line on stderr (piped):
+/// its last phase's accuracy, the time and the final checkpoint.
+#[test]
+fn test_only_evaluates_a_checkpoint_without_training() {
+    let root = tmpdir("test-only");
+    let data = synth_folder(&root, 4, 32, 8);
+    let trained = root.join("trained");
+    let o = run(&args(&data, &trained, 1, &[]));
+    ok(&o);
+    let t = text(&o);
+    let final_ckpt = trained.join("model_final_checkpoint_phase0");
+    assert!(
+        t.contains("tessera train: finished in ")
+            && t.contains("epoch 1 val top-1 ")
+            && t.contains(&format!("final checkpoint {}", final_ckpt.display())),
+        "{t}"
+    );
+    let last_test = |dir: &Path| -> Value {
+        let text = std::fs::read_to_string(dir.join("metrics.json")).unwrap();
+        let r: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        r.into_iter().rev().find(|r| r.get("test_accuracy_list_meter").is_some()).expect("a test record")
+    };
+    let eval = root.join("eval");
+    let init = format!("MODEL.WEIGHTS_INIT.PARAMS_FILE={}", final_ckpt.display());
+    let o = run(&args(&data, &eval, 1, &["TEST_ONLY=True", &init]));
+    ok(&o);
+    assert!(text(&o).contains("tessera train: TEST_ONLY: epoch 1 val top-1 "), "{}", text(&o));
+    assert_eq!(
+        last_test(&eval)["test_accuracy_list_meter"],
+        last_test(&trained)["test_accuracy_list_meter"],
+        "the same weights on the same test set"
+    );
+    let names: Vec<String> =
+        std::fs::read_dir(&eval).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    assert!(!names.iter().any(|n| n.starts_with("model_") || n == "checkpoint.json"), "{names:?}");
+    assert!(records(&eval).is_empty(), "no training step was logged");
+    // Nothing to evaluate, or no test phase to run: refused, naming the key.
+    let o = run(&args(&data, &root.join("none"), 1, &["TEST_ONLY=True"]));
+    assert!(!o.status.success() && text(&o).contains("`TEST_ONLY` evaluates trained weights"), "{}", text(&o));
+    let o = run(&args(&data, &root.join("off"), 1, &["TEST_ONLY=True", "TEST_MODEL=False", &init]));
+    assert!(!o.status.success() && text(&o).contains("needs TEST_MODEL=True"), "{}", text(&o));
+    std::fs::remove_dir_all(&root).unwrap();
+}

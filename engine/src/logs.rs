@@ -40,6 +40,8 @@ pub struct RunLog {
     bar_shown: bool,
     /// The run files whose writes have failed (each said once).
     failed: Vec<&'static str>,
+    /// The last phase's line (`phase_text`), for a run's closing summary.
+    last_phase: Option<String>,
 }
 
 fn append(path: &Path) -> std::io::Result<File> {
@@ -60,6 +62,7 @@ impl RunLog {
             quiet,
             bar_shown: false,
             failed: Vec::new(),
+            last_phase: None,
         })
     }
 
@@ -152,6 +155,7 @@ impl RunLog {
         // log.txt keeps the record whole; a person reads one line.
         let r = writeln!(self.log_txt, "{} metrics: {record}", timestamp());
         self.wrote("log.txt", r);
+        self.last_phase = Some(phase_text(record));
         if self.terminal && !self.quiet {
             self.clear_bar();
             crate::errln!("{}", phase_text(record));
@@ -172,6 +176,11 @@ impl RunLog {
                 }
             }
         }
+    }
+
+    /// The last phase's line, if a phase ended.
+    pub fn last_phase_text(&self) -> Option<String> {
+        self.last_phase.clone()
     }
 
     /// Flushes everything to disk (before a checkpoint and at the end).

@@ -70,6 +70,8 @@ pub enum Outcome {
     AlreadyFinished { checkpoint: PathBuf },
     /// Stopped by a signal or the step limit, after checkpointing.
     Stopped { checkpoint: PathBuf, iteration: u64, reason: &'static str },
+    /// TEST_ONLY: one test phase of these weights, no training, no checkpoint.
+    Evaluated { weights: String, summary: String },
 }
 
 pub struct TrainSetup<'a> {
@@ -813,7 +815,23 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
         }
         None => (None, None),
     };
-    if let (Some(c), Some(p)) = (&resumed, &resume_from) {
+    // TEST_ONLY (VISSL): the test phase alone, of the weights of
+    // MODEL.WEIGHTS_INIT or of the run in CHECKPOINT.DIR; nothing trained
+    // or written but the logs and metrics.
+    let test_only = get_bool(cfg, "TEST_ONLY");
+    if test_only && (!get_bool(cfg, "TEST_MODEL") || setup.test.is_none()) {
+        return Err(EngineError::Config(
+            "config key `TEST_ONLY` runs the test phase alone: it needs TEST_MODEL=True and DATA.TEST".into(),
+        ));
+    }
+    let init_file = get_str(cfg, "MODEL.WEIGHTS_INIT.PARAMS_FILE").to_string();
+    if test_only && resumed.is_none() && init_file.is_empty() {
+        return Err(EngineError::Config(format!(
+            "config key `TEST_ONLY` evaluates trained weights: set MODEL.WEIGHTS_INIT.PARAMS_FILE (a checkpoint or weights file), or CHECKPOINT.DIR to a run's directory ({} has no checkpoint)",
+            dir.display()
+        )));
+    }
+    if let (Some(c), Some(p), false) = (&resumed, &resume_from, test_only) {
         if c.engine.finished {
             if share.main() {
                 for w in &resume_warnings {
@@ -1038,6 +1056,27 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
         share.broadcast_states(steps.active_mut(), &names)?;
     }
 
+    if test_only {
+        let Some(m) = meter.as_ref() else {
+            return Err(EngineError::Config(
+                "config key `TEST_ONLY` runs the test phase: it needs a meter (METERS.name: accuracy_list_meter)"
+                    .into(),
+            ));
+        };
+        let weights = match &last_checkpoint {
+            Some(p) => format!("checkpoint {}", p.display()),
+            None => init_file.clone(),
+        };
+        log.info(&format!("TEST_ONLY: the test phase of {weights}"));
+        let epoch = state.train_phase_idx.saturating_sub(1);
+        let mut ctx = TestPhase { prog: setup.prog, cfg, seed, eval: &mut HashMap::new(), log: &mut log };
+        let test = setup.test.as_mut().expect("checked above");
+        ctx.run(test.as_mut(), &mut steps, m, &mut state, epoch)?;
+        let summary = log.last_phase_text().unwrap_or_default();
+        log.flush();
+        share.any(false)?;
+        return Ok(Outcome::Evaluated { weights, summary });
+    }
     let moco_momentum = get(cfg, "LOSS.moco_loss.momentum").and_then(Value::as_f64).unwrap_or(0.999);
     let ckpt_freq = get_u64(cfg, "CHECKPOINT.CHECKPOINT_FREQUENCY")?.max(1);
     let iter_freq = get_i64(cfg, "CHECKPOINT.CHECKPOINT_ITER_FREQUENCY")?;
