@@ -1199,9 +1199,17 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
     // With several ranks, whether any asks to stop travels with each step's
     // loss (one collective a step); the first step of the run asks alone.
     let mut agreed_stop: Option<bool> = None;
-    setup.train.interrupt_on(setup.stop.clone());
-    if let Some(t) = setup.test.as_mut() {
-        t.interrupt_on(setup.stop.clone());
+    // Alone, a signal cuts a blocked wait for a batch short (the run then
+    // stops at once). With several ranks every rank must stop after the
+    // same step, which they agree on through the step's collective: a rank
+    // whose wait ended early would leave the others waiting in it, so ranks
+    // wait for their batch (a FIFO or device named like an image is refused
+    // without blocking either way).
+    if share.size == 1 {
+        setup.train.interrupt_on(setup.stop.clone());
+        if let Some(t) = setup.test.as_mut() {
+            t.interrupt_on(setup.stop.clone());
+        }
     }
     for epoch in state.train_phase_idx..num_epochs {
         let skip = state.iteration_in_epoch;
