@@ -137,6 +137,7 @@ fn main() {
             device: None,
             plans: None,
             world: None,
+            origin: None,
         })
         .unwrap_or_else(|e| panic!("{e}"));
         images / start.elapsed().as_secs_f64()

@@ -93,6 +93,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
         device: a.device,
         plans,
         world: world.as_ref(),
+        origin: Some(tessera_engine::trainer::RunOrigin {
+            command: std::iter::once(format!("config={}", a.name)).chain(a.overrides.iter().cloned()).collect(),
+            config_yaml: cfg.to_yaml(),
+        }),
     })
     .map_err(|e| if size > 1 { anyhow!("rank {rank}: {e}") } else { anyhow!("{e}") })?;
     // Rank 0 reports the outcome for the run.

@@ -757,6 +757,22 @@ fn test_only_evaluates_a_checkpoint_without_training() {
             && t.contains(&format!("final checkpoint {}", final_ckpt.display())),
         "{t}"
     );
+    // The run folder tells its story: the command at the top of log.txt,
+    // the resolved config beside it, which loads back as the same config.
+    let log = std::fs::read_to_string(trained.join("log.txt")).unwrap();
+    assert!(
+        log.lines().next().unwrap().contains("tessera train config=quickstart/vit_tiny DATA.TRAIN.DATA_PATHS="),
+        "{log}"
+    );
+    let yaml = trained.join("config.yaml");
+    let o = command().args(["config", "show", &format!("config={}", yaml.display())]).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        std::fs::read_to_string(&yaml).unwrap(),
+        "config.yaml loads back to itself"
+    );
+    assert!(std::fs::read_to_string(&yaml).unwrap().contains("BATCHSIZE_PER_REPLICA: 16"));
     let last_test = |dir: &Path| -> Value {
         let text = std::fs::read_to_string(dir.join("metrics.json")).unwrap();
         let r: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();

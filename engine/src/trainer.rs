@@ -93,6 +93,19 @@ pub struct TrainSetup<'a> {
     /// The data-parallel run this process is one rank of (`None`: alone).
     /// The data sources must be this rank's shards.
     pub world: Option<&'a World>,
+    /// What the run was started from, written to the run folder by rank 0:
+    /// the resolved config (`config.yaml`, as timm's args.yaml) and the
+    /// command's config name and overrides (the top of this run's log.txt).
+    pub origin: Option<RunOrigin>,
+}
+
+/// See `TrainSetup::origin`.
+#[derive(Clone, Debug, Default)]
+pub struct RunOrigin {
+    /// `config=NAME` and the overrides, as given.
+    pub command: Vec<String>,
+    /// The resolved config, VISSL's YAML layout.
+    pub config_yaml: String,
 }
 
 /// The config the trainer compiles: one replica (DISTRIBUTED 1 x 1; its
@@ -852,6 +865,19 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
         RunLog::open(&dir.join("ranks").join(share.rank.to_string()), None, true)
     }
     .map_err(|e| EngineError::Logs { dir: dir.clone(), message: e.to_string() })?;
+    if let (Some(o), true) = (&setup.origin, share.main()) {
+        log.info(&format!("tessera train {}", o.command.join(" ")));
+        let path = dir.join("config.yaml");
+        let tmp = dir.join(format!(".config.yaml.{}", std::process::id()));
+        let written = std::fs::write(&tmp, &o.config_yaml).and_then(|()| std::fs::rename(&tmp, &path));
+        match written {
+            Ok(()) => log.info(&format!("resolved config: {}", path.display())),
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                log.warn(&format!("cannot write the resolved config to {}: {e}", path.display()));
+            }
+        }
+    }
     if let Some(note) = took_over {
         log.warn(&note);
     }

@@ -73,6 +73,7 @@ fn run_to(cfg: &Value, prog: &Program, steps: u64) -> Checkpoint {
         device: None,
         plans: None,
         world: None,
+        origin: None,
     })
     .unwrap_or_else(|e| panic!("{e}"));
     let path = match out {

@@ -82,6 +82,7 @@ fn run(cfg: &Value, prog: &Program, max_steps: Option<u64>, poison: bool) -> Res
         device: None,
         plans: None,
         world: None,
+        origin: None,
     })
 }
 
