@@ -222,6 +222,13 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Print the shell completion script for tessera's commands and options:
+    /// `tessera completions bash > ~/.local/share/bash-completion/completions/tessera`,
+    /// `tessera completions zsh > ~/.zfunc/_tessera`, `tessera completions fish > ~/.config/fish/completions/tessera.fish`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Subcommand)]
@@ -676,6 +683,12 @@ fn run(cli: Cli) -> Result<()> {
         Command::Data {
             command: DataCommand::Synth { out, image_size, classes, train_per_class, val_per_class, seed },
         } => train::synth(train::SynthArgs { out, image_size, classes, train_per_class, val_per_class, seed }),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "tessera", &mut script);
+            write_out(&None, &String::from_utf8_lossy(&script))
+        }
         Command::Config { command: ConfigCommand::List } => {
             write_out(&None, &config::embedded_config_names().join("\n"))
         }

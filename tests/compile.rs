@@ -241,6 +241,28 @@ fn tessera(args: &[&str]) -> (bool, String, String) {
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
 
+/// `tessera completions SHELL` prints a script that completes every command
+/// and option (bash's parses, and completes `tessera ex` to `export`).
+#[test]
+fn cli_completions_cover_every_command() {
+    for shell in ["bash", "zsh", "fish"] {
+        let (ok, out, err) = tessera(&["completions", shell]);
+        assert!(ok, "{shell}: {err}");
+        for word in ["compile", "train", "plan", "infer", "export", "completions", "memory-budget", "weights"] {
+            assert!(out.contains(word), "{shell}: `{word}` missing");
+        }
+    }
+    let (_, script, _) = tessera(&["completions", "bash"]);
+    let probe = format!(
+        "{script}\nCOMP_WORDS=(tessera ex); COMP_CWORD=1; _tessera tessera ex tessera; printf '%s\\n' \"${{COMPREPLY[@]}}\""
+    );
+    let o = Command::new("bash").args(["-c", &probe]).output().expect("bash");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "export");
+    let (ok, _, err) = tessera(&["completions", "powershell-9"]);
+    assert!(!ok && err.contains("invalid value"), "{err}");
+}
+
 /// `-o` writes a new file or replaces a regular one; a FIFO, a symlink or a
 /// directory there is refused and left alone (a temporary renamed over it
 /// would replace it).
