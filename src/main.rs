@@ -248,19 +248,27 @@ enum DataCommand {
     /// class of shapes and textures, PNG) for the quickstart. Does nothing
     /// when a complete one is already there.
     Synth {
+        /// The folder to write (`train/`, `val/`, a marker file); a new or
+        /// empty one, or one this command made.
         #[arg(long)]
         out: PathBuf,
-        /// Side of the square images.
+        /// Side of the square images, 16 to 256 pixels.
         #[arg(long, default_value_t = 32)]
         image_size: usize,
+        /// Classes, 2 to 10 (shape and texture families, in a fixed order).
         #[arg(long, default_value_t = 10)]
         classes: usize,
+        /// Training images per class, at least 1.
         #[arg(long, default_value_t = 500)]
         train_per_class: usize,
+        /// Validation images per class, at least 1.
         #[arg(long, default_value_t = 100)]
         val_per_class: usize,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Replace a folder this command made with other parameters.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -681,8 +689,8 @@ fn run(cli: Cli) -> Result<()> {
             bench::run(bench::BenchArgs { name, overrides, device, batch, steps, warmup, json, all_reduce })
         }
         Command::Data {
-            command: DataCommand::Synth { out, image_size, classes, train_per_class, val_per_class, seed },
-        } => train::synth(train::SynthArgs { out, image_size, classes, train_per_class, val_per_class, seed }),
+            command: DataCommand::Synth { out, image_size, classes, train_per_class, val_per_class, seed, force },
+        } => train::synth(train::SynthArgs { out, image_size, classes, train_per_class, val_per_class, seed, force }),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             let mut script = Vec::new();

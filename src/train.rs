@@ -150,11 +150,21 @@ pub struct SynthArgs {
     pub train_per_class: usize,
     pub val_per_class: usize,
     pub seed: u64,
+    /// Replace a folder made with other parameters.
+    pub force: bool,
 }
 
 pub fn synth(a: SynthArgs) -> Result<()> {
-    if a.classes < 2 {
-        bail!("--classes must be at least 2");
+    // The flags' own names in errors (the library names its fields).
+    let families = tessera_data::synth::FAMILIES.len();
+    if !(2..=families).contains(&a.classes) {
+        bail!("--classes {} is outside 2..={families} (the shape and texture families)", a.classes);
+    }
+    if !(16..=256).contains(&a.image_size) {
+        bail!("--image-size {} is outside 16..=256 pixels", a.image_size);
+    }
+    if a.train_per_class == 0 || a.val_per_class == 0 {
+        bail!("--train-per-class and --val-per-class must be at least 1");
     }
     let options = tessera_data::SynthOptions {
         seed: a.seed,
@@ -162,6 +172,7 @@ pub fn synth(a: SynthArgs) -> Result<()> {
         num_classes: a.classes,
         train_per_class: a.train_per_class,
         val_per_class: a.val_per_class,
+        replace: a.force,
         ..tessera_data::SynthOptions::default()
     };
     let r = tessera_data::write_image_folder(Path::new(&a.out), &options).map_err(|e| anyhow!("{e}"))?;

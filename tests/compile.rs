@@ -241,6 +241,33 @@ fn tessera(args: &[&str]) -> (bool, String, String) {
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
 
+/// `tessera data synth`: errors use the flags' names, and a folder made with
+/// other parameters is replaced only with --force.
+#[test]
+fn cli_data_synth_names_its_flags_and_keeps_another_folder_without_force() {
+    let dir = std::env::temp_dir().join(format!("tessera-synth-cli-{}", std::process::id()));
+    let out = dir.to_str().unwrap();
+    let small = ["--train-per-class", "2", "--val-per-class", "1"];
+    let synth = |extra: &[&str]| {
+        let mut a = vec!["data", "synth", "--out", out];
+        a.extend_from_slice(&small);
+        a.extend_from_slice(extra);
+        tessera(&a)
+    };
+    let (ok, _, err) = synth(&["--image-size", "8"]);
+    assert!(!ok && err.contains("--image-size 8 is outside 16..=256"), "{err}");
+    let (ok, _, err) = synth(&["--classes", "1"]);
+    assert!(!ok && err.contains("--classes 1 is outside 2..=10"), "{err}");
+    assert!(synth(&["--classes", "3"]).0);
+    let (ok, _, err) = synth(&["--classes", "4"]);
+    assert!(!ok && err.contains("other parameters") && err.contains("--force"), "{err}");
+    let (ok, _, err) = synth(&["--classes", "4", "--force"]);
+    assert!(ok && err.contains("wrote 8 training"), "{err}");
+    let (_, help, _) = tessera(&["data", "synth", "--help"]);
+    assert!(help.contains("16 to 256 pixels") && help.contains("2 to 10"), "{help}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// `tessera completions SHELL` prints a script that completes every command
 /// and option (bash's parses, and completes `tessera ex` to `export`).
 #[test]

@@ -172,8 +172,14 @@ fn complete_tree_is_kept_and_interrupted_one_is_redone() {
     assert!(write_image_folder(&dir, &small()).unwrap().written);
     assert_eq!(files_under(&dir), before);
     assert!(decode_file(&victim).is_ok());
-    // Other options replace the tree.
-    let report = write_image_folder(&dir, &SynthOptions { num_classes: 2, ..small() }).unwrap();
+    // Other options: refused unless asked to replace the tree.
+    let err = write_image_folder(&dir, &SynthOptions { num_classes: 2, ..small() }).unwrap_err().to_string();
+    assert!(
+        err.contains("other parameters (seed 0, 32 px, 10 classes, 6 + 3 per class)") && err.contains("--force"),
+        "{err}"
+    );
+    assert_eq!(files_under(&dir), before, "nothing was touched");
+    let report = write_image_folder(&dir, &SynthOptions { num_classes: 2, replace: true, ..small() }).unwrap();
     assert!(report.written);
     assert_eq!(std::fs::read_dir(dir.join("train")).unwrap().count(), 2);
 }

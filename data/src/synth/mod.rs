@@ -43,6 +43,9 @@ pub struct SynthOptions {
     /// Largest per-image Gaussian noise std (levels); each image draws its
     /// own std in [0.2, 1] times this.
     pub max_noise_std: f64,
+    /// Replace a complete tree generated with other options (without it,
+    /// such a tree is an error: someone's data set is not silently redone).
+    pub replace: bool,
 }
 
 impl Default for SynthOptions {
@@ -54,6 +57,7 @@ impl Default for SynthOptions {
             train_per_class: 500,
             val_per_class: 100,
             max_noise_std: 24.0,
+            replace: false,
         }
     }
 }
@@ -145,6 +149,20 @@ pub fn write_image_folder(out_dir: &Path, options: &SynthOptions) -> Result<Synt
     if found.as_ref() == Some(&expected) {
         remove_if_present(&partial)?; // interrupted right after completing
         return Ok(report(false));
+    }
+    if let (Some(other), false) = (&found, options.replace) {
+        let field = |k: &str| other.get(k).map(|v| v.to_string()).unwrap_or_else(|| "?".into());
+        return Err(Error::io(
+            out_dir,
+            format!(
+                "holds a complete folder generated with other parameters (seed {}, {} px, {} classes, {} + {} per class); replace it with --force, or choose another --out",
+                field("seed"),
+                field("image_size"),
+                field("num_classes"),
+                field("train_per_class"),
+                field("val_per_class")
+            ),
+        ));
     }
     // Only a tree this function wrote (either marker present) or an empty
     // directory may be replaced.
