@@ -757,6 +757,15 @@ fn test_only_evaluates_a_checkpoint_without_training() {
             && t.contains(&format!("final checkpoint {}", final_ckpt.display())),
         "{t}"
     );
+    // stdout.json has VISSL's record keys (its log parsers read them).
+    let r = &records(&trained)[0];
+    for k in ["Rank", "ep", "iter", "lr", "loss", "btime(ms)", "eta", "peak_mem(M)", "weight_decay"] {
+        assert!(r.get(k).is_some(), "{k} missing from {r}");
+    }
+    assert_eq!((r["Rank"].as_u64(), r["ep"].as_u64(), r["iter"].as_u64()), (Some(0), Some(0), Some(1)), "{r}");
+    let eta = r["eta"].as_str().unwrap();
+    assert!(eta.split(':').count() == 3 && eta.ends_with(|c: char| c.is_ascii_digit()), "{eta}");
+    assert!(r["peak_mem(M)"].as_u64().unwrap() > 0 && r["weight_decay"].as_f64().is_some(), "{r}");
     // The run folder tells its story: the command at the top of log.txt,
     // the resolved config beside it, which loads back as the same config.
     let log = std::fs::read_to_string(trained.join("log.txt")).unwrap();

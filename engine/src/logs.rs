@@ -252,6 +252,19 @@ pub fn phase_text(r: &Value) -> String {
     format!("epoch {epoch} {split} {}", parts.join("  "))
 }
 
+/// Python's `str(datetime.timedelta(seconds=int(s)))`, as VISSL writes its
+/// `eta`: `0:03:05`, `1 day, 2:03:04`.
+pub fn vissl_eta(s: f64) -> String {
+    let s = s.max(0.0) as u64;
+    let (days, rest) = (s / 86400, s % 86400);
+    let hms = format!("{}:{:02}:{:02}", rest / 3600, rest % 3600 / 60, rest % 60);
+    match days {
+        0 => hms,
+        1 => format!("1 day, {hms}"),
+        d => format!("{d} days, {hms}"),
+    }
+}
+
 /// `1h02m`, `3m05s`, `12s`.
 pub fn human_duration(s: f64) -> String {
     let s = s.max(0.0).round() as u64;
@@ -294,6 +307,13 @@ mod tests {
         assert_eq!(human_duration(12.4), "12s");
         assert_eq!(human_duration(185.0), "3m05s");
         assert_eq!(human_duration(3720.0), "1h02m");
+    }
+
+    #[test]
+    fn the_eta_is_written_as_python_writes_a_timedelta() {
+        assert_eq!(vissl_eta(185.7), "0:03:05");
+        assert_eq!(vissl_eta(3600.0 * 25.0 + 62.0), "1 day, 1:01:02");
+        assert_eq!(vissl_eta(86400.0 * 3.0), "3 days, 0:00:00");
     }
 
     #[test]

@@ -1273,6 +1273,7 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
             let Batch { images, labels, size } = b.map_err(EngineError::Data)?;
             let same_stage_next = steps.stages.id(state.iteration + 1) == steps.stages.id(state.iteration);
             let ex = steps.get(size as u64, state.iteration)?;
+            let planned_peak = ex.plan().memory.as_ref().map_or(0, |m| m.peak_bytes);
             let needs = |name: &str| ex.plan().input(name).is_some();
             let iteration = state.iteration;
             let (mut inputs, lr_now) =
@@ -1349,11 +1350,23 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
                 eta_seconds: eta,
             });
             if is_log_step(state.iteration, log_freq) {
+                // VISSL's keys (LogLossLrEtaHook, so its log parsers read
+                // these files), then tessera's. peak_mem(M): the step's
+                // planned peak in MiB (VISSL: CUDA's peak allocation).
+                let window_steps = (window.1 / (size as u64 * share.size as u64).max(1)).max(1);
+                let btime_ms = window.0.elapsed().as_secs_f64() * 1e3 / window_steps as f64;
                 log.step(&json!({
+                    "Rank": share.rank,
+                    "ep": epoch,
+                    "iter": state.iteration,
+                    "lr": lr_now,
+                    "loss": loss,
+                    "btime(ms)": btime_ms.round() as u64,
+                    "eta": crate::logs::vissl_eta(eta),
+                    "peak_mem(M)": planned_peak >> 20,
+                    "weight_decay": optim.groups.first().map_or(0.0, |g| g.weight_decay),
                     "iteration": state.iteration,
                     "epoch": epoch,
-                    "loss": loss,
-                    "lr": lr_now,
                     "images_per_sec": ips,
                     "eta_seconds": eta,
                     "elapsed_seconds": elapsed,
