@@ -773,6 +773,8 @@ fn test_only_evaluates_a_checkpoint_without_training() {
         log.lines().next().unwrap().contains("tessera train config=quickstart/vit_tiny DATA.TRAIN.DATA_PATHS="),
         "{log}"
     );
+    let curves = std::fs::read_to_string(trained.join("curves.svg")).unwrap();
+    assert!(curves.starts_with("<svg") && curves.contains("val top-1 %"), "{curves}");
     let yaml = trained.join("config.yaml");
     let o = command().args(["config", "show", &format!("config={}", yaml.display())]).output().unwrap();
     assert!(o.status.success(), "{}", text(&o));

@@ -5,6 +5,7 @@
 pub mod checkpoint;
 pub mod compiled;
 pub mod console;
+pub mod curves;
 pub mod data_source;
 pub mod distributed;
 pub mod lock;

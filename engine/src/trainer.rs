@@ -1437,6 +1437,12 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
         }
     }
     log.flush();
+    if share.main() {
+        match crate::curves::draw(&dir) {
+            Ok(p) => log.info(&format!("loss and accuracy curves: {}", p.display())),
+            Err(e) => log.warn(&format!("cannot draw the curves to {}: {e}", dir.join("curves.svg").display())),
+        }
+    }
     let checkpoint = last_checkpoint.expect("the last epoch writes the final checkpoint");
     log.info(&format!("done: {} iterations; final checkpoint {}", state.iteration, checkpoint.display()));
     share.any(false)?;
