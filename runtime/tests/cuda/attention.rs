@@ -147,18 +147,20 @@ fn attention_grad_matches_the_cpu_with_and_without_dropout() {
     }
 }
 
-/// qkv [B, N, 3*H*d] and dy [B, N, H*d] of the packed ops: N = 1, 5, 65;
-/// H = 1, 2, 3; d = 8, 16.
-const PACKED: &[(usize, usize, usize, usize)] = &[(1, 1, 1, 8), (2, 5, 3, 16), (1, 65, 2, 8), (3, 17, 2, 16)];
+/// qkv [B, N, 3*H*d] and dy [B, N, H*d] of the packed ops: N = 1, 5, 33
+/// (more keys than a tile of the race check's threads); H = 1, 2, 3;
+/// d = 8, 16.
+const PACKED: &[(usize, usize, usize, usize)] = &[(1, 1, 1, 8), (2, 5, 3, 16), (2, 33, 2, 8)];
 
 #[test]
 fn packed_attention_and_its_gradient_match_the_cpu() {
     for (i, &(b, n, h, d)) in PACKED.iter().enumerate() {
-        let scale = [0.125, 0.25, 1.0, 0.7][i];
+        let scale = [0.125, 0.25, 0.7][i];
         let (qkv, out): (&[usize], &[usize]) = (&[b, n, 3 * h * d], &[b, n, h * d]);
-        for dtype in [DType::F32, DType::BF16] {
+        // f32 with and without dropout; bf16 with it.
+        for (dtype, p) in [(DType::F32, 0.0), (DType::F32, 0.25), (DType::BF16, 0.25)] {
             let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
-            for p in [0.0, 0.25] {
+            {
                 let fwd = Op::AttentionPacked { heads: h as u64, scale, dropout: p, key: 11 };
                 let (cpu, _) = check(fwd, &[qkv], true, dtype, tol);
                 assert_eq!(cpu.shape, out, "the result's shape");
