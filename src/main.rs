@@ -412,6 +412,8 @@ fn write_out(path: &Option<PathBuf>, text: &str) -> Result<()> {
             let tmp = p.with_extension("tmp-tessera");
             std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
             std::fs::rename(&tmp, p).with_context(|| format!("cannot write {}", p.display()))?;
+            // Standard output stays the command's; the note goes to stderr.
+            tessera_engine::errln!("tessera: wrote {} ({} bytes)", p.display(), text.len());
         }
         None => {
             let mut out = std::io::stdout().lock();

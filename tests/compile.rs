@@ -591,7 +591,7 @@ fn cli_plans_memory_as_text_json_and_svg_and_finds_the_largest_batch() {
     std::fs::create_dir_all(&dir).unwrap();
     let svg = dir.join("timeline.svg");
     let (ok, _, e) = tessera(&["plan", cfg, "--memory-plot", svg.to_str().unwrap()]);
-    assert!(ok, "{e}");
+    assert!(ok && e.contains(&format!("tessera: wrote {}", svg.display())), "{e}");
     let drawn = std::fs::read_to_string(&svg).unwrap();
     assert!(drawn.starts_with("<svg") && drawn.contains("<rect") && drawn.contains("kept for backward"));
     std::fs::remove_dir_all(&dir).ok();
