@@ -74,6 +74,8 @@ enum Command {
     /// given weights; with `--target`, also the loss and every parameter's
     /// gradient. Checks a port against PyTorch.
     Infer {
+        /// `config=NAME` (configs/NAME.yaml, an embedded config, or a file) then overrides:
+        /// `A.B=v`, `config.A.B=v`, `+A.B=v`, `++A.B=v`, `~A.B`.
         #[arg(required = true, value_name = "config=NAME [OVERRIDES]")]
         args: Vec<String>,
         /// Weights (safetensors) in tessera's (VISSL's) or timm's names, a
@@ -119,6 +121,8 @@ enum Command {
     Plan {
         #[command(subcommand)]
         command: Option<PlanCommand>,
+        /// `config=NAME` (configs/NAME.yaml, an embedded config, or a file) then overrides:
+        /// `A.B=v`, `config.A.B=v`, `+A.B=v`, `++A.B=v`, `~A.B`.
         #[arg(value_name = "config=NAME [OVERRIDES]")]
         args: Vec<String>,
         /// Report the planned peak memory and its parts.
@@ -160,6 +164,8 @@ enum Command {
     /// A run stopped by Ctrl-C, SIGTERM or a crash continues from its last
     /// checkpoint when run again (CHECKPOINT.AUTO_RESUME).
     Train {
+        /// `config=NAME` (configs/NAME.yaml, an embedded config, or a file) then overrides:
+        /// `A.B=v`, `config.A.B=v`, `+A.B=v`, `++A.B=v`, `~A.B`.
         #[arg(required = true, value_name = "config=NAME [OVERRIDES]")]
         args: Vec<String>,
         /// Stop (with a checkpoint) after this many training steps in total.
@@ -191,6 +197,8 @@ enum Command {
     /// median step time, images per second, the planned peak memory and
     /// (on a GPU) the device memory the executor took.
     Bench {
+        /// `config=NAME` (configs/NAME.yaml, an embedded config, or a file) then overrides:
+        /// `A.B=v`, `config.A.B=v`, `+A.B=v`, `++A.B=v`, `~A.B`.
         #[arg(required = true, value_name = "config=NAME [OVERRIDES]")]
         args: Vec<String>,
         /// cpu, gpu (GPU 0), cuda:N, cuda-host or cpu-arena.
@@ -235,6 +243,8 @@ enum Command {
 enum ConfigCommand {
     /// Print the resolved config (defaults + file + overrides) as YAML.
     Show {
+        /// `config=NAME` (configs/NAME.yaml, an embedded config, or a file) then overrides:
+        /// `A.B=v`, `config.A.B=v`, `+A.B=v`, `++A.B=v`, `~A.B`.
         #[arg(required = true, value_name = "config=NAME [OVERRIDES]")]
         args: Vec<String>,
     },

@@ -241,6 +241,21 @@ fn tessera(args: &[&str]) -> (bool, String, String) {
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
 
+/// Every command that takes a config says how to write one.
+#[test]
+fn cli_every_config_command_documents_config_and_overrides() {
+    for cmd in [&["train"][..], &["compile"], &["plan"], &["infer"], &["bench"], &["config", "show"]] {
+        let mut args = cmd.to_vec();
+        args.push("--help");
+        let (ok, out, err) = tessera(&args);
+        assert!(ok, "{cmd:?}: {err}");
+        assert!(
+            out.contains("`config=NAME` (configs/NAME.yaml, an embedded config, or a file) then overrides"),
+            "{cmd:?}: {out}"
+        );
+    }
+}
+
 /// `tessera data synth`: errors use the flags' names, and a folder made with
 /// other parameters is replaced only with --force.
 #[test]
