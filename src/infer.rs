@@ -61,8 +61,9 @@ pub fn run(
     let prog = Program::load(&[]).map_err(|e| anyhow!("{e}"))?;
     let backend = Backend::open(device).map_err(|e| anyhow!("{e}"))?;
     let plan_target = if matches!(device, Device::Cpu | Device::CpuArena) { Target::Cpu } else { Target::Cuda };
+    let tree = sized_for_input(cfg.tree(), x.shape[2], x.shape[3]);
     let (plan, _) =
-        inference_plan_for(&prog, cfg.tree(), batch, target.is_some(), plan_target).map_err(|e| anyhow!("{e}"))?;
+        inference_plan_for(&prog, &tree, batch, target.is_some(), plan_target).map_err(|e| anyhow!("{e}"))?;
     let expected = model_tensors(&plan);
     let has_teacher = plan.values.iter().any(
         |v| matches!(&v.source, tessera_compiler::plan::Source::Buffer { name, .. } if name.starts_with("loss.teacher.")),
@@ -141,4 +142,23 @@ pub fn run(
         expected.len()
     );
     Ok(())
+}
+
+/// The config with its training crop set to the input's size: the eval
+/// forward is planned for the images given (a config whose transforms crop
+/// 224 runs a 32-pixel input with IMAGE_SIZE=32 without rewriting its
+/// transforms). Square inputs only; a non-square one keeps the config's.
+fn sized_for_input(tree: &serde_json::Value, h: usize, w: usize) -> serde_json::Value {
+    let mut tree = tree.clone();
+    if h != w {
+        return tree;
+    }
+    if let Some(serde_json::Value::Array(ts)) = tree.pointer_mut("/DATA/TRAIN/TRANSFORMS") {
+        for t in ts.iter_mut() {
+            if t.get("name").and_then(|n| n.as_str()) == Some("RandomResizedCrop") {
+                t["size"] = serde_json::json!(h);
+            }
+        }
+    }
+    tree
 }

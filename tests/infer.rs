@@ -308,3 +308,48 @@ fn export_writes_a_checkpoint_that_loads_back_bitwise_in_timm_and_tessera_names(
     assert!(!ok && err.contains("is the source"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `tessera infer` plans the forward for the input's size: a 64-pixel input
+/// with IMAGE_SIZE=64 runs on a config whose transforms crop 32, giving
+/// the logits of the model planned for 64-pixel crops.
+#[test]
+fn infer_takes_the_input_size_from_the_input_file() {
+    let dir = std::env::temp_dir().join(format!("tessera-infer-size-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let image_size = "MODEL.TRUNK.VISION_TRANSFORMERS.IMAGE_SIZE=64".to_string();
+    let crop = "DATA.TRAIN.TRANSFORMS=[{name: RandomResizedCrop, size: 64}, {name: ToTensor}]".to_string();
+    let cfg = config::load("quickstart/vit_tiny", &[image_size.clone(), crop]).unwrap();
+    let prog = Program::load(&[]).unwrap();
+    let (plan, _) = inference_plan(&prog, cfg.tree(), B as u64, false).unwrap();
+    let names = model_tensors(&plan);
+    let mut ex = CpuExecutor::new(plan, 5).unwrap();
+    let weights: Vec<NamedTensor> = names
+        .iter()
+        .map(|(n, shape)| NamedTensor::new(n, shape.clone(), ex.state(n).unwrap().as_f32().unwrap().to_vec()))
+        .collect();
+    let x = Tensor::f32(vec![B, 3, 64, 64], random(B * 3 * 64 * 64, 9));
+    let want = ex.run(&[("data", x.clone())]).unwrap();
+    let (w, xin, y) = (dir.join("w.safetensors"), dir.join("x.safetensors"), dir.join("y.safetensors"));
+    write_safetensors(&w, &weights, &BTreeMap::new()).unwrap();
+    write_safetensors(
+        &xin,
+        &[NamedTensor::new("input", x.shape.clone(), x.as_f32().unwrap().to_vec())],
+        &BTreeMap::new(),
+    )
+    .unwrap();
+    let (ok, err) = tessera(&[
+        "infer",
+        "config=quickstart/vit_tiny",
+        &image_size,
+        "--weights",
+        w.to_str().unwrap(),
+        "--input",
+        xin.to_str().unwrap(),
+        "--output",
+        y.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let got = read_safetensors(&y).unwrap().into_iter().find(|t| t.name == "logits").unwrap();
+    assert_eq!(got.data, want["output"].as_f32().unwrap());
+    std::fs::remove_dir_all(&dir).ok();
+}
