@@ -414,6 +414,18 @@ pub fn check_output_target(p: &std::path::Path) -> Result<()> {
     }
 }
 
+/// A batch size from the config: a positive integer, or an error naming the
+/// key (a negative or zero batch is not silently planned as 1).
+fn config_batch(cfg: &config::Config, key: &str) -> Result<u64> {
+    match cfg.get(key) {
+        None => Ok(1),
+        Some(v) => match v.as_u64() {
+            Some(b) if b > 0 => Ok(b),
+            _ => bail!("config key `{key}` is {v}: a batch size is a positive integer"),
+        },
+    }
+}
+
 fn write_out(path: &Option<PathBuf>, text: &str) -> Result<()> {
     match path {
         Some(p) => {
@@ -448,7 +460,7 @@ fn run(cli: Cli) -> Result<()> {
             let cfg = config::load(&name, &overrides).map_err(|e| anyhow::anyhow!("{e}"))?;
             let prog = Program::load(&models).map_err(|e| anyhow::anyhow!("{e}"))?;
             let compiled = tessera_compiler::compile(&prog, cfg.tree()).map_err(|e| anyhow::anyhow!("{e}"))?;
-            let default_batch = cfg.get("DATA.TRAIN.BATCHSIZE_PER_REPLICA").and_then(|v| v.as_u64()).unwrap_or(1);
+            let default_batch = config_batch(&cfg, "DATA.TRAIN.BATCHSIZE_PER_REPLICA")?;
             let batches = batch.unwrap_or_else(|| vec![default_batch]);
             if batches.is_empty() || batches.contains(&0) {
                 bail!("--batch: batch sizes must be at least 1");
@@ -523,14 +535,11 @@ fn run(cli: Cli) -> Result<()> {
                         bail!("--emit plan writes the target's own pipeline; --passes does not apply (use --emit kernels to look at other pipelines)");
                     }
                     let test_model = cfg.get("TEST_MODEL").and_then(|v| v.as_bool()).unwrap_or(false);
-                    let eval = eval_batch.unwrap_or_else(|| {
-                        let b = cfg.get("DATA.TEST.BATCHSIZE_PER_REPLICA").and_then(|v| v.as_u64()).unwrap_or(1);
-                        if test_model {
-                            vec![b]
-                        } else {
-                            vec![]
-                        }
-                    });
+                    let eval = match eval_batch {
+                        Some(e) => e,
+                        None if test_model => vec![config_batch(&cfg, "DATA.TEST.BATCHSIZE_PER_REPLICA")?],
+                        None => vec![],
+                    };
                     let run = tessera_engine::compiled::CompiledRun::compile(
                         &prog,
                         cfg.name(),
@@ -605,7 +614,7 @@ fn run(cli: Cli) -> Result<()> {
             let prog = Program::load(&models).map_err(|e| anyhow::anyhow!("{e}"))?;
             let batch = match batch {
                 Some(b) => b,
-                None => cfg.get("DATA.TRAIN.BATCHSIZE_PER_REPLICA").and_then(|v| v.as_u64()).unwrap_or(1),
+                None => config_batch(&cfg, "DATA.TRAIN.BATCHSIZE_PER_REPLICA")?,
             };
             let pass_names = chosen_passes(passes, tessera_compiler::pipeline::uses_amp(cfg.tree()))?;
             let names: Vec<&str> = pass_names.iter().map(|s| s.as_str()).collect();

@@ -241,6 +241,21 @@ fn tessera(args: &[&str]) -> (bool, String, String) {
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
 
+/// A batch size that is not a positive integer is refused naming the key
+/// (compile and plan planned batch 1 for -5).
+#[test]
+fn cli_a_batch_size_below_1_is_refused() {
+    for cmd in [&["compile", "--emit", "kernels"][..], &["plan", "--memory"]] {
+        for b in ["-5", "0"] {
+            let ov = format!("DATA.TRAIN.BATCHSIZE_PER_REPLICA={b}");
+            let mut a = vec![cmd[0], "config=quickstart/vit_tiny", ov.as_str()];
+            a.extend_from_slice(&cmd[1..]);
+            let (ok, _, err) = tessera(&a);
+            assert!(!ok && err.contains(&format!("`DATA.TRAIN.BATCHSIZE_PER_REPLICA` is {b}")), "{a:?}: {err}");
+        }
+    }
+}
+
 /// Every command that takes a config says how to write one.
 #[test]
 fn cli_every_config_command_documents_config_and_overrides() {

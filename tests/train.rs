@@ -810,3 +810,15 @@ fn test_only_evaluates_a_checkpoint_without_training() {
     assert!(!o.status.success() && text(&o).contains("needs TEST_MODEL=True"), "{}", text(&o));
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+/// An empty CHECKPOINT.DIR is refused naming the key (it trained in the
+/// working directory and then reported a write failure that had not happened).
+#[test]
+fn an_empty_checkpoint_dir_is_refused() {
+    let root = tmpdir("empty-dir");
+    let data = synth_folder(&root, 4, 32, 8);
+    let o = run(&args(&data, &root.join("run"), 1, &["CHECKPOINT.DIR="]));
+    assert!(!o.status.success() && text(&o).contains("`CHECKPOINT.DIR` is empty"), "{}", text(&o));
+    assert!(!root.join("run").exists());
+    std::fs::remove_dir_all(&root).unwrap();
+}

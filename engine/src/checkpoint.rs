@@ -863,6 +863,21 @@ mod tests {
     }
 
     #[test]
+    fn a_pointer_naming_a_checkpoint_outside_the_directory_is_not_followed() {
+        let root = tmpdir("pointer-out");
+        let (dir, other) = (root.join("run"), root.join("other"));
+        write(&dir, "model_iteration3", &ckpt(3, 1.0)).unwrap();
+        write(&other, "model_iteration9", &ckpt(9, 2.0)).unwrap();
+        for outside in ["../other/model_iteration9".to_string(), other.join("model_iteration9").display().to_string()] {
+            fs::write(dir.join(POINTER), serde_json::json!({ "latest": outside }).to_string()).unwrap();
+            let point = resume_point(&dir).unwrap().expect("the run's own checkpoint");
+            assert_eq!(point.path, dir.join("model_iteration3"), "pointer {outside}");
+            assert_eq!(point.checkpoint.engine.iteration, 3);
+        }
+        fs::remove_dir_all(&root).ok();
+    }
+
+    #[test]
     fn every_kind_of_damage_is_named_and_the_newest_intact_checkpoint_is_resumed_from() {
         let dir = tmpdir("damage");
         write(&dir, "model_iteration10", &ckpt(10, 1.0)).unwrap();

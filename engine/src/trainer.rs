@@ -760,6 +760,11 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
         run.check(cfg, target).map_err(EngineError::Config)?;
     }
     let dir = PathBuf::from(get_str(cfg, "CHECKPOINT.DIR"));
+    if dir.as_os_str().is_empty() {
+        return Err(EngineError::Config(
+            "config key `CHECKPOINT.DIR` is empty: give the run's directory (`.` for the working directory)".into(),
+        ));
+    }
     let num_epochs = get_u64(cfg, "OPTIMIZER.num_epochs")?;
     if num_epochs == 0 {
         return Err(EngineError::Config("config key `OPTIMIZER.num_epochs` must be at least 1".into()));
