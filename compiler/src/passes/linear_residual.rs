@@ -10,52 +10,13 @@
 //! product's result is never stored. The sum is taken in f32 before any
 //! rounding, as the CPU computes it.
 
-use super::{rebuild, Step};
-use crate::ir::{BinaryOp, Graph, IrError, Op, ValueId};
-use std::collections::{HashMap, HashSet};
+use crate::ir::{Graph, IrError, Op};
 
 pub(super) fn run(g: &mut Graph) -> Result<String, IrError> {
-    let pinned: HashSet<ValueId> = g.outputs().iter().chain(g.state_updates()).map(|(_, v)| *v).collect();
-    // add -> (the product it absorbs, the stream).
-    let mut fold: HashMap<ValueId, (ValueId, ValueId)> = HashMap::new();
-    let mut absorbed: HashSet<ValueId> = HashSet::new();
-    for v in g.node_ids() {
-        if !matches!(g.node(v).op, Op::Binary(BinaryOp::Add)) {
-            continue;
-        }
-        let [a, b] = g.operands(v)[..] else { continue };
-        let candidate = |p: ValueId, r: ValueId| {
-            matches!(g.node(p).op, Op::Linear | Op::GeluLinear)
-                && g.operands(p).len() == 3
-                && g.users(p) == [v]
-                && !pinned.contains(&p)
-                && !absorbed.contains(&p)
-                && p != r
-                && g.ty(p) == g.ty(v)
-                && g.ty(r) == g.ty(v)
-        };
-        let pick = if candidate(b, a) {
-            Some((b, a))
-        } else if candidate(a, b) {
-            Some((a, b))
-        } else {
-            None
-        };
-        if let Some((p, r)) = pick {
-            absorbed.insert(p);
-            fold.insert(v, (p, r));
-        }
-    }
-    let folded = fold.len();
-    *g = rebuild(g, |old, v, new, map| {
-        if absorbed.contains(&v) {
-            return Ok(Step::Skip);
-        }
-        let Some(&(p, r)) = fold.get(&v) else { return Ok(Step::Copy) };
-        let mut args: Vec<ValueId> = old.operands(p).iter().map(|o| map[o]).collect();
-        args.push(map[&r]);
-        let gelu = matches!(old.node(p).op, Op::GeluLinear);
-        Ok(Step::Use(new.add_op(Op::LinearResidual { gelu }, &args, &old.node(p).scope)?))
+    let folded = super::absorb_into_add(g, |op, arity| match (op, arity) {
+        (Op::Linear, 3) => Some(Op::LinearResidual { gelu: false }),
+        (Op::GeluLinear, 3) => Some(Op::LinearResidual { gelu: true }),
+        _ => None,
     })?;
     Ok(format!("{folded} products add their result to the residual stream as they write it"))
 }

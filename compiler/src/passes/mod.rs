@@ -25,7 +25,7 @@ mod schedule;
 
 pub use schedule::plain_topological;
 
-use crate::ir::{Graph, IrError, ValueId};
+use crate::ir::{Graph, IrError, Op, ValueId};
 use std::collections::HashMap;
 
 /// A named pass with the reason it exists.
@@ -196,6 +196,49 @@ fn dce(g: &mut Graph) -> Result<String, IrError> {
     let before = g.node_count();
     g.prune(|_| true, true);
     Ok(format!("removed {} nodes", before - g.node_count()))
+}
+
+/// The epilogue rules' mechanism: `add(r, p)` (either order), where `p` is
+/// read by nothing else, is no graph output, and `p`, `r` and the sum share
+/// one type, becomes `absorb(p's op, p's arity)` applied to p's operands and
+/// then `r`, in p's scope (`None`: p is not absorbed). Returns how many.
+pub(crate) fn absorb_into_add(g: &mut Graph, absorb: impl Fn(&Op, usize) -> Option<Op>) -> Result<usize, IrError> {
+    use crate::ir::BinaryOp;
+    use std::collections::HashSet;
+    let pinned: HashSet<ValueId> = g.outputs().iter().chain(g.state_updates()).map(|(_, v)| *v).collect();
+    // add -> (the absorbed operand, its new op, the other operand).
+    let mut fold: HashMap<ValueId, (ValueId, Op, ValueId)> = HashMap::new();
+    let mut absorbed: HashSet<ValueId> = HashSet::new();
+    for v in g.node_ids() {
+        if !matches!(g.node(v).op, Op::Binary(BinaryOp::Add)) {
+            continue;
+        }
+        let [a, b] = g.operands(v)[..] else { continue };
+        let candidate = |p: ValueId, r: ValueId| {
+            let ok = g.users(p) == [v]
+                && !pinned.contains(&p)
+                && !absorbed.contains(&p)
+                && p != r
+                && g.ty(p) == g.ty(v)
+                && g.ty(r) == g.ty(v);
+            ok.then(|| absorb(&g.node(p).op, g.operands(p).len())).flatten().map(|op| (p, op, r))
+        };
+        if let Some((p, op, r)) = candidate(b, a).or_else(|| candidate(a, b)) {
+            absorbed.insert(p);
+            fold.insert(v, (p, op, r));
+        }
+    }
+    let folded = fold.len();
+    *g = rebuild(g, |old, v, new, map| {
+        if absorbed.contains(&v) {
+            return Ok(Step::Skip);
+        }
+        let Some((p, op, r)) = fold.get(&v) else { return Ok(Step::Copy) };
+        let mut args: Vec<ValueId> = old.operands(*p).iter().map(|o| map[o]).collect();
+        args.push(map[r]);
+        Ok(Step::Use(new.add_op(op.clone(), &args, &old.node(*p).scope)?))
+    })?;
+    Ok(folded)
 }
 
 /// What a rebuilding pass does with one node of the old graph.

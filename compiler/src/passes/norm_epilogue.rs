@@ -7,52 +7,12 @@
 //! residual width more per norm (reference 1.3's dx, then autodiff's
 //! accumulation).
 
-use super::{rebuild, Step};
-use crate::ir::{BinaryOp, Graph, IrError, Op, ValueId};
-use std::collections::{HashMap, HashSet};
+use crate::ir::{Graph, IrError, Op};
 
 pub(super) fn run(g: &mut Graph) -> Result<String, IrError> {
-    let pinned: HashSet<ValueId> = g.outputs().iter().chain(g.state_updates()).map(|(_, v)| *v).collect();
-    // add -> (the norm gradient it absorbs, the other operand).
-    let mut fold: HashMap<ValueId, (ValueId, ValueId)> = HashMap::new();
-    let mut absorbed: HashSet<ValueId> = HashSet::new();
-    for v in g.node_ids() {
-        if !matches!(g.node(v).op, Op::Binary(BinaryOp::Add)) {
-            continue;
-        }
-        let [a, b] = g.operands(v)[..] else { continue };
-        let candidate = |n: ValueId, other: ValueId| {
-            matches!(g.node(n).op, Op::NormalizeGrad { .. })
-                && g.operands(n).len() == 3
-                && g.users(n) == [v]
-                && !pinned.contains(&n)
-                && !absorbed.contains(&n)
-                && n != other
-                && g.ty(n) == g.ty(v)
-                && g.ty(other) == g.ty(v)
-        };
-        let pick = if candidate(b, a) {
-            Some((b, a))
-        } else if candidate(a, b) {
-            Some((a, b))
-        } else {
-            None
-        };
-        if let Some((n, r)) = pick {
-            absorbed.insert(n);
-            fold.insert(v, (n, r));
-        }
-    }
-    let folded = fold.len();
-    *g = rebuild(g, |old, v, new, map| {
-        if absorbed.contains(&v) {
-            return Ok(Step::Skip);
-        }
-        let Some(&(n, r)) = fold.get(&v) else { return Ok(Step::Copy) };
-        let mut args: Vec<ValueId> = old.operands(n).iter().map(|o| map[o]).collect();
-        args.push(map[&r]);
-        let node = old.node(n);
-        Ok(Step::Use(new.add_op(node.op.clone(), &args, &node.scope)?))
+    let folded = super::absorb_into_add(g, |op, arity| match (op, arity) {
+        (Op::NormalizeGrad { .. }, 3) => Some(op.clone()),
+        _ => None,
     })?;
     Ok(format!("{folded} layer-norm input gradients add the residual gradient as they are written"))
 }
