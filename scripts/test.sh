@@ -9,7 +9,9 @@
 # (a ~530 MB download, ~550 MB under ${TESSERA_CACHE:-~/.cache/tessera}, once;
 # later runs reuse it) as the numerical oracle of the parity tests, which are
 # built with `--features torch-oracle`. If libtorch cannot be installed this
-# script fails: the parity tests are never skipped.
+# script fails: the parity tests are never skipped. The tests that compare
+# with Pillow and with TensorBoard's event reader install those themselves
+# (scripts/setup-pillow.sh, scripts/setup-tensorboard.sh; small venvs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v cargo >/dev/null 2>&1; then

@@ -15,21 +15,7 @@ use cli::{command, ok, records, run, synth_folder, text, tmpdir, wait_for_record
 
 /// The quickstart ViT on `data`, 4 classes, batch 16, everything logged.
 fn args(data: &Path, ckpt: &Path, epochs: u32, extra: &[&str]) -> Vec<String> {
-    let mut a = vec![
-        "train".to_string(),
-        "config=quickstart/vit_tiny".into(),
-        format!("DATA.TRAIN.DATA_PATHS=[{}]", data.join("train").display()),
-        format!("DATA.TEST.DATA_PATHS=[{}]", data.join("val").display()),
-        "DATA.TRAIN.BATCHSIZE_PER_REPLICA=16".into(),
-        "DATA.TEST.BATCHSIZE_PER_REPLICA=16".into(),
-        "MODEL.HEAD.PARAMS=[[mlp, {dims: [64, 4]}]]".into(),
-        format!("OPTIMIZER.num_epochs={epochs}"),
-        format!("CHECKPOINT.DIR={}", ckpt.display()),
-        "LOG_FREQUENCY=1".into(),
-        "-q".into(),
-    ];
-    a.extend(extra.iter().map(|s| s.to_string()));
-    a
+    cli::vit_tiny_args(data, ckpt, epochs, extra)
 }
 
 /// Loss by iteration; a redone step (after a resume) keeps its last record.

@@ -8,6 +8,7 @@ pub mod console;
 pub mod curves;
 pub mod data_source;
 pub mod distributed;
+pub mod histograms;
 pub mod lock;
 pub mod logs;
 pub mod memory_check;

@@ -14,6 +14,7 @@ use serde_json::Value;
 use std::fs::{File, OpenOptions};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// What the progress bar shows.
 #[derive(Clone, Copy, Debug)]
@@ -50,14 +51,14 @@ fn append(path: &Path) -> std::io::Result<File> {
 
 impl RunLog {
     /// Opens the run's files in `dir`; `tensorboard` is the events
-    /// directory when TensorBoard is on.
-    pub fn open(dir: &Path, tensorboard: Option<PathBuf>, quiet: bool) -> std::io::Result<RunLog> {
+    /// directory and flush interval when TensorBoard is on.
+    pub fn open(dir: &Path, tensorboard: Option<(PathBuf, Duration)>, quiet: bool) -> std::io::Result<RunLog> {
         std::fs::create_dir_all(dir)?;
         Ok(RunLog {
             log_txt: append(&dir.join("log.txt"))?,
             stdout_json: append(&dir.join("stdout.json"))?,
             metrics_json: append(&dir.join("metrics.json"))?,
-            tensorboard: tensorboard.map(|d| EventWriter::create(&d)).transpose()?,
+            tensorboard: tensorboard.map(|(d, every)| EventWriter::create(&d, every)).transpose()?,
             terminal: std::io::stderr().is_terminal(),
             quiet,
             bar_shown: false,
@@ -105,7 +106,7 @@ impl RunLog {
     }
 
     /// One logged training step: stdout.json (and standard output when not on
-    /// a terminal), log.txt, TensorBoard.
+    /// a terminal), log.txt. (Its TensorBoard scalars are `scalars`.)
     pub fn step(&mut self, record: &Value) {
         let line = record.to_string();
         let r = writeln!(self.stdout_json, "{line}");
@@ -115,19 +116,27 @@ impl RunLog {
         if !self.terminal && !self.quiet {
             crate::outln!("{line}");
         }
+    }
+
+    /// Whether TensorBoard events are written.
+    pub fn has_tensorboard(&self) -> bool {
+        self.tensorboard.is_some()
+    }
+
+    /// TensorBoard scalars at `step` (nothing when TensorBoard is off).
+    pub fn scalars(&mut self, step: i64, values: &[(&str, f64)]) {
         if let Some(tb) = &mut self.tensorboard {
-            let it = record["iteration"].as_u64().unwrap_or(0);
-            let mut values = Vec::new();
-            for (key, tag) in [
-                ("loss", "Training/Loss"),
-                ("lr", "Training/Learning_rate"),
-                ("images_per_sec", "Speed/images_per_sec"),
-            ] {
-                if let Some(v) = record[key].as_f64() {
-                    values.push((tag, v as f32));
-                }
-            }
-            let _ = tb.scalars(it, &values);
+            let values: Vec<(&str, f32)> = values.iter().map(|&(t, v)| (t, v as f32)).collect();
+            let r = tb.scalars(step, &values);
+            self.wrote("the TensorBoard events", r);
+        }
+    }
+
+    /// A TensorBoard histogram of `values` at `step` (nothing when off).
+    pub fn histogram(&mut self, step: i64, tag: &str, values: &[f32]) {
+        if let Some(tb) = &mut self.tensorboard {
+            let r = tb.histogram(step, tag, values);
+            self.wrote("the TensorBoard events", r);
         }
     }
 
@@ -160,22 +169,23 @@ impl RunLog {
             self.clear_bar();
             crate::errln!("{}", phase_text(record));
         }
-        if let Some(tb) = &mut self.tensorboard {
-            let it = record["iteration"].as_u64().unwrap_or(0);
-            for (key, prefix) in [("train_accuracy_list_meter", "Training"), ("test_accuracy_list_meter", "Testing")] {
-                if let Some(Value::Object(ks)) = record.get(key) {
-                    // VISSL's tag per output: Accuracy_top_1_Output_0 (or the meter's name).
-                    for (k, per) in ks {
-                        for (output, v) in per.as_object().into_iter().flatten() {
-                            if let Some(v) = v.as_f64() {
-                                let _ =
-                                    tb.scalars(it, &[(&format!("{prefix}/Accuracy_{k}_Output_{output}"), v as f32)]);
-                            }
+        // VISSL's tags, `{Training|Testing}/{meter}_{metric}_Output_{i}`,
+        // at the train phase's index (SSLTensorboardHook.on_phase_end).
+        let step = record["train_phase_idx"].as_i64().unwrap_or(0);
+        let mut values = Vec::new();
+        for (key, prefix) in [("train_accuracy_list_meter", "Training"), ("test_accuracy_list_meter", "Testing")] {
+            if let Some(Value::Object(ks)) = record.get(key) {
+                for (metric, per) in ks {
+                    for (output, v) in per.as_object().into_iter().flatten() {
+                        if let Some(v) = v.as_f64() {
+                            values.push((format!("{prefix}/accuracy_list_meter_{metric}_Output_{output}"), v));
                         }
                     }
                 }
             }
         }
+        let values: Vec<(&str, f64)> = values.iter().map(|(t, v)| (t.as_str(), *v)).collect();
+        self.scalars(step, &values);
     }
 
     /// The last phase's line, if a phase ended.
@@ -192,7 +202,8 @@ impl RunLog {
         let r = self.metrics_json.flush();
         self.wrote("metrics.json", r);
         if let Some(tb) = &mut self.tensorboard {
-            let _ = tb.flush();
+            let r = tb.flush();
+            self.wrote("the TensorBoard events", r);
         }
     }
 
@@ -333,7 +344,7 @@ mod tests {
     fn records_go_to_their_files() {
         let dir = std::env::temp_dir().join(format!("tessera-logs-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let mut log = RunLog::open(&dir, Some(dir.join("tensorboard")), true).unwrap();
+        let mut log = RunLog::open(&dir, Some((dir.join("tensorboard"), Duration::from_secs(300))), true).unwrap();
         log.step(&serde_json::json!({"iteration": 3, "epoch": 0, "loss": 2.0, "lr": 0.001, "images_per_sec": 10.0, "eta_seconds": 5.0}));
         log.phase(&serde_json::json!({"iteration": 3, "phase_idx": 0, "train_phase_idx": 0, "train_accuracy_list_meter": {"top_1": {"0": 50.0, "lastCLS": 25.0}}}));
         log.flush();
@@ -349,7 +360,8 @@ mod tests {
         assert!(tb[0].file_name().to_string_lossy().starts_with("events.out.tfevents."));
         // One scalar per output (head) of the meter.
         let events = String::from_utf8_lossy(&std::fs::read(tb[0].path()).unwrap()).into_owned();
-        for tag in ["Training/Accuracy_top_1_Output_0", "Training/Accuracy_top_1_Output_lastCLS"] {
+        for tag in ["Training/accuracy_list_meter_top_1_Output_0", "Training/accuracy_list_meter_top_1_Output_lastCLS"]
+        {
             assert!(events.contains(tag), "no {tag} in the events file");
         }
         std::fs::remove_dir_all(&dir).unwrap();

@@ -14,6 +14,7 @@
 
 use crate::checkpoint::{self, Checkpoint, EngineState, IntTensor, FORMAT_VERSION};
 use crate::distributed::{Share, World};
+use crate::histograms::{self, HistogramRule};
 use crate::lock::DirLock;
 use crate::logs::{Progress, RunLog};
 use crate::meters::{AccuracyListMeter, Target};
@@ -25,7 +26,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tessera_compiler::autodiff::{bias_correction_inputs, Optimizer, StepOptions};
 use tessera_compiler::elaborate::Program;
 use tessera_compiler::ir::DType;
@@ -785,6 +786,10 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
         let base = if base.is_empty() || base == "." { dir.clone() } else { PathBuf::from(base) };
         base.join(get_str(cfg, "HOOKS.TENSORBOARD_SETUP.EXPERIMENT_LOG_DIR"))
     });
+    let tb_dir = match tb_dir {
+        Some(d) => Some((d, Duration::from_secs(get_u64(cfg, "HOOKS.TENSORBOARD_SETUP.FLUSH_EVERY_N_MIN")? * 60))),
+        None => None,
+    };
 
     // One run at a time in a checkpoint directory: rank 0, the run's only
     // writer, locks it until `train` returns (the lock is released when
@@ -870,6 +875,7 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
         RunLog::open(&dir.join("ranks").join(share.rank.to_string()), None, true)
     }
     .map_err(|e| EngineError::Logs { dir: dir.clone(), message: e.to_string() })?;
+    let hist = HistogramRule::of(cfg, log.has_tensorboard());
     if let (Some(o), true) = (&setup.origin, share.main()) {
         log.info(&format!("tessera train {}", o.command.join(" ")));
         let path = dir.join("config.yaml");
@@ -1251,6 +1257,12 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
             }
         }
         let mut window = (Instant::now(), 0u64);
+        if hist.params && epoch == 0 && skip == 0 {
+            // Before training (VISSL: on_phase_start of train phase 0).
+            histograms::params(&mut log, steps.active(), -1)?;
+        }
+        // The epoch's last gradients, for its phase-end histograms.
+        let mut last_grads = BTreeMap::new();
         let mut batches = setup.train.epoch(epoch, skip).peekable();
         while let Some(b) = batches.next() {
             let signalled = setup.stop.load(Ordering::SeqCst);
@@ -1290,6 +1302,7 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
             // size and stage): a GPU copies them over while this step
             // computes (the CPU backends have nothing to overlap).
             let overlaps = matches!(ex, Executor::Cuda(_));
+            let grads_at_end = hist.grads && batches.peek().is_none();
             let next_scalars = match batches.peek() {
                 Some(Ok(nb)) if overlaps && nb.size == size && same_stage_next => {
                     let (s, _) =
@@ -1305,7 +1318,15 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
             // Read back only what the loop uses: the loss, and the model's
             // outputs when the training meter is on (not the gradients).
             let meter_on = meter.is_some() && train_meter;
-            let wanted = |name: &str| name == "loss" || (meter_on && name.starts_with("output"));
+            // ... and the gradients on the steps whose histograms are written.
+            let grads_now = hist.grads_after(iteration + 1);
+            let grads_on = grads_now || grads_at_end;
+            let wanted = |name: &str| {
+                name == "loss" || (meter_on && name.starts_with("output")) || (grads_on && name.starts_with("grad."))
+            };
+            if hist.params_before(iteration) {
+                histograms::params(&mut log, ex, iteration as i64)?;
+            }
             let out = ex
                 .run_next(&given, next.as_deref(), Some(&wanted))
                 .map_err(|e| EngineError::Runtime(format!("iteration {}: {e}", state.iteration)))?;
@@ -1332,6 +1353,12 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
             }
             state.iteration += 1;
             state.iteration_in_epoch += 1;
+            if grads_now {
+                histograms::grads(&mut log, &out, state.iteration as i64);
+            }
+            if grads_at_end {
+                last_grads = out;
+            }
             // The launcher names a failed rank's last step from this.
             if let Some(w) = setup.world {
                 w.store
@@ -1376,6 +1403,21 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
                     "eta_seconds": eta,
                     "elapsed_seconds": elapsed,
                 }));
+                // VISSL's TensorBoard scalars (SSLTensorboardHook.on_update);
+                // Speed/images_per_sec, the whole world's, is tessera's.
+                let mut scalars = vec![
+                    ("Training/Loss", loss as f64),
+                    ("Training/Learning_rate", lr_now),
+                    ("Speed/Batch_processing_time_ms", btime_ms.round()),
+                    ("Speed/img_per_sec_per_gpu", (size as f64 * 1e3 / btime_ms.max(1e-9)).floor()),
+                    ("Speed/ETA_hours", eta / 3600.0),
+                    ("Speed/images_per_sec", ips),
+                ];
+                if overlaps {
+                    // On a GPU the arena is allocated once, at the plan's peak.
+                    scalars.push(("Memory/Peak_GPU_Memory_allocated_MiB", planned_peak as f64 / (1 << 20) as f64));
+                }
+                log.scalars(state.iteration as i64, &scalars);
                 window = (Instant::now(), 0);
             }
             // An iteration checkpoint, unless the phase checkpoint right after
@@ -1415,6 +1457,12 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
             record["train_accuracy_list_meter"] = share.meter(m)?.to_json();
         }
         log.phase(&record);
+        if hist.params {
+            histograms::params(&mut log, steps.active(), epoch as i64)?;
+        }
+        if hist.grads {
+            histograms::grads(&mut log, &last_grads, epoch as i64);
+        }
         state.phase_idx += 1;
         let last = epoch + 1 == num_epochs;
         // The run is finished once its last test phase (if any) is done too.
