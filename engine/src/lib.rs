@@ -13,6 +13,7 @@ pub mod lock;
 pub mod logs;
 pub mod memory_check;
 pub mod meters;
+pub mod perf_stats;
 pub mod schedule;
 pub mod source;
 pub mod stages;

@@ -18,6 +18,7 @@ use crate::histograms::{self, HistogramRule};
 use crate::lock::DirLock;
 use crate::logs::{Progress, RunLog};
 use crate::meters::{AccuracyListMeter, Target};
+use crate::perf_stats::PerfStats;
 use crate::schedule::{self, ParamSchedule, RunShape};
 use crate::source::{Batch, DataSource, Labels};
 use crate::stages::Stages;
@@ -876,6 +877,7 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
     }
     .map_err(|e| EngineError::Logs { dir: dir.clone(), message: e.to_string() })?;
     let hist = HistogramRule::of(cfg, log.has_tensorboard());
+    let mut perf = PerfStats::of(cfg);
     if let (Some(o), true) = (&setup.origin, share.main()) {
         log.info(&format!("tessera train {}", o.command.join(" ")));
         let path = dir.join("config.yaml");
@@ -1264,7 +1266,12 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
         // The epoch's last gradients, for its phase-end histograms.
         let mut last_grads = BTreeMap::new();
         let mut batches = setup.train.epoch(epoch, skip).peekable();
-        while let Some(b) = batches.next() {
+        perf.phase_start();
+        let mut batch_start = Instant::now();
+        loop {
+            let waited = Instant::now();
+            let Some(b) = batches.next() else { break };
+            perf.add(0, waited);
             let signalled = setup.stop.load(Ordering::SeqCst);
             let stopping = match agreed_stop.take() {
                 Some(agreed) => agreed,
@@ -1327,9 +1334,11 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
             if hist.params_before(iteration) {
                 histograms::params(&mut log, ex, iteration as i64)?;
             }
+            let stepped = Instant::now();
             let out = ex
                 .run_next(&given, next.as_deref(), Some(&wanted))
                 .map_err(|e| EngineError::Runtime(format!("iteration {}: {e}", state.iteration)))?;
+            perf.add(1, stepped);
             let loss = out.get("loss").and_then(|t| t.as_f32()).map(|v| v[0]).unwrap_or(f32::NAN);
             // The logged loss is the mean of every rank's (each a mean over
             // its own samples), the global batch's loss.
@@ -1349,8 +1358,14 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
                 return Err(EngineError::NonFinite { loss, iteration: state.iteration, epoch, last_checkpoint });
             }
             if let (Some(m), true) = (&mut meter, train_meter) {
+                let metered = Instant::now();
                 update_meter(m, &out, &labels)?;
+                perf.add(2, metered);
             }
+            if let Some(report) = perf.batch_done(batch_start.elapsed().as_secs_f64()) {
+                log.info(&report);
+            }
+            batch_start = Instant::now();
             state.iteration += 1;
             state.iteration_in_epoch += 1;
             if grads_now {
@@ -1387,7 +1402,7 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
                 // planned peak in MiB (VISSL: CUDA's peak allocation).
                 let window_steps = (window.1 / (size as u64 * share.size as u64).max(1)).max(1);
                 let btime_ms = window.0.elapsed().as_secs_f64() * 1e3 / window_steps as f64;
-                log.step(&json!({
+                let mut record = json!({
                     "Rank": share.rank,
                     "ep": epoch,
                     "iter": state.iteration,
@@ -1402,7 +1417,12 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
                     "images_per_sec": ips,
                     "eta_seconds": eta,
                     "elapsed_seconds": elapsed,
-                }));
+                });
+                if let Some((key, ms, eta)) = perf.rolling(total.saturating_sub(state.iteration)) {
+                    record[key] = json!(ms);
+                    record["rolling_eta"] = json!(crate::logs::vissl_eta(eta));
+                }
+                log.step(&record);
                 // VISSL's TensorBoard scalars (SSLTensorboardHook.on_update);
                 // Speed/images_per_sec, the whole world's, is tessera's.
                 let mut scalars = vec![
@@ -1455,6 +1475,9 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
         });
         if let (Some(m), true) = (&meter, train_meter) {
             record["train_accuracy_list_meter"] = share.meter(m)?.to_json();
+        }
+        if let Some(report) = perf.phase_end() {
+            log.info(&report);
         }
         log.phase(&record);
         if hist.params {

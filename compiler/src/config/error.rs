@@ -48,6 +48,14 @@ pub enum ConfigError {
     #[error("config key `{key}` expects {expected}, but got {found} ({origin})")]
     WrongType { key: String, expected: String, found: String, origin: Origin },
 
+    /// A key tessera does not implement, set to something other than its
+    /// default (`support.rs`).
+    #[error(
+        "config key `{key}` is set to {value} ({origin}), which tessera does not support: {why}; \
+         leave it at its default {default}"
+    )]
+    Unsupported { key: String, value: String, default: String, why: String, origin: Origin },
+
     /// `+KEY=VALUE` where KEY already exists (Hydra's rule for `+`).
     #[error(
         "config key `{key}` already exists ({origin}); `+` only adds new keys: \

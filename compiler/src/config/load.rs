@@ -33,6 +33,39 @@ pub(crate) const EMBEDDED_PREFIX: &str = "<embedded>/configs";
 /// part of the config tree and are ignored.
 const HYDRA_TOP_LEVEL_KEYS: &[&str] = &["defaults", "hydra", "VERSION", "node_id", "engine_name", "tessera_open_keys"];
 
+/// Hydra's own top-level keys that would change what runs: a `defaults:`
+/// list composes other files, `hydra:` configures Hydra's runtime, and
+/// `engine_name` picks VISSL's engine. tessera has none of these, so a
+/// setting that asks for something is refused rather than ignored.
+fn unsupported_top_level(top: &Map<String, Value>) -> Option<String> {
+    match top.get("defaults") {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(items)) if items.iter().all(|i| i.as_str() == Some("_self_")) => {}
+        Some(_) => {
+            return Some(
+                "a Hydra `defaults:` list is not supported (tessera composes no config from it); \
+                 copy those settings into this file, or add them with `+config/<group>=<name>`"
+                    .to_string(),
+            )
+        }
+    }
+    match top.get("hydra") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(m)) if m.is_empty() => {}
+        Some(_) => {
+            return Some("`hydra:` settings are not supported (tessera runs without Hydra's runtime)".to_string())
+        }
+    }
+    match top.get("engine_name") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s == "train" => None,
+        Some(other) => Some(format!(
+            "`engine_name: {}` is not supported; tessera's engine is `train` (evaluation: TEST_ONLY)",
+            super::schema::describe(other)
+        )),
+    }
+}
+
 /// One parsed config file: the `config` tree and where each key sits.
 pub(crate) struct Document {
     /// How the file is named in messages: a path, or `<embedded>/configs/...`.
@@ -178,6 +211,9 @@ pub(crate) fn parse_document(label: &str, text: &str) -> Result<Document, Config
                         "unexpected top-level key `{extra}` next to `config:`; VISSL-layout \
                          files keep every setting under `config:`"
                     )));
+                }
+                if let Some(why) = unsupported_top_level(&top) {
+                    return Err(layout(why));
                 }
                 match config {
                     Value::Null => (Value::Object(Map::new()), "config."),

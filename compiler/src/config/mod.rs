@@ -22,6 +22,7 @@ mod load;
 mod merge;
 mod overrides;
 mod schema;
+pub mod support;
 
 use std::path::PathBuf;
 
@@ -97,7 +98,7 @@ pub fn load_with(name: &str, overrides: &[String], search_dirs: &[PathBuf]) -> R
         return Err(err);
     }
     let mut tree = schema.tree.clone();
-    merge::deep_merge(&mut tree, doc.tree);
+    merge::deep_merge(&mut tree, doc.tree.clone());
 
     let parsed = overrides.iter().map(|o| overrides::parse(o)).collect::<Result<Vec<_>, _>>()?;
     for ov in &parsed {
@@ -107,6 +108,29 @@ pub fn load_with(name: &str, overrides: &[String], search_dirs: &[PathBuf]) -> R
     }
     for ov in &parsed {
         overrides::apply_value(&mut tree, schema, ov)?;
+    }
+    // No key is accepted and then ignored (support.rs).
+    let refused: Vec<ConfigError> = support::refused_settings(&tree, &schema.tree)
+        .into_iter()
+        .map(|(key, value, default, why)| {
+            let path: Vec<String> = key.split('.').map(str::to_string).collect();
+            let set_by = parsed.iter().rev().find_map(|ov| match ov {
+                overrides::Override::Value { text, path: p, .. } if path.starts_with(p) || p.starts_with(&path) => {
+                    Some(Origin::Override(text.to_string()))
+                }
+                _ => None,
+            });
+            ConfigError::Unsupported {
+                key,
+                value: schema::describe(&value),
+                default: default.to_string(),
+                why: why.to_string(),
+                origin: set_by.unwrap_or_else(|| doc.origin(&path)),
+            }
+        })
+        .collect();
+    if let Some(err) = ConfigError::collect(refused) {
+        return Err(err);
     }
     Ok(Config { name: name.to_string(), source, tree })
 }
