@@ -635,6 +635,12 @@ fn cli_plans_memory_as_text_json_and_svg_and_finds_the_largest_batch() {
     assert!(ok && e.contains(&format!("tessera: wrote {}", svg.display())), "{e}");
     let drawn = std::fs::read_to_string(&svg).unwrap();
     assert!(drawn.starts_with("<svg") && drawn.contains("<rect") && drawn.contains("kept for backward"));
+    // Tooltips name the op and module of each storage; the regions of the
+    // peak are drawn (compiler/tests/memory.rs checks they add up).
+    assert!(drawn.contains("<title>layer_norm_linear in trunk.blocks.0."), "{drawn}");
+    for region in ["parameters", "gradients", "optimizer state", "arena", "workspace"] {
+        assert!(drawn.contains(&format!("data-region=\"{region}\"")), "no {region} in {drawn}");
+    }
     std::fs::remove_dir_all(&dir).ok();
 
     let (ok, _, e) = tessera(&["plan", cfg, "--max-batch"]);
