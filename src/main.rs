@@ -37,11 +37,16 @@ enum Command {
         /// `A.B=v`, `config.A.B=v`, `+A.B=v`, `++A.B=v`, `~A.B`.
         #[arg(required = true, value_name = "config=NAME [OVERRIDES]")]
         args: Vec<String>,
-        /// What to print: `summary`, `ir` (the model's forward graph), `dot`,
-        /// `plan` (the training-step plan, JSON), `kernels` (its kernel list),
-        /// or `ir-after=PASS` (the training-step graph after that pass).
+        /// What to print: `summary`, `ir` (the model's forward graph), `dot`
+        /// (that graph for Graphviz, repeated blocks drawn once), `plan` (the
+        /// training-step plan, JSON), `kernels` (its kernel list), or
+        /// `ir-after=PASS` (the training-step graph after that pass).
         #[arg(long, default_value = "summary", value_parser = parse_emit)]
         emit: Emit,
+        /// With `--emit dot`: draw every module, not a run of repeated blocks
+        /// (`trunk.blocks.0` .. `trunk.blocks.11`) once with its count.
+        #[arg(long)]
+        expand: bool,
         /// The compiler passes to run on the training step, comma-separated, in
         /// order (`none` for none); default: the full pipeline. See `--print-passes`.
         #[arg(long, value_delimiter = ',')]
@@ -455,7 +460,22 @@ fn write_out(path: &Option<PathBuf>, text: &str) -> Result<()> {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Compile { args, emit, passes, print_passes, format, output, models, batch, eval_batch, target } => {
+        Command::Compile {
+            args,
+            emit,
+            expand,
+            passes,
+            print_passes,
+            format,
+            output,
+            models,
+            batch,
+            eval_batch,
+            target,
+        } => {
+            if expand && emit != Emit::Dot {
+                bail!("--expand draws every module of `--emit dot`; add --emit dot");
+            }
             let (name, overrides) = split_args(&args)?;
             let cfg = config::load(&name, &overrides).map_err(|e| anyhow::anyhow!("{e}"))?;
             let prog = Program::load(&models).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -529,7 +549,8 @@ fn run(cli: Cli) -> Result<()> {
                 (Emit::Summary, Format::Json) => serde_json::to_string_pretty(&summarize(cfg.name(), &compiled))?,
                 (Emit::Ir, Format::Text) => compiled.graph.to_text(),
                 (Emit::Ir, Format::Json) => serde_json::to_string_pretty(&compiled.graph)?,
-                (Emit::Dot, _) => compiled.graph.to_dot(),
+                (Emit::Dot, _) if expand => compiled.graph.to_dot(),
+                (Emit::Dot, _) => compiled.graph.to_dot_collapsed(),
                 (Emit::Plan, _) => {
                     if passes_given {
                         bail!("--emit plan writes the target's own pipeline; --passes does not apply (use --emit kernels to look at other pipelines)");

@@ -6,7 +6,7 @@ use serde_json::json;
 use tessera_compiler::ir::Graph;
 use tessera_compiler::memory::{human_bytes, MemoryPlan};
 use tessera_compiler::pipeline::lower_training;
-use tessera_compiler::plan::{Plan, Source};
+use tessera_compiler::plan::Plan;
 
 /// The recomputation that fits `budget` bytes with the fewest extra FLOPs,
 /// among: none; the MLPs of the first k blocks; the first k whole blocks
@@ -97,10 +97,6 @@ pub fn report(
     gpu: Option<&tessera_plan::cost::Device>,
 ) -> Result<Report> {
     let (mut plan, m) = planned(step, batch)?;
-    let loss_kernel = plan.outputs.iter().find(|(n, _)| n == "loss").and_then(|(_, v)| match plan.values[*v].source {
-        Source::Kernel(k) => Some(k),
-        _ => None,
-    });
     let p = &m.parts;
     let rows = [
         ("parameters", p.parameters),
@@ -168,6 +164,6 @@ pub fn report(
             None => format!("  not even batch 1 fits in {}\n", human_bytes(device)),
         };
     }
-    let svg = m.to_svg(&format!("{config}, batch {batch}"), plan.kernels.len(), loss_kernel);
+    let svg = m.to_svg(&plan, &format!("{config}, batch {batch}"));
     Ok(Report { text, json, svg })
 }

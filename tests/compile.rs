@@ -397,6 +397,17 @@ fn cli_emits_ir_and_dot() {
     let (ok, dot, e) = tessera(&["compile", "config=quickstart/vit_tiny", "--emit", "dot"]);
     assert!(ok, "{e}");
     assert!(dot.starts_with("digraph"), "{dot}");
+    // The two blocks are drawn once; --expand draws the graph as it always was.
+    assert!(dot.contains(r#"label="trunk.blocks.0 … trunk.blocks.1 (×2)";"#), "{dot}");
+    assert!(!dot.contains("@trunk.blocks.1."), "{dot}");
+    let (ok, expanded, e) = tessera(&["compile", "config=quickstart/vit_tiny", "--emit", "dot", "--expand"]);
+    assert!(ok, "{e}");
+    let cfg = config::load("quickstart/vit_tiny", &[]).unwrap();
+    let graph = tessera_compiler::compile(&program(), cfg.tree()).unwrap().graph;
+    assert_eq!(expanded, graph.to_dot());
+    assert_eq!(dot, graph.to_dot_collapsed());
+    let (ok, _, e) = tessera(&["compile", "config=quickstart/vit_tiny", "--expand"]);
+    assert!(!ok && e.contains("--expand draws every module of `--emit dot`"), "{e}");
 }
 
 // ---- optimizer parameter groups (VISSL's rules, reference 6.2) ----
@@ -624,6 +635,12 @@ fn cli_plans_memory_as_text_json_and_svg_and_finds_the_largest_batch() {
     assert!(ok && e.contains(&format!("tessera: wrote {}", svg.display())), "{e}");
     let drawn = std::fs::read_to_string(&svg).unwrap();
     assert!(drawn.starts_with("<svg") && drawn.contains("<rect") && drawn.contains("kept for backward"));
+    // Tooltips name the op and module of each storage; the regions of the
+    // peak are drawn (compiler/tests/memory.rs checks they add up).
+    assert!(drawn.contains("<title>layer_norm_linear in trunk.blocks.0."), "{drawn}");
+    for region in ["parameters", "gradients", "optimizer state", "arena", "workspace"] {
+        assert!(drawn.contains(&format!("data-region=\"{region}\"")), "no {region} in {drawn}");
+    }
     std::fs::remove_dir_all(&dir).ok();
 
     let (ok, _, e) = tessera(&["plan", cfg, "--max-batch"]);

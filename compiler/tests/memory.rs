@@ -9,7 +9,7 @@ use tessera_compiler::elaborate::Program;
 use tessera_compiler::ir::{BinaryOp, DType, Graph, Op, ReduceOp, Shape, UnaryOp, ValueId};
 use tessera_compiler::memory::{plan_memory, MemoryPlan};
 use tessera_compiler::pipeline::{lower_training, training_graph, PassChoice};
-use tessera_compiler::plan::Plan;
+use tessera_compiler::plan::{Plan, Source};
 
 fn holds(plan: &Plan, m: &MemoryPlan, what: &str) {
     m.check().unwrap_or_else(|e| panic!("{what}: {e}"));
@@ -227,4 +227,106 @@ fn a_state_update_is_not_written_in_place_while_a_view_of_the_old_value_is_read(
     };
     assert!(build(false), "nothing reads the old weight after the update: in place");
     assert!(!build(true), "the view is read after the update: not in place");
+}
+
+/// The `attr="..."` values of an SVG element's opening tag.
+fn attr<'a>(tag: &'a str, name: &str) -> Option<&'a str> {
+    let at = tag.find(&format!(" {name}=\""))? + name.len() + 3;
+    Some(&tag[at..at + tag[at..].find('"')?])
+}
+
+fn num(tag: &str, name: &str) -> f64 {
+    attr(tag, name).unwrap_or_else(|| panic!("no {name} in {tag}")).parse().unwrap()
+}
+
+/// Every element of the SVG that opens with `<{element} class="{class}"`, with its text up to its end tag.
+fn elements<'a>(svg: &'a str, element: &str, class: &str) -> Vec<&'a str> {
+    let open = format!("<{element} class=\"{class}\"");
+    let close = format!("</{element}>");
+    svg.match_indices(&open).map(|(i, _)| &svg[i..i + svg[i..].find(&close).unwrap()]).collect()
+}
+
+/// The text of an element's `<text>` child.
+fn text(element: &str) -> &str {
+    let child = &element[element.find("<text").unwrap()..];
+    let body = &child[child.find('>').unwrap() + 1..];
+    &body[..body.find('<').unwrap()]
+}
+
+/// Whether `x` is 1, 2 or 5 times a power of ten.
+fn round(x: f64) -> bool {
+    let decade = 10f64.powf(x.log10().floor());
+    [1.0, 2.0, 5.0, 10.0].iter().any(|m| (x / decade - m).abs() < 1e-9)
+}
+
+#[test]
+fn the_memory_plot_draws_what_adds_up_to_its_peak() {
+    let prog = Program::load(&[]).unwrap();
+    let cfg = config::load("quickstart/vit_tiny", &[]).unwrap();
+    let (step, _, _) =
+        training_graph(&prog, cfg.tree(), PassChoice::passes(tessera_compiler::passes::DEFAULT.to_vec())).unwrap();
+    let plan = lower_training(&step, 64).unwrap();
+    let m = plan.memory.clone().unwrap();
+    let svg = m.to_svg(&plan, "vit_tiny");
+    let title = svg.lines().find(|l| l.contains("data-peak-bytes")).unwrap();
+    assert_eq!(num(title, "data-peak-bytes"), m.peak_bytes as f64);
+    assert!(title.contains(&format!("peak {}", tessera_compiler::memory::human_bytes(m.peak_bytes))), "{title}");
+
+    // The regions stack from the axis up without gaps, their bytes are the
+    // parts of the peak, and together they are the peak in bytes and in height.
+    let regions = elements(&svg, "rect", "region");
+    let names: Vec<&str> = regions.iter().map(|r| attr(r, "data-region").unwrap()).collect();
+    assert_eq!(names, ["parameters", "gradients", "optimizer state", "buffers", "inputs", "arena", "workspace"]);
+    let p = &m.parts;
+    let bytes: Vec<u64> = regions.iter().map(|r| num(r, "data-bytes") as u64).collect();
+    let arena = p.activations_kept + p.transient;
+    assert_eq!(bytes, [p.parameters, p.gradients, p.optimizer_state, p.buffers, p.inputs, arena, p.workspace]);
+    assert!(bytes.iter().filter(|&&b| b > 0).count() >= 6, "{bytes:?}");
+    assert_eq!(bytes.iter().sum::<u64>(), m.peak_bytes);
+    let axis = svg.lines().find(|l| l.starts_with("<line x1=\"90\"") && l.contains("y1=\"630\"")).unwrap();
+    let mut bottom = num(axis, "y1");
+    for r in &regions {
+        let (y, h) = (num(r, "y"), num(r, "height"));
+        assert!((y + h - bottom).abs() < 1e-3, "{r} does not sit on the region below it");
+        bottom = y;
+    }
+    // The top of the stack is the peak on the axis's scale.
+    let ticks = elements(&svg, "g", "ytick");
+    let (y0, y1) = (num(ticks[0], "y1"), num(ticks[1], "y1"));
+    assert_eq!(y0, num(axis, "y1"), "the 0 tick is on the axis");
+    let step_label = text(ticks[1]);
+    let mib: f64 = step_label.strip_suffix(" MiB").unwrap_or_else(|| panic!("{step_label}")).parse().unwrap();
+    let peak_y = y0 - (m.peak_bytes as f64 / (mib * 1048576.0)) * (y0 - y1);
+    assert!((peak_y - bottom).abs() < 0.01, "the stack tops out at {bottom}, the peak is at {peak_y}");
+
+    // Tick labels are round: multiples of a 1-2-5 step, in one unit.
+    assert!(ticks.len() >= 4 && text(ticks[0]) == "0", "{ticks:?}");
+    for (i, t) in ticks.iter().enumerate() {
+        let v: f64 = text(t).trim_end_matches(" MiB").parse().unwrap();
+        assert_eq!(v, i as f64 * mib, "{t}");
+    }
+    assert!(round(mib), "{mib}");
+    let kernel_ticks: Vec<usize> = elements(&svg, "g", "xtick").iter().map(|t| text(t).parse().unwrap()).collect();
+    assert_eq!(kernel_ticks[0], 0);
+    let k_step = kernel_ticks[1];
+    assert!(round(k_step as f64) && kernel_ticks.len() >= 5, "{kernel_ticks:?}");
+    assert!(kernel_ticks.iter().enumerate().all(|(i, &k)| k == i * k_step), "{kernel_ticks:?}");
+    assert!(*kernel_ticks.last().unwrap() < plan.kernels.len());
+
+    // Each storage's tooltip names the op that made it and its module.
+    let storages = elements(&svg, "rect", "storage");
+    assert_eq!(storages.len(), m.blocks.len());
+    for (b, r) in m.blocks.iter().zip(&storages) {
+        let tip = &r[r.find("<title>").unwrap() + 7..];
+        let expected = match plan.values[b.value].source {
+            Source::Kernel(k) => format!("{} in {} · ", plan.kernels[k].op.name(), plan.kernels[k].scope),
+            Source::Part { kernel, .. } => {
+                format!("part of {} in {} · ", plan.kernels[kernel].op.name(), plan.kernels[kernel].scope)
+            }
+            ref other => panic!("an arena storage made by {other:?}"),
+        };
+        assert!(tip.starts_with(&expected), "{tip} should start with {expected}");
+        assert!(tip.contains(&format!("kernels {}–{}", b.first, b.last)), "{tip}");
+    }
+    assert!(storages.iter().any(|r| r.contains(" in trunk.blocks.1.")), "no storage of block 1");
 }

@@ -111,46 +111,207 @@ impl MemoryPlan {
     }
 }
 
+/// The op and module (scope) that made value `v`: its kernel's, or for a
+/// constant, its first reader's module.
+fn made_by(plan: &Plan, v: usize) -> (String, &str) {
+    match &plan.values[v].source {
+        Source::Kernel(k) => (plan.kernels[*k].op.name().to_string(), &plan.kernels[*k].scope),
+        Source::Part { kernel, .. } => {
+            (format!("part of {}", plan.kernels[*kernel].op.name()), &plan.kernels[*kernel].scope)
+        }
+        Source::Fill { value } => {
+            let reader = plan.kernels.iter().find(|k| k.inputs.contains(&v));
+            (format!("fill {value}"), reader.map_or("", |k| k.scope.as_str()))
+        }
+        Source::Input { name } | Source::Param { name, .. } | Source::Buffer { name, .. } => (format!("@{name}"), ""),
+    }
+}
+
+/// The round step, 1, 2 or 5 times a power of ten, that cuts `span` into
+/// at most `parts` parts.
+fn round_step(span: f64, parts: f64) -> f64 {
+    let raw = (span / parts).max(f64::MIN_POSITIVE);
+    let decade = 10f64.powf(raw.log10().floor());
+    [1.0, 2.0, 5.0, 10.0].into_iter().map(|m| m * decade).find(|&s| s >= raw * (1.0 - 1e-12)).unwrap_or(10.0 * decade)
+}
+
+/// Ticks of a byte axis from 0 to `top`: (bytes, label) at round values of
+/// the largest binary unit `top` reaches (`0`, `0.5 GiB`, `1 GiB`, ...).
+fn byte_ticks(top: u64) -> Vec<(f64, String)> {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let u = (0..UNITS.len()).rev().find(|&u| top >= 1u64 << (10 * u)).unwrap_or(0);
+    let unit = (1u64 << (10 * u)) as f64;
+    let span = top as f64 / unit;
+    // Less than a byte is not a step.
+    let step = if u == 0 { round_step(span, 8.0).max(1.0) } else { round_step(span, 8.0) };
+    let decimals = (-step.log10().floor()).max(0.0) as usize;
+    (0..)
+        .map(|i| i as f64 * step)
+        .take_while(|&t| t <= span * (1.0 + 1e-9))
+        .map(|t| (t * unit, if t == 0.0 { "0".to_string() } else { format!("{t:.decimals$} {}", UNITS[u]) }))
+        .collect()
+}
+
+/// Kernel indices below `kernels` at a round step (at least 1).
+fn kernel_ticks(kernels: usize) -> Vec<usize> {
+    let step = round_step(kernels as f64, 10.0).max(1.0) as usize;
+    (0..kernels.max(1)).step_by(step).collect()
+}
+
 impl MemoryPlan {
-    /// The arena as a picture: kernels (time) across, arena offset up; one
-    /// rectangle per storage, blue when kept for the backward pass, orange
-    /// when transient; a dashed line at the loss. Hover shows each block.
-    pub fn to_svg(&self, title: &str, kernels: usize, loss_kernel: Option<usize>) -> String {
+    /// The peak as a picture: kernels (time) across, bytes up, from 0 to
+    /// the peak. The regions live the whole step stack from the bottom
+    /// (parameters, gradients, optimizer state, buffers, inputs), then the
+    /// arena with one rectangle per storage (blue when kept for the
+    /// backward pass, orange when transient; a dashed line at the loss),
+    /// then the workspace with each kernel's scratch; so the stack is the
+    /// peak of the title. Hover shows each storage's op and module.
+    pub fn to_svg(&self, plan: &Plan, title: &str) -> String {
         use std::fmt::Write;
-        let (w, h, left, top, bottom) = (1200.0f64, 660.0f64, 90.0f64, 56.0f64, 40.0f64);
-        let plot_w = w - left - 20.0;
+        let kernels = plan.kernels.len();
+        let loss_kernel = plan.output("loss").and_then(|v| match plan.values[v].source {
+            Source::Kernel(k) => Some(k),
+            _ => None,
+        });
+        let (w, h, left, right, top, bottom) = (1400.0f64, 680.0f64, 90.0f64, 260.0f64, 40.0f64, 50.0f64);
+        let plot_w = w - left - right;
         let plot_h = h - top - bottom;
         let xs = plot_w / kernels.max(1) as f64;
-        let ys = plot_h / self.arena_bytes.max(1) as f64;
+        let ys = plot_h / self.peak_bytes.max(1) as f64;
+        let y_of = |bytes: f64| top + plot_h - bytes * ys;
+        let esc = |t: &str| t.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;");
         let mut s = String::new();
+        // Writing to a String cannot fail.
         let _ = writeln!(
             s,
             r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#
         );
         let _ = writeln!(s, r#"<rect width="{w}" height="{h}" fill="white"/>"#);
-        let esc = |t: &str| t.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;");
         let _ = writeln!(
             s,
-            r#"<text x="{left}" y="20" font-size="14">{} — arena {} (live-bytes bound {}), peak {}</text>"#,
+            r#"<text x="{left}" y="22" font-size="14" data-peak-bytes="{}">{} — peak {}: arena {} (live-bytes bound {})</text>"#,
+            self.peak_bytes,
             esc(title),
+            human_bytes(self.peak_bytes),
             human_bytes(self.arena_bytes),
-            human_bytes(self.lower_bound_bytes),
-            human_bytes(self.peak_bytes)
+            human_bytes(self.lower_bound_bytes)
         );
-        for b in &self.blocks {
-            let x = left + b.first as f64 * xs;
-            let bw = ((b.last - b.first + 1) as f64 * xs).max(0.5);
-            let y = top + plot_h - (b.offset + b.bytes) as f64 * ys;
-            let bh = (b.bytes as f64 * ys).max(0.5);
-            let color = if b.kept_for_backward { "#4c78a8" } else { "#f58518" };
+        // Round ticks and their grid lines, under everything else.
+        for (bytes, label) in byte_ticks(self.peak_bytes) {
+            let y = y_of(bytes);
             let _ = writeln!(
                 s,
-                r##"<rect x="{x:.2}" y="{y:.2}" width="{bw:.2}" height="{bh:.2}" fill="{color}" fill-opacity="0.75" stroke="#333" stroke-width="0.2"><title>value {} · {} · kernels {}–{} · offset {}</title></rect>"##,
-                b.value,
+                r##"<g class="ytick"><line x1="{left}" y1="{y:.4}" x2="{:.2}" y2="{y:.4}" stroke="#ddd"/><text x="{:.2}" y="{:.2}" text-anchor="end">{label}</text></g>"##,
+                left + plot_w,
+                left - 6.0,
+                y + 4.0
+            );
+        }
+        for k in kernel_ticks(kernels) {
+            let x = left + k as f64 * xs;
+            let _ = writeln!(
+                s,
+                r##"<g class="xtick"><line x1="{x:.4}" y1="{:.2}" x2="{x:.4}" y2="{:.2}" stroke="#000"/><text x="{x:.2}" y="{:.2}" text-anchor="middle">{k}</text></g>"##,
+                top + plot_h,
+                top + plot_h + 5.0,
+                top + plot_h + 18.0
+            );
+        }
+        let p = &self.parts;
+        let (names, colors) = (
+            ["parameters", "gradients", "optimizer state", "buffers", "inputs", "arena", "workspace"],
+            ["#54a24b", "#e45756", "#b279a2", "#9d755d", "#72b7b2", "#f4f4f4", "#bab0ac"],
+        );
+        let sizes = [p.parameters, p.gradients, p.optimizer_state, p.buffers, p.inputs, self.arena_bytes, p.workspace];
+        let mut base = 0u64;
+        let mut arena_base = 0;
+        let legend_x = left + plot_w + 20.0;
+        for (r, name) in names.iter().enumerate() {
+            let bytes = sizes[r];
+            if *name == "arena" {
+                arena_base = base;
+            }
+            let note = match *name {
+                "arena" => format!(
+                    "activations kept for backward {}, transient {}",
+                    human_bytes(p.activations_kept),
+                    human_bytes(p.transient)
+                ),
+                "workspace" => "the largest scratch of any one kernel".to_string(),
+                _ => "live the whole step".to_string(),
+            };
+            let (y, bh) = (y_of((base + bytes) as f64), bytes as f64 * ys);
+            let _ = writeln!(
+                s,
+                r##"<rect class="region" data-region="{name}" data-bytes="{bytes}" x="{left}" y="{y:.4}" width="{plot_w:.2}" height="{bh:.4}" fill="{}" fill-opacity="0.6"><title>{name}: {}, stacked from {} to {} ({})</title></rect>"##,
+                colors[r],
+                human_bytes(bytes),
+                human_bytes(base),
+                human_bytes(base + bytes),
+                esc(&note)
+            );
+            // The legend lists the regions top down, as they stack.
+            let ly = top + 18.0 * (names.len() - 1 - r) as f64;
+            let _ = writeln!(
+                s,
+                r##"<rect x="{legend_x:.2}" y="{:.2}" width="10" height="10" fill="{}" stroke="#999" stroke-width="0.5"/><text x="{:.2}" y="{:.2}">{name} {}</text>"##,
+                ly,
+                colors[r],
+                legend_x + 15.0,
+                ly + 9.0,
+                human_bytes(bytes)
+            );
+            base += bytes;
+        }
+        for (i, (text, color)) in [("kept for backward", "#4c78a8"), ("transient", "#f58518")].iter().enumerate() {
+            let ly = top + 18.0 * (names.len() + 1 + i) as f64;
+            let _ = writeln!(
+                s,
+                r##"<rect x="{legend_x:.2}" y="{ly:.2}" width="10" height="10" fill="{color}"/><text x="{:.2}" y="{:.2}">arena: {text}</text>"##,
+                legend_x + 15.0,
+                ly + 9.0
+            );
+        }
+        for b in &self.blocks {
+            let x = left + b.first as f64 * xs;
+            // Named outputs live to the end of the step, one past the last kernel.
+            let last = b.last.min(kernels.saturating_sub(1)).max(b.first);
+            let bw = ((last - b.first + 1) as f64 * xs).max(0.5);
+            let y = y_of((arena_base + b.offset + b.bytes) as f64);
+            let bh = (b.bytes as f64 * ys).max(0.5);
+            let color = if b.kept_for_backward { "#4c78a8" } else { "#f58518" };
+            let (op, module) = made_by(plan, b.value);
+            let module = if module.is_empty() { "(no module)" } else { module };
+            let _ = writeln!(
+                s,
+                r##"<rect class="storage" x="{x:.2}" y="{y:.2}" width="{bw:.2}" height="{bh:.2}" fill="{color}" fill-opacity="0.75" stroke="#333" stroke-width="0.2"><title>{} in {} · {} · kernels {}–{} · arena offset {} · value {}</title></rect>"##,
+                esc(&op),
+                esc(module),
                 human_bytes(b.bytes),
                 b.first,
                 b.last,
-                human_bytes(b.offset)
+                human_bytes(b.offset),
+                b.value
+            );
+        }
+        // Each kernel's scratch, from the bottom of the workspace.
+        let workspace_base = arena_base + self.arena_bytes;
+        for (k, kernel) in plan.kernels.iter().enumerate() {
+            let bytes = crate::scratch::scratch(plan, k).total();
+            if bytes == 0 {
+                continue;
+            }
+            let scope = if kernel.scope.is_empty() { "(no module)" } else { kernel.scope.as_str() };
+            let _ = writeln!(
+                s,
+                r##"<rect class="scratch" x="{:.2}" y="{:.2}" width="{:.2}" height="{:.2}" fill="#79706e"><title>scratch of kernel {k}, {} in {} · {}</title></rect>"##,
+                left + k as f64 * xs,
+                y_of((workspace_base + bytes) as f64),
+                xs.max(0.5),
+                (bytes as f64 * ys).max(0.5),
+                kernel.op.name(),
+                esc(scope),
+                human_bytes(bytes)
             );
         }
         if let Some(l) = loss_kernel {
@@ -169,28 +330,9 @@ impl MemoryPlan {
         let _ = writeln!(s, r##"<line x1="{left}" y1="{top}" x2="{left}" y2="{axis_y}" stroke="#000"/>"##);
         let _ = writeln!(
             s,
-            r#"<text x="{}" y="{}" text-anchor="middle">kernel (execution order, 0–{})</text>"#,
+            r#"<text x="{}" y="{}" text-anchor="middle">kernel (execution order; {kernels} kernels)</text>"#,
             left + plot_w / 2.0,
-            h - 10.0,
-            kernels
-        );
-        for i in 0..=4 {
-            let off = self.arena_bytes as f64 * i as f64 / 4.0;
-            let y = top + plot_h - off * ys;
-            let _ = writeln!(
-                s,
-                r#"<text x="{}" y="{:.2}" text-anchor="end">{}</text>"#,
-                left - 4.0,
-                y + 4.0,
-                human_bytes(off as u64)
-            );
-        }
-        let _ = writeln!(
-            s,
-            r##"<rect x="{left}" y="30" width="10" height="10" fill="#4c78a8"/><text x="{}" y="39">kept for backward</text><rect x="{}" y="30" width="10" height="10" fill="#f58518"/><text x="{}" y="39">transient</text>"##,
-            left + 15.0,
-            left + 140.0,
-            left + 155.0
+            h - 10.0
         );
         s.push_str("</svg>\n");
         s
@@ -265,5 +407,42 @@ pub fn human_bytes(b: u64) -> String {
         format!("{b} B")
     } else {
         format!("{v:.2} {}", UNITS[u])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steps_are_one_two_or_five_times_a_power_of_ten() {
+        assert_eq!(round_step(12.04, 8.0), 2.0);
+        assert_eq!(round_step(1.3, 8.0), 0.2);
+        assert_eq!(round_step(1000.0, 8.0), 200.0);
+        assert_eq!(round_step(40.0, 8.0), 5.0);
+        assert_eq!(round_step(10.0, 10.0), 1.0);
+    }
+
+    #[test]
+    fn byte_ticks_are_round_in_the_largest_unit() {
+        let labels = |top: u64| byte_ticks(top).into_iter().map(|(_, l)| l).collect::<Vec<_>>();
+        assert_eq!(labels(12_622_080), ["0", "2 MiB", "4 MiB", "6 MiB", "8 MiB", "10 MiB", "12 MiB"]);
+        assert_eq!(labels(3 << 29), ["0", "0.2 GiB", "0.4 GiB", "0.6 GiB", "0.8 GiB", "1.0 GiB", "1.2 GiB", "1.4 GiB"]);
+        assert_eq!(labels(700), ["0", "100 B", "200 B", "300 B", "400 B", "500 B", "600 B", "700 B"]);
+        assert_eq!(labels(3), ["0", "1 B", "2 B", "3 B"]);
+        assert_eq!(labels(0), ["0"]);
+        // Each tick sits at its label's bytes.
+        for (bytes, label) in byte_ticks(5 << 30) {
+            let v: f64 = label.split(' ').next().unwrap().parse().unwrap();
+            assert_eq!(bytes, v * (1u64 << 30) as f64, "{label}");
+        }
+    }
+
+    #[test]
+    fn kernel_ticks_step_roundly_below_the_count() {
+        assert_eq!(kernel_ticks(95), [0, 10, 20, 30, 40, 50, 60, 70, 80, 90]);
+        assert_eq!(kernel_ticks(2417), (0..2417).step_by(500).collect::<Vec<_>>());
+        assert_eq!(kernel_ticks(3), [0, 1, 2]);
+        assert_eq!(kernel_ticks(0), [0]);
     }
 }
