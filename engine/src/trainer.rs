@@ -61,6 +61,22 @@ pub enum EngineError {
     Logs { dir: PathBuf, message: String },
 }
 
+/// Advances a counter of the engine state, never past `MAX_COUNTER`
+/// (`engine.json` is checked against the same bound, so only a bug reaches
+/// the error; it names the counter instead of wrapping).
+fn advance(counter: &mut u64, field: &str) -> Result<(), EngineError> {
+    match counter.checked_add(1).filter(|&n| n <= checkpoint::MAX_COUNTER) {
+        Some(n) => {
+            *counter = n;
+            Ok(())
+        }
+        None => Err(EngineError::Runtime(format!(
+            "the engine state's `{field}` ({counter}) would pass its bound of {}",
+            checkpoint::MAX_COUNTER
+        ))),
+    }
+}
+
 /// How a run ended.
 #[derive(Debug, PartialEq)]
 pub enum Outcome {
@@ -550,7 +566,8 @@ impl Optim {
                 if iteration < start {
                     continue;
                 }
-                let t = (iteration + 1 - start) as i32;
+                // Beyond i32 the corrections are 1 to f32 precision anyway.
+                let t = i32::try_from(iteration - start + 1).unwrap_or(i32::MAX);
                 let (n1, n2) = bias_correction_inputs(start);
                 out.push((n1, Tensor::scalar_f32((1.0 - b1.powi(t)) as f32)));
                 out.push((n2, Tensor::scalar_f32((1.0 - b2.powi(t)) as f32)));
@@ -694,7 +711,7 @@ impl TestPhase<'_, '_> {
             "train_phase_idx": epoch,
             "test_accuracy_list_meter": m.to_json(),
         }));
-        state.phase_idx += 1;
+        advance(&mut state.phase_idx, "phase_idx")?;
         Ok(())
     }
 }
@@ -1276,7 +1293,8 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
                 return Ok(Outcome::Stopped { checkpoint: path, iteration: state.iteration, reason });
             }
             let Batch { images, labels, size } = b.map_err(EngineError::Data)?;
-            let same_stage_next = steps.stages.id(state.iteration + 1) == steps.stages.id(state.iteration);
+            let same_stage_next =
+                steps.stages.id(state.iteration.saturating_add(1)) == steps.stages.id(state.iteration);
             let ex = steps.get(size as u64, state.iteration)?;
             let planned_peak = ex.plan().memory.as_ref().map_or(0, |m| m.peak_bytes);
             let needs = |name: &str| ex.plan().input(name).is_some();
@@ -1292,8 +1310,15 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
             let overlaps = matches!(ex, Executor::Cuda(_));
             let next_scalars = match batches.peek() {
                 Some(Ok(nb)) if overlaps && nb.size == size && same_stage_next => {
-                    let (s, _) =
-                        step_scalars(&optim, iteration + 1, total, per_epoch, &nb.labels, &needs, moco_momentum);
+                    let (s, _) = step_scalars(
+                        &optim,
+                        iteration.saturating_add(1),
+                        total,
+                        per_epoch,
+                        &nb.labels,
+                        &needs,
+                        moco_momentum,
+                    );
                     Some(s)
                 }
                 _ => None,
@@ -1330,8 +1355,8 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
             if let (Some(m), true) = (&mut meter, train_meter) {
                 update_meter(m, &out, &labels)?;
             }
-            state.iteration += 1;
-            state.iteration_in_epoch += 1;
+            advance(&mut state.iteration, "iteration")?;
+            advance(&mut state.iteration_in_epoch, "iteration_in_epoch")?;
             // The launcher names a failed rank's last step from this.
             if let Some(w) = setup.world {
                 w.store
@@ -1415,7 +1440,7 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
             record["train_accuracy_list_meter"] = share.meter(m)?.to_json();
         }
         log.phase(&record);
-        state.phase_idx += 1;
+        advance(&mut state.phase_idx, "phase_idx")?;
         let last = epoch + 1 == num_epochs;
         // The run is finished once its last test phase (if any) is done too.
         state.test_pending = test_after(epoch);
