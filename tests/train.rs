@@ -548,6 +548,71 @@ fn a_flipped_bit_in_the_newest_checkpoint_falls_back_to_the_previous_one_and_res
     std::fs::remove_dir_all(&root).unwrap();
 }
 
+/// SIGKILL at every point of a checkpoint write (each file written, synced
+/// or renamed: the engine's `TESSERA_CHECKPOINT_KILL_AT` hook), then a
+/// flipped bit in the newest checkpoint the kill left: the resume falls
+/// back to the newest intact one and ends bitwise where an uninterrupted
+/// run does (issue 15).
+#[test]
+fn a_kill_at_every_point_of_a_checkpoint_write_then_a_flipped_bit_still_resumes_bitwise() {
+    use std::os::unix::process::ExitStatusExt;
+    let root = tmpdir("kill-points");
+    let data = synth_folder(&root, 4, 32, 8);
+    // Checkpoints at iterations 2, 4 and 6 of 8; the write of 6 is killed.
+    let extra = [
+        "CHECKPOINT.CHECKPOINT_ITER_FREQUENCY=2",
+        "MODEL.TRUNK.VISION_TRANSFORMERS.DROPOUT_RATE=0.1",
+        "TEST_MODEL=false",
+    ];
+    let whole = root.join("whole");
+    ok(&run(&args(&data, &whole, 1, &extra)));
+    let final_weights = |dir: &Path| {
+        let file = dir.join("model_final_checkpoint_phase0").join("model.safetensors");
+        tessera_runtime::weights::read_safetensors(&file).unwrap()
+    };
+    let mut points = 0;
+    for j in 1.. {
+        let dir = root.join(format!("killed-at-{j}"));
+        let o = command()
+            .args(args(&data, &dir, 1, &extra))
+            .env("TESSERA_CHECKPOINT_KILL_AT", format!("model_iteration6:{j}"))
+            .output()
+            .unwrap();
+        if o.status.success() {
+            break; // past the write's last point
+        }
+        assert_eq!(o.status.signal(), Some(9), "point {j}: {}", text(&o));
+        points += 1;
+        // The checkpoint a resume would take (the pointer's: 4 until the
+        // pointer names 6) gets a flipped bit; the newest intact one is then
+        // 6 if the kill left it in place, else the newest before it.
+        let newest = tessera_engine::checkpoint::resume_point(&dir).unwrap().unwrap().path;
+        let intact = [6, 4, 2]
+            .map(|i| dir.join(format!("model_iteration{i}")))
+            .into_iter()
+            .find(|p| p.is_dir() && *p != newest)
+            .unwrap();
+        let model = newest.join("model.safetensors");
+        let mut bytes = std::fs::read(&model).unwrap();
+        let at = bytes.len() - 2;
+        bytes[at] ^= 0x40;
+        std::fs::write(&model, bytes).unwrap();
+
+        let o = run(&args(&data, &dir, 1, &extra));
+        ok(&o);
+        let t = text(&o);
+        assert!(t.contains(&format!("warning: checkpoint {} is damaged", newest.display())), "point {j}: {t}");
+        let log = std::fs::read_to_string(dir.join("log.txt")).unwrap();
+        assert!(log.contains(&format!("resuming from {} (", intact.display())), "point {j}: {log}");
+        assert_eq!(losses(&dir), losses(&whole), "point {j}: the resumed run's losses differ");
+        assert_eq!(final_weights(&dir), final_weights(&whole), "point {j}: the final weights differ");
+    }
+    // Every file of the write, its fsync and rename, the directory's and
+    // the pointer's: 11 points.
+    assert_eq!(points, 11);
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
 /// `tessera train` limited to `limit` bytes of address space (`ulimit -v`),
 /// so that a step too big for memory fails the same on any machine, and a
 /// regression (an allocation that is not checked first) is an allocation

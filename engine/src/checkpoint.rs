@@ -92,20 +92,98 @@ fn one() -> u64 {
     1
 }
 
+/// The largest counter `engine.json` may hold (2^53 steps, phases, ...):
+/// far beyond any run, and small enough that the trainer's sums and
+/// products of counters never overflow (and stay exact as f64).
+pub const MAX_COUNTER: u64 = 1 << 53;
+
 impl EngineState {
     /// What a resume relies on and a damaged or hand-edited `engine.json`
-    /// could break: a pending test phase follows a train phase, the train
-    /// phases done are within the run's, and every integer state's values
-    /// fill its shape.
+    /// could break: every counter in range (no later arithmetic on it can
+    /// overflow), the step counts within the run's shape, a pending test
+    /// phase after a train phase, finite losses, a meter whose lists agree
+    /// in length, and every integer state's values filling its shape. The
+    /// message names the field.
     pub fn check(&self) -> Result<(), String> {
+        let counters = [
+            ("phase_idx", self.phase_idx),
+            ("train_phase_idx", self.train_phase_idx),
+            ("iteration", self.iteration),
+            ("iteration_in_epoch", self.iteration_in_epoch),
+            ("rng_step", self.rng_step),
+            ("steps_per_epoch", self.steps_per_epoch),
+            ("num_epochs", self.num_epochs),
+            ("batch", self.batch),
+            ("world", self.world),
+        ];
+        for (field, v) in counters {
+            if v > MAX_COUNTER {
+                return Err(format!("field `{field}` is {v}, above the bound of {MAX_COUNTER}"));
+            }
+        }
+        if self.world == 0 {
+            return Err("field `world` is 0 (a run has at least one process)".into());
+        }
         if self.test_pending && self.train_phase_idx == 0 {
             return Err("a test phase is recorded as pending before any train phase (train_phase_idx 0)".into());
+        }
+        if self.finished && self.test_pending {
+            return Err("field `finished` is true while a test phase is pending (`test_pending`)".into());
         }
         if self.num_epochs != 0 && self.train_phase_idx > self.num_epochs {
             return Err(format!(
                 "train_phase_idx {} is beyond the run's {} epochs",
                 self.train_phase_idx, self.num_epochs
             ));
+        }
+        if self.train_phase_idx > self.phase_idx {
+            return Err(format!(
+                "field `train_phase_idx` is {} but `phase_idx` (train and test phases) is {}",
+                self.train_phase_idx, self.phase_idx
+            ));
+        }
+        if self.iteration_in_epoch > self.iteration {
+            return Err(format!(
+                "field `iteration_in_epoch` is {} but `iteration` is {}",
+                self.iteration_in_epoch, self.iteration
+            ));
+        }
+        if self.steps_per_epoch != 0 {
+            let steps = self.num_epochs.checked_mul(self.steps_per_epoch).filter(|&s| s <= MAX_COUNTER);
+            let Some(steps) = steps else {
+                return Err(format!(
+                    "fields `num_epochs` {} x `steps_per_epoch` {} are above the bound of {MAX_COUNTER} steps",
+                    self.num_epochs, self.steps_per_epoch
+                ));
+            };
+            if self.iteration_in_epoch > self.steps_per_epoch {
+                return Err(format!(
+                    "field `iteration_in_epoch` is {}, beyond the run's {} steps per epoch",
+                    self.iteration_in_epoch, self.steps_per_epoch
+                ));
+            }
+            if self.num_epochs != 0 && self.iteration > steps {
+                return Err(format!("field `iteration` is {}, beyond the run's {steps} steps", self.iteration));
+            }
+            if self.losses.len() as u64 > self.steps_per_epoch {
+                return Err(format!(
+                    "field `losses` holds {} values, more than the run's {} steps per epoch",
+                    self.losses.len(),
+                    self.steps_per_epoch
+                ));
+            }
+        }
+        if let Some(i) = self.losses.iter().position(|l| !l.is_finite()) {
+            return Err(format!("field `losses` holds a value that is not finite (item {i})"));
+        }
+        // No meter: null (or `{}`, as tests and older builds wrote it).
+        let no_meter = self.meters.is_null() || self.meters.as_object().is_some_and(|m| m.is_empty());
+        if !no_meter {
+            let meter = serde_json::from_value::<crate::meters::AccuracyListMeter>(self.meters.clone())
+                .map_err(|e| format!("field `meters` is not a meter's state: {e}"))?;
+            if !meter.is_consistent() {
+                return Err("field `meters`: its topk, scores, samples and names lists do not agree in length".into());
+            }
         }
         for (name, t) in &self.int_state {
             let numel = t.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
@@ -311,13 +389,15 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
     fs::File::open(dir)?.sync_all()
 }
 
-/// Writes `bytes` to `path` atomically (temporary file, fsync, rename).
-fn write_file_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// Writes `bytes` to `path` atomically (temporary file, fsync, rename);
+/// `point` runs between the fsync and the rename (see [`kill_point`]).
+fn write_file_atomic(path: &Path, bytes: &[u8], point: impl Fn()) -> std::io::Result<()> {
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     let result = (|| {
         let mut f = fs::File::create(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
+        point();
         fs::rename(&tmp, path)?;
         if let Some(parent) = path.parent() {
             sync_dir(parent)?;
@@ -336,6 +416,27 @@ fn write_file_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 #[doc(hidden)]
 pub static FAIL_AFTER_MODEL_FILE: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
 
+/// Test hook: with `TESSERA_CHECKPOINT_KILL_AT=NAME:J` the process kills
+/// itself (SIGKILL) at the J-th step of writing checkpoint NAME (each file
+/// written, synced or renamed, 1-based), so that a test can crash a write
+/// at every point of it and check what a resume makes of what is left.
+fn kill_point(name: &str) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static AT: std::sync::OnceLock<Option<(String, u64)>> = std::sync::OnceLock::new();
+    static SEEN: AtomicU64 = AtomicU64::new(0);
+    let at = AT.get_or_init(|| {
+        let spec = std::env::var("TESSERA_CHECKPOINT_KILL_AT").ok()?;
+        let (n, j) = spec.rsplit_once(':')?;
+        Some((n.to_string(), j.parse().ok()?))
+    });
+    if let Some((n, j)) = at {
+        if n == name && SEEN.fetch_add(1, Ordering::SeqCst) + 1 == *j {
+            // SAFETY: kill(2) on our own pid; nothing runs after it.
+            unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+        }
+    }
+}
+
 /// Writes checkpoint `name` in `dir` and points `checkpoint.json` at it.
 pub fn write(dir: &Path, name: &str, ckpt: &Checkpoint) -> Result<PathBuf, CheckpointError> {
     let target = dir.join(name);
@@ -348,7 +449,9 @@ pub fn write(dir: &Path, name: &str, ckpt: &Checkpoint) -> Result<PathBuf, Check
     let tmp = dir.join(format!(".tmp-{name}-{}", std::process::id()));
     let _ = fs::remove_dir_all(&tmp);
     let result = (|| -> Result<(), String> {
+        let point = || kill_point(name);
         fs::create_dir(&tmp).map_err(|e| e.to_string())?;
+        point();
         // The tensor files say which iteration they belong to, so a file
         // copied from another checkpoint is named as such on load.
         let meta = BTreeMap::from([
@@ -356,12 +459,15 @@ pub fn write(dir: &Path, name: &str, ckpt: &Checkpoint) -> Result<PathBuf, Check
             ("iteration".to_string(), ckpt.engine.iteration.to_string()),
         ]);
         write_safetensors(&tmp.join(MODEL), &ckpt.model, &meta).map_err(|e| e.to_string())?;
+        point();
         if FAIL_AFTER_MODEL_FILE.lock().map(|d| d.as_deref() == Some(dir)).unwrap_or(false) {
             return Err("No space left on device (os error 28)".into());
         }
         write_safetensors(&tmp.join(OPTIMIZER), &ckpt.optimizer, &meta).map_err(|e| e.to_string())?;
+        point();
         let json = serde_json::to_vec_pretty(&ckpt.engine).map_err(|e| e.to_string())?;
-        write_file_atomic(&tmp.join(ENGINE), &json).map_err(|e| e.to_string())?;
+        write_file_atomic(&tmp.join(ENGINE), &json, point).map_err(|e| e.to_string())?;
+        point();
         // The checksums of the files as they are on disk.
         let mut files = BTreeMap::new();
         for f in [MODEL, OPTIMIZER, ENGINE] {
@@ -369,11 +475,15 @@ pub fn write(dir: &Path, name: &str, ckpt: &Checkpoint) -> Result<PathBuf, Check
             files.insert(f.to_string(), sum);
         }
         let manifest = Manifest { iteration: ckpt.engine.iteration, files };
-        write_file_atomic(&tmp.join(MANIFEST), &manifest.to_json()).map_err(|e| e.to_string())?;
+        write_file_atomic(&tmp.join(MANIFEST), &manifest.to_json(), point).map_err(|e| e.to_string())?;
+        point();
         sync_dir(&tmp).map_err(|e| e.to_string())?;
-        install(dir, &tmp, name)?;
+        point();
+        install(dir, &tmp, name, point)?;
+        point();
         let pointer = serde_json::to_vec(&serde_json::json!({ "latest": name })).map_err(|e| e.to_string())?;
-        write_file_atomic(&dir.join(POINTER), &pointer).map_err(|e| e.to_string())?;
+        write_file_atomic(&dir.join(POINTER), &pointer, point).map_err(|e| e.to_string())?;
+        point();
         Ok(())
     })();
     match result {
@@ -389,13 +499,14 @@ pub fn write(dir: &Path, name: &str, ckpt: &Checkpoint) -> Result<PathBuf, Check
 /// `dir`, replacing one of that name (a rerun with OVERWRITE_EXISTING, or
 /// an updated `engine.json`): the old one is moved aside first, so one
 /// always exists (`sweep_stale` restores it after a crash in between).
-fn install(dir: &Path, tmp: &Path, name: &str) -> Result<(), String> {
+fn install(dir: &Path, tmp: &Path, name: &str, point: impl Fn()) -> Result<(), String> {
     let target = dir.join(name);
     let old = dir.join(format!(".old-{name}-{}", std::process::id()));
     let had_old = target.exists();
     if had_old {
         let _ = fs::remove_dir_all(&old);
         fs::rename(&target, &old).map_err(|e| e.to_string())?;
+        point();
     }
     fs::rename(tmp, &target).map_err(|e| e.to_string())?;
     sync_dir(dir).map_err(|e| e.to_string())?;
@@ -421,7 +532,7 @@ pub fn update_engine_state(path: &Path, f: impl FnOnce(&mut EngineState)) -> Res
         Ok(bytes) => Manifest::parse(&bytes).map_err(|e| fail(format!("{MANIFEST}: {e}")))?,
         // A checkpoint of format 1 has no manifest: its engine.json alone.
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return write_file_atomic(&path.join(ENGINE), &json).map_err(|e| fail(e.to_string()))
+            return write_file_atomic(&path.join(ENGINE), &json, || ()).map_err(|e| fail(e.to_string()))
         }
         Err(e) => return Err(fail(format!("{MANIFEST}: {e}"))),
     };
@@ -438,13 +549,13 @@ pub fn update_engine_state(path: &Path, f: impl FnOnce(&mut EngineState)) -> Res
                 fs::File::open(tmp.join(f)).and_then(|h| h.sync_all()).map_err(|e| format!("{f}: {e}"))?;
             }
         }
-        write_file_atomic(&tmp.join(ENGINE), &json).map_err(|e| e.to_string())?;
+        write_file_atomic(&tmp.join(ENGINE), &json, || ()).map_err(|e| e.to_string())?;
         let mut manifest = manifest;
         manifest.iteration = state.iteration;
         manifest.files.insert(ENGINE.to_string(), FileSum::of(&json));
-        write_file_atomic(&tmp.join(MANIFEST), &manifest.to_json()).map_err(|e| e.to_string())?;
+        write_file_atomic(&tmp.join(MANIFEST), &manifest.to_json(), || ()).map_err(|e| e.to_string())?;
         sync_dir(&tmp).map_err(|e| e.to_string())?;
-        install(dir, &tmp, name)
+        install(dir, &tmp, name, || ())
     })();
     result.map_err(|message| {
         let _ = fs::remove_dir_all(&tmp);
@@ -598,10 +709,7 @@ pub struct ResumePoint {
 /// intact (training from scratch over them is never silent).
 pub fn resume_point(dir: &Path) -> Result<Option<ResumePoint>, CheckpointError> {
     let Ok(entries) = fs::read_dir(dir) else { return Ok(None) };
-    let pointed = fs::read(dir.join(POINTER))
-        .ok()
-        .and_then(|t| serde_json::from_slice::<serde_json::Value>(&t).ok())
-        .and_then(|v| v.get("latest").and_then(|n| n.as_str()).map(|n| dir.join(n)));
+    let pointed = pointed(dir);
     // Newest first: the pointer's, then by (finished, iteration), read from
     // engine.json or, when that is damaged, the manifest.
     let mut candidates: Vec<((bool, bool, u64), PathBuf)> = entries
@@ -659,6 +767,19 @@ pub fn resume_point(dir: &Path) -> Result<Option<ResumePoint>, CheckpointError> 
     })
 }
 
+/// The checkpoint `checkpoint.json` of `dir` names, if it names one in
+/// `dir`: a plain directory name, never `../other` or an absolute path.
+fn pointed(dir: &Path) -> Option<PathBuf> {
+    let text = fs::read(dir.join(POINTER)).ok()?;
+    let v = serde_json::from_slice::<serde_json::Value>(&text).ok()?;
+    let name = Path::new(v.get("latest")?.as_str()?);
+    let mut parts = name.components();
+    match (parts.next(), parts.next()) {
+        (Some(std::path::Component::Normal(n)), None) => Some(dir.join(n)),
+        _ => None,
+    }
+}
+
 /// Checks one file of checkpoint directory `path` against its manifest
 /// (`MODEL.WEIGHTS_INIT` naming a checkpoint directory); `Ok(false)` when
 /// the checkpoint has no manifest (format 1).
@@ -677,16 +798,8 @@ pub fn verify_file(path: &Path, file: &str) -> Result<bool, CheckpointError> {
 /// The checkpoint to resume from: the pointer's, else the newest complete
 /// one on disk (a final checkpoint first, then the most iterations).
 pub fn latest(dir: &Path) -> Option<PathBuf> {
-    if let Ok(text) = fs::read(dir.join(POINTER)) {
-        if let Some(name) = serde_json::from_slice::<serde_json::Value>(&text)
-            .ok()
-            .and_then(|v| v.get("latest").and_then(|n| n.as_str()).map(String::from))
-        {
-            let p = dir.join(&name);
-            if complete(&p) {
-                return Some(p);
-            }
-        }
+    if let Some(p) = pointed(dir).filter(|p| complete(p)) {
+        return Some(p);
     }
     let mut best: Option<(bool, u64, PathBuf)> = None;
     for entry in fs::read_dir(dir).ok()?.flatten() {
@@ -813,7 +926,7 @@ mod tests {
     fn an_inconsistent_engine_state_is_refused_naming_the_file_and_the_field() {
         let dir = tmpdir("inconsistent");
         type Damage = fn(&mut EngineState);
-        let cases: [(&str, Damage); 3] = [
+        let cases: [(&str, Damage); 15] = [
             ("pending before any train phase", |s| {
                 s.test_pending = true;
                 s.train_phase_idx = 0;
@@ -822,6 +935,32 @@ mod tests {
             ("`loss.queue_ptr` has shape [2] but 1 values", |s| {
                 s.int_state.get_mut("loss.queue_ptr").unwrap().shape = vec![2]
             }),
+            // Counters that would wrap when the trainer advances them.
+            ("field `iteration` is 18446744073709551615, above the bound of 9007199254740992", |s| {
+                s.iteration = u64::MAX
+            }),
+            ("field `rng_step` is 18446744073709551615, above the bound", |s| s.rng_step = u64::MAX),
+            ("field `phase_idx` is 18446744073709551615, above the bound", |s| s.phase_idx = u64::MAX),
+            ("fields `num_epochs` 4294967296 x `steps_per_epoch` 4294967296 are above the bound", |s| {
+                (s.num_epochs, s.steps_per_epoch) = (1 << 32, 1 << 32)
+            }),
+            ("field `iteration_in_epoch` is 11, beyond the run's 10 steps per epoch", |s| {
+                (s.iteration, s.iteration_in_epoch) = (15, 11)
+            }),
+            ("field `iteration` is 25, beyond the run's 20 steps", |s| s.iteration = 25),
+            ("field `iteration_in_epoch` is 12 but `iteration` is 10", |s| s.iteration_in_epoch = 12),
+            ("field `world` is 0", |s| s.world = 0),
+            ("field `finished` is true while a test phase is pending", |s| {
+                (s.finished, s.test_pending, s.train_phase_idx) = (true, true, 1)
+            }),
+            // The meter's sample and score lists of different lengths.
+            ("field `meters`: its topk, scores, samples and names lists do not agree in length", |s| {
+                s.meters = serde_json::json!({"topk": [1, 5], "scores": [[1.0, 2.0]], "samples": [3, 4]})
+            }),
+            ("field `meters`: its topk", |s| {
+                s.meters = serde_json::json!({"topk": [1], "scores": [[1.0, 2.0]], "samples": [3]})
+            }),
+            ("field `meters` is not a meter's state", |s| s.meters = serde_json::json!("top_1")),
         ];
         for (want, damage) in cases {
             write(&dir, "model_phase0", &ckpt(10, 1.0)).unwrap();
@@ -873,6 +1012,7 @@ mod tests {
             let point = resume_point(&dir).unwrap().expect("the run's own checkpoint");
             assert_eq!(point.path, dir.join("model_iteration3"), "pointer {outside}");
             assert_eq!(point.checkpoint.engine.iteration, 3);
+            assert_eq!(latest(&dir), Some(dir.join("model_iteration3")), "pointer {outside}");
         }
         fs::remove_dir_all(&root).ok();
     }

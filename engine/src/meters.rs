@@ -53,12 +53,14 @@ impl AccuracyListMeter {
     }
 
     /// Whether the counts have the meter's layout (one score per k for each
-    /// output, one sample count per output, no name or one per output): a
-    /// meter read from a checkpoint is checked before it is used.
+    /// output, one sample count per output, no name or one per output) and
+    /// every score is a finite count: a meter read from a checkpoint is
+    /// checked before it is used.
     pub fn is_consistent(&self) -> bool {
         self.samples.len() == self.scores.len()
             && self.scores.iter().all(|s| s.len() == self.topk.len())
             && (self.names.is_empty() || self.names.len() == self.scores.len())
+            && self.scores.iter().flatten().all(|s| s.is_finite() && *s >= 0.0)
     }
 
     pub fn num_meters(&self) -> usize {

@@ -63,6 +63,22 @@ pub enum EngineError {
     Logs { dir: PathBuf, message: String },
 }
 
+/// Advances a counter of the engine state, never past `MAX_COUNTER`
+/// (`engine.json` is checked against the same bound, so only a bug reaches
+/// the error; it names the counter instead of wrapping).
+fn advance(counter: &mut u64, field: &str) -> Result<(), EngineError> {
+    match counter.checked_add(1).filter(|&n| n <= checkpoint::MAX_COUNTER) {
+        Some(n) => {
+            *counter = n;
+            Ok(())
+        }
+        None => Err(EngineError::Runtime(format!(
+            "the engine state's `{field}` ({counter}) would pass its bound of {}",
+            checkpoint::MAX_COUNTER
+        ))),
+    }
+}
+
 /// How a run ended.
 #[derive(Debug, PartialEq)]
 pub enum Outcome {
@@ -552,7 +568,8 @@ impl Optim {
                 if iteration < start {
                     continue;
                 }
-                let t = (iteration + 1 - start) as i32;
+                // Beyond i32 the corrections are 1 to f32 precision anyway.
+                let t = i32::try_from(iteration - start + 1).unwrap_or(i32::MAX);
                 let (n1, n2) = bias_correction_inputs(start);
                 out.push((n1, Tensor::scalar_f32((1.0 - b1.powi(t)) as f32)));
                 out.push((n2, Tensor::scalar_f32((1.0 - b2.powi(t)) as f32)));
@@ -696,7 +713,7 @@ impl TestPhase<'_, '_> {
             "train_phase_idx": epoch,
             "test_accuracy_list_meter": m.to_json(),
         }));
-        state.phase_idx += 1;
+        advance(&mut state.phase_idx, "phase_idx")?;
         Ok(())
     }
 }
@@ -1295,7 +1312,8 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
                 return Ok(Outcome::Stopped { checkpoint: path, iteration: state.iteration, reason });
             }
             let Batch { images, labels, size } = b.map_err(EngineError::Data)?;
-            let same_stage_next = steps.stages.id(state.iteration + 1) == steps.stages.id(state.iteration);
+            let same_stage_next =
+                steps.stages.id(state.iteration.saturating_add(1)) == steps.stages.id(state.iteration);
             let ex = steps.get(size as u64, state.iteration)?;
             let planned_peak = ex.plan().memory.as_ref().map_or(0, |m| m.peak_bytes);
             let needs = |name: &str| ex.plan().input(name).is_some();
@@ -1312,8 +1330,15 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
             let grads_at_end = hist.grads && batches.peek().is_none();
             let next_scalars = match batches.peek() {
                 Some(Ok(nb)) if overlaps && nb.size == size && same_stage_next => {
-                    let (s, _) =
-                        step_scalars(&optim, iteration + 1, total, per_epoch, &nb.labels, &needs, moco_momentum);
+                    let (s, _) = step_scalars(
+                        &optim,
+                        iteration.saturating_add(1),
+                        total,
+                        per_epoch,
+                        &nb.labels,
+                        &needs,
+                        moco_momentum,
+                    );
                     Some(s)
                 }
                 _ => None,
@@ -1326,7 +1351,7 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
             // outputs when the training meter is on (not the gradients).
             let meter_on = meter.is_some() && train_meter;
             // ... and the gradients on the steps whose histograms are written.
-            let grads_now = hist.grads_after(iteration + 1);
+            let grads_now = hist.grads_after(iteration.saturating_add(1));
             let grads_on = grads_now || grads_at_end;
             let wanted = |name: &str| {
                 name == "loss" || (meter_on && name.starts_with("output")) || (grads_on && name.starts_with("grad."))
@@ -1366,8 +1391,8 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
                 log.info(&report);
             }
             batch_start = Instant::now();
-            state.iteration += 1;
-            state.iteration_in_epoch += 1;
+            advance(&mut state.iteration, "iteration")?;
+            advance(&mut state.iteration_in_epoch, "iteration_in_epoch")?;
             if grads_now {
                 histograms::grads(&mut log, &out, state.iteration as i64);
             }
@@ -1486,7 +1511,7 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
         if hist.grads {
             histograms::grads(&mut log, &last_grads, epoch as i64);
         }
-        state.phase_idx += 1;
+        advance(&mut state.phase_idx, "phase_idx")?;
         let last = epoch + 1 == num_epochs;
         // The run is finished once its last test phase (if any) is done too.
         state.test_pending = test_after(epoch);

@@ -87,9 +87,12 @@ impl MemoryPlan {
     /// every block fits in the arena.
     pub fn check(&self) -> Result<(), String> {
         for (i, a) in self.blocks.iter().enumerate() {
-            if a.offset % ALIGN != 0 || a.offset + a.bytes > self.arena_bytes {
+            if a.offset % ALIGN != 0 || a.offset.checked_add(a.bytes).is_none_or(|end| end > self.arena_bytes) {
                 return Err(format!("block {i} at {}+{} is outside the arena or misaligned", a.offset, a.bytes));
             }
+        }
+        // Every block ends inside the arena: the sums below cannot overflow.
+        for (i, a) in self.blocks.iter().enumerate() {
             for (j, b) in self.blocks.iter().enumerate().skip(i + 1) {
                 let in_time = a.first <= b.last && b.first <= a.last;
                 let in_space = a.offset < b.offset + b.bytes && b.offset < a.offset + a.bytes;

@@ -124,6 +124,10 @@ pub struct Plan {
     pub gradient_bucket_bytes: u64,
 }
 
+/// The largest value a plan may hold (2^48 bytes, 256 TiB: beyond any
+/// device), so that no size computed from a plan read from disk overflows.
+pub const MAX_VALUE_BYTES: u64 = 1 << 48;
+
 /// The scope of the all-reduce (mean) the compiler puts on each gradient
 /// of a data-parallel step.
 pub const GRADIENT_ALL_REDUCE_SCOPE: &str = "optim.all_reduce";
@@ -217,6 +221,14 @@ impl Plan {
         if self.version != PLAN_VERSION {
             return Err(format!("plan version {} is not supported (this build reads {PLAN_VERSION})", self.version));
         }
+        // Sizes first: every later product, sum and offset of them then
+        // fits in a u64 (a damaged file may claim a dimension of 2^60).
+        for (i, v) in self.values.iter().enumerate() {
+            let bytes = v.shape.iter().try_fold(v.dtype.size_bytes(), |a, &d| a.checked_mul(d));
+            if bytes.is_none_or(|b| b > MAX_VALUE_BYTES) {
+                return Err(format!("value {i} of shape {:?} is larger than {MAX_VALUE_BYTES} bytes", v.shape));
+            }
+        }
         if let Some(m) = &self.memory {
             if m.placements.len() != self.values.len() {
                 return Err(format!(
@@ -226,6 +238,14 @@ impl Plan {
                 ));
             }
             m.check().map_err(|e| format!("memory plan: {e}"))?;
+            for (i, b) in m.blocks.iter().enumerate() {
+                if b.first > b.last || b.last > self.kernels.len() || b.value >= self.values.len() {
+                    return Err(format!(
+                        "memory plan: block {i} (value {}, kernels {}..{}) names a value or kernels the plan does not have",
+                        b.value, b.first, b.last
+                    ));
+                }
+            }
         }
         let mut written = vec![false; self.values.len()];
         let mut parts_of: HashMap<usize, Vec<usize>> = HashMap::new();
@@ -241,8 +261,9 @@ impl Plan {
                     let Some((Op::MultiTensor { .. }, out)) = packed else {
                         return Err(format!("value {i} is a part of kernel {kernel}, which is not multi-tensor"));
                     };
-                    let fits =
-                        self.values.get(out).is_some_and(|p| offset + v.numel() <= p.numel() && v.dtype == p.dtype);
+                    let fits = self.values.get(out).is_some_and(|p| {
+                        offset.checked_add(v.numel()).is_some_and(|end| end <= p.numel()) && v.dtype == p.dtype
+                    });
                     if !fits {
                         return Err(format!("value {i} is not inside the packed result of kernel {kernel}"));
                     }
@@ -391,19 +412,20 @@ impl Plan {
         let (mut params, mut trainable, mut state, mut temps) = (0u64, 0u64, 0u64, 0u64);
         let mut inputs = Vec::new();
         for v in &self.values {
-            let bytes = v.numel() * v.dtype.size_bytes();
+            // Saturating: a plan of many huge values still prints.
+            let bytes = v.numel().saturating_mul(v.dtype.size_bytes());
             match &v.source {
                 Source::Param { trainable: t, .. } => {
-                    params += v.numel();
+                    params = params.saturating_add(v.numel());
                     if *t {
-                        trainable += v.numel();
+                        trainable = trainable.saturating_add(v.numel());
                     }
                 }
-                Source::Buffer { .. } => state += bytes,
+                Source::Buffer { .. } => state = state.saturating_add(bytes),
                 Source::Input { name } => inputs.push(format!("{name} {:?} {}", v.shape, v.dtype)),
                 // A packed multi-tensor result is stored as its parts.
                 Source::Kernel(k) if self.kernels.get(*k).is_some_and(|k| matches!(k.op, Op::MultiTensor { .. })) => {}
-                Source::Kernel(_) | Source::Part { .. } => temps += bytes,
+                Source::Kernel(_) | Source::Part { .. } => temps = temps.saturating_add(bytes),
                 Source::Fill { .. } => {}
             }
         }
