@@ -363,6 +363,7 @@ fn load_batch(shared: &Shared, epoch: u64, b: usize, indices: &[usize], stop: &A
             warnings.extend(sample.warning);
             samples.push(CollateSample { views, label: sample.label, index, valid: sample.valid });
         }
+        check_sizes(&shared.dataset, &samples).map_err(|message| Error::Batch { batch: b, message })?;
         let batch_id = (b * shared.world_size + shared.rank) as u64;
         shared.collator.collate(&samples, SampleKey::new(shared.seed, epoch, batch_id))
     }));
@@ -375,6 +376,45 @@ fn load_batch(shared: &Shared, epoch: u64, b: usize, indices: &[usize], stop: &A
         Err(Error::Batch { batch: b, message: format!("a bug panicked while loading it: {reason}") })
     });
     Loaded { batch, warnings }
+}
+
+/// Copies at one position are stacked, so they must share a size. When they
+/// do not, names both samples' files, and when one is the gray stand-in for
+/// an unreadable image (DEFAULT_GRAY_IMG_SIZE, passed through the
+/// transforms), says so and which key sets its size.
+fn check_sizes(dataset: &Dataset, samples: &[CollateSample]) -> std::result::Result<(), String> {
+    let Some(first) = samples.first() else { return Ok(()) };
+    for (p, reference) in first.views.iter().enumerate() {
+        let Some(odd) = samples.iter().find(|s| s.views.get(p).is_some_and(|t| t.shape != reference.shape)) else {
+            continue;
+        };
+        let describe = |s: &CollateSample| {
+            let file = dataset.path(s.index).map_or("a synthetic image".to_string(), |f| f.display().to_string());
+            let stand_in = if s.valid { "" } else { ", unreadable: the gray stand-in" };
+            format!("sample {} ({file}{stand_in}) is {:?}", s.index, s.views[p].shape)
+        };
+        let split = dataset.split();
+        let (transforms, gray_key) =
+            (format!("DATA.{split}.TRANSFORMS"), format!("DATA.{split}.DEFAULT_GRAY_IMG_SIZE"));
+        let fix = match [first, odd].iter().find(|s| !s.valid) {
+            Some(gray) => {
+                let other = if gray.index == first.index { odd } else { first };
+                let side = other.views[p].shape[2];
+                format!(
+                    "sample {} could not be read, and its stand-in is a {g}x{g} gray image ({gray_key}) that the transforms do not bring to the size of the others; set {gray_key}: {side} (the size the transforms give), or add a resize or crop to {transforms}",
+                    gray.index,
+                    g = dataset.gray_size()
+                )
+            }
+            None => format!("images of different sizes need a resize or crop in {transforms}"),
+        };
+        return Err(format!(
+            "copy position {p}: cannot stack copies of different sizes (C, H, W): {}, {}; {fix}",
+            describe(first),
+            describe(odd)
+        ));
+    }
+    Ok(())
 }
 
 /// The batches of one epoch, in order; an `Iterator` of `Result<Batch>`.

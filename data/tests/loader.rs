@@ -333,3 +333,46 @@ fn pretrain_configs_load_with_their_collators() {
         ["cutmixup_collator", "default_collate", "moco_collator", "simclr_collator"]
     );
 }
+
+#[test]
+fn the_gray_stand_in_of_another_size_is_named_with_its_file_and_key() {
+    // The images are 32x32 and no transform resizes them; the stand-in for
+    // an unreadable one is DEFAULT_GRAY_IMG_SIZE (224) unless set.
+    let dir = scratch_dir("gray-stand-in");
+    std::fs::create_dir_all(dir.join("a")).unwrap();
+    let first = |d: &Path| d.read_dir().unwrap().flatten().map(|e| e.path()).min().unwrap();
+    let image = first(&first(&tree().join("train")));
+    for i in 0..3 {
+        std::fs::copy(&image, dir.join(format!("a/{i}.png"))).unwrap();
+    }
+    let broken = dir.join("a/1.png");
+    std::fs::write(&broken, b"not an image").unwrap();
+    let split = |gray: Option<u64>| {
+        let mut train = json!({
+            "DATA_SOURCES": ["disk_folder"], "LABEL_SOURCES": ["disk_folder"], "DATASET_NAMES": ["synth"],
+            "DATA_PATHS": [dir], "BATCHSIZE_PER_REPLICA": 3,
+            "TRANSFORMS": [{"name": "ToTensor"}]
+        });
+        if let Some(g) = gray {
+            train["DEFAULT_GRAY_IMG_SIZE"] = json!(g);
+        }
+        json!({"NUM_DATALOADER_WORKERS": 0, "TRAIN": train})
+    };
+    let options = LoaderOptions { shuffle: false, ..LoaderOptions::default() };
+    let l = loader(&split(None), &options);
+    let e = l.epoch(0).next().unwrap().unwrap_err().to_string();
+    assert_contains(
+        &e,
+        &[
+            "batch 0: copy position 0: cannot stack copies of different sizes",
+            &format!("({}) is [3, 32, 32]", dir.join("a/0.png").display()),
+            &format!("({}, unreadable: the gray stand-in) is [3, 224, 224]", broken.display()),
+            "set DATA.TRAIN.DEFAULT_GRAY_IMG_SIZE: 32",
+            "DATA.TRAIN.TRANSFORMS",
+        ],
+    );
+    // The fix the message names works: the stand-in joins the batch, marked invalid.
+    let batch = loader(&split(Some(32)), &options).epoch(0).next().unwrap().unwrap();
+    assert_eq!(batch.views[0].shape, [3, 3, 32, 32]);
+    assert_eq!(batch.data_valid, [1, -1, 1]);
+}

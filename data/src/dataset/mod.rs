@@ -347,6 +347,11 @@ impl Dataset {
         Ok(self.subset.as_ref().map_or(index, |s| s[index]))
     }
 
+    /// DEFAULT_GRAY_IMG_SIZE: the side of the stand-in for an unreadable image.
+    pub fn gray_size(&self) -> usize {
+        self.gray_size
+    }
+
     /// The file of sample `index` (`None` for synthetic samples).
     pub fn path(&self, index: usize) -> Option<&Path> {
         let internal = self.internal(index).ok()?;
