@@ -715,3 +715,158 @@ fn cli_long_expressions_in_a_model_file_are_errors() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Values that parse but mean nothing or are wrong are errors naming their
+/// key when the model compiles, so that compile, plan and train refuse them
+/// (issue 15, defect 11).
+#[test]
+fn values_that_mean_nothing_are_refused_naming_their_key() {
+    let vit = "quickstart/vit_tiny";
+    let cases: &[(&[&str], &[&str])] = &[
+        (
+            &["OPTIMIZER.param_schedulers.lr.start_value=-0.001"],
+            &["`OPTIMIZER.param_schedulers.lr.start_value`", "is -0.001", "a learning rate must be", "0 or above"],
+        ),
+        (
+            &["OPTIMIZER.param_schedulers.lr_head.values=[0.1, -0.01, 0.001]"],
+            &["`OPTIMIZER.param_schedulers.lr_head.values.1`", "is -0.01"],
+        ),
+        (
+            &["OPTIMIZER.param_schedulers.lr.auto_lr_scaling.base_value=-1"],
+            &["`OPTIMIZER.param_schedulers.lr.auto_lr_scaling.base_value`", "is -1"],
+        ),
+        (
+            &["OPTIMIZER.param_schedulers.lr.start_value=0"],
+            &["`OPTIMIZER.param_schedulers.lr`", "the learning rate is 0 for the whole run", "TEST_ONLY"],
+        ),
+        (
+            &["MODEL.HEAD.PARAMS=[]"],
+            &[
+                "`MODEL.HEAD.PARAMS` is empty",
+                "cross_entropy_multiple_output_single_target` needs class scores from a head",
+                "MODEL.HEAD.PARAMS=[[mlp, {dims: [64, NUM_CLASSES]}]]",
+            ],
+        ),
+        (
+            &["MODEL.TRUNK.VISION_TRANSFORMERS.CLASSIFIER=foo"],
+            &["`MODEL.TRUNK.VISION_TRANSFORMERS.CLASSIFIER` is \"foo\"", "valid values: `token`", "`gap`"],
+        ),
+        (
+            &["METERS.accuracy_list_meter.topk_values=[1, 0]"],
+            &["`METERS.accuracy_list_meter.topk_values.1` is 0", "k of 1 or more"],
+        ),
+        (
+            &["METERS.accuracy_list_meter.topk_values=[1, 11]"],
+            &["`METERS.accuracy_list_meter.topk_values.1` is 11", "above the 10 classes", "from 1 to 10"],
+        ),
+        (
+            &["MODEL.GRAD_CLIP.USE_GRAD_CLIP=True", "MODEL.GRAD_CLIP.MAX_NORM=-1"],
+            &["`MODEL.GRAD_CLIP.MAX_NORM` is -1", "must be a positive number"],
+        ),
+        (&["MODEL.GRAD_CLIP.USE_GRAD_CLIP=True", "MODEL.GRAD_CLIP.MAX_NORM=0"], &["`MODEL.GRAD_CLIP.MAX_NORM` is 0"]),
+    ];
+    for (overrides, parts) in cases {
+        let e = err(vit, overrides);
+        for p in *parts {
+            assert!(e.contains(p), "{overrides:?}: {e:?} lacks {p:?}");
+        }
+    }
+    // The same values are fine where they mean something.
+    compile(vit, &["METERS.accuracy_list_meter.topk_values=[1, 10]"]).unwrap();
+    compile(vit, &["MODEL.GRAD_CLIP.USE_GRAD_CLIP=True", "MODEL.GRAD_CLIP.MAX_NORM=0.5"]).unwrap();
+    compile(vit, &["MODEL.TRUNK.VISION_TRANSFORMERS.CLASSIFIER=gap"]).unwrap();
+    // lr 0 for the trunk trains the heads when they have their own lr.
+    compile(
+        vit,
+        &[
+            "OPTIMIZER.param_schedulers.lr.start_value=0",
+            "OPTIMIZER.head_optimizer_params.use_different_lr=True",
+            "OPTIMIZER.param_schedulers.lr_head.name=constant",
+            "OPTIMIZER.param_schedulers.lr_head.value=0.01",
+        ],
+    )
+    .unwrap();
+    // The plan command refuses them too.
+    let (ok, _, e) =
+        tessera(&["plan", "config=quickstart/vit_tiny", "MODEL.TRUNK.VISION_TRANSFORMERS.CLASSIFIER=foo", "--memory"]);
+    assert!(!ok && e.contains("`MODEL.TRUNK.VISION_TRANSFORMERS.CLASSIFIER` is \"foo\""), "{e}");
+}
+
+/// A model none of whose trainable parameters reaches the loss is a clear
+/// error when it compiles, not the runtime's `unknown input
+/// optim.bias_correction1` (issue 15, defect 10).
+#[test]
+fn no_trainable_parameter_reaching_the_loss_says_why() {
+    let frozen = [
+        "MODEL.FEATURE_EVAL_SETTINGS.EVAL_MODE_ON=True",
+        "MODEL.FEATURE_EVAL_SETTINGS.FREEZE_TRUNK_ONLY=True",
+        "MODEL.NON_TRAINABLE_PARAMS=[heads.0.clf.0.weight, heads.0.clf.0.bias]",
+    ];
+    for cmd in [&["compile"][..], &["plan", "--memory"], &["compile", "--emit", "plan"]] {
+        let mut a = vec![cmd[0], "config=quickstart/vit_tiny"];
+        a.extend(frozen);
+        a.extend(&cmd[1..]);
+        let (ok, _, e) = tessera(&a);
+        assert!(!ok, "{a:?}");
+        for p in [
+            "no trainable parameter reaches the loss",
+            "all 30 parameters are frozen",
+            "28 (e.g. `trunk.patch_embed.proj.weight`) by MODEL.FEATURE_EVAL_SETTINGS (a frozen trunk)",
+            "2 (e.g. `heads.0.clf.0.weight`) by MODEL.NON_TRAINABLE_PARAMS",
+            "TEST_ONLY",
+        ] {
+            assert!(e.contains(p), "{a:?}: {e:?} lacks {p:?}");
+        }
+        assert!(!e.contains("optim.bias_correction1"), "{e}");
+    }
+    // A head whose scores do not depend on any parameter.
+    let models = std::env::temp_dir().join(format!("tessera-no-grad-{}", std::process::id()));
+    std::fs::create_dir_all(&models).unwrap();
+    std::fs::write(
+        models.join("fixed.tsr"),
+        "head fixed_scores(x: [B, D]) {\n    param w: [10, D] = zeros\n    return stop_gradient(linear(x, w))\n}\n",
+    )
+    .unwrap();
+    let (ok, _, e) = tessera(&[
+        "compile",
+        "config=quickstart/vit_tiny",
+        "MODEL.HEAD.PARAMS=[[fixed_scores, {}]]",
+        "--models",
+        models.to_str().unwrap(),
+    ]);
+    assert!(!ok, "{e}");
+    assert!(e.contains("no trainable parameter reaches the loss"), "{e}");
+    assert!(e.contains("loss `cross_entropy_multiple_output_single_target` does not depend on any of the"), "{e}");
+    std::fs::remove_dir_all(&models).ok();
+}
+
+/// Files of a `--models` directory are shown by their real path in
+/// diagnostics (the user edits that file), not as if they were embedded
+/// under `models/`; imports between them still resolve (issue 15, defect 10).
+#[test]
+fn cli_files_from_models_are_shown_by_their_real_path() {
+    let dir = std::env::temp_dir().join(format!("tessera-models-path-{}", std::process::id()));
+    let heads = dir.join("heads");
+    std::fs::create_dir_all(&heads).unwrap();
+    std::fs::write(
+        dir.join("parts.tsr"),
+        "block scores(x: [B, D], n: int) {\n    param w: [n, D] = zeros\n    return linear(x, w)\n}\n",
+    )
+    .unwrap();
+    let head = "import \"../parts.tsr\"\n\nhead my_head(x: [B, D], n: int) {\n    assert n > 1, \"n must be above 1\"\n    return scores(x, n) as clf\n}\n";
+    std::fs::write(heads.join("mine.tsr"), head).unwrap();
+    let run = |n: u32| {
+        let heads = format!("MODEL.HEAD.PARAMS=[[my_head, {{n: {n}}}]]");
+        tessera(&["compile", "config=quickstart/vit_tiny", &heads, "--models", dir.to_str().unwrap()])
+    };
+    let (ok, _, e) = run(1);
+    assert!(!ok);
+    let shown = heads.join("mine.tsr").display().to_string();
+    assert!(e.contains(&format!("{shown}:4:")), "{e}");
+    assert!(e.contains("n must be above 1"), "{e}");
+    assert!(!e.contains("models/heads/mine.tsr"), "{e}");
+    let (ok, out, e) = run(10);
+    assert!(ok, "{e}");
+    assert!(out.contains("my_head"), "{out}");
+    std::fs::remove_dir_all(&dir).ok();
+}

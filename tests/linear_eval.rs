@@ -226,6 +226,8 @@ fn linear_eval_of_a_moco_checkpoint_trains_heads_on_its_unchanged_trunk() {
         format!("config={LINEAR_EVAL}"),
         "MODEL.FEATURE_EVAL_SETTINGS.LINEAR_EVAL_FEAT_POOL_OPS_MAP=[[concatCLS2, [Identity, []]], [lastCLS, [Identity, []]]]".into(),
         "MODEL.HEAD.PARAMS=[[mlp, {dims: [128, 4]}], [eval_mlp, {in_channels: 64, dims: [64, 4]}]]".into(),
+        // Top-5 would be above the 4 classes.
+        "METERS.accuracy_list_meter.topk_values=[1, 4]".into(),
         "OPTIMIZER.num_epochs=2".into(),
         "OPTIMIZER.param_schedulers.lr.values=[0.1, 0.01]".into(),
         "OPTIMIZER.param_schedulers.lr.milestones=[1]".into(),
@@ -261,7 +263,7 @@ fn linear_eval_of_a_moco_checkpoint_trains_heads_on_its_unchanged_trunk() {
     assert!(optim.keys().all(|n| !n.contains("trunk.")), "{:?}", optim.keys());
     assert!(optim.keys().any(|n| n.contains("heads.1.")), "{:?}", optim.keys());
 
-    // metrics.json: per phase, top-1 and top-5 of each head, named after its feature.
+    // metrics.json: per phase, top-1 and top-4 of each head, named after its feature.
     let metrics: Vec<Value> = std::fs::read_to_string(eval.join("metrics.json"))
         .unwrap()
         .lines()
@@ -271,7 +273,7 @@ fn linear_eval_of_a_moco_checkpoint_trains_heads_on_its_unchanged_trunk() {
         let records: Vec<&Value> = metrics.iter().filter_map(|r| r.get(meter)).collect();
         assert_eq!(records.len(), 2, "{meter}: {metrics:?}");
         for r in records {
-            for k in ["top_1", "top_5"] {
+            for k in ["top_1", "top_4"] {
                 let per = r[k].as_object().unwrap_or_else(|| panic!("{meter} lacks {k}: {r}"));
                 assert_eq!(per.keys().collect::<Vec<_>>(), ["concatCLS2", "lastCLS"], "{r}");
                 assert!(per.values().all(|v| (0.0..=100.0).contains(&v.as_f64().unwrap())), "{r}");
@@ -297,6 +299,7 @@ fn the_imagenet_benchmark_config_runs_two_steps_on_a_small_folder() {
         format!("{vt}.HIDDEN_DIM=16"),
         format!("{vt}.MLP_DIM=32"),
         "MODEL.HEAD.PARAMS=[[eval_mlp, {in_channels: 64, dims: [64, 4]}], [eval_mlp, {in_channels: 16, dims: [16, 4]}], [mlp, {dims: [64, 4]}], [mlp, {dims: [16, 4]}]]".into(),
+        "METERS.accuracy_list_meter.topk_values=[1, 4]".into(),
         "DATA.TRAIN.TRANSFORMS.0.size=32".into(),
         "DATA.TEST.TRANSFORMS.0.size=36".into(),
         "DATA.TEST.TRANSFORMS.1.size=32".into(),

@@ -203,6 +203,167 @@ fn check_config(cfg: &J, loss: &str) -> R<()> {
     Ok(())
 }
 
+/// TEST_ONLY: the run evaluates and trains nothing.
+fn test_only(cfg: &J) -> bool {
+    get(cfg, "TEST_ONLY").and_then(|v| v.as_bool()) == Some(true)
+}
+
+/// Values that parse but mean nothing (issue 15): each is an error naming
+/// its key before anything is built, so compile, plan and train refuse it.
+fn check_values(cfg: &J) -> R<()> {
+    // The optimizer's own settings (name, betas, gradient clipping).
+    crate::autodiff::StepOptions::from_config(cfg).map_err(CompileError::Config)?;
+    let key = "MODEL.TRUNK.VISION_TRANSFORMERS.CLASSIFIER";
+    if let Some(v) = get(cfg, key).filter(|v| !matches!(v.as_str(), Some("token" | "gap"))) {
+        return Err(CompileError::Config(format!(
+            "`{key}` is {v}; valid values: `token` (the class token's features) or `gap` (the mean of all tokens)"
+        )));
+    }
+    if get(cfg, "OPTIMIZER.param_schedulers.lr").is_some() {
+        let count = |k: &str| get(cfg, k).and_then(|v| v.as_u64()).unwrap_or(1);
+        let run = crate::schedule::RunShape {
+            batch_per_replica: count("DATA.TRAIN.BATCHSIZE_PER_REPLICA"),
+            num_nodes: count("DISTRIBUTED.NUM_NODES"),
+            procs_per_node: count("DISTRIBUTED.NUM_PROC_PER_NODE"),
+            num_epochs: count("OPTIMIZER.num_epochs"),
+        };
+        let checked = match test_only(cfg) {
+            // An evaluation uses no learning rate, but a wrong one is still wrong.
+            true => crate::schedule::from_config(cfg, "lr", run).map(|_| ()),
+            false => crate::schedule::check_config(cfg, run),
+        };
+        checked.map_err(|e| CompileError::Config(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// A classification loss reads class scores from a head: with
+/// `MODEL.HEAD.PARAMS: []` VISSL would pass the trunk's features to it as
+/// if they were scores (and SwAV's loss has no prototypes to score).
+fn check_heads(model: &ModelDef, loss: &str, trunk_output: &Shape) -> R<()> {
+    if !model.heads.is_empty() {
+        return Ok(());
+    }
+    let width = trunk_output.last().and_then(|d| d.as_const()).map_or("D".to_string(), |d| d.to_string());
+    let needed = match loss {
+        "cross_entropy_multiple_output_single_target" => format!(
+            "needs class scores from a head: without one the trunk's {width} features would be read as {width} class scores. Add a head whose output size is the number of classes, e.g. MODEL.HEAD.PARAMS=[[mlp, {{dims: [{width}, NUM_CLASSES]}}]]"
+        ),
+        "swav_loss" => format!(
+            "needs a swav_head, whose prototypes score the features, e.g. MODEL.HEAD.PARAMS=[[swav_head, {{dims: [{width}, 2048, 128], num_clusters: [3000]}}]]"
+        ),
+        _ => return Ok(()),
+    };
+    Err(CompileError::Config(format!("`MODEL.HEAD.PARAMS` is empty, but `LOSS.name: {loss}` {needed}")))
+}
+
+/// A training step must update something: when no trainable parameter
+/// reaches the loss, PyTorch's `loss.backward()` fails and tessera's step
+/// would be empty. Says which parameters are frozen and by what.
+fn check_trainable(g: &Graph, cfg: &J, loss: &str) -> R<()> {
+    let Some(&(_, l)) = g.outputs().iter().find(|(n, _)| n == "loss") else { return Ok(()) };
+    if crate::autodiff::loss_has_gradient(g, l).map_err(|e| CompileError::Config(e.to_string()))? {
+        return Ok(());
+    }
+    let params = g.params();
+    let names = |k: &str| -> Vec<String> {
+        match get(cfg, k) {
+            Some(J::Array(a)) => a
+                .iter()
+                .filter_map(|v| match v {
+                    J::String(s) => Some(s.strip_prefix("module.").unwrap_or(s).to_string()),
+                    J::Array(pair) => pair.first().and_then(|n| n.as_str()).map(|s| s.to_string()),
+                    _ => None,
+                })
+                .collect(),
+            _ => Vec::new(),
+        }
+    };
+    let listed = names("MODEL.NON_TRAINABLE_PARAMS");
+    let temporary = names("MODEL.TEMP_FROZEN_PARAMS_ITER_MAP");
+    let eval = |k: &str| get(cfg, &format!("MODEL.FEATURE_EVAL_SETTINGS.{k}")).and_then(|v| v.as_bool()) == Some(true);
+    // Why each frozen parameter is frozen, as (reason, count, an example).
+    let mut why: Vec<(String, usize, String)> = Vec::new();
+    for (_, name, trainable) in &params {
+        if *trainable {
+            continue;
+        }
+        let reason = if temporary.iter().any(|t| t == name) {
+            "MODEL.TEMP_FROZEN_PARAMS_ITER_MAP (for its first iterations)".to_string()
+        } else if listed.iter().any(|t| t == name) {
+            "MODEL.NON_TRAINABLE_PARAMS".to_string()
+        } else if eval("EVAL_MODE_ON") && name.starts_with("trunk.") {
+            "MODEL.FEATURE_EVAL_SETTINGS (a frozen trunk)".to_string()
+        } else if eval("FREEZE_TRUNK_AND_HEAD") && name.starts_with("heads.") {
+            "MODEL.FEATURE_EVAL_SETTINGS.FREEZE_TRUNK_AND_HEAD".to_string()
+        } else {
+            "its model file (declared without a gradient)".to_string()
+        };
+        match why.iter_mut().find(|(r, _, _)| *r == reason) {
+            Some(entry) => entry.1 += 1,
+            None => why.push((reason, 1, name.to_string())),
+        }
+    }
+    let frozen: Vec<String> = why
+        .iter()
+        .map(|(reason, n, example)| match n {
+            1 => format!("`{example}` by {reason}"),
+            _ => format!("{n} (e.g. `{example}`) by {reason}"),
+        })
+        .collect();
+    let trainable = params.iter().filter(|p| p.2).count();
+    let cause = if trainable == 0 {
+        format!("all {} parameters are frozen: {}", params.len(), frozen.join("; "))
+    } else {
+        let example = params.iter().find(|p| p.2).map_or("", |p| p.1);
+        let mut c = format!(
+            "loss `{loss}` does not depend on any of the {trainable} trainable parameters (e.g. `{example}`): check what MODEL.HEAD.PARAMS feeds it"
+        );
+        if !frozen.is_empty() {
+            c.push_str(&format!("; frozen: {}", frozen.join("; ")));
+        }
+        c
+    };
+    Err(CompileError::Config(format!(
+        "no trainable parameter reaches the loss, so a training step would change nothing: {cause}. Unfreeze some parameters, or set TEST_ONLY: True to evaluate without training"
+    )))
+}
+
+/// `METERS.accuracy_list_meter.topk_values`: each k counts a sample right
+/// when its label is among the k highest scores, so k is 1 to the number
+/// of classes the head scores.
+fn check_topk(g: &Graph, cfg: &J) -> R<()> {
+    let meter = "accuracy_list_meter";
+    let named = |v: &J| v.as_str() == Some(meter);
+    let used = get(cfg, "METERS.name").is_some_and(named)
+        || get(cfg, "METERS.names").and_then(|v| v.as_array()).is_some_and(|a| a.iter().any(named));
+    let key = "METERS.accuracy_list_meter.topk_values";
+    let Some(J::Array(ks)) = get(cfg, key).filter(|_| used) else { return Ok(()) };
+    // The heads' class scores: `output`, or `output.<i>` per head.
+    let classes: Vec<(String, u64)> = g
+        .outputs()
+        .iter()
+        .filter(|(n, _)| n == "output" || n.starts_with("output."))
+        .filter_map(|(n, v)| match g.ty(*v).shape.dims() {
+            [_, c] => c.as_const().map(|c| (n.clone(), c)),
+            _ => None,
+        })
+        .collect();
+    for (i, k) in ks.iter().enumerate() {
+        let Some(k) = k.as_u64().filter(|&k| k > 0) else {
+            return Err(CompileError::Config(format!(
+                "`{key}.{i}` is {k}: a top-k accuracy needs k of 1 or more (1 is the usual accuracy)"
+            )));
+        };
+        if let Some((name, c)) = classes.iter().find(|(_, c)| k > *c) {
+            return Err(CompileError::Config(format!(
+                "`{key}.{i}` is {k}, above the {c} classes the model scores (its `{name}`, the last head's output size in MODEL.HEAD.PARAMS): every sample would count as right; use a k from 1 to {c}"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// A model that the graph runs: its trunk and heads (the online model, MoCo's
 /// momentum encoder, a distillation teacher).
 struct ModelDef {
@@ -461,6 +622,7 @@ fn teacher_logits<'a>(el: &mut Elab<'a>, prog: &Program, tcfg: &'a J, x: ValueId
 pub fn compile(prog: &Program, cfg: &J) -> R<Compiled> {
     let loss_name = get_str(cfg, "LOSS.name")?;
     check_config(cfg, &loss_name)?;
+    check_values(cfg)?;
     let online = model_def(prog, cfg)?;
     let loss = registered(prog, BlockKind::Loss, &loss_name, "LOSS.name")?;
     let distilled = is_distilled(cfg);
@@ -495,6 +657,7 @@ pub fn compile(prog: &Program, cfg: &J) -> R<Compiled> {
     let ModelOut { inputs: data, features: trunk_features, output } =
         run_model(&mut el, prog, &online, Images::New { groups: &groups, prefix: "data" }, "")?;
     let trunk_output = el.graph.ty(trunk_features[0]).shape.clone();
+    check_heads(&online, &loss_name, &trunk_output)?;
 
     let mut named = Vec::new();
     if loss_name == "moco_loss" {
@@ -558,6 +721,10 @@ pub fn compile(prog: &Program, cfg: &J) -> R<Compiled> {
         freeze_prefix(&mut el.graph, "heads.");
     }
     el.graph.verify().map_err(|e| CompileError::Config(format!("internal error, the IR does not verify: {e}")))?;
+    if !test_only(cfg) {
+        check_trainable(&el.graph, cfg, &loss_name)?;
+    }
+    check_topk(&el.graph, cfg)?;
     let composition = Composition {
         trunk: online.trunk_name,
         heads: online.heads,

@@ -13,6 +13,7 @@ pub mod passes;
 pub mod pipeline;
 pub mod plan;
 pub mod recompute;
+pub mod schedule;
 pub mod summary;
 pub mod syntax;
 

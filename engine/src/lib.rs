@@ -14,7 +14,8 @@ pub mod logs;
 pub mod memory_check;
 pub mod meters;
 pub mod perf_stats;
-pub mod schedule;
+/// Parameter schedules live in the compiler, which validates them at compile time.
+pub use tessera_compiler::schedule;
 pub mod source;
 pub mod stages;
 pub mod tensorboard;

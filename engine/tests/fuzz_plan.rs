@@ -34,6 +34,7 @@ fn compiled() -> &'static Value {
             "MODEL.TRUNK.VISION_TRANSFORMERS.MLP_DIM=16",
             "MODEL.TRUNK.VISION_TRANSFORMERS.NUM_HEADS=2",
             "MODEL.HEAD.PARAMS=[[mlp, {dims: [16, 4]}]]",
+            "METERS.accuracy_list_meter.topk_values=[1, 4]",
         ]
         .map(String::from)
         .to_vec();

@@ -23,20 +23,7 @@ pub fn backward(g: &mut Graph, loss: ValueId) -> Result<Vec<(String, ValueId)>, 
     if g.ty(loss).shape.rank() != 0 {
         return Err(IrError::Invalid(format!("the loss must be a scalar, got {}", g.ty(loss).shape)));
     }
-    let order = petgraph::algo::toposort(g.petgraph(), None)
-        .map_err(|_| IrError::Invalid("the forward graph has a cycle".into()))?;
-    // Values that depend on a trainable parameter through differentiable ops.
-    let mut needs: HashMap<ValueId, bool> = HashMap::new();
-    for &v in &order {
-        let n = g.node(v);
-        let flows = match &n.op {
-            Op::Param { trainable, .. } => *trainable,
-            Op::StopGradient | Op::AllReduce { .. } | Op::QueuePush { .. } | Op::QueueAdvance { .. } => false,
-            Op::Input { .. } | Op::Buffer { .. } | Op::Fill { .. } => false,
-            _ => g.operands(v).iter().any(|o| needs[o]),
-        };
-        needs.insert(v, flows);
-    }
+    let (order, needs) = gradient_flow(g)?;
     let mut parts: HashMap<ValueId, Vec<Part>> = HashMap::new();
     let mut grad: HashMap<ValueId, ValueId> = HashMap::new();
     let seed = g.add_fill(1.0, g.ty(loss).clone(), "loss");
@@ -74,6 +61,31 @@ pub fn backward(g: &mut Graph, loss: ValueId) -> Result<Vec<(String, ValueId)>, 
         .filter(|(_, _, trainable)| *trainable)
         .filter_map(|(v, name, _)| grad.get(&v).map(|&d| (name.to_string(), d)))
         .collect())
+}
+
+/// The forward graph in topological order, and for each value whether it
+/// depends on a trainable parameter through differentiable ops.
+fn gradient_flow(g: &Graph) -> Result<(Vec<ValueId>, HashMap<ValueId, bool>), IrError> {
+    let order = petgraph::algo::toposort(g.petgraph(), None)
+        .map_err(|_| IrError::Invalid("the forward graph has a cycle".into()))?;
+    let mut needs: HashMap<ValueId, bool> = HashMap::new();
+    for &v in &order {
+        let n = g.node(v);
+        let flows = match &n.op {
+            Op::Param { trainable, .. } => *trainable,
+            Op::StopGradient | Op::AllReduce { .. } | Op::QueuePush { .. } | Op::QueueAdvance { .. } => false,
+            Op::Input { .. } | Op::Buffer { .. } | Op::Fill { .. } => false,
+            _ => g.operands(v).iter().any(|o| needs[o]),
+        };
+        needs.insert(v, flows);
+    }
+    Ok((order, needs))
+}
+
+/// Whether some trainable parameter reaches `loss` through differentiable
+/// ops, i.e. whether a training step would update anything.
+pub fn loss_has_gradient(g: &Graph, loss: ValueId) -> Result<bool, IrError> {
+    Ok(gradient_flow(g)?.1.get(&loss).copied().unwrap_or(false))
 }
 
 /// One contribution to a value's gradient.

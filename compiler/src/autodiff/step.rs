@@ -72,7 +72,14 @@ impl StepOptions {
             if norm_type != 2.0 {
                 return Err(format!("`MODEL.GRAD_CLIP.NORM_TYPE` is {norm_type}; only the L2 norm (2) is supported"));
             }
-            Some(f("MODEL.GRAD_CLIP.MAX_NORM", 1.0))
+            let max_norm = f("MODEL.GRAD_CLIP.MAX_NORM", 1.0);
+            // A norm is never negative: 0 or less would zero (or flip) every gradient.
+            if !(max_norm > 0.0 && max_norm.is_finite()) {
+                return Err(format!(
+                    "`MODEL.GRAD_CLIP.MAX_NORM` is {max_norm}: the largest gradient norm must be a positive number (1.0 is usual), or set MODEL.GRAD_CLIP.USE_GRAD_CLIP: False"
+                ));
+            }
+            Some(max_norm)
         } else {
             None
         };

@@ -35,20 +35,29 @@ impl Program {
     /// The embedded `models/` directory, overlaid by the `.tsr` files of
     /// `extra_dirs` (a user's own models; same names replace embedded ones).
     pub fn load(extra_dirs: &[PathBuf]) -> Result<Program, Diagnostic> {
-        let mut sources: BTreeMap<String, String> = BTreeMap::new();
+        // Relative name -> (the name diagnostics show, text).
+        let mut sources: BTreeMap<String, (String, String)> = BTreeMap::new();
         collect_embedded(&EMBEDDED_MODELS, &mut sources);
         for dir in extra_dirs {
             collect_dir(dir, dir, &mut sources).map_err(|e| io_diag(&dir.display().to_string(), e))?;
         }
-        Program::from_sources(sources.into_iter().collect())
+        Program::from_shown_sources(sources.into_iter().map(|(name, (shown, text))| (name, shown, text)).collect())
     }
 
     /// Builds a program from (path, text) pairs; paths are relative names like
     /// `layers.tsr` or `heads/mlp.tsr`, and imports are resolved against them.
     pub fn from_sources(sources: Vec<(String, String)>) -> Result<Program, Diagnostic> {
+        Program::from_shown_sources(sources.into_iter().map(|(name, text)| (name, String::new(), text)).collect())
+    }
+
+    /// `from_sources` with the name each file shows in diagnostics (empty:
+    /// `models/<path>`, as an embedded file).
+    fn from_shown_sources(sources: Vec<(String, String, String)>) -> Result<Program, Diagnostic> {
         let mut p = Program::default();
-        for (name, text) in &sources {
-            p.map.add(format!("models/{name}"), text.clone());
+        for (name, shown, text) in &sources {
+            let key = format!("models/{name}");
+            let shown = if shown.is_empty() { key.clone() } else { shown.clone() };
+            p.map.add_shown(key, shown, text.clone());
         }
         for i in 0..sources.len() {
             let f = parse_file(&p.map, FileId(i as u32))?;
@@ -99,7 +108,7 @@ impl Program {
             Ok(())
         };
         add(id, &mut ns)?;
-        let here = &self.map.file(id).name;
+        let here = &self.map.file(id).key;
         for (path, span) in &self.files[id.0 as usize].imports {
             let target = resolve_import(here, path);
             let Some(fid) = self.map.find(&target) else {
@@ -168,11 +177,11 @@ fn resolve_import(importer: &str, path: &str) -> String {
     parts.join("/")
 }
 
-fn collect_embedded(dir: &Dir<'static>, out: &mut BTreeMap<String, String>) {
+fn collect_embedded(dir: &Dir<'static>, out: &mut BTreeMap<String, (String, String)>) {
     for f in dir.files() {
         if f.path().extension().is_some_and(|e| e == "tsr") {
             if let Some(text) = f.contents_utf8() {
-                out.insert(f.path().to_string_lossy().replace('\\', "/"), text.to_string());
+                out.insert(f.path().to_string_lossy().replace('\\', "/"), (String::new(), text.to_string()));
             }
         }
     }
@@ -181,14 +190,15 @@ fn collect_embedded(dir: &Dir<'static>, out: &mut BTreeMap<String, String>) {
     }
 }
 
-fn collect_dir(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) -> std::io::Result<()> {
+fn collect_dir(root: &Path, dir: &Path, out: &mut BTreeMap<String, (String, String)>) -> std::io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
         if path.is_dir() {
             collect_dir(root, &path, out)?;
         } else if path.extension().is_some_and(|e| e == "tsr") {
             let rel = path.strip_prefix(root).unwrap_or(&path).to_string_lossy().replace('\\', "/");
-            out.insert(rel, std::fs::read_to_string(&path)?);
+            // Shown by its real path: the user edits that file, not `models/…`.
+            out.insert(rel, (path.display().to_string(), std::fs::read_to_string(&path)?));
         }
     }
     Ok(())

@@ -17,8 +17,11 @@ pub struct Span {
 
 #[derive(Debug)]
 pub struct SourceFile {
-    /// The name shown in diagnostics (`models/vision_transformer.tsr`).
+    /// The name shown in diagnostics: `models/vision_transformer.tsr` for an
+    /// embedded file, the real path for one of a `--models` directory.
     pub name: String,
+    /// The name imports resolve against (`models/<path in its directory>`).
+    pub key: String,
     pub text: String,
     line_starts: Vec<usize>,
 }
@@ -27,7 +30,8 @@ impl SourceFile {
     pub fn new(name: impl Into<String>, text: impl Into<String>) -> Self {
         let text = text.into();
         let line_starts = std::iter::once(0).chain(text.match_indices('\n').map(|(i, _)| i + 1)).collect();
-        SourceFile { name: name.into(), text, line_starts }
+        let name = name.into();
+        SourceFile { key: name.clone(), name, text, line_starts }
     }
 
     /// 1-based line and column (in characters) of a byte offset.
@@ -67,8 +71,18 @@ impl SourceMap {
         &self.files[id.0 as usize]
     }
 
+    /// A file whose imports resolve against `key` and whose diagnostics
+    /// show `shown`.
+    pub fn add_shown(&mut self, key: impl Into<String>, shown: impl Into<String>, text: impl Into<String>) -> FileId {
+        let mut file = SourceFile::new(shown, text);
+        file.key = key.into();
+        self.files.push(Arc::new(file));
+        FileId(self.files.len() as u32 - 1)
+    }
+
+    /// The file of import key `name` (`models/layers.tsr`).
     pub fn find(&self, name: &str) -> Option<FileId> {
-        self.files.iter().position(|f| f.name == name).map(|i| FileId(i as u32))
+        self.files.iter().position(|f| f.key == name).map(|i| FileId(i as u32))
     }
 
     /// A located message: file, line, column, the source line and a caret.

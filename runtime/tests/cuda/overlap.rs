@@ -133,6 +133,8 @@ fn gradient_buckets_start_as_the_backward_makes_them_and_join_where_they_are_rea
         "MODEL.TRUNK.VISION_TRANSFORMERS.MLP_DIM=1024",
         "MODEL.TRUNK.VISION_TRANSFORMERS.NUM_LAYERS=4",
         "MODEL.HEAD.PARAMS=[[mlp, {dims: [256, 4]}]]",
+        // The quickstart's top-5 is above these 4 classes.
+        "METERS.accuracy_list_meter.topk_values=[1, 4]",
         "DATA.DDP_BUCKET_CAP_MB=1",
     ];
     let p = plan("quickstart/vit_tiny", &wide);

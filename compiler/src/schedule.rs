@@ -100,6 +100,19 @@ impl Schedule {
     }
 }
 
+impl Schedule {
+    /// Whether every value the schedule can take is 0: a run under it
+    /// would change no parameter.
+    pub fn always_zero(&self) -> bool {
+        match self {
+            Schedule::Constant(v) => *v == 0.0,
+            Schedule::Linear { start, end } | Schedule::Cosine { start, end } => *start == 0.0 && *end == 0.0,
+            Schedule::MultiStep { values, .. } | Schedule::Step { values } => values.iter().all(|v| *v == 0.0),
+            Schedule::Composite { parts } => parts.iter().all(|p| p.schedule.always_zero()),
+        }
+    }
+}
+
 /// What auto-scaling needs to know about the run.
 #[derive(Clone, Copy, Debug)]
 pub struct RunShape {
@@ -135,6 +148,47 @@ fn numbers(node: &Value, key: &str, name: &str) -> Result<Vec<f64>, ScheduleErro
     list.iter().map(|v| v.as_f64().ok_or_else(|| err(&k, "must be a list of numbers"))).collect()
 }
 
+/// A learning rate as written: a finite number, 0 or above (a negative one
+/// would step up the gradient, which no optimizer means).
+fn rate(node: &Value, key: &str, name: &str) -> Result<f64, ScheduleError> {
+    let v = number(node, key, name)?;
+    check_rate(v, &format!("{key}.{name}"))
+}
+
+fn rates(node: &Value, key: &str, name: &str) -> Result<Vec<f64>, ScheduleError> {
+    let k = format!("{key}.{name}");
+    numbers(node, key, name)?.into_iter().enumerate().map(|(i, v)| check_rate(v, &format!("{k}.{i}"))).collect()
+}
+
+fn check_rate(v: f64, key: &str) -> Result<f64, ScheduleError> {
+    if v.is_finite() && v >= 0.0 {
+        return Ok(v);
+    }
+    Err(err(key, format!("is {v}: a learning rate must be a finite number, 0 or above")))
+}
+
+/// Every learning rate written in a scheduler, whichever kind `name`
+/// picks (a negative one is never meant, even where it is not read yet).
+fn written_rates(node: &Value, key: &str) -> Result<(), ScheduleError> {
+    for name in ["value", "start_value", "end_value"] {
+        if node.get(name).is_some_and(|v| !v.is_null()) {
+            rate(node, key, name)?;
+        }
+    }
+    if node.get("values").is_some_and(|v| !v.is_null()) {
+        rates(node, key, "values")?;
+    }
+    if let Some(auto) = node.get("auto_lr_scaling").filter(|a| a.get("base_value").is_some()) {
+        rate(auto, &format!("{key}.auto_lr_scaling"), "base_value")?;
+    }
+    if let Some(Value::Array(subs)) = node.get("schedulers") {
+        for (i, sub) in subs.iter().enumerate() {
+            written_rates(sub, &format!("{key}.schedulers.{i}"))?;
+        }
+    }
+    Ok(())
+}
+
 fn text<'a>(node: &'a Value, key: &str, name: &str) -> Result<&'a str, ScheduleError> {
     field(node, key, name)?.as_str().ok_or_else(|| err(&format!("{key}.{name}"), "must be a string"))
 }
@@ -143,11 +197,11 @@ fn text<'a>(node: &'a Value, key: &str, name: &str) -> Result<&'a str, ScheduleE
 fn parse(node: &Value, key: &str, num_epochs: u64) -> Result<Schedule, ScheduleError> {
     let name = text(node, key, "name")?;
     Ok(match name {
-        "constant" => Schedule::Constant(number(node, key, "value")?),
-        "linear" => Schedule::Linear { start: number(node, key, "start_value")?, end: number(node, key, "end_value")? },
-        "cosine" => Schedule::Cosine { start: number(node, key, "start_value")?, end: number(node, key, "end_value")? },
+        "constant" => Schedule::Constant(rate(node, key, "value")?),
+        "linear" => Schedule::Linear { start: rate(node, key, "start_value")?, end: rate(node, key, "end_value")? },
+        "cosine" => Schedule::Cosine { start: rate(node, key, "start_value")?, end: rate(node, key, "end_value")? },
         "multistep" => {
-            let values = numbers(node, key, "values")?;
+            let values = rates(node, key, "values")?;
             let milestones: Vec<u64> = numbers(node, key, "milestones")?.iter().map(|&m| m as u64).collect();
             if values.len() != milestones.len() + 1 {
                 return Err(err(
@@ -164,7 +218,7 @@ fn parse(node: &Value, key: &str, num_epochs: u64) -> Result<Schedule, ScheduleE
             Schedule::MultiStep { values, milestones, num_epochs }
         }
         "step" => {
-            let values = numbers(node, key, "values")?;
+            let values = rates(node, key, "values")?;
             if values.is_empty() {
                 return Err(err(&format!("{key}.values"), "needs at least one value"));
             }
@@ -273,11 +327,12 @@ pub fn from_config(tree: &Value, name: &str, run: RunShape) -> Result<ParamSched
         "epoch" => UpdateInterval::Epoch,
         _ => return Err(err(&format!("{key}.update_interval"), "must be `step` or `epoch`")),
     };
+    written_rates(node, &key)?;
     let mut schedule = parse(node, &key, run.num_epochs)?;
     let auto_key = format!("{key}.auto_lr_scaling");
     let auto = field(node, &key, "auto_lr_scaling")?;
     if auto.get("auto_scale").and_then(Value::as_bool).unwrap_or(false) {
-        let base = number(auto, &auto_key, "base_value")?;
+        let base = rate(auto, &auto_key, "base_value")?;
         let base_batch = number(auto, &auto_key, "base_lr_batch_size")?;
         if base_batch <= 0.0 {
             return Err(err(&format!("{auto_key}.base_lr_batch_size"), "must be positive"));
@@ -332,6 +387,33 @@ pub fn from_config(tree: &Value, name: &str, run: RunShape) -> Result<ParamSched
         };
     }
     Ok(ParamSchedule { schedule, interval })
+}
+
+/// Resolves the schedules a run uses (`lr`, and `lr_head` with
+/// `OPTIMIZER.head_optimizer_params.use_different_lr`) and refuses a run
+/// whose learning rate is 0 from start to end: it would train nothing.
+pub fn check_config(tree: &Value, run: RunShape) -> Result<(), ScheduleError> {
+    let lr = from_config(tree, "lr", run)?;
+    let head = tree.pointer("/OPTIMIZER/head_optimizer_params/use_different_lr").and_then(Value::as_bool);
+    let lr_head = match tree.pointer("/OPTIMIZER/param_schedulers/lr_head") {
+        Some(_) if head == Some(true) => Some(from_config(tree, "lr_head", run)?),
+        Some(node) => {
+            written_rates(node, "OPTIMIZER.param_schedulers.lr_head")?;
+            None
+        }
+        None => None,
+    };
+    if !lr.schedule.always_zero() || lr_head.as_ref().is_some_and(|h| !h.schedule.always_zero()) {
+        return Ok(());
+    }
+    let key = match lr_head {
+        Some(_) => "OPTIMIZER.param_schedulers.lr` and `lr_head",
+        None => "OPTIMIZER.param_schedulers.lr",
+    };
+    Err(err(
+        key,
+        "the learning rate is 0 for the whole run, so training would change no parameter; set a positive value (to evaluate weights without training, set TEST_ONLY: True)",
+    ))
 }
 
 impl ParamSchedule {
