@@ -629,3 +629,60 @@ fn deep_nesting_is_an_error_not_a_stack_overflow() {
     let override_text = format!("++SLURM.ADDITIONAL_PARAMETERS.x={deep}");
     assert!(config::load_with(VIT_EXAMPLE, &[override_text], &[]).is_err());
 }
+
+/// YAML errors say what is wrong in the file's terms, with file:line, not
+/// how to configure the YAML library ("set DuplicateKeyPolicy in Options")
+/// (issue 15, defect 10).
+#[test]
+fn yaml_errors_are_in_plain_words() {
+    let dir = temp_dir();
+    let text = "config:\n  MODEL:\n    TRUNK:\n      NAME: vision_transformer\n    HEAD:\n      PARAMS: []\n    TRUNK:\n      NAME: x\n";
+    let path = write(&dir, "dup.yaml", text);
+    let err = load_err(&path, &[]);
+    assert!(err.starts_with(&format!("{}:7:5:", path.display())), "{err}");
+    assert!(err.contains("duplicate key `TRUNK` at line 7 (first at line 3)"), "{err}");
+    for library in ["DuplicateKeyPolicy", "Options", "duplicate mapping key"] {
+        assert!(!err.contains(library), "{err}");
+    }
+    // In an override (a flow mapping on one line): no first line to name.
+    let err = embedded(VIT_EXAMPLE, &["MODEL.HEAD.PARAMS={a: 1, a: 2}"]).unwrap_err().to_string();
+    assert!(err.contains("duplicate key `a` at line 1:") && !err.contains("Options"), "{err}");
+    let path = write(&dir, "two.yaml", "config:\n  VERBOSE: True\n---\nconfig:\n  VERBOSE: False\n");
+    let err = load_err(&path, &[]);
+    assert!(err.contains("the file holds several YAML documents") && !err.contains("from_str_multidoc"), "{err}");
+    let path = write(&dir, "loop.yaml", "config:\n  A: &a [*a]\n");
+    let err = load_err(&path, &[]);
+    assert!(err.contains("an alias (`*name`) refers to a value that contains it"), "{err}");
+    assert!(!err.contains("weak"), "{err}");
+}
+
+/// `config=<a directory>` says it is a directory and how to name one of its
+/// configs, instead of "not found" (issue 15, defect 10).
+#[test]
+fn a_directory_named_as_config_lists_its_configs() {
+    let dir = temp_dir();
+    write(&dir, "runs/a.yaml", "config: {}\n");
+    write(&dir, "runs/sub/b.yaml", "config: {}\n");
+    write(&dir, "runs/notes.txt", "not a config\n");
+    let name = dir.join("runs").display().to_string();
+    let err = config::load_with(&name, &[], &[]).unwrap_err();
+    assert!(matches!(err, ConfigError::IsDirectory { .. }), "{err:?}");
+    let text = err.to_string();
+    assert!(text.contains(&format!("config `{name}` is a directory ({name}), not a config file")), "{text}");
+    assert!(text.contains(&format!("config={name}/a\n")) && text.contains(&format!("config={name}/sub/b")), "{text}");
+    assert!(!text.contains("notes"), "{text}");
+    // Found through a search dir, named relative to it.
+    let err = config::load_with("runs", &[], &[dir.to_path_buf()]).unwrap_err().to_string();
+    assert!(err.contains("name one of its 2 configs") && err.contains("  - config=runs/a"), "{err}");
+    // The embedded tree's directories too.
+    let err = embedded("quickstart", &[]).unwrap_err().to_string();
+    assert!(err.contains("is a directory (<embedded>/configs/quickstart)"), "{err}");
+    assert!(err.contains("config=quickstart/vit_tiny"), "{err}");
+    // Many configs: a count, an example and how to name one.
+    let err = embedded("pretrain", &[]).unwrap_err().to_string();
+    assert!(err.contains("it holds 13 .yaml configs") && err.contains("`config=pretrain/NAME`"), "{err}");
+    // An empty directory says so.
+    std::fs::create_dir_all(dir.join("empty")).unwrap();
+    let err = config::load_with(dir.join("empty").to_str().unwrap(), &[], &[]).unwrap_err().to_string();
+    assert!(err.contains("it holds no .yaml config"), "{err}");
+}

@@ -28,6 +28,10 @@ pub enum ConfigError {
     #[error("config `{name}` not found; searched:\n{}{}", bullet_list(searched), hint(suggestion))]
     NotFound { name: String, searched: Vec<String>, suggestion: Option<String> },
 
+    /// The config name is a directory: the configs in it, as names to pass.
+    #[error("config `{name}` is a directory ({path}), not a config file; {}", configs_in(name, configs))]
+    IsDirectory { name: String, path: String, configs: Vec<String> },
+
     #[error("cannot read config file {path}: {message}")]
     Io { path: String, message: String },
 
@@ -94,6 +98,22 @@ fn hint(suggestion: &Option<String>) -> String {
     match suggestion {
         Some(s) => format!("\ndid you mean `{s}`?"),
         None => String::new(),
+    }
+}
+
+/// How to name one of the configs of a directory: all of them when few.
+fn configs_in(name: &str, configs: &[String]) -> String {
+    const SHOWN: usize = 10;
+    let dir = name.trim_end_matches('/');
+    match configs.len() {
+        0 => format!("it holds no .yaml config; name a file, e.g. `config={dir}/NAME` for {dir}/NAME.yaml"),
+        n if n <= SHOWN => {
+            format!("name one of its {n} configs:\n{}", bullet_list(&configs.iter().map(|c| format!("config={c}")).collect::<Vec<_>>()))
+        }
+        n => format!(
+            "it holds {n} .yaml configs (e.g. `config={}`); name one as `config={dir}/NAME` (`tessera config list` lists the embedded ones)",
+            configs[0]
+        ),
     }
 }
 

@@ -142,7 +142,64 @@ pub(crate) fn resolve(name: &str, search_dirs: &[PathBuf]) -> Result<(String, St
     if let Some(text) = embedded_text(&rel) {
         return Ok((format!("{EMBEDDED_PREFIX}/{rel}"), text.to_string()));
     }
+    if let Some(err) = directory_error(name, search_dirs) {
+        return Err(err);
+    }
     Err(ConfigError::NotFound { name: name.to_string(), searched, suggestion: closest_embedded(&rel) })
+}
+
+/// When `name` names a directory (as given, under a search dir, or in the
+/// embedded configs) rather than a file: the error listing its configs.
+fn directory_error(name: &str, search_dirs: &[PathBuf]) -> Option<ConfigError> {
+    let dir = name.replace('\\', "/");
+    let dir = dir.trim_start_matches("./").trim_end_matches('/');
+    let found = |path: &Path, prefix: &str| {
+        let mut configs = Vec::new();
+        // `config=/` must not walk the whole disk.
+        let mut budget = 10_000;
+        yaml_files(path, prefix, &mut budget, &mut configs);
+        configs.sort();
+        ConfigError::IsDirectory { name: name.to_string(), path: path.display().to_string(), configs }
+    };
+    if Path::new(name).is_dir() {
+        return Some(found(Path::new(name), name.trim_end_matches('/')));
+    }
+    for d in search_dirs {
+        if d.join(dir).is_dir() {
+            return Some(found(&d.join(dir), dir));
+        }
+    }
+    let embedded = EMBEDDED.get_dir(dir)?;
+    let configs = embedded_names().into_iter().filter(|n| n.starts_with(&format!("{dir}/"))).collect();
+    Some(ConfigError::IsDirectory {
+        name: name.to_string(),
+        path: format!("{EMBEDDED_PREFIX}/{}", embedded.path().display()),
+        configs,
+    })
+}
+
+/// The `.yaml` files below `dir`, as config names `prefix/…` without `.yaml`.
+fn yaml_files(dir: &Path, prefix: &str, budget: &mut usize, out: &mut Vec<String>) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        if *budget == 0 {
+            return;
+        }
+        *budget -= 1;
+        let path = entry.path();
+        let file_name = entry.file_name().to_string_lossy().to_string();
+        let named = format!("{prefix}/{file_name}");
+        match entry.file_type() {
+            // A link or special file is not followed: only what a config can be.
+            Ok(t) if t.is_dir() => yaml_files(&path, &named, budget, out),
+            Ok(t) if t.is_file() => {
+                if let Some(stem) = named.strip_suffix(".yaml") {
+                    out.push(stem.to_string());
+                }
+            }
+            _ => {}
+        }
+    }
 }
 
 /// `pretrain/x`, `./pretrain/x.yaml` -> `pretrain/x.yaml`.
@@ -195,7 +252,7 @@ fn closest_embedded(rel: &str) -> Option<String> {
 /// Parses a VISSL-layout file (`# @package _global_`, top-level `config:`) or a
 /// bare tree. An empty file is an empty tree.
 pub(crate) fn parse_document(label: &str, text: &str) -> Result<Document, ConfigError> {
-    let value: Value = serde_saphyr::from_str(text).map_err(|e| yaml_error(label, &e))?;
+    let value: Value = serde_saphyr::from_str(text).map_err(|e| yaml_error(label, text, &e))?;
     // A second, best-effort pass for key lines; the tree above is authoritative.
     let lines = match serde_saphyr::from_str::<LineIndex>(text) {
         Ok(index) => index.0,
@@ -241,10 +298,10 @@ pub(crate) fn parse_document(label: &str, text: &str) -> Result<Document, Config
 /// Parses one override value, or an inline YAML snippet, reporting errors
 /// against `label`.
 pub(crate) fn parse_yaml_value(label: &str, text: &str) -> Result<Value, ConfigError> {
-    serde_saphyr::from_str(text).map_err(|e| yaml_error(label, &e))
+    serde_saphyr::from_str(text).map_err(|e| yaml_error(label, text, &e))
 }
 
-fn yaml_error(label: &str, err: &serde_saphyr::Error) -> ConfigError {
+fn yaml_error(label: &str, text: &str, err: &serde_saphyr::Error) -> ConfigError {
     let (line, column) = err.location().map(|l| (l.line(), l.column())).unwrap_or((0, 0));
     let rendered = err.render_with_options(serde_saphyr::render_options! {
         source_name: Some(label),
@@ -257,8 +314,88 @@ fn yaml_error(label: &str, err: &serde_saphyr::Error) -> ConfigError {
         Some((_, msg)) => msg,
         None => first,
     };
-    let message = if rest.is_empty() { first.to_string() } else { format!("{first}\n{rest}") };
+    // The library's text may advise on its own API ("set DuplicateKeyPolicy
+    // in Options"), which means nothing to whoever wrote the file.
+    let (first, rest) = match plain_yaml_message(err, text) {
+        // The snippet repeats the message under its caret.
+        Some(plain) => (plain.clone(), rest.replace(first, &plain)),
+        None => (first.to_string(), rest.to_string()),
+    };
+    let message = if rest.is_empty() { first } else { format!("{first}\n{rest}") };
     ConfigError::Yaml { file: label.to_string(), line, column, message }
+}
+
+/// The error a wrapper (snippet, alias use site) carries.
+fn innermost(mut err: &serde_saphyr::Error) -> &serde_saphyr::Error {
+    use serde_saphyr::Error as E;
+    loop {
+        match err {
+            E::WithSnippet { error, .. } | E::AliasError { error, .. } => err = error,
+            other => return other,
+        }
+    }
+}
+
+/// Plain words for the errors whose library text names library options or
+/// Rust types; `None` keeps the library's text (syntax errors read well).
+fn plain_yaml_message(err: &serde_saphyr::Error, text: &str) -> Option<String> {
+    use serde_saphyr::budget::BudgetBreach as B;
+    use serde_saphyr::Error as E;
+    Some(match innermost(err) {
+        E::DuplicateMappingKey { key, location } => {
+            let line = location.line();
+            let key = key.as_deref().unwrap_or("");
+            let first = first_line_of_key(text, key, line).map(|m| format!(" (first at line {m})")).unwrap_or_default();
+            format!("duplicate key `{key}` at line {line}{first}: a key may appear once in a mapping; keep one of them")
+        }
+        E::Budget { breach, .. } => match breach {
+            B::Depth { depth } => format!("the YAML nests {depth} levels deep, deeper than a config can be"),
+            B::Aliases { .. } | B::Anchors { .. } | B::AliasAnchorRatio { .. } => {
+                "the YAML uses more aliases (`*name`) than a config may".to_string()
+            }
+            _ => "the YAML is larger than a config may be (too many values or too much text)".to_string(),
+        },
+        E::AliasReplayLimitExceeded { .. }
+        | E::AliasExpansionLimitExceeded { .. }
+        | E::AliasReplayStackDepthExceeded { .. }
+        | E::AliasReplayCounterOverflow { .. } => {
+            "aliases (`*name`) expand to more values than a config may hold; write the values out".to_string()
+        }
+        E::RecursiveReferencesRequireWeakTypes { .. } => "an alias (`*name`) refers to a value that contains it".into(),
+        E::NonFiniteFloat { value, .. } => format!("`{value}` is not a finite number"),
+        E::MultipleDocuments { .. } => {
+            "the file holds several YAML documents (a `---` line after settings); a config is one document".into()
+        }
+        E::BinaryNotUtf8 { .. } | E::BytesNotSupportedMissingBinaryTag { .. } => {
+            "a binary value; a config holds text, numbers, booleans, lists and mappings".into()
+        }
+        E::MergeKeyNotAllowed { .. } => "YAML merge keys (`<<:`) are not allowed here".into(),
+        E::NullIntoString { .. } | E::InvalidCharNull { .. } => "expected text, found an empty value (null)".into(),
+        _ => return None,
+    })
+}
+
+/// The line of the earlier `key:` in the block mapping whose duplicate is at
+/// `line` (same indentation, nothing less indented between); `None` for
+/// flow mappings (`{a: 1, a: 2}`) or when it cannot be told.
+fn first_line_of_key(text: &str, key: &str, line: u64) -> Option<u64> {
+    let lines: Vec<&str> = text.lines().collect();
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let here = *lines.get(usize::try_from(line).ok()?.checked_sub(1)?)?;
+    let depth = indent(here);
+    let key_of = |t: &str| t.split_once(':').map(|(k, _)| k.trim().trim_matches(|c| c == '"' || c == '\'').to_string());
+    for i in (0..line as usize - 1).rev() {
+        let t = lines[i].trim_start();
+        if t.is_empty() || t.starts_with('#') {
+            continue;
+        }
+        match indent(lines[i]) {
+            d if d < depth => return None,
+            d if d == depth && key_of(t).as_deref() == Some(key) => return Some(i as u64 + 1),
+            _ => {}
+        }
+    }
+    None
 }
 
 /// Dotted path -> line of the key, built by a serde visitor that asks
