@@ -96,7 +96,10 @@ pub fn run(
         if t.shape != [x.shape[0]] {
             bail!("{}: `target` must be [{}] class indices, got {:?}", tp.display(), x.shape[0], t.shape);
         }
-        inputs.push(("target", Tensor::i64(t.shape, t.data.iter().map(|&v| v as i64).collect())));
+        let classes = ex.plan().output("output").map(|v| ex.plan().values[v].shape.clone());
+        let labels = class_indices(&t.data, classes.as_ref().and_then(|s| s.get(1).copied()))
+            .map_err(|e| anyhow!("{}: `target` {e}", tp.display()))?;
+        inputs.push(("target", Tensor::i64(t.shape, labels)));
     }
     let wanted: Vec<String> = ex
         .plan()
@@ -142,6 +145,30 @@ pub fn run(
         expected.len()
     );
     Ok(())
+}
+
+/// Targets as class indices. Files hold them as any dtype (read as f32):
+/// a value that is not a whole number from 0 to `classes - 1` (a soft
+/// target, a probability, -1 for "no label") would be cast silently into
+/// another class, so it is an error naming the sample.
+fn class_indices(values: &[f32], classes: Option<u64>) -> Result<Vec<i64>, String> {
+    let range = classes.map_or("0 or above".to_string(), |c| format!("from 0 to {}", c.saturating_sub(1)));
+    values
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let whole = v.is_finite() && v.fract() == 0.0 && v >= 0.0;
+            match classes {
+                _ if !whole => {}
+                Some(c) if v as u64 >= c => {}
+                _ => return Ok(v as i64),
+            }
+            Err(format!(
+                "holds {v} for sample {i}: targets are class indices, whole numbers {range} (the model scores {} classes); write them as integers (int64)",
+                classes.map_or("?".to_string(), |c| c.to_string())
+            ))
+        })
+        .collect()
 }
 
 /// The config with its training crop set to the input's size: the eval

@@ -353,3 +353,42 @@ fn infer_takes_the_input_size_from_the_input_file() {
     assert_eq!(got.data, want["output"].as_f32().unwrap());
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Targets are class indices. A file may hold them as f32 (safetensors
+/// writers often do); whole numbers within the classes are used as such,
+/// and any other value (a soft target, -1 for "no label", a class the head
+/// does not score) is an error naming the file and the sample instead of a
+/// silent cast into another class (issue 15, defect 11).
+#[test]
+fn infer_refuses_targets_that_are_not_class_indices() {
+    let dir = std::env::temp_dir().join(format!("tessera-infer-targets-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let name = "quickstart/vit_tiny";
+    let x = Tensor::f32(vec![B, 3, 32, 32], random(B * 3 * 32 * 32, 5));
+    let (weights, _) = direct(name, 2, &x, &Tensor::i64(vec![B], vec![0, 1]));
+    let (w, xin, y) = (dir.join("w.safetensors"), dir.join("x.safetensors"), dir.join("y.safetensors"));
+    write_safetensors(&w, &weights, &BTreeMap::new()).unwrap();
+    let input = NamedTensor::new("input", x.shape.clone(), x.as_f32().unwrap().to_vec());
+    write_safetensors(&xin, &[input], &BTreeMap::new()).unwrap();
+    let infer = |targets: &[f32]| {
+        let tin = dir.join("t.safetensors");
+        write_safetensors(&tin, &[NamedTensor::new("target", vec![B], targets.to_vec())], &BTreeMap::new()).unwrap();
+        let args = ["infer", "config=quickstart/vit_tiny", "--weights", w.to_str().unwrap(), "--input"];
+        let mut a: Vec<&str> = args.to_vec();
+        a.extend([xin.to_str().unwrap(), "--target", tin.to_str().unwrap(), "--output", y.to_str().unwrap()]);
+        tessera(&a)
+    };
+    let (ok, err) = infer(&[3.0, 9.0]);
+    assert!(ok, "{err}");
+    for (targets, part) in [
+        (vec![3.0, 2.5], "holds 2.5 for sample 1"),
+        (vec![-1.0, 2.0], "holds -1 for sample 0"),
+        (vec![3.0, 10.0], "holds 10 for sample 1"),
+    ] {
+        let (ok, err) = infer(&targets);
+        assert!(!ok, "{targets:?}");
+        assert!(err.contains(&format!("{}: `target` {part}", dir.join("t.safetensors").display())), "{err}");
+        assert!(err.contains("whole numbers from 0 to 9 (the model scores 10 classes)"), "{err}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

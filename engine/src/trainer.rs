@@ -459,10 +459,33 @@ fn weights_init(ex: &mut Executor, cfg: &Value, log: &mut RunLog) -> Result<(), 
     }
     let names: Vec<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
     let format = detect_format(&names);
+    // For the message when nothing matches: a few names on each side.
+    let file_names: Vec<String> = names.iter().take(3).map(|n| format!("`{n}`")).collect();
+    let model_names: Vec<String> = expected.iter().take(3).map(|(n, _)| format!("`{n}`")).collect();
     let options = MatchOptions { allow_missing: true, allow_unused: true };
     let matched = match_weights_with(&expected, tensors, format, options)
         .map_err(|e| EngineError::Config(format!("MODEL.WEIGHTS_INIT.PARAMS_FILE {file}: {e}")))?;
     let loaded = matched.tensors.len();
+    // A file that initialises nothing trains from random values while the
+    // user believes it fine-tunes: refused, as `tessera infer` refuses it.
+    if loaded == 0 && !expected.is_empty() && !trunk_only {
+        let mut how = Vec::new();
+        if skipped > 0 {
+            how.push(format!("SKIP_LAYERS {skip:?} dropped {skipped} of its {before} tensors"));
+        }
+        if !remove.is_empty() {
+            how.push(format!("REMOVE_PREFIX `{remove}` was taken off the front of its names"));
+        }
+        if !append.is_empty() {
+            how.push(format!("APPEND_PREFIX `{append}` was put in front of them"));
+        }
+        let how = if how.is_empty() { String::new() } else { format!(" after {}", how.join(", then ")) };
+        return Err(EngineError::Config(format!(
+            "MODEL.WEIGHTS_INIT.PARAMS_FILE {file}: none of the file's tensors matches a tensor of this model{how} (the file: {} ...; the model: {} ...), so the run would start from random weights; fix MODEL.WEIGHTS_INIT.REMOVE_PREFIX / APPEND_PREFIX / SKIP_LAYERS, or set PARAMS_FILE to '' to train from scratch",
+            if file_names.is_empty() { "no tensor".to_string() } else { file_names.join(", ") },
+            model_names.join(", ")
+        )));
+    }
     // A frozen trunk that keeps its random values is never what linear
     // evaluation means: none loaded is an error, some missing a warning.
     if trunk_only && loaded == 0 && !expected.is_empty() {
