@@ -752,6 +752,14 @@ fn values_that_mean_nothing_are_refused_naming_their_key() {
             &["`MODEL.TRUNK.VISION_TRANSFORMERS.CLASSIFIER` is \"foo\"", "valid values: `token`", "`gap`"],
         ),
         (
+            &["MODEL.TRUNK.VISION_TRANSFORMERS.CLASSIFIER=gap"],
+            &[
+                "`MODEL.TRUNK.VISION_TRANSFORMERS.CLASSIFIER` is \"gap\"",
+                "only the convit trunk reads",
+                "USE_CLASS_TOKEN: False",
+            ],
+        ),
+        (
             &["METERS.accuracy_list_meter.topk_values=[1, 0]"],
             &["`METERS.accuracy_list_meter.topk_values.1` is 0", "k of 1 or more"],
         ),
@@ -774,7 +782,7 @@ fn values_that_mean_nothing_are_refused_naming_their_key() {
     // The same values are fine where they mean something.
     compile(vit, &["METERS.accuracy_list_meter.topk_values=[1, 10]"]).unwrap();
     compile(vit, &["MODEL.GRAD_CLIP.USE_GRAD_CLIP=True", "MODEL.GRAD_CLIP.MAX_NORM=0.5"]).unwrap();
-    compile(vit, &["MODEL.TRUNK.VISION_TRANSFORMERS.CLASSIFIER=gap"]).unwrap();
+    compile("quickstart/convit_tiny", &["MODEL.TRUNK.VISION_TRANSFORMERS.CLASSIFIER=gap"]).unwrap();
     // lr 0 for the trunk trains the heads when they have their own lr.
     compile(
         vit,

@@ -219,6 +219,17 @@ fn check_values(cfg: &J) -> R<()> {
             "`{key}` is {v}; valid values: `token` (the class token's features) or `gap` (the mean of all tokens)"
         )));
     }
+    // VISSL's vision_transformer trunk never reads CLASSIFIER (only ConViT
+    // does): `gap` there would be accepted and ignored.
+    if get(cfg, key).and_then(|v| v.as_str()) == Some("gap")
+        && get(cfg, "MODEL.TRUNK.NAME").and_then(|v| v.as_str()) == Some("vision_transformer")
+    {
+        return Err(CompileError::Config(format!(
+            "`{key}` is \"gap\", which only the convit trunk reads; the vision_transformer trunk \
+             takes the class token's features, or the mean of all tokens with \
+             MODEL.TRUNK.VISION_TRANSFORMERS.USE_CLASS_TOKEN: False"
+        )));
+    }
     if get(cfg, "OPTIMIZER.param_schedulers.lr").is_some() {
         let count = |k: &str| get(cfg, k).and_then(|v| v.as_u64()).unwrap_or(1);
         let run = crate::schedule::RunShape {

@@ -686,3 +686,16 @@ fn a_directory_named_as_config_lists_its_configs() {
     let err = config::load_with(dir.join("empty").to_str().unwrap(), &[], &[]).unwrap_err().to_string();
     assert!(err.contains("it holds no .yaml config"), "{err}");
 }
+
+/// A config file of any size is read with a bound: a huge file is an error
+/// naming it, not an allocation that exhausts memory.
+#[test]
+fn a_huge_config_file_is_refused_before_it_is_read_whole() {
+    let dir = temp_dir();
+    let mut text = String::from("config:\n  SEED_VALUE: 1\n");
+    text.push_str(&"# padding padding padding padding padding padding padding padding\n".repeat(300_000));
+    assert!(text.len() > 17 << 20);
+    let path = write(&dir.0, "huge.yaml", &text);
+    let e = load_err(&path, &[]);
+    assert!(e.contains("huge.yaml") && e.contains("larger than 16 MiB"), "{e}");
+}

@@ -228,8 +228,26 @@ fn first_file(candidates: &[PathBuf], searched: &mut Vec<String>) -> Result<Opti
 }
 
 fn read(path: &Path) -> Result<String, ConfigError> {
-    std::fs::read_to_string(path)
-        .map_err(|e| ConfigError::Io { path: path.display().to_string(), message: e.to_string() })
+    read_text(path).map_err(|e| ConfigError::Io { path: path.display().to_string(), message: e.to_string() })
+}
+
+/// The most a config or model file may hold: far above any real one, and
+/// read with a bound, so a huge or endless file is an error, not an
+/// allocation that exhausts memory.
+pub(crate) const MAX_TEXT_FILE: u64 = 16 << 20;
+
+/// A text file of at most [`MAX_TEXT_FILE`] bytes.
+pub(crate) fn read_text(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)?.take(MAX_TEXT_FILE + 1).read_to_string(&mut text)?;
+    if text.len() as u64 > MAX_TEXT_FILE {
+        return Err(std::io::Error::other(format!(
+            "larger than {} MiB; not a config or model file",
+            MAX_TEXT_FILE >> 20
+        )));
+    }
+    Ok(text)
 }
 
 fn closest_embedded(rel: &str) -> Option<String> {

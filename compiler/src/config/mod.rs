@@ -30,6 +30,7 @@ use serde_json::Value;
 
 pub use error::{ConfigError, Origin};
 pub use load::embedded_file;
+pub(crate) use load::read_text;
 
 /// A resolved experiment config: the tree under VISSL's top-level `config:`.
 #[derive(Debug, Clone, PartialEq)]

@@ -198,7 +198,7 @@ fn collect_dir(root: &Path, dir: &Path, out: &mut BTreeMap<String, (String, Stri
         } else if path.extension().is_some_and(|e| e == "tsr") {
             let rel = path.strip_prefix(root).unwrap_or(&path).to_string_lossy().replace('\\', "/");
             // Shown by its real path: the user edits that file, not `models/…`.
-            out.insert(rel, (path.display().to_string(), std::fs::read_to_string(&path)?));
+            out.insert(rel, (path.display().to_string(), crate::config::read_text(&path)?));
         }
     }
     Ok(())
