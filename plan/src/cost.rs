@@ -248,12 +248,12 @@ pub fn kernel_cost(plan: &Plan, k: usize) -> KernelCost {
     if view {
         return cost;
     }
-    let mut seen = Vec::new();
+    // A set: a multi-tensor kernel reads every parameter.
+    let mut seen = std::collections::HashSet::new();
     for &v in &kernel.inputs {
-        if seen.contains(&v) || inline(v) {
+        if inline(v) || !seen.insert(v) {
             continue;
         }
-        seen.push(v);
         add(plan.values[v].dtype, bytes_of(v));
     }
     if matches!(kernel.op, Op::MultiTensor { .. }) {

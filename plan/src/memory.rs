@@ -92,20 +92,40 @@ impl MemoryPlan {
             }
         }
         // Every block ends inside the arena: the sums below cannot overflow.
-        for (i, a) in self.blocks.iter().enumerate() {
-            for (j, b) in self.blocks.iter().enumerate().skip(i + 1) {
-                let in_time = a.first <= b.last && b.first <= a.last;
-                let in_space = a.offset < b.offset + b.bytes && b.offset < a.offset + a.bytes;
-                if in_time && in_space && a.bytes > 0 && b.bytes > 0 {
-                    return Err(format!(
-                        "blocks {i} (values from {}) and {j} (from {}) are live together at kernels {}..{} and overlap",
-                        a.value,
-                        b.value,
-                        a.first.max(b.first),
-                        a.last.min(b.last)
-                    ));
+        // A sweep over kernels keeps the live blocks by offset; they are
+        // disjoint so far, so a new block can only overlap its neighbours
+        // (n log n: a check of every pair is quadratic in the depth). A
+        // block that ends before it starts is the caller's to reject.
+        let mut by_first: Vec<usize> = (0..self.blocks.len())
+            .filter(|&i| self.blocks[i].bytes > 0 && self.blocks[i].first <= self.blocks[i].last)
+            .collect();
+        by_first.sort_by_key(|&i| self.blocks[i].first);
+        let mut live = std::collections::BTreeMap::<u64, usize>::new();
+        let mut ends = std::collections::BinaryHeap::<std::cmp::Reverse<(usize, usize)>>::new();
+        for i in by_first {
+            let a = &self.blocks[i];
+            while let Some(&std::cmp::Reverse((last, j))) = ends.peek() {
+                if last >= a.first {
+                    break;
                 }
+                ends.pop();
+                live.remove(&self.blocks[j].offset);
             }
+            let below = live.range(..=a.offset).next_back().filter(|(&o, &j)| o + self.blocks[j].bytes > a.offset);
+            let above = live.range(a.offset..).next().filter(|(&o, _)| o < a.offset + a.bytes);
+            if let Some((_, &j)) = below.or(above) {
+                let (i, j) = (i.min(j), i.max(j));
+                let (a, b) = (&self.blocks[i], &self.blocks[j]);
+                return Err(format!(
+                    "blocks {i} (values from {}) and {j} (from {}) are live together at kernels {}..{} and overlap",
+                    a.value,
+                    b.value,
+                    a.first.max(b.first),
+                    a.last.min(b.last)
+                ));
+            }
+            live.insert(a.offset, i);
+            ends.push(std::cmp::Reverse((a.last, i)));
         }
         if self.arena_bytes < self.lower_bound_bytes {
             return Err(format!("arena {} is below the live-bytes bound {}", self.arena_bytes, self.lower_bound_bytes));
@@ -115,15 +135,16 @@ impl MemoryPlan {
 }
 
 /// The op and module (scope) that made value `v`: its kernel's, or for a
-/// constant, its first reader's module.
-fn made_by(plan: &Plan, v: usize) -> (String, &str) {
+/// constant, its first reader's module (`first_reader[v]`, past the last
+/// kernel for none).
+fn made_by<'a>(plan: &'a Plan, first_reader: &[usize], v: usize) -> (String, &'a str) {
     match &plan.values[v].source {
         Source::Kernel(k) => (plan.kernels[*k].op.name().to_string(), &plan.kernels[*k].scope),
         Source::Part { kernel, .. } => {
             (format!("part of {}", plan.kernels[*kernel].op.name()), &plan.kernels[*kernel].scope)
         }
         Source::Fill { value } => {
-            let reader = plan.kernels.iter().find(|k| k.inputs.contains(&v));
+            let reader = plan.kernels.get(first_reader[v]);
             (format!("fill {value}"), reader.map_or("", |k| k.scope.as_str()))
         }
         Source::Input { name } | Source::Param { name, .. } | Source::Buffer { name, .. } => (format!("@{name}"), ""),
@@ -275,6 +296,13 @@ impl MemoryPlan {
                 ly + 9.0
             );
         }
+        // Found once: a search per constant block is quadratic in the depth.
+        let mut first_reader = vec![kernels; plan.values.len()];
+        for (k, kernel) in plan.kernels.iter().enumerate().rev() {
+            for &i in &kernel.inputs {
+                first_reader[i] = k;
+            }
+        }
         for b in &self.blocks {
             let x = left + b.first as f64 * xs;
             // Named outputs live to the end of the step, one past the last kernel.
@@ -283,7 +311,7 @@ impl MemoryPlan {
             let y = y_of((arena_base + b.offset + b.bytes) as f64);
             let bh = (b.bytes as f64 * ys).max(0.5);
             let color = if b.kept_for_backward { "#4c78a8" } else { "#f58518" };
-            let (op, module) = made_by(plan, b.value);
+            let (op, module) = made_by(plan, &first_reader, b.value);
             let module = if module.is_empty() { "(no module)" } else { module };
             let _ = writeln!(
                 s,
@@ -439,6 +467,60 @@ mod tests {
             let v: f64 = label.split(' ').next().unwrap().parse().unwrap();
             assert_eq!(bytes, v * (1u64 << 30) as f64, "{label}");
         }
+    }
+
+    #[test]
+    fn check_finds_exactly_the_overlapping_pairs() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |m: u64| {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (seed >> 33) % m
+        };
+        let mut failures = 0;
+        for case in 0..2000 {
+            let blocks: Vec<Block> = (0..1 + next(12))
+                .map(|v| {
+                    let first = next(10) as usize;
+                    Block {
+                        offset: ALIGN * next(8),
+                        bytes: ALIGN * next(4),
+                        first,
+                        last: first + next(6) as usize,
+                        kept_for_backward: false,
+                        value: v as usize,
+                    }
+                })
+                .collect();
+            // Every pair, as the definition says.
+            let overlap = blocks.iter().enumerate().any(|(i, a)| {
+                blocks[i + 1..].iter().any(|b| {
+                    a.first <= b.last
+                        && b.first <= a.last
+                        && a.offset < b.offset + b.bytes
+                        && b.offset < a.offset + a.bytes
+                        && a.bytes > 0
+                        && b.bytes > 0
+                })
+            });
+            let m = MemoryPlan {
+                peak_bytes: 0,
+                parts: Parts::default(),
+                arena_bytes: 12 * ALIGN,
+                lower_bound_bytes: 0,
+                in_place: 0,
+                placements: vec![],
+                blocks,
+            };
+            match m.check() {
+                Ok(()) => assert!(!overlap, "case {case}: {:?}", m.blocks),
+                Err(e) => {
+                    assert!(overlap && e.contains("are live together"), "case {case}: {e}");
+                    failures += 1;
+                }
+            }
+        }
+        // Both outcomes were tried.
+        assert!(failures > 100 && failures < 1900, "{failures}");
     }
 
     #[test]

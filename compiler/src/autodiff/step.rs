@@ -167,13 +167,18 @@ pub fn training_step(mut g: Graph, groups: &[ParamGroup], opts: &StepOptions) ->
         clocks.push((start, ids));
         Ok(Some(ids))
     };
+    // By name, once: a search per parameter is quadratic in the depth.
+    let mut grad_of = std::collections::HashMap::new();
+    for (name, d) in &grads {
+        grad_of.entry(name.as_str()).or_insert(*d);
+    }
     for group in groups {
         let lr = scalar_input(&mut g, &format!("optim.lr.{}", group.name))?;
         let wd = scalar_input(&mut g, &format!("optim.weight_decay.{}", group.name))?;
         for pname in &group.params {
             // A parameter the loss does not reach has no gradient: no update,
             // as PyTorch skips parameters whose grad is None.
-            let Some(&(_, grad)) = grads.iter().find(|(n, _)| n == pname) else { continue };
+            let Some(&grad) = grad_of.get(pname.as_str()) else { continue };
             let p = g.state(pname).ok_or_else(|| IrError::Invalid(format!("no parameter `{pname}`")))?;
             let ty = g.ty(p).clone();
             let bc = bias_corrections(&mut g, pname)?;

@@ -75,8 +75,9 @@ fn check_node(g: &Graph, v: ValueId) -> Result<(), IrError> {
 }
 
 fn check_outputs(g: &Graph) -> Result<(), IrError> {
-    for (i, (name, v)) in g.outputs().iter().enumerate() {
-        if g.outputs()[..i].iter().any(|(n, _)| n == name) {
+    let mut seen = std::collections::HashSet::new();
+    for (name, v) in g.outputs() {
+        if !seen.insert(name) {
             return Err(IrError::Duplicate { what: "output", name: name.clone() });
         }
         if !g.petgraph().contains_node(*v) {
@@ -88,8 +89,9 @@ fn check_outputs(g: &Graph) -> Result<(), IrError> {
 
 /// Each update names an existing parameter or buffer, at most once, with exactly its type.
 fn check_state_updates(g: &Graph, states: &HashMap<&str, ValueId>) -> Result<(), IrError> {
-    for (i, (buffer, v)) in g.state_updates().iter().enumerate() {
-        if g.state_updates()[..i].iter().any(|(b, _)| b == buffer) {
+    let mut seen = std::collections::HashSet::new();
+    for (buffer, v) in g.state_updates() {
+        if !seen.insert(buffer) {
             return Err(IrError::Duplicate { what: "state update of buffer", name: buffer.clone() });
         }
         if !g.petgraph().contains_node(*v) {

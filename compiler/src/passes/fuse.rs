@@ -28,6 +28,10 @@ fn candidate(g: &Graph, v: ValueId) -> bool {
 fn clusters(g: &Graph, order: &[ValueId]) -> Vec<Vec<ValueId>> {
     let pos: HashMap<ValueId, usize> = order.iter().enumerate().map(|(i, &v)| (v, i)).collect();
     let pinned: HashSet<ValueId> = g.outputs().iter().chain(g.state_updates()).map(|(_, v)| *v).collect();
+    // Listed once: a value read by every layer (a schedule's scalar) is
+    // reached from every cluster, and listing its users each time is
+    // quadratic in the depth.
+    let users: HashMap<ValueId, Vec<ValueId>> = order.iter().map(|&v| (v, g.users(v))).collect();
     let mut cluster_of: HashMap<ValueId, usize> = HashMap::new();
     let mut out = Vec::new();
     for &root in order.iter().rev() {
@@ -46,7 +50,7 @@ fn clusters(g: &Graph, order: &[ValueId]) -> Vec<Vec<ValueId>> {
             if matches!(g.node(o).op, Op::Dropout { .. } | Op::DropPath { .. }) && g.ty(o).shape != g.ty(root).shape {
                 continue;
             }
-            if g.users(o).iter().all(|u| cluster_of.get(u) == Some(&id)) {
+            if users[&o].iter().all(|u| cluster_of.get(u) == Some(&id)) {
                 cluster_of.insert(o, id);
                 members.push(o);
                 heap.extend(g.operands(o).iter().map(|&x| (pos[&x], x)));
