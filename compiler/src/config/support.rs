@@ -148,9 +148,17 @@ fn matches(pattern: &str, path: &[&str]) -> bool {
     }
 }
 
-/// Whether two config values are the same setting (`1` and `1.0` are).
+/// Whether two config values are the same setting: `1` and `1.0` are, and
+/// so are null and an empty default (VISSL files write `KEY:` for "unset").
 pub(crate) fn same(a: &Value, b: &Value) -> bool {
+    let empty = |v: &Value| match v {
+        Value::String(s) => s.is_empty(),
+        Value::Array(x) => x.is_empty(),
+        Value::Object(x) => x.is_empty(),
+        _ => false,
+    };
     match (a, b) {
+        (Value::Null, v) | (v, Value::Null) if v.is_null() || empty(v) => true,
         (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
         (Value::Array(x), Value::Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(a, b)| same(a, b)),
         (Value::Object(x), Value::Object(y)) => {
@@ -232,6 +240,9 @@ mod tests {
     fn numbers_compare_by_value() {
         assert!(same(&serde_json::json!(1), &serde_json::json!(1.0)));
         assert!(same(&serde_json::json!({"a": [1, 2.0]}), &serde_json::json!({"a": [1.0, 2]})));
-        assert!(!same(&serde_json::json!(""), &serde_json::json!(null)));
+        assert!(same(&serde_json::json!(""), &serde_json::json!(null)));
+        assert!(same(&serde_json::json!(null), &serde_json::json!([])));
+        assert!(!same(&serde_json::json!(null), &serde_json::json!(false)));
+        assert!(!same(&serde_json::json!(null), &serde_json::json!("x")));
     }
 }
