@@ -43,6 +43,12 @@ fn direct(name: &str, seed: u64, x: &Tensor, target: &Tensor) -> (Vec<NamedTenso
     (weights, out)
 }
 
+/// `x` as the `input` tensor of a safetensors file, as `tessera infer --input` reads it.
+fn write_input(path: &Path, x: &Tensor) {
+    let input = NamedTensor::new("input", x.shape.clone(), x.as_f32().unwrap().to_vec());
+    write_safetensors(path, &[input], &BTreeMap::new()).unwrap();
+}
+
 fn tessera(args: &[&str]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_tessera")).args(args).output().expect("run tessera");
     (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
@@ -61,12 +67,7 @@ fn check(config_name: &str, format: WeightsFormat, dir: &Path) {
         dir.join(format!("{tag}-y.safetensors")),
     );
     write_safetensors(&w, &file, &BTreeMap::new()).unwrap();
-    write_safetensors(
-        &xin,
-        &[NamedTensor::new("input", x.shape.clone(), x.as_f32().unwrap().to_vec())],
-        &BTreeMap::new(),
-    )
-    .unwrap();
+    write_input(&xin, &x);
     write_safetensors(&tin, &[NamedTensor::new("target", vec![B], vec![3.0, 7.0])], &BTreeMap::new()).unwrap();
     let (ok, err) = tessera(&[
         "infer",
@@ -143,12 +144,7 @@ fn infer_reports_weights_that_do_not_fit() {
     let w = dir.join("w.safetensors");
     write_safetensors(&w, &weights, &BTreeMap::new()).unwrap();
     let xin = dir.join("x.safetensors");
-    write_safetensors(
-        &xin,
-        &[NamedTensor::new("input", x.shape.clone(), x.as_f32().unwrap().to_vec())],
-        &BTreeMap::new(),
-    )
-    .unwrap();
+    write_input(&xin, &x);
     let (ok, err) = tessera(&[
         "infer",
         "config=quickstart/vit_tiny",
@@ -198,12 +194,7 @@ fn export_writes_a_checkpoint_that_loads_back_bitwise_in_timm_and_tessera_names(
     std::fs::create_dir_all(&dir).unwrap();
     let p = |name: &str| dir.join(name).to_str().unwrap().to_string();
     let x = Tensor::f32(vec![B, 3, 32, 32], random(B * 3 * 32 * 32, 5));
-    write_safetensors(
-        Path::new(&p("x.safetensors")),
-        &[NamedTensor::new("input", x.shape.clone(), x.as_f32().unwrap().to_vec())],
-        &BTreeMap::new(),
-    )
-    .unwrap();
+    write_input(Path::new(&p("x.safetensors")), &x);
     let logits = |config: &str, weights: &str, out: &str| {
         let (ok, err) = tessera(&[
             "infer",
@@ -331,12 +322,7 @@ fn infer_takes_the_input_size_from_the_input_file() {
     let want = ex.run(&[("data", x.clone())]).unwrap();
     let (w, xin, y) = (dir.join("w.safetensors"), dir.join("x.safetensors"), dir.join("y.safetensors"));
     write_safetensors(&w, &weights, &BTreeMap::new()).unwrap();
-    write_safetensors(
-        &xin,
-        &[NamedTensor::new("input", x.shape.clone(), x.as_f32().unwrap().to_vec())],
-        &BTreeMap::new(),
-    )
-    .unwrap();
+    write_input(&xin, &x);
     let (ok, err) = tessera(&[
         "infer",
         "config=quickstart/vit_tiny",
@@ -368,8 +354,7 @@ fn infer_refuses_targets_that_are_not_class_indices() {
     let (weights, _) = direct(name, 2, &x, &Tensor::i64(vec![B], vec![0, 1]));
     let (w, xin, y) = (dir.join("w.safetensors"), dir.join("x.safetensors"), dir.join("y.safetensors"));
     write_safetensors(&w, &weights, &BTreeMap::new()).unwrap();
-    let input = NamedTensor::new("input", x.shape.clone(), x.as_f32().unwrap().to_vec());
-    write_safetensors(&xin, &[input], &BTreeMap::new()).unwrap();
+    write_input(&xin, &x);
     let infer = |targets: &[f32]| {
         let tin = dir.join("t.safetensors");
         write_safetensors(&tin, &[NamedTensor::new("target", vec![B], targets.to_vec())], &BTreeMap::new()).unwrap();

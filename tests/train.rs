@@ -957,3 +957,38 @@ fn train_refuses_a_frozen_model_and_meaningless_values_before_training() {
     }
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+/// HOOKS.PERF_STATS as VISSL's hooks report it: the average batch time and
+/// the step's breakdown in log.txt every PERF_STAT_FREQUENCY batches, and
+/// the rolling batch time and ETA of the last ROLLING_BTIME_FREQ batches in
+/// each logged step record once that many have run.
+#[test]
+fn perf_stats_are_logged_as_asked() {
+    let root = tmpdir("perf");
+    let data = synth_folder(&root, 4, 8, 4);
+    let ckpt = root.join("run");
+    let perf = [
+        "HOOKS.PERF_STATS.MONITOR_PERF_STATS=true",
+        "HOOKS.PERF_STATS.PERF_STAT_FREQUENCY=2",
+        "HOOKS.PERF_STATS.ROLLING_BTIME_FREQ=2",
+    ];
+    ok(&run(&args(&data, &ckpt, 2, &perf)));
+    let log = std::fs::read_to_string(ckpt.join("log.txt")).unwrap();
+    // 2 steps an epoch: one report per epoch, each after its 2 batches.
+    assert_eq!(log.matches("Average train batch time (ms) for 2 batches: ").count(), 2, "{log}");
+    for section in ["read_sample", "train_step", "meters"] {
+        assert_eq!(log.matches(&format!("  {section} ")).count(), 2, "{section}: {log}");
+    }
+    let recs = records(&ckpt);
+    assert_eq!(recs.len(), 4);
+    // The first step has one batch time only; every later one has two.
+    assert!(recs[0].get("btime(2iters)(ms)").is_none());
+    for r in &recs[1..] {
+        assert!(r["btime(2iters)(ms)"].is_u64() && r["rolling_eta"].is_string(), "{r}");
+    }
+    // Without MONITOR_PERF_STATS nothing is reported.
+    let quiet = root.join("quiet");
+    ok(&run(&args(&data, &quiet, 1, &[])));
+    assert!(!std::fs::read_to_string(quiet.join("log.txt")).unwrap().contains("Average train batch time"));
+    std::fs::remove_dir_all(&root).unwrap();
+}

@@ -13,7 +13,15 @@ use serde_json::Value;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-pub const SECTIONS: [&str; 3] = ["read_sample", "train_step", "meters"];
+/// The parts of a training step that are timed, in report order.
+#[derive(Clone, Copy, Debug)]
+pub enum Section {
+    ReadSample,
+    TrainStep,
+    Meters,
+}
+
+const SECTIONS: [&str; 3] = ["read_sample", "train_step", "meters"];
 
 pub struct PerfStats {
     /// `Some(freq)` when MONITOR_PERF_STATS (freq None: at phase ends only).
@@ -50,10 +58,11 @@ impl PerfStats {
         self.totals = [(Duration::ZERO, 0); 3];
     }
 
-    /// Time spent in section `i` of [`SECTIONS`], since `since`.
-    pub fn add(&mut self, i: usize, since: Instant) {
-        self.totals[i].0 += since.elapsed();
-        self.totals[i].1 += 1;
+    /// Time spent in `section`, since `since`.
+    pub fn add(&mut self, section: Section, since: Instant) {
+        let (total, count) = &mut self.totals[section as usize];
+        *total += since.elapsed();
+        *count += 1;
     }
 
     /// A batch ended after `seconds`; the report when one is due now.

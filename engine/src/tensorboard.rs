@@ -333,4 +333,24 @@ mod tests {
         assert!(histogram(&[f32::NAN, f32::INFINITY]).is_none());
         assert!(histogram(&[]).is_none());
     }
+
+    /// FLUSH_EVERY_N_MIN: an event reaches the file once the interval has
+    /// passed since the last flush, and not before.
+    #[test]
+    fn events_are_flushed_at_the_configured_interval() {
+        let dir = std::env::temp_dir().join(format!("tessera-tb-flush-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let size = |w: &EventWriter| std::fs::metadata(w.path()).unwrap().len();
+        let mut lazy = EventWriter::create(&dir.join("lazy"), Duration::from_secs(300)).unwrap();
+        let start = size(&lazy);
+        lazy.scalars(1, &[("Training/Loss", 1.0)]).unwrap();
+        assert_eq!(size(&lazy), start, "written before the interval passed");
+        lazy.flush().unwrap();
+        assert!(size(&lazy) > start);
+        let mut eager = EventWriter::create(&dir.join("eager"), Duration::ZERO).unwrap();
+        let start = size(&eager);
+        eager.scalars(1, &[("Training/Loss", 1.0)]).unwrap();
+        assert!(size(&eager) > start, "not written although the interval passed");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -18,7 +18,7 @@ use crate::histograms::{self, HistogramRule};
 use crate::lock::DirLock;
 use crate::logs::{Progress, RunLog};
 use crate::meters::{AccuracyListMeter, Target};
-use crate::perf_stats::PerfStats;
+use crate::perf_stats::{PerfStats, Section};
 use crate::schedule::{self, ParamSchedule, RunShape};
 use crate::source::{Batch, DataSource, Labels};
 use crate::stages::Stages;
@@ -1311,7 +1311,7 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
         loop {
             let waited = Instant::now();
             let Some(b) = batches.next() else { break };
-            perf.add(0, waited);
+            perf.add(Section::ReadSample, waited);
             let signalled = setup.stop.load(Ordering::SeqCst);
             let stopping = match agreed_stop.take() {
                 Some(agreed) => agreed,
@@ -1386,7 +1386,7 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
             let out = ex
                 .run_next(&given, next.as_deref(), Some(&wanted))
                 .map_err(|e| EngineError::Runtime(format!("iteration {}: {e}", state.iteration)))?;
-            perf.add(1, stepped);
+            perf.add(Section::TrainStep, stepped);
             let loss = out.get("loss").and_then(|t| t.as_f32()).map(|v| v[0]).unwrap_or(f32::NAN);
             // The logged loss is the mean of every rank's (each a mean over
             // its own samples), the global batch's loss.
@@ -1408,7 +1408,7 @@ pub fn train(mut setup: TrainSetup) -> Result<Outcome, EngineError> {
             if let (Some(m), true) = (&mut meter, train_meter) {
                 let metered = Instant::now();
                 update_meter(m, &out, &labels)?;
-                perf.add(2, metered);
+                perf.add(Section::Meters, metered);
             }
             if let Some(report) = perf.batch_done(batch_start.elapsed().as_secs_f64()) {
                 log.info(&report);
