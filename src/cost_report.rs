@@ -79,8 +79,28 @@ pub fn section(plan: &Plan, batch: u64, cfg: &Value, device: Option<&Device>) ->
     text += "\n";
     let by_op: serde_json::Map<String, Value> =
         by_op.iter().map(|(name, (n, b))| (name.to_string(), json!({ "kernels": n, "bytes": b }))).collect();
+    // Every kernel, in execution order: the profile on paper.
+    let per_kernel: Vec<Value> = cost
+        .kernels
+        .iter()
+        .zip(&cost.kernel_index)
+        .map(|((class, c), &k)| {
+            let kernel = &plan.kernels[k];
+            let shape = |v: usize| format!("{}{:?}", plan.values[v].dtype, plan.values[v].shape);
+            let mut e = json!({
+                "index": k, "op": kernel.op.name(), "scope": kernel.scope, "class": class,
+                "inputs": kernel.inputs.iter().map(|&v| shape(v)).collect::<Vec<_>>(),
+                "output": shape(kernel.output),
+                "bytes": c.total_bytes(), "by_dtype": c.bytes, "flops": c.flops,
+            });
+            if let Some(d) = device {
+                e["roofline_us"] = json!(d.seconds(c) * 1e6);
+            }
+            e
+        })
+        .collect();
     let mut j = json!({
-        "bytes_moved": { "total": t.bytes_moved, "by_dtype": t.bytes, "by_class": classes, "by_op": by_op },
+        "bytes_moved": { "total": t.bytes_moved, "by_dtype": t.bytes, "by_class": classes, "by_op": by_op, "kernels": per_kernel },
         "flops": t.flops,
         "kernels_costed": t.kernels,
     });

@@ -86,7 +86,9 @@ pub fn plan_memory(plan: &Plan) -> MemoryPlan {
             }
             Source::Buffer { .. } => place(&mut placements, v, Region::Buffers),
             Source::Input { .. } => place(&mut placements, v, Region::Inputs),
-            Source::Kernel(_) if grad_values.contains(&v) => place(&mut placements, v, Region::Grads),
+            Source::Kernel(_) | Source::Part { .. } if grad_values.contains(&v) => {
+                place(&mut placements, v, Region::Grads)
+            }
             _ => {}
         }
     }
@@ -108,7 +110,14 @@ pub fn plan_memory(plan: &Plan) -> MemoryPlan {
         let gradient = kernel.scope == tessera_plan::GRADIENT_ALL_REDUCE_SCOPE
             && matches!(kernel.op, Op::AllReduce { .. })
             && placements[out].region == Region::Grads;
-        let private = matches!(plan.values[d].source, Source::Kernel(_))
+        // A layer-norm backward writes its weight and bias gradients (parts)
+        // wherever they live, as any kernel its result.
+        let made = match plan.values[d].source {
+            Source::Kernel(_) => true,
+            Source::Part { kernel, .. } => matches!(plan.kernels[kernel].op, Op::LayerNormGrad { .. }),
+            _ => false,
+        };
+        let private = made
             && placements[d].region == Region::Inline
             && readers[d] == 1
             && !named.contains(&d)

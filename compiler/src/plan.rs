@@ -61,6 +61,17 @@ pub fn lower(g: &Graph, batch: u64, training: bool) -> Result<Plan, String> {
                     _ => return Err(format!("a part ({}) reads a value no multi-tensor kernel makes", node.scope)),
                 }
             }
+            Op::LayerNormGradPart { index: result, .. } => {
+                let dx = index[&g.operands(v)[0]];
+                match values.get(dx).map(|p: &Value| &p.source) {
+                    Some(Source::Kernel(k)) if matches!(kernels[*k].op, Op::LayerNormGrad { .. }) => {
+                        Source::Part { kernel: *k, offset: *result as u64 }
+                    }
+                    _ => {
+                        return Err(format!("a layer-norm gradient part ({}) reads no layer-norm backward", node.scope))
+                    }
+                }
+            }
             op => {
                 let inputs = g.operands(v).iter().map(|o| index[o]).collect();
                 kernels.push(Kernel { op: fix_op(op, batch), inputs, output: values.len(), scope: node.scope.clone() });

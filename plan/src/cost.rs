@@ -79,6 +79,7 @@ impl KernelClass {
             | Op::Normalize { .. }
             | Op::NormalizeGrad { .. }
             | Op::LayerNormWeightGrad { .. }
+            | Op::LayerNormGrad { .. }
             | Op::BatchNorm { .. }
             | Op::BatchStandardize { .. }
             | Op::BatchStandardizeGrad { .. }
@@ -104,7 +105,8 @@ impl KernelClass {
             | Op::Param { .. }
             | Op::Buffer { .. }
             | Op::Fill { .. }
-            | Op::Part { .. } => Layout,
+            | Op::Part { .. }
+            | Op::LayerNormGradPart { .. } => Layout,
         }
     }
 
@@ -256,14 +258,17 @@ pub fn kernel_cost(plan: &Plan, k: usize) -> KernelCost {
         }
         add(plan.values[v].dtype, bytes_of(v));
     }
-    if matches!(kernel.op, Op::MultiTensor { .. }) {
+    // A multi-tensor kernel's packed result is never stored; a layer-norm
+    // backward writes its result and its parts.
+    if !matches!(kernel.op, Op::MultiTensor { .. }) {
+        add(plan.values[kernel.output].dtype, bytes_of(kernel.output));
+    }
+    if matches!(kernel.op, Op::MultiTensor { .. } | Op::LayerNormGrad { .. }) {
         for (v, value) in plan.values.iter().enumerate() {
             if matches!(value.source, Source::Part { kernel: pk, .. } if pk == k) {
                 add(value.dtype, bytes_of(v));
             }
         }
-    } else {
-        add(plan.values[kernel.output].dtype, bytes_of(kernel.output));
     }
     let scratch_bytes: u64 = scratch(plan, k).pieces.iter().filter(|(n, _)| *n != "gemm").map(|(_, b)| 2 * b).sum();
     if scratch_bytes > 0 {

@@ -266,6 +266,28 @@ pub enum Op {
     LayerNormWeightGrad {
         eps: f64,
     },
+    /// `(dy [..., D], x [..., D], w [D]) -> dx`, `(dy, x, w, r) -> dx + r`:
+    /// LayerNorm's whole backward in one pass over the rows. The result is
+    /// `NormalizeGrad`'s; its other results are read out by
+    /// `LayerNormGradPart`s (the kernel writes each where it lives): 1, the
+    /// weight gradient (`LayerNormWeightGrad`'s); 2, the bias gradient (the
+    /// sum of dy over the rows, accumulated in f32 or wider); 3, dx rounded
+    /// to a lower precision (the copy the products before the norm read);
+    /// 4, the sum over the rows of that rounded copy (the bias gradient of
+    /// the linear whose output joined the residual stream there). Each
+    /// row's statistics are computed once for all of them.
+    LayerNormGrad {
+        eps: f64,
+        /// The type of the copy (3) and of the values the sum (4) adds up.
+        copy: Option<crate::types::DType>,
+    },
+    /// `(layer_norm_grad) -> result`: result `index` (1 to 4, see
+    /// `LayerNormGrad`) of a layer-norm backward, of `dtype`: [D] for 1, 2
+    /// and 4, dx's shape for 3. Lowered to no kernel.
+    LayerNormGradPart {
+        index: u32,
+        dtype: crate::types::DType,
+    },
     /// `(x [N, C, ...]) -> x's shape`: batch standardisation over all axes but 1.
     BatchStandardize {
         eps: f64,
@@ -492,6 +514,8 @@ impl Op {
             Op::Normalize { .. } => "normalize",
             Op::NormalizeGrad { .. } => "normalize_grad",
             Op::LayerNormWeightGrad { .. } => "layer_norm_weight_grad",
+            Op::LayerNormGrad { .. } => "layer_norm_grad",
+            Op::LayerNormGradPart { .. } => "layer_norm_grad_part",
             Op::BatchStandardize { .. } => "batch_standardize",
             Op::BatchStandardizeGrad { .. } => "batch_standardize_grad",
             Op::RunningStat { .. } => "running_stat",
@@ -583,6 +607,14 @@ pub fn attributes(op: &Op) -> Vec<(&'static str, String)> {
             ("results", list(results)),
         ],
         Op::Part { offset, shape } => vec![("offset", offset.to_string()), ("shape", shape.to_string())],
+        Op::LayerNormGradPart { index, dtype } => vec![("index", index.to_string()), ("dtype", dtype.to_string())],
+        Op::LayerNormGrad { eps, copy } => {
+            let mut v = vec![("eps", eps.to_string())];
+            if let Some(c) = copy {
+                v.push(("copy", c.to_string()));
+            }
+            v
+        }
         Op::Cast { dtype } => vec![("dtype", dtype.to_string())],
         Op::Reduce { axes, keepdim, .. } | Op::ReduceF32 { axes, keepdim, .. } => {
             vec![("axes", list(axes)), ("keepdim", keepdim.to_string())]

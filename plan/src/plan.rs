@@ -258,14 +258,38 @@ impl Plan {
                 }
                 Source::Part { kernel, offset } => {
                     let packed = self.kernels.get(kernel).map(|k| (&k.op, k.output));
-                    let Some((Op::MultiTensor { .. }, out)) = packed else {
-                        return Err(format!("value {i} is a part of kernel {kernel}, which is not multi-tensor"));
+                    let fits = match packed {
+                        Some((Op::MultiTensor { .. }, out)) => self.values.get(out).is_some_and(|p| {
+                            offset.checked_add(v.numel()).is_some_and(|end| end <= p.numel()) && v.dtype == p.dtype
+                        }),
+                        // Result `offset` of a layer-norm backward: [D] or dx's shape.
+                        Some((Op::LayerNormGrad { copy, .. }, out)) => self.values.get(out).is_some_and(|dx| {
+                            let unique = parts_of.get(&kernel).is_none_or(|ps| {
+                                ps.iter().all(|&p| !matches!(self.values[p].source, Source::Part { offset: o, .. } if o == offset))
+                            });
+                            let shape = match offset {
+                                1 | 2 | 4 => dx.shape.last().map(|&d| vec![d]),
+                                3 => Some(dx.shape.clone()),
+                                _ => None,
+                            };
+                            // The copy (3) has the kernel's copy type; a sum of it (4) needs one.
+                            let typed = match offset {
+                                3 => *copy == Some(v.dtype),
+                                4 => copy.is_some(),
+                                _ => true,
+                            };
+                            unique && typed && v.dtype.is_float() && shape.as_ref() == Some(&v.shape)
+                        }),
+                        _ => {
+                            return Err(format!(
+                                "value {i} is a part of kernel {kernel}, which is neither multi-tensor nor a layer-norm backward"
+                            ))
+                        }
                     };
-                    let fits = self.values.get(out).is_some_and(|p| {
-                        offset.checked_add(v.numel()).is_some_and(|end| end <= p.numel()) && v.dtype == p.dtype
-                    });
                     if !fits {
-                        return Err(format!("value {i} is not inside the packed result of kernel {kernel}"));
+                        return Err(format!(
+                            "value {i} is not inside the packed result of kernel {kernel}, or not one of its results"
+                        ));
                     }
                     parts_of.entry(kernel).or_default().push(i);
                 }

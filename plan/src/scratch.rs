@@ -27,7 +27,9 @@
 //!   least 2048 elements), up to 256 * REDUCE_BLOCKS when it is kept (a
 //!   thread per item, slices of at least 64 elements, e.g. a bias gradient);
 //!   none when one slice per output suffices. sum_of_squares:
-//!   REDUCE_BLOCKS blocks; cross_entropy: one per block of rows,
+//!   REDUCE_BLOCKS blocks; layer_norm_grad: three per column and block of
+//!   rows (its weight, bias and copy sums; blocks as layer_norm_weight_grad's);
+//!   cross_entropy: one per block of rows,
 //!   min(N, REDUCE_BLOCKS);
 //! - batch statistics (batch_norm, batch_standardize and its gradient,
 //!   running_stat): none (one block per channel computes the channel's
@@ -212,6 +214,13 @@ pub fn scratch(plan: &Plan, k: usize) -> Scratch {
             let d = last(shape(1));
             let rows = numel(1) / d.max(1);
             s.with("partials", norm_weight_grad_blocks(rows) * d.min(NORM_WEIGHT_GRAD_COLS) * 8)
+        }
+        // Three f64 accumulators (weight, bias, the copy's sum) per column
+        // and block of rows.
+        Op::LayerNormGrad { .. } => {
+            let d = last(shape(1));
+            let rows = numel(1) / d.max(1);
+            s.with("partials", norm_weight_grad_blocks(rows) * 3 * d * 8)
         }
         Op::CrossEntropy { .. } => {
             let rows = shape(0).first().copied().unwrap_or(1);

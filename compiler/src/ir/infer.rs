@@ -150,6 +150,8 @@ pub(crate) fn infer(op: &Op, x: &[&TensorType]) -> Rule {
         | Op::Normalize { .. }
         | Op::NormalizeGrad { .. }
         | Op::LayerNormWeightGrad { .. }
+        | Op::LayerNormGrad { .. }
+        | Op::LayerNormGradPart { .. }
         | Op::BatchStandardize { .. }
         | Op::BatchStandardizeGrad { .. }
         | Op::RunningStat { .. }

@@ -49,8 +49,25 @@ pub(super) fn infer_grad(op: &Op, x: &[&TensorType]) -> Rule {
             }
             Ok(t)
         }
+        // Result `index` of a layer-norm backward (its operand: dx).
+        Op::LayerNormGradPart { index, dtype } => {
+            let [dx] = exactly(x, ["layer_norm_grad"])?;
+            if !dtype.is_float() {
+                return Err(format!("a layer-norm gradient is a float, not {dtype}"));
+            }
+            match index {
+                1 | 2 | 4 => match dx.shape.0.last() {
+                    Some(d) => Ok(TensorType::new(Shape(vec![d.clone()]), *dtype)),
+                    None => Err("dx must have a feature axis, got a scalar []".into()),
+                },
+                3 => Ok(TensorType::new(dx.shape.clone(), *dtype)),
+                _ => Err(format!(
+                    "a layer-norm backward has results 1 (weight), 2 (bias), 3 (dx's copy) and 4 (the copy's sum), not {index}"
+                )),
+            }
+        }
         // LayerNorm's input gradient in one pass: g = dy * w read as it is.
-        Op::NormalizeGrad { .. } if x.len() == 3 || x.len() == 4 => {
+        Op::NormalizeGrad { .. } | Op::LayerNormGrad { .. } if x.len() == 3 || x.len() == 4 => {
             let (dy, t, w) = (x[0], x[1], x[2]);
             for (role, v) in [("dy", dy), ("x", t), ("w", w)] {
                 super::infer::float(role, v)?;
@@ -70,6 +87,7 @@ pub(super) fn infer_grad(op: &Op, x: &[&TensorType]) -> Rule {
             Ok(t.clone())
         }
         Op::NormalizeGrad { .. } | Op::BatchStandardizeGrad { .. } => same_pair(x, ["g", "x"]),
+        Op::LayerNormGrad { .. } => Err(format!("expects (dy, x, w) or (dy, x, w, r), got {} operands", x.len())),
         Op::LayerNormWeightGrad { .. } => {
             let [dy, t] = exactly(x, ["dy", "x"])?;
             super::infer::float("dy", dy)?;

@@ -14,6 +14,7 @@
 mod cse;
 mod fold;
 mod fuse;
+mod layer_norm_grad;
 mod linear_residual;
 mod matmul_fusion;
 mod norm_epilogue;
@@ -76,6 +77,11 @@ pub const PASSES: &[Pass] = &[
         run: norm_epilogue::run,
     },
     Pass {
+        name: "layer-norm-grad",
+        why: "a layer norm's input, weight and bias gradients and the input gradient's bf16 copy as one kernel (dy and x read once)",
+        run: layer_norm_grad::run,
+    },
+    Pass {
         name: "amp-bf16",
         why: "mixed precision (MODEL.AMP_PARAMS.USE_AMP): bf16 matmuls and attention, f32 norms, softmax, losses, master weights",
         run: precision::run_bf16,
@@ -116,6 +122,7 @@ pub const DEFAULT: &[&str] = &[
     "fuse-into-matmul",
     "residual-into-linear",
     "norm-grad-epilogue",
+    "layer-norm-grad",
     "fuse-elementwise",
     "fuse-optimizer",
 ];
@@ -132,7 +139,8 @@ pub fn default_for(amp: bool) -> Vec<&'static str> {
     if amp {
         // Before elementwise fusion (its casts fuse); DCE after it:
         // full-precision views that only fed casts are dead.
-        let at = p.iter().position(|&n| n == "fuse-elementwise").expect("in DEFAULT");
+        // Also before the layer-norm backward is joined: the casts it joins are its.
+        let at = p.iter().position(|&n| n == "layer-norm-grad").expect("in DEFAULT");
         p.splice(at..at, ["amp-bf16", "dce"]);
     }
     p

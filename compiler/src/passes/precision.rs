@@ -59,6 +59,7 @@ fn class(op: &Op) -> Class {
         Op::LayerNorm { .. }
         | Op::Normalize { .. }
         | Op::NormalizeGrad { .. }
+        | Op::LayerNormGrad { .. }
         | Op::LayerNormWeightGrad { .. }
         | Op::BatchNorm { .. }
         | Op::BatchStandardize { .. }
@@ -236,7 +237,8 @@ fn assign(
 ) -> Result<ValueId, IrError> {
     let node = old.node(v);
     let operands = mapped(old, v, map)?;
-    if node.op.is_leaf() || matches!(node.op, Op::Cast { .. }) {
+    // A cast, or a layer-norm backward's part, has the type its op names.
+    if node.op.is_leaf() || matches!(node.op, Op::Cast { .. } | Op::LayerNormGradPart { .. }) {
         return new.add_node_like(node, &operands);
     }
     let floats: Vec<usize> = (0..operands.len()).filter(|&i| new.ty(operands[i]).dtype.is_float()).collect();
@@ -245,7 +247,7 @@ fn assign(
     // LayerNorm's input and weight gradients read a low-precision dy as it
     // is (statistics and results stay f32): no f32 copy of dy.
     let reads_dy_as_is = match node.op {
-        Op::NormalizeGrad { .. } => matches!(operands.len(), 3 | 4),
+        Op::NormalizeGrad { .. } | Op::LayerNormGrad { .. } => matches!(operands.len(), 3 | 4),
         Op::LayerNormWeightGrad { .. } => true,
         _ => false,
     };

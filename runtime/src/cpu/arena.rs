@@ -434,6 +434,19 @@ impl ArenaExecutor {
                 }
                 return Ok(());
             }
+            Op::LayerNormGrad { eps, copy } => {
+                let wanted: Vec<(u64, tessera_plan::DType)> =
+                    self.parts[k].iter().map(|(&index, &v)| (index, plan.values[v].dtype)).collect();
+                // Its parts written here, its result below (the operands are recycled first).
+                super::norm::layer_norm_grad(&refs, *eps, *copy, &wanted).and_then(|(dx, parts)| {
+                    for (index, t) in parts {
+                        let v = self.parts[k][&index];
+                        storage.write(v, &plan.values[v], &t).map_err(|e| bad(format!("result {index}: {e}")))?;
+                        pool::recycle(t);
+                    }
+                    Ok(dx)
+                })
+            }
             op => run_kernel(op, &refs, &super::typed(ctx, &self.plan, k)),
         };
         x.into_iter().for_each(pool::recycle);

@@ -144,7 +144,7 @@ pub fn run_kernel(op: &Op, x: &[&Tensor], ctx: &Ctx) -> Result<Tensor, KernelErr
         Op::SumOfSquares => reduce::sum_of_squares(x),
         // Several results: the executor runs it (`fused::multi_tensor`) and
         // places its parts; a part is no kernel.
-        Op::MultiTensor { .. } | Op::Part { .. } => {
+        Op::MultiTensor { .. } | Op::Part { .. } | Op::LayerNormGrad { .. } | Op::LayerNormGradPart { .. } => {
             Err(error::invalid(format!("{} is run by the executor, not as a single-result kernel", op.name())))
         }
     }

@@ -236,9 +236,12 @@ impl<'a> Lowering<'a> {
 fn lower_kernel(l: &mut Lowering, k: usize) -> Result<(), String> {
     let op = l.plan.kernels[k].op.clone();
     match &op {
-        Op::Input { .. } | Op::Param { .. } | Op::Buffer { .. } | Op::Fill { .. } | Op::Part { .. } => {
-            Err(format!("{} is not a kernel", op.name()))
-        }
+        Op::Input { .. }
+        | Op::Param { .. }
+        | Op::Buffer { .. }
+        | Op::Fill { .. }
+        | Op::Part { .. }
+        | Op::LayerNormGradPart { .. } => Err(format!("{} is not a kernel", op.name())),
         Op::Unary(_)
         | Op::Binary(_)
         | Op::Scale { .. }
@@ -277,6 +280,7 @@ fn lower_kernel(l: &mut Lowering, k: usize) -> Result<(), String> {
         Op::LayerNorm { .. }
         | Op::Normalize { .. }
         | Op::NormalizeGrad { .. }
+        | Op::LayerNormGrad { .. }
         | Op::LayerNormWeightGrad { .. }
         | Op::BatchNorm { .. }
         | Op::BatchStandardize { .. }

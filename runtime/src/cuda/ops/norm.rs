@@ -12,11 +12,16 @@ use super::super::lower::{c_type, Lowering, Step, Val};
 use super::super::source::{param, KernelSource};
 use crate::dist::Reduction;
 use tessera_plan::scratch::{norm_weight_grad_blocks, NORM_WEIGHT_GRAD_COLS};
-use tessera_plan::Op;
+use tessera_plan::{DType, Op};
 
 const ROWS: &str = include_str!("../kernels/norm_rows.cu");
 const BATCH: &str = include_str!("../kernels/batch_norm.cu");
 const WEIGHT_GRAD: &str = include_str!("../kernels/norm_weight_grad.cu");
+const LAYER_NORM_GRAD: &str = include_str!("../kernels/layer_norm_grad.cu");
+/// Rows up to this wide keep layer_norm_grad's three f64 accumulators per
+/// column in shared memory (36 KiB); wider ones in the block's own row of
+/// the partials.
+const LAYER_NORM_GRAD_SHARED_COLS: u64 = 1536;
 const THREADS: u32 = 256;
 
 fn rows_launch(rows: u64) -> Launch {
@@ -183,6 +188,123 @@ fn layer_norm_weight_grad(l: &mut Lowering, k: usize, out: &Val, dy: &Val, x: &V
     Ok(())
 }
 
+/// `layer_norm_grad(dy, x, w[, r])`: one pass over the rows writes dx (plus
+/// r), its bf16 copy (part 3) and the blocks' f64 partial sums of dy *
+/// xhat, dy and the copy into the `partials` scratch; a second launch sums
+/// them per column into the weight and bias gradients and the copy's sum
+/// (parts 1, 2 and 4).
+fn layer_norm_grad(
+    l: &mut Lowering,
+    k: usize,
+    out: &Val,
+    x: &[Val],
+    eps: f64,
+    copy_type: Option<DType>,
+) -> Result<(), String> {
+    let (dy, xv, w, r) = match x {
+        [dy, xv, w] => (dy, xv, w, None),
+        [dy, xv, w, r] => (dy, xv, w, Some(r)),
+        _ => return Err("layer_norm_grad takes (dy, x, w) or (dy, x, w, r)".into()),
+    };
+    let d = *xv.shape.last().ok_or("layer_norm_grad needs at least one axis")?;
+    if dy.shape != xv.shape || out.shape != xv.shape || w.shape != [d] || r.is_some_and(|r| r.shape != xv.shape) {
+        return Err(format!(
+            "dy {:?}, x {:?}, r and the result {:?} must have one shape and w {:?} be [{d}]",
+            dy.shape, xv.shape, out.shape, w.shape
+        ));
+    }
+    // Its parts, by result index.
+    let mut parts: [Option<Val>; 5] = [None, None, None, None, None];
+    for (v, value) in l.plan.values.iter().enumerate() {
+        if let tessera_plan::Source::Part { kernel, offset } = value.source {
+            if kernel == k {
+                let slot = parts
+                    .get_mut(offset as usize)
+                    .filter(|_| offset >= 1)
+                    .ok_or("a layer_norm_grad part is 1, 2, 3 or 4")?;
+                *slot = Some(l.value(v)?);
+            }
+        }
+    }
+    let [_, weight, bias, copy, copy_sum] = parts;
+    // The copy and its sum are bf16 (what mixed precision makes).
+    if (copy.is_some() || copy_sum.is_some()) && copy_type != Some(DType::BF16) {
+        return Err(format!("layer_norm_grad's copy is bf16 on the GPU, not {copy_type:?}"));
+    }
+    let rows = xv.numel() / d.max(1);
+    if d == 0 {
+        return Ok(());
+    }
+    let slices = norm_weight_grad_blocks(rows);
+    let (partials, bytes) = l.scratch(k, "partials")?;
+    if bytes < slices * 3 * d * 8 {
+        return Err(format!("the partials scratch holds {bytes} bytes, {} are needed", slices * 3 * d * 8));
+    }
+    let mut params = vec![
+        param("double*", "partials"),
+        param(&format!("{}*", c_type(out.dtype)?), "out"),
+        param(&format!("const {}*", c_type(dy.dtype)?), "dy"),
+        param(&format!("const {}*", c_type(xv.dtype)?), "x"),
+        param(&format!("const {}*", c_type(w.dtype)?), "w"),
+    ];
+    let mut args = vec![Arg::Ptr(partials), Arg::Ptr(out.ptr), Arg::Ptr(dy.ptr), Arg::Ptr(xv.ptr), Arg::Ptr(w.ptr)];
+    if let Some(r) = r {
+        params.push(param(&format!("const {}*", c_type(r.dtype)?), "r"));
+        args.push(Arg::Ptr(r.ptr));
+    }
+    if let Some(c) = &copy {
+        if c.shape != out.shape {
+            return Err(format!("the copy {:?} must be dx's shape {:?}", c.shape, out.shape));
+        }
+        params.push(param(&format!("{}*", c_type(c.dtype)?), "copy"));
+        args.push(Arg::Ptr(c.ptr));
+    }
+    params.extend([param("i64", "rows"), param("i64", "d"), param("double", "eps")]);
+    args.extend([Arg::I64(rows as i64), Arg::I64(d as i64), Arg::F64(eps)]);
+    let shared = d <= LAYER_NORM_GRAD_SHARED_COLS;
+    let mut c = tera::Context::new();
+    c.insert("partials", &true);
+    c.insert("residual", &r.is_some());
+    c.insert("copy", &copy.is_some());
+    c.insert("copy_sum", &copy_sum.is_some());
+    c.insert("shared", &shared);
+    c.insert("cols_alloc", &d);
+    let src = KernelSource::render("layer_norm_grad_rows", LAYER_NORM_GRAD, c, params)?;
+    l.launch(k, src, Launch::linear(slices as u32, THREADS), args);
+    if rows == 0 {
+        for p in [&weight, &bias, &copy_sum].into_iter().flatten() {
+            l.zero(k, p.ptr, p.bytes());
+        }
+        return Ok(());
+    }
+    if weight.is_none() && bias.is_none() && copy_sum.is_none() {
+        return Ok(());
+    }
+    let mut params = Vec::new();
+    let mut args = Vec::new();
+    for (p, name) in [(&weight, "dw"), (&bias, "db"), (&copy_sum, "dc")] {
+        if let Some(p) = p {
+            if p.shape != [d] {
+                return Err(format!("the {name} part {:?} must be [{d}]", p.shape));
+            }
+            params.push(param(&format!("{}*", c_type(p.dtype)?), name));
+            args.push(Arg::Ptr(p.ptr));
+        }
+    }
+    params.extend([param("const double*", "partials"), param("i64", "slices"), param("i64", "d")]);
+    args.extend([Arg::Ptr(partials), Arg::I64(slices as i64), Arg::I64(d as i64)]);
+    let mut c = tera::Context::new();
+    c.insert("partials", &false);
+    c.insert("residual", &r.is_some());
+    c.insert("copy", &copy.is_some());
+    c.insert("weight", &weight.is_some());
+    c.insert("bias", &bias.is_some());
+    c.insert("copy_sum", &copy_sum.is_some());
+    let src = KernelSource::render("layer_norm_grad_sums", LAYER_NORM_GRAD, c, params)?;
+    l.launch(k, src, Launch::linear(d.div_ceil(THREADS as u64) as u32, THREADS), args);
+    Ok(())
+}
+
 pub fn lower(l: &mut Lowering, k: usize, op: &Op) -> Result<(), String> {
     let x = l.inputs(k)?;
     let out = l.output(k)?;
@@ -198,6 +320,7 @@ pub fn lower(l: &mut Lowering, k: usize, op: &Op) -> Result<(), String> {
             [dy, xv, w, r] => normalize_grad(l, k, &out, dy, xv, Some(w), Some(r), eps),
             _ => Err("normalize_grad takes (g, x), (dy, x, w) or (dy, x, w, r)".into()),
         },
+        Op::LayerNormGrad { eps, copy } => layer_norm_grad(l, k, &out, &x, eps, copy),
         Op::LayerNormWeightGrad { eps } => match &x[..] {
             [dy, xv] => layer_norm_weight_grad(l, k, &out, dy, xv, eps),
             _ => Err("layer_norm_weight_grad takes (dy, x)".into()),

@@ -1,0 +1,230 @@
+//! Rule `layer-norm-grad`: a layer norm's backward, as autodiff and the
+//! earlier rules leave it, is up to five kernels over the same rows:
+//! `normalize_grad(dy, x, w[, r])` (the input gradient), its cast to bf16
+//! (what the products of the layer before read), the sum of that cast over
+//! the rows (the bias gradient of the linear whose output joined the
+//! residual stream there), `layer_norm_weight_grad(dy, x)` and the norm's
+//! bias gradient `sum(dy)`. Each reads dy, x or dx again and recomputes the
+//! rows' statistics. They become one `layer_norm_grad(dy, x, w[, r])` whose
+//! other results (`layer_norm_grad_part` 1 to 4: weight gradient, bias
+//! gradient, low-precision copy, the copy's sum) the kernel writes in the
+//! same pass: dy and x read once, the f32 gradient never read back. Issue
+//! 14: "LayerNorm's backward ... one or two kernels"; "casts folded into
+//! their producers".
+//!
+//! Matched: the weight gradient with the same (dy, x) and eps; the sum of
+//! exactly dy over every axis but the last (`sum` or `sum_f32`); a cast of
+//! the input gradient to another float type, and such a sum of that cast.
+//! Any may be missing; with none, nothing changes. The group is joined
+//! only when the input gradient's operands all come before its first
+//! member in the graph's order, so the joined kernel can stand where that
+//! member stood.
+
+use super::{rebuild, Step};
+use crate::ir::{Graph, IrError, Op, ReduceOp, ValueId};
+use std::collections::HashMap;
+
+/// One norm's backward: the input gradient and the nodes joined into it.
+struct Group {
+    dx: ValueId,
+    weight: Option<ValueId>,
+    bias: Option<ValueId>,
+    copy: Option<ValueId>,
+    /// The sum over the rows of the copy (the bias gradient of the linear
+    /// whose output joined the residual stream: `narrow_bias_sums`).
+    copy_sum: Option<ValueId>,
+}
+
+pub(super) fn run(g: &mut Graph) -> Result<String, IrError> {
+    let order = g.topo_order()?;
+    let position: HashMap<ValueId, usize> = order.iter().enumerate().map(|(i, &v)| (v, i)).collect();
+    let mut groups: Vec<Group> = Vec::new();
+    let mut taken = std::collections::HashSet::new();
+    for &k in &order {
+        let Op::NormalizeGrad { eps } = g.node(k).op else { continue };
+        let operands = g.operands(k);
+        if !matches!(operands.len(), 3 | 4) {
+            continue;
+        }
+        let (dy, x) = (operands[0], operands[1]);
+        let weight = g.users(x).into_iter().find(|&u| {
+            matches!(g.node(u).op, Op::LayerNormWeightGrad { eps: e } if e == eps)
+                && g.operands(u) == [dy, x]
+                && !taken.contains(&u)
+        });
+        let bias = g.users(dy).into_iter().find(|&u| sums_rows(g, u, dy) && !taken.contains(&u));
+        let dtype = g.ty(k).dtype;
+        let copy = g.users(k).into_iter().find(|&u| {
+            matches!(g.node(u).op, Op::Cast { dtype: to } if to != dtype && to.is_float())
+                && g.operands(u) == [k]
+                && !taken.contains(&u)
+        });
+        let copy_sum = copy.and_then(|c| g.users(c).into_iter().find(|&u| sums_rows(g, u, c) && !taken.contains(&u)));
+        if weight.is_none() && bias.is_none() && copy.is_none() {
+            continue;
+        }
+        // The joined kernel stands where the first member stood: every
+        // operand must be made before it.
+        let first = [Some(k), weight, bias].into_iter().flatten().map(|v| position[&v]).min().unwrap_or(0);
+        if operands.iter().any(|o| position[o] >= first) {
+            continue;
+        }
+        taken.extend([Some(k), weight, bias, copy, copy_sum].into_iter().flatten());
+        groups.push(Group { dx: k, weight, bias, copy, copy_sum });
+    }
+    let joined = groups.len();
+    // Old node -> its group.
+    let mut member: HashMap<ValueId, usize> = HashMap::new();
+    for (i, gr) in groups.iter().enumerate() {
+        for v in [Some(gr.dx), gr.weight, gr.bias, gr.copy, gr.copy_sum].into_iter().flatten() {
+            member.insert(v, i);
+        }
+    }
+    let mut made: Vec<bool> = vec![false; groups.len()];
+    *g = rebuild(g, |old, v, new, map| {
+        let Some(&i) = member.get(&v) else { return Ok(Step::Copy) };
+        let gr = &groups[i];
+        // The copy and its sum come after the input gradient (their
+        // operand, directly or not), so the kernel exists by then.
+        for (index, member) in [(3, gr.copy), (4, gr.copy_sum)] {
+            if Some(v) == member {
+                let dtype = old.ty(v).dtype;
+                let part = new.add_op(Op::LayerNormGradPart { index, dtype }, &[map[&gr.dx]], &old.node(v).scope)?;
+                return Ok(Step::Use(part));
+            }
+        }
+        if made[i] {
+            return Ok(Step::Skip);
+        }
+        made[i] = true;
+        let Op::NormalizeGrad { eps } = old.node(gr.dx).op else {
+            return Err(IrError::Invalid("a layer-norm backward group starts at a normalize_grad".into()));
+        };
+        let args: Vec<ValueId> = old.operands(gr.dx).iter().map(|o| map[o]).collect();
+        let copy = gr.copy.map(|c| old.ty(c).dtype);
+        let dx = new.add_op(Op::LayerNormGrad { eps, copy }, &args, &old.node(gr.dx).scope)?;
+        let mut pairs = vec![(gr.dx, dx)];
+        for (index, member) in [(1, gr.weight), (2, gr.bias)] {
+            if let Some(m) = member {
+                let part =
+                    new.add_op(Op::LayerNormGradPart { index, dtype: old.ty(m).dtype }, &[dx], &old.node(m).scope)?;
+                pairs.push((m, part));
+            }
+        }
+        Ok(Step::Map(pairs))
+    })?;
+    Ok(format!("{joined} layer-norm backwards joined into one kernel each"))
+}
+
+/// Whether `u` is the sum of exactly `x` over every axis but the last (a
+/// bias gradient: `sum` or `sum_f32`).
+fn sums_rows(g: &Graph, u: ValueId, x: ValueId) -> bool {
+    let rank = g.ty(x).shape.rank();
+    let leading: Vec<usize> = (0..rank.saturating_sub(1)).collect();
+    let rows = match &g.node(u).op {
+        Op::Reduce { op: ReduceOp::Sum, axes, keepdim: false }
+        | Op::ReduceF32 { op: ReduceOp::Sum, axes, keepdim: false } => *axes == leading,
+        _ => false,
+    };
+    rows && rank >= 1 && g.operands(u) == [x] && g.ty(u).dtype.is_float()
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::ir::{DType, Graph, Op, ReduceOp, Shape};
+
+    /// A pre-norm block's norm backward as autodiff and AMP leave it: the
+    /// input gradient (plus the residual's), its bf16 cast and that cast's
+    /// row sum, the weight gradient and the bias gradient.
+    fn backward(with_r: bool, eps_of_weight: f64) -> Graph {
+        let mut g = Graph::new();
+        let s = Shape::consts(&[2, 3, 4]);
+        let dy = g.add_input("dy", s.clone(), DType::BF16).unwrap();
+        let x = g.add_input("x", s.clone(), DType::F32).unwrap();
+        let r = g.add_input("r", s, DType::F32).unwrap();
+        let w = g.add_input("w", Shape::consts(&[4]), DType::F32).unwrap();
+        let dw = g.add_op(Op::LayerNormWeightGrad { eps: eps_of_weight }, &[dy, x], "norm").unwrap();
+        let rows = Op::ReduceF32 { op: ReduceOp::Sum, axes: vec![0, 1], keepdim: false };
+        let db = g.add_op(rows.clone(), &[dy], "norm").unwrap();
+        let args: Vec<_> = if with_r { vec![dy, x, w, r] } else { vec![dy, x, w] };
+        let dx = g.add_op(Op::NormalizeGrad { eps: 1e-6 }, &args, "norm").unwrap();
+        let low = g.add_op(Op::Cast { dtype: DType::BF16 }, &[dx], "proj").unwrap();
+        let dbias = g.add_op(rows, &[low], "proj").unwrap();
+        for (name, v) in [("dx", dx), ("low", low), ("dw", dw), ("db", db), ("dbias", dbias)] {
+            g.set_output(name, v);
+        }
+        g
+    }
+
+    fn ops(g: &Graph) -> Vec<String> {
+        g.topo_order()
+            .unwrap()
+            .into_iter()
+            .filter(|&v| !g.node(v).op.is_leaf())
+            .map(|v| {
+                let op = &g.node(v).op;
+                format!("{}{}", op.name(), tessera_plan::op::attribute_text(op))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_five_kernels_become_one_with_four_parts() {
+        for with_r in [false, true] {
+            let mut g = backward(with_r, 1e-6);
+            let types: Vec<_> = g.outputs().iter().map(|(n, v)| (n.clone(), g.ty(*v).clone())).collect();
+            let report = super::run(&mut g).unwrap();
+            g.verify().unwrap();
+            assert!(report.starts_with("1 layer-norm"), "{report}");
+            assert_eq!(
+                ops(&g),
+                [
+                    "layer_norm_grad {eps=0.000001, copy=bf16}",
+                    "layer_norm_grad_part {index=1, dtype=f32}",
+                    "layer_norm_grad_part {index=2, dtype=f32}",
+                    "layer_norm_grad_part {index=3, dtype=bf16}",
+                    "layer_norm_grad_part {index=4, dtype=f32}",
+                ]
+            );
+            // Every output keeps its type; the parts read the joined kernel.
+            for (name, ty) in &types {
+                let v = g.outputs().iter().find(|(n, _)| n == name).unwrap().1;
+                assert_eq!(g.ty(v), ty, "{name}");
+            }
+            let dx = g.outputs().iter().find(|(n, _)| n == "dx").unwrap().1;
+            assert_eq!(g.operands(dx).len(), if with_r { 4 } else { 3 });
+            assert_eq!(g.node(dx).scope, "norm");
+            let low = g.outputs().iter().find(|(n, _)| n == "low").unwrap().1;
+            assert_eq!((g.operands(low), g.node(low).scope.as_str()), (vec![dx], "proj"));
+        }
+    }
+
+    #[test]
+    fn a_weight_gradient_of_another_norm_is_left_alone() {
+        // Another eps: another norm's statistics; the rest still joins.
+        let mut g = backward(true, 1e-5);
+        super::run(&mut g).unwrap();
+        g.verify().unwrap();
+        let names = ops(&g);
+        assert!(names.contains(&"layer_norm_weight_grad {eps=0.00001}".to_string()), "{names:?}");
+        assert!(!names.iter().any(|n| n.contains("index=1")), "{names:?}");
+        assert_eq!(names.iter().filter(|n| n.starts_with("layer_norm_grad_part")).count(), 3, "{names:?}");
+    }
+
+    #[test]
+    fn nothing_to_join_changes_nothing() {
+        let mut g = Graph::new();
+        let s = Shape::consts(&[2, 4]);
+        let dy = g.add_input("dy", s.clone(), DType::F32).unwrap();
+        let x = g.add_input("x", s, DType::F32).unwrap();
+        let w = g.add_input("w", Shape::consts(&[4]), DType::F32).unwrap();
+        let dx = g.add_op(Op::NormalizeGrad { eps: 1e-6 }, &[dy, x, w], "norm").unwrap();
+        // A sum over the wrong axes is no bias gradient.
+        let s1 = g.add_op(Op::Reduce { op: ReduceOp::Sum, axes: vec![1], keepdim: false }, &[dy], "norm").unwrap();
+        g.set_output("dx", dx);
+        g.set_output("s1", s1);
+        let before = ops(&g);
+        assert!(super::run(&mut g).unwrap().starts_with("0 layer-norm"));
+        assert_eq!(ops(&g), before);
+    }
+}
