@@ -4,8 +4,9 @@
 //!
 //! The model:
 //! - bytes moved: every distinct operand read once and the result written
-//!   once, at its plan dtype's size; a multi-tensor kernel writes its parts
-//!   (its packed value is never stored). A result that shares its operand's
+//!   once, at its plan dtype's size (a slice reads only what it keeps); a
+//!   multi-tensor kernel writes its parts (its packed value is never
+//!   stored), a kernel with further results writes them too. A result that shares its operand's
 //!   storage without a change (a reshape or stop_gradient view) moves
 //!   nothing; scalars folded into kernels (region `Inline`) move nothing.
 //!   Scratch pieces (`scratch`) are written once and read once, except
@@ -256,7 +257,12 @@ pub fn kernel_cost(plan: &Plan, k: usize) -> KernelCost {
         if inline(v) || !seen.insert(v) {
             continue;
         }
-        add(plan.values[v].dtype, bytes_of(v));
+        // A slice reads only the elements it keeps.
+        let read = match kernel.op {
+            Op::Slice { .. } => plan.values[kernel.output].numel() * plan.values[v].dtype.size_bytes(),
+            _ => bytes_of(v),
+        };
+        add(plan.values[v].dtype, read);
     }
     // A multi-tensor kernel's packed result is never stored; a layer-norm
     // backward writes its result and its parts.

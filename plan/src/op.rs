@@ -273,12 +273,14 @@ pub enum Op {
     /// weight gradient (`LayerNormWeightGrad`'s); 2, the bias gradient (the
     /// sum of dy over the rows, accumulated in f32 or wider); 3, dx rounded
     /// to a lower precision (the copy the products before the norm read);
-    /// 4, the sum over the rows of that rounded copy (the bias gradient of
-    /// the linear whose output joined the residual stream there). Each
+    /// 4, the sum over the rows of that rounded copy, or of dx without one
+    /// (the bias gradient of the linear whose output joined the residual
+    /// stream there). Each
     /// row's statistics are computed once for all of them.
     LayerNormGrad {
         eps: f64,
-        /// The type of the copy (3) and of the values the sum (4) adds up.
+        /// The type of the copy (3) and of the values the sum (4) adds up
+        /// (none: no copy, the sum is of dx).
         copy: Option<crate::types::DType>,
     },
     /// `(layer_norm_grad) -> result`: result `index` (1 to 4, see

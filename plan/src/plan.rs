@@ -272,12 +272,8 @@ impl Plan {
                                 3 => Some(dx.shape.clone()),
                                 _ => None,
                             };
-                            // The copy (3) has the kernel's copy type; a sum of it (4) needs one.
-                            let typed = match offset {
-                                3 => *copy == Some(v.dtype),
-                                4 => copy.is_some(),
-                                _ => true,
-                            };
+                            // The copy (3) has the kernel's copy type.
+                            let typed = offset != 3 || *copy == Some(v.dtype);
                             unique && typed && v.dtype.is_float() && shape.as_ref() == Some(&v.shape)
                         }),
                         _ => {
@@ -388,16 +384,28 @@ impl Plan {
     /// A person-readable summary: what `tessera plan show` prints.
     /// One line per kernel, in execution order: `k7 = gelu(k6) : [4,65,384] f32  # scope`.
     /// Operands are kernel results (`kN`), parameters and buffers (`@name`),
-    /// inputs (`"name"`) and fills (`fill(v)`). Snapshot tests diff this.
+    /// inputs (`"name"`) and fills (`fill(v)`); a multi-tensor kernel's part
+    /// is `kN[offset..]`, another kernel's further result `kN.i` (listed
+    /// after its result's type). Snapshot tests diff this.
     pub fn kernel_listing(&self) -> String {
         use std::fmt::Write;
+        let multi = |k: usize| matches!(self.kernels[k].op, Op::MultiTensor { .. });
         let name = |v: usize| match &self.values[v].source {
             Source::Kernel(k) => format!("k{k}"),
-            Source::Part { kernel, offset } => format!("k{kernel}[{offset}..]"),
+            Source::Part { kernel, offset } if multi(*kernel) => format!("k{kernel}[{offset}..]"),
+            Source::Part { kernel, offset } => format!("k{kernel}.{offset}"),
             Source::Param { name, .. } | Source::Buffer { name, .. } => format!("@{name}"),
             Source::Input { name } => format!("{name:?}"),
             Source::Fill { value } => format!("fill({value})"),
         };
+        let mut results: Vec<Vec<usize>> = vec![Vec::new(); self.kernels.len()];
+        for (v, value) in self.values.iter().enumerate() {
+            if let Source::Part { kernel, .. } = value.source {
+                if !multi(kernel) {
+                    results[kernel].push(v);
+                }
+            }
+        }
         let mut s = String::new();
         for (i, k) in self.kernels.iter().enumerate() {
             let args: Vec<String> = k.inputs.iter().map(|&v| name(v)).collect();
@@ -412,6 +420,11 @@ impl Plan {
                 dims.join(","),
                 out.dtype
             );
+            for &v in &results[i] {
+                let value = &self.values[v];
+                let dims: Vec<String> = value.shape.iter().map(|d| d.to_string()).collect();
+                let _ = write!(s, ", {} [{}] {}", name(v), dims.join(","), value.dtype);
+            }
             if !k.scope.is_empty() {
                 let _ = write!(s, "  # {}", k.scope);
             }

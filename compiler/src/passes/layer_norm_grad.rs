@@ -14,7 +14,8 @@
 //!
 //! Matched: the weight gradient with the same (dy, x) and eps; the sum of
 //! exactly dy over every axis but the last (`sum` or `sum_f32`); a cast of
-//! the input gradient to another float type, and such a sum of that cast.
+//! the input gradient to another float type, and such a sum of that cast
+//! (of the input gradient itself when there is no cast).
 //! Any may be missing; with none, nothing changes. The group is joined
 //! only when the input gradient's operands all come before its first
 //! member in the graph's order, so the joined kernel can stand where that
@@ -30,12 +31,13 @@ struct Group {
     weight: Option<ValueId>,
     bias: Option<ValueId>,
     copy: Option<ValueId>,
-    /// The sum over the rows of the copy (the bias gradient of the linear
-    /// whose output joined the residual stream: `narrow_bias_sums`).
+    /// The sum over the rows of the copy, or of dx without one (the bias
+    /// gradient of the linear whose output joined the residual stream).
     copy_sum: Option<ValueId>,
 }
 
 pub(super) fn run(g: &mut Graph) -> Result<String, IrError> {
+    let pulled = pull_through_pads(g)?;
     let order = g.topo_order()?;
     let position: HashMap<ValueId, usize> = order.iter().enumerate().map(|(i, &v)| (v, i)).collect();
     let mut groups: Vec<Group> = Vec::new();
@@ -59,8 +61,11 @@ pub(super) fn run(g: &mut Graph) -> Result<String, IrError> {
                 && g.operands(u) == [k]
                 && !taken.contains(&u)
         });
-        let copy_sum = copy.and_then(|c| g.users(c).into_iter().find(|&u| sums_rows(g, u, c) && !taken.contains(&u)));
-        if weight.is_none() && bias.is_none() && copy.is_none() {
+        // The linear's bias gradient: the row sum of the copy its products
+        // read, or of dx itself where there is no copy (an f32 step).
+        let summed = copy.unwrap_or(k);
+        let copy_sum = g.users(summed).into_iter().find(|&u| sums_rows(g, u, summed) && !taken.contains(&u));
+        if weight.is_none() && bias.is_none() && copy.is_none() && copy_sum.is_none() {
             continue;
         }
         // The joined kernel stands where the first member stood: every
@@ -113,7 +118,60 @@ pub(super) fn run(g: &mut Graph) -> Result<String, IrError> {
         }
         Ok(Step::Map(pairs))
     })?;
-    Ok(format!("{joined} layer-norm backwards joined into one kernel each"))
+    let pads =
+        if pulled > 0 { format!(" ({pulled} casts and sums taken before a zero padding)") } else { String::new() };
+    Ok(format!("{joined} layer-norm backwards joined into one kernel each{pads}"))
+}
+
+/// Where only some rows were normalised (`slice-before-norm`), the stream's
+/// gradient is the norm's, zero-padded: `cast(pad(dx))` becomes
+/// `pad(cast(dx))` and a row sum of a padding (along a summed axis) the sum
+/// of what it pads (zeros add nothing), so the cast and the sum read dx and
+/// join its kernel. Returns how many were moved.
+fn pull_through_pads(g: &mut Graph) -> Result<usize, IrError> {
+    // New pad -> what it pads (new graph), for pads along a leading axis.
+    let mut padded: HashMap<ValueId, ValueId> = HashMap::new();
+    let mut count = 0;
+    *g = rebuild(g, |old, v, new, map| {
+        let node = old.node(v);
+        let rank = node.ty.shape.rank();
+        match &node.op {
+            Op::Pad { axis, .. } if axis + 1 < rank => {
+                let inner = map[&old.operands(v)[0]];
+                let p = new.add_node_like(node, &[inner])?;
+                padded.insert(p, inner);
+                Ok(Step::Use(p))
+            }
+            Op::Cast { .. } => {
+                let src = old.operands(v)[0];
+                let is_norm_grad = |p: ValueId| matches!(old.node(p).op, Op::NormalizeGrad { .. });
+                match &old.node(src).op {
+                    Op::Pad { axis, .. } if axis + 1 < rank && is_norm_grad(old.operands(src)[0]) => {
+                        let cast = new.add_op(node.op.clone(), &[map[&old.operands(src)[0]]], &node.scope)?;
+                        let p = new.add_op(old.node(src).op.clone(), &[cast], &old.node(src).scope)?;
+                        padded.insert(p, cast);
+                        count += 1;
+                        Ok(Step::Use(p))
+                    }
+                    _ => Ok(Step::Copy),
+                }
+            }
+            Op::Reduce { op: ReduceOp::Sum, axes, keepdim: false }
+            | Op::ReduceF32 { op: ReduceOp::Sum, axes, keepdim: false } => {
+                let src = map[&old.operands(v)[0]];
+                let leading: Vec<usize> = (0..old.ty(old.operands(v)[0]).shape.rank().saturating_sub(1)).collect();
+                match padded.get(&src) {
+                    Some(&inner) if *axes == leading => {
+                        count += 1;
+                        Ok(Step::Use(new.add_op(node.op.clone(), &[inner], &node.scope)?))
+                    }
+                    _ => Ok(Step::Copy),
+                }
+            }
+            _ => Ok(Step::Copy),
+        }
+    })?;
+    Ok(count)
 }
 
 /// Whether `u` is the sum of exactly `x` over every axis but the last (a
@@ -209,6 +267,38 @@ mod tests {
         assert!(names.contains(&"layer_norm_weight_grad {eps=0.00001}".to_string()), "{names:?}");
         assert!(!names.iter().any(|n| n.contains("index=1")), "{names:?}");
         assert_eq!(names.iter().filter(|n| n.starts_with("layer_norm_grad_part")).count(), 3, "{names:?}");
+    }
+
+    #[test]
+    fn a_cast_and_a_sum_of_the_padded_gradient_join_the_norms_kernel() {
+        // The class token's norm: its gradient padded back to every token,
+        // then cast for the products and summed for their bias.
+        let mut g = Graph::new();
+        let s = Shape::consts(&[2, 1, 4]);
+        let dy = g.add_input("dy", s.clone(), DType::BF16).unwrap();
+        let x = g.add_input("x", s, DType::F32).unwrap();
+        let w = g.add_input("w", Shape::consts(&[4]), DType::F32).unwrap();
+        let dx = g.add_op(Op::NormalizeGrad { eps: 1e-6 }, &[dy, x, w], "norm").unwrap();
+        let pad = Op::Pad { axis: 1, before: crate::ir::Dim::Const(0), after: crate::ir::Dim::Const(4) };
+        let padded = g.add_op(pad, &[dx], "block").unwrap();
+        let low = g.add_op(Op::Cast { dtype: DType::BF16 }, &[padded], "fc2").unwrap();
+        let rows = Op::ReduceF32 { op: ReduceOp::Sum, axes: vec![0, 1], keepdim: false };
+        let bias = g.add_op(rows, &[low], "fc2").unwrap();
+        for (name, v) in [("stream", padded), ("low", low), ("bias", bias)] {
+            g.set_output(name, v);
+        }
+        let report = super::run(&mut g).unwrap();
+        g.verify().unwrap();
+        assert!(report.contains("2 casts and sums taken before a zero padding"), "{report}");
+        let out = |name: &str| g.outputs().iter().find(|(n, _)| n == name).unwrap().1;
+        // The copy is padded after the kernel made it; the sum is part 4.
+        let low = out("low");
+        assert!(matches!(g.node(low).op, Op::Pad { .. }), "{:?}", g.node(low).op);
+        assert_eq!(g.ty(low).shape, Shape::consts(&[2, 5, 4]));
+        let copy = g.operands(low)[0];
+        assert_eq!(g.node(copy).op, Op::LayerNormGradPart { index: 3, dtype: DType::BF16 });
+        assert_eq!(g.node(out("bias")).op, Op::LayerNormGradPart { index: 4, dtype: DType::F32 });
+        assert!(matches!(g.node(out("stream")).op, Op::Pad { .. }));
     }
 
     #[test]

@@ -23,6 +23,7 @@ mod packed_attention;
 mod patterns;
 mod precision;
 mod schedule;
+mod slice_first;
 
 pub use schedule::plain_topological;
 
@@ -54,6 +55,11 @@ pub const PASSES: &[Pass] = &[
         name: "cross-entropy-pattern",
         why: "-mean(sum(t * log_softmax(x))) written out by hand becomes one cross_entropy op (forward graph)",
         run: patterns::cross_entropy,
+    },
+    Pass {
+        name: "slice-before-norm",
+        why: "a layer norm read only through a slice of its rows (the class token) normalises only those rows (forward graph)",
+        run: slice_first::run,
     },
     Pass { name: "fold", why: "evaluate elementwise ops on constants at compile time", run: fold::run },
     Pass {
@@ -114,6 +120,7 @@ pub const DEFAULT: &[&str] = &[
     "gated-attention-pattern",
     "attention-pattern",
     "cross-entropy-pattern",
+    "slice-before-norm",
     "dce",
     "cse",
     "fold",
@@ -130,7 +137,8 @@ pub const DEFAULT: &[&str] = &[
 /// Passes that run on the forward graph before autodiff when chosen (the
 /// pipeline takes them out of the list; after autodiff the backward reads
 /// the intermediates, so they would not match there).
-pub const FORWARD: &[&str] = &["gated-attention-pattern", "attention-pattern", "cross-entropy-pattern"];
+pub const FORWARD: &[&str] =
+    &["gated-attention-pattern", "attention-pattern", "cross-entropy-pattern", "slice-before-norm"];
 
 /// The default pipeline for a config: with MODEL.AMP_PARAMS.USE_AMP, the
 /// precision pass runs before fusion (so its casts fuse into elementwise chains).

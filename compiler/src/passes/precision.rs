@@ -180,13 +180,17 @@ fn run(g: &mut Graph, low: DType) -> Result<String, IrError> {
 /// joined the stream is the sum of the low-precision gradient the linear's
 /// products read, as under PyTorch's autocast (the add's backward casts
 /// the gradient to the linear's bf16 output type), summed in f32; one read
-/// of half the bytes instead of the f32 tensor.
+/// of half the bytes instead of the f32 tensor. So too for that gradient
+/// zero-padded (the stream's gradient where only some rows were normalised:
+/// `slice-before-norm`).
 fn narrow_bias_sums(g: &mut Graph, low: DType) -> Result<usize, IrError> {
     let mut narrow: HashMap<ValueId, ValueId> = HashMap::new();
+    let norm_grad = |v: ValueId| matches!(g.node(v).op, Op::NormalizeGrad { .. });
     for v in g.node_ids() {
         if matches!(g.node(v).op, Op::Cast { dtype } if dtype == low) {
             let src = g.operands(v)[0];
-            if matches!(g.node(src).op, Op::NormalizeGrad { .. }) && g.ty(src).dtype == DType::F32 {
+            let padded = matches!(g.node(src).op, Op::Pad { .. }) && norm_grad(g.operands(src)[0]);
+            if (norm_grad(src) || padded) && g.ty(src).dtype == DType::F32 {
                 narrow.entry(src).or_insert(v);
             }
         }

@@ -434,23 +434,24 @@ impl ArenaExecutor {
                 }
                 return Ok(());
             }
-            Op::LayerNormGrad { eps, copy } => {
-                let wanted: Vec<(u64, tessera_plan::DType)> =
-                    self.parts[k].iter().map(|(&index, &v)| (index, plan.values[v].dtype)).collect();
-                // Its parts written here, its result below (the operands are recycled first).
-                super::norm::layer_norm_grad(&refs, *eps, *copy, &wanted).and_then(|(dx, parts)| {
-                    for (index, t) in parts {
-                        let v = self.parts[k][&index];
-                        storage.write(v, &plan.values[v], &t).map_err(|e| bad(format!("result {index}: {e}")))?;
-                        pool::recycle(t);
-                    }
-                    Ok(dx)
-                })
-            }
             op => run_kernel(op, &refs, &super::typed(ctx, &self.plan, k)),
+        };
+        // A kernel's other results (a layer-norm backward's gradients), from
+        // the same operands and its result.
+        let parts = match &result {
+            Ok(t) if !self.parts[k].is_empty() => {
+                let wanted: Vec<u64> = self.parts[k].keys().copied().collect();
+                Some(super::parts(&kernel.op, &refs, t, &wanted))
+            }
+            _ => None,
         };
         x.into_iter().for_each(pool::recycle);
         let t = result?;
+        for (index, p) in parts.transpose()?.into_iter().flatten() {
+            let v = self.parts[k][&index];
+            storage.write(v, &plan.values[v], &p).map_err(|e| bad(format!("result {index}: {e}")))?;
+            pool::recycle(p);
+        }
         storage.write(out, &plan.values[out], &t).map_err(bad)?;
         pool::recycle(t);
         Ok(())

@@ -385,42 +385,6 @@ impl CpuExecutor {
                 self.free_dead_operands(k, &mut slots);
                 continue;
             }
-            if let Op::LayerNormGrad { eps, copy } = kernel.op {
-                let mut x = Vec::with_capacity(kernel.inputs.len());
-                for &i in &kernel.inputs {
-                    x.push(
-                        slots[i]
-                            .get()
-                            .ok_or_else(|| fail(KernelError::Invalid(format!("operand value {i} is not available"))))?,
-                    );
-                }
-                let wanted: Vec<(u64, DType)> =
-                    self.parts[k].iter().map(|(&index, &v)| (index, plan.values[v].dtype)).collect();
-                let (dx, parts) = super::norm::layer_norm_grad(&x, eps, copy, &wanted).map_err(fail)?;
-                drop(x);
-                let mut placed = Vec::with_capacity(parts.len() + 1);
-                for (v, t) in
-                    std::iter::once((out_index, dx)).chain(parts.into_iter().map(|(i, t)| (self.parts[k][&i], t)))
-                {
-                    if !t.has_type(&self.shapes[v], plan.values[v].dtype) {
-                        return Err(fail(KernelError::Invalid(format!(
-                            "result value {v} is {}, but the plan says {}",
-                            t.describe(),
-                            describe_type(&self.shapes[v], plan.values[v].dtype)
-                        ))));
-                    }
-                    if self.last_use[v].is_some() || self.kept[v] > 0 {
-                        placed.push((v, store_as(t, plan.values[v].dtype)));
-                    } else {
-                        pool::recycle(t);
-                    }
-                }
-                for (v, t) in placed {
-                    slots[v] = Slot::Owned(t);
-                }
-                self.free_dead_operands(k, &mut slots);
-                continue;
-            }
             let (shape, dtype) = (&self.shapes[out_index], plan.values[out_index].dtype);
             // The dtype the result already holds: a moved operand's, a cast's
             // (the cast kernel rounds); anything else is rounded below if bf16.
@@ -455,6 +419,36 @@ impl CpuExecutor {
                     result.describe(),
                     describe_type(shape, dtype)
                 ))));
+            }
+            // A kernel's other results (a layer-norm backward's gradients),
+            // from the same operands and its result.
+            if !self.parts[k].is_empty() {
+                let wanted: Vec<u64> = self.parts[k].keys().copied().collect();
+                let mut x = Vec::with_capacity(kernel.inputs.len());
+                for &i in &kernel.inputs {
+                    x.push(
+                        slots[i]
+                            .get()
+                            .ok_or_else(|| fail(KernelError::Invalid(format!("operand value {i} is not available"))))?,
+                    );
+                }
+                let made = super::parts(&kernel.op, &x, &result, &wanted).map_err(fail)?;
+                drop(x);
+                for (index, t) in made {
+                    let v = self.parts[k][&index];
+                    if !t.has_type(&self.shapes[v], plan.values[v].dtype) {
+                        return Err(fail(KernelError::Invalid(format!(
+                            "result {index} is {}, but the plan says {}",
+                            t.describe(),
+                            describe_type(&self.shapes[v], plan.values[v].dtype)
+                        ))));
+                    }
+                    if self.last_use[v].is_some() || self.kept[v] > 0 {
+                        slots[v] = Slot::Owned(store_as(t, plan.values[v].dtype));
+                    } else {
+                        pool::recycle(t);
+                    }
+                }
             }
             if self.last_use[out_index].is_some() || self.kept[out_index] > 0 {
                 let result = if stored_as == Some(dtype) { result } else { store_as(result, dtype) };

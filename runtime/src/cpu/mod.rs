@@ -144,9 +144,20 @@ pub fn run_kernel(op: &Op, x: &[&Tensor], ctx: &Ctx) -> Result<Tensor, KernelErr
         Op::SumOfSquares => reduce::sum_of_squares(x),
         // Several results: the executor runs it (`fused::multi_tensor`) and
         // places its parts; a part is no kernel.
-        Op::MultiTensor { .. } | Op::Part { .. } | Op::LayerNormGrad { .. } | Op::LayerNormGradPart { .. } => {
+        // Its result; its parts are `parts`'.
+        Op::LayerNormGrad { eps, .. } => norm::normalize_grad(x, *eps),
+        Op::MultiTensor { .. } | Op::Part { .. } | Op::LayerNormGradPart { .. } => {
             Err(error::invalid(format!("{} is run by the executor, not as a single-result kernel", op.name())))
         }
+    }
+}
+
+/// The results `wanted` (by index) of a kernel with several, besides its
+/// result `main` (what `run_kernel` made of the same operands `x`).
+pub fn parts(op: &Op, x: &[&Tensor], main: &Tensor, wanted: &[u64]) -> Result<Vec<(u64, Tensor)>, KernelError> {
+    match op {
+        Op::LayerNormGrad { eps, copy } => norm::layer_norm_grad_parts(x, main, *eps, *copy, wanted),
+        other => Err(error::invalid(format!("{} has no results besides its own", other.name()))),
     }
 }
 

@@ -375,45 +375,44 @@ pub fn batch_standardize_grad(x: &[&Tensor], eps: f64, ctx: &Ctx) -> Result<Tens
     Ok(Tensor::f32(xt.shape.clone(), out))
 }
 
-/// `LayerNormGrad`: `(dy, x, w[, r])` -> dx (`normalize_grad`'s) and the
-/// results `wanted` asks for, by index and dtype: 1 the weight gradient
+/// The other results of `LayerNormGrad` (its result, dx, is
+/// `normalize_grad`'s) that `wanted` names: 1 the weight gradient
 /// (`layer_norm_weight_grad`'s), 2 the bias gradient (dy summed over the
-/// rows, f64 accumulation as `reduce`), 3 dx as the cast to `copy`
-/// makes it, 4 the sum of that copy over the rows. Each is computed exactly as the kernel it replaces, so a plan
-/// with the joined kernel trains bitwise like one without; the CPU's gain
-/// is the kernels it no longer dispatches.
-pub fn layer_norm_grad(
+/// rows, f64 accumulation as `reduce`), 3 dx as the cast to `copy` makes
+/// it, 4 the sum of that copy (of dx without one) over the rows. Each is computed exactly as the
+/// kernel it replaces, so a plan with the joined kernel trains bitwise like
+/// one without; the CPU's gain is the kernels it no longer dispatches.
+pub fn layer_norm_grad_parts(
     x: &[&Tensor],
+    dx: &Tensor,
     eps: f64,
     copy: Option<tessera_plan::DType>,
-    wanted: &[(u64, tessera_plan::DType)],
-) -> Result<(Tensor, Vec<(u64, Tensor)>), KernelError> {
-    let low = || copy.ok_or_else(|| invalid("results 3 and 4 of a layer-norm backward need its copy type"));
+    wanted: &[u64],
+) -> Result<Vec<(u64, Tensor)>, KernelError> {
     let [dy, xt] = match x {
         [dy, xt, _, ..] => [*dy, *xt],
         _ => return Err(invalid(format!("expects (dy, x, w) or (dy, x, w, r), got {} operands", x.len()))),
     };
-    let dx = normalize_grad(x, eps)?;
+    let low = || copy.ok_or_else(|| invalid("result 3 of a layer-norm backward needs its copy type"));
     let mut parts = Vec::with_capacity(wanted.len());
-    for &(index, _) in wanted {
+    for &index in wanted {
         let t = match index {
             1 => layer_norm_weight_grad(&[dy, xt], eps)?,
-            2 => {
-                let leading: Vec<usize> = (0..dy.shape.len().saturating_sub(1)).collect();
-                super::reduce::reduce(&[dy], tessera_plan::ReduceOp::Sum, &leading, false)?
-            }
-            3 => super::elementwise::cast(&[&dx], low()?)?,
-            4 => {
-                // The sum of the copy as the copy holds it (rounded).
-                let copy = super::elementwise::cast(&[&dx], low()?)?;
-                let leading: Vec<usize> = (0..dx.shape.len().saturating_sub(1)).collect();
-                let sum = super::reduce::reduce(&[&copy], tessera_plan::ReduceOp::Sum, &leading, false);
-                pool::recycle(copy);
-                sum?
-            }
+            2 => super::reduce::row_sums(dy)?,
+            3 => super::elementwise::cast(&[dx], low()?)?,
+            // The sum of the copy as the copy holds it (rounded), or of dx.
+            4 => match copy {
+                Some(low) => {
+                    let copy = super::elementwise::cast(&[dx], low)?;
+                    let sum = super::reduce::row_sums(&copy);
+                    pool::recycle(copy);
+                    sum?
+                }
+                None => super::reduce::row_sums(dx)?,
+            },
             other => return Err(invalid(format!("a layer-norm backward has no result {other}"))),
         };
         parts.push((index, t));
     }
-    Ok((dx, parts))
+    Ok(parts)
 }

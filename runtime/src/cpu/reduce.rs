@@ -145,6 +145,12 @@ pub fn sum_of_squares(x: &[&Tensor]) -> Result<Tensor, KernelError> {
     Ok(Tensor::scalar_f32(total as f32))
 }
 
+/// The sum over every axis but the last (a bias gradient), as `reduce`.
+pub fn row_sums(x: &Tensor) -> Result<Tensor, KernelError> {
+    let leading: Vec<usize> = (0..x.shape.len().saturating_sub(1)).collect();
+    reduce(&[x], ReduceOp::Sum, &leading, false)
+}
+
 pub fn reduce(x: &[&Tensor], op: ReduceOp, axes: &[usize], keepdim: bool) -> Result<Tensor, KernelError> {
     let [t] = operands(x, ["input"])?;
     for (i, &a) in axes.iter().enumerate() {

@@ -42,7 +42,7 @@ TSR_GLOBAL void {{ name }}({{ signature }}) {
 {% if copy %}            tsr_store(copy, base + j, out_v);
 {% endif %}            acc[j] += (double)(dyv * ((xv - m) * rstd));
             acc[d + j] += (double)dyv;
-{% if copy_sum %}            acc[2 * d + j] += (double)tsr_round_bf16(out_v);
+{% if copy_sum %}            acc[2 * d + j] += (double){% if rounded %}tsr_round_bf16(out_v){% else %}out_v{% endif %};
 {% endif %}
         }
     }
