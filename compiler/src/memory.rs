@@ -110,11 +110,11 @@ pub fn plan_memory(plan: &Plan) -> MemoryPlan {
         let gradient = kernel.scope == tessera_plan::GRADIENT_ALL_REDUCE_SCOPE
             && matches!(kernel.op, Op::AllReduce { .. })
             && placements[out].region == Region::Grads;
-        // A layer-norm backward writes its weight and bias gradients (parts)
-        // wherever they live, as any kernel its result.
+        // A kernel with several results (a layer-norm backward) writes each
+        // wherever it lives, as any kernel its result.
         let made = match plan.values[d].source {
             Source::Kernel(_) => true,
-            Source::Part { kernel, .. } => matches!(plan.kernels[kernel].op, Op::LayerNormGrad { .. }),
+            Source::Part { kernel, .. } => !matches!(plan.kernels[kernel].op, Op::MultiTensor { .. }),
             _ => false,
         };
         let private = made

@@ -61,15 +61,18 @@ pub fn lower(g: &Graph, batch: u64, training: bool) -> Result<Plan, String> {
                     _ => return Err(format!("a part ({}) reads a value no multi-tensor kernel makes", node.scope)),
                 }
             }
-            Op::LayerNormGradPart { index: result, .. } => {
+            Op::ResultPart { index: result, .. } => {
                 let dx = index[&g.operands(v)[0]];
                 match values.get(dx).map(|p: &Value| &p.source) {
-                    Some(Source::Kernel(k)) if matches!(kernels[*k].op, Op::LayerNormGrad { .. }) => {
+                    Some(Source::Kernel(k))
+                        if matches!(
+                            kernels[*k].op,
+                            Op::LayerNormGrad { .. } | Op::MatmulGeluGrad { row_sum: true, .. }
+                        ) =>
+                    {
                         Source::Part { kernel: *k, offset: *result as u64 }
                     }
-                    _ => {
-                        return Err(format!("a layer-norm gradient part ({}) reads no layer-norm backward", node.scope))
-                    }
+                    _ => return Err(format!("a result part ({}) reads no kernel with several results", node.scope)),
                 }
             }
             op => {

@@ -6,7 +6,9 @@
 //! - bytes moved: every distinct operand read once and the result written
 //!   once, at its plan dtype's size (a slice reads only what it keeps); a
 //!   multi-tensor kernel writes its parts (its packed value is never
-//!   stored), a kernel with further results writes them too. A result that shares its operand's
+//!   stored), a kernel with further results writes them too. A GPU kernel
+//!   made of a library GEMM and a pass over its result (matmul_gelu_grad's
+//!   GELU gradient, conv2d's bias) moves that result twice more. A result that shares its operand's
 //!   storage without a change (a reshape or stop_gradient view) moves
 //!   nothing; scalars folded into kernels (region `Inline`) move nothing.
 //!   Scratch pieces (`scratch`) are written once and read once, except
@@ -18,7 +20,10 @@
 //! - time: per kernel the larger of its FLOPs over the peak for its dtype
 //!   (bf16 on tensor cores; f32 without TF32, as the CUDA backend's GEMMs)
 //!   and its bytes over the memory bandwidth, summed over kernels: no
-//!   overlap between kernels, no launch latency, no cache reuse.
+//!   overlap between kernels, no launch latency, no cache reuse. The bytes
+//!   of the passes a kernel runs beside a library GEMM (scratch, a second
+//!   pass over the result) are launches of their own: their time is added,
+//!   not hidden under the product's.
 
 use crate::memory::Region;
 use crate::op::Op;
@@ -107,7 +112,7 @@ impl KernelClass {
             | Op::Buffer { .. }
             | Op::Fill { .. }
             | Op::Part { .. }
-            | Op::LayerNormGradPart { .. } => Layout,
+            | Op::ResultPart { .. } => Layout,
         }
     }
 
@@ -138,6 +143,10 @@ pub struct KernelCost {
     pub flops: u64,
     /// The dtype its FLOPs run in (bf16 when a product reads bf16).
     pub flops_bf16: bool,
+    /// Of `bytes`, those moved by passes beside a library GEMM, which do
+    /// not overlap its arithmetic: a prologue's operand written to scratch
+    /// and read back, an epilogue's second pass over the result.
+    pub serial_bytes: u64,
 }
 
 impl KernelCost {
@@ -171,10 +180,13 @@ impl Device {
         }
     }
 
-    /// Seconds the roofline gives a kernel.
+    /// Seconds the roofline gives a kernel: the larger of its FLOPs over
+    /// the peak and its other bytes over the bandwidth, then its serial
+    /// passes' bytes over the bandwidth.
     pub fn seconds(&self, k: &KernelCost) -> f64 {
         let peak = if k.flops_bf16 { self.bf16_flops } else { self.f32_flops };
-        (k.flops as f64 / peak).max(k.total_bytes() as f64 / self.bandwidth)
+        let overlapped = k.total_bytes().saturating_sub(k.serial_bytes);
+        (k.flops as f64 / peak).max(overlapped as f64 / self.bandwidth) + k.serial_bytes as f64 / self.bandwidth
     }
 }
 
@@ -232,10 +244,33 @@ fn flops(plan: &Plan, k: usize) -> u64 {
 /// The cost of kernel `k` (the plan must carry its memory plan for views
 /// and inline constants to be told apart; without one every operand moves).
 pub fn kernel_cost(plan: &Plan, k: usize) -> KernelCost {
+    let parts: Vec<usize> = (0..plan.values.len())
+        .filter(|&v| matches!(plan.values[v].source, Source::Part { kernel, .. } if kernel == k))
+        .collect();
+    cost_with_parts(plan, k, &parts)
+}
+
+/// The values each kernel writes besides its result (its parts), found in
+/// one pass over the values.
+fn parts_by_kernel(plan: &Plan) -> Vec<Vec<usize>> {
+    let mut parts = vec![Vec::new(); plan.kernels.len()];
+    for (v, value) in plan.values.iter().enumerate() {
+        if let Source::Part { kernel, .. } = value.source {
+            if let Some(p) = parts.get_mut(kernel) {
+                p.push(v);
+            }
+        }
+    }
+    parts
+}
+
+/// `kernel_cost`, given the kernel's parts.
+fn cost_with_parts(plan: &Plan, k: usize, parts: &[usize]) -> KernelCost {
     let kernel = &plan.kernels[k];
     let placements = plan.memory.as_ref().map(|m| &m.placements);
     let inline = |v: usize| placements.is_some_and(|p| p[v].region == Region::Inline);
     let mut cost = KernelCost { flops: flops(plan, k), ..Default::default() };
+    let mut serial = 0u64;
     let mut add = |dtype: DType, bytes: u64| {
         if bytes > 0 {
             *cost.bytes.entry(dtype.to_string()).or_default() += bytes;
@@ -264,22 +299,31 @@ pub fn kernel_cost(plan: &Plan, k: usize) -> KernelCost {
         };
         add(plan.values[v].dtype, read);
     }
-    // A multi-tensor kernel's packed result is never stored; a layer-norm
-    // backward writes its result and its parts.
+    // A multi-tensor kernel's packed result is never stored; a kernel with
+    // further results writes its result and its parts.
     if !matches!(kernel.op, Op::MultiTensor { .. }) {
         add(plan.values[kernel.output].dtype, bytes_of(kernel.output));
+        // Passes over the result besides the product's write: the GELU
+        // gradient's epilogue reads the product back and writes it again
+        // (cuBLASLt's GELU epilogues are the tanh approximation, not the
+        // models' erf GELU); a convolution's bias is written first and read
+        // back as the GEMM's C.
+        let again = match kernel.op {
+            Op::MatmulGeluGrad { .. } => 2,
+            Op::Conv2d { .. } if kernel.inputs.len() == 3 => 2,
+            _ => 0,
+        };
+        add(plan.values[kernel.output].dtype, again * bytes_of(kernel.output));
+        serial += again * bytes_of(kernel.output);
     }
-    if matches!(kernel.op, Op::MultiTensor { .. } | Op::LayerNormGrad { .. }) {
-        for (v, value) in plan.values.iter().enumerate() {
-            if matches!(value.source, Source::Part { kernel: pk, .. } if pk == k) {
-                add(value.dtype, bytes_of(v));
-            }
-        }
+    for &v in parts {
+        add(plan.values[v].dtype, bytes_of(v));
     }
     let scratch_bytes: u64 = scratch(plan, k).pieces.iter().filter(|(n, _)| *n != "gemm").map(|(_, b)| 2 * b).sum();
     if scratch_bytes > 0 {
         *cost.bytes.entry("scratch".into()).or_default() += scratch_bytes;
     }
+    cost.serial_bytes = serial + scratch_bytes;
     cost.flops_bf16 = cost.flops > 0 && kernel.inputs.iter().any(|&v| plan.values[v].dtype == DType::BF16);
     cost
 }
@@ -317,13 +361,14 @@ pub struct StepCost {
 impl StepCost {
     pub fn of(plan: &Plan) -> StepCost {
         let mut s = StepCost::default();
+        let parts = parts_by_kernel(plan);
         for k in 0..plan.kernels.len() {
             let class = KernelClass::of(&plan.kernels[k].op);
             // Parts are read out of their multi-tensor kernel's result: no kernel.
             if matches!(plan.kernels[k].op, Op::Part { .. }) {
                 continue;
             }
-            let c = kernel_cost(plan, k);
+            let c = cost_with_parts(plan, k, &parts[k]);
             s.total.add(&c);
             s.by_class.entry(class).or_default().add(&c);
             s.kernels.push((class, c));

@@ -269,7 +269,7 @@ pub enum Op {
     /// `(dy [..., D], x [..., D], w [D]) -> dx`, `(dy, x, w, r) -> dx + r`:
     /// LayerNorm's whole backward in one pass over the rows. The result is
     /// `NormalizeGrad`'s; its other results are read out by
-    /// `LayerNormGradPart`s (the kernel writes each where it lives): 1, the
+    /// `ResultPart`s (the kernel writes each where it lives): 1, the
     /// weight gradient (`LayerNormWeightGrad`'s); 2, the bias gradient (the
     /// sum of dy over the rows, accumulated in f32 or wider); 3, dx rounded
     /// to a lower precision (the copy the products before the norm read);
@@ -283,10 +283,13 @@ pub enum Op {
         /// (none: no copy, the sum is of dx).
         copy: Option<crate::types::DType>,
     },
-    /// `(layer_norm_grad) -> result`: result `index` (1 to 4, see
-    /// `LayerNormGrad`) of a layer-norm backward, of `dtype`: [D] for 1, 2
-    /// and 4, dx's shape for 3. Lowered to no kernel.
-    LayerNormGradPart {
+    /// `(kernel's result [..., D]) -> result index`: a further result of a
+    /// kernel with several, of `dtype`: [D] for 1, 2 and 4, the kernel's
+    /// result's shape for 3. Which a kernel has is its op's: a
+    /// `LayerNormGrad` 1 to 4, a `MatmulGeluGrad` 1 (its result's sum over
+    /// the rows, the bias gradient of the layer before the GELU). Lowered to
+    /// no kernel: the kernel writes it where it lives.
+    ResultPart {
         index: u32,
         dtype: crate::types::DType,
     },
@@ -378,9 +381,14 @@ pub enum Op {
     },
     /// `(a, b, z) -> (a @ b) * GELU'(z)`: a matrix product with the GELU
     /// gradient as its epilogue (the gradient of an MLP's hidden layer).
+    /// With `row_sum`, its result 1 (`ResultPart`) is the sum over the rows
+    /// of that result as stored (the hidden layer's bias gradient), made by
+    /// the same epilogue.
     MatmulGeluGrad {
         transpose_a: bool,
         transpose_b: bool,
+        #[serde(default)]
+        row_sum: bool,
     },
     /// Elementwise ops run as one kernel, one pass over memory: `body` is a
     /// register program over the operands (see `fused.rs`).
@@ -517,7 +525,7 @@ impl Op {
             Op::NormalizeGrad { .. } => "normalize_grad",
             Op::LayerNormWeightGrad { .. } => "layer_norm_weight_grad",
             Op::LayerNormGrad { .. } => "layer_norm_grad",
-            Op::LayerNormGradPart { .. } => "layer_norm_grad_part",
+            Op::ResultPart { .. } => "result_part",
             Op::BatchStandardize { .. } => "batch_standardize",
             Op::BatchStandardizeGrad { .. } => "batch_standardize_grad",
             Op::RunningStat { .. } => "running_stat",
@@ -609,7 +617,7 @@ pub fn attributes(op: &Op) -> Vec<(&'static str, String)> {
             ("results", list(results)),
         ],
         Op::Part { offset, shape } => vec![("offset", offset.to_string()), ("shape", shape.to_string())],
-        Op::LayerNormGradPart { index, dtype } => vec![("index", index.to_string()), ("dtype", dtype.to_string())],
+        Op::ResultPart { index, dtype } => vec![("index", index.to_string()), ("dtype", dtype.to_string())],
         Op::LayerNormGrad { eps, copy } => {
             let mut v = vec![("eps", eps.to_string())];
             if let Some(c) = copy {
@@ -634,13 +642,16 @@ pub fn attributes(op: &Op) -> Vec<(&'static str, String)> {
         Op::Input { .. } | Op::Param { .. } | Op::Buffer { .. } | Op::Fill { .. } => vec![],
         Op::Matmul { transpose_a, transpose_b }
         | Op::MatmulGeluRhs { transpose_a, transpose_b }
-        | Op::MatmulGeluGrad { transpose_a, transpose_b } => {
+        | Op::MatmulGeluGrad { transpose_a, transpose_b, .. } => {
             let mut v = vec![];
             if *transpose_a {
                 v.push(("transpose_a", "true".to_string()));
             }
             if *transpose_b {
                 v.push(("transpose_b", "true".to_string()));
+            }
+            if let Op::MatmulGeluGrad { row_sum: true, .. } = op {
+                v.push(("row_sum", "true".to_string()));
             }
             v
         }

@@ -276,9 +276,14 @@ impl Plan {
                             let typed = offset != 3 || *copy == Some(v.dtype);
                             unique && typed && v.dtype.is_float() && shape.as_ref() == Some(&v.shape)
                         }),
+                        // Its result's row sum: [D].
+                        Some((Op::MatmulGeluGrad { row_sum: true, .. }, out)) => self.values.get(out).is_some_and(|y| {
+                            let unique = parts_of.get(&kernel).is_none_or(|ps| ps.is_empty());
+                            unique && offset == 1 && v.dtype.is_float() && y.shape.last().map(|&d| vec![d]) == Some(v.shape.clone())
+                        }),
                         _ => {
                             return Err(format!(
-                                "value {i} is a part of kernel {kernel}, which is neither multi-tensor nor a layer-norm backward"
+                                "value {i} is a part of kernel {kernel}, which has no results besides its own"
                             ))
                         }
                     };

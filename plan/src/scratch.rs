@@ -27,7 +27,8 @@
 //!   least 2048 elements), up to 256 * REDUCE_BLOCKS when it is kept (a
 //!   thread per item, slices of at least 64 elements, e.g. a bias gradient);
 //!   none when one slice per output suffices. sum_of_squares:
-//!   REDUCE_BLOCKS blocks; layer_norm_grad: three per column and block of
+//!   REDUCE_BLOCKS blocks; matmul_gelu_grad with its row sum: one per
+//!   column and block of rows; layer_norm_grad: three per column and block of
 //!   rows (its weight, bias and copy sums; blocks as layer_norm_weight_grad's);
 //!   cross_entropy: one per block of rows,
 //!   min(N, REDUCE_BLOCKS);
@@ -155,10 +156,17 @@ pub fn scratch(plan: &Plan, k: usize) -> Scratch {
         Op::MatmulLayerNormRhs { .. } => {
             s.with("gemm", gemm(rows_of(shape(1)))).with("normalized", numel(1) * size(value(0).dtype))
         }
-        Op::MatmulGeluGrad { transpose_a, .. } => {
+        Op::MatmulGeluGrad { transpose_a, row_sum, .. } => {
             let a = shape(0);
             let inner = if *transpose_a { a[a.len() - 2] } else { last(a) };
-            s.with("gemm", gemm(inner))
+            let s = s.with("gemm", gemm(inner));
+            if *row_sum {
+                // One f64 partial per column and block of rows (as layer_norm_weight_grad's).
+                let d = last(&out.shape);
+                s.with("partials", norm_weight_grad_blocks(out.numel() / d.max(1)) * d * 8)
+            } else {
+                s
+            }
         }
         Op::Conv2d { .. } => {
             // cols [N*H'*W', C*kh*kw] in the weight's dtype.

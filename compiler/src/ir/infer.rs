@@ -136,7 +136,7 @@ pub(crate) fn infer(op: &Op, x: &[&TensorType]) -> Rule {
             let [a, b] = exactly(x, ["a", "b"])?;
             matmul(&[a, &rows_of(b)?], *transpose_a, *transpose_b)
         }
-        Op::MatmulGeluGrad { transpose_a, transpose_b } => {
+        Op::MatmulGeluGrad { transpose_a, transpose_b, .. } => {
             let [a, b, z] = exactly(x, ["a", "b", "z"])?;
             let out = matmul(&[a, b], *transpose_a, *transpose_b)?;
             if z.shape != out.shape || z.dtype != out.dtype {
@@ -151,7 +151,7 @@ pub(crate) fn infer(op: &Op, x: &[&TensorType]) -> Rule {
         | Op::NormalizeGrad { .. }
         | Op::LayerNormWeightGrad { .. }
         | Op::LayerNormGrad { .. }
-        | Op::LayerNormGradPart { .. }
+        | Op::ResultPart { .. }
         | Op::BatchStandardize { .. }
         | Op::BatchStandardizeGrad { .. }
         | Op::RunningStat { .. }

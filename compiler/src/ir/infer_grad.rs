@@ -49,11 +49,11 @@ pub(super) fn infer_grad(op: &Op, x: &[&TensorType]) -> Rule {
             }
             Ok(t)
         }
-        // Result `index` of a layer-norm backward (its operand: dx).
-        Op::LayerNormGradPart { index, dtype } => {
-            let [dx] = exactly(x, ["layer_norm_grad"])?;
+        // Result `index` of a kernel with several (its operand: the kernel's result).
+        Op::ResultPart { index, dtype } => {
+            let [dx] = exactly(x, ["result"])?;
             if !dtype.is_float() {
-                return Err(format!("a layer-norm gradient is a float, not {dtype}"));
+                return Err(format!("a kernel's further result is a float, not {dtype}"));
             }
             match index {
                 1 | 2 | 4 => match dx.shape.0.last() {
@@ -61,9 +61,7 @@ pub(super) fn infer_grad(op: &Op, x: &[&TensorType]) -> Rule {
                     None => Err("dx must have a feature axis, got a scalar []".into()),
                 },
                 3 => Ok(TensorType::new(dx.shape.clone(), *dtype)),
-                _ => Err(format!(
-                    "a layer-norm backward has results 1 (weight), 2 (bias), 3 (dx's copy) and 4 (the copy's sum), not {index}"
-                )),
+                _ => Err(format!("a kernel's further results are 1 to 4, not {index}")),
             }
         }
         // LayerNorm's input gradient in one pass: g = dy * w read as it is.

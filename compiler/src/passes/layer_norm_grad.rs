@@ -6,7 +6,7 @@
 //! residual stream there), `layer_norm_weight_grad(dy, x)` and the norm's
 //! bias gradient `sum(dy)`. Each reads dy, x or dx again and recomputes the
 //! rows' statistics. They become one `layer_norm_grad(dy, x, w[, r])` whose
-//! other results (`layer_norm_grad_part` 1 to 4: weight gradient, bias
+//! other results (`result_part` 1 to 4: weight gradient, bias
 //! gradient, low-precision copy, the copy's sum) the kernel writes in the
 //! same pass: dy and x read once, the f32 gradient never read back. Issue
 //! 14: "LayerNorm's backward ... one or two kernels"; "casts folded into
@@ -94,7 +94,7 @@ pub(super) fn run(g: &mut Graph) -> Result<String, IrError> {
         for (index, member) in [(3, gr.copy), (4, gr.copy_sum)] {
             if Some(v) == member {
                 let dtype = old.ty(v).dtype;
-                let part = new.add_op(Op::LayerNormGradPart { index, dtype }, &[map[&gr.dx]], &old.node(v).scope)?;
+                let part = new.add_op(Op::ResultPart { index, dtype }, &[map[&gr.dx]], &old.node(v).scope)?;
                 return Ok(Step::Use(part));
             }
         }
@@ -111,8 +111,7 @@ pub(super) fn run(g: &mut Graph) -> Result<String, IrError> {
         let mut pairs = vec![(gr.dx, dx)];
         for (index, member) in [(1, gr.weight), (2, gr.bias)] {
             if let Some(m) = member {
-                let part =
-                    new.add_op(Op::LayerNormGradPart { index, dtype: old.ty(m).dtype }, &[dx], &old.node(m).scope)?;
+                let part = new.add_op(Op::ResultPart { index, dtype: old.ty(m).dtype }, &[dx], &old.node(m).scope)?;
                 pairs.push((m, part));
             }
         }
@@ -176,7 +175,7 @@ fn pull_through_pads(g: &mut Graph) -> Result<usize, IrError> {
 
 /// Whether `u` is the sum of exactly `x` over every axis but the last (a
 /// bias gradient: `sum` or `sum_f32`).
-fn sums_rows(g: &Graph, u: ValueId, x: ValueId) -> bool {
+pub(super) fn sums_rows(g: &Graph, u: ValueId, x: ValueId) -> bool {
     let rank = g.ty(x).shape.rank();
     let leading: Vec<usize> = (0..rank.saturating_sub(1)).collect();
     let rows = match &g.node(u).op {
@@ -238,10 +237,10 @@ mod tests {
                 ops(&g),
                 [
                     "layer_norm_grad {eps=0.000001, copy=bf16}",
-                    "layer_norm_grad_part {index=1, dtype=f32}",
-                    "layer_norm_grad_part {index=2, dtype=f32}",
-                    "layer_norm_grad_part {index=3, dtype=bf16}",
-                    "layer_norm_grad_part {index=4, dtype=f32}",
+                    "result_part {index=1, dtype=f32}",
+                    "result_part {index=2, dtype=f32}",
+                    "result_part {index=3, dtype=bf16}",
+                    "result_part {index=4, dtype=f32}",
                 ]
             );
             // Every output keeps its type; the parts read the joined kernel.
@@ -266,7 +265,7 @@ mod tests {
         let names = ops(&g);
         assert!(names.contains(&"layer_norm_weight_grad {eps=0.00001}".to_string()), "{names:?}");
         assert!(!names.iter().any(|n| n.contains("index=1")), "{names:?}");
-        assert_eq!(names.iter().filter(|n| n.starts_with("layer_norm_grad_part")).count(), 3, "{names:?}");
+        assert_eq!(names.iter().filter(|n| n.starts_with("result_part")).count(), 3, "{names:?}");
     }
 
     #[test]
@@ -296,8 +295,8 @@ mod tests {
         assert!(matches!(g.node(low).op, Op::Pad { .. }), "{:?}", g.node(low).op);
         assert_eq!(g.ty(low).shape, Shape::consts(&[2, 5, 4]));
         let copy = g.operands(low)[0];
-        assert_eq!(g.node(copy).op, Op::LayerNormGradPart { index: 3, dtype: DType::BF16 });
-        assert_eq!(g.node(out("bias")).op, Op::LayerNormGradPart { index: 4, dtype: DType::F32 });
+        assert_eq!(g.node(copy).op, Op::ResultPart { index: 3, dtype: DType::BF16 });
+        assert_eq!(g.node(out("bias")).op, Op::ResultPart { index: 4, dtype: DType::F32 });
         assert!(matches!(g.node(out("stream")).op, Op::Pad { .. }));
     }
 

@@ -11,6 +11,7 @@
 //! config uses AMP: `default_for`). The CPU backend's pipeline is
 //! `default_for_cpu`.
 
+mod bias_epilogue;
 mod cse;
 mod fold;
 mod fuse;
@@ -88,6 +89,11 @@ pub const PASSES: &[Pass] = &[
         run: layer_norm_grad::run,
     },
     Pass {
+        name: "bias-grad-epilogue",
+        why: "an MLP's hidden bias gradient summed by the GELU gradient's epilogue (the gradient not read again for its sum)",
+        run: bias_epilogue::run,
+    },
+    Pass {
         name: "amp-bf16",
         why: "mixed precision (MODEL.AMP_PARAMS.USE_AMP): bf16 matmuls and attention, f32 norms, softmax, losses, master weights",
         run: precision::run_bf16,
@@ -130,6 +136,7 @@ pub const DEFAULT: &[&str] = &[
     "residual-into-linear",
     "norm-grad-epilogue",
     "layer-norm-grad",
+    "bias-grad-epilogue",
     "fuse-elementwise",
     "fuse-optimizer",
 ];

@@ -242,7 +242,7 @@ fn assign(
     let node = old.node(v);
     let operands = mapped(old, v, map)?;
     // A cast, or a layer-norm backward's part, has the type its op names.
-    if node.op.is_leaf() || matches!(node.op, Op::Cast { .. } | Op::LayerNormGradPart { .. }) {
+    if node.op.is_leaf() || matches!(node.op, Op::Cast { .. } | Op::ResultPart { .. }) {
         return new.add_node_like(node, &operands);
     }
     let floats: Vec<usize> = (0..operands.len()).filter(|&i| new.ty(operands[i]).dtype.is_float()).collect();

@@ -441,7 +441,15 @@ impl ArenaExecutor {
         let parts = match &result {
             Ok(t) if !self.parts[k].is_empty() => {
                 let wanted: Vec<u64> = self.parts[k].keys().copied().collect();
-                Some(super::parts(&kernel.op, &refs, t, &wanted))
+                // The result as its plan dtype stores it (bf16: rounded).
+                let stored = (plan.values[out].dtype == tessera_plan::DType::BF16).then(|| {
+                    let mut s = t.clone();
+                    if let crate::tensor::Data::F32(v) = &mut s.data {
+                        super::elementwise::round_to_bf16(v);
+                    }
+                    s
+                });
+                Some(super::parts(&kernel.op, &refs, stored.as_ref().unwrap_or(t), &wanted))
             }
             _ => None,
         };

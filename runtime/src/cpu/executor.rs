@@ -420,8 +420,9 @@ impl CpuExecutor {
                     describe_type(shape, dtype)
                 ))));
             }
+            let result = if stored_as == Some(dtype) { result } else { store_as(result, dtype) };
             // A kernel's other results (a layer-norm backward's gradients),
-            // from the same operands and its result.
+            // from the same operands and its result as stored.
             if !self.parts[k].is_empty() {
                 let wanted: Vec<u64> = self.parts[k].keys().copied().collect();
                 let mut x = Vec::with_capacity(kernel.inputs.len());
@@ -451,8 +452,9 @@ impl CpuExecutor {
                 }
             }
             if self.last_use[out_index].is_some() || self.kept[out_index] > 0 {
-                let result = if stored_as == Some(dtype) { result } else { store_as(result, dtype) };
                 slots[out_index] = Slot::Owned(result);
+            } else {
+                pool::recycle(result);
             }
             self.free_dead_operands(k, &mut slots);
         }

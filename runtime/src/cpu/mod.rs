@@ -120,7 +120,7 @@ pub fn run_kernel(op: &Op, x: &[&Tensor], ctx: &Ctx) -> Result<Tensor, KernelErr
             epilogue::matmul_layer_norm_rhs(x, *eps, *transpose_a, *transpose_b, ctx)
         }
         Op::MatmulGeluRhs { transpose_a, transpose_b } => epilogue::matmul_gelu_rhs(x, *transpose_a, *transpose_b, ctx),
-        Op::MatmulGeluGrad { transpose_a, transpose_b } => {
+        Op::MatmulGeluGrad { transpose_a, transpose_b, .. } => {
             epilogue::matmul_gelu_grad(x, *transpose_a, *transpose_b, ctx)
         }
         Op::AttentionGrad { scale, dropout, key } => attention::attention_grad(x, *scale, *dropout, *key, ctx),
@@ -146,17 +146,23 @@ pub fn run_kernel(op: &Op, x: &[&Tensor], ctx: &Ctx) -> Result<Tensor, KernelErr
         // places its parts; a part is no kernel.
         // Its result; its parts are `parts`'.
         Op::LayerNormGrad { eps, .. } => norm::normalize_grad(x, *eps),
-        Op::MultiTensor { .. } | Op::Part { .. } | Op::LayerNormGradPart { .. } => {
+        Op::MultiTensor { .. } | Op::Part { .. } | Op::ResultPart { .. } => {
             Err(error::invalid(format!("{} is run by the executor, not as a single-result kernel", op.name())))
         }
     }
 }
 
 /// The results `wanted` (by index) of a kernel with several, besides its
-/// result `main` (what `run_kernel` made of the same operands `x`).
+/// result `main` (what `run_kernel` made of the same operands `x`, as its
+/// plan dtype stores it).
 pub fn parts(op: &Op, x: &[&Tensor], main: &Tensor, wanted: &[u64]) -> Result<Vec<(u64, Tensor)>, KernelError> {
     match op {
         Op::LayerNormGrad { eps, copy } => norm::layer_norm_grad_parts(x, main, *eps, *copy, wanted),
+        // The result's row sum (as the result is stored), as `reduce`.
+        Op::MatmulGeluGrad { .. } => match wanted {
+            [1] => Ok(vec![(1, reduce::row_sums(main)?)]),
+            _ => Err(error::invalid(format!("matmul_gelu_grad has result 1 only, not {wanted:?}"))),
+        },
         other => Err(error::invalid(format!("{} has no results besides its own", other.name()))),
     }
 }

@@ -241,7 +241,7 @@ fn lower_kernel(l: &mut Lowering, k: usize) -> Result<(), String> {
         | Op::Buffer { .. }
         | Op::Fill { .. }
         | Op::Part { .. }
-        | Op::LayerNormGradPart { .. } => Err(format!("{} is not a kernel", op.name())),
+        | Op::ResultPart { .. } => Err(format!("{} is not a kernel", op.name())),
         Op::Unary(_)
         | Op::Binary(_)
         | Op::Scale { .. }

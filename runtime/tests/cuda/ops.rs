@@ -150,7 +150,12 @@ fn matrix_products_and_their_fused_forms_match_the_cpu() {
         true,
         1e-5,
     );
-    check_op(Op::MatmulGeluGrad { transpose_a: false, transpose_b: true }, &[&[4, 6], &[5, 6], &[4, 5]], true, 1e-5);
+    check_op(
+        Op::MatmulGeluGrad { transpose_a: false, transpose_b: true, row_sum: false },
+        &[&[4, 6], &[5, 6], &[4, 5]],
+        true,
+        1e-5,
+    );
 }
 
 #[test]
@@ -223,7 +228,7 @@ fn the_joined_layer_norm_backward_matches_the_cpu() {
         g.set_output("dx", dx);
         let parts = [(1, DType::F32), (2, DType::F32), (3, DType::BF16), (4, DType::F32)];
         for (index, dtype) in parts.into_iter().filter(|p| amp || p.0 != 3) {
-            let p = g.add_op(Op::LayerNormGradPart { index, dtype }, &[dx], "norm").unwrap();
+            let p = g.add_op(Op::ResultPart { index, dtype }, &[dx], "norm").unwrap();
             g.set_output(&format!("part{index}"), p);
         }
         let dims: Vec<usize> = shape.iter().map(|&v| v as usize).collect();
@@ -245,6 +250,43 @@ fn the_joined_layer_norm_backward_matches_the_cpu() {
         for p in ["part1", "part2"] {
             assert_close(&format!("{p} {what}"), &a[p], &b[p], 1e-5);
         }
+    }
+}
+
+/// matmul_gelu_grad with its row sum (the hidden bias gradient made by the
+/// GELU gradient's epilogue): the CUDA kernels against the CPU, in f32 and
+/// with bf16 operands; rows narrow enough for shared-memory accumulators,
+/// wider ones (their own rows of partials), more rows than blocks.
+#[test]
+fn the_gelu_gradient_with_its_row_sum_matches_the_cpu() {
+    for (rows, inner, cols, bf16) in
+        [(7u64, 6u64, 9u64, false), (7, 6, 9, true), (3, 5, 4100, true), (33000, 4, 3, false)]
+    {
+        let mut g = Graph::new();
+        let mut input = |name: &str, shape: &[u64]| {
+            let v = g.add_input(name, consts(shape), DType::F32).unwrap();
+            if bf16 {
+                g.add_op(Op::Cast { dtype: DType::BF16 }, &[v], "").unwrap()
+            } else {
+                v
+            }
+        };
+        let (a, b, z) = (input("a", &[rows, inner]), input("b", &[inner, cols]), input("z", &[rows, cols]));
+        let op = Op::MatmulGeluGrad { transpose_a: false, transpose_b: false, row_sum: true };
+        let y = g.add_op(op, &[a, b, z], "mlp").unwrap();
+        let sum = g.add_op(Op::ResultPart { index: 1, dtype: DType::F32 }, &[y], "mlp.fc1").unwrap();
+        g.set_output("y", y);
+        g.set_output("sum", sum);
+        let (r, i, c) = (rows as usize, inner as usize, cols as usize);
+        let inputs = [("a", rand(&[r, i], 1)), ("b", rand(&[i, c], 2)), ("z", rand(&[r, c], 3))];
+        let (cpu, gpu) = both(&g, true, &inputs);
+        let what = format!("{rows}x{inner}x{cols}, bf16 {bf16}");
+        // bf16: the CPU rounds the f32 product once, the GPU the GEMM's
+        // result and then the epilogue's (within a bf16 step); the sums add
+        // what each stored.
+        let tol = if bf16 { 2f64.powi(-6) } else { 1e-5 };
+        assert_close(&format!("y {what}"), &cpu["y"], &gpu["y"], tol);
+        assert_close(&format!("sum {what}"), &cpu["sum"], &gpu["sum"], tol);
     }
 }
 

@@ -10,7 +10,9 @@
 //!   the tanh approximation, not the models' erf GELU, so it is not used);
 //! - layer_norm_linear, matmul_layer_norm_rhs: the row-normalised operand
 //!   (f32 statistics) in the `normalized` scratch, then the GEMM;
-//! - matmul_gelu_grad: the GEMM, then its result times GELU'(z) in place;
+//! - matmul_gelu_grad: the GEMM, then its result times GELU'(z) in place
+//!   (with its row sum, the hidden bias gradient, when the plan reads it:
+//!   `kernels/gelu_grad_rows.cu`);
 //! - linear_residual: the GEMM reading the residual stream as C (beta = 1)
 //!   and writing the new stream, the bias as its epilogue (GELU of the
 //!   input first into the `gelu` scratch when asked); bf16 operands, the
@@ -18,7 +20,7 @@
 //! - conv2d: im2col into `cols`, one batched GEMM per image's columns,
 //!   the bias added after; its gradients as GEMMs around im2col / col2im.
 
-use super::super::device::{Arg, GemmPtrs};
+use super::super::device::{Arg, GemmPtrs, Launch};
 use super::super::gemm::{ElemType, Epilogue, GemmDesc};
 use super::super::lower::{c_type, Lowering, Val};
 use super::super::source::{param, KernelSource};
@@ -27,6 +29,64 @@ use super::layout::{contiguous, strided_copy};
 use tessera_plan::{DType, Instr, Op, UnaryOp};
 
 const CONV: &str = include_str!("../kernels/conv.cu");
+const GELU_GRAD_ROWS: &str = include_str!("../kernels/gelu_grad_rows.cu");
+/// Rows up to this wide keep gelu_grad_rows' f64 accumulators in shared
+/// memory (32 KiB); wider ones in the block's own row of the partials.
+const GELU_GRAD_SHARED_COLS: u64 = 4096;
+
+/// Kernel `k`'s result 1 (a `ResultPart` of it), if the plan reads one.
+fn row_sum_part(l: &Lowering, k: usize) -> Result<Option<Val>, String> {
+    let part =
+        l.plan.values.iter().position(
+            |v| matches!(v.source, tessera_plan::Source::Part { kernel, offset } if kernel == k && offset == 1),
+        );
+    part.map(|v| l.value(v)).transpose()
+}
+
+/// matmul_gelu_grad's epilogue with the row sum of its result: y *=
+/// GELU'(z) in place and the blocks' f64 column sums of y as stored into
+/// the `partials` scratch, then their sum per column into `sum`.
+fn gelu_grad_with_row_sum(l: &mut Lowering, k: usize, y: &Val, z: &Val, sum: &Val) -> Result<(), String> {
+    let d = *y.shape.last().ok_or("matmul_gelu_grad's result has at least two axes")?;
+    if z.shape != y.shape || sum.shape != [d] {
+        return Err(format!("z {:?} must be the result's shape {:?} and its sum [{d}]", z.shape, y.shape));
+    }
+    let rows = y.numel() / d.max(1);
+    if d == 0 {
+        return Ok(());
+    }
+    let slices = tessera_plan::scratch::norm_weight_grad_blocks(rows);
+    let (partials, bytes) = l.scratch(k, "partials")?;
+    if bytes < slices * d * 8 {
+        return Err(format!("the partials scratch holds {bytes} bytes, {} are needed", slices * d * 8));
+    }
+    let params = vec![
+        param("double*", "partials"),
+        param(&format!("{}*", c_type(y.dtype)?), "y"),
+        param(&format!("const {}*", c_type(z.dtype)?), "z"),
+        param("i64", "rows"),
+        param("i64", "d"),
+    ];
+    let args = vec![Arg::Ptr(partials), Arg::Ptr(y.ptr), Arg::Ptr(z.ptr), Arg::I64(rows as i64), Arg::I64(d as i64)];
+    let mut c = tera::Context::new();
+    c.insert("partials", &true);
+    c.insert("shared", &(d <= GELU_GRAD_SHARED_COLS));
+    c.insert("cols_alloc", &d);
+    let src = KernelSource::render("gelu_grad_rows", GELU_GRAD_ROWS, c, params)?;
+    l.launch(k, src, Launch::linear(slices as u32, 256), args);
+    let params = vec![
+        param(&format!("{}*", c_type(sum.dtype)?), "sum"),
+        param("const double*", "partials"),
+        param("i64", "slices"),
+        param("i64", "d"),
+    ];
+    let args = vec![Arg::Ptr(sum.ptr), Arg::Ptr(partials), Arg::I64(slices as i64), Arg::I64(d as i64)];
+    let mut c = tera::Context::new();
+    c.insert("partials", &false);
+    let src = KernelSource::render("gelu_grad_row_sum", GELU_GRAD_ROWS, c, params)?;
+    l.launch(k, src, Launch::linear(d.div_ceil(256) as u32, 256), args);
+    Ok(())
+}
 
 fn elem(d: DType) -> Result<ElemType, String> {
     match d {
@@ -232,8 +292,11 @@ pub fn lower(l: &mut Lowering, k: usize, op: &Op) -> Result<(), String> {
             let y = layer_norm_into_scratch(l, k, &x[1..4], eps, x[0].dtype)?;
             product(l, k, &x[0], &as_rows(&y), transpose_a, transpose_b, &out, None)
         }
-        Op::MatmulGeluGrad { transpose_a, transpose_b } => {
+        Op::MatmulGeluGrad { transpose_a, transpose_b, .. } => {
             product(l, k, &x[0], &x[1], transpose_a, transpose_b, &out, None)?;
+            if let Some(sum) = row_sum_part(l, k)? {
+                return gelu_grad_with_row_sum(l, k, &out, &x[2], &sum);
+            }
             // out *= GELU'(z), in place (each element read before it is written).
             let body = [Ins::Plan(Instr::Operand(0)), Ins::Plan(Instr::Operand(1)), Ins::Plan(Instr::GeluGrad(1, 0))];
             apply(l, k, &out, &[out.clone(), x[2].clone()], &body)

@@ -1,0 +1,34 @@
+// The GELU gradient's epilogue of matmul_gelu_grad with its row sum: the
+// product's result y (rows of d values, written by the GEMM) becomes
+// GELU'(z) * y in place, as the elementwise epilogue computes it, and the
+// sum over the rows of the values as stored (the hidden layer's bias
+// gradient) is left as f64 partial sums per block: no atomics, so the sum's
+// order is fixed by the launch and runs are bitwise reproducible.
+{% if partials %}// 1. Block s (of gridDim.x) takes rows s, s + gridDim.x, ...; each thread
+// rewrites and adds up its own columns (c = threadIdx.x, + blockDim.x, ...)
+// {% if shared %}in shared memory{% else %}in the block's own row of partials (rows too wide for shared memory){% endif %}, left in partials[s * d + c]. Each thread
+// zeroes, adds to and writes out only its own columns: no barrier needed.
+// Launch: S blocks of 256 threads, S the partial rows of the scratch.
+TSR_GLOBAL void {{ name }}({{ signature }}) {
+{% if shared %}    __shared__ double acc[{{ cols_alloc }}];
+{% else %}    double* acc = partials + (i64)blockIdx.x * d;
+{% endif %}    for (i64 c = threadIdx.x; c < d; c += blockDim.x) { acc[c] = 0.0; }
+    for (i64 row = blockIdx.x; row < rows; row += gridDim.x) {
+        const i64 base = row * d;
+        for (i64 j = threadIdx.x; j < d; j += blockDim.x) {
+            tsr_store(y, base + j, tsr_gelu_grad(tsr_load(z, base + j), tsr_load(y, base + j)));
+            acc[j] += (double)tsr_load(y, base + j);
+        }
+    }
+{% if shared %}    for (i64 c = threadIdx.x; c < d; c += blockDim.x) { partials[(i64)blockIdx.x * d + c] = acc[c]; }
+{% endif %}}
+{% else %}// 2. The row sum: column c's partials summed in block order. Launch:
+// ceil(d / 256) blocks of 256 threads (grid-stride).
+TSR_GLOBAL void {{ name }}({{ signature }}) {
+    for (i64 c = (i64)blockIdx.x * blockDim.x + threadIdx.x; c < d; c += (i64)gridDim.x * blockDim.x) {
+        double s = 0.0;
+        for (i64 b = 0; b < slices; ++b) { s += partials[b * d + c]; }
+        tsr_store(sum, c, (float)s);
+    }
+}
+{% endif %}
