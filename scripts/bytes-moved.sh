@@ -2,7 +2,8 @@
 # The step's traffic on paper for the three models issue 14 tracks: bytes
 # moved per training step, kernels, the planned peak and the roofline
 # estimate on an H200 (`tessera plan --memory --device h200`; an estimate
-# from datasheet peaks, not a measurement), as one table.
+# from datasheet peaks, not a measurement), as one table, each model with
+# the earlier pass pipeline ("before") and the current one.
 #
 #     ./scripts/bytes-moved.sh [h100|h200]
 set -euo pipefail
@@ -13,8 +14,19 @@ T=./target/release/tessera
 DEIT=config=pretrain/vision_transformer/supervised/16gpu_deit_b_example
 VT=MODEL.TRUNK.VISION_TRANSFORMERS
 AMP=(MODEL.AMP_PARAMS.USE_AMP=true "$VT.DROP_PATH_RATE=0")
-printf '%-30s %8s %12s %10s %12s %9s\n' model kernels "moved GiB" "peak GiB" "${DEVICE} ms" "img/s"
+# The pipeline before issue 14's third round of passes (slice-before-norm,
+# layer-norm-grad, bias-grad-epilogue), measured by the same report: the
+# "before" rows.
+BEFORE=gated-attention-pattern,attention-pattern,cross-entropy-pattern,dce,cse,fold,dce,packed-attention
+BEFORE=$BEFORE,fuse-into-matmul,residual-into-linear,norm-grad-epilogue,amp-bf16,dce,fuse-elementwise,fuse-optimizer
+printf '%-38s %8s %12s %10s %12s %9s\n' model kernels "moved GiB" "peak GiB" "${DEVICE} ms" "img/s"
 row() {
+    local name="$1"
+    shift
+    one "$name, before" "$@" --passes "$BEFORE"
+    one "$name" "$@"
+}
+one() {
     local name="$1"
     shift
     "$T" plan "$@" --memory --format json --device "$DEVICE" | python3 -c '
@@ -22,7 +34,7 @@ import json, sys
 d = json.load(sys.stdin)
 r = d["roofline"]
 moved, peak = d["bytes_moved"]["total"] / 2**30, d["peak_bytes"] / 2**30
-print("%-30s %8d %12.1f %10.2f %12.1f %9.0f" % (sys.argv[1], d["kernels"], moved, peak, r["step_ms"], r["img_per_sec"]))
+print("%-38s %8d %12.1f %10.2f %12.1f %9.0f" % (sys.argv[1], d["kernels"], moved, peak, r["step_ms"], r["img_per_sec"]))
 ' "$name"
 }
 row "ViT-B/16 batch 256 bf16" "$DEIT" "$VT.QKV_BIAS=true" "${AMP[@]}" --batch 256

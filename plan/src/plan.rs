@@ -17,8 +17,10 @@ use std::collections::HashMap;
 /// plan's workspace follows `scratch`, the backends' contract; 4:
 /// `reduce_f32`, normalize_grad's (dy, x, w[, r]) forms, synchronised batch
 /// norm's scratch, gradient all-reduces in place; 5: `attention_packed`,
-/// `attention_packed_grad`, `layer_norm_weight_grad`).
-pub const PLAN_VERSION: u32 = 5;
+/// `attention_packed_grad`, `layer_norm_weight_grad`; 6: kernels with
+/// further results, `layer_norm_grad`, `result_part`, `matmul_gelu_grad`'s
+/// row sum).
+pub const PLAN_VERSION: u32 = 6;
 
 /// The backend a plan's pass pipeline was chosen for. Every backend runs
 /// every plan; the target only says which trade-offs the compiler made
