@@ -67,7 +67,9 @@ pub fn lower(g: &Graph, batch: u64, training: bool) -> Result<Plan, String> {
                     Some(Source::Kernel(k))
                         if matches!(
                             kernels[*k].op,
-                            Op::LayerNormGrad { .. } | Op::MatmulGeluGrad { row_sum: true, .. }
+                            Op::LayerNormGrad { .. }
+                                | Op::MatmulGeluGrad { row_sum: true, .. }
+                                | Op::AttentionPackedGrad { row_sum: true, .. }
                         ) =>
                     {
                         Source::Part { kernel: *k, offset: *result as u64 }

@@ -240,11 +240,16 @@ pub enum Op {
     /// `(qkv [B, N, 3*H*d], dy [B, N, H*d]) -> [B, N, 3*H*d]`: the backward
     /// of `AttentionPacked`, dq, dk and dv written in qkv's own layout (the
     /// gradient of the qkv product as its weight-gradient product reads it).
+    /// With `row_sum`, its result 1 (`ResultPart`) is the sum over the rows
+    /// of that result as stored (the qkv product's bias gradient), added up
+    /// as the rows are written.
     AttentionPackedGrad {
         heads: u64,
         scale: f64,
         dropout: f64,
         key: u32,
+        #[serde(default)]
+        row_sum: bool,
     },
     /// `(x [..., D]) -> [..., D]`: (x - mean) / sqrt(var + eps) over the last axis.
     Normalize {
@@ -286,8 +291,9 @@ pub enum Op {
     /// `(kernel's result [..., D]) -> result index`: a further result of a
     /// kernel with several, of `dtype`: [D] for 1, 2 and 4, the kernel's
     /// result's shape for 3. Which a kernel has is its op's: a
-    /// `LayerNormGrad` 1 to 4, a `MatmulGeluGrad` 1 (its result's sum over
-    /// the rows, the bias gradient of the layer before the GELU). Lowered to
+    /// `LayerNormGrad` 1 to 4, a `MatmulGeluGrad` or `AttentionPackedGrad`
+    /// with `row_sum` 1 (its result's sum over the rows, the bias gradient of
+    /// the product before it). Lowered to
     /// no kernel: the kernel writes it where it lives.
     ResultPart {
         index: u32,
@@ -572,13 +578,18 @@ pub fn attributes(op: &Op) -> Vec<(&'static str, String)> {
         Op::Attention { scale, dropout, key } | Op::AttentionGrad { scale, dropout, key } => {
             vec![("scale", scale.to_string()), ("dropout", dropout.to_string()), ("key", key.to_string())]
         }
-        Op::AttentionPacked { heads, scale, dropout, key } | Op::AttentionPackedGrad { heads, scale, dropout, key } => {
-            vec![
+        Op::AttentionPacked { heads, scale, dropout, key }
+        | Op::AttentionPackedGrad { heads, scale, dropout, key, .. } => {
+            let mut v = vec![
                 ("heads", heads.to_string()),
                 ("scale", scale.to_string()),
                 ("dropout", dropout.to_string()),
                 ("key", key.to_string()),
-            ]
+            ];
+            if let Op::AttentionPackedGrad { row_sum: true, .. } = op {
+                v.push(("row_sum", "true".to_string()));
+            }
+            v
         }
         Op::LayerNorm { eps } => vec![("eps", eps.to_string())],
         Op::BatchNorm { eps, momentum } => vec![("eps", eps.to_string()), ("momentum", momentum.to_string())],

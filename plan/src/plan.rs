@@ -279,7 +279,10 @@ impl Plan {
                             unique && typed && v.dtype.is_float() && shape.as_ref() == Some(&v.shape)
                         }),
                         // Its result's row sum: [D].
-                        Some((Op::MatmulGeluGrad { row_sum: true, .. }, out)) => self.values.get(out).is_some_and(|y| {
+                        Some((
+                            Op::MatmulGeluGrad { row_sum: true, .. } | Op::AttentionPackedGrad { row_sum: true, .. },
+                            out,
+                        )) => self.values.get(out).is_some_and(|y| {
                             let unique = parts_of.get(&kernel).is_none_or(|ps| ps.is_empty());
                             unique && offset == 1 && v.dtype.is_float() && y.shape.last().map(|&d| vec![d]) == Some(v.shape.clone())
                         }),

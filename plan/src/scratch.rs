@@ -18,6 +18,8 @@
 //!   [O, N*H'*W']);
 //! - attention_grad: `lse` and `delta` (one f32 per query row: the forward's
 //!   log-sum-exp recomputed, and rowsum(dO * O), FlashAttention-2's D);
+//!   attention_packed_grad with its row sum also `partials` (an f64 per
+//!   column of qkv and block, ATTENTION_SUM_BLOCKS at most);
 //! - reductions to few values, so that results are summed in a fixed order
 //!   by a second pass (no atomics): `partials`, 8 bytes (an f64 sum, an f32
 //!   max or an i64) per item of the first pass. sum / mean / max: when the
@@ -58,6 +60,16 @@ pub const NORM_WEIGHT_GRAD_COLS: u64 = 4096;
 /// NORM_WEIGHT_GRAD_BLOCKS.
 pub fn norm_weight_grad_blocks(rows: u64) -> u64 {
     rows.div_ceil(64).clamp(1, NORM_WEIGHT_GRAD_BLOCKS)
+}
+
+/// attention_packed_grad with its row sum: at most this many blocks per
+/// launch (each leaves one f64 partial per column of qkv), rather than a
+/// block per row up to 8192.
+pub const ATTENTION_SUM_BLOCKS: u64 = 2048;
+
+/// The blocks of attention_packed_grad's launches when it sums its rows.
+pub fn attention_sum_blocks(rows: u64) -> u64 {
+    rows.clamp(1, ATTENTION_SUM_BLOCKS)
 }
 
 /// cuBLASLt's workspace for a product of `m x n x k`.
@@ -196,10 +208,16 @@ pub fn scratch(plan: &Plan, k: usize) -> Scratch {
             s.with("lse", rows * 4).with("delta", rows * 4)
         }
         // A row per (token, head): numel(dy) / d = B * N * H.
-        Op::AttentionPackedGrad { heads, .. } => {
+        // With its row sum: one f64 partial per qkv column and block.
+        Op::AttentionPackedGrad { heads, row_sum, .. } => {
             let d = last(shape(1)) / (*heads).max(1);
             let rows = numel(1) / d.max(1);
-            s.with("lse", rows * 4).with("delta", rows * 4)
+            let s = s.with("lse", rows * 4).with("delta", rows * 4);
+            if *row_sum {
+                s.with("partials", attention_sum_blocks(rows) * last(&out.shape) * 8)
+            } else {
+                s
+            }
         }
         // Every rank's keys (f32), gathered before they are written.
         Op::QueuePush { world } if *world > 1 => s.with("gathered", numel(2) * world * 4),

@@ -3,7 +3,8 @@
 //! linear, `sum_f32` of the bf16 gradient under AMP) becomes that kernel's
 //! result 1, made by the epilogue that already reads and writes every
 //! element of the result (the GELU gradient's): the gradient is not read a
-//! third time for its sum.
+//! third time for its sum. So too for `attention_packed_grad`'s result (the
+//! qkv product's bias gradient), summed as its rows are written.
 
 use super::{rebuild, Step};
 use crate::ir::{Graph, IrError, Op, ValueId};
@@ -14,7 +15,7 @@ pub(super) fn run(g: &mut Graph) -> Result<String, IrError> {
     let mut joined: HashMap<ValueId, ValueId> = HashMap::new();
     let mut taken = std::collections::HashSet::new();
     for v in g.node_ids() {
-        if !matches!(g.node(v).op, Op::MatmulGeluGrad { .. }) {
+        if !matches!(g.node(v).op, Op::MatmulGeluGrad { .. } | Op::AttentionPackedGrad { .. }) {
             continue;
         }
         if let Some(s) = g.users(v).into_iter().find(|&u| super::layer_norm_grad::sums_rows(g, u, v)) {
@@ -26,10 +27,15 @@ pub(super) fn run(g: &mut Graph) -> Result<String, IrError> {
     let count = joined.len();
     *g = rebuild(g, |old, v, new, map| {
         if taken.contains(&v) {
-            let Op::MatmulGeluGrad { transpose_a, transpose_b, .. } = old.node(v).op else {
-                return Err(IrError::Invalid("a joined bias gradient sums a matmul_gelu_grad".into()));
+            let op = match old.node(v).op {
+                Op::MatmulGeluGrad { transpose_a, transpose_b, .. } => {
+                    Op::MatmulGeluGrad { transpose_a, transpose_b, row_sum: true }
+                }
+                Op::AttentionPackedGrad { heads, scale, dropout, key, .. } => {
+                    Op::AttentionPackedGrad { heads, scale, dropout, key, row_sum: true }
+                }
+                _ => return Err(IrError::Invalid("a joined bias gradient sums a gradient with a row sum".into())),
             };
-            let op = Op::MatmulGeluGrad { transpose_a, transpose_b, row_sum: true };
             let args: Vec<ValueId> = old.operands(v).iter().map(|o| map[o]).collect();
             return Ok(Step::Use(new.add_op(op, &args, &old.node(v).scope)?));
         }
@@ -37,7 +43,7 @@ pub(super) fn run(g: &mut Graph) -> Result<String, IrError> {
         let part = Op::ResultPart { index: 1, dtype: old.ty(v).dtype };
         Ok(Step::Use(new.add_op(part, &[map[product]], &old.node(v).scope)?))
     })?;
-    Ok(format!("{count} bias gradients summed by the GELU gradient's epilogue"))
+    Ok(format!("{count} bias gradients summed by the kernels that write the gradient"))
 }
 
 #[cfg(test)]
@@ -69,5 +75,25 @@ mod tests {
         assert_eq!(g.ty(out("db")).shape, Shape::consts(&[8]));
         assert_eq!(g.node(out("db")).scope, "mlp.fc1");
         assert!(matches!(g.node(out("other")).op, Op::Reduce { .. }));
+    }
+
+    #[test]
+    fn the_qkv_bias_gradient_becomes_the_attention_gradients_result() {
+        let mut g = Graph::new();
+        let qkv = g.add_input("qkv", Shape::consts(&[2, 5, 12]), DType::BF16).unwrap();
+        let dy = g.add_input("dy", Shape::consts(&[2, 5, 4]), DType::BF16).unwrap();
+        let grad = Op::AttentionPackedGrad { heads: 2, scale: 0.5, dropout: 0.0, key: 3, row_sum: false };
+        let d = g.add_op(grad, &[qkv, dy], "attn").unwrap();
+        let rows = Op::ReduceF32 { op: ReduceOp::Sum, axes: vec![0, 1], keepdim: false };
+        let db = g.add_op(rows, &[d], "attn.qkv").unwrap();
+        g.set_output("d", d);
+        g.set_output("db", db);
+        assert!(super::run(&mut g).unwrap().starts_with("1 bias"));
+        g.verify().unwrap();
+        let out = |name: &str| g.outputs().iter().find(|(n, _)| n == name).unwrap().1;
+        assert_eq!(g.node(out("db")).op, Op::ResultPart { index: 1, dtype: DType::F32 });
+        assert_eq!(g.ty(out("db")).shape, Shape::consts(&[12]));
+        let joined = Op::AttentionPackedGrad { heads: 2, scale: 0.5, dropout: 0.0, key: 3, row_sum: true };
+        assert_eq!(g.node(out("d")).op, joined);
     }
 }

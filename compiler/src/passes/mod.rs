@@ -90,7 +90,7 @@ pub const PASSES: &[Pass] = &[
     },
     Pass {
         name: "bias-grad-epilogue",
-        why: "an MLP's hidden bias gradient summed by the GELU gradient's epilogue (the gradient not read again for its sum)",
+        why: "the MLP's hidden and the qkv product's bias gradients summed by the kernels that write the gradient (not read again for the sum)",
         run: bias_epilogue::run,
     },
     Pass {

@@ -127,7 +127,7 @@ pub(super) fn run(g: &mut Graph) -> Result<String, IrError> {
                 {
                     continue;
                 }
-                let op = Op::AttentionPackedGrad { heads, scale, dropout, key };
+                let op = Op::AttentionPackedGrad { heads, scale, dropout, key, row_sum: false };
                 rewrites.insert(r, Rewrite::Backward { qkv, dy, op, scope: node.scope.clone() });
                 gone.extend([v, p]);
                 backward += 1;
@@ -211,7 +211,10 @@ mod tests {
         assert_eq!(g.node(out).op, Op::AttentionPacked { heads: 2, scale: 0.5, dropout: 0.25, key: 7 });
         assert_eq!(g.ty(out).shape.to_string(), "[B,5,8]");
         let d = g.outputs().iter().find(|(n, _)| n == "dqkv").unwrap().1;
-        assert_eq!(g.node(d).op, Op::AttentionPackedGrad { heads: 2, scale: 0.5, dropout: 0.25, key: 7 });
+        assert_eq!(
+            g.node(d).op,
+            Op::AttentionPackedGrad { heads: 2, scale: 0.5, dropout: 0.25, key: 7, row_sum: false }
+        );
         assert_eq!(g.ty(d).shape.to_string(), "[B,5,24]");
     }
 

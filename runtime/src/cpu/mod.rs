@@ -127,7 +127,7 @@ pub fn run_kernel(op: &Op, x: &[&Tensor], ctx: &Ctx) -> Result<Tensor, KernelErr
         Op::AttentionPacked { heads, scale, dropout, key } => {
             attention::attention_packed(x, *heads, *scale, *dropout, *key, ctx)
         }
-        Op::AttentionPackedGrad { heads, scale, dropout, key } => {
+        Op::AttentionPackedGrad { heads, scale, dropout, key, .. } => {
             attention::attention_packed_grad(x, *heads, *scale, *dropout, *key, ctx)
         }
         Op::Normalize { eps } => norm::normalize(x, *eps),
@@ -159,9 +159,9 @@ pub fn parts(op: &Op, x: &[&Tensor], main: &Tensor, wanted: &[u64]) -> Result<Ve
     match op {
         Op::LayerNormGrad { eps, copy } => norm::layer_norm_grad_parts(x, main, *eps, *copy, wanted),
         // The result's row sum (as the result is stored), as `reduce`.
-        Op::MatmulGeluGrad { .. } => match wanted {
+        Op::MatmulGeluGrad { .. } | Op::AttentionPackedGrad { .. } => match wanted {
             [1] => Ok(vec![(1, reduce::row_sums(main)?)]),
-            _ => Err(error::invalid(format!("matmul_gelu_grad has result 1 only, not {wanted:?}"))),
+            _ => Err(error::invalid(format!("{} has result 1 only, not {wanted:?}", op.name()))),
         },
         other => Err(error::invalid(format!("{} has no results besides its own", other.name()))),
     }

@@ -164,7 +164,7 @@ fn packed_attention_and_its_gradient_match_the_cpu() {
                 let fwd = Op::AttentionPacked { heads: h as u64, scale, dropout: p, key: 11 };
                 let (cpu, _) = check(fwd, &[qkv], true, dtype, tol);
                 assert_eq!(cpu.shape, out, "the result's shape");
-                let grad = Op::AttentionPackedGrad { heads: h as u64, scale, dropout: p, key: 11 };
+                let grad = Op::AttentionPackedGrad { heads: h as u64, scale, dropout: p, key: 11, row_sum: false };
                 let (dqkv, _) = check(grad, &[qkv, out], true, dtype, tol);
                 // dk is not all zero (a kernel that skipped it would pass no check).
                 let dk = |t: &Tensor| {
@@ -218,7 +218,7 @@ fn the_kernels_compile_for_sm_90_with_nvrtc() {
     for dtype in [DType::F32, DType::BF16] {
         for p in [0.0, 0.1] {
             let packed = Op::AttentionPacked { heads: 3, scale: 0.125, dropout: p, key: 11 };
-            let packed_grad = Op::AttentionPackedGrad { heads: 3, scale: 0.125, dropout: p, key: 11 };
+            let packed_grad = Op::AttentionPackedGrad { heads: 3, scale: 0.125, dropout: p, key: 11, row_sum: false };
             for (op, shapes) in [
                 (attention(0.125, p), vec![s, &[2, 3, 5, 64], &[2, 3, 5, 32]]),
                 (attention_grad(0.125, p), vec![s, s, s, s]),
@@ -244,4 +244,47 @@ fn the_kernels_compile_for_sm_90_with_nvrtc() {
     names.sort();
     names.dedup();
     assert_eq!(names.len(), 2 * 2 * 4 * 2, "{names:?}");
+}
+
+/// attention_packed_grad with its row sum (the qkv product's bias gradient,
+/// summed as the rows are written): the result and the sum against the
+/// CPU's (which sums the stored result), f32 and bf16, with and without
+/// dropout, on every packed shape and on more rows than the launch has
+/// blocks (grid-strided, partials per block); its kernels compile for
+/// sm_90 with NVRTC.
+#[test]
+fn the_packed_gradient_with_its_row_sum_matches_the_cpu() {
+    let shapes = PACKED.iter().copied().chain([(40, 33, 2, 8)]);
+    for (b, n, h, d) in shapes {
+        for (dtype, p) in [(DType::F32, 0.0), (DType::F32, 0.25), (DType::BF16, 0.25)] {
+            let (qkv, out): (&[usize], &[usize]) = (&[b, n, 3 * h * d], &[b, n, h * d]);
+            let grad = Op::AttentionPackedGrad { heads: h as u64, scale: 0.25, dropout: p, key: 11, row_sum: true };
+            let (mut g, inputs) = one_op(grad, &[qkv, out], dtype);
+            let y = g.outputs()[0].1;
+            let sum = g.add_op(Op::ResultPart { index: 1, dtype: DType::F32 }, &[y], "attn.qkv").unwrap();
+            g.set_output("sum", sum);
+            let plan = planned(&g, true);
+            let what = format!("{qkv:?} {dtype} dropout {p}");
+            let given: Vec<(&str, Tensor)> = inputs.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+            let a = Backend::Cpu.executor(plan.clone(), 42).unwrap().run(&given, None).unwrap();
+            let b_ = host().executor(plan.clone(), 42).unwrap_or_else(|e| panic!("{what}: {e}")).run(&given, None);
+            let b_ = b_.unwrap_or_else(|e| panic!("{what}: {e}"));
+            let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+            assert_close(&format!("y {what}"), &a["y"], &b_["y"], tol);
+            // bf16: each side sums what it stored (within a bf16 step of each other).
+            assert_close(&format!("sum {what}"), &a["sum"], &b_["sum"], if dtype == DType::F32 { 1e-4 } else { 5e-2 });
+            let memory = plan.memory.clone().unwrap();
+            let base = DevPtr(1 << 32);
+            let addr = addresses(&plan, &memory, base, &[]);
+            let mut l = Lowering::new(&plan, &memory, &addr, base, DevPtr(1 << 31));
+            l.lower_all().unwrap_or_else(|e| panic!("{e}"));
+            let mut summed = 0;
+            for src in &l.sources {
+                nvrtc::compile(&src.unit(&Target::Nvrtc { sm: 90 }), &src.name, "sm_90")
+                    .unwrap_or_else(|e| panic!("{e}\n(run scripts/setup-cuda-tools.sh for NVRTC)"));
+                summed += src.name.starts_with("row_sum_partials") as usize;
+            }
+            assert_eq!(summed, 1, "{what}: one launch sums the partials");
+        }
+    }
 }

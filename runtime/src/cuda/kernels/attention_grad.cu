@@ -15,7 +15,12 @@
 {% endif %}// out is [3, rows, D]{% if packed %}; packed (AttentionPackedGrad), q, k, v and out are
 // [B, n, 3, H, D] and dy [B, n, H, D], rows numbered head * n + i, head = b H + h{% endif %}. Launch: min(rows, 8192) blocks of blockDim.x threads
 // (at most TSR_MAX_THREADS; the host device: one).
-
+{% if row_sum %}// With the row sum (packed only): every block adds the values it stores,
+// as stored, into f64 accumulators per qkv column of its launch's results
+// (dq: columns [0, HD); dk, dv: [HD, 3HD)), each thread only its own
+// columns (c = threadIdx.x, + blockDim.x, ... of every head: no barrier),
+// {% if sum_shared %}in shared memory, left{% else %}kept{% endif %} in partials[block * 3HD + column].
+{% endif %}
 // a[0..n) . b[at..at + n), in f32, in order.
 template <typename T>
 __device__ __forceinline__ float tsr_attn_dot(const float* a, const T* b, i64 at, i64 n) {
@@ -47,6 +52,14 @@ TSR_GLOBAL void {{ name }}({{ signature }}) {
     __shared__ float krow[{{ d_alloc }}], vrow[{{ d_alloc }}], dk[{{ d_alloc }}], dv[{{ d_alloc }}];
 {% else %}    __shared__ float qrow[{{ d_alloc }}], dyrow[{{ d_alloc }}], dq[{{ d_alloc }}];
 {% endif %}{% if dropout %}    const u64 seed = rng->seed, step = rng->step;
+{% endif %}{% if row_sum %}    const i64 HD = {{ heads }} * D;
+{% if dkv %}    const i64 sum_at = HD, sum_cols = 2 * HD;
+{% else %}    const i64 sum_at = 0, sum_cols = HD;
+{% endif %}{% if sum_shared %}    __shared__ double acc[{{ sum_alloc }}];
+{% else %}    double* acc = partials + (i64)blockIdx.x * 3 * HD + sum_at;
+{% endif %}    for (i64 s = 0; s < sum_cols; s += D) {
+        for (i64 c = threadIdx.x; c < D; c += blockDim.x) { acc[s + c] = 0.0; }
+    }
 {% endif %}    for (i64 row = blockIdx.x; row < rows; row += gridDim.x) {
         const i64 first = (row / n) * n;  // the head's first row
 {% if dkv %}        const i64 j = row - first;
@@ -84,7 +97,10 @@ TSR_GLOBAL void {{ name }}({{ signature }}) {
         for (i64 c = threadIdx.x; c < D; c += blockDim.x) {
             tsr_store(out, {{ name }}_out(row, 1, n, per) + c, dk[c]);
             tsr_store(out, {{ name }}_out(row, 2, n, per) + c, dv[c]);
-        }
+{% if row_sum %}            const i64 h = (row / n) % {{ heads }};
+            acc[h * D + c] += (double)tsr_load(out, {{ name }}_out(row, 1, n, per) + c);
+            acc[HD + h * D + c] += (double)tsr_load(out, {{ name }}_out(row, 2, n, per) + c);
+{% endif %}        }
 {% else %}        for (i64 c = threadIdx.x; c < D; c += blockDim.x) {
             qrow[c] = tsr_load(q, {{ name }}_at(row, 0, n) + c);
             dyrow[c] = tsr_load(dy, {{ name }}_at(row, 3, n) + c);
@@ -110,7 +126,13 @@ TSR_GLOBAL void {{ name }}({{ signature }}) {
             }
             __syncthreads();
         }
-        for (i64 c = threadIdx.x; c < D; c += blockDim.x) { tsr_store(out, {{ name }}_out(row, 0, n, per) + c, dq[c]); }
+        for (i64 c = threadIdx.x; c < D; c += blockDim.x) {
+            tsr_store(out, {{ name }}_out(row, 0, n, per) + c, dq[c]);
+{% if row_sum %}            acc[((row / n) % {{ heads }}) * D + c] += (double)tsr_load(out, {{ name }}_out(row, 0, n, per) + c);
+{% endif %}        }
 {% endif %}        __syncthreads();  // the next row overwrites the shared rows
     }
-}
+{% if row_sum and sum_shared %}    for (i64 s = 0; s < sum_cols; s += D) {
+        for (i64 c = threadIdx.x; c < D; c += blockDim.x) { partials[(i64)blockIdx.x * 3 * HD + sum_at + s + c] = acc[s + c]; }
+    }
+{% endif %}}

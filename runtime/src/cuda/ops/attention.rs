@@ -269,7 +269,7 @@ fn backward(l: &mut Lowering, k: usize, scale: f64, p: f64, key: u32) -> Result<
     }
     let rows = q.numel() / d;
     let ptrs = [out.ptr, q.ptr, kk.ptr, v.ptr, dy.ptr];
-    backward_launches(l, k, rows, n, scale, &drop, ptrs, types, context(d, d, &drop))
+    backward_launches(l, k, rows, n, scale, &drop, ptrs, types, context(d, d, &drop), None)
 }
 
 /// `(qkv [B, N, 3*H*d], dy [B, N, H*d]) -> [B, N, 3*H*d]`: `backward`'s
@@ -298,7 +298,34 @@ fn backward_packed(l: &mut Lowering, k: usize, heads: u64, scale: f64, p: f64, k
         return Ok(());
     }
     let ptrs = [out.ptr, qkv.ptr, qkv.ptr, qkv.ptr, dy.ptr];
-    backward_launches(l, k, b * heads * n, n, scale, &drop, ptrs, types, packed_context(d, heads, &drop))
+    let rows = b * heads * n;
+    let mut c = packed_context(d, heads, &drop);
+    // The qkv product's bias gradient, summed as the rows are written.
+    let sum = super::matmul::row_sum_part(l, k)?;
+    c.insert("row_sum", &sum.is_some());
+    let summed = match &sum {
+        Some(sum) => {
+            let hd = heads * d;
+            if sum.shape != [3 * hd] {
+                return Err(format!("the row sum {:?} must be [{}]", sum.shape, 3 * hd));
+            }
+            let blocks = tessera_plan::scratch::attention_sum_blocks(rows);
+            let (partials, bytes) = l.scratch(k, "partials")?;
+            if bytes < blocks * 3 * hd * 8 {
+                return Err(format!("the partials scratch holds {bytes} bytes, {} are needed", blocks * 3 * hd * 8));
+            }
+            // The dk, dv launch's shared memory: its rows and tiles, and two accumulators per column of a head.
+            c.insert("sum_shared", &(2 * hd * 8 + 16 * d + 2048 <= 40 * 1024));
+            c.insert("sum_alloc", &(2 * hd).max(1));
+            Some((partials, blocks))
+        }
+        None => None,
+    };
+    backward_launches(l, k, rows, n, scale, &drop, ptrs, types, c, summed)?;
+    if let (Some(sum), Some((partials, blocks))) = (&sum, summed) {
+        super::matmul::sum_partials(l, k, sum, partials, blocks)?;
+    }
+    Ok(())
 }
 
 /// The statistics launch, then dq by query rows and dk, dv by key rows;
@@ -314,6 +341,7 @@ fn backward_launches(
     ptrs: [DevPtr; 5],
     types: [&str; 5],
     c: tera::Context,
+    summed: Option<(DevPtr, u64)>,
 ) -> Result<(), String> {
     let (lse, lse_bytes) = l.scratch(k, "lse")?;
     let (delta, delta_bytes) = l.scratch(k, "delta")?;
@@ -355,8 +383,21 @@ fn backward_launches(
         push_common(&mut params, &mut args, &[("rows", rows), ("n", n)], scale, drop, l.rng);
         let mut c = c.clone();
         c.insert("dkv", &dkv);
+        // With the row sum: fewer blocks (each leaves a row of partials).
+        let launch = match summed {
+            Some((partials, blocks)) => {
+                params.push(param("double*", "partials"));
+                args.push(Arg::Ptr(partials));
+                Launch::linear(blocks as u32, THREADS)
+            }
+            None => {
+                c.insert("row_sum", &false);
+                c.insert("sum_shared", &false);
+                rows_launch(rows)
+            }
+        };
         let src = KernelSource::render(family, GRAD, c, params)?;
-        l.launch(k, src, rows_launch(rows), args);
+        l.launch(k, src, launch, args);
     }
     Ok(())
 }
@@ -366,7 +407,7 @@ pub fn lower(l: &mut Lowering, k: usize, op: &Op) -> Result<(), String> {
         Op::Attention { scale, dropout, key } => forward(l, k, scale, dropout, key),
         Op::AttentionGrad { scale, dropout, key } => backward(l, k, scale, dropout, key),
         Op::AttentionPacked { heads, scale, dropout, key } => forward_packed(l, k, heads, scale, dropout, key),
-        Op::AttentionPackedGrad { heads, scale, dropout, key } => backward_packed(l, k, heads, scale, dropout, key),
+        Op::AttentionPackedGrad { heads, scale, dropout, key, .. } => backward_packed(l, k, heads, scale, dropout, key),
         ref other => Err(format!("{} is not an attention op", other.name())),
     }
 }

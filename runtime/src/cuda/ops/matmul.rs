@@ -35,7 +35,7 @@ const GELU_GRAD_ROWS: &str = include_str!("../kernels/gelu_grad_rows.cu");
 const GELU_GRAD_SHARED_COLS: u64 = 4096;
 
 /// Kernel `k`'s result 1 (a `ResultPart` of it), if the plan reads one.
-fn row_sum_part(l: &Lowering, k: usize) -> Result<Option<Val>, String> {
+pub(super) fn row_sum_part(l: &Lowering, k: usize) -> Result<Option<Val>, String> {
     let part =
         l.plan.values.iter().position(
             |v| matches!(v.source, tessera_plan::Source::Part { kernel, offset } if kernel == k && offset == 1),
@@ -74,6 +74,20 @@ fn gelu_grad_with_row_sum(l: &mut Lowering, k: usize, y: &Val, z: &Val, sum: &Va
     c.insert("cols_alloc", &d);
     let src = KernelSource::render("gelu_grad_rows", GELU_GRAD_ROWS, c, params)?;
     l.launch(k, src, Launch::linear(slices as u32, 256), args);
+    sum_partials(l, k, sum, partials, slices)
+}
+
+/// `sum[c]` = the sum over `slices` rows of f64 partials (row-major, one
+/// per element of `sum`) of column c, in row order: the second launch of
+/// a row sum made by blocks of rows.
+pub(super) fn sum_partials(
+    l: &mut Lowering,
+    k: usize,
+    sum: &Val,
+    partials: super::super::device::DevPtr,
+    slices: u64,
+) -> Result<(), String> {
+    let d = sum.numel();
     let params = vec![
         param(&format!("{}*", c_type(sum.dtype)?), "sum"),
         param("const double*", "partials"),
@@ -83,8 +97,8 @@ fn gelu_grad_with_row_sum(l: &mut Lowering, k: usize, y: &Val, z: &Val, sum: &Va
     let args = vec![Arg::Ptr(sum.ptr), Arg::Ptr(partials), Arg::I64(slices as i64), Arg::I64(d as i64)];
     let mut c = tera::Context::new();
     c.insert("partials", &false);
-    let src = KernelSource::render("gelu_grad_row_sum", GELU_GRAD_ROWS, c, params)?;
-    l.launch(k, src, Launch::linear(d.div_ceil(256) as u32, 256), args);
+    let src = KernelSource::render("row_sum_partials", GELU_GRAD_ROWS, c, params)?;
+    l.launch(k, src, Launch::linear(d.div_ceil(256).max(1) as u32, 256), args);
     Ok(())
 }
 
