@@ -362,13 +362,13 @@ impl StepCost {
     pub fn of(plan: &Plan) -> StepCost {
         let mut s = StepCost::default();
         let parts = parts_by_kernel(plan);
-        for k in 0..plan.kernels.len() {
-            let class = KernelClass::of(&plan.kernels[k].op);
+        for (k, (kernel, own)) in plan.kernels.iter().zip(&parts).enumerate() {
+            let class = KernelClass::of(&kernel.op);
             // Parts are read out of their multi-tensor kernel's result: no kernel.
-            if matches!(plan.kernels[k].op, Op::Part { .. }) {
+            if matches!(kernel.op, Op::Part { .. }) {
                 continue;
             }
-            let c = cost_with_parts(plan, k, &parts[k]);
+            let c = cost_with_parts(plan, k, own);
             s.total.add(&c);
             s.by_class.entry(class).or_default().add(&c);
             s.kernels.push((class, c));

@@ -362,20 +362,14 @@ impl CpuExecutor {
                     for (r, t) in set.into_iter().enumerate() {
                         // Result-major packing: result r of this set at r * total + at.
                         let offset = (r * total + at) as u64;
-                        if let Some(&v) = self.parts[k].get(&offset) {
-                            if !t.has_type(&self.shapes[v], plan.values[v].dtype) {
-                                return Err(fail(KernelError::Invalid(format!(
-                                    "part at {offset} is {}, but the plan says {}",
-                                    t.describe(),
-                                    describe_type(&self.shapes[v], plan.values[v].dtype)
-                                ))));
+                        match self.parts[k].get(&offset) {
+                            Some(&v) => {
+                                if let Some(t) = self.part(v, t, || format!("part at {offset}")).map_err(fail)? {
+                                    placed.push((v, t));
+                                }
                             }
-                            if self.last_use[v].is_some() || self.kept[v] > 0 {
-                                placed.push((v, store_as(t, plan.values[v].dtype)));
-                                continue;
-                            }
+                            None => pool::recycle(t),
                         }
-                        pool::recycle(t);
                     }
                     at += n;
                 }
@@ -437,17 +431,8 @@ impl CpuExecutor {
                 drop(x);
                 for (index, t) in made {
                     let v = self.parts[k][&index];
-                    if !t.has_type(&self.shapes[v], plan.values[v].dtype) {
-                        return Err(fail(KernelError::Invalid(format!(
-                            "result {index} is {}, but the plan says {}",
-                            t.describe(),
-                            describe_type(&self.shapes[v], plan.values[v].dtype)
-                        ))));
-                    }
-                    if self.last_use[v].is_some() || self.kept[v] > 0 {
-                        slots[v] = Slot::Owned(store_as(t, plan.values[v].dtype));
-                    } else {
-                        pool::recycle(t);
+                    if let Some(t) = self.part(v, t, || format!("result {index}")).map_err(fail)? {
+                        slots[v] = Slot::Owned(t);
                     }
                 }
             }
@@ -526,6 +511,23 @@ impl CpuExecutor {
             }
         }
         Ok(())
+    }
+
+    /// Part `v` of a kernel, made as `t`: checked against the plan's type,
+    /// then as its dtype stores it if anything reads it later (else `None`,
+    /// its buffer back in the pool).
+    fn part(&self, v: usize, t: Tensor, what: impl Fn() -> String) -> Result<Option<Tensor>, KernelError> {
+        let dtype = self.plan.values[v].dtype;
+        if !t.has_type(&self.shapes[v], dtype) {
+            let want = describe_type(&self.shapes[v], dtype);
+            return Err(KernelError::Invalid(format!("{} is {}, but the plan says {want}", what(), t.describe())));
+        }
+        if self.last_use[v].is_some() || self.kept[v] > 0 {
+            Ok(Some(store_as(t, dtype)))
+        } else {
+            pool::recycle(t);
+            Ok(None)
+        }
     }
 
     /// Returns to the pool the owned operands of kernel `k` that no later
