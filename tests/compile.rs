@@ -611,6 +611,18 @@ fn cli_plans_memory_as_text_json_and_svg_and_finds_the_largest_batch() {
     let (ms, ips) = (r["step_ms"].as_f64().unwrap(), r["img_per_sec"].as_f64().unwrap());
     assert!(ms > 0.0 && (ips - 8.0 / (ms / 1e3)).abs() < 1e-6 * ips, "{json}");
     assert_eq!(r["device"], "h100");
+    // Every kernel's cost, in execution order: they add up to the step's
+    // bytes and roofline time, and name their op and scope.
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let kernels = v["bytes_moved"]["kernels"].as_array().unwrap();
+    assert_eq!(kernels.len() as u64, v["kernels_costed"].as_u64().unwrap(), "{json}");
+    let bytes: u64 = kernels.iter().map(|k| k["bytes"].as_u64().unwrap()).sum();
+    assert_eq!(bytes, v["bytes_moved"]["total"].as_u64().unwrap(), "{json}");
+    let us: f64 = kernels.iter().map(|k| k["roofline_us"].as_f64().unwrap()).sum();
+    assert!((us / 1e3 - ms).abs() < 1e-6 * ms, "{us} us vs {ms} ms");
+    let index: Vec<u64> = kernels.iter().map(|k| k["index"].as_u64().unwrap()).collect();
+    assert!(index.windows(2).all(|w| w[0] < w[1]), "{index:?}");
+    assert!(kernels.iter().any(|k| k["op"] == "layer_norm_grad" && k["scope"].as_str().unwrap().ends_with("norm1")));
     let (ok, _, e) = tessera(&["plan", cfg, "--memory", "--device", "tpu"]);
     assert!(!ok && e.contains("the roofline knows h100 and h200"), "{e}");
     let (ok, _, e) = tessera(&["plan", cfg, "--memory-plot", "x.svg", "--device", "h100"]);

@@ -90,3 +90,49 @@ fn vit_b16_forward_flops_are_the_graphs_35_1_gflops_per_image() {
     let mm = &s.by_class[&KernelClass::MatrixProduct];
     assert!(mm.flops * 100 >= s.total.flops * 95, "{} of {}", mm.flops, s.total.flops);
 }
+
+/// Honest accounting beside a library GEMM: matmul_gelu_grad's epilogue
+/// (the erf GELU' cuBLASLt lacks) reads its result back and writes it
+/// again, and those bytes are a launch of their own in the roofline (added
+/// to, not hidden under, the product's time); its row sum and a layer-norm
+/// backward's further results are written bytes; a slice reads only what
+/// it keeps.
+#[test]
+fn epilogue_passes_parts_and_slices_cost_what_they_move() {
+    let mut g = Graph::new();
+    let (r, i, c) = (64u64, 32u64, 48u64);
+    let a = g.add_input("a", Shape::consts(&[r, i]), DType::F32).unwrap();
+    let w = g.add_input("w", Shape::consts(&[i, c]), DType::F32).unwrap();
+    let z = g.add_input("z", Shape::consts(&[r, c]), DType::F32).unwrap();
+    let y =
+        g.add_op(Op::MatmulGeluGrad { transpose_a: false, transpose_b: false, row_sum: true }, &[a, w, z], "").unwrap();
+    let sum = g.add_op(Op::ResultPart { index: 1, dtype: DType::F32 }, &[y], "").unwrap();
+    let first = g
+        .add_op(
+            Op::Slice { axis: 0, start: tessera_compiler::ir::Dim::Const(0), end: tessera_compiler::ir::Dim::Const(2) },
+            &[y],
+            "",
+        )
+        .unwrap();
+    g.set_output("sum", sum);
+    g.set_output("first", first);
+    let p = planned(&g, true);
+    let k = kernel_of(&p, "matmul_gelu_grad");
+    let cost = kernel_cost(&p, k);
+    let scratch = cost.bytes.get("scratch").copied().unwrap_or(0);
+    // a, w, z read; y written, then read and written by the epilogue; the sum written.
+    let f32_bytes = 4 * (r * i + i * c + r * c + 3 * r * c + c);
+    assert_eq!(cost.bytes["f32"], f32_bytes);
+    assert!(scratch > 0, "the row sum's partials are scratch");
+    assert_eq!(cost.serial_bytes, 2 * 4 * r * c + scratch);
+    let secs = H100.seconds(&cost);
+    let overlapped = (cost.total_bytes() - cost.serial_bytes) as f64 / H100.bandwidth;
+    let want = (cost.flops as f64 / H100.f32_flops).max(overlapped) + cost.serial_bytes as f64 / H100.bandwidth;
+    assert!((secs - want).abs() < 1e-15, "{secs} vs {want}");
+    let slice = kernel_cost(&p, kernel_of(&p, "slice"));
+    assert_eq!(slice.bytes["f32"], 2 * 4 * 2 * c, "a slice reads and writes 2 of {r} rows");
+    // The JSON report's per-kernel list is this, kernel by kernel.
+    let s = StepCost::of(&p);
+    let at = s.kernel_index.iter().position(|&j| j == k).unwrap();
+    assert_eq!(s.kernels[at].1, cost);
+}

@@ -64,6 +64,14 @@ fn store_as(mut t: Tensor, dtype: DType) -> Tensor {
     t
 }
 
+/// The tensors of `inputs` in `slots`, or which one is not available.
+fn operands<'s>(slots: &'s [Slot], inputs: &[usize]) -> Result<Vec<&'s Tensor>, KernelError> {
+    inputs
+        .iter()
+        .map(|&i| slots[i].get().ok_or_else(|| KernelError::Invalid(format!("operand value {i} is not available"))))
+        .collect()
+}
+
 /// A fill's tensor, as its dtype holds the value.
 fn filled(shape: &[usize], dtype: DType, value: f64) -> Tensor {
     store_as(Tensor::full(shape.to_vec(), dtype, value), dtype)
@@ -344,14 +352,7 @@ impl CpuExecutor {
             }
             let out_index = kernel.output;
             if let Op::MultiTensor { body, arity, results } = &kernel.op {
-                let mut x = Vec::with_capacity(kernel.inputs.len());
-                for &i in &kernel.inputs {
-                    x.push(
-                        slots[i]
-                            .get()
-                            .ok_or_else(|| fail(KernelError::Invalid(format!("operand value {i} is not available"))))?,
-                    );
-                }
+                let x = operands(&slots, &kernel.inputs).map_err(fail)?;
                 let sets = super::fused::multi_tensor(&x, body, *arity as usize, results).map_err(fail)?;
                 drop(x);
                 let total: usize = sets.iter().map(|set| set[0].numel()).sum();
@@ -398,12 +399,7 @@ impl CpuExecutor {
                     }
                 }
                 None => {
-                    let mut x = Vec::with_capacity(kernel.inputs.len());
-                    for &i in &kernel.inputs {
-                        x.push(slots[i].get().ok_or_else(|| {
-                            fail(KernelError::Invalid(format!("operand value {i} is not available")))
-                        })?);
-                    }
+                    let x = operands(&slots, &kernel.inputs).map_err(fail)?;
                     run_kernel(&kernel.op, &x, &super::typed(&ctx, plan, k)).map_err(fail)?
                 }
             };
@@ -419,14 +415,7 @@ impl CpuExecutor {
             // from the same operands and its result as stored.
             if !self.parts[k].is_empty() {
                 let wanted: Vec<u64> = self.parts[k].keys().copied().collect();
-                let mut x = Vec::with_capacity(kernel.inputs.len());
-                for &i in &kernel.inputs {
-                    x.push(
-                        slots[i]
-                            .get()
-                            .ok_or_else(|| fail(KernelError::Invalid(format!("operand value {i} is not available"))))?,
-                    );
-                }
+                let x = operands(&slots, &kernel.inputs).map_err(fail)?;
                 let made = super::parts(&kernel.op, &x, &result, &wanted).map_err(fail)?;
                 drop(x);
                 for (index, t) in made {

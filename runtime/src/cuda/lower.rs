@@ -110,6 +110,8 @@ pub struct Lowering<'a> {
     /// Kernels whose values already hold what a fill needs this step
     /// (non-scalar fills are materialised before their first reader).
     filled: Vec<bool>,
+    /// Per kernel, its parts (offset, value): found once for the plan.
+    parts: Vec<Vec<(u64, usize)>>,
 }
 
 impl<'a> Lowering<'a> {
@@ -126,7 +128,24 @@ impl<'a> Lowering<'a> {
             world: plan.world(),
             by_name: HashMap::new(),
             filled: vec![false; plan.values.len()],
+            parts: {
+                let mut parts = vec![Vec::new(); plan.kernels.len()];
+                for (v, value) in plan.values.iter().enumerate() {
+                    if let tessera_plan::Source::Part { kernel, offset } = value.source {
+                        if let Some(p) = parts.get_mut(kernel) {
+                            p.push((offset, v));
+                        }
+                    }
+                }
+                parts
+            },
         }
+    }
+
+    /// The values kernel `k` writes besides its result, as (offset, value):
+    /// a multi-tensor kernel's parts, another kernel's further results.
+    pub fn parts(&self, k: usize) -> &[(u64, usize)] {
+        &self.parts[k]
     }
 
     /// The value `v` (shape, dtype, address).

@@ -398,16 +398,7 @@ pub fn multi_tensor(l: &mut Lowering, k: usize, op: &Op) -> Result<(), String> {
         return Err("a multi-tensor program has no random instructions".into());
     }
     // Parts of the packed result, by offset: result r of set j at r * total + offset_j.
-    let parts: std::collections::HashMap<u64, usize> = l
-        .plan
-        .values
-        .iter()
-        .enumerate()
-        .filter_map(|(v, value)| match value.source {
-            tessera_plan::Source::Part { kernel, offset } if kernel == k => Some((offset, v)),
-            _ => None,
-        })
-        .collect();
+    let parts: std::collections::HashMap<u64, usize> = l.parts(k).iter().copied().collect();
     let sets: Vec<&[Val]> = x.chunks(arity).collect();
     let numels: Vec<u64> = sets.iter().map(|s| s.iter().map(Val::numel).max().unwrap_or(0)).collect();
     let total: u64 = numels.iter().sum();

@@ -36,11 +36,8 @@ const GELU_GRAD_SHARED_COLS: u64 = 4096;
 
 /// Kernel `k`'s result 1 (a `ResultPart` of it), if the plan reads one.
 pub(super) fn row_sum_part(l: &Lowering, k: usize) -> Result<Option<Val>, String> {
-    let part =
-        l.plan.values.iter().position(
-            |v| matches!(v.source, tessera_plan::Source::Part { kernel, offset } if kernel == k && offset == 1),
-        );
-    part.map(|v| l.value(v)).transpose()
+    let part = l.parts(k).iter().find(|(offset, _)| *offset == 1);
+    part.map(|&(_, v)| l.value(v)).transpose()
 }
 
 /// matmul_gelu_grad's epilogue with the row sum of its result: y *=

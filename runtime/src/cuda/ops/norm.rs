@@ -215,16 +215,10 @@ fn layer_norm_grad(
     }
     // Its parts, by result index.
     let mut parts: [Option<Val>; 5] = [None, None, None, None, None];
-    for (v, value) in l.plan.values.iter().enumerate() {
-        if let tessera_plan::Source::Part { kernel, offset } = value.source {
-            if kernel == k {
-                let slot = parts
-                    .get_mut(offset as usize)
-                    .filter(|_| offset >= 1)
-                    .ok_or("a layer_norm_grad part is 1, 2, 3 or 4")?;
-                *slot = Some(l.value(v)?);
-            }
-        }
+    for &(offset, v) in l.parts(k) {
+        let slot =
+            parts.get_mut(offset as usize).filter(|_| offset >= 1).ok_or("a layer_norm_grad part is 1, 2, 3 or 4")?;
+        *slot = Some(l.value(v)?);
     }
     let [_, weight, bias, copy, copy_sum] = parts;
     // The copy is bf16 (what mixed precision makes); without one the sum is of dx.
@@ -273,13 +267,8 @@ fn layer_norm_grad(
     c.insert("shared", &shared);
     c.insert("cols_alloc", &d);
     let src = KernelSource::render("layer_norm_grad_rows", LAYER_NORM_GRAD, c, params)?;
+    // (No rows: one block leaves zero partials, so the sums below are zero.)
     l.launch(k, src, Launch::linear(slices as u32, THREADS), args);
-    if rows == 0 {
-        for p in [&weight, &bias, &copy_sum].into_iter().flatten() {
-            l.zero(k, p.ptr, p.bytes());
-        }
-        return Ok(());
-    }
     if weight.is_none() && bias.is_none() && copy_sum.is_none() {
         return Ok(());
     }
