@@ -107,7 +107,7 @@ pub(super) fn run(g: &mut Graph) -> Result<String, IrError> {
         };
         let args: Vec<ValueId> = old.operands(gr.dx).iter().map(|o| map[o]).collect();
         let copy = gr.copy.map(|c| old.ty(c).dtype);
-        let dx = new.add_op(Op::LayerNormGrad { eps, copy }, &args, &old.node(gr.dx).scope)?;
+        let dx = new.add_op(Op::LayerNormGrad { eps, copy, normalized: None }, &args, &old.node(gr.dx).scope)?;
         let mut pairs = vec![(gr.dx, dx)];
         for (index, member) in [(1, gr.weight), (2, gr.bias)] {
             if let Some(m) = member {

@@ -24,6 +24,7 @@ mod packed_attention;
 mod patterns;
 mod precision;
 mod schedule;
+mod share_recompute;
 mod slice_first;
 
 pub use schedule::plain_topological;
@@ -94,6 +95,11 @@ pub const PASSES: &[Pass] = &[
         run: bias_epilogue::run,
     },
     Pass {
+        name: "share-recompute",
+        why: "GELU(h) and a norm's output, recomputed for a weight gradient, are written by the backward kernel that reads h or x anyway (recomputed once, no scratch pass)",
+        run: share_recompute::run,
+    },
+    Pass {
         name: "amp-bf16",
         why: "mixed precision (MODEL.AMP_PARAMS.USE_AMP): bf16 matmuls and attention, f32 norms, softmax, losses, master weights",
         run: precision::run_bf16,
@@ -137,6 +143,7 @@ pub const DEFAULT: &[&str] = &[
     "norm-grad-epilogue",
     "layer-norm-grad",
     "bias-grad-epilogue",
+    "share-recompute",
     "fuse-elementwise",
     "fuse-optimizer",
 ];
