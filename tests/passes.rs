@@ -68,10 +68,18 @@ fn the_verifier_passes_after_every_pass() {
         })
         .unwrap();
         assert_eq!(seen, all);
-        // Only the precision pass adds nodes (its casts), and the optimizer
-        // rule one (the packed result: its parts replace the update ops).
+        // Only the precision pass adds nodes (its casts), the optimizer
+        // rule one (the packed result: its parts replace the update ops)
+        // and share-recompute two per weight-gradient product it rewrites
+        // (the kernel's result 5 and its view as rows).
         let grew: Vec<&str> = reports.iter().filter(|r| r.nodes_after > r.nodes_before).map(|r| r.pass).collect();
-        assert!(grew.iter().all(|&p| p == "amp-bf16" || p == "fuse-optimizer"), "{name}: {grew:?} added nodes");
+        let allowed = ["amp-bf16", "fuse-optimizer", "share-recompute"];
+        assert!(grew.iter().all(|p| allowed.contains(p)), "{name}: {grew:?} added nodes");
+        let shared = reports.iter().find(|r| r.pass == "share-recompute").unwrap();
+        let counts: Vec<usize> = shared.detail.split(' ').filter_map(|w| w.parse().ok()).collect();
+        let rewritten: usize = counts.iter().sum();
+        assert!(rewritten > 0, "{name}: {}", shared.detail);
+        assert_eq!(shared.nodes_after, shared.nodes_before + 2 * rewritten, "{name}: {}", shared.detail);
         let opt = reports.iter().find(|r| r.pass == "fuse-optimizer").unwrap();
         assert_eq!(opt.nodes_after, opt.nodes_before + 1, "{name}: {}", opt.detail);
     }

@@ -69,6 +69,7 @@ pub fn lower(g: &Graph, batch: u64, training: bool) -> Result<Plan, String> {
                             kernels[*k].op,
                             Op::LayerNormGrad { .. }
                                 | Op::MatmulGeluGrad { row_sum: true, .. }
+                                | Op::MatmulGeluGrad { gelu: Some(_), .. }
                                 | Op::AttentionPackedGrad { row_sum: true, .. }
                         ) =>
                     {

@@ -280,20 +280,29 @@ pub enum Op {
     /// to a lower precision (the copy the products before the norm read);
     /// 4, the sum over the rows of that rounded copy, or of dx without one
     /// (the bias gradient of the linear whose output joined the residual
-    /// stream there). Each
-    /// row's statistics are computed once for all of them.
+    /// stream there); 5, with `normalized`, the forward's layer_norm(x, w,
+    /// b) in that type (the operand of the norm's linear's weight-gradient
+    /// product, recomputed here from the statistics this kernel computes
+    /// anyway). With `normalized` the norm's bias b is the last operand:
+    /// `(dy, x, w[, r], b)`. Each row's statistics are computed once for
+    /// all of them.
     LayerNormGrad {
         eps: f64,
         /// The type of the copy (3) and of the values the sum (4) adds up
         /// (none: no copy, the sum is of dx).
         copy: Option<crate::types::DType>,
+        /// The type of result 5, the normalised input (none: not made).
+        #[serde(default)]
+        normalized: Option<crate::types::DType>,
     },
     /// `(kernel's result [..., D]) -> result index`: a further result of a
     /// kernel with several, of `dtype`: [D] for 1, 2 and 4, the kernel's
-    /// result's shape for 3. Which a kernel has is its op's: a
-    /// `LayerNormGrad` 1 to 4, a `MatmulGeluGrad` or `AttentionPackedGrad`
-    /// with `row_sum` 1 (its result's sum over the rows, the bias gradient of
-    /// the product before it). Lowered to
+    /// result's shape for 3 and 5. Which a kernel has is its op's: a
+    /// `LayerNormGrad` 1 to 4 (5 with `normalized`), a `MatmulGeluGrad` or
+    /// `AttentionPackedGrad` with `row_sum` 1 (its result's sum over the
+    /// rows, the bias gradient of the product before it), a `MatmulGeluGrad`
+    /// with `gelu` 5 (GELU(z)). Result 5 is always a forward activation the
+    /// kernel recomputes for a weight-gradient product. Lowered to
     /// no kernel: the kernel writes it where it lives.
     ResultPart {
         index: u32,
@@ -389,12 +398,16 @@ pub enum Op {
     /// gradient as its epilogue (the gradient of an MLP's hidden layer).
     /// With `row_sum`, its result 1 (`ResultPart`) is the sum over the rows
     /// of that result as stored (the hidden layer's bias gradient), made by
-    /// the same epilogue.
+    /// the same epilogue; with `gelu`, its result 5 is GELU(z) in that type
+    /// (the operand of the next linear's weight-gradient product), written
+    /// by the epilogue that reads z anyway.
     MatmulGeluGrad {
         transpose_a: bool,
         transpose_b: bool,
         #[serde(default)]
         row_sum: bool,
+        #[serde(default)]
+        gelu: Option<crate::types::DType>,
     },
     /// Elementwise ops run as one kernel, one pass over memory: `body` is a
     /// register program over the operands (see `fused.rs`).
@@ -629,10 +642,13 @@ pub fn attributes(op: &Op) -> Vec<(&'static str, String)> {
         ],
         Op::Part { offset, shape } => vec![("offset", offset.to_string()), ("shape", shape.to_string())],
         Op::ResultPart { index, dtype } => vec![("index", index.to_string()), ("dtype", dtype.to_string())],
-        Op::LayerNormGrad { eps, copy } => {
+        Op::LayerNormGrad { eps, copy, normalized } => {
             let mut v = vec![("eps", eps.to_string())];
             if let Some(c) = copy {
                 v.push(("copy", c.to_string()));
+            }
+            if let Some(n) = normalized {
+                v.push(("normalized", n.to_string()));
             }
             v
         }
@@ -661,8 +677,13 @@ pub fn attributes(op: &Op) -> Vec<(&'static str, String)> {
             if *transpose_b {
                 v.push(("transpose_b", "true".to_string()));
             }
-            if let Op::MatmulGeluGrad { row_sum: true, .. } = op {
-                v.push(("row_sum", "true".to_string()));
+            if let Op::MatmulGeluGrad { row_sum, gelu, .. } = op {
+                if *row_sum {
+                    v.push(("row_sum", "true".to_string()));
+                }
+                if let Some(gelu) = gelu {
+                    v.push(("gelu", gelu.to_string()));
+                }
             }
             v
         }

@@ -19,8 +19,9 @@ use std::collections::HashMap;
 /// norm's scratch, gradient all-reduces in place; 5: `attention_packed`,
 /// `attention_packed_grad`, `layer_norm_weight_grad`; 6: kernels with
 /// further results, `layer_norm_grad`, `result_part`, `matmul_gelu_grad`'s
-/// row sum).
-pub const PLAN_VERSION: u32 = 6;
+/// row sum; 7: result 5, the recomputed activation, of `layer_norm_grad`
+/// (with the norm's bias as its last operand) and `matmul_gelu_grad`).
+pub const PLAN_VERSION: u32 = 7;
 
 /// The backend a plan's pass pipeline was chosen for. Every backend runs
 /// every plan; the target only says which trade-offs the compiler made
@@ -260,31 +261,50 @@ impl Plan {
                 }
                 Source::Part { kernel, offset } => {
                     let packed = self.kernels.get(kernel).map(|k| (&k.op, k.output));
+                    // No two parts of a kernel are one result.
+                    let unique = |offset: u64| {
+                        parts_of.get(&kernel).is_none_or(|ps| {
+                            ps.iter().all(
+                                |&p| !matches!(self.values[p].source, Source::Part { offset: o, .. } if o == offset),
+                            )
+                        })
+                    };
                     let fits = match packed {
                         Some((Op::MultiTensor { .. }, out)) => self.values.get(out).is_some_and(|p| {
                             offset.checked_add(v.numel()).is_some_and(|end| end <= p.numel()) && v.dtype == p.dtype
                         }),
                         // Result `offset` of a layer-norm backward: [D] or dx's shape.
-                        Some((Op::LayerNormGrad { copy, .. }, out)) => self.values.get(out).is_some_and(|dx| {
-                            let unique = parts_of.get(&kernel).is_none_or(|ps| {
-                                ps.iter().all(|&p| !matches!(self.values[p].source, Source::Part { offset: o, .. } if o == offset))
-                            });
-                            let shape = match offset {
-                                1 | 2 | 4 => dx.shape.last().map(|&d| vec![d]),
-                                3 => Some(dx.shape.clone()),
-                                _ => None,
-                            };
-                            // The copy (3) has the kernel's copy type.
-                            let typed = offset != 3 || *copy == Some(v.dtype);
-                            unique && typed && v.dtype.is_float() && shape.as_ref() == Some(&v.shape)
-                        }),
-                        // Its result's row sum: [D].
+                        Some((Op::LayerNormGrad { copy, normalized, .. }, out)) => {
+                            self.values.get(out).is_some_and(|dx| {
+                                let shape = match offset {
+                                    1 | 2 | 4 => dx.shape.last().map(|&d| vec![d]),
+                                    3 | 5 => Some(dx.shape.clone()),
+                                    _ => None,
+                                };
+                                // The copy (3) and the normalised input (5) have the kernel's types.
+                                let typed = match offset {
+                                    3 => *copy == Some(v.dtype),
+                                    5 => *normalized == Some(v.dtype),
+                                    _ => true,
+                                };
+                                unique(offset) && typed && v.dtype.is_float() && shape.as_ref() == Some(&v.shape)
+                            })
+                        }
+                        // Its result's row sum ([D]) and GELU(z) (the result's shape).
                         Some((
-                            Op::MatmulGeluGrad { row_sum: true, .. } | Op::AttentionPackedGrad { row_sum: true, .. },
+                            op @ (Op::MatmulGeluGrad { .. } | Op::AttentionPackedGrad { row_sum: true, .. }),
                             out,
                         )) => self.values.get(out).is_some_and(|y| {
-                            let unique = parts_of.get(&kernel).is_none_or(|ps| ps.is_empty());
-                            unique && offset == 1 && v.dtype.is_float() && y.shape.last().map(|&d| vec![d]) == Some(v.shape.clone())
+                            let (row_sum, gelu) = match op {
+                                Op::MatmulGeluGrad { row_sum, gelu, .. } => (*row_sum, *gelu),
+                                _ => (true, None),
+                            };
+                            let fits = match offset {
+                                1 => row_sum && y.shape.last().map(|&d| vec![d]) == Some(v.shape.clone()),
+                                5 => gelu == Some(v.dtype) && y.shape == v.shape,
+                                _ => false,
+                            };
+                            unique(offset) && fits && v.dtype.is_float()
                         }),
                         _ => {
                             return Err(format!(

@@ -60,12 +60,21 @@ pub(super) fn infer_grad(op: &Op, x: &[&TensorType]) -> Rule {
                     Some(d) => Ok(TensorType::new(Shape(vec![d.clone()]), *dtype)),
                     None => Err("dx must have a feature axis, got a scalar []".into()),
                 },
-                3 => Ok(TensorType::new(dx.shape.clone(), *dtype)),
-                _ => Err(format!("a kernel's further results are 1 to 4, not {index}")),
+                3 | 5 => Ok(TensorType::new(dx.shape.clone(), *dtype)),
+                _ => Err(format!("a kernel's further results are 1 to 5, not {index}")),
             }
         }
+        // With its normalised input (result 5), the norm's bias b last.
+        Op::LayerNormGrad { eps, copy, normalized: Some(_) } if x.len() == 4 || x.len() == 5 => {
+            let (b, rest) = x.split_last().expect("4 or 5 operands");
+            let (w, t) = (rest[2], rest[1]);
+            if *b != w {
+                return Err(format!("the norm's bias b {b} must be its weight's type {w} (x {t})"));
+            }
+            infer_grad(&Op::LayerNormGrad { eps: *eps, copy: *copy, normalized: None }, rest)
+        }
         // LayerNorm's input gradient in one pass: g = dy * w read as it is.
-        Op::NormalizeGrad { .. } | Op::LayerNormGrad { .. } if x.len() == 3 || x.len() == 4 => {
+        Op::NormalizeGrad { .. } | Op::LayerNormGrad { normalized: None, .. } if x.len() == 3 || x.len() == 4 => {
             let (dy, t, w) = (x[0], x[1], x[2]);
             for (role, v) in [("dy", dy), ("x", t), ("w", w)] {
                 super::infer::float(role, v)?;
@@ -85,7 +94,10 @@ pub(super) fn infer_grad(op: &Op, x: &[&TensorType]) -> Rule {
             Ok(t.clone())
         }
         Op::NormalizeGrad { .. } | Op::BatchStandardizeGrad { .. } => same_pair(x, ["g", "x"]),
-        Op::LayerNormGrad { .. } => Err(format!("expects (dy, x, w) or (dy, x, w, r), got {} operands", x.len())),
+        Op::LayerNormGrad { normalized: None, .. } => {
+            Err(format!("expects (dy, x, w) or (dy, x, w, r), got {} operands", x.len()))
+        }
+        Op::LayerNormGrad { .. } => Err(format!("expects (dy, x, w, b) or (dy, x, w, r, b), got {} operands", x.len())),
         Op::LayerNormWeightGrad { .. } => {
             let [dy, t] = exactly(x, ["dy", "x"])?;
             super::infer::float("dy", dy)?;

@@ -28,8 +28,8 @@ pub(super) fn run(g: &mut Graph) -> Result<String, IrError> {
     *g = rebuild(g, |old, v, new, map| {
         if taken.contains(&v) {
             let op = match old.node(v).op {
-                Op::MatmulGeluGrad { transpose_a, transpose_b, .. } => {
-                    Op::MatmulGeluGrad { transpose_a, transpose_b, row_sum: true }
+                Op::MatmulGeluGrad { transpose_a, transpose_b, gelu, .. } => {
+                    Op::MatmulGeluGrad { transpose_a, transpose_b, row_sum: true, gelu }
                 }
                 Op::AttentionPackedGrad { heads, scale, dropout, key, .. } => {
                     Op::AttentionPackedGrad { heads, scale, dropout, key, row_sum: true }
@@ -57,7 +57,11 @@ mod tests {
         let w = g.add_input("w", Shape::consts(&[4, 8]), DType::BF16).unwrap();
         let z = g.add_input("z", Shape::consts(&[2, 3, 8]), DType::BF16).unwrap();
         let dh = g
-            .add_op(Op::MatmulGeluGrad { transpose_a: false, transpose_b: false, row_sum: false }, &[dy, w, z], "mlp")
+            .add_op(
+                Op::MatmulGeluGrad { transpose_a: false, transpose_b: false, row_sum: false, gelu: None },
+                &[dy, w, z],
+                "mlp",
+            )
             .unwrap();
         let rows = Op::ReduceF32 { op: ReduceOp::Sum, axes: vec![0, 1], keepdim: false };
         let db = g.add_op(rows, &[dh], "mlp.fc1").unwrap();
@@ -71,7 +75,10 @@ mod tests {
         let out = |name: &str| g.outputs().iter().find(|(n, _)| n == name).unwrap().1;
         assert_eq!(g.node(out("db")).op, Op::ResultPart { index: 1, dtype: DType::F32 });
         assert_eq!(g.operands(out("db")), [out("dh")]);
-        assert_eq!(g.node(out("dh")).op, Op::MatmulGeluGrad { transpose_a: false, transpose_b: false, row_sum: true });
+        assert_eq!(
+            g.node(out("dh")).op,
+            Op::MatmulGeluGrad { transpose_a: false, transpose_b: false, row_sum: true, gelu: None }
+        );
         assert_eq!(g.ty(out("db")).shape, Shape::consts(&[8]));
         assert_eq!(g.node(out("db")).scope, "mlp.fc1");
         assert!(matches!(g.node(out("other")).op, Op::Reduce { .. }));

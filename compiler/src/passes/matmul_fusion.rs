@@ -134,7 +134,11 @@ pub(super) fn run(g: &mut Graph) -> Result<String, IrError> {
                 let Op::Matmul { transpose_a, transpose_b } = old.node(d).op else { unreachable!("checked above") };
                 let ab = old.operands(d);
                 let args = [map[&ab[0]], map[&ab[1]], map[&operands[0]]];
-                new.add_op(Op::MatmulGeluGrad { transpose_a, transpose_b, row_sum: false }, &args, &node.scope)?
+                new.add_op(
+                    Op::MatmulGeluGrad { transpose_a, transpose_b, row_sum: false, gelu: None },
+                    &args,
+                    &node.scope,
+                )?
             }
             _ => return Ok(Step::Copy),
         };

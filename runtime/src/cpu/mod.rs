@@ -145,7 +145,7 @@ pub fn run_kernel(op: &Op, x: &[&Tensor], ctx: &Ctx) -> Result<Tensor, KernelErr
         // Several results: the executor runs it (`fused::multi_tensor`) and
         // places its parts; a part is no kernel.
         // Its result; its parts are `parts`'.
-        Op::LayerNormGrad { eps, .. } => norm::normalize_grad(x, *eps),
+        Op::LayerNormGrad { eps, normalized, .. } => norm::normalize_grad(norm::without_bias(x, *normalized), *eps),
         Op::MultiTensor { .. } | Op::Part { .. } | Op::ResultPart { .. } => {
             Err(error::invalid(format!("{} is run by the executor, not as a single-result kernel", op.name())))
         }
@@ -157,12 +157,30 @@ pub fn run_kernel(op: &Op, x: &[&Tensor], ctx: &Ctx) -> Result<Tensor, KernelErr
 /// plan dtype stores it).
 pub fn parts(op: &Op, x: &[&Tensor], main: &Tensor, wanted: &[u64]) -> Result<Vec<(u64, Tensor)>, KernelError> {
     match op {
-        Op::LayerNormGrad { eps, copy } => norm::layer_norm_grad_parts(x, main, *eps, *copy, wanted),
-        // The result's row sum (as the result is stored), as `reduce`.
-        Op::MatmulGeluGrad { .. } | Op::AttentionPackedGrad { .. } => match wanted {
-            [1] => Ok(vec![(1, reduce::row_sums(main)?)]),
-            _ => Err(error::invalid(format!("{} has result 1 only, not {wanted:?}", op.name()))),
-        },
+        Op::LayerNormGrad { eps, copy, normalized } => {
+            norm::layer_norm_grad_parts(x, main, *eps, *copy, *normalized, wanted)
+        }
+        // The result's row sum (as the result is stored), as `reduce`; GELU(z)
+        // in the part's type, as `matmul_gelu_rhs` computes its operand.
+        Op::MatmulGeluGrad { .. } | Op::AttentionPackedGrad { .. } => {
+            let gelu = match op {
+                Op::MatmulGeluGrad { gelu, .. } => *gelu,
+                _ => None,
+            };
+            wanted
+                .iter()
+                .map(|&index| match (index, gelu, x) {
+                    (1, _, _) => Ok((1, reduce::row_sums(main)?)),
+                    (5, Some(dtype), [_, _, z]) => {
+                        let g = elementwise::unary(&[z], tessera_plan::UnaryOp::Gelu)?;
+                        let part = elementwise::cast(&[&g], dtype);
+                        pool::recycle(g);
+                        Ok((5, part?))
+                    }
+                    _ => Err(error::invalid(format!("{} has no result {index}", op.name()))),
+                })
+                .collect()
+        }
         other => Err(error::invalid(format!("{} has no results besides its own", other.name()))),
     }
 }

@@ -375,11 +375,21 @@ pub fn batch_standardize_grad(x: &[&Tensor], eps: f64, ctx: &Ctx) -> Result<Tens
     Ok(Tensor::f32(xt.shape.clone(), out))
 }
 
+/// `LayerNormGrad`'s operands without the norm's bias, which it reads
+/// (last) only when it makes the normalised input (result 5).
+pub fn without_bias<'a, 'b>(x: &'a [&'b Tensor], normalized: Option<tessera_plan::DType>) -> &'a [&'b Tensor] {
+    match (normalized, x.split_last()) {
+        (Some(_), Some((_, rest))) => rest,
+        _ => x,
+    }
+}
+
 /// The other results of `LayerNormGrad` (its result, dx, is
 /// `normalize_grad`'s) that `wanted` names: 1 the weight gradient
 /// (`layer_norm_weight_grad`'s), 2 the bias gradient (dy summed over the
 /// rows, f64 accumulation as `reduce`), 3 dx as the cast to `copy` makes
-/// it, 4 the sum of that copy (of dx without one) over the rows. Each is computed exactly as the
+/// it, 4 the sum of that copy (of dx without one) over the rows, 5 the
+/// forward's layer_norm(x, w, b) in its type. Each is computed exactly as the
 /// kernel it replaces, so a plan with the joined kernel trains bitwise like
 /// one without; the CPU's gain is the kernels it no longer dispatches.
 pub fn layer_norm_grad_parts(
@@ -387,10 +397,11 @@ pub fn layer_norm_grad_parts(
     dx: &Tensor,
     eps: f64,
     copy: Option<tessera_plan::DType>,
+    normalized: Option<tessera_plan::DType>,
     wanted: &[u64],
 ) -> Result<Vec<(u64, Tensor)>, KernelError> {
-    let [dy, xt] = match x {
-        [dy, xt, _, ..] => [*dy, *xt],
+    let [dy, xt, w] = match without_bias(x, normalized) {
+        [dy, xt, w, ..] => [*dy, *xt, *w],
         _ => return Err(invalid(format!("expects (dy, x, w) or (dy, x, w, r), got {} operands", x.len()))),
     };
     let low = || copy.ok_or_else(|| invalid("result 3 of a layer-norm backward needs its copy type"));
@@ -410,6 +421,17 @@ pub fn layer_norm_grad_parts(
                 }
                 None => super::reduce::row_sums(dx)?,
             },
+            // The forward's output in the weight-gradient product's type, as
+            // `matmul_layer_norm_rhs` computes its operand.
+            5 => {
+                let (Some(dtype), Some(b)) = (normalized, x.last()) else {
+                    return Err(invalid("result 5 of a layer-norm backward needs its type and the norm's bias"));
+                };
+                let y = layer_norm(&[xt, w, b], eps)?;
+                let part = super::elementwise::cast(&[&y], dtype);
+                pool::recycle(y);
+                part?
+            }
             other => return Err(invalid(format!("a layer-norm backward has no result {other}"))),
         };
         parts.push((index, t));

@@ -151,7 +151,7 @@ fn matrix_products_and_their_fused_forms_match_the_cpu() {
         1e-5,
     );
     check_op(
-        Op::MatmulGeluGrad { transpose_a: false, transpose_b: true, row_sum: false },
+        Op::MatmulGeluGrad { transpose_a: false, transpose_b: true, row_sum: false, gelu: None },
         &[&[4, 6], &[5, 6], &[4, 5]],
         true,
         1e-5,
@@ -202,17 +202,19 @@ fn row_normalisation_matches_the_cpu() {
 /// it, with and without the residual gradient; rows narrow enough for the
 /// shared-memory accumulators and wider ones (their own rows of partials),
 /// and more rows than blocks (grid-strided). In f32 (no copy) the sum is
-/// of dx itself.
+/// of dx itself. With `normalized`, also the forward's layer_norm(x, w, b)
+/// (result 5, the norm's bias its last operand).
 #[test]
 fn the_joined_layer_norm_backward_matches_the_cpu() {
     let cases = [
-        (vec![3u64, 4, 37], true, true),
-        (vec![3, 4, 37], false, true),
-        (vec![3, 4, 37], true, false),
-        (vec![2, 3, 1700], true, true),
-        (vec![33000, 3], true, true),
+        (vec![3u64, 4, 37], true, true, true),
+        (vec![3, 4, 37], false, true, true),
+        (vec![3, 4, 37], true, false, true),
+        (vec![3, 4, 37], true, true, false),
+        (vec![2, 3, 1700], true, true, true),
+        (vec![33000, 3], true, true, true),
     ];
-    for (shape, with_r, amp) in cases {
+    for (shape, with_r, amp, normalized) in cases {
         let d = *shape.last().unwrap();
         let mut g = Graph::new();
         let dy = g.add_input("dy", consts(&shape), DType::F32).unwrap();
@@ -224,19 +226,36 @@ fn the_joined_layer_norm_backward_matches_the_cpu() {
             args.push(g.add_input("r", consts(&shape), DType::F32).unwrap());
         }
         let copy = amp.then_some(DType::BF16);
-        let dx = g.add_op(Op::LayerNormGrad { eps: 1e-6, copy }, &args, "norm").unwrap();
+        let low = if amp { DType::BF16 } else { DType::F32 };
+        if normalized {
+            args.push(g.add_input("b", consts(&[d]), DType::F32).unwrap());
+        }
+        let op = Op::LayerNormGrad { eps: 1e-6, copy, normalized: normalized.then_some(low) };
+        let dx = g.add_op(op, &args, "norm").unwrap();
         g.set_output("dx", dx);
-        let parts = [(1, DType::F32), (2, DType::F32), (3, DType::BF16), (4, DType::F32)];
-        for (index, dtype) in parts.into_iter().filter(|p| amp || p.0 != 3) {
+        let parts = [(1, DType::F32), (2, DType::F32), (3, DType::BF16), (4, DType::F32), (5, low)];
+        for (index, dtype) in parts.into_iter().filter(|p| (amp || p.0 != 3) && (normalized || p.0 != 5)) {
             let p = g.add_op(Op::ResultPart { index, dtype }, &[dx], "norm").unwrap();
             g.set_output(&format!("part{index}"), p);
         }
         let dims: Vec<usize> = shape.iter().map(|&v| v as usize).collect();
-        let inputs =
-            [("dy", rand(&dims, 1)), ("x", rand(&dims, 2)), ("w", rand(&[d as usize], 3)), ("r", rand(&dims, 4))];
-        let inputs: Vec<(&str, Tensor)> = inputs.into_iter().filter(|(n, _)| with_r || *n != "r").collect();
+        let inputs = [
+            ("dy", rand(&dims, 1)),
+            ("x", rand(&dims, 2)),
+            ("w", rand(&[d as usize], 3)),
+            ("r", rand(&dims, 4)),
+            ("b", rand(&[d as usize], 5)),
+        ];
+        let inputs: Vec<(&str, Tensor)> =
+            inputs.into_iter().filter(|(n, _)| (with_r || *n != "r") && (normalized || *n != "b")).collect();
         let (a, b) = both(&g, true, &inputs);
-        let what = format!("{shape:?} with r {with_r}, amp {amp}");
+        let what = format!("{shape:?} with r {with_r}, amp {amp}, normalized {normalized}");
+        // The normalised input: the same f32 expression of the same
+        // statistics, one rounding to bf16 under AMP.
+        if normalized {
+            let tol = if amp { 2f64.powi(-7) } else { 1e-5 };
+            assert_close(&format!("normalized {what}"), &a["part5"], &b["part5"], tol);
+        }
         assert_close(&format!("dx {what}"), &a["dx"], &b["dx"], 1e-5);
         // The copy is one bf16 rounding of dx (a dx a hair apart may round
         // to the neighbouring bf16, and so move the copy's sum by as much);
@@ -254,14 +273,21 @@ fn the_joined_layer_norm_backward_matches_the_cpu() {
 }
 
 /// matmul_gelu_grad with its row sum (the hidden bias gradient made by the
-/// GELU gradient's epilogue): the CUDA kernels against the CPU, in f32 and
-/// with bf16 operands; rows narrow enough for shared-memory accumulators,
-/// wider ones (their own rows of partials), more rows than blocks.
+/// GELU gradient's epilogue) and GELU(z) (the next weight gradient's
+/// operand), each with and without the other: the CUDA kernels against the
+/// CPU, in f32 and with bf16 operands; rows narrow enough for shared-memory
+/// accumulators, wider ones (their own rows of partials), more rows than
+/// blocks.
 #[test]
 fn the_gelu_gradient_with_its_row_sum_matches_the_cpu() {
-    for (rows, inner, cols, bf16) in
-        [(7u64, 6u64, 9u64, false), (7, 6, 9, true), (3, 5, 4100, true), (33000, 4, 3, false)]
-    {
+    for (rows, inner, cols, bf16, row_sum, with_gelu) in [
+        (7u64, 6u64, 9u64, false, true, false),
+        (7, 6, 9, true, true, true),
+        (7, 6, 9, true, false, true),
+        (7, 6, 9, false, false, true),
+        (3, 5, 4100, true, true, true),
+        (33000, 4, 3, false, true, true),
+    ] {
         let mut g = Graph::new();
         let mut input = |name: &str, shape: &[u64]| {
             let v = g.add_input(name, consts(shape), DType::F32).unwrap();
@@ -272,21 +298,33 @@ fn the_gelu_gradient_with_its_row_sum_matches_the_cpu() {
             }
         };
         let (a, b, z) = (input("a", &[rows, inner]), input("b", &[inner, cols]), input("z", &[rows, cols]));
-        let op = Op::MatmulGeluGrad { transpose_a: false, transpose_b: false, row_sum: true };
+        let low = if bf16 { DType::BF16 } else { DType::F32 };
+        let op = Op::MatmulGeluGrad { transpose_a: false, transpose_b: false, row_sum, gelu: with_gelu.then_some(low) };
         let y = g.add_op(op, &[a, b, z], "mlp").unwrap();
-        let sum = g.add_op(Op::ResultPart { index: 1, dtype: DType::F32 }, &[y], "mlp.fc1").unwrap();
         g.set_output("y", y);
-        g.set_output("sum", sum);
+        if row_sum {
+            let sum = g.add_op(Op::ResultPart { index: 1, dtype: DType::F32 }, &[y], "mlp.fc1").unwrap();
+            g.set_output("sum", sum);
+        }
+        if with_gelu {
+            let act = g.add_op(Op::ResultPart { index: 5, dtype: low }, &[y], "mlp.fc2").unwrap();
+            g.set_output("gelu", act);
+        }
         let (r, i, c) = (rows as usize, inner as usize, cols as usize);
         let inputs = [("a", rand(&[r, i], 1)), ("b", rand(&[i, c], 2)), ("z", rand(&[r, c], 3))];
         let (cpu, gpu) = both(&g, true, &inputs);
-        let what = format!("{rows}x{inner}x{cols}, bf16 {bf16}");
+        let what = format!("{rows}x{inner}x{cols}, bf16 {bf16}, row sum {row_sum}, gelu {with_gelu}");
         // bf16: the CPU rounds the f32 product once, the GPU the GEMM's
         // result and then the epilogue's (within a bf16 step); the sums add
-        // what each stored.
+        // what each stored. GELU(z) is one rounding of the same function.
         let tol = if bf16 { 2f64.powi(-6) } else { 1e-5 };
         assert_close(&format!("y {what}"), &cpu["y"], &gpu["y"], tol);
-        assert_close(&format!("sum {what}"), &cpu["sum"], &gpu["sum"], tol);
+        if row_sum {
+            assert_close(&format!("sum {what}"), &cpu["sum"], &gpu["sum"], tol);
+        }
+        if with_gelu {
+            assert_close(&format!("gelu {what}"), &cpu["gelu"], &gpu["gelu"], if bf16 { 2f64.powi(-7) } else { 1e-5 });
+        }
     }
 }
 

@@ -1,7 +1,9 @@
 // LayerNorm's whole backward in one pass over the rows of d values: the
 // input gradient dx = (g - mean(g) - xhat * mean(g * xhat)) * rstd with
 // g = dy * w (norm_rows.cu's normalize_grad, the same f32 expression){% if residual %}, plus r
-// (the residual stream's gradient){% endif %}{% if copy %}, also written rounded to the copy's type{% endif %}; and the
+// (the residual stream's gradient){% endif %}{% if copy %}, also written rounded to the copy's type{% endif %};{% if normalized %}
+// the forward's layer_norm(x, w, b) (norm_rows.cu's expression) for the
+// weight gradient of the linear after the norm;{% endif %} and the
 // weight and bias gradients, sums over rows of dy * xhat and of dy, and the
 // sum over rows of the rounded copy (a linear's bias gradient), as f64
 // partial sums per block (no atomics: the sums' order is fixed by the
@@ -40,6 +42,7 @@ TSR_GLOBAL void {{ name }}({{ signature }}) {
 {% else %}            const float out_v = dx;
 {% endif %}            tsr_store(out, base + j, out_v);
 {% if copy %}            tsr_store(copy, base + j, out_v);
+{% endif %}{% if normalized %}            tsr_store(normalized, base + j, (xv - m) * rstd * tsr_load(w, j) + tsr_load(b, j));
 {% endif %}            acc[j] += (double)(dyv * ((xv - m) * rstd));
             acc[d + j] += (double)dyv;
 {% if copy_sum %}            acc[2 * d + j] += (double){% if rounded %}tsr_round_bf16(out_v){% else %}out_v{% endif %};

@@ -11,7 +11,8 @@
 //! - layer_norm_linear, matmul_layer_norm_rhs: the row-normalised operand
 //!   (f32 statistics) in the `normalized` scratch, then the GEMM;
 //! - matmul_gelu_grad: the GEMM, then its result times GELU'(z) in place
-//!   (with its row sum, the hidden bias gradient, when the plan reads it:
+//!   (with its row sum, the hidden bias gradient, and GELU(z), the next
+//!   weight gradient's operand, when the plan reads them:
 //!   `kernels/gelu_grad_rows.cu`);
 //! - linear_residual: the GEMM reading the residual stream as C (beta = 1)
 //!   and writing the new stream, the bias as its epilogue (GELU of the
@@ -34,44 +35,73 @@ const GELU_GRAD_ROWS: &str = include_str!("../kernels/gelu_grad_rows.cu");
 /// memory (32 KiB); wider ones in the block's own row of the partials.
 const GELU_GRAD_SHARED_COLS: u64 = 4096;
 
-/// Kernel `k`'s result 1 (a `ResultPart` of it), if the plan reads one.
-pub(super) fn row_sum_part(l: &Lowering, k: usize) -> Result<Option<Val>, String> {
-    let part = l.parts(k).iter().find(|(offset, _)| *offset == 1);
+/// Kernel `k`'s result `index` (a `ResultPart` of it), if the plan reads one.
+pub(super) fn result_part(l: &Lowering, k: usize, index: u64) -> Result<Option<Val>, String> {
+    let part = l.parts(k).iter().find(|(offset, _)| *offset == index);
     part.map(|&(_, v)| l.value(v)).transpose()
 }
 
-/// matmul_gelu_grad's epilogue with the row sum of its result: y *=
-/// GELU'(z) in place and the blocks' f64 column sums of y as stored into
-/// the `partials` scratch, then their sum per column into `sum`.
-fn gelu_grad_with_row_sum(l: &mut Lowering, k: usize, y: &Val, z: &Val, sum: &Val) -> Result<(), String> {
+/// Kernel `k`'s result 1, its result's row sum, if the plan reads it.
+pub(super) fn row_sum_part(l: &Lowering, k: usize) -> Result<Option<Val>, String> {
+    result_part(l, k, 1)
+}
+
+/// matmul_gelu_grad's epilogue with further results: y *= GELU'(z) in
+/// place and, with `sum`, the blocks' f64 column sums of y as stored into
+/// the `partials` scratch, then their sum per column into `sum`; with
+/// `gelu`, GELU(z) written there as z is read (the next product's operand).
+fn gelu_grad_rows(
+    l: &mut Lowering,
+    k: usize,
+    y: &Val,
+    z: &Val,
+    sum: Option<&Val>,
+    gelu: Option<&Val>,
+) -> Result<(), String> {
     let d = *y.shape.last().ok_or("matmul_gelu_grad's result has at least two axes")?;
-    if z.shape != y.shape || sum.shape != [d] {
-        return Err(format!("z {:?} must be the result's shape {:?} and its sum [{d}]", z.shape, y.shape));
+    if z.shape != y.shape || sum.is_some_and(|s| s.shape != [d]) || gelu.is_some_and(|g| g.shape != y.shape) {
+        return Err(format!("z and GELU(z) must be the result's shape {:?} and its sum [{d}]", y.shape));
     }
     let rows = y.numel() / d.max(1);
     if d == 0 {
         return Ok(());
     }
     let slices = tessera_plan::scratch::norm_weight_grad_blocks(rows);
-    let (partials, bytes) = l.scratch(k, "partials")?;
-    if bytes < slices * d * 8 {
-        return Err(format!("the partials scratch holds {bytes} bytes, {} are needed", slices * d * 8));
-    }
-    let params = vec![
-        param("double*", "partials"),
+    let mut params = vec![
         param(&format!("{}*", c_type(y.dtype)?), "y"),
         param(&format!("const {}*", c_type(z.dtype)?), "z"),
         param("i64", "rows"),
         param("i64", "d"),
     ];
-    let args = vec![Arg::Ptr(partials), Arg::Ptr(y.ptr), Arg::Ptr(z.ptr), Arg::I64(rows as i64), Arg::I64(d as i64)];
+    let mut args = vec![Arg::Ptr(y.ptr), Arg::Ptr(z.ptr), Arg::I64(rows as i64), Arg::I64(d as i64)];
+    let partials = match sum {
+        Some(_) => {
+            let (partials, bytes) = l.scratch(k, "partials")?;
+            if bytes < slices * d * 8 {
+                return Err(format!("the partials scratch holds {bytes} bytes, {} are needed", slices * d * 8));
+            }
+            params.push(param("double*", "partials"));
+            args.push(Arg::Ptr(partials));
+            Some(partials)
+        }
+        None => None,
+    };
+    if let Some(g) = gelu {
+        params.push(param(&format!("{}*", c_type(g.dtype)?), "g"));
+        args.push(Arg::Ptr(g.ptr));
+    }
     let mut c = tera::Context::new();
     c.insert("partials", &true);
+    c.insert("sum", &sum.is_some());
+    c.insert("gelu", &gelu.is_some());
     c.insert("shared", &(d <= GELU_GRAD_SHARED_COLS));
     c.insert("cols_alloc", &d);
     let src = KernelSource::render("gelu_grad_rows", GELU_GRAD_ROWS, c, params)?;
     l.launch(k, src, Launch::linear(slices as u32, 256), args);
-    sum_partials(l, k, sum, partials, slices)
+    match (sum, partials) {
+        (Some(sum), Some(partials)) => sum_partials(l, k, sum, partials, slices),
+        _ => Ok(()),
+    }
 }
 
 /// `sum[c]` = the sum over `slices` rows of f64 partials (row-major, one
@@ -94,6 +124,8 @@ pub(super) fn sum_partials(
     let args = vec![Arg::Ptr(sum.ptr), Arg::Ptr(partials), Arg::I64(slices as i64), Arg::I64(d as i64)];
     let mut c = tera::Context::new();
     c.insert("partials", &false);
+    c.insert("sum", &true);
+    c.insert("gelu", &false);
     let src = KernelSource::render("row_sum_partials", GELU_GRAD_ROWS, c, params)?;
     l.launch(k, src, Launch::linear(d.div_ceil(256).max(1) as u32, 256), args);
     Ok(())
@@ -305,8 +337,9 @@ pub fn lower(l: &mut Lowering, k: usize, op: &Op) -> Result<(), String> {
         }
         Op::MatmulGeluGrad { transpose_a, transpose_b, .. } => {
             product(l, k, &x[0], &x[1], transpose_a, transpose_b, &out, None)?;
-            if let Some(sum) = row_sum_part(l, k)? {
-                return gelu_grad_with_row_sum(l, k, &out, &x[2], &sum);
+            let (sum, gelu) = (row_sum_part(l, k)?, result_part(l, k, 5)?);
+            if sum.is_some() || gelu.is_some() {
+                return gelu_grad_rows(l, k, &out, &x[2], sum.as_ref(), gelu.as_ref());
             }
             // out *= GELU'(z), in place (each element read before it is written).
             let body = [Ins::Plan(Instr::Operand(0)), Ins::Plan(Instr::Operand(1)), Ins::Plan(Instr::GeluGrad(1, 0))];

@@ -188,8 +188,9 @@ fn layer_norm_weight_grad(l: &mut Lowering, k: usize, out: &Val, dy: &Val, x: &V
     Ok(())
 }
 
-/// `layer_norm_grad(dy, x, w[, r])`: one pass over the rows writes dx (plus
-/// r), its bf16 copy (part 3) and the blocks' f64 partial sums of dy *
+/// `layer_norm_grad(dy, x, w[, r][, b])`: one pass over the rows writes dx
+/// (plus r), its bf16 copy (part 3), the forward's normalised input (part
+/// 5, with b) and the blocks' f64 partial sums of dy *
 /// xhat, dy and the copy into the `partials` scratch; a second launch sums
 /// them per column into the weight and bias gradients and the copy's sum
 /// (parts 1, 2 and 4).
@@ -200,11 +201,17 @@ fn layer_norm_grad(
     x: &[Val],
     eps: f64,
     copy_type: Option<DType>,
+    normalized_type: Option<DType>,
 ) -> Result<(), String> {
+    // With the normalised input (result 5) the norm's bias comes last.
+    let (x, b) = match (normalized_type, x.split_last()) {
+        (Some(_), Some((b, rest))) => (rest, Some(b)),
+        _ => (x, None),
+    };
     let (dy, xv, w, r) = match x {
         [dy, xv, w] => (dy, xv, w, None),
         [dy, xv, w, r] => (dy, xv, w, Some(r)),
-        _ => return Err("layer_norm_grad takes (dy, x, w) or (dy, x, w, r)".into()),
+        _ => return Err("layer_norm_grad takes (dy, x, w[, r]) and, with its normalised input, b".into()),
     };
     let d = *xv.shape.last().ok_or("layer_norm_grad needs at least one axis")?;
     if dy.shape != xv.shape || out.shape != xv.shape || w.shape != [d] || r.is_some_and(|r| r.shape != xv.shape) {
@@ -214,13 +221,12 @@ fn layer_norm_grad(
         ));
     }
     // Its parts, by result index.
-    let mut parts: [Option<Val>; 5] = [None, None, None, None, None];
+    let mut parts: [Option<Val>; 6] = Default::default();
     for &(offset, v) in l.parts(k) {
-        let slot =
-            parts.get_mut(offset as usize).filter(|_| offset >= 1).ok_or("a layer_norm_grad part is 1, 2, 3 or 4")?;
+        let slot = parts.get_mut(offset as usize).filter(|_| offset >= 1).ok_or("a layer_norm_grad part is 1 to 5")?;
         *slot = Some(l.value(v)?);
     }
-    let [_, weight, bias, copy, copy_sum] = parts;
+    let [_, weight, bias, copy, copy_sum, normalized] = parts;
     // The copy is bf16 (what mixed precision makes); without one the sum is of dx.
     let rounded = match copy_type {
         Some(DType::BF16) => true,
@@ -255,6 +261,18 @@ fn layer_norm_grad(
         params.push(param(&format!("{}*", c_type(c.dtype)?), "copy"));
         args.push(Arg::Ptr(c.ptr));
     }
+    // The forward's layer_norm(x, w, b), as norm_rows.cu writes it.
+    if let Some(n) = &normalized {
+        let Some(b) = b.filter(|b| b.shape == [d]) else {
+            return Err(format!("the normalised input needs the norm's bias, [{d}]"));
+        };
+        if n.shape != out.shape || Some(n.dtype) != normalized_type {
+            return Err(format!("the normalised input {:?} must be dx's shape {:?}", n.shape, out.shape));
+        }
+        params.push(param(&format!("const {}*", c_type(b.dtype)?), "b"));
+        params.push(param(&format!("{}*", c_type(n.dtype)?), "normalized"));
+        args.extend([Arg::Ptr(b.ptr), Arg::Ptr(n.ptr)]);
+    }
     params.extend([param("i64", "rows"), param("i64", "d"), param("double", "eps")]);
     args.extend([Arg::I64(rows as i64), Arg::I64(d as i64), Arg::F64(eps)]);
     let shared = d <= LAYER_NORM_GRAD_SHARED_COLS;
@@ -262,6 +280,7 @@ fn layer_norm_grad(
     c.insert("partials", &true);
     c.insert("residual", &r.is_some());
     c.insert("copy", &copy.is_some());
+    c.insert("normalized", &normalized.is_some());
     c.insert("copy_sum", &copy_sum.is_some());
     c.insert("rounded", &rounded);
     c.insert("shared", &shared);
@@ -289,6 +308,7 @@ fn layer_norm_grad(
     c.insert("partials", &false);
     c.insert("residual", &r.is_some());
     c.insert("copy", &copy.is_some());
+    c.insert("normalized", &normalized.is_some());
     c.insert("weight", &weight.is_some());
     c.insert("bias", &bias.is_some());
     c.insert("copy_sum", &copy_sum.is_some());
@@ -312,7 +332,7 @@ pub fn lower(l: &mut Lowering, k: usize, op: &Op) -> Result<(), String> {
             [dy, xv, w, r] => normalize_grad(l, k, &out, dy, xv, Some(w), Some(r), eps),
             _ => Err("normalize_grad takes (g, x), (dy, x, w) or (dy, x, w, r)".into()),
         },
-        Op::LayerNormGrad { eps, copy } => layer_norm_grad(l, k, &out, &x, eps, copy),
+        Op::LayerNormGrad { eps, copy, normalized } => layer_norm_grad(l, k, &out, &x, eps, copy, normalized),
         Op::LayerNormWeightGrad { eps } => match &x[..] {
             [dy, xv] => layer_norm_weight_grad(l, k, &out, dy, xv, eps),
             _ => Err("layer_norm_weight_grad takes (dy, x)".into()),
