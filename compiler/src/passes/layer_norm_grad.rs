@@ -34,6 +34,10 @@ struct Group {
     /// The sum over the rows of the copy, or of dx without one (the bias
     /// gradient of the linear whose output joined the residual stream).
     copy_sum: Option<ValueId>,
+    /// Operands made after the first member from values made before it (the
+    /// zero padding of a gradient of fewer rows, `slice-first`): made again
+    /// just before the joined kernel.
+    hoisted: Vec<ValueId>,
 }
 
 pub(super) fn run(g: &mut Graph) -> Result<String, IrError> {
@@ -42,6 +46,7 @@ pub(super) fn run(g: &mut Graph) -> Result<String, IrError> {
     let position: HashMap<ValueId, usize> = order.iter().enumerate().map(|(i, &v)| (v, i)).collect();
     let mut groups: Vec<Group> = Vec::new();
     let mut taken = std::collections::HashSet::new();
+    let mut hoist_of = std::collections::HashSet::new();
     for &k in &order {
         let Op::NormalizeGrad { eps } = g.node(k).op else { continue };
         let operands = g.operands(k);
@@ -69,13 +74,15 @@ pub(super) fn run(g: &mut Graph) -> Result<String, IrError> {
             continue;
         }
         // The joined kernel stands where the first member stood: every
-        // operand must be made before it.
+        // operand must be made before it, or be made there from values that are.
         let first = [Some(k), weight, bias].into_iter().flatten().map(|v| position[&v]).min().unwrap_or(0);
-        if operands.iter().any(|o| position[o] >= first) {
+        let Some(hoisted) = super::late_operands(g, &operands, first, &position) else { continue };
+        if hoisted.iter().any(|o| hoist_of.contains(o)) {
             continue;
         }
+        hoist_of.extend(hoisted.iter().copied());
         taken.extend([Some(k), weight, bias, copy, copy_sum].into_iter().flatten());
-        groups.push(Group { dx: k, weight, bias, copy, copy_sum });
+        groups.push(Group { dx: k, weight, bias, copy, copy_sum, hoisted });
     }
     let joined = groups.len();
     // Old node -> its group.
@@ -87,6 +94,10 @@ pub(super) fn run(g: &mut Graph) -> Result<String, IrError> {
     }
     let mut made: Vec<bool> = vec![false; groups.len()];
     *g = rebuild(g, |old, v, new, map| {
+        if hoist_of.contains(&v) {
+            // Made before its group's kernel.
+            return Ok(Step::Skip);
+        }
         let Some(&i) = member.get(&v) else { return Ok(Step::Copy) };
         let gr = &groups[i];
         // The copy and its sum come after the input gradient (their
@@ -105,10 +116,11 @@ pub(super) fn run(g: &mut Graph) -> Result<String, IrError> {
         let Op::NormalizeGrad { eps } = old.node(gr.dx).op else {
             return Err(IrError::Invalid("a layer-norm backward group starts at a normalize_grad".into()));
         };
-        let args: Vec<ValueId> = old.operands(gr.dx).iter().map(|o| map[o]).collect();
+        let mut pairs = super::remake(old, &gr.hoisted, new, map)?;
+        let args: Vec<ValueId> = old.operands(gr.dx).iter().map(|&o| super::mapped_with(o, &pairs, map)).collect();
         let copy = gr.copy.map(|c| old.ty(c).dtype);
         let dx = new.add_op(Op::LayerNormGrad { eps, copy, normalized: None }, &args, &old.node(gr.dx).scope)?;
-        let mut pairs = vec![(gr.dx, dx)];
+        pairs.push((gr.dx, dx));
         for (index, member) in [(1, gr.weight), (2, gr.bias)] {
             if let Some(m) = member {
                 let part = new.add_op(Op::ResultPart { index, dtype: old.ty(m).dtype }, &[dx], &old.node(m).scope)?;
@@ -122,7 +134,7 @@ pub(super) fn run(g: &mut Graph) -> Result<String, IrError> {
     Ok(format!("{joined} layer-norm backwards joined into one kernel each{pads}"))
 }
 
-/// Where only some rows were normalised (`slice-before-norm`), the stream's
+/// Where only some rows were normalised (`slice-first`), the stream's
 /// gradient is the norm's, zero-padded: `cast(pad(dx))` becomes
 /// `pad(cast(dx))` and a row sum of a padding (along a summed axis) the sum
 /// of what it pads (zeros add nothing), so the cast and the sum read dx and
@@ -254,6 +266,41 @@ mod tests {
             let low = g.outputs().iter().find(|(n, _)| n == "low").unwrap().1;
             assert_eq!((g.operands(low), g.node(low).scope.as_str()), (vec![dx], "proj"));
         }
+    }
+
+    /// The residual gradient made after the weight gradient (the zero
+    /// padding of a gradient of fewer rows, as `slice-first` leaves it): the
+    /// padding is made again before the joined kernel, which stands where the
+    /// weight gradient stood.
+    #[test]
+    fn a_late_residual_made_from_earlier_values_moves_up_with_the_kernel() {
+        let mut g = Graph::new();
+        let s = Shape::consts(&[2, 3, 4]);
+        let dy = g.add_input("dy", s.clone(), DType::BF16).unwrap();
+        let x = g.add_input("x", s, DType::F32).unwrap();
+        let w = g.add_input("w", Shape::consts(&[4]), DType::F32).unwrap();
+        let few = g.add_input("few", Shape::consts(&[2, 1, 4]), DType::F32).unwrap();
+        let dw = g.add_op(Op::LayerNormWeightGrad { eps: 1e-6 }, &[dy, x], "norm").unwrap();
+        let twice = g.add_op(Op::Binary(crate::ir::BinaryOp::Add), &[dw, dw], "other").unwrap();
+        let pad = Op::Pad { axis: 1, before: crate::ir::Dim::Const(0), after: crate::ir::Dim::Const(2) };
+        let r = g.add_op(pad, &[few], "block").unwrap();
+        let dx = g.add_op(Op::NormalizeGrad { eps: 1e-6 }, &[dy, x, w, r], "norm").unwrap();
+        for (name, v) in [("dx", dx), ("twice", twice), ("r", r)] {
+            g.set_output(name, v);
+        }
+        assert!(super::run(&mut g).unwrap().starts_with("1 layer-norm"));
+        g.verify().unwrap();
+        assert_eq!(
+            ops(&g),
+            [
+                "pad {axis=1, before=0, after=2}",
+                "layer_norm_grad {eps=0.000001}",
+                "result_part {index=1, dtype=f32}",
+                "add"
+            ]
+        );
+        let out = |name: &str| g.outputs().iter().find(|(n, _)| n == name).unwrap().1;
+        assert_eq!(g.operands(out("dx"))[3], out("r"));
     }
 
     #[test]

@@ -59,8 +59,8 @@ pub const PASSES: &[Pass] = &[
         run: patterns::cross_entropy,
     },
     Pass {
-        name: "slice-before-norm",
-        why: "a layer norm read only through a slice of its rows (the class token) normalises only those rows (forward graph)",
+        name: "slice-first",
+        why: "row-wise ops (norms, linears, elementwise) read only through a slice of their rows (the class token) compute only those rows, back to the attention that mixes them (forward graph)",
         run: slice_first::run,
     },
     Pass { name: "fold", why: "evaluate elementwise ops on constants at compile time", run: fold::run },
@@ -132,7 +132,7 @@ pub const DEFAULT: &[&str] = &[
     "gated-attention-pattern",
     "attention-pattern",
     "cross-entropy-pattern",
-    "slice-before-norm",
+    "slice-first",
     "dce",
     "cse",
     "fold",
@@ -151,8 +151,7 @@ pub const DEFAULT: &[&str] = &[
 /// Passes that run on the forward graph before autodiff when chosen (the
 /// pipeline takes them out of the list; after autodiff the backward reads
 /// the intermediates, so they would not match there).
-pub const FORWARD: &[&str] =
-    &["gated-attention-pattern", "attention-pattern", "cross-entropy-pattern", "slice-before-norm"];
+pub const FORWARD: &[&str] = &["gated-attention-pattern", "attention-pattern", "cross-entropy-pattern", "slice-first"];
 
 /// The default pipeline for a config: with MODEL.AMP_PARAMS.USE_AMP, the
 /// precision pass runs before fusion (so its casts fuse into elementwise chains).
@@ -316,6 +315,38 @@ pub(crate) fn rebuild(
         out.add_state_update(name, lookup(v, name)?);
     }
     Ok(out)
+}
+
+/// Of `operands`, those made at or after position `at` of `position` (the
+/// graph's order), when each is made from values made before `at`, so that
+/// it can be made again there (a kernel that moves up to `at` then finds its
+/// operands); `None` when one is not (or is a leaf).
+pub(crate) fn late_operands(
+    g: &Graph,
+    operands: &[ValueId],
+    at: usize,
+    position: &HashMap<ValueId, usize>,
+) -> Option<Vec<ValueId>> {
+    let late: Vec<ValueId> = operands.iter().copied().filter(|o| position[o] >= at).collect();
+    let movable = |o: &ValueId| !g.node(*o).op.is_leaf() && g.operands(*o).iter().all(|i| position[i] < at);
+    late.iter().all(movable).then_some(late)
+}
+
+/// Makes `late` (see `late_operands`) again in `new`, operands mapped;
+/// returns the (old, new) pairs, for a rebuild that skips them where they
+/// stood.
+pub(crate) fn remake(
+    old: &Graph,
+    late: &[ValueId],
+    new: &mut Graph,
+    map: &HashMap<ValueId, ValueId>,
+) -> Result<Vec<(ValueId, ValueId)>, IrError> {
+    late.iter().map(|&h| Ok((h, new.add_node_like(old.node(h), &mapped(old, h, map)?)?))).collect()
+}
+
+/// `o`'s new id: from `pairs` (made in this step) or the map.
+pub(crate) fn mapped_with(o: ValueId, pairs: &[(ValueId, ValueId)], map: &HashMap<ValueId, ValueId>) -> ValueId {
+    pairs.iter().find(|(h, _)| *h == o).map_or_else(|| map[&o], |&(_, n)| n)
 }
 
 /// The new ids of `v`'s operands.

@@ -182,7 +182,7 @@ fn run(g: &mut Graph, low: DType) -> Result<String, IrError> {
 /// the gradient to the linear's bf16 output type), summed in f32; one read
 /// of half the bytes instead of the f32 tensor. So too for that gradient
 /// zero-padded (the stream's gradient where only some rows were normalised:
-/// `slice-before-norm`).
+/// `slice-first`).
 fn narrow_bias_sums(g: &mut Graph, low: DType) -> Result<usize, IrError> {
     let mut narrow: HashMap<ValueId, ValueId> = HashMap::new();
     let norm_grad = |v: ValueId| matches!(g.node(v).op, Op::NormalizeGrad { .. });

@@ -25,8 +25,9 @@
 //! Matched: the backward kernel with the same input (and for a norm the
 //! same weight and eps) that makes no result 5 yet; the pair is joined only
 //! when the backward kernel's operands all come before the weight-gradient
-//! product in the graph's order, so it can run where the product stood and
-//! the product right after it.
+//! product in the graph's order (or are made from values that do, such as
+//! the zero padding of a gradient of fewer rows, made again there), so it
+//! can run where the product stood and the product right after it.
 
 use super::{rebuild, Step};
 use crate::ir::{DType, Dim, Graph, IrError, Op, Shape, ValueId};
@@ -43,6 +44,8 @@ struct Pair {
     dtype: DType,
     rows: Shape,
     transpose: (bool, bool),
+    /// The kernel's operands made after the product (see `late_operands`).
+    hoisted: Vec<ValueId>,
 }
 
 /// `[..., D]` as `[product of the leading dims, D]`, when the product is a
@@ -58,6 +61,7 @@ pub(super) fn run(g: &mut Graph) -> Result<String, IrError> {
     let position: HashMap<ValueId, usize> = order.iter().enumerate().map(|(i, &v)| (v, i)).collect();
     let mut pairs: HashMap<ValueId, Pair> = HashMap::new();
     let mut taken = std::collections::HashSet::new();
+    let mut hoist_of = std::collections::HashSet::new();
     for &v in &order {
         let operands = g.operands(v);
         let found = match g.node(v).op {
@@ -76,6 +80,7 @@ pub(super) fn run(g: &mut Graph) -> Result<String, IrError> {
                             dtype,
                             rows: Shape(vec![]),
                             transpose: (transpose_a, transpose_b),
+                            hoisted: vec![],
                         })
                     }
                     _ => None,
@@ -96,6 +101,7 @@ pub(super) fn run(g: &mut Graph) -> Result<String, IrError> {
                             dtype,
                             rows: Shape(vec![]),
                             transpose: (transpose_a, transpose_b),
+                            hoisted: vec![],
                         })
                     }
                     _ => None,
@@ -106,21 +112,26 @@ pub(super) fn run(g: &mut Graph) -> Result<String, IrError> {
         let Some(mut pair) = found else { continue };
         let Some(rows) = rows_of(&g.ty(pair.kernel).shape) else { continue };
         pair.rows = rows;
-        let early = g.operands(pair.kernel).iter().chain(&pair.bias).all(|o| position[o] < position[&v]);
-        if early && !taken.contains(&pair.kernel) {
+        // The bias is the product's operand, made before it.
+        let Some(late) = super::late_operands(g, &g.operands(pair.kernel), position[&v], &position) else { continue };
+        if !taken.contains(&pair.kernel) && !late.iter().any(|h| hoist_of.contains(h)) {
             taken.insert(pair.kernel);
+            hoist_of.extend(late.iter().copied());
+            pair.hoisted = late;
             pairs.insert(v, pair);
         }
     }
     let (mut gelus, mut norms) = (0, 0);
     *g = rebuild(g, |old, v, new, map| {
-        if taken.contains(&v) {
+        if taken.contains(&v) || hoist_of.contains(&v) {
             // Made where its weight-gradient product stood.
             return Ok(Step::Skip);
         }
         let Some(p) = pairs.get(&v) else { return Ok(Step::Copy) };
         let scope = &old.node(p.kernel).scope;
-        let mut args: Vec<ValueId> = old.operands(p.kernel).iter().map(|o| map[o]).collect();
+        let mut made = super::remake(old, &p.hoisted, new, map)?;
+        let mut args: Vec<ValueId> =
+            old.operands(p.kernel).iter().map(|&o| super::mapped_with(o, &made, map)).collect();
         args.extend(p.bias.map(|b| map[&b]));
         match p.op {
             Op::LayerNormGrad { .. } => norms += 1,
@@ -133,7 +144,8 @@ pub(super) fn run(g: &mut Graph) -> Result<String, IrError> {
         let (transpose_a, transpose_b) = p.transpose;
         let a = map[&old.operands(v)[0]];
         let product = new.add_op(Op::Matmul { transpose_a, transpose_b }, &[a, rows], &node.scope)?;
-        Ok(Step::Map(vec![(p.kernel, kernel), (v, product)]))
+        made.extend([(p.kernel, kernel), (v, product)]);
+        Ok(Step::Map(made))
     })?;
     Ok(format!(
         "{gelus} GELUs and {norms} layer norms recomputed once for the backward (by the kernel of their gradient)"
@@ -197,8 +209,10 @@ mod tests {
         let rhs = Op::MatmulLayerNormRhs { eps: 1e-6, transpose_a: true, transpose_b: false };
         let dw = g.add_op(rhs, &[a, x, w, b], "fc1").unwrap();
         if dy_late {
-            // dy made after the product: the norm's backward cannot move before it.
-            dy = g.add_op(Op::Unary(crate::ir::UnaryOp::Neg), &[dy], "fc1").unwrap();
+            // dy made after the product from a value made after it too: the
+            // norm's backward cannot move before the product.
+            let t = g.add_op(Op::Unary(crate::ir::UnaryOp::Neg), &[dy], "fc1").unwrap();
+            dy = g.add_op(Op::Unary(crate::ir::UnaryOp::Neg), &[t], "fc1").unwrap();
         }
         let grad = Op::LayerNormGrad { eps: eps_of_grad, copy: Some(DType::BF16), normalized: None };
         let dx = g.add_op(grad, &[dy, x, w, r], "norm2").unwrap();
@@ -227,6 +241,41 @@ mod tests {
         assert_eq!(g.ty(dw).shape, Shape::consts(&[5, 4]));
         // Its other results still read it.
         assert_eq!(g.operands(out(&g, "dgamma")), [dx]);
+    }
+
+    /// A residual gradient made after the product from earlier values (the
+    /// zero padding `slice-first` leaves) is made again before the kernel.
+    #[test]
+    fn a_late_padding_moves_up_with_the_norm_backward() {
+        let mut g = Graph::new();
+        let s = Shape::consts(&[2, 3, 4]);
+        let a = g.add_input("a", Shape::consts(&[6, 5]), DType::BF16).unwrap();
+        let x = g.add_input("x", s.clone(), DType::F32).unwrap();
+        let w = g.add_input("w", Shape::consts(&[4]), DType::F32).unwrap();
+        let dy = g.add_input("dy", s, DType::BF16).unwrap();
+        let few = g.add_input("few", Shape::consts(&[2, 1, 4]), DType::F32).unwrap();
+        let rhs = Op::MatmulLayerNormRhs { eps: 1e-6, transpose_a: true, transpose_b: false };
+        let dw = g.add_op(rhs, &[a, x, w, w], "fc1").unwrap();
+        let pad = Op::Pad { axis: 1, before: crate::ir::Dim::Const(0), after: crate::ir::Dim::Const(2) };
+        let r = g.add_op(pad, &[few], "block").unwrap();
+        let grad = Op::LayerNormGrad { eps: 1e-6, copy: None, normalized: None };
+        let dx = g.add_op(grad, &[dy, x, w, r], "norm").unwrap();
+        g.set_output("dw", dw);
+        g.set_output("dx", dx);
+        assert!(super::run(&mut g).unwrap().starts_with("0 GELUs and 1 layer norms"));
+        g.verify().unwrap();
+        let order: Vec<&str> = g
+            .topo_order()
+            .unwrap()
+            .into_iter()
+            .filter(|&v| !g.node(v).op.is_leaf())
+            .map(|v| g.node(v).op.name())
+            .collect();
+        assert_eq!(order, ["pad", "layer_norm_grad", "result_part", "reshape", "matmul"]);
+        assert_eq!(
+            g.operands(out(&g, "dx"))[3],
+            g.topo_order().unwrap().into_iter().find(|&v| g.node(v).op.name() == "pad").unwrap()
+        );
     }
 
     #[test]
