@@ -77,11 +77,15 @@ pub(super) fn run(g: &mut Graph) -> Result<String, IrError> {
         // operand must be made before it, or be made there from values that are.
         let first = [Some(k), weight, bias].into_iter().flatten().map(|v| position[&v]).min().unwrap_or(0);
         let Some(hoisted) = super::late_operands(g, &operands, first, &position) else { continue };
-        if hoisted.iter().any(|o| hoist_of.contains(o)) {
+        // A node is made again for one group, and is no group's member.
+        let members = [Some(k), weight, bias, copy, copy_sum];
+        let clash = hoisted.iter().any(|o| hoist_of.contains(o) || taken.contains(o))
+            || members.iter().flatten().any(|m| hoist_of.contains(m));
+        if clash {
             continue;
         }
         hoist_of.extend(hoisted.iter().copied());
-        taken.extend([Some(k), weight, bias, copy, copy_sum].into_iter().flatten());
+        taken.extend(members.into_iter().flatten());
         groups.push(Group { dx: k, weight, bias, copy, copy_sum, hoisted });
     }
     let joined = groups.len();

@@ -23,11 +23,11 @@
 //! products' prologues as a recomputation shared with the backward kernel.
 //!
 //! Matched: the backward kernel with the same input (and for a norm the
-//! same weight and eps) that makes no result 5 yet; the pair is joined only
-//! when the backward kernel's operands all come before the weight-gradient
-//! product in the graph's order (or are made from values that do, such as
-//! the zero padding of a gradient of fewer rows, made again there), so it
-//! can run where the product stood and the product right after it.
+//! same weight and eps) that makes no result 5 yet. The kernel runs where
+//! the first of the pair stood and the product right after it, so a kernel
+//! after its product must have its operands made before the product (or
+//! made from values that are, such as the zero padding of a gradient of
+//! fewer rows, made again there), and a kernel before it the norm's bias.
 
 use super::{rebuild, Step};
 use crate::ir::{DType, Dim, Graph, IrError, Op, Shape, ValueId};
@@ -112,39 +112,65 @@ pub(super) fn run(g: &mut Graph) -> Result<String, IrError> {
         let Some(mut pair) = found else { continue };
         let Some(rows) = rows_of(&g.ty(pair.kernel).shape) else { continue };
         pair.rows = rows;
-        // The bias is the product's operand, made before it.
-        let Some(late) = super::late_operands(g, &g.operands(pair.kernel), position[&v], &position) else { continue };
-        if !taken.contains(&pair.kernel) && !late.iter().any(|h| hoist_of.contains(h)) {
+        // A kernel after the product moves up to it (the bias is the
+        // product's operand, made before it); one before it stays, and then
+        // the bias must be made before the kernel too.
+        let at = position[&v].min(position[&pair.kernel]);
+        if pair.bias.is_some_and(|b| position[&b] >= at) {
+            continue;
+        }
+        let Some(late) = super::late_operands(g, &g.operands(pair.kernel), at, &position) else { continue };
+        // A node is made again for one pair, and is no pair's kernel.
+        let clash = taken.contains(&pair.kernel)
+            || hoist_of.contains(&pair.kernel)
+            || late.iter().any(|h| hoist_of.contains(h) || taken.contains(h));
+        if !clash {
             taken.insert(pair.kernel);
             hoist_of.extend(late.iter().copied());
             pair.hoisted = late;
             pairs.insert(v, pair);
         }
     }
+    let product_of: HashMap<ValueId, ValueId> = pairs.iter().map(|(&v, p)| (p.kernel, v)).collect();
     let (mut gelus, mut norms) = (0, 0);
     *g = rebuild(g, |old, v, new, map| {
-        if taken.contains(&v) || hoist_of.contains(&v) {
-            // Made where its weight-gradient product stood.
+        if hoist_of.contains(&v) {
+            // Made where its kernel moved to.
             return Ok(Step::Skip);
         }
-        let Some(p) = pairs.get(&v) else { return Ok(Step::Copy) };
-        let scope = &old.node(p.kernel).scope;
-        let mut made = super::remake(old, &p.hoisted, new, map)?;
-        let mut args: Vec<ValueId> =
-            old.operands(p.kernel).iter().map(|&o| super::mapped_with(o, &made, map)).collect();
-        args.extend(p.bias.map(|b| map[&b]));
-        match p.op {
-            Op::LayerNormGrad { .. } => norms += 1,
-            _ => gelus += 1,
+        // The kernel with its result 5: where the first of the pair stood.
+        let mut make_kernel = |p: &Pair, new: &mut Graph, map: &HashMap<ValueId, ValueId>| {
+            let mut made = super::remake(old, &p.hoisted, new, map)?;
+            let mut args: Vec<ValueId> =
+                old.operands(p.kernel).iter().map(|&o| super::mapped_with(o, &made, map)).collect();
+            args.extend(p.bias.map(|b| map[&b]));
+            match p.op {
+                Op::LayerNormGrad { .. } => norms += 1,
+                _ => gelus += 1,
+            }
+            let kernel = new.add_op(p.op.clone(), &args, &old.node(p.kernel).scope)?;
+            made.push((p.kernel, kernel));
+            Ok::<_, IrError>((kernel, made))
+        };
+        if let Some(product) = product_of.get(&v) {
+            // A kernel that stands before its product keeps its place.
+            return match map.contains_key(product) {
+                true => Ok(Step::Skip),
+                false => Ok(Step::Map(make_kernel(&pairs[product], new, map)?.1)),
+            };
         }
-        let kernel = new.add_op(p.op.clone(), &args, scope)?;
+        let Some(p) = pairs.get(&v) else { return Ok(Step::Copy) };
+        let (kernel, mut made) = match map.get(&p.kernel) {
+            Some(&k) => (k, vec![]),
+            None => make_kernel(p, new, map)?,
+        };
         let node = old.node(v);
         let activation = new.add_op(Op::ResultPart { index: 5, dtype: p.dtype }, &[kernel], &node.scope)?;
         let rows = new.add_op(Op::Reshape { shape: p.rows.clone() }, &[activation], &node.scope)?;
         let (transpose_a, transpose_b) = p.transpose;
         let a = map[&old.operands(v)[0]];
         let product = new.add_op(Op::Matmul { transpose_a, transpose_b }, &[a, rows], &node.scope)?;
-        made.extend([(p.kernel, kernel), (v, product)]);
+        made.push((v, product));
         Ok(Step::Map(made))
     })?;
     Ok(format!(
@@ -193,6 +219,39 @@ mod tests {
         // The gradient kernel runs first now.
         let order = g.topo_order().unwrap();
         assert!(order.iter().position(|&v| v == dh) < order.iter().position(|&v| v == dw));
+    }
+
+    /// The gradient kernel made before the product (another order of the
+    /// backward): it keeps its place, its row sum still reads it, and the
+    /// product reads its result 5 after it.
+    #[test]
+    fn a_gradient_kernel_before_its_product_keeps_its_place() {
+        let mut g = Graph::new();
+        let dy = g.add_input("dy", Shape::consts(&[6, 4]), DType::BF16).unwrap();
+        let dy3 = g.add_input("dy3", Shape::consts(&[2, 3, 4]), DType::BF16).unwrap();
+        let w = g.add_input("w", Shape::consts(&[4, 8]), DType::BF16).unwrap();
+        let h = g.add_input("h", Shape::consts(&[2, 3, 8]), DType::BF16).unwrap();
+        let grad = Op::MatmulGeluGrad { transpose_a: false, transpose_b: false, row_sum: true, gelu: None };
+        let dh = g.add_op(grad, &[dy3, w, h], "mlp").unwrap();
+        let db = g.add_op(Op::ResultPart { index: 1, dtype: DType::F32 }, &[dh], "mlp.fc1").unwrap();
+        let rhs = Op::MatmulGeluRhs { transpose_a: true, transpose_b: false };
+        let dw = g.add_op(rhs, &[dy, h], "mlp.fc2").unwrap();
+        for (name, v) in [("dw", dw), ("dh", dh), ("db", db)] {
+            g.set_output(name, v);
+        }
+        assert!(super::run(&mut g).unwrap().starts_with("1 GELUs"));
+        g.verify().unwrap();
+        let order: Vec<&str> = g
+            .topo_order()
+            .unwrap()
+            .into_iter()
+            .filter(|&v| !g.node(v).op.is_leaf())
+            .map(|v| g.node(v).op.name())
+            .collect();
+        assert_eq!(order, ["matmul_gelu_grad", "result_part", "result_part", "reshape", "matmul"]);
+        assert_eq!(g.operands(out(&g, "db")), [out(&g, "dh")]);
+        let act = g.operands(g.operands(out(&g, "dw"))[1])[0];
+        assert_eq!(g.node(act).op, Op::ResultPart { index: 5, dtype: DType::BF16 });
     }
 
     /// A pre-norm block's norm: the weight gradient of the linear after it

@@ -2,7 +2,9 @@
 //! the last) of a row-wise op read only through that slice becomes the op
 //! applied to the slice of its operands, and again above it, until an op
 //! that mixes rows (attention, a reshape) or a value read elsewhere stops
-//! it. Row-wise: `layer_norm` and `normalize` (a row's statistics are its
+//! it. One pass, readers before what they read (linear in the graph): an
+//! op moves when each of its readers is a slice of the same rows or an op
+//! that moved and slices it so. Row-wise: `layer_norm` and `normalize` (a row's statistics are its
 //! own), `linear` (a row of the product is that row times the weights),
 //! elementwise ops (an operand broadcast along the sliced axis is read
 //! whole), casts, and `drop_path` along an axis other than the sample axis
@@ -61,62 +63,73 @@ fn sliced_operands(g: &Graph, p: ValueId, (axis, _, _): Rows) -> Option<Vec<Opti
     }
 }
 
-/// One round: every slice whose operand is row-wise and read only through
-/// slices like it moves above that op. Returns how many ops moved.
-fn round(g: &mut Graph) -> Result<usize, IrError> {
+/// The rows user `u` reads of `p`: a slice's own; for an op that moves
+/// (`moved`), the rows it asks of p where it slices every use of p; `None`
+/// when u reads p whole.
+fn rows_read(g: &Graph, u: ValueId, p: ValueId, moved: &HashMap<ValueId, (Rows, Vec<Option<usize>>)>) -> Option<Rows> {
+    if let Some(rows) = rows_of(&g.node(u).op) {
+        return Some(rows);
+    }
+    let ((_, start, end), which) = moved.get(&u)?;
+    let mut asked = None;
+    for (&o, at) in g.operands(u).iter().zip(which) {
+        if o == p {
+            let rows = (at.as_ref().copied()?, *start, *end);
+            if asked.is_some_and(|a| a != rows) {
+                return None;
+            }
+            asked = Some(rows);
+        }
+    }
+    asked
+}
+
+pub(super) fn run(g: &mut Graph) -> Result<String, IrError> {
     let pinned: HashSet<ValueId> = g.outputs().iter().chain(g.state_updates()).map(|(_, v)| *v).collect();
-    // op -> (the slice's rows, which operands to slice).
+    // Readers before what they read: an op moves when every reader asks
+    // the same rows of it (a slice, or an op that moved and slices it).
+    // op -> (its rows, which operands it slices).
     let mut moved: HashMap<ValueId, (Rows, Vec<Option<usize>>)> = HashMap::new();
-    for v in g.node_ids() {
-        let Some(rows) = rows_of(&g.node(v).op) else { continue };
-        let [p] = g.operands(v)[..] else { continue };
-        if moved.contains_key(&p) || pinned.contains(&p) || g.node(p).op.is_leaf() {
+    for p in g.topo_order()?.into_iter().rev() {
+        if pinned.contains(&p) || g.node(p).op.is_leaf() {
             continue;
         }
-        let alike = g.users(p).iter().all(|&u| rows_of(&g.node(u).op) == Some(rows));
-        if let Some(which) = sliced_operands(g, p, rows).filter(|_| alike) {
+        let mut asked: Option<Rows> = None;
+        let mut alike = true;
+        for u in g.users(p) {
+            match rows_read(g, u, p, &moved) {
+                Some(rows) if asked.is_none_or(|a| a == rows) => asked = Some(rows),
+                _ => alike = false,
+            }
+        }
+        let Some(rows) = asked.filter(|_| alike) else { continue };
+        if let Some(which) = sliced_operands(g, p, rows) {
             moved.insert(p, (rows, which));
         }
     }
     let count = moved.len();
-    // op -> its sliced form, made where its first slice stood.
-    let mut made: HashMap<ValueId, ValueId> = HashMap::new();
     *g = rebuild(g, |old, v, new, map| {
-        if moved.contains_key(&v) {
-            return Ok(Step::Skip);
+        // A moved op on its rows, where it stood; an operand that moved is
+        // already its rows.
+        if let Some(((_, start, end), which)) = moved.get(&v) {
+            let scope = &old.node(v).scope;
+            let mut args = Vec::with_capacity(which.len());
+            for (&o, at) in old.operands(v).iter().zip(which) {
+                args.push(match at {
+                    Some(_) if moved.contains_key(&o) => map[&o],
+                    Some(axis) => new.add_op(Op::Slice { axis: *axis, start: *start, end: *end }, &[map[&o]], scope)?,
+                    None => map[&o],
+                });
+            }
+            return Ok(Step::Use(new.add_op(old.node(v).op.clone(), &args, scope)?));
         }
-        let Some(p) = old.operands(v).first().copied().filter(|p| moved.contains_key(p)) else {
-            return Ok(Step::Copy);
-        };
-        if let Some(&done) = made.get(&p) {
-            return Ok(Step::Use(done));
+        // A slice of a moved op is that op on the rows.
+        match old.operands(v).first() {
+            Some(p) if moved.contains_key(p) && rows_of(&old.node(v).op).is_some() => Ok(Step::Use(map[p])),
+            _ => Ok(Step::Copy),
         }
-        let ((_, start, end), which) = &moved[&p];
-        let scope = &old.node(v).scope;
-        let mut args = Vec::with_capacity(which.len());
-        for (&o, at) in old.operands(p).iter().zip(which) {
-            args.push(match at {
-                Some(axis) => new.add_op(Op::Slice { axis: *axis, start: *start, end: *end }, &[map[&o]], scope)?,
-                None => map[&o],
-            });
-        }
-        let sliced = new.add_op(old.node(p).op.clone(), &args, &old.node(p).scope)?;
-        made.insert(p, sliced);
-        Ok(Step::Use(sliced))
     })?;
-    Ok(count)
-}
-
-pub(super) fn run(g: &mut Graph) -> Result<String, IrError> {
-    let mut total = 0;
-    loop {
-        let n = round(g)?;
-        if n == 0 {
-            break;
-        }
-        total += n;
-    }
-    Ok(format!("{total} row-wise ops applied to the rows a slice keeps"))
+    Ok(format!("{count} row-wise ops applied to the rows a slice keeps"))
 }
 
 #[cfg(test)]
