@@ -323,6 +323,26 @@ impl Plan {
             }
         }
         for (k, kernel) in self.kernels.iter().enumerate() {
+            // A layer-norm backward's operands: (dy, x, w[, r]), then the
+            // norm's bias [D] when it makes the normalised input (both
+            // backends take the last operand for it).
+            if let Op::LayerNormGrad { normalized, .. } = kernel.op {
+                let extra = usize::from(normalized.is_some());
+                let n = kernel.inputs.len();
+                let d = kernel.inputs.get(1).and_then(|&x| self.values.get(x)?.shape.last().copied());
+                let bias_fits = extra == 0
+                    || kernel
+                        .inputs
+                        .last()
+                        .and_then(|&b| self.values.get(b))
+                        .is_some_and(|b| Some(b.shape.as_slice()) == d.as_ref().map(std::slice::from_ref));
+                if !(3 + extra..=4 + extra).contains(&n) || !bias_fits {
+                    return Err(format!(
+                        "kernel {k} (layer_norm_grad) takes (dy, x, w[, r]){}, not {n} operands",
+                        if extra == 1 { " and the norm's bias [D]" } else { "" }
+                    ));
+                }
+            }
             for &i in &kernel.inputs {
                 if !written.get(i).copied().unwrap_or(false) {
                     return Err(format!("kernel {k} ({}) reads value {i} before it is written", kernel.op.name()));

@@ -16,10 +16,11 @@
 //! exactly dy over every axis but the last (`sum` or `sum_f32`); a cast of
 //! the input gradient to another float type, and such a sum of that cast
 //! (of the input gradient itself when there is no cast).
-//! Any may be missing; with none, nothing changes. The group is joined
-//! only when the input gradient's operands all come before its first
-//! member in the graph's order, so the joined kernel can stand where that
-//! member stood.
+//! Any may be missing; with none, nothing changes. The joined kernel
+//! stands where the group's first member stood, so the group is joined only
+//! when the input gradient's operands all come before it in the graph's
+//! order or are made from values that do (the zero padding of a gradient of
+//! fewer rows, `slice-first`: made again there, `late_operands`).
 
 use super::{rebuild, Step};
 use crate::ir::{Graph, IrError, Op, ReduceOp, ValueId};

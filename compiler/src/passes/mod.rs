@@ -327,7 +327,10 @@ pub(crate) fn late_operands(
     at: usize,
     position: &HashMap<ValueId, usize>,
 ) -> Option<Vec<ValueId>> {
-    let late: Vec<ValueId> = operands.iter().copied().filter(|o| position[o] >= at).collect();
+    let mut late: Vec<ValueId> = operands.iter().copied().filter(|o| position[o] >= at).collect();
+    // Once each, however often it is read.
+    late.sort_unstable_by_key(|o| position[o]);
+    late.dedup();
     let movable = |o: &ValueId| !g.node(*o).op.is_leaf() && g.operands(*o).iter().all(|i| position[i] < at);
     late.iter().all(movable).then_some(late)
 }

@@ -23,11 +23,13 @@
 //! products' prologues as a recomputation shared with the backward kernel.
 //!
 //! Matched: the backward kernel with the same input (and for a norm the
-//! same weight and eps) that makes no result 5 yet. The kernel runs where
-//! the first of the pair stood and the product right after it, so a kernel
-//! after its product must have its operands made before the product (or
-//! made from values that are, such as the zero padding of a gradient of
-//! fewer rows, made again there), and a kernel before it the norm's bias.
+//! same weight and eps) that makes no result 5 yet. A kernel after its
+//! product moves up to where the product stood, the product right after
+//! it, so its operands must be made before the product (or be made from
+//! values that are, such as the zero padding of a gradient of fewer rows,
+//! made again there); a kernel before its product keeps its place (the
+//! norm's bias must be made before it) and the product keeps its own, the
+//! activation living between them.
 
 use super::{rebuild, Step};
 use crate::ir::{DType, Dim, Graph, IrError, Op, Shape, ValueId};
@@ -123,7 +125,8 @@ pub(super) fn run(g: &mut Graph) -> Result<String, IrError> {
         // A node is made again for one pair, and is no pair's kernel.
         let clash = taken.contains(&pair.kernel)
             || hoist_of.contains(&pair.kernel)
-            || late.iter().any(|h| hoist_of.contains(h) || taken.contains(h));
+            || hoist_of.contains(&v)
+            || late.iter().any(|h| hoist_of.contains(h) || taken.contains(h) || pairs.contains_key(h));
         if !clash {
             taken.insert(pair.kernel);
             hoist_of.extend(late.iter().copied());
@@ -186,6 +189,12 @@ mod tests {
         g.outputs().iter().find(|(n, _)| n == name).unwrap().1
     }
 
+    /// The ops of `g` in order, leaves left out.
+    fn kernels(g: &Graph) -> Vec<&'static str> {
+        let order = g.topo_order().unwrap();
+        order.into_iter().filter(|&v| !g.node(v).op.is_leaf()).map(|v| g.node(v).op.name()).collect()
+    }
+
     /// An MLP's backward after fusion: fc2's weight gradient, then the
     /// hidden gradient with GELU' as the epilogue.
     #[test]
@@ -241,13 +250,7 @@ mod tests {
         }
         assert!(super::run(&mut g).unwrap().starts_with("1 GELUs"));
         g.verify().unwrap();
-        let order: Vec<&str> = g
-            .topo_order()
-            .unwrap()
-            .into_iter()
-            .filter(|&v| !g.node(v).op.is_leaf())
-            .map(|v| g.node(v).op.name())
-            .collect();
+        let order = kernels(&g);
         assert_eq!(order, ["matmul_gelu_grad", "result_part", "result_part", "reshape", "matmul"]);
         assert_eq!(g.operands(out(&g, "db")), [out(&g, "dh")]);
         let act = g.operands(g.operands(out(&g, "dw"))[1])[0];
@@ -323,18 +326,27 @@ mod tests {
         g.set_output("dx", dx);
         assert!(super::run(&mut g).unwrap().starts_with("0 GELUs and 1 layer norms"));
         g.verify().unwrap();
-        let order: Vec<&str> = g
-            .topo_order()
-            .unwrap()
-            .into_iter()
-            .filter(|&v| !g.node(v).op.is_leaf())
-            .map(|v| g.node(v).op.name())
-            .collect();
+        let order = kernels(&g);
         assert_eq!(order, ["pad", "layer_norm_grad", "result_part", "reshape", "matmul"]);
         assert_eq!(
             g.operands(out(&g, "dx"))[3],
             g.topo_order().unwrap().into_iter().find(|&v| g.node(v).op.name() == "pad").unwrap()
         );
+    }
+
+    /// The plan of the joined norm validates; one whose layer-norm backward
+    /// lost its bias operand (the backends would take r for it) does not.
+    #[test]
+    fn a_plan_checks_the_norm_backwards_operands() {
+        let mut g = norm_backward(1e-6, false);
+        super::run(&mut g).unwrap();
+        let plan = crate::plan::lower(&g, 1, true).unwrap();
+        plan.validate().unwrap();
+        let mut bad = plan.clone();
+        let k = bad.kernels.iter().position(|k| matches!(k.op, Op::LayerNormGrad { .. })).unwrap();
+        bad.kernels[k].inputs.pop();
+        let err = bad.validate().unwrap_err();
+        assert!(err.contains("takes (dy, x, w[, r]) and the norm's bias [D], not 4 operands"), "{err}");
     }
 
     #[test]
