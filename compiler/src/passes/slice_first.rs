@@ -3,8 +3,11 @@
 //! applied to the slice of its operands, and again above it, until an op
 //! that mixes rows (attention, a reshape) or a value read elsewhere stops
 //! it. One pass, readers before what they read (linear in the graph): an
-//! op moves when each of its readers is a slice of the same rows or an op
-//! that moved and slices it so. Row-wise: `layer_norm` and `normalize` (a row's statistics are its
+//! op moves when each of its readers is a slice of it or an op that moved
+//! and slices it, to the rows that cover what they all read when those are
+//! fewer than it has (the same rows, or a span of numbered rows: a
+//! distilled DeiT reads its class and distillation tokens, rows 0..2); a
+//! reader that wants fewer rows than it moved to slices them out. Row-wise: `layer_norm` and `normalize` (a row's statistics are its
 //! own), `linear` (a row of the product is that row times the weights),
 //! elementwise ops (an operand broadcast along the sliced axis is read
 //! whole), casts, and `drop_path` along an axis other than the sample axis
@@ -84,48 +87,85 @@ fn rows_read(g: &Graph, u: ValueId, p: ValueId, moved: &HashMap<ValueId, (Rows, 
     asked
 }
 
+/// The rows that cover every one `asked` (one axis): those rows when all
+/// ask the same, else the span from the first start to the last end when
+/// the bounds are numbers (a distilled DeiT's class and distillation
+/// tokens, rows 0 and 1: rows 0..2).
+fn covering(asked: &[Rows]) -> Option<Rows> {
+    let (&first, rest) = asked.split_first()?;
+    if rest.iter().all(|&r| r == first) {
+        return Some(first);
+    }
+    let bound = |d: Dim| d.as_const();
+    let mut span = (bound(first.1)?, bound(first.2)?);
+    for &(axis, start, end) in rest {
+        if axis != first.0 {
+            return None;
+        }
+        span = (span.0.min(bound(start)?), span.1.max(bound(end)?));
+    }
+    Some((first.0, Dim::Const(span.0), Dim::Const(span.1)))
+}
+
+/// `x`'s rows `want` (along `want`'s axis), where x holds rows `has` of
+/// that axis (`None`: all of them): x itself when they are those rows, else
+/// a slice of x rebased to where its rows start.
+fn rows_of_value(new: &mut Graph, x: ValueId, has: Option<Rows>, want: Rows, scope: &str) -> Result<ValueId, IrError> {
+    let (axis, start, end) = want;
+    let (start, end) = match has {
+        Some(h) if h == want => return Ok(x),
+        Some((_, from, _)) => match (start.sub(from), end.sub(from)) {
+            (Some(s), Some(e)) => (s, e),
+            _ => return Err(IrError::Invalid("slice-first: rows outside the rows an op was moved to".into())),
+        },
+        None => (start, end),
+    };
+    new.add_op(Op::Slice { axis, start, end }, &[x], scope)
+}
+
 pub(super) fn run(g: &mut Graph) -> Result<String, IrError> {
     let pinned: HashSet<ValueId> = g.outputs().iter().chain(g.state_updates()).map(|(_, v)| *v).collect();
     // Readers before what they read: an op moves when every reader asks
-    // the same rows of it (a slice, or an op that moved and slices it).
+    // rows of it (a slice, or an op that moved and slices it) and the rows
+    // that cover them all are fewer than the op has.
     // op -> (its rows, which operands it slices).
     let mut moved: HashMap<ValueId, (Rows, Vec<Option<usize>>)> = HashMap::new();
     for p in g.topo_order()?.into_iter().rev() {
         if pinned.contains(&p) || g.node(p).op.is_leaf() {
             continue;
         }
-        let mut asked: Option<Rows> = None;
-        let mut alike = true;
-        for u in g.users(p) {
-            match rows_read(g, u, p, &moved) {
-                Some(rows) if asked.is_none_or(|a| a == rows) => asked = Some(rows),
-                _ => alike = false,
-            }
+        let asked: Option<Vec<Rows>> = g.users(p).into_iter().map(|u| rows_read(g, u, p, &moved)).collect();
+        let Some(rows) = asked.as_deref().and_then(covering) else { continue };
+        let (axis, start, end) = rows;
+        let every = g.ty(p).shape.dims().get(axis).is_some_and(|&d| start == Dim::Const(0) && end == d);
+        if every {
+            continue;
         }
-        let Some(rows) = asked.filter(|_| alike) else { continue };
         if let Some(which) = sliced_operands(g, p, rows) {
             moved.insert(p, (rows, which));
         }
     }
     let count = moved.len();
+    let rows_held = |o: &ValueId| moved.get(o).map(|m| m.0);
     *g = rebuild(g, |old, v, new, map| {
-        // A moved op on its rows, where it stood; an operand that moved is
-        // already its rows.
+        // A moved op on its rows, where it stood; an operand that moved
+        // holds rows already (all of these, or more).
         if let Some(((_, start, end), which)) = moved.get(&v) {
             let scope = &old.node(v).scope;
             let mut args = Vec::with_capacity(which.len());
             for (&o, at) in old.operands(v).iter().zip(which) {
                 args.push(match at {
-                    Some(_) if moved.contains_key(&o) => map[&o],
-                    Some(axis) => new.add_op(Op::Slice { axis: *axis, start: *start, end: *end }, &[map[&o]], scope)?,
+                    Some(axis) => rows_of_value(new, map[&o], rows_held(&o), (*axis, *start, *end), scope)?,
                     None => map[&o],
                 });
             }
             return Ok(Step::Use(new.add_op(old.node(v).op.clone(), &args, scope)?));
         }
-        // A slice of a moved op is that op on the rows.
-        match old.operands(v).first() {
-            Some(p) if moved.contains_key(p) && rows_of(&old.node(v).op).is_some() => Ok(Step::Use(map[p])),
+        // A slice of a moved op: that op, or a slice of its rows.
+        match (old.operands(v).first(), rows_of(&old.node(v).op)) {
+            (Some(p), Some(want)) if moved.contains_key(p) => {
+                Ok(Step::Use(rows_of_value(new, map[p], rows_held(p), want, &old.node(v).scope)?))
+            }
             _ => Ok(Step::Copy),
         }
     })?;
@@ -223,6 +263,45 @@ mod tests {
         assert_eq!(slices.len(), 2);
         let sliced: Vec<&str> = slices.iter().map(|&v| g.node(g.operands(v)[0]).op.name()).collect();
         assert!(sliced.contains(&"add") && sliced.contains(&"reshape"), "{sliced:?}");
+    }
+
+    /// A distilled DeiT reads two tokens, rows 0 and 1, through two slices:
+    /// the norm and the add before it run on rows 0..2, and each slice takes
+    /// its row of that. Slices that cover every row move nothing.
+    #[test]
+    fn two_slices_move_the_op_to_the_rows_that_cover_both() {
+        let build = |second: (u64, u64)| {
+            let mut g = Graph::new();
+            let x = g.add_input("x", Shape::consts(&[2, 5, 4]), DType::F32).unwrap();
+            let pos = g.add_input("pos", Shape::consts(&[1, 5, 4]), DType::F32).unwrap();
+            let w = g.add_input("w", Shape::consts(&[4]), DType::F32).unwrap();
+            let a = g.add_op(Op::Binary(BinaryOp::Add), &[x, pos], "trunk").unwrap();
+            let n = g.add_op(Op::LayerNorm { eps: 1e-6 }, &[a, w, w], "trunk.norm").unwrap();
+            let rows = |s: u64, e: u64| Op::Slice { axis: 1, start: Dim::Const(s), end: Dim::Const(e) };
+            let cls = g.add_op(rows(0, 1), &[n], "cls").unwrap();
+            let dist = g.add_op(rows(second.0, second.1), &[n], "dist").unwrap();
+            g.set_output("cls", cls);
+            g.set_output("dist", dist);
+            g
+        };
+        let mut g = build((1, 2));
+        assert!(super::run(&mut g).unwrap().starts_with("2 row-wise"));
+        g.verify().unwrap();
+        let out = |g: &Graph, name: &str| g.outputs().iter().find(|(n, _)| n == name).unwrap().1;
+        let (cls, dist) = (out(&g, "cls"), out(&g, "dist"));
+        assert_eq!(g.node(cls).op, Op::Slice { axis: 1, start: Dim::Const(0), end: Dim::Const(1) });
+        assert_eq!(g.node(dist).op, Op::Slice { axis: 1, start: Dim::Const(1), end: Dim::Const(2) });
+        let norm = g.operands(cls)[0];
+        assert_eq!(g.operands(dist), [norm]);
+        assert!(matches!(g.node(norm).op, Op::LayerNorm { .. }));
+        assert_eq!(g.ty(norm).shape, Shape::consts(&[2, 2, 4]));
+        let add = g.operands(norm)[0];
+        for o in g.operands(add) {
+            assert_eq!(g.node(o).op, Op::Slice { axis: 1, start: Dim::Const(0), end: Dim::Const(2) });
+        }
+        // Rows 0..1 and 1..5 cover all five: nothing moves.
+        let mut g = build((1, 5));
+        assert!(super::run(&mut g).unwrap().starts_with("0 row-wise"));
     }
 
     /// An operand broadcast along the sliced axis is read whole; one with
