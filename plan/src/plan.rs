@@ -330,12 +330,8 @@ impl Plan {
                 let extra = usize::from(normalized.is_some());
                 let n = kernel.inputs.len();
                 let d = kernel.inputs.get(1).and_then(|&x| self.values.get(x)?.shape.last().copied());
-                let bias_fits = extra == 0
-                    || kernel
-                        .inputs
-                        .last()
-                        .and_then(|&b| self.values.get(b))
-                        .is_some_and(|b| Some(b.shape.as_slice()) == d.as_ref().map(std::slice::from_ref));
+                let bias = kernel.inputs.last().and_then(|&b| self.values.get(b));
+                let bias_fits = extra == 0 || bias.zip(d).is_some_and(|(b, d)| b.shape == [d]);
                 if !(3 + extra..=4 + extra).contains(&n) || !bias_fits {
                     return Err(format!(
                         "kernel {k} (layer_norm_grad) takes (dy, x, w[, r]){}, not {n} operands",

@@ -114,6 +114,14 @@ impl Shape {
     pub fn last(&self) -> Option<Dim> {
         self.0.last().copied()
     }
+    /// `[..., K]` as the matrix `[product of the leading dims, K]` (how the
+    /// products read an operand as rows); `None` for a scalar or when the
+    /// product is no dim (the batch squared).
+    pub fn as_rows(&self) -> Option<Shape> {
+        let (&k, lead) = self.0.split_last()?;
+        let m = lead.iter().try_fold(Dim::Const(1), |m, &d| m.mul(d))?;
+        Some(Shape(vec![m, k]))
+    }
 }
 
 impl fmt::Display for Shape {

@@ -427,15 +427,11 @@ pub(super) fn attention_packed(qkv: &TensorType, heads: u64) -> Rule {
 
 /// `t [..., K]` as the matrix [product of its leading dims, K].
 fn rows_of(t: &TensorType) -> Rule {
-    let dims = t.shape.dims();
-    let Some((&k, lead)) = dims.split_last() else {
-        return Err(format!("operand must have rank >= 1, got {}", t.shape));
-    };
-    let mut m = Dim::Const(1);
-    for &d in lead {
-        m = m.mul(d).ok_or_else(|| format!("cannot flatten {} (batch squared)", t.shape))?;
+    match t.shape.as_rows() {
+        Some(rows) => Ok(TensorType::new(rows, t.dtype)),
+        None if t.shape.rank() == 0 => Err(format!("operand must have rank >= 1, got {}", t.shape)),
+        None => Err(format!("cannot flatten {} (batch squared)", t.shape)),
     }
-    Ok(TensorType::new(Shape(vec![m, k]), t.dtype))
 }
 
 fn layer_norm(x: &[&TensorType]) -> Rule {

@@ -32,30 +32,27 @@
 //! activation living between them.
 
 use super::{rebuild, Step};
-use crate::ir::{DType, Dim, Graph, IrError, Op, Shape, ValueId};
+use crate::ir::{DType, Graph, IrError, Op, ValueId};
 use std::collections::HashMap;
 
-/// A weight-gradient product and the backward kernel that will make its operand.
+/// A weight-gradient product's backward kernel, which will make its operand.
 struct Pair {
     kernel: ValueId,
-    /// The kernel's new op, with result 5.
+    /// The kernel's new op, with result 5 of the activation's type.
     op: Op,
     /// The norm's bias, appended to the kernel's operands.
     bias: Option<ValueId>,
-    /// The activation's type and the product's reading of it, [rows, D].
-    dtype: DType,
-    rows: Shape,
-    transpose: (bool, bool),
     /// The kernel's operands made after the product (see `late_operands`).
     hoisted: Vec<ValueId>,
 }
 
-/// `[..., D]` as `[product of the leading dims, D]`, when the product is a
-/// dim (a symbolic batch at most once).
-fn rows_of(shape: &Shape) -> Option<Shape> {
-    let (&last, lead) = shape.dims().split_last()?;
-    let rows = lead.iter().try_fold(Dim::Const(1), |acc, &d| acc.mul(d))?;
-    Some(Shape(vec![rows, last]))
+/// The type of result 5 of a kernel's op (`gelu` or `normalized`).
+fn activation_type(op: &Op) -> Option<DType> {
+    match *op {
+        Op::MatmulGeluGrad { gelu, .. } => gelu,
+        Op::LayerNormGrad { normalized, .. } => normalized,
+        _ => None,
+    }
 }
 
 pub(super) fn run(g: &mut Graph) -> Result<String, IrError> {
@@ -67,7 +64,7 @@ pub(super) fn run(g: &mut Graph) -> Result<String, IrError> {
     for &v in &order {
         let operands = g.operands(v);
         let found = match g.node(v).op {
-            Op::MatmulGeluRhs { transpose_a, transpose_b } => {
+            Op::MatmulGeluRhs { .. } => {
                 let [a, h] = operands[..] else { continue };
                 let dtype = g.ty(a).dtype;
                 g.users(h).into_iter().find_map(|k| match g.node(k).op {
@@ -75,20 +72,12 @@ pub(super) fn run(g: &mut Graph) -> Result<String, IrError> {
                         if g.operands(k).get(2) == Some(&h) =>
                     {
                         let op = Op::MatmulGeluGrad { transpose_a: ta, transpose_b: tb, row_sum, gelu: Some(dtype) };
-                        Some(Pair {
-                            kernel: k,
-                            op,
-                            bias: None,
-                            dtype,
-                            rows: Shape(vec![]),
-                            transpose: (transpose_a, transpose_b),
-                            hoisted: vec![],
-                        })
+                        Some(Pair { kernel: k, op, bias: None, hoisted: vec![] })
                     }
                     _ => None,
                 })
             }
-            Op::MatmulLayerNormRhs { eps, transpose_a, transpose_b } => {
+            Op::MatmulLayerNormRhs { eps, .. } => {
                 let [a, x, w, b] = operands[..] else { continue };
                 let dtype = g.ty(a).dtype;
                 g.users(x).into_iter().find_map(|k| match g.node(k).op {
@@ -96,24 +85,15 @@ pub(super) fn run(g: &mut Graph) -> Result<String, IrError> {
                         if e == eps && g.operands(k).get(1) == Some(&x) && g.operands(k).get(2) == Some(&w) =>
                     {
                         let op = Op::LayerNormGrad { eps, copy, normalized: Some(dtype) };
-                        Some(Pair {
-                            kernel: k,
-                            op,
-                            bias: Some(b),
-                            dtype,
-                            rows: Shape(vec![]),
-                            transpose: (transpose_a, transpose_b),
-                            hoisted: vec![],
-                        })
+                        Some(Pair { kernel: k, op, bias: Some(b), hoisted: vec![] })
                     }
                     _ => None,
                 })
             }
             _ => continue,
         };
-        let Some(mut pair) = found else { continue };
-        let Some(rows) = rows_of(&g.ty(pair.kernel).shape) else { continue };
-        pair.rows = rows;
+        // The product reads the activation as rows.
+        let Some(mut pair) = found.filter(|p| g.ty(p.kernel).shape.as_rows().is_some()) else { continue };
         // A kernel after the product moves up to it (the bias is the
         // product's operand, made before it); one before it stays, and then
         // the bias must be made before the kernel too.
@@ -168,9 +148,17 @@ pub(super) fn run(g: &mut Graph) -> Result<String, IrError> {
             None => make_kernel(p, new, map)?,
         };
         let node = old.node(v);
-        let activation = new.add_op(Op::ResultPart { index: 5, dtype: p.dtype }, &[kernel], &node.scope)?;
-        let rows = new.add_op(Op::Reshape { shape: p.rows.clone() }, &[activation], &node.scope)?;
-        let (transpose_a, transpose_b) = p.transpose;
+        let (
+            Some(dtype),
+            Some(shape),
+            Op::MatmulGeluRhs { transpose_a, transpose_b } | Op::MatmulLayerNormRhs { transpose_a, transpose_b, .. },
+        ) = (activation_type(&p.op), old.ty(p.kernel).shape.as_rows(), &node.op)
+        else {
+            return Err(IrError::Invalid("share-recompute pairs a weight-gradient product with a result 5".into()));
+        };
+        let (transpose_a, transpose_b) = (*transpose_a, *transpose_b);
+        let activation = new.add_op(Op::ResultPart { index: 5, dtype }, &[kernel], &node.scope)?;
+        let rows = new.add_op(Op::Reshape { shape }, &[activation], &node.scope)?;
         let a = map[&old.operands(v)[0]];
         let product = new.add_op(Op::Matmul { transpose_a, transpose_b }, &[a, rows], &node.scope)?;
         made.push((v, product));
@@ -189,6 +177,17 @@ mod tests {
         g.outputs().iter().find(|(n, _)| n == name).unwrap().1
     }
 
+    /// An MLP's backward inputs: fc2's output gradient as rows [6, 4] and
+    /// as [2, 3, 4], fc2's weight [4, 8] and the hidden pre-activation h.
+    fn mlp_backward_inputs() -> (Graph, [crate::ir::ValueId; 4]) {
+        let mut g = Graph::new();
+        let dy = g.add_input("dy", Shape::consts(&[6, 4]), DType::BF16).unwrap();
+        let dy3 = g.add_input("dy3", Shape::consts(&[2, 3, 4]), DType::BF16).unwrap();
+        let w = g.add_input("w", Shape::consts(&[4, 8]), DType::BF16).unwrap();
+        let h = g.add_input("h", Shape::consts(&[2, 3, 8]), DType::BF16).unwrap();
+        (g, [dy, dy3, w, h])
+    }
+
     /// The ops of `g` in order, leaves left out.
     fn kernels(g: &Graph) -> Vec<&'static str> {
         let order = g.topo_order().unwrap();
@@ -199,11 +198,7 @@ mod tests {
     /// hidden gradient with GELU' as the epilogue.
     #[test]
     fn the_gelu_gradient_writes_the_weight_gradients_operand() {
-        let mut g = Graph::new();
-        let dy = g.add_input("dy", Shape::consts(&[6, 4]), DType::BF16).unwrap();
-        let dy3 = g.add_input("dy3", Shape::consts(&[2, 3, 4]), DType::BF16).unwrap();
-        let w = g.add_input("w", Shape::consts(&[4, 8]), DType::BF16).unwrap();
-        let h = g.add_input("h", Shape::consts(&[2, 3, 8]), DType::BF16).unwrap();
+        let (mut g, [dy, dy3, w, h]) = mlp_backward_inputs();
         let rhs = Op::MatmulGeluRhs { transpose_a: true, transpose_b: false };
         let dw = g.add_op(rhs, &[dy, h], "mlp.fc2").unwrap();
         let grad = Op::MatmulGeluGrad { transpose_a: false, transpose_b: false, row_sum: true, gelu: None };
@@ -235,11 +230,7 @@ mod tests {
     /// product reads its result 5 after it.
     #[test]
     fn a_gradient_kernel_before_its_product_keeps_its_place() {
-        let mut g = Graph::new();
-        let dy = g.add_input("dy", Shape::consts(&[6, 4]), DType::BF16).unwrap();
-        let dy3 = g.add_input("dy3", Shape::consts(&[2, 3, 4]), DType::BF16).unwrap();
-        let w = g.add_input("w", Shape::consts(&[4, 8]), DType::BF16).unwrap();
-        let h = g.add_input("h", Shape::consts(&[2, 3, 8]), DType::BF16).unwrap();
+        let (mut g, [dy, dy3, w, h]) = mlp_backward_inputs();
         let grad = Op::MatmulGeluGrad { transpose_a: false, transpose_b: false, row_sum: true, gelu: None };
         let dh = g.add_op(grad, &[dy3, w, h], "mlp").unwrap();
         let db = g.add_op(Op::ResultPart { index: 1, dtype: DType::F32 }, &[dh], "mlp.fc1").unwrap();

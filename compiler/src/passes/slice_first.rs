@@ -29,7 +29,7 @@ use std::collections::{HashMap, HashSet};
 /// A slice along `axis` of rows `start..end`.
 type Rows = (usize, Dim, Dim);
 
-fn rows_of(op: &Op) -> Option<Rows> {
+fn slice_of(op: &Op) -> Option<Rows> {
     match *op {
         Op::Slice { axis, start, end } => Some((axis, start, end)),
         _ => None,
@@ -70,7 +70,7 @@ fn sliced_operands(g: &Graph, p: ValueId, (axis, _, _): Rows) -> Option<Vec<Opti
 /// (`moved`), the rows it asks of p where it slices every use of p; `None`
 /// when u reads p whole.
 fn rows_read(g: &Graph, u: ValueId, p: ValueId, moved: &HashMap<ValueId, (Rows, Vec<Option<usize>>)>) -> Option<Rows> {
-    if let Some(rows) = rows_of(&g.node(u).op) {
+    if let Some(rows) = slice_of(&g.node(u).op) {
         return Some(rows);
     }
     let ((_, start, end), which) = moved.get(&u)?;
@@ -162,7 +162,7 @@ pub(super) fn run(g: &mut Graph) -> Result<String, IrError> {
             return Ok(Step::Use(new.add_op(old.node(v).op.clone(), &args, scope)?));
         }
         // A slice of a moved op: that op, or a slice of its rows.
-        match (old.operands(v).first(), rows_of(&old.node(v).op)) {
+        match (old.operands(v).first(), slice_of(&old.node(v).op)) {
             (Some(p), Some(want)) if moved.contains_key(p) => {
                 Ok(Step::Use(rows_of_value(new, map[p], rows_held(p), want, &old.node(v).scope)?))
             }
