@@ -14,13 +14,13 @@ T=./target/release/tessera
 DEIT=config=pretrain/vision_transformer/supervised/16gpu_deit_b_example
 VT=MODEL.TRUNK.VISION_TRANSFORMERS
 AMP=(MODEL.AMP_PARAMS.USE_AMP=true "$VT.DROP_PATH_RATE=0")
-# The pipeline without this round's passes (slice-first, share-recompute),
-# measured by the same report: the "before" rows. (The plans at commit
-# d87ab7b, whose pipeline had slice-first's first rule only, are the
-# numbers of the previous round: check out that commit and run this script.)
-BEFORE=gated-attention-pattern,attention-pattern,cross-entropy-pattern,dce,cse,fold,dce,packed-attention
+# The pipeline without this round's pass (patch-linear), measured by the
+# same report: the "before" rows. (The plans at the start of earlier rounds,
+# c4040d1 and d87ab7b, are in the issue notes: check out such a commit and
+# run this script to measure them.)
+BEFORE=gated-attention-pattern,attention-pattern,cross-entropy-pattern,slice-first,dce,cse,fold,dce,packed-attention
 BEFORE=$BEFORE,fuse-into-matmul,residual-into-linear,norm-grad-epilogue,amp-bf16,dce,layer-norm-grad,bias-grad-epilogue
-BEFORE=$BEFORE,fuse-elementwise,fuse-optimizer
+BEFORE=$BEFORE,share-recompute,fuse-elementwise,fuse-optimizer
 # kernels: the plan's, views (reshapes) among them; launched: those that
 # are not views (each a kernel launch or more on the GPU).
 printf '%-38s %8s %9s %12s %10s %12s %9s\n' model kernels launched "moved GiB" "peak GiB" "${DEVICE} ms" "img/s"

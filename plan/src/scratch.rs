@@ -19,7 +19,7 @@
 //! - attention_grad: `lse` and `delta` (one f32 per query row: the forward's
 //!   log-sum-exp recomputed, and rowsum(dO * O), FlashAttention-2's D);
 //!   attention_packed_grad with its row sum also `partials` (an f64 per
-//!   column of qkv and block, ATTENTION_SUM_BLOCKS at most);
+//!   column of qkv and chunk of samples, `attention_sum_chunks`);
 //! - reductions to few values, so that results are summed in a fixed order
 //!   by a second pass (no atomics): `partials`, 8 bytes (an f64 sum, an f32
 //!   max or an i64) per item of the first pass. sum / mean / max: when the
@@ -62,14 +62,17 @@ pub fn norm_weight_grad_blocks(rows: u64) -> u64 {
     rows.div_ceil(64).clamp(1, NORM_WEIGHT_GRAD_BLOCKS)
 }
 
-/// attention_packed_grad with its row sum: at most this many blocks per
-/// launch (each leaves one f64 partial per column of qkv), rather than a
-/// block per row up to 8192.
+/// attention_packed_grad with its row sum: at most about this many blocks
+/// per launch, rather than a block per row up to 8192.
 pub const ATTENTION_SUM_BLOCKS: u64 = 2048;
 
-/// The blocks of attention_packed_grad's launches when it sums its rows.
-pub fn attention_sum_blocks(rows: u64) -> u64 {
-    rows.clamp(1, ATTENTION_SUM_BLOCKS)
+/// The chunks of samples attention_packed_grad's launches cut `samples`
+/// into when it sums its rows: a block per chunk and head (each takes the
+/// head's rows of the chunk's samples, so it stores that head's columns
+/// only), and one f64 partial per qkv column and chunk. At most
+/// ATTENTION_SUM_BLOCKS / heads (at least 1) chunks.
+pub fn attention_sum_chunks(samples: u64, heads: u64) -> u64 {
+    samples.clamp(1, (ATTENTION_SUM_BLOCKS / heads.max(1)).max(1))
 }
 
 /// cuBLASLt's workspace for a product of `m x n x k`.
@@ -208,13 +211,15 @@ pub fn scratch(plan: &Plan, k: usize) -> Scratch {
             s.with("lse", rows * 4).with("delta", rows * 4)
         }
         // A row per (token, head): numel(dy) / d = B * N * H.
-        // With its row sum: one f64 partial per qkv column and block.
+        // With its row sum: one f64 partial per qkv column and chunk of samples.
         Op::AttentionPackedGrad { heads, row_sum, .. } => {
             let d = last(shape(1)) / (*heads).max(1);
             let rows = numel(1) / d.max(1);
             let s = s.with("lse", rows * 4).with("delta", rows * 4);
             if *row_sum {
-                s.with("partials", attention_sum_blocks(rows) * last(&out.shape) * 8)
+                let tokens = shape(1).get(shape(1).len().wrapping_sub(2)).copied().unwrap_or(1);
+                let samples = rows / (tokens * heads).max(1);
+                s.with("partials", attention_sum_chunks(samples, *heads) * last(&out.shape) * 8)
             } else {
                 s
             }

@@ -21,6 +21,7 @@ mod matmul_fusion;
 mod norm_epilogue;
 mod optimizer;
 mod packed_attention;
+mod patch_linear;
 mod patterns;
 mod precision;
 mod schedule;
@@ -57,6 +58,11 @@ pub const PASSES: &[Pass] = &[
         name: "cross-entropy-pattern",
         why: "-mean(sum(t * log_softmax(x))) written out by hand becomes one cross_entropy op (forward graph)",
         run: patterns::cross_entropy,
+    },
+    Pass {
+        name: "patch-linear",
+        why: "a convolution whose stride is its kernel (a ViT's patch embedding), read as tokens, is a linear over the patches: the tokens written in place, no permuted copies or im2col scratch (forward graph)",
+        run: patch_linear::run,
     },
     Pass {
         name: "slice-first",
@@ -132,6 +138,7 @@ pub const DEFAULT: &[&str] = &[
     "gated-attention-pattern",
     "attention-pattern",
     "cross-entropy-pattern",
+    "patch-linear",
     "slice-first",
     "dce",
     "cse",
@@ -151,7 +158,8 @@ pub const DEFAULT: &[&str] = &[
 /// Passes that run on the forward graph before autodiff when chosen (the
 /// pipeline takes them out of the list; after autodiff the backward reads
 /// the intermediates, so they would not match there).
-pub const FORWARD: &[&str] = &["gated-attention-pattern", "attention-pattern", "cross-entropy-pattern", "slice-first"];
+pub const FORWARD: &[&str] =
+    &["gated-attention-pattern", "attention-pattern", "cross-entropy-pattern", "patch-linear", "slice-first"];
 
 /// The default pipeline for a config: with MODEL.AMP_PARAMS.USE_AMP, the
 /// precision pass runs before fusion (so its casts fuse into elementwise chains).

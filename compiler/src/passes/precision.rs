@@ -96,7 +96,10 @@ fn rank_of_float(dt: DType) -> u8 {
 /// `v` as `dtype`, through one shared cast per (value, dtype). A reshape is
 /// looked through: `cast(reshape(x))` is `reshape(cast(x))`, so a layer
 /// norm's output read by a linear and (reshaped) by its weight gradient is
-/// cast once, and only the narrow copy is kept for the backward pass.
+/// cast once, and only the narrow copy is kept for the backward pass. A
+/// narrowing cast is also taken before a permute (the copy then moves the
+/// narrow bytes: an image laid out as patches, `patch-linear`) and before
+/// a slice that keeps most of its operand (`narrow_first`).
 fn cast(
     new: &mut Graph,
     casts: &mut HashMap<(ValueId, DType), ValueId>,
@@ -111,17 +114,43 @@ fn cast(
     if let Some(&c) = casts.get(&(v, dtype)) {
         return Ok(c);
     }
-    let c = match new.node(v).op.clone() {
-        Op::Reshape { shape } => {
-            let source = new.operands(v)[0];
-            let node_scope = new.node(v).scope.clone();
-            let narrow = cast(new, casts, source, dtype, scope)?;
-            new.add_op(Op::Reshape { shape }, &[narrow], &node_scope)?
-        }
-        _ => new.add_op(Op::Cast { dtype }, &[v], scope)?,
+    let op = new.node(v).op.clone();
+    let through = match op {
+        Op::Reshape { .. } => true,
+        Op::Permute { .. } | Op::Slice { .. } => narrow_first(new, v, dtype),
+        _ => false,
+    };
+    let c = if through {
+        let source = new.operands(v)[0];
+        let node_scope = new.node(v).scope.clone();
+        let narrow = cast(new, casts, source, dtype, scope)?;
+        new.add_op(op, &[narrow], &node_scope)?
+    } else {
+        new.add_op(Op::Cast { dtype }, &[v], scope)?
     };
     casts.insert((v, dtype), c);
     Ok(c)
+}
+
+/// Whether casting layout op `v` (a permute or a slice) to `dtype` moves
+/// fewer bytes as the layout op of the cast operand. Only a narrowing cast:
+/// a permute then copies narrow elements; a slice then casts its whole
+/// operand, which pays when it keeps at least 3/4 of it (the patch tokens'
+/// 196 rows of 197 in a ViT's input gradient: the cast of the whole is the
+/// layer norm backward's bf16 copy, `layer-norm-grad`), not for a class
+/// token's row.
+fn narrow_first(g: &Graph, v: ValueId, dtype: DType) -> bool {
+    let source = g.operands(v)[0];
+    if dtype.size_bytes() >= g.ty(source).dtype.size_bytes() {
+        return false;
+    }
+    match g.node(v).op {
+        Op::Slice { .. } => {
+            let kept = |t: ValueId| g.ty(t).shape.numel(1);
+            4 * kept(v) >= 3 * kept(source)
+        }
+        _ => true,
+    }
 }
 
 pub(super) fn run_bf16(g: &mut Graph) -> Result<String, IrError> {
@@ -174,16 +203,22 @@ fn run(g: &mut Graph, low: DType) -> Result<String, IrError> {
     ))
 }
 
-/// A sum of a layer norm's input gradient (the residual stream's gradient,
-/// f32) that is also cast to `low` for the products that read it becomes
-/// `reduce_f32` of that cast: the bias gradient of the linear whose output
-/// joined the stream is the sum of the low-precision gradient the linear's
-/// products read, as under PyTorch's autocast (the add's backward casts
-/// the gradient to the linear's bf16 output type), summed in f32; one read
-/// of half the bytes instead of the f32 tensor. So too for that gradient
-/// zero-padded (the stream's gradient where only some rows were normalised:
-/// `slice-first`).
+/// A bias gradient (a sum over every axis but the last) of a layer norm's
+/// input gradient (the residual stream's gradient, f32) that is also cast
+/// to `low` for the products that read it becomes `reduce_f32` of that
+/// cast: the bias gradient of the linear whose output joined the stream is
+/// the sum of the low-precision gradient the linear's products read, as
+/// under PyTorch's autocast (the add's backward casts the gradient to the
+/// linear's bf16 output type), summed in f32; one read of half the bytes
+/// instead of the f32 tensor. So too for that gradient zero-padded (the
+/// stream's gradient where only some rows were normalised: `slice-first`),
+/// and for a slice of it that is also taken of the cast (the patch tokens'
+/// gradient, which a patch embedding's product reads: `patch-linear`).
+/// Other sums of the stream's gradient (a position embedding's, over the
+/// batch) stay f32, as the gradient of an f32 parameter added to the f32
+/// stream is.
 fn narrow_bias_sums(g: &mut Graph, low: DType) -> Result<usize, IrError> {
+    // An f32 value -> its low copy (a cast, or a slice of one).
     let mut narrow: HashMap<ValueId, ValueId> = HashMap::new();
     let norm_grad = |v: ValueId| matches!(g.node(v).op, Op::NormalizeGrad { .. });
     for v in g.node_ids() {
@@ -195,38 +230,62 @@ fn narrow_bias_sums(g: &mut Graph, low: DType) -> Result<usize, IrError> {
             }
         }
     }
-    let casts: std::collections::HashSet<ValueId> = narrow.values().copied().collect();
-    // Casts made early, for a sum that came before them in the order.
+    let copies: Vec<(ValueId, ValueId)> = narrow.iter().map(|(&w, &c)| (w, c)).collect();
+    for (wide, copy) in copies {
+        for t in g.users(copy).into_iter().filter(|&t| matches!(g.node(t).op, Op::Slice { .. })) {
+            if let Some(s) = g.users(wide).into_iter().find(|&s| g.node(s).op == g.node(t).op) {
+                narrow.entry(s).or_insert(t);
+            }
+        }
+    }
+    let copies: std::collections::HashSet<ValueId> = narrow.values().copied().collect();
+    // Copies made early, for a sum that came before them in the order.
     let mut made: HashMap<ValueId, ValueId> = HashMap::new();
     let mut count = 0;
     *g = rebuild(g, |old, v, new, map| {
-        let node = old.node(v);
-        if casts.contains(&v) {
-            if let Some(&c) = made.get(&v) {
-                return Ok(Step::Use(c));
-            }
-            let c = new.add_node_like(node, &mapped(old, v, map)?)?;
-            made.insert(v, c);
-            return Ok(Step::Use(c));
+        if copies.contains(&v) {
+            return Ok(Step::Use(make_early(old, v, new, map, &copies, &mut made)?));
         }
+        let node = old.node(v);
         let Op::Reduce { op: op @ crate::ir::ReduceOp::Sum, axes, keepdim } = &node.op else { return Ok(Step::Copy) };
-        let Some(&cast) = narrow.get(&old.operands(v)[0]) else { return Ok(Step::Copy) };
-        if in_optimizer_step(&node.scope) {
+        let Some(&copy) = narrow.get(&old.operands(v)[0]) else { return Ok(Step::Copy) };
+        let leading: Vec<usize> = (0..old.ty(copy).shape.rank().saturating_sub(1)).collect();
+        let bias_like = !leading.is_empty() && *axes == leading;
+        if in_optimizer_step(&node.scope) || !bias_like {
             return Ok(Step::Copy);
         }
-        let c = match made.get(&cast) {
-            Some(&c) => c,
-            None => {
-                let c = new.add_node_like(old.node(cast), &mapped(old, cast, map)?)?;
-                made.insert(cast, c);
-                c
-            }
-        };
         count += 1;
+        let c = make_early(old, copy, new, map, &copies, &mut made)?;
         let wide = Op::ReduceF32 { op: *op, axes: axes.clone(), keepdim: *keepdim };
         Ok(Step::Use(new.add_op(wide, &[c], &node.scope)?))
     })?;
     Ok(count)
+}
+
+/// `v`, one of the low copies `narrow_bias_sums` reads, in `new`: made once,
+/// where it is first needed (its operands that are copies too before it).
+fn make_early(
+    old: &Graph,
+    v: ValueId,
+    new: &mut Graph,
+    map: &HashMap<ValueId, ValueId>,
+    copies: &std::collections::HashSet<ValueId>,
+    made: &mut HashMap<ValueId, ValueId>,
+) -> Result<ValueId, IrError> {
+    if let Some(&c) = made.get(&v) {
+        return Ok(c);
+    }
+    let mut operands = Vec::new();
+    for o in old.operands(v) {
+        operands.push(match map.get(&o) {
+            Some(&n) => n,
+            None if copies.contains(&o) => make_early(old, o, new, map, copies, made)?,
+            None => return Err(IrError::Invalid("amp-bf16: a low copy's operand is not made yet".into())),
+        });
+    }
+    let c = new.add_node_like(old.node(v), &operands)?;
+    made.insert(v, c);
+    Ok(c)
 }
 
 /// Node `v` of `old` added to `new`, its float operands cast as its class says.

@@ -249,12 +249,14 @@ fn the_kernels_compile_for_sm_90_with_nvrtc() {
 /// attention_packed_grad with its row sum (the qkv product's bias gradient,
 /// summed as the rows are written): the result and the sum against the
 /// CPU's (which sums the stored result), f32 and bf16, with and without
-/// dropout, on every packed shape and on more rows than the launch has
-/// blocks (grid-strided, partials per block); its kernels compile for
-/// sm_90 with NVRTC.
+/// dropout, on every packed shape, on more rows than the launch has
+/// blocks and on more samples than it has chunks (a block per head and
+/// chunk of samples, each chunk's partials one row); its kernels compile
+/// for sm_90 with NVRTC.
 #[test]
 fn the_packed_gradient_with_its_row_sum_matches_the_cpu() {
-    let shapes = PACKED.iter().copied().chain([(40, 33, 2, 8)]);
+    // 64 heads: 2048 / 64 = 32 chunks for 40 samples.
+    let shapes = PACKED.iter().copied().chain([(40, 33, 2, 8), (40, 3, 64, 2)]);
     for (b, n, h, d) in shapes {
         for (dtype, p) in [(DType::F32, 0.0), (DType::F32, 0.25), (DType::BF16, 0.25)] {
             let (qkv, out): (&[usize], &[usize]) = (&[b, n, 3 * h * d], &[b, n, h * d]);

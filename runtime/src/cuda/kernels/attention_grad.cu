@@ -13,13 +13,17 @@
 // into shared memory), then threads split the D columns, each summing the
 // tile's keys in order. Reads q, k, v, dy, lse, delta; writes out[0] (dq) rows.
 {% endif %}// out is [3, rows, D]{% if packed %}; packed (AttentionPackedGrad), q, k, v and out are
-// [B, n, 3, H, D] and dy [B, n, H, D], rows numbered head * n + i, head = b H + h{% endif %}. Launch: min(rows, 8192) blocks of blockDim.x threads
+// [B, n, 3, H, D] and dy [B, n, H, D], rows numbered head * n + i, head = b H + h{% endif %}. Launch: min(rows, 8192) blocks of blockDim.x threads{% if row_sum %}
+// (with the row sum: H * chunks blocks){% endif %}
 // (at most TSR_MAX_THREADS; the host device: one).
-{% if row_sum %}// With the row sum (packed only): every block adds the values it stores,
-// as stored, into f64 accumulators per qkv column of its launch's results
-// (dq: columns [0, HD); dk, dv: [HD, 3HD)), each thread only its own
-// columns (c = threadIdx.x, + blockDim.x, ... of every head: no barrier),
-// {% if sum_shared %}in shared memory, left{% else %}kept{% endif %} in partials[block * 3HD + column].
+{% if row_sum %}// With the row sum (packed only): block (chunk, h) = (blockIdx.x / H,
+// blockIdx.x % H) takes the rows of head h of samples chunk, chunk +
+// chunks, ... (chunks = gridDim.x / H), so it stores columns of head h
+// only: it adds the values it stores, as stored, into f64 accumulators in
+// shared memory per column of head h of its launch's results (dq: columns
+// [0, HD); dk, dv: [HD, 3HD)), each thread only its own columns (no
+// barrier), left in partials[chunk * 3HD + column]: a row of partials per
+// chunk of samples, not per block (H times fewer).
 {% endif %}
 // a[0..n) . b[at..at + n), in f32, in order.
 template <typename T>
@@ -52,16 +56,23 @@ TSR_GLOBAL void {{ name }}({{ signature }}) {
     __shared__ float krow[{{ d_alloc }}], vrow[{{ d_alloc }}], dk[{{ d_alloc }}], dv[{{ d_alloc }}];
 {% else %}    __shared__ float qrow[{{ d_alloc }}], dyrow[{{ d_alloc }}], dq[{{ d_alloc }}];
 {% endif %}{% if dropout %}    const u64 seed = rng->seed, step = rng->step;
-{% endif %}{% if row_sum %}    const i64 HD = {{ heads }} * D;
-{% if dkv %}    const i64 sum_at = HD, sum_cols = 2 * HD;
-{% else %}    const i64 sum_at = 0, sum_cols = HD;
-{% endif %}{% if sum_shared %}    __shared__ double acc[{{ sum_alloc }}];
-{% else %}    double* acc = partials + (i64)blockIdx.x * 3 * HD + sum_at;
-{% endif %}    for (i64 s = 0; s < sum_cols; s += D) {
+{% endif %}{% if row_sum %}    const i64 H = {{ heads }}, HD = H * D;
+    const i64 head = blockIdx.x % H, chunk = blockIdx.x / H, chunks = gridDim.x / H;
+    const i64 samples = rows / (H * n);
+{% if dkv %}    const i64 sum_cols = 2 * D;  // dk then dv of head `head`
+{% else %}    const i64 sum_cols = D;  // dq of head `head`
+{% endif %}    // Each thread owns columns c = threadIdx.x + k blockDim.x of each
+    // D-wide segment, as it stores them: no barrier around acc.
+    __shared__ double acc[{{ sum_alloc }}];
+    for (i64 s = 0; s < sum_cols; s += D) {
         for (i64 c = threadIdx.x; c < D; c += blockDim.x) { acc[s + c] = 0.0; }
     }
-{% endif %}    for (i64 row = blockIdx.x; row < rows; row += gridDim.x) {
-        const i64 first = (row / n) * n;  // the head's first row
+    for (i64 it = 0;; ++it) {
+        const i64 sample = chunk + (it / n) * chunks;
+        if (sample >= samples) { break; }
+        const i64 row = (sample * H + head) * n + it % n;
+{% else %}    for (i64 row = blockIdx.x; row < rows; row += gridDim.x) {
+{% endif %}        const i64 first = (row / n) * n;  // the head's first row
 {% if dkv %}        const i64 j = row - first;
         const i64 k_at = {{ name }}_at(row, 1, n), v_at = {{ name }}_at(row, 2, n);
         for (i64 c = threadIdx.x; c < D; c += blockDim.x) {
@@ -97,9 +108,8 @@ TSR_GLOBAL void {{ name }}({{ signature }}) {
         for (i64 c = threadIdx.x; c < D; c += blockDim.x) {
             tsr_store(out, {{ name }}_out(row, 1, n, per) + c, dk[c]);
             tsr_store(out, {{ name }}_out(row, 2, n, per) + c, dv[c]);
-{% if row_sum %}            const i64 h = (row / n) % {{ heads }};
-            acc[h * D + c] += (double)tsr_load(out, {{ name }}_out(row, 1, n, per) + c);
-            acc[HD + h * D + c] += (double)tsr_load(out, {{ name }}_out(row, 2, n, per) + c);
+{% if row_sum %}            acc[c] += (double)tsr_load(out, {{ name }}_out(row, 1, n, per) + c);
+            acc[D + c] += (double)tsr_load(out, {{ name }}_out(row, 2, n, per) + c);
 {% endif %}        }
 {% else %}        for (i64 c = threadIdx.x; c < D; c += blockDim.x) {
             qrow[c] = tsr_load(q, {{ name }}_at(row, 0, n) + c);
@@ -128,11 +138,14 @@ TSR_GLOBAL void {{ name }}({{ signature }}) {
         }
         for (i64 c = threadIdx.x; c < D; c += blockDim.x) {
             tsr_store(out, {{ name }}_out(row, 0, n, per) + c, dq[c]);
-{% if row_sum %}            acc[((row / n) % {{ heads }}) * D + c] += (double)tsr_load(out, {{ name }}_out(row, 0, n, per) + c);
+{% if row_sum %}            acc[c] += (double)tsr_load(out, {{ name }}_out(row, 0, n, per) + c);
 {% endif %}        }
 {% endif %}        __syncthreads();  // the next row overwrites the shared rows
     }
-{% if row_sum and sum_shared %}    for (i64 s = 0; s < sum_cols; s += D) {
-        for (i64 c = threadIdx.x; c < D; c += blockDim.x) { partials[(i64)blockIdx.x * 3 * HD + sum_at + s + c] = acc[s + c]; }
+{% if row_sum %}    // Segment s of this head's columns: dq's (at 0), or dk's and dv's (at HD, 2HD).
+    for (i64 s = 0; s < sum_cols; s += D) {
+{% if dkv %}        const i64 at = chunk * 3 * HD + HD + s / D * HD + head * D;
+{% else %}        const i64 at = chunk * 3 * HD + head * D;
+{% endif %}        for (i64 c = threadIdx.x; c < D; c += blockDim.x) { partials[at + c] = acc[s + c]; }
     }
 {% endif %}}

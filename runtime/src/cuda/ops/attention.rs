@@ -309,21 +309,21 @@ fn backward_packed(l: &mut Lowering, k: usize, heads: u64, scale: f64, p: f64, k
             if sum.shape != [3 * hd] {
                 return Err(format!("the row sum {:?} must be [{}]", sum.shape, 3 * hd));
             }
-            let blocks = tessera_plan::scratch::attention_sum_blocks(rows);
+            let chunks = tessera_plan::scratch::attention_sum_chunks(b, heads);
             let (partials, bytes) = l.scratch(k, "partials")?;
-            if bytes < blocks * 3 * hd * 8 {
-                return Err(format!("the partials scratch holds {bytes} bytes, {} are needed", blocks * 3 * hd * 8));
+            if bytes < chunks * 3 * hd * 8 {
+                return Err(format!("the partials scratch holds {bytes} bytes, {} are needed", chunks * 3 * hd * 8));
             }
-            // The dk, dv launch's shared memory: its rows and tiles, and two accumulators per column of a head.
-            c.insert("sum_shared", &(2 * hd * 8 + 16 * d + 2048 <= 40 * 1024));
-            c.insert("sum_alloc", &(2 * hd).max(1));
-            Some((partials, blocks))
+            // A block's accumulators: dk's and dv's columns of one head.
+            c.insert("sum_alloc", &(2 * d).max(1));
+            Some((partials, chunks))
         }
         None => None,
     };
-    backward_launches(l, k, rows, n, scale, &drop, ptrs, types, c, summed)?;
-    if let (Some(sum), Some((partials, blocks))) = (&sum, summed) {
-        super::matmul::sum_partials(l, k, sum, partials, blocks)?;
+    let blocks = summed.map(|(partials, chunks)| (partials, heads * chunks));
+    backward_launches(l, k, rows, n, scale, &drop, ptrs, types, c, blocks)?;
+    if let (Some(sum), Some((partials, chunks))) = (&sum, summed) {
+        super::matmul::sum_partials(l, k, sum, partials, chunks)?;
     }
     Ok(())
 }
@@ -383,7 +383,8 @@ fn backward_launches(
         push_common(&mut params, &mut args, &[("rows", rows), ("n", n)], scale, drop, l.rng);
         let mut c = c.clone();
         c.insert("dkv", &dkv);
-        // With the row sum: fewer blocks (each leaves a row of partials).
+        // With the row sum: a block per head and chunk of samples (each
+        // chunk leaves a row of partials).
         let launch = match summed {
             Some((partials, blocks)) => {
                 params.push(param("double*", "partials"));
@@ -392,7 +393,6 @@ fn backward_launches(
             }
             None => {
                 c.insert("row_sum", &false);
-                c.insert("sum_shared", &false);
                 rows_launch(rows)
             }
         };
