@@ -8,6 +8,15 @@
 //! Clusters grow from their last op (the root) backwards; a producer is only
 //! considered after all its later users are decided (a max-heap on position),
 //! so "every consumer is in the cluster" is final when it is checked.
+//!
+//! Rule `recompute-in-each`: a one-operand, deterministic elementwise op
+//! (a cast, a unary op, a scale) left out because its readers sit in
+//! different fused kernels joins each of them: each recomputes it in
+//! registers from its operand, bitwise the same value, and it is never
+//! stored. Why: ConViT's gated attention casts the attention output's
+//! gradient to f32 once for two products (the gate's two terms); stored,
+//! that is a kernel writing an f32 copy the two kernels read back, twice
+//! the bf16 bytes each.
 
 use super::{rebuild, Step};
 use crate::ir::fused::Instr;
@@ -24,7 +33,8 @@ fn candidate(g: &Graph, v: ValueId) -> bool {
     fusible(&g.node(v).op) && g.ty(v).dtype.is_float() && g.operands(v).iter().all(|&o| g.ty(o).dtype.is_float())
 }
 
-/// The clusters of `g` (members in topological order), roots last.
+/// The clusters of `g` (members in topological order), roots last; a value
+/// `recompute-in-each` moves leaves an empty cluster.
 fn clusters(g: &Graph, order: &[ValueId]) -> Vec<Vec<ValueId>> {
     let pos: HashMap<ValueId, usize> = order.iter().enumerate().map(|(i, &v)| (v, i)).collect();
     let pinned: HashSet<ValueId> = g.outputs().iter().chain(g.state_updates()).map(|(_, v)| *v).collect();
@@ -59,7 +69,39 @@ fn clusters(g: &Graph, order: &[ValueId]) -> Vec<Vec<ValueId>> {
         members.sort_by_key(|v| pos[v]);
         out.push(members);
     }
+    // recompute-in-each: a value left alone (its own one-op cluster) whose
+    // readers are all in clusters, several of them, joins each.
+    let mut joins: Vec<(usize, ValueId)> = Vec::new();
+    for &v in order {
+        let alone = cluster_of.get(&v).is_some_and(|&id| out[id].len() == 1);
+        // A scalar (the optimizer's step sizes) costs nothing to read, and a
+        // value its readers broadcast (a gate per head) would be recomputed
+        // per element they write: only values read element for element.
+        let scalar = g.ty(v).shape.const_numel() == Some(1);
+        let same_shape = users[&v].iter().all(|&u| g.ty(u).shape == g.ty(v).shape);
+        if !alone || scalar || !same_shape || pinned.contains(&v) || !recomputable(&g.node(v).op) {
+            continue;
+        }
+        let kernels: Option<HashSet<usize>> = users[&v].iter().map(|u| cluster_of.get(u).copied()).collect();
+        match kernels {
+            Some(ids) if ids.len() >= 2 => {
+                out[cluster_of[&v]].clear();
+                joins.extend(ids.into_iter().map(|id| (id, v)));
+            }
+            _ => {}
+        }
+    }
+    for (id, v) in joins {
+        out[id].push(v);
+        out[id].sort_by_key(|m| pos[m]);
+    }
     out
+}
+
+/// Ops `recompute-in-each` may compute in several kernels: one operand,
+/// no random stream (a dropout mask is drawn once).
+fn recomputable(op: &Op) -> bool {
+    matches!(op, Op::Cast { .. } | Op::Unary(_) | Op::Scale { .. } | Op::AddScalar { .. } | Op::PowScalar { .. })
 }
 
 /// The register program of one cluster and its external operands (old ids).
@@ -172,6 +214,40 @@ mod tests {
         // Operands: x, b, and the named value (its own add_scalar node).
         let ops: Vec<&str> = g.operands(z).iter().map(|&o| g.node(o).op.name()).collect();
         assert_eq!(ops, ["input", "input", "add_scalar"]);
+    }
+
+    /// ConViT's gate gradient: c = cast(dy) read by two scaled chains, and
+    /// e = exp(x) read by a chain and a reduction.
+    #[test]
+    fn a_cast_read_by_two_fused_kernels_is_recomputed_in_each() {
+        let mut g = Graph::new();
+        let dy = g.add_input("dy", Shape::consts(&[2, 3]), DType::BF16).unwrap();
+        let a = g.add_input("a", Shape::consts(&[1, 3]), DType::F32).unwrap();
+        let c = g.add_op(Op::Cast { dtype: DType::F32 }, &[dy], "").unwrap();
+        let mut outs = Vec::new();
+        for factor in [2.0, 3.0] {
+            let m = g.add_op(Op::Binary(BinaryOp::Mul), &[c, a], "").unwrap();
+            outs.push(g.add_op(Op::Scale { factor }, &[m], "").unwrap());
+        }
+        let x = g.add_input("x", Shape::consts(&[4]), DType::F32).unwrap();
+        let e = g.add_op(Op::Unary(UnaryOp::Exp), &[x], "").unwrap();
+        let r = g.add_op(Op::Reduce { op: crate::ir::ReduceOp::Sum, axes: vec![0], keepdim: true }, &[e], "").unwrap();
+        let y = g.add_op(Op::Scale { factor: 2.0 }, &[e], "").unwrap();
+        g.set_output("y0", outs[0]);
+        g.set_output("y1", outs[1]);
+        g.set_output("r", r);
+        g.set_output("y", y);
+        assert_eq!(super::run(&mut g).unwrap(), "fused 6 elementwise ops into 2 kernels");
+        g.verify().unwrap();
+        for (name, v) in g.outputs().iter().take(2) {
+            let Op::Fused { body } = &g.node(*v).op else { panic!("{name} is not fused") };
+            assert_eq!(body[2], Instr::Cast(DType::F32, 0), "{name} casts dy itself");
+            assert_eq!(g.operands(*v), vec![dy, a], "{name} reads dy in bf16");
+        }
+        assert!(g.node_ids().iter().all(|&v| !matches!(g.node(v).op, Op::Cast { .. })), "no f32 copy of dy is stored");
+        // exp(x) is read by a reduction too: stored once, not recomputed.
+        let y = g.outputs()[3].1;
+        assert!(matches!(g.node(g.operands(y)[0]).op, Op::Unary(UnaryOp::Exp)));
     }
 
     #[test]
