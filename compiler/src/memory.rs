@@ -8,8 +8,11 @@
 //! - Lifetimes are kernel intervals [producer, last reader] (named outputs
 //!   live to the end of the step).
 //! - A reshape or stop_gradient aliases its operand (no storage of its own),
-//!   except when its result lives in another region (a gradient made by a
-//!   reshape): then placements differ and a backend copies.
+//!   and so does a slice of contiguous rows at an aligned byte
+//!   (`tessera_plan::memory::view_offset`: its result is that range of the
+//!   operand's storage), except when its result lives in another region (a
+//!   gradient made by a reshape): then placements differ and a backend
+//!   copies.
 //! - A gradient all-reduce of a data-parallel step is in place in the
 //!   gradient region: the backward writes the gradient there.
 //! - An elementwise kernel whose operand dies there, with the same byte size,
@@ -27,6 +30,9 @@ use crate::plan::{Plan, Source};
 pub use tessera_plan::memory::*;
 
 /// Union-find over values: storage shared by aliases and in-place results.
+/// A value only ever joins a group when it is made (a fresh singleton under
+/// the group's root), so each keeps its byte offset from the root's start
+/// (`at`: a slice view's rows) and path compression leaves it true.
 fn find(parent: &mut [usize], mut v: usize) -> usize {
     while parent[v] != v {
         parent[v] = parent[parent[v]];
@@ -61,7 +67,7 @@ pub fn plan_memory(plan: &Plan) -> MemoryPlan {
         for &i in &kernel.inputs {
             old_value_read[view_of[i]] = old_value_read[view_of[i]].max(k);
         }
-        if matches!(kernel.op, Op::Reshape { .. } | Op::StopGradient) {
+        if view_offset(plan, k).is_some() {
             view_of[kernel.output] = view_of[kernel.inputs[0]];
         }
     }
@@ -142,6 +148,7 @@ pub fn plan_memory(plan: &Plan) -> MemoryPlan {
         }
     };
     let mut parent: Vec<usize> = (0..n).collect();
+    let mut at = vec![0u64; n];
     let mut first = vec![usize::MAX; n];
     let mut last = vec![0usize; n];
     for v in 0..n {
@@ -193,17 +200,21 @@ pub fn plan_memory(plan: &Plan) -> MemoryPlan {
                 continue;
             }
         }
-        let view = matches!(kernel.op, Op::Reshape { .. } | Op::StopGradient);
-        if view && !transient(&placements, kernel.inputs[0]) && transient(&placements, out) {
+        let view = view_offset(plan, k);
+        if let Some(delta) = view.filter(|_| !transient(&placements, kernel.inputs[0]) && transient(&placements, out)) {
             // A view of a parameter, input or gradient: no storage of its own.
-            placements[out] = placements[kernel.inputs[0]].clone();
+            let x = &placements[kernel.inputs[0]];
+            placements[out] = match x.region {
+                Region::Inline => x.clone(),
+                region => Placement { region, offset: x.offset + delta, bytes: bytes(out) },
+            };
             continue;
         }
         if !transient(&placements, out) {
             continue;
         }
-        let alias = if view {
-            Some(kernel.inputs[0])
+        let alias = if let Some(delta) = view {
+            Some((kernel.inputs[0], delta))
         } else if kernel.op.is_elementwise() {
             let mut found = None;
             for &i in &kernel.inputs {
@@ -212,7 +223,7 @@ pub fn plan_memory(plan: &Plan) -> MemoryPlan {
                 if transient(&placements, i) && same {
                     let r = find(&mut parent, i);
                     if last[r] <= k {
-                        found = Some(i);
+                        found = Some((i, 0));
                         break;
                     }
                 }
@@ -221,12 +232,13 @@ pub fn plan_memory(plan: &Plan) -> MemoryPlan {
         } else {
             None
         };
-        if let Some(i) = alias {
+        if let Some((i, delta)) = alias {
             let r = find(&mut parent, i);
             parent[out] = r;
+            at[out] = at[i] + delta;
             first[r] = first[r].min(first[out]);
             last[r] = last[r].max(last[out]);
-            if !view {
+            if view.is_none() {
                 in_place += 1;
             }
         }
@@ -240,7 +252,7 @@ pub fn plan_memory(plan: &Plan) -> MemoryPlan {
     for v in 0..n {
         if transient(&placements, v) {
             let r = find(&mut parent, v);
-            size[r] = size[r].max(bytes(v));
+            size[r] = size[r].max(at[v] + bytes(v));
         }
     }
     let mut blocks: Vec<Block> = Vec::new();
@@ -263,7 +275,7 @@ pub fn plan_memory(plan: &Plan) -> MemoryPlan {
     for v in 0..n {
         if transient(&placements, v) {
             let b = &blocks[block_of[find(&mut parent, v)]];
-            placements[v] = Placement { region: Region::Arena, offset: b.offset, bytes: bytes(v) };
+            placements[v] = Placement { region: Region::Arena, offset: b.offset + at[v], bytes: bytes(v) };
         }
     }
     let lower_bound_bytes = live_peak(&blocks, end);

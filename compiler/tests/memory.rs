@@ -57,8 +57,9 @@ fn every_reference_model_plans_without_overlap_near_the_bound() {
     }
 }
 
-/// A random graph of vectors: elementwise ops, slices, concats, reshapes and
-/// sums over earlier values; some values are outputs.
+/// A random graph of vectors: elementwise ops, slices (views of their
+/// operand or copies), concats, reshapes and sums over earlier values; some
+/// values are outputs.
 fn random_graph(ops: &[(u8, usize, usize, u8)], outputs: &[usize]) -> Graph {
     let mut g = Graph::new();
     let mut vals: Vec<ValueId> = Vec::new();
@@ -81,12 +82,20 @@ fn random_graph(ops: &[(u8, usize, usize, u8)], outputs: &[usize]) -> Graph {
             1 if g.ty(a).shape == g.ty(b).shape => g.add_op(Op::Binary(BinaryOp::Add), &[a, b], "").unwrap(),
             1 => g.add_op(Op::Scale { factor: 0.5 }, &[a], "").unwrap(),
             2 if len_a > 2 => {
-                let end = 1 + (extra as u64) % (len_a - 1);
+                // Starting at 0, at a multiple of 64 f32s (256 bytes: a view
+                // inside its operand's storage) or just past one (a copy).
+                let start = match extra % 3 {
+                    0 => 0,
+                    1 => 64 * (extra as u64 / 3 % 4),
+                    _ => 64 * (extra as u64 / 3 % 4) + 1,
+                }
+                .min(len_a - 2);
+                let end = start + 1 + (extra as u64) % (len_a - start - 1);
                 let fa = flat(&mut g, a);
                 g.add_op(
                     Op::Slice {
                         axis: 0,
-                        start: tessera_compiler::ir::Dim::Const(0),
+                        start: tessera_compiler::ir::Dim::Const(start),
                         end: tessera_compiler::ir::Dim::Const(end),
                     },
                     &[fa],

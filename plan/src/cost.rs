@@ -8,9 +8,11 @@
 //!   multi-tensor kernel writes its parts (its packed value is never
 //!   stored), a kernel with further results writes them too. A GPU kernel
 //!   made of a library GEMM and a pass over its result (matmul_gelu_grad's
-//!   GELU gradient, conv2d's bias) moves that result twice more. A result that shares its operand's
-//!   storage without a change (a reshape or stop_gradient view) moves
-//!   nothing; scalars folded into kernels (region `Inline`) move nothing.
+//!   GELU gradient, conv2d's bias) moves that result twice more. A result
+//!   that shares its operand's storage without a change (a reshape or
+//!   stop_gradient view, a slice of contiguous rows: `memory::view_offset`)
+//!   moves nothing; scalars folded into kernels (region `Inline`) move
+//!   nothing.
 //!   Scratch pieces (`scratch`) are written once and read once, except
 //!   cuBLASLt's workspace, whose use is the library's.
 //! - FLOPs: matrix products, convolutions and attention only, forward and
@@ -277,13 +279,8 @@ fn cost_with_parts(plan: &Plan, k: usize, parts: &[usize]) -> KernelCost {
         }
     };
     let bytes_of = |v: usize| plan.values[v].numel() * plan.values[v].dtype.size_bytes();
-    // A view: its result is its operand's storage.
-    let view = matches!(kernel.op, Op::Reshape { .. } | Op::StopGradient)
-        && placements.is_some_and(|p| {
-            let (a, b) = (&p[kernel.inputs[0]], &p[kernel.output]);
-            a.region == b.region && a.offset == b.offset
-        });
-    if view {
+    // A view: its result is (a range of) its operand's storage.
+    if placements.is_some_and(|p| crate::memory::is_view(plan, p, k)) {
         return cost;
     }
     // A set: a multi-tensor kernel reads every parameter.

@@ -16,6 +16,42 @@ pub fn align(b: u64) -> u64 {
     b.div_ceil(ALIGN) * ALIGN
 }
 
+/// Where kernel `k`'s result starts in its operand's storage, in bytes,
+/// when the result may be that storage (a view, no copy): 0 for a reshape
+/// or stop_gradient; for a slice of contiguous rows (every dim before its
+/// axis is 1: q and k out of ConViT's permuted qk product, dq, dk and dv
+/// out of an attention gradient), its first byte, when that is a multiple
+/// of ALIGN (a GEMM's or a vector load's operand stays aligned). `None`
+/// for every other kernel: the memory planner then gives the result its
+/// own storage. Whether a result is a view is its placement's to say
+/// (`is_view`): a view of a value in another region is a copy.
+pub fn view_offset(plan: &Plan, k: usize) -> Option<u64> {
+    let kernel = &plan.kernels[k];
+    match kernel.op {
+        Op::Reshape { .. } | Op::StopGradient => Some(0),
+        Op::Slice { axis, start, .. } => {
+            let x = plan.values.get(*kernel.inputs.first()?)?;
+            let rows_first = x.shape.get(..axis)?.iter().all(|&d| d == 1);
+            let row: u64 = x.shape.get(axis + 1..)?.iter().product();
+            let at = start.as_const()? * row * x.dtype.size_bytes();
+            (rows_first && at.is_multiple_of(ALIGN)).then_some(at)
+        }
+        _ => None,
+    }
+}
+
+/// Whether kernel `k`'s result is placed as a view of its operand (at
+/// `view_offset` in the same region).
+pub fn is_view(plan: &Plan, placements: &[Placement], k: usize) -> bool {
+    let kernel = &plan.kernels[k];
+    let Some(at) = view_offset(plan, k) else { return false };
+    let (Some(x), Some(out)) = (kernel.inputs.first().and_then(|&i| placements.get(i)), placements.get(kernel.output))
+    else {
+        return false;
+    };
+    x.region == out.region && x.region != Region::Inline && x.offset + at == out.offset
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Region {
     Params,
@@ -411,7 +447,7 @@ impl MemoryPlan {
                 }
             }
             let out = kernel.output;
-            if matches!(kernel.op, Op::Reshape { .. } | Op::StopGradient) {
+            if is_view(plan, &self.placements, k) {
                 content[out] = content[kernel.inputs[0]];
             }
             for v in std::iter::once(out).chain(parts[k].iter().copied()) {

@@ -1,6 +1,7 @@
 //! Layout ops on the GPU: reshape and stop_gradient are the memory plan's
-//! aliases (no work) or one copy; permute, slice, expand, concat and pad
-//! are one strided copy each (`kernels/layout.cu`), per operand for concat,
+//! aliases (no work) or one copy, and so is a slice of contiguous rows the
+//! plan places in its operand; permute, slice, expand, concat and pad are
+//! one strided copy each (`kernels/layout.cu`), per operand for concat,
 //! after zeroing for pad.
 
 use super::super::device::Arg;
@@ -108,6 +109,10 @@ pub fn lower(l: &mut Lowering, k: usize, op: &Op) -> Result<(), String> {
             let x = l.input(k, 0)?;
             let s = contiguous(&x.shape);
             let base = fixed(*start)? as i64 * s.get(*axis).copied().ok_or("axis out of range")?;
+            // A view (`memory::view_offset`): the rows are where they are.
+            if out.ptr.0 == x.ptr.0 + base as u64 * x.dtype.size_bytes() && out.dtype == x.dtype {
+                return Ok(());
+            }
             strided_copy(l, k, &out, &x, &out.shape.clone(), &contiguous(&out.shape), &s, 0, base)
         }
         Op::Expand { .. } => {
