@@ -215,6 +215,8 @@ pub fn plan_memory(plan: &Plan) -> MemoryPlan {
         }
         let alias = if let Some(delta) = view {
             Some((kernel.inputs[0], delta))
+        } else if let Some(first_row) = adjacent_rows(plan, k, &mut parent, &at, |v| transient(&placements, v)) {
+            Some((first_row, 0))
         } else if kernel.op.is_elementwise() {
             let mut found = None;
             for &i in &kernel.inputs {
@@ -238,7 +240,7 @@ pub fn plan_memory(plan: &Plan) -> MemoryPlan {
             at[out] = at[i] + delta;
             first[r] = first[r].min(first[out]);
             last[r] = last[r].max(last[out]);
-            if view.is_none() {
+            if view.is_none() && !matches!(kernel.op, Op::Concat { .. }) {
                 in_place += 1;
             }
         }
@@ -300,6 +302,37 @@ pub fn plan_memory(plan: &Plan) -> MemoryPlan {
         + parts.transient
         + parts.workspace;
     MemoryPlan { peak_bytes, parts, arena_bytes, lower_bound_bytes, in_place, placements, blocks }
+}
+
+/// For a concat of contiguous rows (every dim of its result before the axis
+/// 1) whose operands are members of one storage group lying one after
+/// another in it (views of one value's consecutive rows, as an attention
+/// gradient's dq and dk): its first operand, whose place the result takes
+/// (no copy). `at` is each member's byte offset in its group.
+fn adjacent_rows(
+    plan: &Plan,
+    k: usize,
+    parent: &mut [usize],
+    at: &[u64],
+    transient: impl Fn(usize) -> bool,
+) -> Option<usize> {
+    let kernel = &plan.kernels[k];
+    let Op::Concat { axis } = kernel.op else { return None };
+    let shape = &plan.values[kernel.output].shape;
+    let (&first, rest) = kernel.inputs.split_first()?;
+    if !shape.get(..axis)?.iter().all(|&d| d == 1) || !kernel.inputs.iter().all(|&i| transient(i)) {
+        return None;
+    }
+    let root = find(parent, first);
+    let bytes = |v: usize| plan.values[v].numel() * plan.values[v].dtype.size_bytes();
+    let mut end = at[first] + bytes(first);
+    for &i in rest {
+        if find(parent, i) != root || at[i] != end {
+            return None;
+        }
+        end += bytes(i);
+    }
+    Some(first)
 }
 
 /// The tensor sets of a multi-tensor kernel (`arity` operands each):

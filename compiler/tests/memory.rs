@@ -57,6 +57,48 @@ fn every_reference_model_plans_without_overlap_near_the_bound() {
     }
 }
 
+/// Slices of contiguous rows at aligned bytes are views of their operand's
+/// storage, and a concat of such views lying one after another in it is
+/// that storage too; out of order, or at an unaligned byte, they copy.
+#[test]
+fn slices_of_rows_and_their_concat_in_order_are_views() {
+    let mut g = Graph::new();
+    let x = g.add_input("x", Shape::consts(&[4, 64]), DType::F32).unwrap();
+    let e = g.add_op(Op::Unary(UnaryOp::Exp), &[x], "").unwrap();
+    let rows = |g: &mut Graph, v: ValueId, start: u64, end: u64| {
+        let (start, end) = (tessera_compiler::ir::Dim::Const(start), tessera_compiler::ir::Dim::Const(end));
+        g.add_op(Op::Slice { axis: 0, start, end }, &[v], "").unwrap()
+    };
+    let (top, bottom) = (rows(&mut g, e, 0, 2), rows(&mut g, e, 2, 4));
+    let in_order = g.add_op(Op::Concat { axis: 0 }, &[top, bottom], "").unwrap();
+    let swapped = g.add_op(Op::Concat { axis: 0 }, &[bottom, top], "").unwrap();
+    // Row 1 of e as 16 x 16 f32 starts 64 bytes in (not a multiple of 256).
+    let f = g.add_op(Op::Reshape { shape: Shape::consts(&[16, 16]) }, &[e], "").unwrap();
+    let unaligned = rows(&mut g, f, 1, 3);
+    for (name, v) in [("in_order", in_order), ("swapped", swapped), ("unaligned", unaligned)] {
+        let y = g.add_op(Op::Scale { factor: 2.0 }, &[v], "").unwrap();
+        g.set_output(name, y);
+    }
+    let plan = tessera_compiler::plan::lower(&g, 1, false).unwrap();
+    let m = plan_memory(&plan);
+    holds(&plan, &m, "slices and concats");
+    let views: Vec<(&str, bool)> = plan
+        .kernels
+        .iter()
+        .enumerate()
+        .filter(|(_, k)| matches!(k.op, Op::Slice { .. } | Op::Concat { .. }))
+        .map(|(j, k)| (k.op.name(), tessera_compiler::memory::is_view(&plan, &m.placements, j)))
+        .collect();
+    assert_eq!(
+        views,
+        [("slice", true), ("slice", true), ("concat", true), ("concat", false), ("slice", false)],
+        "slices of rows 0..2 and 2..4 view e, their concat in order is e; swapped or unaligned, they copy"
+    );
+    let e_at = &m.placements[plan.kernels.iter().find(|k| k.op.name() == "exp").unwrap().output];
+    let concat = plan.kernels.iter().find(|k| k.op.name() == "concat").unwrap();
+    assert_eq!(&m.placements[concat.output], e_at);
+}
+
 /// A random graph of vectors: elementwise ops, slices (views of their
 /// operand or copies), concats, reshapes and sums over earlier values; some
 /// values are outputs.

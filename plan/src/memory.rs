@@ -41,15 +41,42 @@ pub fn view_offset(plan: &Plan, k: usize) -> Option<u64> {
 }
 
 /// Whether kernel `k`'s result is placed as a view of its operand (at
-/// `view_offset` in the same region).
+/// `view_offset` in the same region), or is a concatenation of contiguous
+/// rows whose operands already lie where the result puts them, one after
+/// another (dq and dk of an attention gradient, two views of its result,
+/// concatenated back: `concat_in_place`).
 pub fn is_view(plan: &Plan, placements: &[Placement], k: usize) -> bool {
     let kernel = &plan.kernels[k];
+    if let Op::Concat { axis } = kernel.op {
+        return concat_in_place(plan, placements, k, axis);
+    }
     let Some(at) = view_offset(plan, k) else { return false };
     let (Some(x), Some(out)) = (kernel.inputs.first().and_then(|&i| placements.get(i)), placements.get(kernel.output))
     else {
         return false;
     };
     x.region == out.region && x.region != Region::Inline && x.offset + at == out.offset
+}
+
+/// Whether concat kernel `k` (along `axis`) of contiguous rows (every dim of
+/// its result before the axis is 1) has each operand placed where the
+/// result holds it: the result is then its operands' storage, no copy.
+pub fn concat_in_place(plan: &Plan, placements: &[Placement], k: usize, axis: usize) -> bool {
+    let kernel = &plan.kernels[k];
+    let Some(out) = placements.get(kernel.output) else { return false };
+    let rows_first = plan.values[kernel.output].shape.get(..axis).is_some_and(|d| d.iter().all(|&d| d == 1));
+    if !rows_first || out.region == Region::Inline || kernel.inputs.is_empty() {
+        return false;
+    }
+    let mut at = out.offset;
+    for &i in &kernel.inputs {
+        let Some(p) = placements.get(i) else { return false };
+        if p.region != out.region || p.offset != at {
+            return false;
+        }
+        at += plan.values[i].numel() * plan.values[i].dtype.size_bytes();
+    }
+    true
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -1,6 +1,7 @@
 //! Layout ops on the GPU: reshape and stop_gradient are the memory plan's
 //! aliases (no work) or one copy, and so is a slice of contiguous rows the
-//! plan places in its operand; permute, slice, expand, concat and pad are
+//! plan places in its operand (and a concat of operands placed in its
+//! result); permute, slice, expand, concat and pad are
 //! one strided copy each (`kernels/layout.cu`), per operand for concat,
 //! after zeroing for pad.
 
@@ -125,7 +126,12 @@ pub fn lower(l: &mut Lowering, k: usize, op: &Op) -> Result<(), String> {
             let mut at = 0i64;
             for x in l.inputs(k)? {
                 let step = so.get(*axis).copied().ok_or("axis out of range")?;
-                strided_copy(l, k, &out, &x, &x.shape.clone(), &so, &contiguous(&x.shape), at * step, 0)?;
+                // An operand the plan placed where the result holds it
+                // (`memory::concat_in_place`): nothing to copy.
+                let there = out.ptr.0 + (at * step) as u64 * out.dtype.size_bytes() == x.ptr.0 && out.dtype == x.dtype;
+                if !there {
+                    strided_copy(l, k, &out, &x, &x.shape.clone(), &so, &contiguous(&x.shape), at * step, 0)?;
+                }
                 at += x.shape[*axis] as i64;
             }
             Ok(())
