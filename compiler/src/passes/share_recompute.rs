@@ -29,7 +29,10 @@
 //! values that are, such as the zero padding of a gradient of fewer rows,
 //! made again there); a kernel before its product keeps its place (the
 //! norm's bias must be made before it) and the product keeps its own, the
-//! activation living between them.
+//! activation living between them. Another weight-gradient product of the
+//! same activation (ConViT's norm1 feeds its qk and v linears) reads the
+//! same result 5: where it stands when the kernel is made by then, else
+//! right after the kernel, with the values that read it before then.
 
 use super::{rebuild, Step};
 use crate::ir::{DType, Graph, IrError, Op, ValueId};
@@ -115,57 +118,145 @@ pub(super) fn run(g: &mut Graph) -> Result<String, IrError> {
         }
     }
     let product_of: HashMap<ValueId, ValueId> = pairs.iter().map(|(&v, p)| (p.kernel, v)).collect();
+    // Another weight gradient of the same activation (ConViT's qk and v
+    // products both read norm1's output) reads the paired kernel's result 5
+    // too: where it stands when the kernel is made by then, else right
+    // after the kernel (its gradient operand is made before it either way).
+    let mut sharers: HashMap<ValueId, ValueId> = HashMap::new();
+    for &v in &order {
+        if pairs.contains_key(&v) {
+            continue;
+        }
+        let operands = g.operands(v);
+        let kernel = match g.node(v).op {
+            Op::MatmulGeluRhs { .. } => operands
+                .get(1)
+                .and_then(|&h| g.users(h).into_iter().find(|k| taken.contains(k) && g.operands(*k).get(2) == Some(&h))),
+            Op::MatmulLayerNormRhs { eps, .. } => {
+                let [_, x, w, b] = operands[..] else { continue };
+                g.users(x).into_iter().find(|&k| {
+                    let p = product_of.get(&k).map(|q| &pairs[q]);
+                    let same_norm = matches!(g.node(k).op, Op::LayerNormGrad { eps: e, .. } if e == eps);
+                    same_norm && p.is_some_and(|p| p.bias == Some(b)) && g.operands(k)[1..3] == [x, w]
+                })
+            }
+            _ => continue,
+        };
+        let Some(k) = kernel else { continue };
+        let dtype = g.ty(operands[0]).dtype;
+        if activation_type(&pairs[&product_of[&k]].op) == Some(dtype) {
+            sharers.insert(v, k);
+        }
+    }
     let (mut gelus, mut norms) = (0, 0);
+    // Old kernel -> its new node, once made; the products waiting for it;
+    // its result 5 viewed as rows, once made (one part per kernel).
+    let mut kernels_made: HashMap<ValueId, ValueId> = HashMap::new();
+    let mut waiting: HashMap<ValueId, Vec<ValueId>> = HashMap::new();
+    let mut rows_of: HashMap<ValueId, ValueId> = HashMap::new();
+    // Nodes skipped until a kernel is made (a sharer and its readers).
+    let mut deferred: HashMap<ValueId, ValueId> = HashMap::new();
     *g = rebuild(g, |old, v, new, map| {
         if hoist_of.contains(&v) {
             // Made where its kernel moved to.
             return Ok(Step::Skip);
         }
-        // The kernel with its result 5: where the first of the pair stood.
-        let mut make_kernel = |p: &Pair, new: &mut Graph, map: &HashMap<ValueId, ValueId>| {
+        // What `v` is: a pair's kernel (with its first product), or a
+        // product (a pair's or a sharer's) of a kernel, made or not yet.
+        let kernel_of_product = match (pairs.get(&v), sharers.get(&v)) {
+            (Some(p), _) => Some(p.kernel),
+            (None, Some(&k)) => Some(k),
+            (None, None) => None,
+        };
+        let made_kernel = kernel_of_product.and_then(|k| kernels_made.get(&k).copied());
+        if let (Some(k), None, true) = (kernel_of_product, made_kernel, sharers.contains_key(&v)) {
+            // A sharer before its kernel waits for it, and so does what
+            // reads it before then (its cast to the master weight's f32).
+            waiting.entry(k).or_default().push(v);
+            deferred.insert(v, k);
+            return Ok(Step::Skip);
+        }
+        if let Some(&k) = old.operands(v).iter().find_map(|o| deferred.get(o)) {
+            waiting.entry(k).or_default().push(v);
+            deferred.insert(v, k);
+            return Ok(Step::Skip);
+        }
+        // The weight-gradient product `w` (a pair's or a sharer's) as a
+        // matmul of kernel `k`'s result 5, made as `kn`, viewed as rows.
+        let mut product = |w: ValueId, k: ValueId, kn: ValueId, new: &mut Graph, map: &HashMap<ValueId, ValueId>| {
+            let node = old.node(w);
+            let p = &pairs[&product_of[&k]];
+            let (
+                Some(dtype),
+                Some(shape),
+                Op::MatmulGeluRhs { transpose_a, transpose_b }
+                | Op::MatmulLayerNormRhs { transpose_a, transpose_b, .. },
+            ) = (activation_type(&p.op), old.ty(k).shape.as_rows(), &node.op)
+            else {
+                return Err(IrError::Invalid("share-recompute pairs a weight-gradient product with a result 5".into()));
+            };
+            let rows = match rows_of.get(&k) {
+                Some(&r) => r,
+                None => {
+                    let activation = new.add_op(Op::ResultPart { index: 5, dtype }, &[kn], &node.scope)?;
+                    let r = new.add_op(Op::Reshape { shape }, &[activation], &node.scope)?;
+                    rows_of.insert(k, r);
+                    r
+                }
+            };
+            let a = map[&old.operands(w)[0]];
+            new.add_op(Op::Matmul { transpose_a: *transpose_a, transpose_b: *transpose_b }, &[a, rows], &node.scope)
+        };
+        // The kernel with its result 5, where the first of the pair stood,
+        // then the products that waited for it.
+        let mut make_kernel = |k: ValueId, new: &mut Graph, map: &HashMap<ValueId, ValueId>| {
+            let p = &pairs[&product_of[&k]];
             let mut made = super::remake(old, &p.hoisted, new, map)?;
-            let mut args: Vec<ValueId> =
-                old.operands(p.kernel).iter().map(|&o| super::mapped_with(o, &made, map)).collect();
+            let mut args: Vec<ValueId> = old.operands(k).iter().map(|&o| super::mapped_with(o, &made, map)).collect();
             args.extend(p.bias.map(|b| map[&b]));
             match p.op {
                 Op::LayerNormGrad { .. } => norms += 1,
                 _ => gelus += 1,
             }
-            let kernel = new.add_op(p.op.clone(), &args, &old.node(p.kernel).scope)?;
-            made.push((p.kernel, kernel));
+            let kernel = new.add_op(p.op.clone(), &args, &old.node(k).scope)?;
+            kernels_made.insert(k, kernel);
+            made.push((k, kernel));
+            // In their order: each reads the product or a value before it.
+            for w in waiting.remove(&k).unwrap_or_default() {
+                deferred.remove(&w);
+                let nw = if sharers.get(&w) == Some(&k) {
+                    product(w, k, kernel, new, map)?
+                } else {
+                    let ready = |o: &ValueId| map.contains_key(o) || made.iter().any(|(h, _)| h == o);
+                    if !old.operands(w).iter().all(ready) {
+                        return Err(IrError::Invalid("share-recompute: a value waits for two kernels".into()));
+                    }
+                    let args: Vec<ValueId> =
+                        old.operands(w).iter().map(|&o| super::mapped_with(o, &made, map)).collect();
+                    new.add_node_like(old.node(w), &args)?
+                };
+                made.push((w, nw));
+            }
             Ok::<_, IrError>((kernel, made))
         };
-        if let Some(product) = product_of.get(&v) {
+        if let Some(first) = product_of.get(&v) {
             // A kernel that stands before its product keeps its place.
-            return match map.contains_key(product) {
+            return match map.contains_key(first) {
                 true => Ok(Step::Skip),
-                false => Ok(Step::Map(make_kernel(&pairs[product], new, map)?.1)),
+                false => Ok(Step::Map(make_kernel(v, new, map)?.1)),
             };
         }
-        let Some(p) = pairs.get(&v) else { return Ok(Step::Copy) };
-        let (kernel, mut made) = match map.get(&p.kernel) {
-            Some(&k) => (k, vec![]),
-            None => make_kernel(p, new, map)?,
+        let Some(k) = kernel_of_product else { return Ok(Step::Copy) };
+        let (kernel, mut made) = match made_kernel {
+            Some(kn) => (kn, vec![]),
+            None => make_kernel(k, new, map)?,
         };
-        let node = old.node(v);
-        let (
-            Some(dtype),
-            Some(shape),
-            Op::MatmulGeluRhs { transpose_a, transpose_b } | Op::MatmulLayerNormRhs { transpose_a, transpose_b, .. },
-        ) = (activation_type(&p.op), old.ty(p.kernel).shape.as_rows(), &node.op)
-        else {
-            return Err(IrError::Invalid("share-recompute pairs a weight-gradient product with a result 5".into()));
-        };
-        let (transpose_a, transpose_b) = (*transpose_a, *transpose_b);
-        let activation = new.add_op(Op::ResultPart { index: 5, dtype }, &[kernel], &node.scope)?;
-        let rows = new.add_op(Op::Reshape { shape }, &[activation], &node.scope)?;
-        let a = map[&old.operands(v)[0]];
-        let product = new.add_op(Op::Matmul { transpose_a, transpose_b }, &[a, rows], &node.scope)?;
-        made.push((v, product));
+        made.push((v, product(v, k, kernel, new, map)?));
         Ok(Step::Map(made))
     })?;
     Ok(format!(
-        "{gelus} GELUs and {norms} layer norms recomputed once for the backward (by the kernel of their gradient)"
+        "{gelus} GELUs and {norms} layer norms recomputed once for the backward (by the kernel of their gradient), for {} weight gradients",
+        gelus + norms + sharers.len()
     ))
 }
 
@@ -323,6 +414,49 @@ mod tests {
             g.operands(out(&g, "dx"))[3],
             g.topo_order().unwrap().into_iter().find(|&v| g.node(v).op.name() == "pad").unwrap()
         );
+    }
+
+    /// ConViT's norm1 feeds two linears (qk and v): the qk weight gradient
+    /// (with its cast to f32) stands before the norm's backward, whose dy
+    /// sums both products' input gradients and so is made after it; the v
+    /// weight gradient stands after. The v product pairs with the norm's
+    /// backward; the qk product reads the same result 5, moved (with its
+    /// cast) to right after the kernel.
+    #[test]
+    fn a_second_weight_gradient_of_the_norm_reads_the_same_result() {
+        let mut g = Graph::new();
+        let s = Shape::consts(&[2, 3, 4]);
+        let x = g.add_input("x", s.clone(), DType::F32).unwrap();
+        let w = g.add_input("w", Shape::consts(&[4]), DType::F32).unwrap();
+        let b = g.add_input("b", Shape::consts(&[4]), DType::F32).unwrap();
+        let (d_qk, d_v) =
+            (g.add_input("d_qk", s.clone(), DType::BF16).unwrap(), g.add_input("d_v", s, DType::BF16).unwrap());
+        let rows = |g: &mut Graph, v| g.add_op(Op::Reshape { shape: Shape::consts(&[6, 4]) }, &[v], "").unwrap();
+        let rhs = Op::MatmulLayerNormRhs { eps: 1e-6, transpose_a: true, transpose_b: false };
+        let a_qk = rows(&mut g, d_qk);
+        let dw_qk = g.add_op(rhs.clone(), &[a_qk, x, w, b], "qk").unwrap();
+        let master_qk = g.add_op(Op::Cast { dtype: DType::F32 }, &[dw_qk], "qk").unwrap();
+        let dy = g.add_op(Op::Binary(crate::ir::BinaryOp::Add), &[d_qk, d_v], "norm1").unwrap();
+        let grad = Op::LayerNormGrad { eps: 1e-6, copy: None, normalized: None };
+        let dx = g.add_op(grad, &[dy, x, w], "norm1").unwrap();
+        let a_v = rows(&mut g, d_v);
+        let dw_v = g.add_op(rhs, &[a_v, x, w, b], "v").unwrap();
+        for (name, v) in [("qk", master_qk), ("v", dw_v), ("dx", dx)] {
+            g.set_output(name, v);
+        }
+        let report = super::run(&mut g).unwrap();
+        assert_eq!(
+            report,
+            "0 GELUs and 1 layer norms recomputed once for the backward (by the kernel of their gradient), for 2 weight gradients"
+        );
+        g.verify().unwrap();
+        assert_eq!(
+            kernels(&g),
+            ["reshape", "add", "layer_norm_grad", "result_part", "reshape", "matmul", "cast", "reshape", "matmul"]
+        );
+        let (qk, v) = (g.operands(out(&g, "qk"))[0], out(&g, "v"));
+        assert_eq!(g.operands(qk)[1], g.operands(v)[1], "both products read the one view of result 5");
+        assert_eq!(g.node(qk).scope, "qk");
     }
 
     /// The plan of the joined norm validates; one whose layer-norm backward
