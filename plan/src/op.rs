@@ -69,6 +69,9 @@ pub enum Op {
     /// `(a [..., M, K], b [..., K, N]) -> [..., M, N]`, batch dims broadcast;
     /// `transpose_a` / `transpose_b` read a as [..., K, M] / b as [..., N, K]
     /// (a transposed view, no copy: the backward of every product needs one).
+    /// With a third operand c (the result's shape and type), `a @ b + c`,
+    /// summed before any rounding: the GEMM reads c as its C
+    /// (`residual-into-linear`: two input gradients of one value).
     Matmul {
         transpose_a: bool,
         transpose_b: bool,

@@ -15,7 +15,16 @@ pub(crate) fn infer(op: &Op, x: &[&TensorType]) -> Rule {
             Err(format!("{} is a leaf and has no shape rule", op.name()))
         }
         Op::Linear => linear(x),
-        Op::Matmul { transpose_a, transpose_b } => matmul(x, *transpose_a, *transpose_b),
+        Op::Matmul { transpose_a, transpose_b } => match x {
+            [a, b, c] => {
+                let out = matmul(&[a, b], *transpose_a, *transpose_b)?;
+                if **c != out {
+                    return Err(format!("the addend {c} must have the product's type {out}"));
+                }
+                Ok(out)
+            }
+            _ => matmul(x, *transpose_a, *transpose_b),
+        },
         Op::Conv2d { stride, padding } => conv2d(x, *stride, *padding),
         Op::Attention { dropout, .. } => {
             probability("dropout", *dropout)?;
@@ -746,6 +755,13 @@ mod tests {
             "batch dims of a [2,4,3] and b [5,3,2] do not broadcast: dims 2 and 5 at axis -1 differ and neither is 1"
         );
         assert_eq!(err(Op::matmul(), &[f("3"), f("3,2")]), "a must have rank >= 2 ([..., rows, cols]), got [3]");
+    }
+
+    #[test]
+    fn a_matmul_with_an_addend_of_its_type() {
+        assert_eq!(ok(Op::matmul(), &[f("B,3,8"), f("8,5"), f("B,3,5")]), "[B,3,5] f32");
+        let e = err(Op::matmul(), &[f("B,3,8"), f("8,5"), f("B,3,4")]);
+        assert!(e.contains("the addend [B,3,4] f32 must have the product's type [B,3,5] f32"), "{e}");
     }
 
     #[test]

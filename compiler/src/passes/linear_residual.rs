@@ -8,7 +8,10 @@
 //! read back into an f32 add). As one kernel the GEMM reads the stream as
 //! its C operand (cuBLASLt's beta = 1) and writes the new stream: the
 //! product's result is never stored. The sum is taken in f32 before any
-//! rounding, as the CPU computes it.
+//! rounding, as the CPU computes it. So too for a matmul read only by an
+//! add with another value of its type (ConViT's two input gradients of
+//! norm1's output, from its qk and v linears): `matmul(a, b, c)`, the GEMM
+//! reading c as C.
 
 use crate::ir::{Graph, IrError, Op};
 
@@ -16,6 +19,12 @@ pub(super) fn run(g: &mut Graph) -> Result<String, IrError> {
     let folded = super::absorb_into_add(g, |op, arity| match (op, arity) {
         (Op::Linear, 3) => Some(Op::LinearResidual { gelu: false }),
         (Op::GeluLinear, 3) => Some(Op::LinearResidual { gelu: true }),
+        // Two products summed (ConViT's norm1 gradient from its qk and v
+        // linears; v's gradient from the content attention and the
+        // positional product): the later GEMM reads the other as C.
+        (Op::Matmul { transpose_a, transpose_b }, 2) => {
+            Some(Op::Matmul { transpose_a: *transpose_a, transpose_b: *transpose_b })
+        }
         _ => None,
     })?;
     Ok(format!("{folded} products add their result to the residual stream as they write it"))
@@ -46,6 +55,34 @@ mod tests {
             g.set_output("y", y);
         }
         g
+    }
+
+    /// Two input gradients of one value, each a product read only by their
+    /// sum: the sum is one product with the other as its addend.
+    #[test]
+    fn two_products_summed_are_one_with_an_addend() {
+        let mut g = Graph::new();
+        let (dy1, dy2) = (
+            g.add_input("dy1", Shape::consts(&[6, 8]), DType::F32).unwrap(),
+            g.add_input("dy2", Shape::consts(&[6, 4]), DType::F32).unwrap(),
+        );
+        let (w1, w2) = (
+            g.add_input("w1", Shape::consts(&[8, 5]), DType::F32).unwrap(),
+            g.add_input("w2", Shape::consts(&[4, 5]), DType::F32).unwrap(),
+        );
+        let m1 = g.add_op(Op::matmul(), &[dy1, w1], "qk").unwrap();
+        let m2 = g.add_op(Op::matmul(), &[dy2, w2], "v").unwrap();
+        let dx = g.add_op(Op::Binary(BinaryOp::Add), &[m1, m2], "norm1").unwrap();
+        g.set_output("dx", dx);
+        assert!(super::run(&mut g).unwrap().starts_with("1 products"));
+        g.verify().unwrap();
+        let dx = g.outputs()[0].1;
+        assert_eq!(g.node(dx).op, Op::matmul());
+        assert_eq!(g.node(dx).scope, "v");
+        let [a, b, c] = g.operands(dx)[..] else { panic!("a @ b + c") };
+        assert_eq!((a, b), (dy2, w2));
+        assert_eq!(g.node(c).op, Op::matmul());
+        assert_eq!(g.operands(c), [dy1, w1]);
     }
 
     #[test]

@@ -82,7 +82,7 @@ pub const PASSES: &[Pass] = &[
     },
     Pass {
         name: "residual-into-linear",
-        why: "a product read only by a residual add writes into the stream (the GEMM reads the stream as C): its result is never stored and read back",
+        why: "a product read only by a residual add writes into the stream (the GEMM reads the stream as C): its result is never stored and read back; so too a product summed with another (two input gradients of one value)",
         run: linear_residual::run,
     },
     Pass {

@@ -64,6 +64,19 @@ pub fn linear_residual(x: &[&Tensor], gelu: bool, ctx: &Ctx) -> Result<Tensor, K
     Ok(y)
 }
 
+/// `Matmul (a, b, c)`: a @ b + c in f32, rounded once where stored (the
+/// unfused product and add, bit for bit, except that the product is not
+/// rounded to a bf16 result type first: it is never stored).
+pub fn matmul_add(a: &Tensor, b: &Tensor, c: &Tensor, ta: bool, tb: bool) -> Result<Tensor, KernelError> {
+    let mut y = matmul(&[a, b], ta, tb)?;
+    same_shape(&y, c, "the product", "the addend")?;
+    let cd = f32_of(c, "addend")?;
+    if let Data::F32(v) = &mut y.data {
+        v.iter_mut().zip(cd).for_each(|(o, &cv)| *o += cv);
+    }
+    Ok(y)
+}
+
 /// `MatmulGeluRhs (a, b)`: a @ gelu(b), either read transposed.
 pub fn matmul_gelu_rhs(x: &[&Tensor], ta: bool, tb: bool, ctx: &Ctx) -> Result<Tensor, KernelError> {
     let [a, b] = operands(x, ["a", "b"])?;

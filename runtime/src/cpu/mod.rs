@@ -78,7 +78,10 @@ pub fn run_kernel(op: &Op, x: &[&Tensor], ctx: &Ctx) -> Result<Tensor, KernelErr
             Err(error::invalid(format!("{} is a leaf, not a kernel", op.name())))
         }
         Op::Linear => matmul::linear(x),
-        Op::Matmul { transpose_a, transpose_b } => matmul::matmul(x, *transpose_a, *transpose_b),
+        Op::Matmul { transpose_a, transpose_b } => match x {
+            [a, b, c] => epilogue::matmul_add(a, b, c, *transpose_a, *transpose_b),
+            _ => matmul::matmul(x, *transpose_a, *transpose_b),
+        },
         Op::Conv2d { stride, padding } => conv::conv2d(x, *stride, *padding),
         Op::Attention { scale, dropout, key } => attention::attention(x, *scale, *dropout, *key, ctx),
         Op::LayerNorm { eps } => norm::layer_norm(x, *eps),

@@ -143,6 +143,12 @@ fn matrix_products_and_their_fused_forms_match_the_cpu() {
         check_op(Op::LinearResidual { gelu }, &[&[2, 3, 8], &[5, 8], &[5], &[2, 3, 5]], true, 1e-5);
     }
     check_op(Op::LayerNormLinear { eps: 1e-6 }, &[&[2, 3, 8], &[8], &[8], &[5, 8], &[5]], true, 1e-5);
+    // A product plus an addend read as C: rows (two input gradients of one
+    // value), and batched with a broadcast left operand (ConViT's v gradient,
+    // the positional probabilities shared by the batch, read transposed).
+    let plus = |ta, tb| Op::Matmul { transpose_a: ta, transpose_b: tb };
+    check_op(plus(false, false), &[&[2, 3, 8], &[8, 5], &[2, 3, 5]], true, 1e-5);
+    check_op(plus(true, false), &[&[1, 3, 4, 4], &[2, 3, 4, 5], &[2, 3, 4, 5]], true, 1e-5);
     check_op(Op::MatmulGeluRhs { transpose_a: true, transpose_b: false }, &[&[6, 4], &[2, 3, 5]], true, 1e-5);
     check_op(
         Op::MatmulLayerNormRhs { eps: 1e-6, transpose_a: true, transpose_b: false },

@@ -309,7 +309,11 @@ pub fn lower(l: &mut Lowering, k: usize, op: &Op) -> Result<(), String> {
             let w = x.get(1).ok_or("linear needs (x, w, b?)")?;
             product(l, k, &as_rows(&x[0]), w, false, true, &as_rows(&out), x.get(2))
         }
-        Op::Matmul { transpose_a, transpose_b } => product(l, k, &x[0], &x[1], transpose_a, transpose_b, &out, None),
+        Op::Matmul { transpose_a, transpose_b } => match &x[..] {
+            // The addend as C: read by the GEMM, summed before rounding.
+            [a, b, c] => product_with(l, k, a, b, transpose_a, transpose_b, &out, None, 1.0, Some(c)),
+            _ => product(l, k, &x[0], &x[1], transpose_a, transpose_b, &out, None),
+        },
         Op::GeluLinear => {
             let w = x.get(1).ok_or("gelu_linear needs (z, w, b?)")?;
             let g = gelu_into_scratch(l, k, &x[0], w.dtype)?;
