@@ -177,6 +177,9 @@ pub(super) fn run(g: &mut Graph) -> Result<String, IrError> {
             return Ok(Step::Skip);
         }
         if let Some(&k) = old.operands(v).iter().find_map(|o| deferred.get(o)) {
+            if product_of.contains_key(&v) || pairs.contains_key(&v) {
+                return Err(IrError::Invalid("share-recompute: a joined kernel or product reads a moved one".into()));
+            }
             waiting.entry(k).or_default().push(v);
             deferred.insert(v, k);
             return Ok(Step::Skip);
