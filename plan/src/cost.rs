@@ -10,8 +10,8 @@
 //!   made of a library GEMM and a pass over its result (matmul_gelu_grad's
 //!   GELU gradient, conv2d's bias) moves that result twice more. A result
 //!   that shares its operand's storage without a change (a reshape or
-//!   stop_gradient view, a slice of contiguous rows: `memory::view_offset`)
-//!   moves nothing; scalars folded into kernels (region `Inline`) move
+//!   stop_gradient view, a slice of contiguous rows, a concat of rows
+//!   already in place: `memory::is_view`) moves nothing; scalars folded into kernels (region `Inline`) move
 //!   nothing.
 //!   Scratch pieces (`scratch`) are written once and read once, except
 //!   cuBLASLt's workspace, whose use is the library's.
