@@ -55,22 +55,22 @@ pub fn gelu_linear(x: &[&Tensor], ctx: &Ctx) -> Result<Tensor, KernelError> {
 /// epilogue: a last-bit difference.)
 pub fn linear_residual(x: &[&Tensor], gelu: bool, ctx: &Ctx) -> Result<Tensor, KernelError> {
     let [xt, w, b, r] = operands(x, ["x", "weight", "bias", "residual"])?;
-    let mut y = if gelu { gelu_linear(&[xt, w, b], ctx)? } else { linear(&[xt, w, b])? };
-    same_shape(&y, r, "the product", "the residual")?;
-    let rd = f32_of(r, "residual")?;
-    if let Data::F32(v) = &mut y.data {
-        v.iter_mut().zip(rd).for_each(|(o, &rv)| *o += rv);
-    }
-    Ok(y)
+    let y = if gelu { gelu_linear(&[xt, w, b], ctx)? } else { linear(&[xt, w, b])? };
+    plus(y, r, "the residual")
 }
 
 /// `Matmul (a, b, c)`: a @ b + c in f32, rounded once where stored (the
 /// unfused product and add, bit for bit, except that the product is not
 /// rounded to a bf16 result type first: it is never stored).
 pub fn matmul_add(a: &Tensor, b: &Tensor, c: &Tensor, ta: bool, tb: bool) -> Result<Tensor, KernelError> {
-    let mut y = matmul(&[a, b], ta, tb)?;
-    same_shape(&y, c, "the product", "the addend")?;
-    let cd = f32_of(c, "addend")?;
+    plus(matmul(&[a, b], ta, tb)?, c, "the addend")
+}
+
+/// A product's f32 result `y` plus `c` (`what`, of y's shape), element by
+/// element: what a GEMM reading c as its C computes.
+fn plus(mut y: Tensor, c: &Tensor, what: &str) -> Result<Tensor, KernelError> {
+    same_shape(&y, c, "the product", what)?;
+    let cd = f32_of(c, what)?;
     if let Data::F32(v) = &mut y.data {
         v.iter_mut().zip(cd).for_each(|(o, &cv)| *o += cv);
     }
