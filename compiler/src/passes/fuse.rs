@@ -70,8 +70,9 @@ fn clusters(g: &Graph, order: &[ValueId]) -> Vec<Vec<ValueId>> {
         out.push(members);
     }
     // recompute-in-each: a value left alone (its own one-op cluster) whose
-    // readers are all in clusters, several of them, joins each.
-    let mut joins: Vec<(usize, ValueId)> = Vec::new();
+    // readers are all in clusters, several of them, joins each. In order,
+    // joining at once: a reader that was alone and is joined by its operand
+    // is no longer alone, so it stays where that operand is recomputed.
     for &v in order {
         let alone = cluster_of.get(&v).is_some_and(|&id| out[id].len() == 1);
         // A scalar (the optimizer's step sizes) costs nothing to read, and a
@@ -86,14 +87,13 @@ fn clusters(g: &Graph, order: &[ValueId]) -> Vec<Vec<ValueId>> {
         match kernels {
             Some(ids) if ids.len() >= 2 => {
                 out[cluster_of[&v]].clear();
-                joins.extend(ids.into_iter().map(|id| (id, v)));
+                for id in ids {
+                    out[id].push(v);
+                    out[id].sort_by_key(|m| pos[m]);
+                }
             }
             _ => {}
         }
-    }
-    for (id, v) in joins {
-        out[id].push(v);
-        out[id].sort_by_key(|m| pos[m]);
     }
     out
 }
@@ -248,6 +248,31 @@ mod tests {
         // exp(x) is read by a reduction too: stored once, not recomputed.
         let y = g.outputs()[3].1;
         assert!(matches!(g.node(g.operands(y)[0]).op, Op::Unary(UnaryOp::Exp)));
+    }
+
+    /// x -> cast c -> scale s, where c is also read by a chain and s by two:
+    /// s is alone until c joins it, and then stays its kernel's root (read
+    /// by the two chains), c recomputed in both kernels that read it (found
+    /// by the random-graph memory tests: s moved on and left c behind).
+    #[test]
+    fn a_reader_joined_by_its_operand_stays_where_it_is() {
+        let mut g = Graph::new();
+        let x = g.add_input("x", Shape::consts(&[2, 3]), DType::BF16).unwrap();
+        let c = g.add_op(Op::Cast { dtype: DType::F32 }, &[x], "").unwrap();
+        let s = g.add_op(Op::Scale { factor: 2.0 }, &[c], "").unwrap();
+        let y0 = g.add_op(Op::Unary(UnaryOp::Exp), &[c], "").unwrap();
+        let y1 = g.add_op(Op::Unary(UnaryOp::Neg), &[s], "").unwrap();
+        let y2 = g.add_op(Op::Unary(UnaryOp::Tanh), &[s], "").unwrap();
+        for (name, v) in [("y0", y0), ("y1", y1), ("y2", y2)] {
+            g.set_output(name, v);
+        }
+        super::run(&mut g).unwrap();
+        g.verify().unwrap();
+        // Every kernel reads x or the stored s, never a value no kernel makes.
+        let s = g.operands(g.outputs()[1].1)[0];
+        assert!(matches!(&g.node(s).op, Op::Fused { body } if body.contains(&Instr::Scale(2.0, 1))));
+        assert_eq!(g.operands(s), [x]);
+        assert_eq!(g.operands(g.outputs()[0].1), [x]);
     }
 
     #[test]
