@@ -36,6 +36,10 @@ pub fn section(plan: &Plan, batch: u64, cfg: &Value, device: Option<&Device>) ->
     );
     let dtypes: Vec<String> = t.bytes.iter().map(|(d, b)| format!("{d} {}", human_bytes(*b))).collect();
     text += &format!("    by dtype: {}\n", dtypes.join(", "));
+    text += &format!(
+        "    of which {} in passes beside library GEMMs (a prologue's operand through scratch, an epilogue's second pass: what fused-prologue GEMMs would not move)\n",
+        human_bytes(t.beside_library)
+    );
     let seconds = device.map(|d| cost.seconds(d));
     text += &format!(
         "    {:<20} {:>7} {:>12} {:>10}{}\n",
@@ -92,6 +96,7 @@ pub fn section(plan: &Plan, batch: u64, cfg: &Value, device: Option<&Device>) ->
                 "inputs": kernel.inputs.iter().map(|&v| shape(v)).collect::<Vec<_>>(),
                 "output": shape(kernel.output),
                 "bytes": c.total_bytes(), "by_dtype": c.bytes, "flops": c.flops,
+                "beside_library_gemm": c.serial_bytes,
             });
             if let Some(d) = device {
                 e["roofline_us"] = json!(d.seconds(c) * 1e6);
@@ -100,7 +105,7 @@ pub fn section(plan: &Plan, batch: u64, cfg: &Value, device: Option<&Device>) ->
         })
         .collect();
     let mut j = json!({
-        "bytes_moved": { "total": t.bytes_moved, "by_dtype": t.bytes, "by_class": classes, "by_op": by_op, "kernels": per_kernel },
+        "bytes_moved": { "total": t.bytes_moved, "beside_library_gemms": t.beside_library, "by_dtype": t.bytes, "by_class": classes, "by_op": by_op, "kernels": per_kernel },
         "flops": t.flops,
         "kernels_costed": t.kernels,
     });

@@ -331,6 +331,10 @@ pub struct Totals {
     pub kernels: usize,
     pub bytes: BTreeMap<String, u64>,
     pub bytes_moved: u64,
+    /// Of `bytes_moved`, those moved by passes beside library GEMMs
+    /// (`KernelCost::serial_bytes`): what GEMMs with fused prologues and
+    /// epilogues would not move.
+    pub beside_library: u64,
     pub flops: u64,
 }
 
@@ -341,6 +345,7 @@ impl Totals {
             *self.bytes.entry(d.clone()).or_default() += b;
         }
         self.bytes_moved += c.total_bytes();
+        self.beside_library += c.serial_bytes;
         self.flops += c.flops;
     }
 }
