@@ -16,12 +16,15 @@ pub(crate) fn infer(op: &Op, x: &[&TensorType]) -> Rule {
         }
         Op::Linear => linear(x),
         Op::Matmul { transpose_a, transpose_b } => match x {
+            // The sum has the addend's type: the product's, or f32 over a
+            // low-precision product (the add it stands for promoted).
             [a, b, c] => {
                 let out = matmul(&[a, b], *transpose_a, *transpose_b)?;
-                if **c != out {
-                    return Err(format!("the addend {c} must have the product's type {out}"));
+                let wider = c.dtype == DType::F32 && out.dtype.is_float();
+                if c.shape != out.shape || (c.dtype != out.dtype && !wider) {
+                    return Err(format!("the addend {c} must have the product's type {out} (or its shape in f32)"));
                 }
-                Ok(out)
+                Ok((*c).clone())
             }
             _ => matmul(x, *transpose_a, *transpose_b),
         },
@@ -762,6 +765,11 @@ mod tests {
         assert_eq!(ok(Op::matmul(), &[f("B,3,8"), f("8,5"), f("B,3,5")]), "[B,3,5] f32");
         let e = err(Op::matmul(), &[f("B,3,8"), f("8,5"), f("B,3,4")]);
         assert!(e.contains("the addend [B,3,4] f32 must have the product's type [B,3,5] f32"), "{e}");
+        // An f32 addend of a bf16 product: the sum is f32 (as the add promoted).
+        let bf = |s: &str| TensorType { dtype: DType::BF16, ..f(s) };
+        assert_eq!(ok(Op::matmul(), &[bf("B,3,8"), bf("8,5"), f("B,3,5")]), "[B,3,5] f32");
+        let e = err(Op::matmul(), &[f("B,3,8"), f("8,5"), bf("B,3,5")]);
+        assert!(e.contains("the addend [B,3,5] bf16 must have the product's type [B,3,5] f32"), "{e}");
     }
 
     #[test]

@@ -36,10 +36,16 @@ enum Class {
     /// A matrix product reading a layer norm of an f32 input: the operands at
     /// these positions stay f32 (statistics), the others go low.
     NormProduct(&'static [usize]),
+    /// A matrix product whose operands at these positions keep their dtype:
+    /// an addend read as the GEMM's C (`matmul(a, b, c)`), which the add it
+    /// replaced promoted with the product (an f32 addend is summed in f32
+    /// and the sum stays f32, as under autocast).
+    AddendProduct(&'static [usize]),
 }
 
-fn class(op: &Op) -> Class {
+fn class(op: &Op, arity: usize) -> Class {
     match op {
+        Op::Matmul { .. } if arity == 3 => Class::AddendProduct(&[2]),
         Op::Linear
         | Op::GeluLinear
         | Op::Matmul { .. }
@@ -306,7 +312,7 @@ fn assign(
     }
     let floats: Vec<usize> = (0..operands.len()).filter(|&i| new.ty(operands[i]).dtype.is_float()).collect();
     let mut args = operands.clone();
-    let class = if in_optimizer_step(&node.scope) { Class::Full } else { class(&node.op) };
+    let class = if in_optimizer_step(&node.scope) { Class::Full } else { class(&node.op, operands.len()) };
     // LayerNorm's input and weight gradients read a low-precision dy as it
     // is (statistics and results stay f32): no f32 copy of dy.
     let reads_dy_as_is = match node.op {
@@ -336,6 +342,12 @@ fn assign(
             for &i in &floats {
                 let want = if full.contains(&i) { DType::F32 } else { low };
                 args[i] = cast(new, casts, operands[i], want, &node.scope)?;
+            }
+        }
+        Class::AddendProduct(kept) => {
+            *low_ops += 1;
+            for &i in floats.iter().filter(|i| !kept.contains(i)) {
+                args[i] = cast(new, casts, operands[i], low, &node.scope)?;
             }
         }
         c => {
@@ -395,6 +407,36 @@ mod tests {
             assert!(ops.iter().any(|o| o == want), "{want} missing: {ops:?}");
         }
         assert!(report.starts_with("1 ops in bf16"), "{report}");
+    }
+
+    /// `matmul(a, b, c)` stands for add(matmul(a, b), c), which promoted:
+    /// an f32 addend (the contrastive losses' gradient sums) is not rounded
+    /// to bf16 and the sum stays f32; a bf16 addend gives a bf16 sum.
+    #[test]
+    fn a_products_addend_keeps_its_dtype() {
+        let mut g = Graph::new();
+        let a = g.add_input("a", Shape::consts(&[4, 8]), DType::F32).unwrap();
+        let b = g.add_input("b", Shape::consts(&[8, 5]), DType::F32).unwrap();
+        let c = g.add_input("c", Shape::consts(&[4, 5]), DType::F32).unwrap();
+        let wide = g.add_op(Op::matmul(), &[a, b, c], "").unwrap();
+        let p = g.add_op(Op::matmul(), &[a, b], "").unwrap();
+        let narrow = g.add_op(Op::matmul(), &[a, b, p], "").unwrap();
+        g.set_output("wide", wide);
+        g.set_output("narrow", narrow);
+        super::run_bf16(&mut g).unwrap();
+        g.verify().unwrap();
+        let made = |name: &str| g.outputs().iter().find(|(n, _)| n == name).unwrap().1;
+        // The f32 addend's sum: f32, made by the product itself (no cast
+        // back), reading c itself and a, b in bf16.
+        let w = made("wide");
+        assert!(matches!(g.node(w).op, Op::Matmul { .. }), "{}", g.node(w).op.name());
+        let reads: Vec<DType> = g.operands(w).iter().map(|&o| g.ty(o).dtype).collect();
+        assert_eq!(reads, [DType::BF16, DType::BF16, DType::F32]);
+        assert_eq!(g.operands(w)[2], g.inputs().iter().find(|(_, n)| *n == "c").unwrap().0);
+        // The bf16 addend's sum: bf16, cast back to the output's f32.
+        let n = made("narrow");
+        assert!(matches!(g.node(n).op, Op::Cast { dtype: DType::F32 }));
+        assert_eq!(g.ty(g.operands(n)[0]).dtype, DType::BF16);
     }
 
     /// The residual stream's gradient (a layer norm's input gradient, f32)

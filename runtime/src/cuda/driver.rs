@@ -349,6 +349,23 @@ impl DeviceApi for GpuDevice {
                 std::mem::size_of::<usize>(),
             )
             .map_err(|e| err("workspace preference", e))?;
+            // Only algorithms that work at the operands' alignment.
+            use lt::cublasLtMatmulPreferenceAttributes_t as P;
+            let which = [
+                P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+                P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+                P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+            ];
+            for (attr, bytes) in which.into_iter().zip(desc.align) {
+                cudarc::cublaslt::result::set_matmul_pref_attribute(
+                    pref,
+                    attr,
+                    &bytes as *const u32 as *const c_void,
+                    std::mem::size_of::<u32>(),
+                )
+                .map_err(|e| err("alignment preference", e))?;
+            }
         }
         let heuristic =
             unsafe { cudarc::cublaslt::result::get_matmul_algo_heuristic(self.blas, matmul, a, b, d, d, pref) }

@@ -31,6 +31,9 @@ impl ElemType {
     }
 }
 
+/// The most alignment cuBLASLt asks of an operand (its default).
+pub const MAX_ALIGN: u32 = 256;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Epilogue {
     None,
@@ -69,6 +72,12 @@ pub struct GemmDesc {
     pub tf32: bool,
     /// cuBLASLt's workspace (`tessera_plan::scratch::gemm_workspace`).
     pub workspace: u64,
+    /// The bytes every matrix of A, B, C and D (each batch's) is aligned
+    /// to, at most 256: cuBLASLt's heuristic may pick an algorithm that
+    /// assumes 256 unless told (CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_*), and
+    /// an operand at an offset (a product's outer loop, a view of rows)
+    /// can be less aligned. `aligned_to` sets it from the pointers.
+    pub align: [u32; 4],
 }
 
 impl GemmDesc {
@@ -119,7 +128,41 @@ impl GemmDesc {
             epilogue: Epilogue::None,
             tf32: false,
             workspace: 0,
+            align: [MAX_ALIGN; 4],
         }
+    }
+
+    /// This descriptor for the operands at `p`: `align` from their
+    /// addresses and, with several batches, their batch strides (C as D's
+    /// when beta is zero: not read).
+    pub fn aligned_to(mut self, p: &GemmPtrs) -> GemmDesc {
+        let batched = self.batch > 1;
+        let of = |ptr: u64, l: &Layout| {
+            let stride = if batched { l.batch_stride * l.ty.size() } else { 0 };
+            [ptr, stride]
+                .iter()
+                .filter(|&&x| x != 0)
+                .map(|&x| 1u64 << x.trailing_zeros().min(8))
+                .fold(MAX_ALIGN as u64, u64::min) as u32
+        };
+        let d = of(p.d.0, &self.d);
+        let c = if self.beta != 0.0 { of(p.c.0, &self.d) } else { d };
+        self.align = [of(p.a.0, &self.a), of(p.b.0, &self.b), c, d];
+        self
+    }
+
+    /// Whether the operands at `p` are as aligned as `align` says.
+    pub fn alignment_holds(&self, p: &GemmPtrs) -> Result<(), String> {
+        let held = self.aligned_to(p).align;
+        for (i, name) in ["A", "B", "C", "D"].iter().enumerate() {
+            if held[i] < self.align[i] {
+                return Err(format!(
+                    "GEMM operand {name} is aligned to {} bytes, its algorithm was chosen for {}",
+                    held[i], self.align[i]
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Checks that the layouts hold op(A), op(B) and D of the product's sizes.
@@ -272,6 +315,31 @@ mod tests {
         desc.epilogue = Epilogue::Bias;
         unsafe { host_gemm(&desc, &ptrs(&x, &y, &mut d, &[10.0, 20.0])).unwrap() };
         assert_eq!(d, [expect[0] + 10.0, expect[1] + 20.0, expect[2] + 10.0, expect[3] + 20.0]);
+    }
+
+    /// Alignment from the addresses and, with batches, the batch strides.
+    #[test]
+    fn alignment_is_the_least_of_the_addresses_and_batch_strides() {
+        let (f, h) = (ElemType::F32, ElemType::BF16);
+        let at = |a: u64, b: u64, c: u64, d: u64| GemmPtrs {
+            a: DevPtr(a),
+            b: DevPtr(b),
+            c: DevPtr(c),
+            d: DevPtr(d),
+            bias: DevPtr::NULL,
+            workspace: DevPtr::NULL,
+            workspace_bytes: 0,
+        };
+        let one = GemmDesc::row_major(4, 4, 4, (f, false, 0), (f, false, 0), (f, 0), 1);
+        assert_eq!(one.aligned_to(&at(0x1000, 0x2040, 0, 0x3010)).align, [256, 64, 16, 16]);
+        // x (cuBLASLt's B) in batches 3 bf16 elements apart: 6 bytes, so
+        // 2-byte aligned; D (and C, read) 16 f32 apart.
+        let mut three = GemmDesc::row_major(4, 4, 4, (h, false, 3), (h, false, 0), (f, 16), 3);
+        three.beta = 1.0;
+        let aligned = three.aligned_to(&at(0x1000, 0x2000, 0x3000, 0x4000));
+        assert_eq!(aligned.align, [256, 2, 64, 64]);
+        let e = aligned.alignment_holds(&at(0x1000, 0x2000, 0x3008, 0x4000)).unwrap_err();
+        assert!(e.contains("operand C is aligned to 8 bytes, its algorithm was chosen for 64"), "{e}");
     }
 
     #[test]

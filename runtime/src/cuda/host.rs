@@ -286,6 +286,12 @@ impl DeviceApi for HostDevice {
         self.check_range(ptrs.a, span(&desc.a), "GEMM operand A")?;
         self.check_range(ptrs.b, span(&desc.b), "GEMM operand B")?;
         self.check_range(ptrs.d, span(&desc.d), "GEMM result D")?;
+        // C has D's layout and is read when beta is not zero.
+        if desc.beta != 0.0 {
+            self.check_range(ptrs.c, span(&desc.d), "GEMM operand C")?;
+        }
+        // The GPU's algorithm was chosen for this alignment.
+        desc.alignment_holds(ptrs).map_err(DeviceError)?;
         if desc.epilogue == super::gemm::Epilogue::Bias {
             self.check_range(ptrs.bias, desc.m * desc.d.ty.size(), "GEMM bias")?;
         }
@@ -361,5 +367,32 @@ impl Drop for HostDevice {
             unsafe { dealloc(p as *mut u8, layout) };
         }
         s.allocations.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cuda::gemm::ElemType;
+
+    /// Every operand a GEMM reads is checked against the allocations, C
+    /// too once beta makes the GEMM read it (a wrong C is an error, not a
+    /// read of whatever host memory lies there).
+    #[test]
+    fn a_gemm_reading_c_outside_every_allocation_is_refused() {
+        let dev = HostDevice::new();
+        let f = ElemType::F32;
+        let mut desc = GemmDesc::row_major(2, 2, 3, (f, false, 0), (f, false, 0), (f, 0), 1);
+        let (x, y, d) = (dev.alloc(24).unwrap(), dev.alloc(24).unwrap(), dev.alloc(16).unwrap());
+        let ptrs =
+            |c: DevPtr| GemmPtrs { a: y, b: x, c, d, bias: DevPtr::NULL, workspace: DevPtr::NULL, workspace_bytes: 0 };
+        let h = dev.prepare_gemm(&desc).unwrap();
+        // beta = 0: C is not read, so it is not checked.
+        dev.gemm(h, &ptrs(DevPtr::NULL)).unwrap();
+        desc.beta = 1.0;
+        let h = dev.prepare_gemm(&desc).unwrap();
+        dev.gemm(h, &ptrs(d)).unwrap();
+        let e = dev.gemm(h, &ptrs(DevPtr(d.0 + 8))).unwrap_err();
+        assert!(e.0.contains("GEMM operand C: 16 bytes at"), "{}", e.0);
     }
 }

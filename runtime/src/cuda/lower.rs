@@ -202,7 +202,7 @@ impl<'a> Lowering<'a> {
     }
 
     pub fn gemm(&mut self, kernel: usize, desc: GemmDesc, ptrs: GemmPtrs) {
-        self.steps.push(Step::Gemm { kernel, desc, ptrs });
+        self.steps.push(Step::Gemm { kernel, desc: desc.aligned_to(&ptrs), ptrs });
     }
 
     /// Copies `bytes` unless source and destination are the same storage.
