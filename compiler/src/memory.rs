@@ -61,14 +61,18 @@ pub fn plan_memory(plan: &Plan) -> MemoryPlan {
     // The last kernel that reads a state's old value through any view of it
     // (a reshape or stop_gradient of a parameter shares its storage); the
     // end of the step when the state or a view is a named output.
+    let updated: std::collections::HashSet<usize> = state_of.values().copied().collect();
     let mut view_of: Vec<usize> = (0..n).collect();
+    // A view's byte offset into the value it views.
+    let mut view_at = vec![0u64; n];
     let mut old_value_read = vec![0usize; n];
     for (k, kernel) in plan.kernels.iter().enumerate() {
         for &i in &kernel.inputs {
             old_value_read[view_of[i]] = old_value_read[view_of[i]].max(k);
         }
-        if view_offset(plan, k).is_some() {
+        if let Some(delta) = view_offset(plan, k) {
             view_of[kernel.output] = view_of[kernel.inputs[0]];
+            view_at[kernel.output] = view_at[kernel.inputs[0]] + delta;
         }
     }
     for v in &named {
@@ -181,6 +185,7 @@ pub fn plan_memory(plan: &Plan) -> MemoryPlan {
             let same = plan.values[s].shape == plan.values[part].shape && bytes(s) == bytes(part);
             if old_value_read[s] <= k
                 && same
+                && !kernel.inputs.iter().any(|&i| i != s && view_of[i] == s)
                 && sets.get_or_insert_with(|| TensorSets::of(plan, k)).only_in_own(plan, part, s)
             {
                 placements[part] = placements[s].clone();
@@ -189,18 +194,27 @@ pub fn plan_memory(plan: &Plan) -> MemoryPlan {
         }
         let out = kernel.output;
         // A state update overwrites its state when nothing reads the old
-        // value later (through any view), and its kernel either is
-        // elementwise over same-shaped values or does not read the state.
+        // value later (through any view), and its kernel either does not
+        // read the state (through any view) or is elementwise and reads it
+        // only element for element (the state, or a view of all of it at
+        // offset 0: a reshape).
         if let Some(&s) = state_of.get(&out) {
             let same = plan.values[s].shape == plan.values[out].shape && bytes(s) == bytes(out);
-            let safe_kernel = kernel.op.is_elementwise() || !kernel.inputs.contains(&s);
+            let whole = |i: usize| view_at[i] == 0 && plan.values[i].numel() == plan.values[s].numel();
+            let mut reads = kernel.inputs.iter().filter(|&&i| view_of[i] == s);
+            let safe_kernel =
+                if kernel.op.is_elementwise() { reads.all(|&i| whole(i)) } else { reads.next().is_none() };
             if old_value_read[s] <= k && same && safe_kernel {
                 placements[out] = placements[s].clone();
                 in_place += 1;
                 continue;
             }
         }
-        let view = view_offset(plan, k);
+        // A view kept past the step (an output or a state's update) of a
+        // state that is updated would read the new value once the updates
+        // are written over the states at the step's end: it is a copy.
+        let kept_past_step = named.contains(&out) || state_of.contains_key(&out);
+        let view = view_offset(plan, k).filter(|_| !(kept_past_step && updated.contains(&view_of[out])));
         if let Some(delta) = view.filter(|_| !transient(&placements, kernel.inputs[0]) && transient(&placements, out)) {
             // A view of a parameter, input or gradient: no storage of its own.
             let x = &placements[kernel.inputs[0]];
@@ -224,7 +238,17 @@ pub fn plan_memory(plan: &Plan) -> MemoryPlan {
                 let same = plan.values[i].shape == plan.values[out].shape && bytes(i) == bytes(out);
                 if transient(&placements, i) && same {
                     let r = find(&mut parent, i);
-                    if last[r] <= k {
+                    // Every operand in that storage must be read element for
+                    // element too: the same range in the result's shape (not
+                    // another row of it, a slice view).
+                    let element_for_element = kernel.inputs.iter().all(|&j| {
+                        !transient(&placements, j)
+                            || find(&mut parent, j) != r
+                            || (at[j] == at[i]
+                                && plan.values[j].shape == plan.values[out].shape
+                                && bytes(j) == bytes(out))
+                    });
+                    if last[r] <= k && element_for_element {
                         found = Some((i, 0));
                         break;
                     }

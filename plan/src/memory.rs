@@ -474,8 +474,31 @@ impl MemoryPlan {
                 }
             }
             let out = kernel.output;
-            if is_view(plan, &self.placements, k) {
+            let view = is_view(plan, &self.placements, k);
+            if view {
                 content[out] = content[kernel.inputs[0]];
+            }
+            // A result shares storage with an operand of its own kernel only
+            // as the same range (written in place, element for element):
+            // never over part of it, or part of it over another range,
+            // which a device writing as it reads gets wrong.
+            for v in std::iter::once(out).chain(parts[k].iter().copied()).filter(|_| !view) {
+                let w = &self.placements[v];
+                for &i in &kernel.inputs {
+                    let r = &self.placements[i];
+                    let overlap = r.region == w.region
+                        && r.region != Region::Inline
+                        && r.bytes > 0
+                        && w.bytes > 0
+                        && r.offset < w.offset + w.bytes
+                        && w.offset < r.offset + r.bytes;
+                    if overlap && (r.offset != w.offset || r.bytes != w.bytes) {
+                        return Err(format!(
+                            "kernel {k} ({}) writes value {v} over part of value {i}, which it reads",
+                            kernel.op.name()
+                        ));
+                    }
+                }
             }
             for v in std::iter::once(out).chain(parts[k].iter().copied()) {
                 let p = &self.placements[v];

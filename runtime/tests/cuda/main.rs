@@ -11,6 +11,7 @@
 //! run on GPU 0 instead, with TESSERA_CUDA_TEST_DEVICE=host-threads on the
 //! host device's race check (each block's threads as real threads).
 
+mod aliasing;
 mod attention;
 mod batchnorm;
 mod compile;
